@@ -1,0 +1,72 @@
+# mlmf developer tasks. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+REFVENV ?= .venv-ref
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+EXTRAS ?= test,models,video
+# Everyone gets the same thread count in tests and benchmarks.
+export RAYON_NUM_THREADS ?= 2
+
+.PHONY: help
+help: ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+.PHONY: venv
+venv: $(PY) ## create the virtualenv (.venv)
+
+.PHONY: develop
+develop: $(PY) ## build the extension (release) into .venv with the test/models/video extras
+	$(PIP) install --quiet "maturin>=1.8,<2"
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --extras $(EXTRAS)
+
+.PHONY: demo
+demo: develop ## set up and run the demo on the bundled sample media
+	$(VENV)/bin/mlmf demo
+
+.PHONY: test
+test: develop test-rust test-python ## set up and run every test (cargo test + pytest)
+
+.PHONY: test-rust
+test-rust: ## Rust unit and integration tests
+	cargo test --release --workspace
+
+.PHONY: test-python
+test-python: ## pytest suites
+	$(PY) -m pytest -q tests
+
+.PHONY: lint
+lint: ## cargo fmt --check, clippy -D warnings, ruff, stub check
+	cargo fmt --all -- --check
+	cargo clippy --release --all-targets -- -D warnings
+	cargo clippy --release --all-targets --features python -- -D warnings
+	$(VENV)/bin/ruff check python tests benchmarks scripts examples
+	$(VENV)/bin/ruff format --check python tests benchmarks scripts examples
+	$(PY) -m mypy.stubtest mlmf._mlmf --allowlist .stubtest-allowlist
+
+.PHONY: fmt
+fmt: ## format Rust and Python sources
+	cargo fmt --all
+	$(VENV)/bin/ruff format python tests benchmarks scripts examples
+	$(VENV)/bin/ruff check --fix python tests benchmarks scripts examples
+
+.PHONY: bench
+bench: develop ## run benchmarks against the reference libraries; writes docs/benchmarks.md
+	$(PIP) install --quiet -r scripts/requirements-ref.txt
+	$(PY) benchmarks/preprocess.py --out docs/benchmarks.md
+
+.PHONY: fixtures
+fixtures: ## regenerate tests/fixtures with the reference libraries (.venv-ref)
+	test -x $(REFVENV)/bin/python || ($(PYTHON) -m venv $(REFVENV) && $(REFVENV)/bin/pip install -r scripts/requirements-ref.txt)
+	$(REFVENV)/bin/python scripts/make_fixtures.py
+
+.PHONY: clean
+clean: ## remove build outputs (keeps target/ for fast rebuilds; use cargo clean for that)
+	rm -rf dist build python/mlmf/*.so demo-output

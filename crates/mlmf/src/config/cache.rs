@@ -1,0 +1,132 @@
+//! [`CacheConfig`]: whether encodings are cached and how much memory they may use.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{MlmfError, Result};
+
+/// A number of bytes, written in configs as an integer or as `"512 MiB"`, `"2GB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = MlmfError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let bad = || {
+            MlmfError::config(
+                "",
+                format!(
+                    "cannot read {s:?} as a size: expected e.g. 1048576, \"512 MiB\" or \"2 GB\""
+                ),
+            )
+        };
+        let n: f64 = num.parse().map_err(|_| bad())?;
+        let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "kb" => 1e3,
+            "mb" => 1e6,
+            "gb" => 1e9,
+            "tb" => 1e12,
+            "k" | "kib" => 1024.0,
+            "m" | "mib" => 1024.0 * 1024.0,
+            "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+            "t" | "tib" => 1024.0f64.powi(4),
+            _ => return Err(bad()),
+        };
+        let bytes = n * mult;
+        if !bytes.is_finite() || bytes > u64::MAX as f64 {
+            return Err(bad());
+        }
+        Ok(Self(bytes.round() as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut v = self.0;
+        let mut u = 0;
+        while u + 1 < UNITS.len() && v >= 1024 && v % 1024 == 0 {
+            v /= 1024;
+            u += 1;
+        }
+        write!(f, "{v} {}", UNITS[u])
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Self(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Cache settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Total memory all in-memory caches may hold.
+    pub max_memory: ByteSize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_memory: ByteSize(512 << 20),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// Checks value ranges; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.enabled && self.max_memory.0 == 0 {
+            return Err(MlmfError::config(
+                "max_memory",
+                "an enabled cache needs a budget above 0 bytes (or set enabled = false)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_print() {
+        assert_eq!("1024".parse::<ByteSize>().unwrap(), ByteSize(1024));
+        assert_eq!("512 MiB".parse::<ByteSize>().unwrap(), ByteSize(512 << 20));
+        assert_eq!("2GB".parse::<ByteSize>().unwrap(), ByteSize(2_000_000_000));
+        assert_eq!("1.5 KiB".parse::<ByteSize>().unwrap(), ByteSize(1536));
+        assert!("lots".parse::<ByteSize>().is_err());
+        assert!("5 parsecs".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(512 << 20).to_string(), "512 MiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000 B");
+    }
+}

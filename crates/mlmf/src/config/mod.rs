@@ -1,0 +1,297 @@
+//! Configuration: what a `mlmf.toml` (or .yaml / .json) file holds.
+//!
+//! ```toml
+//! device = "cpu"
+//!
+//! [modalities.text]
+//! model = "models/all-MiniLM-L6-v2"      # checkpoint directory, Hugging Face layout
+//! preprocessing = { max_length = 128 }    # processor keys, Hugging Face names
+//!
+//! [modalities.image.preprocessing]
+//! size = { shortest_edge = 224 }
+//!
+//! [fusion]
+//! strategy = "attention"
+//! attention_dim = 512
+//! ```
+//!
+//! Parsing reports the path of a bad or unknown field (`modalities.image.enabled`), and
+//! [`MultiModalConfig::validate`] checks values, naming the full field path
+//! (`modalities.image.preprocessing.size`).
+
+mod attention;
+mod cache;
+mod distributed;
+mod fusion;
+mod modality;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use attention::CrossModalAttentionConfig;
+pub use cache::{ByteSize, CacheConfig};
+pub use distributed::{DistributedConfig, ShardingStrategy};
+pub use fusion::FusionStrategy;
+pub use modality::{ModalityConfig, PreprocessingConfig};
+
+use crate::device::DeviceSpec;
+use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
+
+/// The whole configuration of a multimodal model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct MultiModalConfig {
+    /// Per-modality settings, keyed by modality name (`text`, `image`, `custom:3`).
+    pub modalities: BTreeMap<Modality, ModalityConfig>,
+    /// How modality embeddings are combined.
+    pub fusion: FusionStrategy,
+    /// The cross-modal attention inside the fusion stage.
+    pub cross_modal_attention: CrossModalAttentionConfig,
+    /// Caching of encodings.
+    pub cache: CacheConfig,
+    /// Spreading modalities over a Ray cluster; absent = one process.
+    pub distributed: Option<DistributedConfig>,
+    /// Where encoders run.
+    pub device: DeviceSpec,
+}
+
+/// File formats a config can be read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigFormat {
+    Json,
+    Toml,
+    Yaml,
+}
+
+impl ConfigFormat {
+    /// The format a file name's extension names.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("json") => Ok(Self::Json),
+            Some("toml") => Ok(Self::Toml),
+            Some("yaml" | "yml") => Ok(Self::Yaml),
+            _ => Err(MlmfError::ConfigFile {
+                path: path.to_path_buf(),
+                message: "unknown extension: expected .toml, .yaml, .yml or .json".into(),
+            }),
+        }
+    }
+}
+
+impl MultiModalConfig {
+    /// Reads and validates a config file; the format follows the extension.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let format = ConfigFormat::from_path(path)?;
+        let text = std::fs::read_to_string(path).map_err(|e| MlmfError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_str_as(&text, format).map_err(|e| match e {
+            MlmfError::ConfigFile { message, .. } => MlmfError::ConfigFile {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates a config held in a string.
+    pub fn from_str_as(text: &str, format: ConfigFormat) -> Result<Self> {
+        let file_err = |message: String| MlmfError::ConfigFile {
+            path: "<string>".into(),
+            message,
+        };
+        // Every format goes through one JSON value, so that field paths in errors look
+        // the same whatever the file format.
+        let value: serde_json::Value = match format {
+            ConfigFormat::Json => {
+                serde_json::from_str(text).map_err(|e| file_err(e.to_string()))?
+            }
+            ConfigFormat::Toml => {
+                let v: toml::Value = toml::from_str(text).map_err(|e| file_err(e.to_string()))?;
+                serde_json::to_value(v).map_err(|e| file_err(e.to_string()))?
+            }
+            ConfigFormat::Yaml => {
+                let v: serde_yaml::Value =
+                    serde_yaml::from_str(text).map_err(|e| file_err(e.to_string()))?;
+                serde_json::to_value(v).map_err(|e| file_err(e.to_string()))?
+            }
+        };
+        let config = Self::from_value(value)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Deserialises from a JSON value without validating.
+    pub fn from_value(value: serde_json::Value) -> Result<Self> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            MlmfError::config(
+                if path == "." { String::new() } else { path },
+                e.inner().to_string(),
+            )
+        })
+    }
+
+    /// The config as a JSON value (what `to_file` writes).
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Writes the config; the format follows the extension.
+    pub fn to_file(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let err = |message: String| MlmfError::ConfigFile {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = match ConfigFormat::from_path(path)? {
+            ConfigFormat::Json => {
+                serde_json::to_string_pretty(self).map_err(|e| err(e.to_string()))?
+            }
+            ConfigFormat::Toml => toml::to_string_pretty(self).map_err(|e| err(e.to_string()))?,
+            ConfigFormat::Yaml => serde_yaml::to_string(self).map_err(|e| err(e.to_string()))?,
+        };
+        std::fs::write(path, text).map_err(|e| err(e.to_string()))
+    }
+
+    /// Checks every value, reporting the first bad one with its full field path.
+    pub fn validate(&self) -> Result<()> {
+        for (modality, m) in &self.modalities {
+            m.validate(*modality)
+                .map_err(|e| e.under(&format!("modalities.{modality}")))?;
+        }
+        self.fusion.validate().map_err(|e| e.under("fusion"))?;
+        self.cross_modal_attention
+            .validate()
+            .map_err(|e| e.under("cross_modal_attention"))?;
+        self.cache.validate().map_err(|e| e.under("cache"))?;
+        if let Some(d) = &self.distributed {
+            d.validate(self).map_err(|e| e.under("distributed"))?;
+        }
+        Ok(())
+    }
+
+    /// The modalities switched on, in canonical order.
+    pub fn enabled_modalities(&self) -> Vec<Modality> {
+        self.modalities
+            .iter()
+            .filter(|(_, m)| m.enabled)
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOML: &str = r#"
+device = "cpu"
+[modalities.text]
+preprocessing = { max_length = 16, padding = "max_length" }
+[modalities.image]
+enabled = false
+[fusion]
+strategy = "attention"
+attention_dim = 256
+[cross_modal_attention]
+num_heads = 4
+[cache]
+max_memory = "64 MiB"
+[distributed.sharding]
+strategy = "modality_specific"
+modality_assignments = { text = ["text-node"] }
+"#;
+
+    #[test]
+    fn toml_yaml_json_agree() {
+        let a = MultiModalConfig::from_str_as(TOML, ConfigFormat::Toml).unwrap();
+        let json = serde_json::to_string(&a).unwrap();
+        let b = MultiModalConfig::from_str_as(&json, ConfigFormat::Json).unwrap();
+        let yaml = serde_yaml::to_string(&a).unwrap();
+        let c = MultiModalConfig::from_str_as(&yaml, ConfigFormat::Yaml).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        assert_eq!(a.fusion, FusionStrategy::Attention { attention_dim: 256 });
+        assert_eq!(a.cache.max_memory, ByteSize(64 << 20));
+        assert_eq!(a.enabled_modalities(), vec![Modality::Text]);
+    }
+
+    #[test]
+    fn file_roundtrip_every_format() {
+        let a = MultiModalConfig::from_str_as(TOML, ConfigFormat::Toml).unwrap();
+        let dir = std::env::temp_dir().join(format!("mlmf-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for ext in ["toml", "yaml", "json"] {
+            let p = dir.join(format!("c.{ext}"));
+            a.to_file(&p).unwrap();
+            assert_eq!(MultiModalConfig::from_file(&p).unwrap(), a, "{ext}");
+        }
+        let err = MultiModalConfig::from_file(dir.join("c.ini")).unwrap_err();
+        assert!(err.to_string().contains("expected .toml"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn unknown_field_is_reported_with_its_path() {
+        let err = MultiModalConfig::from_str_as(
+            "[modalities.image]\nenabld = true\n",
+            ConfigFormat::Toml,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`modalities.image.enabld`") || err.contains("modalities.image"),
+            "{err}"
+        );
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field_path() {
+        let cases = [
+            (
+                "[modalities.text.preprocessing]\nmax_length = 0\n",
+                "modalities.text.preprocessing.max_length",
+            ),
+            (
+                "[modalities.text.preprocessing]\nmax_lenght = 3\n",
+                "modalities.text.preprocessing",
+            ),
+            (
+                "[fusion]\nstrategy = \"attention\"\nattention_dim = 0\n",
+                "fusion.attention_dim",
+            ),
+            (
+                "[cross_modal_attention]\nnum_heads = 0\n",
+                "cross_modal_attention.num_heads",
+            ),
+            (
+                "[cross_modal_attention]\ndropout = 1.5\n",
+                "cross_modal_attention.dropout",
+            ),
+            (
+                "[cross_modal_attention]\ntemperature = -1.0\n",
+                "cross_modal_attention.temperature",
+            ),
+            ("[cache]\nmax_memory = \"12 parsecs\"\n", "cache.max_memory"),
+            ("[fusion]\nstrategy = \"quantum\"\n", "fusion"),
+            ("[modalities.smell]\n", "modalities"),
+        ];
+        for (text, path) in cases {
+            let err = MultiModalConfig::from_str_as(text, ConfigFormat::Toml)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(path), "{text:?} -> {err}");
+        }
+    }
+}

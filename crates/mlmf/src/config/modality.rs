@@ -1,0 +1,100 @@
+//! [`ModalityConfig`] and [`PreprocessingConfig`]: one modality's checkpoint and
+//! processor settings.
+
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
+use crate::preprocess::text::TextProcessorConfig;
+
+/// One modality of a [`MultiModalConfig`](super::MultiModalConfig).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModalityConfig {
+    /// Checkpoint directory in the Hugging Face layout (config.json, *.safetensors,
+    /// tokenizer.json / preprocessor_config.json).
+    pub model: Option<PathBuf>,
+    /// A disabled modality is configured but not run.
+    pub enabled: bool,
+    /// Processor settings overriding the checkpoint's own.
+    pub preprocessing: PreprocessingConfig,
+}
+
+impl Default for ModalityConfig {
+    fn default() -> Self {
+        Self {
+            model: None,
+            enabled: true,
+            preprocessing: PreprocessingConfig::default(),
+        }
+    }
+}
+
+impl ModalityConfig {
+    /// Checks the processor overrides against the modality's processor.
+    pub fn validate(&self, modality: Modality) -> Result<()> {
+        self.preprocessing
+            .validate(modality)
+            .map_err(|e| e.under("preprocessing"))
+    }
+}
+
+/// Processor keys, with the Hugging Face names the processors take
+/// (`max_length`, `size`, `crop_size`, `feature_size`, `num_frames`, ...). They are
+/// laid over the checkpoint's preprocessor_config.json (or the processor's defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct PreprocessingConfig(pub serde_json::Map<String, serde_json::Value>);
+
+impl PreprocessingConfig {
+    /// Whether no key is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The text processor settings these keys describe.
+    pub fn text(&self) -> Result<TextProcessorConfig> {
+        overlay(&TextProcessorConfig::default(), &self.0)
+    }
+
+    /// Checks that every key is known to the modality's processor and has a valid value.
+    pub fn validate(&self, modality: Modality) -> Result<()> {
+        match modality {
+            Modality::Text => self.text()?.validate(),
+            _ if self.is_empty() => Ok(()),
+            Modality::Custom(_) => Err(MlmfError::config(
+                "",
+                "custom modalities have no built-in processor to configure",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Lays `overrides` over `base` (both as JSON objects) and reads the result back,
+/// rejecting keys `base` does not have. Errors carry the field name.
+pub(crate) fn overlay<T: Serialize + DeserializeOwned>(
+    base: &T,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<T> {
+    let mut value = serde_json::to_value(base).map_err(|e| MlmfError::Internal(e.to_string()))?;
+    let obj = value
+        .as_object_mut()
+        .ok_or_else(|| MlmfError::Internal("processor config is not an object".into()))?;
+    for (k, v) in overrides {
+        if !obj.contains_key(k) {
+            let mut known: Vec<&str> = obj.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return Err(MlmfError::config(
+                k.clone(),
+                format!("unknown key; expected one of: {}", known.join(", ")),
+            ));
+        }
+        obj.insert(k.clone(), v.clone());
+    }
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| MlmfError::config(e.path().to_string(), e.inner().to_string()))
+}

@@ -1,0 +1,120 @@
+//! Where tensors live: `"cpu"`, `"cuda"` or `"cuda:N"`, resolved to a candle device.
+//!
+//! A build without the `cuda` feature refuses CUDA with a message that says how to get
+//! a CUDA build, instead of failing later inside candle.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{MlmfError, Result};
+
+/// A device request as users write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    /// Whether this build can run on CUDA at all.
+    pub const fn cuda_compiled() -> bool {
+        cfg!(feature = "cuda")
+    }
+
+    /// Opens the candle device.
+    pub fn open(&self) -> Result<candle_core::Device> {
+        match self {
+            Self::Cpu => Ok(candle_core::Device::Cpu),
+            Self::Cuda(ordinal) => {
+                if !Self::cuda_compiled() {
+                    return Err(MlmfError::Device {
+                        device: self.to_string(),
+                        message: "this build of mlmf has no CUDA support; rebuild with the \
+                                  `cuda` feature (`maturin develop --release --features \
+                                  python,cuda`, or `cargo build --features cuda`) on a \
+                                  machine with the CUDA toolkit"
+                            .into(),
+                    });
+                }
+                candle_core::Device::new_cuda(*ordinal).map_err(|e| MlmfError::Device {
+                    device: self.to_string(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = MlmfError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let lower = s.trim().to_ascii_lowercase();
+        match lower.as_str() {
+            "cpu" => return Ok(Self::Cpu),
+            "cuda" | "gpu" => return Ok(Self::Cuda(0)),
+            _ => {}
+        }
+        if let Some(n) = lower.strip_prefix("cuda:") {
+            if let Ok(n) = n.parse() {
+                return Ok(Self::Cuda(n));
+            }
+        }
+        Err(MlmfError::config(
+            "device",
+            format!("unknown device {s:?}: expected cpu, cuda or cuda:N"),
+        ))
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("CUDA".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn cpu_opens() {
+        assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_feature_says_how_to_build() {
+        let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+        assert!(err.contains("`cuda` feature"), "{err}");
+    }
+}

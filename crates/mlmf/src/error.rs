@@ -1,0 +1,206 @@
+//! The one error type of the core, [`MlmfError`].
+//!
+//! Every message says what was wrong, where (modality, input index, config field path)
+//! and what was expected. The Python layer maps each variant onto the `mlmf.*Error`
+//! hierarchy in exactly one place (`python/errors.rs`).
+
+use std::path::PathBuf;
+
+use crate::modality::Modality;
+
+/// Result alias used across the crate.
+pub type Result<T, E = MlmfError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in mlmf.
+#[derive(Debug, thiserror::Error)]
+pub enum MlmfError {
+    /// A configuration value is invalid. `path` is the dotted field path,
+    /// e.g. `modalities.image.preprocessing.size`.
+    #[error("invalid config at `{path}`: {message}")]
+    Config { path: String, message: String },
+
+    /// A configuration file could not be read or parsed.
+    #[error("cannot parse config file {path}: {message}")]
+    ConfigFile { path: PathBuf, message: String },
+
+    /// An input has the wrong type, shape, dtype or value.
+    #[error("{} input{}: {message}", .modality, fmt_index(.index))]
+    Input {
+        modality: Modality,
+        index: Option<usize>,
+        message: String,
+    },
+
+    /// An input's bytes could not be decoded (corrupt, truncated, unsupported format).
+    #[error("{} input{}: cannot decode: {message}", .modality, fmt_index(.index))]
+    Decode {
+        modality: Modality,
+        index: Option<usize>,
+        message: String,
+    },
+
+    /// A file could not be read.
+    #[error("{} input{}: cannot read {path}: {source}", .modality, fmt_index(.index))]
+    Io {
+        modality: Modality,
+        index: Option<usize>,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A model, tokenizer or processor could not be loaded from disk.
+    #[error("cannot load {what} from {path}: {message}")]
+    ModelLoad {
+        what: String,
+        path: PathBuf,
+        message: String,
+    },
+
+    /// A modality the call needs was not given.
+    #[error("missing modality `{modality}`: {message}")]
+    MissingModality { modality: Modality, message: String },
+
+    /// The requested device is not available in this build or on this machine.
+    #[error("device `{device}` unavailable: {message}")]
+    Device { device: String, message: String },
+
+    /// A bug: an internal invariant did not hold (also what a caught panic becomes).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn fmt_index(index: &Option<usize>) -> String {
+    match index {
+        Some(i) => format!(" {i}"),
+        None => String::new(),
+    }
+}
+
+impl MlmfError {
+    /// An [`MlmfError::Config`] at a dotted field path.
+    pub fn config(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Config {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An [`MlmfError::Input`] for `modality`, input `index` unknown yet.
+    pub fn input(modality: Modality, message: impl Into<String>) -> Self {
+        Self::Input {
+            modality,
+            index: None,
+            message: message.into(),
+        }
+    }
+
+    /// An [`MlmfError::Decode`] for `modality`, input `index` unknown yet.
+    pub fn decode(modality: Modality, message: impl Into<String>) -> Self {
+        Self::Decode {
+            modality,
+            index: None,
+            message: message.into(),
+        }
+    }
+
+    /// An [`MlmfError::ModelLoad`].
+    pub fn model_load(
+        what: impl Into<String>,
+        path: impl Into<PathBuf>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::ModelLoad {
+            what: what.into(),
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Attaches the position of the failing input in its batch, for errors raised by
+    /// code that handles one item and does not know where it sits.
+    /// An index already set is kept (the innermost caller knows best).
+    pub fn at_index(mut self, i: usize) -> Self {
+        match &mut self {
+            Self::Input { index, .. } | Self::Decode { index, .. } | Self::Io { index, .. } => {
+                if index.is_none() {
+                    *index = Some(i);
+                }
+            }
+            _ => {}
+        }
+        self
+    }
+
+    /// Prefixes a config error's field path with `prefix` (`preprocessing` ->
+    /// `modalities.image.preprocessing`), so nested `validate()` calls compose.
+    pub fn under(self, prefix: &str) -> Self {
+        match self {
+            Self::Config { path, message } => Self::Config {
+                path: if path.is_empty() {
+                    prefix.to_string()
+                } else {
+                    format!("{prefix}.{path}")
+                },
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Attach an input index to the error of a per-item result.
+pub(crate) trait AtIndex<T> {
+    fn at_index(self, i: usize) -> Result<T>;
+}
+
+impl<T> AtIndex<T> for Result<T> {
+    fn at_index(self, i: usize) -> Result<T> {
+        self.map_err(|e| e.at_index(i))
+    }
+}
+
+/// Read a whole file, mapping failure to [`MlmfError::Io`] for `modality`.
+pub(crate) fn read_file(modality: Modality, path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| MlmfError::Io {
+        modality,
+        index: None,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_modality_index_and_expectation() {
+        let e = MlmfError::input(Modality::Image, "expected 3 channels, got 5").at_index(4);
+        assert_eq!(e.to_string(), "image input 4: expected 3 channels, got 5");
+        let e = MlmfError::decode(Modality::Audio, "truncated stream");
+        assert_eq!(
+            e.to_string(),
+            "audio input: cannot decode: truncated stream"
+        );
+    }
+
+    #[test]
+    fn inner_index_wins() {
+        let e = MlmfError::input(Modality::Video, "x")
+            .at_index(2)
+            .at_index(7);
+        assert!(e.to_string().starts_with("video input 2:"));
+    }
+
+    #[test]
+    fn config_paths_compose() {
+        let e = MlmfError::config("size", "must be > 0")
+            .under("preprocessing")
+            .under("modalities.image");
+        assert_eq!(
+            e.to_string(),
+            "invalid config at `modalities.image.preprocessing.size`: must be > 0"
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! mlmf: a multimodal inference framework.
+//!
+//! The core turns raw media (text, image files, audio files, video) into model-ready
+//! tensors, and (in later layers) into per-modality embeddings and a fused embedding.
+//! Everything here is plain Rust; the Python bindings live in `python/` behind the
+//! `python` feature.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod modality;
+pub mod preprocess;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{MlmfError, Result};
+pub use modality::Modality;
+
+/// The crate version, shared with the Python package.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,442 @@
+//! Whisper log-mel spectrogram of one chunk: samples at the model rate in, float32
+//! `[n_mels, frames]` out.
+//!
+//! Follows transformers' `WhisperFeatureExtractor._torch_extract_fbank_features` (the path
+//! `__call__` takes whenever torch is installed): `torch.stft` with a periodic Hann window,
+//! centred frames with reflect padding of `n_fft / 2`, power spectrum, the last frame
+//! dropped, projection on a Slaney mel filter bank, `log10(max(mel, 1e-10))`, then per
+//! chunk `max(x, x.max() - 8)` and `(x + 4) / 4`.
+//!
+//! The FFT is planned once per processor; frames are processed in parallel blocks, each
+//! task with its own scratch buffers. Each mel filter covers a few adjacent bins only, so
+//! the projection stores one contiguous run of weights per filter and runs it on eight
+//! frames at a time (one SIMD lane per frame).
+
+use std::sync::Arc;
+
+use ndarray::{Array2, ArrayViewMut2};
+use rayon::prelude::*;
+use realfft::num_complex::Complex;
+use realfft::{RealFftPlanner, RealToComplex};
+
+use crate::error::{MlmfError, Result};
+
+/// Frames per parallel task: large enough to amortise task overhead, small enough to
+/// spread a single 30 s chunk (3000 frames) over many threads.
+const FRAMES_PER_TASK: usize = 64;
+/// Frames projected together; each filter weight multiplies one frame per lane.
+const LANES: usize = 8;
+/// Floor applied to mel energies before the logarithm (transformers' `clamp(min=1e-10)`).
+const MEL_FLOOR: f32 = 1e-10;
+/// Dynamic range kept below the chunk's maximum, in log10 units (80 dB).
+const DYNAMIC_RANGE: f32 = 8.0;
+
+/// Slaney mel scale (Auditory Toolbox): linear below 1 kHz, logarithmic above.
+fn hertz_to_mel(freq: f64) -> f64 {
+    const MIN_LOG_HERTZ: f64 = 1000.0;
+    const MIN_LOG_MEL: f64 = 15.0;
+    let logstep = 27.0 / 6.4f64.ln();
+    if freq >= MIN_LOG_HERTZ {
+        MIN_LOG_MEL + (freq / MIN_LOG_HERTZ).ln() * logstep
+    } else {
+        3.0 * freq / 200.0
+    }
+}
+
+/// Inverse of [`hertz_to_mel`].
+fn mel_to_hertz(mel: f64) -> f64 {
+    const MIN_LOG_HERTZ: f64 = 1000.0;
+    const MIN_LOG_MEL: f64 = 15.0;
+    let logstep = 6.4f64.ln() / 27.0;
+    if mel >= MIN_LOG_MEL {
+        MIN_LOG_HERTZ * (logstep * (mel - MIN_LOG_MEL)).exp()
+    } else {
+        200.0 * mel / 3.0
+    }
+}
+
+/// `numpy.linspace(start, stop, n)`: `start + i * step`, the last point exactly `stop`.
+fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
+    match n {
+        0 => Vec::new(),
+        1 => vec![start],
+        _ => {
+            let step = (stop - start) / (n - 1) as f64;
+            let mut v: Vec<f64> = (0..n).map(|i| start + i as f64 * step).collect();
+            v[n - 1] = stop;
+            v
+        }
+    }
+}
+
+/// Slaney-style mel filter bank, `[n_freqs, n_mels]`, as transformers'
+/// `audio_utils.mel_filter_bank(..., norm="slaney", mel_scale="slaney")`.
+///
+/// Filter centres are evenly spaced on the Slaney mel scale between `f_min` and `f_max`
+/// (`n_mels + 2` points, the outer two being the edges); each filter is a triangle over
+/// the FFT bin frequencies `linspace(0, sampling_rate // 2, n_freqs)`, scaled by
+/// `2 / (f[i + 2] - f[i])` so every filter has about the same area. Computed in f64 and
+/// rounded to f32 at the end, as the reference does before its float32 matmul.
+/// Degenerate requests (`n_freqs < 2`, `n_mels == 0`, `f_min >= f_max`) give filters of
+/// zeros rather than NaN.
+pub fn mel_filter_bank(
+    n_freqs: usize,
+    n_mels: usize,
+    sampling_rate: u32,
+    f_min: f64,
+    f_max: f64,
+) -> Array2<f32> {
+    let mut bank = Array2::<f32>::zeros((n_freqs, n_mels));
+    if n_freqs < 2 || n_mels == 0 || !(f_min < f_max) {
+        return bank;
+    }
+    let mel_points = linspace(hertz_to_mel(f_min), hertz_to_mel(f_max), n_mels + 2);
+    let filter_freqs: Vec<f64> = mel_points.into_iter().map(mel_to_hertz).collect();
+    let fft_freqs = linspace(0.0, f64::from(sampling_rate / 2), n_freqs);
+    for m in 0..n_mels {
+        let (lo, centre, hi) = (filter_freqs[m], filter_freqs[m + 1], filter_freqs[m + 2]);
+        let (down_width, up_width) = (centre - lo, hi - centre);
+        if down_width <= 0.0 || up_width <= 0.0 {
+            continue;
+        }
+        let enorm = 2.0 / (hi - lo);
+        for (k, &f) in fft_freqs.iter().enumerate() {
+            // The same two slopes as transformers' `_create_triangular_filter_bank`.
+            let down = (f - lo) / down_width;
+            let up = (hi - f) / up_width;
+            let w = down.min(up).max(0.0);
+            bank[[k, m]] = (w * enorm) as f32;
+        }
+    }
+    bank
+}
+
+/// Periodic Hann window of length `n` (`torch.hann_window(n)`, `np.hanning(n + 1)[:-1]`).
+pub(crate) fn hann_window(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let phase = 2.0 * std::f64::consts::PI * i as f64 / n as f64;
+            (0.5 - 0.5 * phase.cos()) as f32
+        })
+        .collect()
+}
+
+/// One mel filter as the run of FFT bins where its weight is non-zero.
+struct SparseFilter {
+    first_bin: usize,
+    weights: Vec<f32>,
+}
+
+/// Everything needed to turn one chunk into its log-mel spectrogram, built once.
+pub(crate) struct LogMel {
+    n_fft: usize,
+    hop_length: usize,
+    n_samples: usize,
+    n_frames: usize,
+    n_mels: usize,
+    padding_value: f32,
+    window: Vec<f32>,
+    fft: Arc<dyn RealToComplex<f32>>,
+    filters: Vec<SparseFilter>,
+}
+
+/// Per-task buffers, reused across the frames of a task.
+struct Scratch {
+    frame: Vec<f32>,
+    spectrum: Vec<Complex<f32>>,
+    fft_scratch: Vec<Complex<f32>>,
+    /// Power spectra of `LANES` frames, bin-major: `power[bin * LANES + lane]`.
+    power: Vec<f32>,
+}
+
+impl LogMel {
+    /// Plans the FFT and builds the window and filters. The caller has validated the
+    /// sizes (`n_fft >= 2`, `hop_length >= 1`, `n_samples >= n_fft`).
+    pub(crate) fn new(
+        n_fft: usize,
+        hop_length: usize,
+        n_samples: usize,
+        n_mels: usize,
+        sampling_rate: u32,
+        padding_value: f32,
+    ) -> Self {
+        let n_freqs = n_fft / 2 + 1;
+        // transformers fixes the band at 0..8000 Hz for every Whisper checkpoint.
+        let bank = mel_filter_bank(n_freqs, n_mels, sampling_rate, 0.0, 8000.0);
+        let filters = (0..n_mels)
+            .map(|m| {
+                let column = bank.column(m);
+                let first = column.iter().position(|&w| w != 0.0);
+                let last = column.iter().rposition(|&w| w != 0.0);
+                match (first, last) {
+                    (Some(a), Some(b)) => SparseFilter {
+                        first_bin: a,
+                        weights: column.iter().skip(a).take(b + 1 - a).copied().collect(),
+                    },
+                    _ => SparseFilter {
+                        first_bin: 0,
+                        weights: Vec::new(),
+                    },
+                }
+            })
+            .collect();
+        let fft = RealFftPlanner::<f32>::new().plan_fft_forward(n_fft);
+        let pad = n_fft / 2;
+        // torch.stft(center=True) yields 1 + (L + 2 pad - n_fft) / hop frames; the
+        // reference drops the last one.
+        let n_frames = (n_samples + 2 * pad - n_fft) / hop_length;
+        Self {
+            n_fft,
+            hop_length,
+            n_samples,
+            n_frames,
+            n_mels,
+            padding_value,
+            window: hann_window(n_fft),
+            fft,
+            filters,
+        }
+    }
+
+    /// Frames per chunk (`n_samples / hop_length` for even `n_fft`).
+    pub(crate) fn n_frames(&self) -> usize {
+        self.n_frames
+    }
+
+    /// Samples per chunk.
+    pub(crate) fn n_samples(&self) -> usize {
+        self.n_samples
+    }
+
+    /// Number of mel filters.
+    pub(crate) fn n_mels(&self) -> usize {
+        self.n_mels
+    }
+
+    fn scratch(&self) -> Scratch {
+        Scratch {
+            frame: self.fft.make_input_vec(),
+            spectrum: self.fft.make_output_vec(),
+            fft_scratch: self.fft.make_scratch_vec(),
+            power: vec![0.0; (self.n_fft / 2 + 1) * LANES],
+        }
+    }
+
+    /// The chunk right-padded with `padding_value` (or truncated) to `n_samples`, then
+    /// reflect-padded by `n_fft / 2` on both sides as `torch.stft(center=True)` does.
+    fn padded(&self, samples: &[f32]) -> Vec<f32> {
+        let pad = self.n_fft / 2;
+        let n = self.n_samples;
+        let taken = samples.len().min(n);
+        let mut out = vec![0.0f32; n + 2 * pad];
+        {
+            let body = &mut out[pad..pad + n];
+            body[..taken].copy_from_slice(&samples[..taken]);
+            body[taken..].fill(self.padding_value);
+        }
+        // Reflection excludes the edge sample: [a b c d] padded by 2 is [c b a b c d c b].
+        for i in 0..pad {
+            out[pad - 1 - i] = out[pad + 1 + i];
+            out[pad + n + i] = out[pad + n - 2 - i];
+        }
+        out
+    }
+
+    /// Log-mel spectrogram of one chunk into `out` (`[n_mels, n_frames]`).
+    pub(crate) fn compute_into(&self, samples: &[f32], mut out: ArrayViewMut2<'_, f32>) -> Result<()> {
+        if out.dim() != (self.n_mels, self.n_frames) {
+            return Err(MlmfError::Internal(format!(
+                "log-mel output is {:?}, expected ({}, {})",
+                out.dim(),
+                self.n_mels,
+                self.n_frames
+            )));
+        }
+        let padded = self.padded(samples);
+        let n_mels = self.n_mels;
+        // Frame-major log-mel values; transposed into `out` once the maximum is known.
+        let mut logmel = vec![0.0f32; self.n_frames * n_mels];
+        let max = logmel
+            .par_chunks_mut(FRAMES_PER_TASK * n_mels)
+            .enumerate()
+            .map_init(
+                || self.scratch(),
+                |scratch, (task, dst)| {
+                    self.frames_into(&padded, task * FRAMES_PER_TASK, dst, scratch)
+                },
+            )
+            .try_reduce(|| f32::NEG_INFINITY, |a, b| Ok(a.max(b)))?;
+        let floor = max - DYNAMIC_RANGE;
+        out.outer_iter_mut()
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(m, mut row)| {
+                for (t, v) in row.iter_mut().enumerate() {
+                    *v = (logmel[t * n_mels + m].max(floor) + 4.0) / 4.0;
+                }
+            });
+        Ok(())
+    }
+
+    /// Unscaled `log10(max(mel, 1e-10))` of frames `first..first + dst.len() / n_mels`
+    /// into `dst` (frame-major); returns their maximum.
+    fn frames_into(
+        &self,
+        padded: &[f32],
+        first: usize,
+        dst: &mut [f32],
+        s: &mut Scratch,
+    ) -> Result<f32> {
+        let n_mels = self.n_mels;
+        let count = dst.len() / n_mels;
+        let mut max = f32::NEG_INFINITY;
+        let mut group = 0;
+        while group < count {
+            let lanes = LANES.min(count - group);
+            for lane in 0..LANES {
+                if lane >= lanes {
+                    // Unused lanes of the last group: zero power, results discarded.
+                    for bin in s.power.chunks_exact_mut(LANES) {
+                        bin[lane] = 0.0;
+                    }
+                    continue;
+                }
+                let start = (first + group + lane) * self.hop_length;
+                let src = padded.get(start..start + self.n_fft).ok_or_else(|| {
+                    MlmfError::Internal(format!("STFT frame at sample {start} out of range"))
+                })?;
+                for ((x, &v), &w) in s.frame.iter_mut().zip(src).zip(&self.window) {
+                    *x = v * w;
+                }
+                self.fft
+                    .process_with_scratch(&mut s.frame, &mut s.spectrum, &mut s.fft_scratch)
+                    .map_err(|e| MlmfError::Internal(format!("FFT failed: {e}")))?;
+                for (bin, c) in s.power.chunks_exact_mut(LANES).zip(&s.spectrum) {
+                    bin[lane] = c.re * c.re + c.im * c.im;
+                }
+            }
+            for (m, filter) in self.filters.iter().enumerate() {
+                let mut acc = [0.0f32; LANES];
+                let bins = s.power[filter.first_bin * LANES..].chunks_exact(LANES);
+                for (&w, bin) in filter.weights.iter().zip(bins) {
+                    for (a, &p) in acc.iter_mut().zip(bin) {
+                        *a += w * p;
+                    }
+                }
+                for (lane, &a) in acc.iter().enumerate().take(lanes) {
+                    let v = a.max(MEL_FLOOR).log10();
+                    max = max.max(v);
+                    dst[(group + lane) * n_mels + m] = v;
+                }
+            }
+            group += lanes;
+        }
+        Ok(max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hann_window_is_periodic() {
+        let w = hann_window(400);
+        assert_eq!(w.len(), 400);
+        assert_eq!(w[0], 0.0);
+        assert!((w[200] - 1.0).abs() < 1e-7);
+        // Periodic: symmetric around n/2, w[i] == w[n - i].
+        for i in 1..200 {
+            assert!((w[i] - w[400 - i]).abs() < 1e-7, "{i}");
+        }
+        assert!((w[100] - 0.5).abs() < 1e-7);
+    }
+
+    #[test]
+    fn slaney_scale_round_trips_and_is_linear_below_1khz() {
+        for f in [0.0, 200.0, 999.0, 1000.0, 4000.0, 8000.0] {
+            assert!((mel_to_hertz(hertz_to_mel(f)) - f).abs() < 1e-9);
+        }
+        assert!((hertz_to_mel(500.0) - 7.5).abs() < 1e-12);
+        assert!((hertz_to_mel(1000.0) - 15.0).abs() < 1e-12);
+        // 6.4 kHz is 27 mels above 1 kHz by construction.
+        assert!((hertz_to_mel(6400.0) - 42.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn filter_bank_properties() {
+        let bank = mel_filter_bank(201, 80, 16000, 0.0, 8000.0);
+        assert_eq!(bank.dim(), (201, 80));
+        assert!(bank.iter().all(|&w| w >= 0.0 && w.is_finite()));
+        for m in 0..80 {
+            let col = bank.column(m);
+            // Every filter is non-empty, and its support is one contiguous run.
+            let nz: Vec<usize> = (0..201).filter(|&k| col[k] > 0.0).collect();
+            assert!(!nz.is_empty(), "filter {m} empty");
+            assert_eq!(nz.len(), nz[nz.len() - 1] - nz[0] + 1, "filter {m} not contiguous");
+            // Triangles rise then fall: a single peak.
+            let peak = nz.iter().copied().fold(nz[0], |a, k| if col[k] > col[a] { k } else { a });
+            assert!(nz.windows(2).all(|p| p[1] <= peak || col[p[1]] <= col[p[0]]));
+            assert!(nz.windows(2).all(|p| p[1] > peak || col[p[1]] >= col[p[0]]));
+        }
+        // Filter peaks move up in frequency.
+        let peaks: Vec<usize> = (0..80)
+            .map(|m| {
+                let c = bank.column(m);
+                (0..201).fold(0, |a, k| if c[k] > c[a] { k } else { a })
+            })
+            .collect();
+        assert!(peaks.windows(2).all(|p| p[1] >= p[0]));
+        // Each bin is covered by at most two neighbouring filters.
+        for k in 0..201 {
+            assert!(bank.row(k).iter().filter(|&&w| w > 0.0).count() <= 2);
+        }
+        // Slaney normalisation: sum over Hz of each triangle is about 1 (area 1 per Hz,
+        // bins are 40 Hz apart); the lowest filters are too narrow for a good estimate.
+        for m in 20..80 {
+            let area: f32 = bank.column(m).sum() * 40.0;
+            assert!((area - 1.0).abs() < 0.05, "filter {m} area {area}");
+        }
+    }
+
+    #[test]
+    fn filter_bank_degenerate_requests_are_zero() {
+        assert!(mel_filter_bank(1, 10, 16000, 0.0, 8000.0).iter().all(|&w| w == 0.0));
+        assert_eq!(mel_filter_bank(201, 0, 16000, 0.0, 8000.0).dim(), (201, 0));
+        assert!(mel_filter_bank(201, 10, 16000, 8000.0, 8000.0).iter().all(|&w| w == 0.0));
+    }
+
+    #[test]
+    fn reflect_padding_matches_torch() {
+        let lm = LogMel::new(4, 1, 6, 2, 16000, 0.0);
+        let p = lm.padded(&[1.0, 2.0, 3.0, 4.0]);
+        // Right-padded to 6 with zeros, then reflect by 2.
+        assert_eq!(p, vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
+        let p = lm.padded(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(p, vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 5.0, 4.0]);
+    }
+
+    #[test]
+    fn silence_is_flat_and_tone_peaks_in_its_band() {
+        let lm = LogMel::new(400, 160, 16000, 80, 16000, 0.0);
+        let mut out = Array2::zeros((80, lm.n_frames()));
+        lm.compute_into(&[], out.view_mut()).unwrap();
+        assert_eq!(lm.n_frames(), 100);
+        // log10(1e-10) = -10 everywhere -> (-10 + 4) / 4.
+        assert!(out.iter().all(|&v| (v + 1.5).abs() < 1e-6));
+
+        let tone: Vec<f32> = (0..16000)
+            .map(|i| (2.0 * std::f32::consts::PI * 1000.0 * i as f32 / 16000.0).sin())
+            .collect();
+        lm.compute_into(&tone, out.view_mut()).unwrap();
+        let col = out.column(50);
+        let best = (0..80).fold(0, |a, m| if col[m] > col[a] { m } else { a });
+        // 1 kHz is 15 Slaney mels; the bank spans 0..~57.6 mels over 81 steps.
+        let centre = mel_to_hertz((best + 1) as f64 * hertz_to_mel(8000.0) / 81.0);
+        assert!((centre - 1000.0).abs() < 100.0, "peak filter centre {centre}");
+        // Nothing falls more than 8 log10 units (+ scaling) below the max.
+        let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let min = out.iter().copied().fold(f32::INFINITY, f32::min);
+        assert!((max - min - 2.0).abs() < 1e-5);
+    }
+}

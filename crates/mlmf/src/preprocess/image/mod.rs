@@ -1,0 +1,1040 @@
+//! Images -> model-ready pixels, matching transformers' PIL-backend
+//! `CLIPImageProcessor` / `SiglipImageProcessor` bit for bit.
+//!
+//! Input: a file path, encoded bytes (JPEG, PNG, WebP, GIF, BMP, TIFF) or a `u8` array
+//! `HW` / `HWC` (channels last, `C` in 1, 3, 4). Output: `f32` `[B, 3, H, W]`.
+//!
+//! Per image: decode and convert to RGB (`decode`, `convert`), resize with Pillow's
+//! arithmetic (`resize`), center crop with zero padding, rescale (`x * factor` in `f64`,
+//! then `f32`) and normalise (`(x - mean) / std` in `f32`). Resize and crop are fused:
+//! only the resized pixels that survive the crop are computed. Rescale and normalise
+//! map each `u8` through a per-channel 256-entry table holding exactly the reference's
+//! `f32` results, written straight into the channels-first output. Items of a batch
+//! run in parallel (rayon); an error names the failing item's index.
+//!
+//! `patches` turns the output into ViT or Qwen2-VL patch sequences.
+
+mod convert;
+mod decode;
+mod patches;
+mod resize;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array4, ArrayD};
+use rayon::prelude::*;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+pub use decode::decode_image;
+pub use patches::{extract_patches, qwen2vl_patches};
+pub use resize::{resize, Resample};
+
+use crate::error::{AtIndex, MlmfError, Result};
+use crate::modality::Modality;
+use crate::preprocess::{Processor, Source};
+use resize::{resample_window, AxisPlan, PlanCache, RgbView};
+
+/// CLIP's normalisation constants (`OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
+const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+
+/// Default decompression-bomb limit: 2 x Pillow's `MAX_IMAGE_PIXELS` (89_478_485),
+/// the size at which Pillow raises `DecompressionBombError` rather than warning, so
+/// every image Pillow opens is accepted here too.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 178_956_970;
+
+/// One raw image.
+#[derive(Debug, Clone)]
+pub enum ImageInput {
+    /// An encoded file on disk or in memory.
+    Source(Source),
+    /// Decoded pixels: `HW` (greyscale) or `HWC` with `C` = 1 (greyscale), 3 (RGB) or
+    /// 4 (RGBA), channels last.
+    Array(ArrayD<u8>),
+}
+
+impl From<Source> for ImageInput {
+    fn from(s: Source) -> Self {
+        Self::Source(s)
+    }
+}
+
+impl From<ArrayD<u8>> for ImageInput {
+    fn from(a: ArrayD<u8>) -> Self {
+        Self::Array(a)
+    }
+}
+
+/// How images are resized (`size` in `preprocessor_config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeSpec {
+    /// `{"shortest_edge": n}`: the short side becomes `n`, the long side
+    /// `int(n * long / short)` (truncated), as transformers computes it.
+    ShortestEdge(u32),
+    /// `{"height": h, "width": w}`: exactly this size, aspect ratio not kept.
+    Exact { height: u32, width: u32 },
+    /// `{"shortest_edge": s, "longest_edge": l}`: short side `s` unless the long side
+    /// would exceed `l` (transformers' `get_size_with_aspect_ratio`).
+    ShortestLongest { shortest_edge: u32, longest_edge: u32 },
+}
+
+impl SizeSpec {
+    /// The resized `(height, width)` of a `height x width` image.
+    pub fn resized(&self, height: u32, width: u32) -> Result<(u32, u32)> {
+        let (h, w) = (u64::from(height), u64::from(width));
+        let (oh, ow) = match *self {
+            Self::Exact { height, width } => (u64::from(height), u64::from(width)),
+            Self::ShortestEdge(s) => {
+                // get_resize_output_image_size(default_to_square=False)
+                let s = u64::from(s);
+                let (short, long) = if w <= h { (w, h) } else { (h, w) };
+                let new_long = ((s * long) as f64 / short.max(1) as f64) as u64;
+                if w <= h {
+                    (new_long, s)
+                } else {
+                    (s, new_long)
+                }
+            }
+            Self::ShortestLongest {
+                shortest_edge,
+                longest_edge,
+            } => size_with_aspect_ratio(h, w, u64::from(shortest_edge), u64::from(longest_edge)),
+        };
+        let fits = |v: u64| u32::try_from(v).ok().filter(|&v| v > 0);
+        match (fits(oh), fits(ow)) {
+            (Some(oh), Some(ow)) => Ok((oh, ow)),
+            _ => Err(MlmfError::input(
+                Modality::Image,
+                format!(
+                    "a {width}x{height} image resizes to {ow}x{oh} under size {self:?}: expected \
+                     both sides between 1 and 2^32 - 1"
+                ),
+            )),
+        }
+    }
+
+    fn to_json(self) -> Value {
+        match self {
+            Self::ShortestEdge(s) => serde_json::json!({ "shortest_edge": s }),
+            Self::Exact { height, width } => serde_json::json!({ "height": height, "width": width }),
+            Self::ShortestLongest {
+                shortest_edge,
+                longest_edge,
+            } => serde_json::json!({ "shortest_edge": shortest_edge, "longest_edge": longest_edge }),
+        }
+    }
+
+    /// Parses the forms transformers accepts: an int (shortest edge, or a square when
+    /// `default_to_square`), `[height, width]`, or a dict.
+    fn from_json(v: &Value, default_to_square: bool) -> std::result::Result<Self, String> {
+        const EXPECTED: &str = "expected an int, [height, width], {\"shortest_edge\": n}, \
+             {\"height\": h, \"width\": w} or {\"shortest_edge\": s, \"longest_edge\": l}";
+        let int = |v: &Value| -> std::result::Result<u32, String> {
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| format!("expected a non-negative integer, got {v}"))
+        };
+        match v {
+            Value::Number(_) => {
+                let n = int(v)?;
+                Ok(if default_to_square {
+                    Self::Exact {
+                        height: n,
+                        width: n,
+                    }
+                } else {
+                    Self::ShortestEdge(n)
+                })
+            }
+            Value::Array(a) if a.len() == 2 => Ok(Self::Exact {
+                height: int(&a[0])?,
+                width: int(&a[1])?,
+            }),
+            Value::Object(m) => {
+                let get = |k: &str| m.get(k).filter(|v| !v.is_null());
+                match (
+                    get("shortest_edge"),
+                    get("longest_edge"),
+                    get("height"),
+                    get("width"),
+                ) {
+                    (Some(s), None, None, None) => Ok(Self::ShortestEdge(int(s)?)),
+                    (Some(s), Some(l), None, None) => Ok(Self::ShortestLongest {
+                        shortest_edge: int(s)?,
+                        longest_edge: int(l)?,
+                    }),
+                    (None, None, Some(h), Some(w)) => Ok(Self::Exact {
+                        height: int(h)?,
+                        width: int(w)?,
+                    }),
+                    _ => Err(format!("unsupported size {v}: {EXPECTED}")),
+                }
+            }
+            _ => Err(format!("unsupported size {v}: {EXPECTED}")),
+        }
+    }
+}
+
+/// transformers' `get_size_with_aspect_ratio((h, w), size, max_size)`, with Python's
+/// float operation order and round-half-to-even.
+fn size_with_aspect_ratio(h: u64, w: u64, size: u64, max_size: u64) -> (u64, u64) {
+    let (hf, wf) = (h as f64, w as f64);
+    let mut size = size;
+    let mut raw_size: Option<f64> = None;
+    let min_o = hf.min(wf);
+    let max_o = hf.max(wf);
+    if max_o / min_o * size as f64 > max_size as f64 {
+        let raw = max_size as f64 * min_o / max_o;
+        raw_size = Some(raw);
+        size = raw.round_ties_even() as u64;
+    }
+    if (h <= w && h == size) || (w <= h && w == size) {
+        (h, w)
+    } else if w < h {
+        let oh = match raw_size {
+            Some(raw) => (raw * hf / wf) as u64,
+            None => ((size * h) as f64 / wf) as u64,
+        };
+        (oh, size)
+    } else {
+        let ow = match raw_size {
+            Some(raw) => (raw * wf / hf) as u64,
+            None => ((size * w) as f64 / hf) as u64,
+        };
+        (size, ow)
+    }
+}
+
+impl Serialize for SizeSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SizeSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        Self::from_json(&v, false).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Image preprocessing settings, with the key names of Hugging Face's
+/// `preprocessor_config.json`. Missing keys take CLIP's defaults when deserialised
+/// directly; [`ImageProcessorConfig::from_hf_json`] picks the defaults of the
+/// processor type the file names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImageProcessorConfig {
+    pub do_resize: bool,
+    pub size: SizeSpec,
+    pub resample: Resample,
+    pub do_center_crop: bool,
+    /// `(height, width)`; `{"height": h, "width": w}` in JSON.
+    #[serde(with = "crop_serde")]
+    pub crop_size: Option<(u32, u32)>,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    #[serde(deserialize_with = "de_triplet")]
+    pub image_mean: [f32; 3],
+    #[serde(deserialize_with = "de_triplet")]
+    pub image_std: [f32; 3],
+    /// Composite transparency onto white (the reference's `convert_to_rgb`). When
+    /// false the alpha channel is dropped instead; greyscale is always repeated to RGB.
+    pub do_convert_rgb: bool,
+    /// Decompression-bomb guard: images (decoded or arrays) and outputs with more
+    /// pixels are refused. Default [`DEFAULT_MAX_IMAGE_PIXELS`].
+    pub max_image_pixels: u64,
+}
+
+impl Default for ImageProcessorConfig {
+    fn default() -> Self {
+        Self::clip()
+    }
+}
+
+mod crop_serde {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &Option<(u32, u32)>,
+        s: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        match v {
+            Some((h, w)) => serde_json::json!({ "height": h, "width": w }).serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<Option<(u32, u32)>, D::Error> {
+        let v = Value::deserialize(d)?;
+        parse_crop(&v).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `crop_size` forms: null, an int (square), `[height, width]`, `{"height", "width"}`.
+fn parse_crop(v: &Value) -> std::result::Result<Option<(u32, u32)>, String> {
+    match v {
+        Value::Null => Ok(None),
+        _ => match SizeSpec::from_json(v, true)? {
+            SizeSpec::Exact { height, width } => Ok(Some((height, width))),
+            _ => Err(format!(
+                "unsupported crop_size {v}: expected an int, [height, width] or \
+                 {{\"height\": h, \"width\": w}}"
+            )),
+        },
+    }
+}
+
+/// A mean / std: one number for all channels or a list of three.
+fn parse_triplet(v: &Value) -> std::result::Result<[f32; 3], String> {
+    let num = |v: &Value| v.as_f64().map(|x| x as f32);
+    match v {
+        Value::Number(_) => num(v).map(|x| [x; 3]).ok_or_else(|| format!("not a number: {v}")),
+        Value::Array(a) if a.len() == 3 => match (num(&a[0]), num(&a[1]), num(&a[2])) {
+            (Some(r), Some(g), Some(b)) => Ok([r, g, b]),
+            _ => Err(format!("expected three numbers, got {v}")),
+        },
+        Value::Array(a) if a.len() == 1 => num(&a[0])
+            .map(|x| [x; 3])
+            .ok_or_else(|| format!("expected a number, got {v}")),
+        _ => Err(format!("expected a number or a list of 3 numbers (RGB), got {v}")),
+    }
+}
+
+fn de_triplet<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<[f32; 3], D::Error> {
+    let v = Value::deserialize(d)?;
+    parse_triplet(&v).map_err(serde::de::Error::custom)
+}
+
+/// Which reference processor a `preprocessor_config.json` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Clip,
+    Siglip,
+    Other,
+}
+
+fn family_of(obj: &serde_json::Map<String, Value>) -> (Family, Option<String>) {
+    let name = ["image_processor_type", "feature_extractor_type", "processor_class"]
+        .iter()
+        .find_map(|k| obj.get(*k).and_then(Value::as_str))
+        .map(str::to_string);
+    let family = match name.as_deref().map(str::to_ascii_lowercase) {
+        // SigLIP 2 (NaFlex) patchifies at variable resolution: not this pipeline.
+        Some(n) if n.starts_with("siglip") && !n.starts_with("siglip2") => Family::Siglip,
+        Some(n) if n.starts_with("clip") => Family::Clip,
+        _ => Family::Other,
+    };
+    (family, name)
+}
+
+impl ImageProcessorConfig {
+    /// transformers' `CLIPImageProcessor` defaults: shortest edge 224, bicubic, center
+    /// crop 224x224, rescale 1/255, CLIP mean/std.
+    pub fn clip() -> Self {
+        Self {
+            do_resize: true,
+            size: SizeSpec::ShortestEdge(224),
+            resample: Resample::Bicubic,
+            do_center_crop: true,
+            crop_size: Some((224, 224)),
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: CLIP_MEAN,
+            image_std: CLIP_STD,
+            do_convert_rgb: true,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+        }
+    }
+
+    /// transformers' `SiglipImageProcessor` defaults: 224x224 bicubic (aspect not
+    /// kept), no crop, rescale 1/255, mean = std = 0.5.
+    pub fn siglip() -> Self {
+        Self {
+            do_resize: true,
+            size: SizeSpec::Exact {
+                height: 224,
+                width: 224,
+            },
+            resample: Resample::Bicubic,
+            do_center_crop: false,
+            crop_size: None,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: [0.5; 3],
+            image_std: [0.5; 3],
+            do_convert_rgb: true,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+        }
+    }
+
+    /// Reads a `preprocessor_config.json` object. Missing keys take the defaults of the
+    /// type it names (`image_processor_type`, else `feature_extractor_type`, else
+    /// `processor_class`): CLIP or SigLIP. Other types are accepted when they give a
+    /// `size`; their missing keys take CLIP's values, except that they do not crop
+    /// unless `do_center_crop` says so. Unknown keys are ignored; `null` means missing.
+    /// Errors name the offending key.
+    pub fn from_hf_json(v: &Value) -> Result<Self> {
+        let obj = v.as_object().ok_or_else(|| {
+            MlmfError::config("", format!("expected a JSON object of processor settings, got {v}"))
+        })?;
+        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        let (family, name) = family_of(obj);
+        let mut cfg = match family {
+            Family::Clip => Self::clip(),
+            Family::Siglip => Self::siglip(),
+            Family::Other => {
+                if get("size").is_none() {
+                    return Err(MlmfError::config(
+                        "size",
+                        format!(
+                            "processor type {} is not one mlmf knows (CLIP, SigLIP) and the \
+                             file has no size: expected a `size` key",
+                            name.as_deref().unwrap_or("(none given)")
+                        ),
+                    ));
+                }
+                Self {
+                    do_center_crop: false,
+                    crop_size: None,
+                    ..Self::clip()
+                }
+            }
+        };
+        let bool_at = |k: &str| -> Result<Option<bool>> {
+            get(k)
+                .map(|v| {
+                    v.as_bool()
+                        .ok_or_else(|| MlmfError::config(k, format!("expected true or false, got {v}")))
+                })
+                .transpose()
+        };
+        let default_to_square = bool_at("default_to_square")?.unwrap_or(false);
+        if let Some(b) = bool_at("do_resize")? {
+            cfg.do_resize = b;
+        }
+        if let Some(v) = get("size") {
+            cfg.size = SizeSpec::from_json(v, default_to_square).map_err(|m| MlmfError::config("size", m))?;
+        }
+        if bool_at("use_square_size")? == Some(true) {
+            // transformers' KOSMOS-2 compatibility switch: a square of the shortest edge.
+            if let SizeSpec::ShortestEdge(s) = cfg.size {
+                cfg.size = SizeSpec::Exact { height: s, width: s };
+            }
+        }
+        if let Some(v) = get("resample") {
+            cfg.resample = Resample::deserialize(v).map_err(|e| MlmfError::config("resample", e.to_string()))?;
+        }
+        if let Some(b) = bool_at("do_center_crop")? {
+            cfg.do_center_crop = b;
+        }
+        if let Some(v) = get("crop_size") {
+            cfg.crop_size = parse_crop(v).map_err(|m| MlmfError::config("crop_size", m))?;
+        }
+        if let Some(b) = bool_at("do_rescale")? {
+            cfg.do_rescale = b;
+        }
+        if let Some(v) = get("rescale_factor") {
+            cfg.rescale_factor = v
+                .as_f64()
+                .ok_or_else(|| MlmfError::config("rescale_factor", format!("expected a number, got {v}")))?;
+        }
+        if let Some(b) = bool_at("do_normalize")? {
+            cfg.do_normalize = b;
+        }
+        if let Some(v) = get("image_mean") {
+            cfg.image_mean = parse_triplet(v).map_err(|m| MlmfError::config("image_mean", m))?;
+        }
+        if let Some(v) = get("image_std") {
+            cfg.image_std = parse_triplet(v).map_err(|m| MlmfError::config("image_std", m))?;
+        }
+        if let Some(b) = bool_at("do_convert_rgb")? {
+            cfg.do_convert_rgb = b;
+        }
+        if let Some(v) = get("max_image_pixels") {
+            cfg.max_image_pixels = v.as_u64().ok_or_else(|| {
+                MlmfError::config("max_image_pixels", format!("expected a positive integer, got {v}"))
+            })?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every field; errors name the field (`size`, `crop_size`, ...).
+    pub fn validate(&self) -> Result<()> {
+        match self.size {
+            SizeSpec::ShortestEdge(0) => {
+                return Err(MlmfError::config("size", "shortest_edge must be > 0"));
+            }
+            SizeSpec::Exact { height, width } if height == 0 || width == 0 => {
+                return Err(MlmfError::config(
+                    "size",
+                    format!("height and width must be > 0, got {height}x{width}"),
+                ));
+            }
+            SizeSpec::ShortestLongest {
+                shortest_edge,
+                longest_edge,
+            } if shortest_edge == 0 || longest_edge < shortest_edge => {
+                return Err(MlmfError::config(
+                    "size",
+                    format!(
+                        "expected 0 < shortest_edge <= longest_edge, got {shortest_edge} and \
+                         {longest_edge}"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        match self.crop_size {
+            None if self.do_center_crop => {
+                return Err(MlmfError::config(
+                    "crop_size",
+                    "do_center_crop is true but no crop_size is set: expected {\"height\": h, \"width\": w}",
+                ));
+            }
+            Some((h, w)) if h == 0 || w == 0 => {
+                return Err(MlmfError::config(
+                    "crop_size",
+                    format!("height and width must be > 0, got {h}x{w}"),
+                ));
+            }
+            _ => {}
+        }
+        if !(self.rescale_factor.is_finite() && self.rescale_factor > 0.0) {
+            return Err(MlmfError::config(
+                "rescale_factor",
+                format!("expected a finite number > 0, got {}", self.rescale_factor),
+            ));
+        }
+        if self.image_mean.iter().any(|m| !m.is_finite()) {
+            return Err(MlmfError::config(
+                "image_mean",
+                format!("expected finite numbers, got {:?}", self.image_mean),
+            ));
+        }
+        if self.image_std.iter().any(|s| !s.is_finite() || *s == 0.0) {
+            return Err(MlmfError::config(
+                "image_std",
+                format!("expected finite non-zero numbers, got {:?}", self.image_std),
+            ));
+        }
+        if self.max_image_pixels == 0 {
+            return Err(MlmfError::config("max_image_pixels", "must be > 0"));
+        }
+        Ok(())
+    }
+
+    /// The `(height, width)` of every output when it does not depend on the input:
+    /// the crop size when cropping, an exact resize size otherwise; `None` when it
+    /// varies with the image.
+    pub fn output_size(&self) -> Option<(u32, u32)> {
+        if self.do_center_crop {
+            return self.crop_size;
+        }
+        match (self.do_resize, self.size) {
+            (true, SizeSpec::Exact { height, width }) => Some((height, width)),
+            _ => None,
+        }
+    }
+
+    /// The `(height, width)` of the output for a `height x width` input.
+    pub fn output_size_for(&self, height: u32, width: u32) -> Result<(u32, u32)> {
+        if let (true, Some(hw)) = (self.do_center_crop, self.crop_size) {
+            return Ok(hw);
+        }
+        if self.do_resize {
+            self.size.resized(height, width)
+        } else {
+            Ok((height, width))
+        }
+    }
+}
+
+/// The work for one image: its output size, which part of the output comes from the
+/// resized image (the rest is crop padding), and how to produce that part.
+struct ImagePlan {
+    out_h: usize,
+    out_w: usize,
+    rows: Range<usize>,
+    cols: Range<usize>,
+    h: AxisPlan,
+    v: AxisPlan,
+}
+
+/// Output indices of one axis that land inside the resized image, and the resized
+/// indices they read: transformers' center crop puts resized index
+/// `i + floor((resized - out) / 2)` at output index `i` (zero padding outside).
+fn crop_axis(resized: u32, out: u32, crop: bool) -> (Range<usize>, Range<u32>) {
+    let off = if crop {
+        (i64::from(resized) - i64::from(out)).div_euclid(2)
+    } else {
+        0
+    };
+    let lo = (-off).max(0);
+    let hi = (i64::from(out)).min(i64::from(resized) - off).max(lo);
+    (
+        lo as usize..hi as usize,
+        (lo + off) as u32..(hi + off) as u32,
+    )
+}
+
+/// Preprocesses images as transformers' PIL-backend CLIP / SigLIP processors do.
+pub struct ImageProcessor {
+    cfg: ImageProcessorConfig,
+    /// `lut[c][v]`: the final `f32` of channel `c` for pixel value `v`.
+    lut: Box<[[f32; 256]; 3]>,
+    plans: PlanCache,
+}
+
+impl fmt::Debug for ImageProcessor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImageProcessor")
+            .field("config", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for ImageProcessor {
+    fn clone(&self) -> Self {
+        Self {
+            cfg: self.cfg.clone(),
+            lut: self.lut.clone(),
+            plans: PlanCache::default(),
+        }
+    }
+}
+
+/// The reference's rescale + normalise of every `u8` value, per channel:
+/// `f32(f64(v) * factor)`, then `(x - f32(mean)) / f32(std)` in `f32`.
+fn build_lut(cfg: &ImageProcessorConfig) -> Box<[[f32; 256]; 3]> {
+    let mut lut = Box::new([[0f32; 256]; 3]);
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, out) in table.iter_mut().enumerate() {
+            let mut x = if cfg.do_rescale {
+                (v as f64 * cfg.rescale_factor) as f32
+            } else {
+                v as f32
+            };
+            if cfg.do_normalize {
+                x = (x - cfg.image_mean[c]) / cfg.image_std[c];
+            }
+            *out = x;
+        }
+    }
+    lut
+}
+
+impl ImageProcessor {
+    /// A processor for a validated `cfg`.
+    pub fn new(cfg: ImageProcessorConfig) -> Result<Self> {
+        cfg.validate()?;
+        let lut = build_lut(&cfg);
+        Ok(Self {
+            cfg,
+            lut,
+            plans: PlanCache::default(),
+        })
+    }
+
+    /// Reads `preprocessor_config.json` from a checkpoint directory (or the JSON file
+    /// itself). Falls back to the `image_processor` entry of `processor_config.json`.
+    pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let what = "image processor";
+        let (path, nested): (PathBuf, bool) = if dir.is_file() {
+            (dir.to_path_buf(), false)
+        } else if dir.join("preprocessor_config.json").is_file() {
+            (dir.join("preprocessor_config.json"), false)
+        } else if dir.join("processor_config.json").is_file() {
+            (dir.join("processor_config.json"), true)
+        } else {
+            return Err(MlmfError::model_load(
+                what,
+                dir,
+                "no preprocessor_config.json (or processor_config.json) found: expected a \
+                 Hugging Face checkpoint directory",
+            ));
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| MlmfError::model_load(what, &path, e.to_string()))?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| MlmfError::model_load(what, &path, format!("invalid JSON: {e}")))?;
+        let json = if nested {
+            json.get("image_processor").cloned().ok_or_else(|| {
+                MlmfError::model_load(what, &path, "no `image_processor` entry in processor_config.json")
+            })?
+        } else {
+            json
+        };
+        Self::new(ImageProcessorConfig::from_hf_json(&json)?)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ImageProcessorConfig {
+        &self.cfg
+    }
+
+    /// Decodes (or takes) one input and converts it to RGB, enforcing the pixel limit.
+    pub fn load(&self, input: &ImageInput) -> Result<image::RgbImage> {
+        match input {
+            ImageInput::Source(src) => {
+                let bytes = src.bytes(Modality::Image)?;
+                decode::decode_image_with(&bytes, self.cfg.max_image_pixels, self.cfg.do_convert_rgb)
+            }
+            ImageInput::Array(a) => {
+                convert::array_to_rgb(a.view(), self.cfg.do_convert_rgb, self.cfg.max_image_pixels)
+            }
+        }
+    }
+
+    fn plan(&self, in_w: u32, in_h: u32) -> Result<ImagePlan> {
+        if in_w == 0 || in_h == 0 {
+            return Err(MlmfError::input(
+                Modality::Image,
+                format!("expected a non-empty image, got {in_w}x{in_h}"),
+            ));
+        }
+        let (rh, rw) = if self.cfg.do_resize {
+            self.cfg.size.resized(in_h, in_w)?
+        } else {
+            (in_h, in_w)
+        };
+        let crop = self.cfg.do_center_crop;
+        let (oh, ow) = match (crop, self.cfg.crop_size) {
+            (true, Some(hw)) => hw,
+            _ => (rh, rw),
+        };
+        convert::check_pixels(u64::from(ow), u64::from(oh), self.cfg.max_image_pixels)?;
+        let (rows, ywin) = crop_axis(rh, oh, crop);
+        let (cols, xwin) = crop_axis(rw, ow, crop);
+        let f = self.cfg.resample;
+        Ok(ImagePlan {
+            out_h: oh as usize,
+            out_w: ow as usize,
+            rows,
+            cols,
+            h: self.plans.axis(in_w, rw, f, xwin, true),
+            v: self.plans.axis(in_h, rh, f, ywin, false),
+        })
+    }
+
+    /// Processes one RGB image into `out`, channels first (`3 * H * W` values for the
+    /// output size of this image, see [`ImageProcessorConfig::output_size_for`]).
+    pub fn process_rgb_into(&self, img: &image::RgbImage, out: &mut [f32]) -> Result<()> {
+        let p = self.plan(img.width(), img.height())?;
+        let plane = p.out_h * p.out_w;
+        if out.len() != 3 * plane {
+            return Err(MlmfError::input(
+                Modality::Image,
+                format!(
+                    "output buffer holds {} values, expected 3 x {} x {} = {}",
+                    out.len(),
+                    p.out_h,
+                    p.out_w,
+                    3 * plane
+                ),
+            ));
+        }
+        let (o0, rest) = out.split_at_mut(plane);
+        let (o1, o2) = rest.split_at_mut(plane);
+        let [l0, l1, l2] = &*self.lut;
+        if p.rows.len() != p.out_h || p.cols.len() != p.out_w {
+            // Crop padding: transformers pads with 0 before rescaling and normalising.
+            o0.fill(l0[0]);
+            o1.fill(l1[0]);
+            o2.fill(l2[0]);
+        }
+        let (w, x0, y0, n) = (p.out_w, p.cols.start, p.rows.start, p.cols.len());
+        resample_window(RgbView::of(img), &p.h, &p.v, &mut |r, rgb| {
+            let s = (y0 + r) * w + x0;
+            let (Some(d0), Some(d1), Some(d2)) = (
+                o0.get_mut(s..s + n),
+                o1.get_mut(s..s + n),
+                o2.get_mut(s..s + n),
+            ) else {
+                return;
+            };
+            for (((px, a), b), c) in rgb.chunks_exact(3).zip(d0).zip(d1).zip(d2) {
+                *a = l0[px[0] as usize];
+                *b = l1[px[1] as usize];
+                *c = l2[px[2] as usize];
+            }
+        });
+        Ok(())
+    }
+
+    /// Processes a batch into `[B, 3, H, W]`. All outputs must share one size (always
+    /// true with a crop or an exact size). Errors name the failing item's index.
+    pub fn process(&self, inputs: &[ImageInput]) -> Result<Array4<f32>> {
+        if let Some((h, w)) = self.cfg.output_size() {
+            let mut out = Array4::<f32>::zeros((inputs.len(), 3, h as usize, w as usize));
+            self.fill(&mut out, inputs.par_iter().map(|x| self.load(x)))?;
+            return Ok(out);
+        }
+        // The output size depends on the input: decode everything first.
+        let images: Vec<Result<image::RgbImage>> = inputs.par_iter().map(|x| self.load(x)).collect();
+        let mut first: Option<(u32, u32)> = None;
+        let mut failed: Option<usize> = None;
+        for (i, img) in images.iter().enumerate() {
+            let Ok(img) = img else {
+                failed = Some(i);
+                break;
+            };
+            let hw = self.cfg.output_size_for(img.height(), img.width()).at_index(i)?;
+            match first {
+                None => first = Some(hw),
+                Some(f) if f != hw => {
+                    return Err(MlmfError::input(
+                        Modality::Image,
+                        format!(
+                            "output would be {}x{} (HxW) but earlier inputs give {}x{}: a batch \
+                             needs one output size (set do_center_crop with crop_size, or an \
+                             exact size)",
+                            hw.0, hw.1, f.0, f.1
+                        ),
+                    )
+                    .at_index(i));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(i) = failed {
+            let err = images.into_iter().nth(i).and_then(|r| r.err());
+            return Err(err
+                .unwrap_or_else(|| MlmfError::Internal("lost a decode error".into()))
+                .at_index(i));
+        }
+        let (h, w) = first.unwrap_or((0, 0));
+        let mut out = Array4::<f32>::zeros((inputs.len(), 3, h as usize, w as usize));
+        self.fill(&mut out, images.into_par_iter())?;
+        Ok(out)
+    }
+
+    /// Writes each image of `images` (indexed like the batch) into its slot of `out`.
+    fn fill<I>(&self, out: &mut Array4<f32>, images: I) -> Result<()>
+    where
+        I: IndexedParallelIterator<Item = Result<image::RgbImage>>,
+    {
+        let (_, c, h, w) = out.dim();
+        let item = (c * h * w).max(1);
+        let slice = out
+            .as_slice_mut()
+            .ok_or_else(|| MlmfError::Internal("fresh output array is not contiguous".into()))?;
+        let results: Vec<Result<()>> = slice
+            .par_chunks_mut(item)
+            .zip(images)
+            .enumerate()
+            .map(|(i, (dst, img))| {
+                let img = img.at_index(i)?;
+                self.process_rgb_into(&img, dst).at_index(i)
+            })
+            .collect();
+        results.into_iter().collect()
+    }
+}
+
+impl Processor for ImageProcessor {
+    type Input = ImageInput;
+    type Output = Array4<f32>;
+
+    fn modality(&self) -> Modality {
+        Modality::Image
+    }
+
+    fn process(&self, inputs: &[ImageInput]) -> Result<Array4<f32>> {
+        ImageProcessor::process(self, inputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    fn gradient(w: u32, h: u32) -> image::RgbImage {
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 251) as u8]))
+    }
+
+    #[test]
+    fn clip_sizes_follow_transformers() {
+        let s = SizeSpec::ShortestEdge(224);
+        assert_eq!(s.resized(480, 640).unwrap(), (224, 298));
+        assert_eq!(s.resized(640, 480).unwrap(), (298, 224));
+        assert_eq!(s.resized(500, 3).unwrap(), (37333, 224));
+        assert_eq!(s.resized(224, 224).unwrap(), (224, 224));
+        let sl = SizeSpec::ShortestLongest {
+            shortest_edge: 800,
+            longest_edge: 1333,
+        };
+        // get_size_with_aspect_ratio((480, 640), 800, 1333) = (800, 1066)
+        assert_eq!(sl.resized(480, 640).unwrap(), (800, 1066));
+        // long side capped: raw = 1333 * 300 / 1000 = 399.9 -> 400 (values from transformers)
+        assert_eq!(sl.resized(300, 1000).unwrap(), (400, 1333));
+        assert_eq!(sl.resized(1000, 300).unwrap(), (1333, 400));
+    }
+
+    #[test]
+    fn crop_axis_places_padding_like_transformers() {
+        // Larger: plain crop at floor((r - o) / 2).
+        assert_eq!(crop_axis(298, 224, true), (0..224, 37..261));
+        // Smaller by an odd amount: transformers pads ceil((o - r) / 2) before.
+        assert_eq!(crop_axis(223, 224, true), (1..224, 0..223));
+        assert_eq!(crop_axis(100, 224, true), (62..162, 0..100));
+        assert_eq!(crop_axis(50, 50, true), (0..50, 0..50));
+        assert_eq!(crop_axis(50, 50, false), (0..50, 0..50));
+    }
+
+    #[test]
+    fn center_crop_and_pad_values() {
+        let cfg = ImageProcessorConfig {
+            do_resize: false,
+            crop_size: Some((4, 2)),
+            do_rescale: false,
+            do_normalize: false,
+            ..ImageProcessorConfig::clip()
+        };
+        let p = ImageProcessor::new(cfg).unwrap();
+        // 3 wide, 1 tall: width cropped at floor((3-2)/2) = 0, height padded 2 above
+        // (ceil(3/2)) and 1 below.
+        let img = image::RgbImage::from_fn(3, 1, |x, _| image::Rgb([10 * (x as u8 + 1), 0, 0]));
+        let mut out = vec![-1f32; 3 * 4 * 2];
+        p.process_rgb_into(&img, &mut out).unwrap();
+        let red = &out[..8];
+        assert_eq!(red, &[0., 0., 0., 0., 10., 20., 0., 0.]);
+    }
+
+    #[test]
+    fn lut_matches_reference_float_ops() {
+        let p = ImageProcessor::new(ImageProcessorConfig::clip()).unwrap();
+        for v in [0u8, 1, 127, 128, 254, 255] {
+            let x = (f64::from(v) * (1.0 / 255.0)) as f32;
+            assert_eq!(p.lut[1][v as usize], (x - CLIP_MEAN[1]) / CLIP_STD[1]);
+        }
+    }
+
+    #[test]
+    fn hf_json_defaults_and_forms() {
+        let clip = serde_json::json!({
+            "crop_size": 224, "do_center_crop": true, "do_normalize": true, "do_resize": true,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224
+        });
+        let c = ImageProcessorConfig::from_hf_json(&clip).unwrap();
+        assert_eq!(c, ImageProcessorConfig::clip());
+        let siglip = serde_json::json!({
+            "do_normalize": true, "do_rescale": true, "do_resize": true,
+            "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "SiglipImageProcessor",
+            "image_std": [0.5, 0.5, 0.5], "processor_class": "SiglipProcessor",
+            "resample": 3, "rescale_factor": 0.00392156862745098,
+            "size": {"height": 384, "width": 384}
+        });
+        let s = ImageProcessorConfig::from_hf_json(&siglip).unwrap();
+        assert_eq!(s.size, SizeSpec::Exact { height: 384, width: 384 });
+        assert!(!s.do_center_crop);
+        assert_eq!(s.output_size(), Some((384, 384)));
+        // Unknown type with usable keys: accepted, no crop unless asked.
+        let vit = serde_json::json!({"image_processor_type": "ViTImageProcessor",
+            "size": {"height": 32, "width": 48}, "resample": 2, "image_mean": 0.5, "image_std": 0.5});
+        let v = ImageProcessorConfig::from_hf_json(&vit).unwrap();
+        assert_eq!((v.resample, v.image_mean, v.output_size()), (Resample::Bilinear, [0.5; 3], Some((32, 48))));
+        assert!(ImageProcessorConfig::from_hf_json(&serde_json::json!({"image_processor_type": "X"})).is_err());
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let cases = [
+            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "size": {"max_height": 3}}), "`size`"),
+            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "size": 0}), "`size`"),
+            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "resample": 1}), "`resample`"),
+            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 0, "width": 2}}), "`crop_size`"),
+            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "image_std": [1, 0, 1]}), "`image_std`"),
+            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "image_mean": [1, 2]}), "`image_mean`"),
+            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "do_resize": "yes"}), "`do_resize`"),
+            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "rescale_factor": -1.0}), "`rescale_factor`"),
+        ];
+        for (json, field) in cases {
+            let err = ImageProcessorConfig::from_hf_json(&json).unwrap_err().to_string();
+            assert!(err.contains(field), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn serde_round_trip_uses_hf_names() {
+        let c = ImageProcessorConfig::clip();
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["size"], serde_json::json!({"shortest_edge": 224}));
+        assert_eq!(json["crop_size"], serde_json::json!({"height": 224, "width": 224}));
+        assert_eq!(json["resample"], serde_json::json!(3));
+        let back: ImageProcessorConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back, c);
+        let partial: ImageProcessorConfig = serde_json::from_str(r#"{"size": [32, 48]}"#).unwrap();
+        assert_eq!(partial.size, SizeSpec::Exact { height: 32, width: 48 });
+        assert_eq!(partial.crop_size, Some((224, 224)));
+    }
+
+    #[test]
+    fn batch_errors_name_the_index() {
+        let p = ImageProcessor::new(ImageProcessorConfig::clip()).unwrap();
+        let good = ImageInput::Array(ArrayD::from_elem(IxDyn(&[5, 7, 3]), 9u8));
+        let bad_shape = ImageInput::Array(ArrayD::from_elem(IxDyn(&[5, 7, 2]), 9u8));
+        let garbage = ImageInput::Source(Source::Bytes(b"definitely not pixels".to_vec()));
+        let err = p.process(&[good.clone(), bad_shape]).unwrap_err().to_string();
+        assert!(err.starts_with("image input 1:") && err.contains("(H, W, C)"), "{err}");
+        let err = p.process(&[good.clone(), good.clone(), garbage]).unwrap_err().to_string();
+        assert!(err.starts_with("image input 2: cannot decode"), "{err}");
+        let missing = ImageInput::Source(Source::Path("/nonexistent/x.png".into()));
+        let err = p.process(&[missing]).unwrap_err().to_string();
+        assert!(err.starts_with("image input 0: cannot read"), "{err}");
+        let out = p.process(&[good.clone(), good]).unwrap();
+        assert_eq!(out.dim(), (2, 3, 224, 224));
+        assert_eq!(p.process(&[]).unwrap().dim(), (0, 3, 224, 224));
+    }
+
+    #[test]
+    fn varying_output_sizes_need_one_size() {
+        let cfg = ImageProcessorConfig {
+            do_center_crop: false,
+            ..ImageProcessorConfig::clip()
+        };
+        let p = ImageProcessor::new(cfg).unwrap();
+        let a = ImageInput::Array(ArrayD::from_elem(IxDyn(&[480, 640, 3]), 1u8));
+        let b = ImageInput::Array(ArrayD::from_elem(IxDyn(&[640, 480, 3]), 1u8));
+        assert_eq!(p.process(&[a.clone(), a.clone()]).unwrap().dim(), (2, 3, 224, 298));
+        let err = p.process(&[a, b]).unwrap_err().to_string();
+        assert!(err.starts_with("image input 1:") && err.contains("one output size"), "{err}");
+    }
+
+    #[test]
+    fn process_rgb_into_checks_the_buffer() {
+        let p = ImageProcessor::new(ImageProcessorConfig::siglip()).unwrap();
+        let mut small = vec![0f32; 10];
+        let err = p.process_rgb_into(&gradient(5, 5), &mut small).unwrap_err().to_string();
+        assert!(err.contains("expected 3 x 224 x 224"), "{err}");
+    }
+
+    #[test]
+    fn from_pretrained_reads_the_directory() {
+        let dir = std::env::temp_dir().join(format!("mlmf-image-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("preprocessor_config.json"),
+            r#"{"image_processor_type": "SiglipImageProcessor", "size": {"height": 64, "width": 64}}"#,
+        )
+        .unwrap();
+        let p = ImageProcessor::from_pretrained(&dir).unwrap();
+        assert_eq!(p.config().output_size(), Some((64, 64)));
+        let err = ImageProcessor::from_pretrained(dir.join("nope")).unwrap_err().to_string();
+        assert!(err.contains("preprocessor_config.json"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

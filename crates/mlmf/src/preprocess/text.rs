@@ -1,0 +1,518 @@
+//! Text: strings -> token ids with the checkpoint's own `tokenizer.json`.
+//!
+//! Output: `input_ids`, `attention_mask`, `token_type_ids`, each int64 `[B, T]`.
+//!
+//! Padding and truncation follow what transformers' fast tokenizers do for
+//! `tok(texts, padding=..., truncation=..., max_length=...)`: the settings stored in
+//! tokenizer.json are replaced by the call's, the pad token comes from
+//! tokenizer_config.json / special_tokens_map.json, and `truncation` without a
+//! `max_length` means the tokenizer's `model_max_length`. The ids are those of the HF
+//! `tokenizers` library itself, so they equal the Python package's exactly.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ndarray::Array2;
+use serde::{Deserialize, Serialize};
+use tokenizers::{
+    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
+    TruncationParams, TruncationStrategy,
+};
+
+use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
+use crate::preprocess::Processor;
+
+/// transformers treats a `model_max_length` at or above this as "no limit".
+const UNBOUNDED_MAX_LENGTH: u64 = 1 << 40;
+
+/// How a batch is padded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Padding {
+    /// Pad to the longest sequence of the batch.
+    Longest,
+    /// Pad every sequence to `max_length` (or the tokenizer's `model_max_length`).
+    MaxLength,
+    /// No padding: every sequence must then have the same length to form a batch.
+    DoNotPad,
+}
+
+impl FromStr for Padding {
+    type Err = MlmfError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "longest" | "true" => Ok(Self::Longest),
+            "max_length" => Ok(Self::MaxLength),
+            "do_not_pad" | "false" => Ok(Self::DoNotPad),
+            other => Err(MlmfError::config(
+                "padding",
+                format!("unknown padding {other:?}: expected longest, max_length or do_not_pad"),
+            )),
+        }
+    }
+}
+
+/// Settings of a [`TextProcessor`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TextProcessorConfig {
+    /// Truncation / `max_length` padding length; `None` means the tokenizer's
+    /// `model_max_length`.
+    pub max_length: Option<usize>,
+    pub padding: Padding,
+    /// Cut sequences longer than the maximum length (from the right, or as
+    /// `truncation_side` in tokenizer_config.json says).
+    pub truncation: bool,
+    /// Add the tokenizer's special tokens (`[CLS] ... [SEP]`, `<|startoftext|> ...`).
+    pub add_special_tokens: bool,
+}
+
+impl Default for TextProcessorConfig {
+    fn default() -> Self {
+        Self {
+            max_length: None,
+            padding: Padding::Longest,
+            truncation: true,
+            add_special_tokens: true,
+        }
+    }
+}
+
+impl TextProcessorConfig {
+    /// Checks value ranges; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.max_length == Some(0) {
+            return Err(MlmfError::config("max_length", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// A batch of tokenised text, each array int64 `[B, T]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextBatch {
+    pub input_ids: Array2<i64>,
+    pub attention_mask: Array2<i64>,
+    pub token_type_ids: Array2<i64>,
+}
+
+/// What tokenizer_config.json / special_tokens_map.json contribute.
+#[derive(Debug, Clone, Default)]
+struct TokenizerMeta {
+    pad_token: Option<String>,
+    model_max_length: Option<usize>,
+    padding_left: bool,
+    truncation_left: bool,
+}
+
+/// Tokenises text batches with a Hugging Face `tokenizer.json`.
+#[derive(Clone)]
+pub struct TextProcessor {
+    tokenizer: Tokenizer,
+    config: TextProcessorConfig,
+    pad: Option<(u32, String)>,
+    meta: TokenizerMeta,
+    source: PathBuf,
+}
+
+impl std::fmt::Debug for TextProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextProcessor")
+            .field("source", &self.source)
+            .field("config", &self.config)
+            .field("pad", &self.pad)
+            .field("model_max_length", &self.meta.model_max_length)
+            .finish()
+    }
+}
+
+impl TextProcessor {
+    /// Loads `tokenizer.json` from a checkpoint directory (or the file itself), with
+    /// tokenizer_config.json and special_tokens_map.json beside it where present.
+    pub fn from_pretrained(path: impl AsRef<Path>, config: TextProcessorConfig) -> Result<Self> {
+        let path = path.as_ref();
+        let (dir, file) = if path.is_dir() {
+            (path.to_path_buf(), path.join("tokenizer.json"))
+        } else {
+            (
+                path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                path.to_path_buf(),
+            )
+        };
+        if !file.is_file() {
+            let hint = if dir.join("vocab.txt").is_file() || dir.join("vocab.json").is_file() {
+                "; only slow-tokenizer files (vocab.txt / vocab.json) are present: convert them \
+                 with `transformers.AutoTokenizer.from_pretrained(dir).save_pretrained(dir)`, \
+                 which writes tokenizer.json"
+            } else {
+                ""
+            };
+            return Err(MlmfError::model_load(
+                "tokenizer",
+                &file,
+                format!("tokenizer.json not found{hint}"),
+            ));
+        }
+        let bytes = std::fs::read(&file)
+            .map_err(|e| MlmfError::model_load("tokenizer", &file, e.to_string()))?;
+        let tokenizer = Tokenizer::from_bytes(&bytes)
+            .map_err(|e| MlmfError::model_load("tokenizer", &file, e.to_string()))?;
+        let meta = read_meta(&dir)?;
+        Self::from_tokenizer(tokenizer, meta, config, file)
+    }
+
+    /// Wraps an in-memory tokenizer.json (bytes), with no tokenizer_config.json.
+    pub fn from_json_bytes(bytes: &[u8], config: TextProcessorConfig) -> Result<Self> {
+        let tokenizer = Tokenizer::from_bytes(bytes)
+            .map_err(|e| MlmfError::model_load("tokenizer", "<memory>", e.to_string()))?;
+        Self::from_tokenizer(tokenizer, TokenizerMeta::default(), config, PathBuf::new())
+    }
+
+    fn from_tokenizer(
+        mut tokenizer: Tokenizer,
+        mut meta: TokenizerMeta,
+        config: TextProcessorConfig,
+        source: PathBuf,
+    ) -> Result<Self> {
+        config.validate()?;
+        // Without tokenizer_config.json, fall back on what tokenizer.json itself says.
+        if meta.pad_token.is_none() {
+            meta.pad_token = tokenizer.get_padding().map(|p| p.pad_token.clone());
+        }
+        let pad = meta
+            .pad_token
+            .as_ref()
+            .and_then(|t| tokenizer.token_to_id(t).map(|id| (id, t.clone())));
+        // The call's settings replace whatever tokenizer.json stored.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| MlmfError::model_load("tokenizer", &source, e.to_string()))?;
+        Ok(Self {
+            tokenizer,
+            config,
+            pad,
+            meta,
+            source,
+        })
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &TextProcessorConfig {
+        &self.config
+    }
+
+    /// The same tokenizer with other settings (cheap: shares nothing mutable).
+    pub fn with_config(&self, config: TextProcessorConfig) -> Result<Self> {
+        config.validate()?;
+        let mut out = self.clone();
+        out.config = config;
+        Ok(out)
+    }
+
+    /// `model_max_length` from tokenizer_config.json, when it is a real limit.
+    pub fn model_max_length(&self) -> Option<usize> {
+        self.meta.model_max_length
+    }
+
+    /// The pad token and its id, when the tokenizer has one.
+    pub fn pad_token(&self) -> Option<(u32, &str)> {
+        self.pad.as_ref().map(|(id, t)| (*id, t.as_str()))
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// The tokenizer file this processor was loaded from (empty for in-memory ones).
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    /// The length sequences are truncated to / padded to under `max_length` padding.
+    fn effective_max_length(&self) -> Option<usize> {
+        self.config.max_length.or(self.meta.model_max_length)
+    }
+
+    /// Tokenises a batch.
+    pub fn encode<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<TextBatch> {
+        if texts.is_empty() {
+            return Err(MlmfError::input(
+                Modality::Text,
+                "empty batch: expected at least one string",
+            ));
+        }
+        let mut tok = self.tokenizer.clone();
+        if self.config.truncation {
+            if let Some(max_length) = self.effective_max_length() {
+                tok.with_truncation(Some(TruncationParams {
+                    direction: if self.meta.truncation_left {
+                        TruncationDirection::Left
+                    } else {
+                        TruncationDirection::Right
+                    },
+                    max_length,
+                    strategy: TruncationStrategy::LongestFirst,
+                    stride: 0,
+                }))
+                .map_err(|e| MlmfError::config("max_length", e.to_string()))?;
+            }
+        }
+        let strategy = match self.config.padding {
+            Padding::DoNotPad => None,
+            Padding::Longest => Some(PaddingStrategy::BatchLongest),
+            Padding::MaxLength => match self.effective_max_length() {
+                Some(n) => Some(PaddingStrategy::Fixed(n)),
+                None => {
+                    return Err(MlmfError::config(
+                        "max_length",
+                        "padding=max_length needs max_length: the tokenizer declares no \
+                         model_max_length",
+                    ))
+                }
+            },
+        };
+        if let Some(strategy) = strategy {
+            let (pad_id, pad_token) = match &self.pad {
+                Some((id, t)) => (*id, t.clone()),
+                None if texts.len() == 1 && matches!(strategy, PaddingStrategy::BatchLongest) => {
+                    (0, String::new())
+                }
+                None => {
+                    return Err(MlmfError::input(
+                        Modality::Text,
+                        "the tokenizer has no pad token, so a batch cannot be padded: set \
+                         pad_token in tokenizer_config.json, or pass one string at a time",
+                    ))
+                }
+            };
+            tok.with_padding(Some(PaddingParams {
+                strategy,
+                direction: if self.meta.padding_left {
+                    PaddingDirection::Left
+                } else {
+                    PaddingDirection::Right
+                },
+                pad_to_multiple_of: None,
+                pad_id,
+                pad_type_id: 0,
+                pad_token,
+            }));
+        }
+        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+        let encodings = tok
+            .encode_batch_fast(inputs, self.config.add_special_tokens)
+            .map_err(|e| MlmfError::input(Modality::Text, e.to_string()))?;
+        let width = encodings.first().map(|e| e.len()).unwrap_or(0);
+        if let Some(i) = encodings.iter().position(|e| e.len() != width) {
+            return Err(MlmfError::input(
+                Modality::Text,
+                format!(
+                    "sequence has {} tokens but input 0 has {width}: without padding every \
+                     sequence of a batch must have the same length (use padding=longest)",
+                    encodings[i].len()
+                ),
+            )
+            .at_index(i));
+        }
+        let b = encodings.len();
+        let mut input_ids = Array2::<i64>::zeros((b, width));
+        let mut attention_mask = Array2::<i64>::zeros((b, width));
+        let mut token_type_ids = Array2::<i64>::zeros((b, width));
+        for (i, e) in encodings.iter().enumerate() {
+            let fill = |dst: &mut Array2<i64>, src: &[u32]| {
+                for (d, s) in dst.row_mut(i).iter_mut().zip(src) {
+                    *d = i64::from(*s);
+                }
+            };
+            fill(&mut input_ids, e.get_ids());
+            fill(&mut attention_mask, e.get_attention_mask());
+            fill(&mut token_type_ids, e.get_type_ids());
+        }
+        Ok(TextBatch {
+            input_ids,
+            attention_mask,
+            token_type_ids,
+        })
+    }
+
+    /// Turns ids back into text (special tokens skipped when asked).
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| MlmfError::input(Modality::Text, e.to_string()))
+    }
+}
+
+impl Processor for TextProcessor {
+    type Input = String;
+    type Output = TextBatch;
+
+    fn modality(&self) -> Modality {
+        Modality::Text
+    }
+
+    fn process(&self, inputs: &[String]) -> Result<TextBatch> {
+        self.encode(inputs)
+    }
+}
+
+/// Reads the parts of tokenizer_config.json and special_tokens_map.json that shape a
+/// call. A token may be given as a string or as an AddedToken object (`{"content": ..}`).
+fn read_meta(dir: &Path) -> Result<TokenizerMeta> {
+    let mut meta = TokenizerMeta::default();
+    for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let path = dir.join(name);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| MlmfError::model_load("tokenizer config", &path, e.to_string()))?;
+        if let Some(tok) = v.get("pad_token").and_then(token_content) {
+            meta.pad_token = Some(tok);
+        }
+        if let Some(n) = v
+            .get("model_max_length")
+            .and_then(serde_json::Value::as_f64)
+        {
+            if n >= 1.0 && n < UNBOUNDED_MAX_LENGTH as f64 {
+                meta.model_max_length = Some(n as usize);
+            }
+        }
+        if let Some(side) = v.get("padding_side").and_then(serde_json::Value::as_str) {
+            meta.padding_left = side == "left";
+        }
+        if let Some(side) = v.get("truncation_side").and_then(serde_json::Value::as_str) {
+            meta.truncation_left = side == "left";
+        }
+    }
+    Ok(meta)
+}
+
+fn token_content(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A whitespace word-level tokenizer built in memory: enough to test padding,
+    /// truncation and masks without a checkpoint.
+    fn tiny_tokenizer_json(with_pad: bool) -> String {
+        let pad = if with_pad {
+            r#"{"id":0,"content":"[PAD]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},"#
+        } else {
+            ""
+        };
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,
+            "added_tokens":[{pad}
+              {{"id":1,"content":"[UNK]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}},
+              {{"id":2,"content":"[CLS]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}},
+              {{"id":3,"content":"[SEP]","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}],
+            "normalizer":null,
+            "pre_tokenizer":{{"type":"Whitespace"}},
+            "post_processor":{{"type":"TemplateProcessing",
+               "single":[{{"SpecialToken":{{"id":"[CLS]","type_id":0}}}},{{"Sequence":{{"id":"A","type_id":0}}}},{{"SpecialToken":{{"id":"[SEP]","type_id":0}}}}],
+               "pair":[{{"Sequence":{{"id":"A","type_id":0}}}},{{"Sequence":{{"id":"B","type_id":1}}}}],
+               "special_tokens":{{"[CLS]":{{"id":"[CLS]","ids":[2],"tokens":["[CLS]"]}},"[SEP]":{{"id":"[SEP]","ids":[3],"tokens":["[SEP]"]}}}}}},
+            "decoder":null,
+            "model":{{"type":"WordLevel","vocab":{{"[PAD]":0,"[UNK]":1,"[CLS]":2,"[SEP]":3,"a":4,"cat":5,"dog":6,"sat":7}},"unk_token":"[UNK]"}}}}"#
+        )
+    }
+
+    fn processor(config: TextProcessorConfig) -> TextProcessor {
+        let json = tiny_tokenizer_json(true);
+        let mut p = TextProcessor::from_json_bytes(json.as_bytes(), config).unwrap();
+        p.pad = Some((0, "[PAD]".into()));
+        p
+    }
+
+    #[test]
+    fn pads_to_longest_with_mask() {
+        let p = processor(TextProcessorConfig::default());
+        let b = p.encode(&["a cat", "a dog sat zebra"]).unwrap();
+        assert_eq!(b.input_ids.shape(), &[2, 6]);
+        assert_eq!(b.input_ids.row(0).to_vec(), vec![2, 4, 5, 3, 0, 0]);
+        assert_eq!(b.attention_mask.row(0).to_vec(), vec![1, 1, 1, 1, 0, 0]);
+        assert_eq!(b.input_ids.row(1).to_vec(), vec![2, 4, 6, 7, 1, 3]);
+        assert_eq!(b.token_type_ids.sum(), 0);
+    }
+
+    #[test]
+    fn truncates_and_pads_to_max_length() {
+        let p = processor(TextProcessorConfig {
+            max_length: Some(4),
+            padding: Padding::MaxLength,
+            ..Default::default()
+        });
+        let b = p.encode(&["a", "a dog sat sat sat"]).unwrap();
+        assert_eq!(b.input_ids.shape(), &[2, 4]);
+        assert_eq!(b.input_ids.row(0).to_vec(), vec![2, 4, 3, 0]);
+        // Special tokens survive truncation, as in transformers.
+        assert_eq!(b.input_ids.row(1).to_vec(), vec![2, 4, 6, 3]);
+    }
+
+    #[test]
+    fn ragged_batch_without_padding_is_an_error() {
+        let p = processor(TextProcessorConfig {
+            padding: Padding::DoNotPad,
+            ..Default::default()
+        });
+        let err = p.encode(&["a", "a", "a cat"]).unwrap_err().to_string();
+        assert!(err.starts_with("text input 2:"), "{err}");
+        assert!(err.contains("padding=longest"), "{err}");
+        assert!(p.encode(&["a cat", "a dog"]).is_ok());
+    }
+
+    #[test]
+    fn empty_batch_and_missing_pad_token() {
+        let p = processor(TextProcessorConfig::default());
+        let none: [&str; 0] = [];
+        assert!(p
+            .encode(&none)
+            .unwrap_err()
+            .to_string()
+            .contains("empty batch"));
+
+        let json = tiny_tokenizer_json(false);
+        let p = TextProcessor::from_json_bytes(json.as_bytes(), Default::default()).unwrap();
+        assert!(p.encode(&["a cat"]).is_ok());
+        let err = p.encode(&["a", "a cat"]).unwrap_err().to_string();
+        assert!(err.contains("no pad token"), "{err}");
+    }
+
+    #[test]
+    fn missing_tokenizer_file_says_how_to_fix() {
+        let dir = std::env::temp_dir().join(format!("mlmf-text-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vocab.txt"), "[PAD]\n").unwrap();
+        let err = TextProcessor::from_pretrained(&dir, Default::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokenizer.json not found"), "{err}");
+        assert!(err.contains("save_pretrained"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn config_validation_names_field() {
+        let err = TextProcessorConfig {
+            max_length: Some(0),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`max_length`"), "{err}");
+        assert!("sideways".parse::<Padding>().is_err());
+    }
+}

@@ -1,0 +1,59 @@
+//! Python bindings (`mlmf._mlmf`), compiled with the `python` feature.
+//!
+//! One file per core area, each thin: inputs are converted to owned Rust values first,
+//! then the work runs with the GIL released through [`detached`], which also turns a
+//! Rust panic into `mlmf.InternalError` instead of an abort.
+
+mod arrays;
+mod config;
+mod errors;
+mod preprocess;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use pyo3::prelude::*;
+
+use crate::error::{MlmfError, Result};
+
+/// Runs `f` without the GIL; a panic inside becomes [`MlmfError::Internal`].
+pub(crate) fn detached<T, F>(py: Python<'_>, f: F) -> PyResult<T>
+where
+    T: Send,
+    F: FnOnce() -> Result<T> + Send,
+{
+    py.detach(|| guarded(f)).map_err(PyErr::from)
+}
+
+/// Runs `f`, turning a panic into [`MlmfError::Internal`] (for work that needs the GIL).
+pub(crate) fn guarded<T, F: FnOnce() -> Result<T>>(f: F) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(MlmfError::Internal(format!(
+                "Rust code panicked: {what} (please report this)"
+            )))
+        }
+    }
+}
+
+/// Deliberately panics inside Rust, to test that panics surface as exceptions.
+#[pyfunction]
+fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
+    detached(py, || -> Result<()> { panic!("test panic") })
+}
+
+#[pymodule]
+fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", crate::VERSION)?;
+    m.add("CUDA_COMPILED", crate::device::DeviceSpec::cuda_compiled())?;
+    errors::register(m)?;
+    config::register(m)?;
+    preprocess::register(m)?;
+    m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
+    Ok(())
+}
