@@ -6,13 +6,11 @@ embeddings) come out. See the README for a tour.
 
 from mlmf._mlmf import (
     CUDA_COMPILED,
-    AudioProcessor,
     CacheError,
     ConfigError,
     DecodeError,
     DeviceError,
     DistributedError,
-    ImageProcessor,
     InputError,
     InternalError,
     MissingModalityError,
@@ -21,16 +19,7 @@ from mlmf._mlmf import (
     ModelLoadError,
     MultiModalConfig,
     TextProcessor,
-    VideoProcessor,
     __version__,
-    decode_image,
-    extract_patches,
-    load_audio,
-    log_mel_spectrogram,
-    mel_filter_bank,
-    qwen2vl_patches,
-    resample_audio,
-    resize_image,
 )
 
 __all__ = [

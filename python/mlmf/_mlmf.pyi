@@ -75,6 +75,7 @@ class TextProcessor:
     def __call__(
         self,
         texts: Union[str, Sequence[str]],
+        text_pair: Union[str, Sequence[str], None] = None,
         *,
         max_length: Optional[int] = None,
         padding: Union[str, bool, None] = None,

@@ -15,7 +15,7 @@ use std::str::FromStr;
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 use tokenizers::{
-    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
+    EncodeInput, PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
     TruncationParams, TruncationStrategy,
 };
 
@@ -239,6 +239,36 @@ impl TextProcessor {
 
     /// Tokenises a batch.
     pub fn encode<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<TextBatch> {
+        let inputs: Vec<EncodeInput> = texts.iter().map(|t| t.as_ref().into()).collect();
+        self.encode_inputs(inputs)
+    }
+
+    /// Tokenises a batch of sentence pairs (`[CLS] a [SEP] b [SEP]` for BERT), as
+    /// cross-encoders take them; `token_type_ids` mark the second sentence.
+    pub fn encode_pairs<S: AsRef<str> + Sync>(
+        &self,
+        first: &[S],
+        second: &[S],
+    ) -> Result<TextBatch> {
+        if first.len() != second.len() {
+            return Err(MlmfError::input(
+                Modality::Text,
+                format!(
+                    "{} first sentences but {} second sentences: expected one pair per item",
+                    first.len(),
+                    second.len()
+                ),
+            ));
+        }
+        let inputs: Vec<EncodeInput> = first
+            .iter()
+            .zip(second)
+            .map(|(a, b)| (a.as_ref(), b.as_ref()).into())
+            .collect();
+        self.encode_inputs(inputs)
+    }
+
+    fn encode_inputs(&self, texts: Vec<EncodeInput<'_>>) -> Result<TextBatch> {
         if texts.is_empty() {
             return Err(MlmfError::input(
                 Modality::Text,
@@ -302,9 +332,8 @@ impl TextProcessor {
                 pad_token,
             }));
         }
-        let inputs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
         let encodings = tok
-            .encode_batch_fast(inputs, self.config.add_special_tokens)
+            .encode_batch_fast(texts, self.config.add_special_tokens)
             .map_err(|e| MlmfError::input(Modality::Text, e.to_string()))?;
         let width = encodings.first().map(|e| e.len()).unwrap_or(0);
         if let Some(i) = encodings.iter().position(|e| e.len() != width) {

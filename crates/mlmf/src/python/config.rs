@@ -8,7 +8,15 @@ use crate::error::MlmfError;
 use crate::modality::Modality;
 
 /// A kind of input: `Modality.TEXT`, `IMAGE`, `AUDIO`, `VIDEO`, or `Modality.custom(n)`.
-#[pyclass(name = "Modality", module = "mlmf._mlmf", frozen, eq, hash, ord)]
+#[pyclass(
+    name = "Modality",
+    module = "mlmf._mlmf",
+    frozen,
+    eq,
+    hash,
+    ord,
+    from_py_object
+)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct PyModality(pub(crate) Modality);
 
@@ -82,7 +90,7 @@ pub(crate) fn modality_arg(obj: &Bound<'_, PyAny>) -> PyResult<Modality> {
 }
 
 /// The configuration of a multimodal model (see the config reference in the docs).
-#[pyclass(name = "MultiModalConfig", module = "mlmf._mlmf")]
+#[pyclass(name = "MultiModalConfig", module = "mlmf._mlmf", from_py_object)]
 #[derive(Clone)]
 pub(crate) struct PyMultiModalConfig(pub(crate) MultiModalConfig);
 

@@ -21,6 +21,26 @@ pub(crate) struct PyTextProcessor {
     path: PathBuf,
 }
 
+/// A str or a list of str, each item checked.
+fn str_list(obj: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    items(obj)
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            o.extract::<String>().map_err(|_| {
+                let got = o
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default();
+                MlmfError::input(Modality::Text, format!("got {got}: expected a str"))
+                    .at_index(i)
+                    .into()
+            })
+        })
+        .collect()
+}
+
 fn text_config(
     max_length: Option<usize>,
     padding: &Bound<'_, PyAny>,
@@ -72,37 +92,20 @@ impl PyTextProcessor {
 
     /// Tokenises a string or a list of strings. Keyword arguments override the
     /// processor's settings for this call.
-    #[pyo3(signature = (texts, *, max_length=None, padding=None, truncation=None, add_special_tokens=None))]
+    #[pyo3(signature = (texts, text_pair=None, *, max_length=None, padding=None, truncation=None, add_special_tokens=None))]
+    #[allow(clippy::too_many_arguments)]
     fn __call__<'py>(
         &self,
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
+        text_pair: Option<&Bound<'py, PyAny>>,
         max_length: Option<usize>,
         padding: Option<&Bound<'py, PyAny>>,
         truncation: Option<bool>,
         add_special_tokens: Option<bool>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let strings: Vec<String> = items(texts)
-            .iter()
-            .enumerate()
-            .map(|(i, o)| {
-                o.extract::<String>().map_err(|_| {
-                    PyErr::from(
-                        MlmfError::input(
-                            Modality::Text,
-                            format!(
-                                "got {}: expected a str",
-                                o.get_type()
-                                    .name()
-                                    .map(|n| n.to_string())
-                                    .unwrap_or_default()
-                            ),
-                        )
-                        .at_index(i),
-                    )
-                })
-            })
-            .collect::<PyResult<_>>()?;
+        let strings = str_list(texts)?;
+        let pairs = text_pair.map(str_list).transpose()?;
         let base = self.inner.config();
         let cfg = TextProcessorConfig {
             max_length: max_length.or(base.max_length),
@@ -119,7 +122,10 @@ impl PyTextProcessor {
             Some(self.inner.with_config(cfg)?)
         };
         let inner = proc.as_ref().unwrap_or(&self.inner);
-        let batch = detached(py, || inner.encode(&strings))?;
+        let batch = detached(py, || match &pairs {
+            Some(p) => inner.encode_pairs(&strings, p),
+            None => inner.encode(&strings),
+        })?;
         let out = PyDict::new(py);
         out.set_item("input_ids", batch.input_ids.into_pyarray(py))?;
         out.set_item("attention_mask", batch.attention_mask.into_pyarray(py))?;

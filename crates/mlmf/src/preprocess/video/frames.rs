@@ -537,6 +537,37 @@ impl<'a> FrameSource<'a> {
     }
 }
 
+impl Animation {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Gif => "GIF",
+            Self::WebP => "WebP",
+        }
+    }
+}
+
+/// The composited RGBA canvases of an animation, decoded lazily in order.
+pub(crate) fn animation_frames(kind: Animation, bytes: &[u8]) -> Result<image::Frames<'_>> {
+    let open_err = |e: image::ImageError| decode_err(format!("corrupt {}: {e}", kind.name()));
+    Ok(match kind {
+        Animation::Gif => {
+            let mut d = image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(open_err)?;
+            // The GIF decoder starts without allocation limits; bound each frame buffer.
+            d.set_limits(image::Limits::default()).map_err(open_err)?;
+            d.into_frames()
+        }
+        Animation::WebP => {
+            let mut d =
+                image::codecs::webp::WebPDecoder::new(Cursor::new(bytes)).map_err(open_err)?;
+            // Without a background colour the decoder never clears disposed frame areas;
+            // libwebp's animation decoder (what Pillow uses) clears them to transparent.
+            d.set_background_color(image::Rgba([0, 0, 0, 0]))
+                .map_err(open_err)?;
+            d.into_frames()
+        }
+    })
+}
+
 /// Decodes an animation frame by frame up to the last wanted one.
 pub(crate) fn read_animation(
     kind: Animation,
@@ -547,22 +578,8 @@ pub(crate) fn read_animation(
     let Some(&last) = wanted.last() else {
         return Ok(Vec::new());
     };
-    let name = match kind {
-        Animation::Gif => "GIF",
-        Animation::WebP => "WebP",
-    };
-    let open_err = |e: image::ImageError| decode_err(format!("corrupt {name}: {e}"));
-    let frames = match kind {
-        Animation::Gif => {
-            let mut d = image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(open_err)?;
-            // The GIF decoder starts without allocation limits; bound each frame buffer.
-            d.set_limits(image::Limits::default()).map_err(open_err)?;
-            d.into_frames()
-        }
-        Animation::WebP => image::codecs::webp::WebPDecoder::new(Cursor::new(bytes))
-            .map_err(open_err)?
-            .into_frames(),
-    };
+    let name = kind.name();
+    let frames = animation_frames(kind, bytes)?;
     let mut out = Vec::with_capacity(wanted.len());
     let mut next = wanted.iter().copied().peekable();
     for (i, frame) in frames.enumerate() {
