@@ -58,7 +58,7 @@ def main() -> None:
     env = np.minimum(1.0, t * 8) * np.minimum(1.0, (3.0 - t) * 8)
     left = 0.3 * env * chirp
     right = 0.2 * env * vowel / 2
-    sf.write(DATA / "sample.wav", np.stack([left, right], axis=1).astype(np.float32), sr,
+    sf.write(DATA / "sample.flac", np.stack([left, right], axis=1).astype(np.float32), sr,
              subtype="PCM_16")
     (DATA / "texts.txt").write_text(
         "A red house on a green hill under a blue sky.\n"
@@ -72,7 +72,7 @@ def main() -> None:
     proc_dir = DATA / "clip_processor"
     proc_dir.mkdir(exist_ok=True)
     CLIPImageProcessor().to_json_file(proc_dir / "preprocessor_config.json")
-    tok_src = ROOT / "tests" / "fixtures" / "text" / "clip_tokenizer"
+    tok_src = ROOT / "tests" / "fixtures" / "text" / "clip_bpe"
     if tok_src.is_dir():
         dst = DATA / "tokenizer"
         dst.mkdir(exist_ok=True)

@@ -84,7 +84,7 @@ def demo(args: argparse.Namespace) -> int:
     print(f"        {ms / 8:.3f} ms per image (decode + resize + crop + normalise)\n", file=out)
 
     ap = mlmf.AudioProcessor()
-    audio = DATA / "sample.wav"
+    audio = DATA / "sample.flac"
     feats, ms = _timed(lambda: ap([audio]))
     print(f"[audio] {audio.name} through a Whisper log-mel feature extractor", file=out)
     print(f"        input_features  {_describe(feats['input_features'])}", file=out)

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
+use crate::preprocess::audio::AudioProcessorConfig;
+use crate::preprocess::image::ImageProcessorConfig;
 use crate::preprocess::text::TextProcessorConfig;
 
 /// One modality of a [`MultiModalConfig`](super::MultiModalConfig).
@@ -60,10 +62,38 @@ impl PreprocessingConfig {
         overlay(&TextProcessorConfig::default(), &self.0)
     }
 
+    /// The image processor settings: `base` (a checkpoint's preprocessor_config.json,
+    /// or CLIP's defaults when `None`) with these keys laid over it.
+    pub fn image(&self, base: Option<&serde_json::Value>) -> Result<ImageProcessorConfig> {
+        let known = serde_json::to_value(ImageProcessorConfig::clip())
+            .map_err(|e| MlmfError::Internal(e.to_string()))?;
+        let mut merged = base.cloned().unwrap_or_else(
+            || serde_json::json!({ "image_processor_type": "CLIPImageProcessor" }),
+        );
+        merge_known(&mut merged, &known, &self.0)?;
+        let cfg = ImageProcessorConfig::from_hf_json(&merged)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The audio processor settings: `base` (a checkpoint's preprocessor_config.json, or
+    /// Whisper's defaults when `None`) with these keys laid over it.
+    pub fn audio(&self, base: Option<&serde_json::Value>) -> Result<AudioProcessorConfig> {
+        let known = serde_json::to_value(AudioProcessorConfig::whisper())
+            .map_err(|e| MlmfError::Internal(e.to_string()))?;
+        let mut merged = base.cloned().unwrap_or_else(|| serde_json::json!({}));
+        merge_known(&mut merged, &known, &self.0)?;
+        let cfg = AudioProcessorConfig::from_hf_json(&merged)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Checks that every key is known to the modality's processor and has a valid value.
     pub fn validate(&self, modality: Modality) -> Result<()> {
         match modality {
             Modality::Text => self.text()?.validate(),
+            Modality::Image => self.image(None).map(|_| ()),
+            Modality::Audio => self.audio(None).map(|_| ()),
             _ if self.is_empty() => Ok(()),
             Modality::Custom(_) => Err(MlmfError::config(
                 "",
@@ -72,6 +102,33 @@ impl PreprocessingConfig {
             _ => Ok(()),
         }
     }
+}
+
+/// Lays `overrides` into the JSON object `target`, rejecting keys that `known` (a
+/// serialised default config) does not have.
+fn merge_known(
+    target: &mut serde_json::Value,
+    known: &serde_json::Value,
+    overrides: &serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    let known = known
+        .as_object()
+        .ok_or_else(|| MlmfError::Internal("processor config is not an object".into()))?;
+    let target = target
+        .as_object_mut()
+        .ok_or_else(|| MlmfError::config("", "a processor config must be a JSON object"))?;
+    for (k, v) in overrides {
+        if !known.contains_key(k) {
+            let mut names: Vec<&str> = known.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            return Err(MlmfError::config(
+                k.clone(),
+                format!("unknown key; expected one of: {}", names.join(", ")),
+            ));
+        }
+        target.insert(k.clone(), v.clone());
+    }
+    Ok(())
 }
 
 /// Lays `overrides` over `base` (both as JSON objects) and reads the result back,

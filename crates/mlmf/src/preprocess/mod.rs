@@ -10,8 +10,8 @@
 //! Every processor takes a whole batch, works on its items in parallel (rayon) and
 //! reports a failing item as an error carrying its modality and batch index.
 
-// pub mod audio;
-// pub mod image;
+pub mod audio;
+pub mod image;
 pub mod text;
 // pub mod video;
 

@@ -4,14 +4,23 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use numpy::IntoPyArray;
+use ndarray::{Array1, Array2, Array3, ArrayD};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyReadonlyArray1,
+    PyReadonlyArray4, PyReadonlyArrayDyn,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
+use serde_json::Value;
 
-use super::arrays::items;
-use super::detached;
+use super::arrays::{items, raw_batch, raw_item, RawItem};
+use super::{detached, guarded};
 use crate::error::MlmfError;
 use crate::modality::Modality;
+use crate::preprocess::audio::{self as aud, AudioInput, AudioProcessor, AudioProcessorConfig};
+use crate::preprocess::image::{
+    self as img, ImageInput, ImageProcessor, ImageProcessorConfig, Resample,
+};
 use crate::preprocess::text::{Padding, TextProcessor, TextProcessorConfig};
 
 /// Tokenises text with a checkpoint's tokenizer.json.
@@ -193,7 +202,532 @@ impl PyTextProcessor {
     }
 }
 
+// ---------------------------------------------------------------- image
+
+/// Python kwargs -> a JSON object (via the json module, so nested dicts/lists work).
+fn kwargs_json(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<serde_json::Map<String, Value>> {
+    let Some(kw) = kwargs else {
+        return Ok(serde_json::Map::new());
+    };
+    let py = kw.py();
+    let text: String = py
+        .import("json")?
+        .call_method1("dumps", (kw,))?
+        .extract()
+        .map_err(|e: PyErr| MlmfError::config("", format!("settings must be JSON-like: {e}")))?;
+    match serde_json::from_str(&text) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(MlmfError::config("", "expected keyword settings").into()),
+    }
+}
+
+fn json_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+    py.import("json")?.call_method1("loads", (v.to_string(),))
+}
+
+fn image_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ImageInput>> {
+    let expected = "a path, encoded image bytes or a uint8 array (HW or HWC)";
+    raw_batch(obj, Modality::Image, expected)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            RawItem::Source(s) => Ok(ImageInput::Source(s)),
+            RawItem::U8(a) => Ok(ImageInput::Array(a)),
+            RawItem::F32(a) => Err(MlmfError::input(
+                Modality::Image,
+                format!(
+                    "got a float32 array of shape {:?}: expected {expected}",
+                    a.shape()
+                ),
+            )
+            .at_index(i)
+            .into()),
+        })
+        .collect()
+}
+
+/// Decodes, resizes, crops and normalises images (CLIP, SigLIP and alike).
+#[pyclass(name = "ImageProcessor", module = "mlmf._mlmf", frozen)]
+pub(crate) struct PyImageProcessor {
+    pub(crate) inner: ImageProcessor,
+}
+
+#[pymethods]
+impl PyImageProcessor {
+    /// Keyword settings use the Hugging Face preprocessor_config.json names; anything
+    /// not given takes CLIP's value (shortest edge 224, center crop 224, bicubic, CLIP
+    /// mean/std).
+    #[new]
+    #[pyo3(signature = (**kwargs))]
+    fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let mut obj = kwargs_json(kwargs)?;
+        if !obj.contains_key("image_processor_type") {
+            obj.insert("image_processor_type".into(), "CLIPImageProcessor".into());
+        }
+        let cfg = ImageProcessorConfig::from_hf_json(&Value::Object(obj))?;
+        Ok(Self {
+            inner: ImageProcessor::new(cfg)?,
+        })
+    }
+
+    /// Reads `preprocessor_config.json` from a checkpoint directory (or the file).
+    #[staticmethod]
+    fn from_pretrained(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = detached(py, move || ImageProcessor::from_pretrained(&path))?;
+        Ok(Self { inner })
+    }
+
+    #[staticmethod]
+    fn _from_config_json(text: &str) -> PyResult<Self> {
+        let cfg: ImageProcessorConfig = serde_json::from_str(text)
+            .map_err(|e| MlmfError::config("", format!("bad serialised processor: {e}")))?;
+        Ok(Self {
+            inner: ImageProcessor::new(cfg)?,
+        })
+    }
+
+    /// Preprocesses a batch: float32 `[B, 3, H, W]`.
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        images: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray4<f32>>> {
+        let inputs = image_inputs(images)?;
+        let out = detached(py, || self.inner.process(&inputs))?;
+        Ok(out.into_pyarray(py))
+    }
+
+    /// Decodes one image and converts it to RGB: uint8 `[H, W, 3]`.
+    fn load<'py>(
+        &self,
+        py: Python<'py>,
+        image: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray3<u8>>> {
+        let mut inputs = image_inputs(image)?;
+        if inputs.len() != 1 {
+            return Err(MlmfError::input(Modality::Image, "load takes one image").into());
+        }
+        let input = inputs.remove(0);
+        let rgb = detached(py, || self.inner.load(&input).map_err(|e| e.at_index(0)))?;
+        Ok(rgb_to_array(rgb).into_pyarray(py))
+    }
+
+    /// The settings, with Hugging Face key names.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let v = serde_json::to_value(self.inner.config())
+            .map_err(|e| MlmfError::Internal(e.to_string()))?;
+        json_to_py(py, &v)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("ImageProcessor({:?})", self.inner.config())
+    }
+
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (String,))> {
+        let text = serde_json::to_string(self.inner.config())
+            .map_err(|e| MlmfError::Internal(e.to_string()))?;
+        Ok((py.get_type::<Self>().getattr("_from_config_json")?, (text,)))
+    }
+}
+
+fn rgb_to_array(rgb: image::RgbImage) -> Array3<u8> {
+    let (w, h) = rgb.dimensions();
+    Array3::from_shape_vec((h as usize, w as usize, 3), rgb.into_raw())
+        .unwrap_or_else(|_| Array3::zeros((0, 0, 3)))
+}
+
+/// Decodes an image file or bytes and converts it to RGB: uint8 `[H, W, 3]`.
+#[pyfunction]
+#[pyo3(signature = (image, max_pixels=None))]
+fn decode_image<'py>(
+    py: Python<'py>,
+    image: &Bound<'py, PyAny>,
+    max_pixels: Option<u64>,
+) -> PyResult<Bound<'py, PyArray3<u8>>> {
+    let source = match raw_item(image, Modality::Image, 0, "a path or encoded image bytes")? {
+        RawItem::Source(s) => s,
+        _ => {
+            return Err(MlmfError::input(
+                Modality::Image,
+                "decode_image takes a path or encoded bytes, not an array",
+            )
+            .at_index(0)
+            .into())
+        }
+    };
+    let limit = max_pixels.unwrap_or(crate::preprocess::image::DEFAULT_MAX_IMAGE_PIXELS);
+    let rgb = detached(py, || {
+        let bytes = source.bytes(Modality::Image)?;
+        img::decode_image(&bytes, limit).map_err(|e| e.at_index(0))
+    })?;
+    Ok(rgb_to_array(rgb).into_pyarray(py))
+}
+
+fn parse_resample(obj: &Bound<'_, PyAny>) -> PyResult<Resample> {
+    let text = match obj.extract::<i64>() {
+        Ok(i) => i.to_string(),
+        Err(_) => obj.str()?.to_string(),
+    };
+    Ok(text.parse::<Resample>()?)
+}
+
+/// Resizes a uint8 `[H, W, 3]` (or `[H, W]`) image exactly as Pillow's
+/// `Image.resize(size, resample, reducing_gap=None)` does. `size` is `(height, width)`.
+#[pyfunction]
+#[pyo3(signature = (image, size, resample=None))]
+fn resize_image<'py>(
+    py: Python<'py>,
+    image: PyReadonlyArrayDyn<'py, u8>,
+    size: (u32, u32),
+    resample: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+    let filter = match resample {
+        Some(r) => parse_resample(r)?,
+        None => Resample::Bicubic,
+    };
+    let arr = image.as_array();
+    let shape = arr.shape().to_vec();
+    let grey = match shape.as_slice() {
+        [_, _] | [_, _, 1] => true,
+        [_, _, 3] => false,
+        _ => {
+            return Err(MlmfError::input(
+                Modality::Image,
+                format!("expected a uint8 array [H, W] or [H, W, 3], got shape {shape:?}"),
+            )
+            .into())
+        }
+    };
+    let (h, w) = (shape[0], shape[1]);
+    if h == 0 || w == 0 || size.0 == 0 || size.1 == 0 {
+        return Err(MlmfError::input(
+            Modality::Image,
+            format!("cannot resize {shape:?} to {size:?}: expected non-zero sizes"),
+        )
+        .into());
+    }
+    // Greyscale runs through the RGB kernel with three equal channels: every channel is
+    // filtered independently, so the result is the single-channel resize.
+    let rgb: Vec<u8> = if grey {
+        arr.iter().flat_map(|&v| [v, v, v]).collect()
+    } else {
+        arr.iter().copied().collect()
+    };
+    let (oh, ow) = size;
+    let out = detached(py, move || {
+        let src = image::RgbImage::from_raw(w as u32, h as u32, rgb)
+            .ok_or_else(|| MlmfError::Internal("image buffer size".into()))?;
+        Ok(img::resize(&src, ow, oh, filter).into_raw())
+    })?;
+    let result = if grey {
+        let v: Vec<u8> = out.chunks_exact(3).map(|p| p[0]).collect();
+        let mut dims = vec![oh as usize, ow as usize];
+        if shape.len() == 3 {
+            dims.push(1);
+        }
+        ArrayD::from_shape_vec(dims, v)
+    } else {
+        ArrayD::from_shape_vec(vec![oh as usize, ow as usize, 3], out)
+    }
+    .map_err(|e| MlmfError::Internal(e.to_string()))?;
+    Ok(result.into_pyarray(py))
+}
+
+/// Cuts `[B, C, H, W]` pixels into `P x P` patches: float32 `[B, (H/P)(W/P), C*P*P]`,
+/// patches row-major, each flattened in (channel, row, column) order.
+#[pyfunction]
+fn extract_patches<'py>(
+    py: Python<'py>,
+    pixel_values: PyReadonlyArray4<'py, f32>,
+    patch_size: usize,
+) -> PyResult<Bound<'py, PyArray3<f32>>> {
+    let view = pixel_values.as_array();
+    let out = guarded(|| img::extract_patches(view, patch_size)).map_err(PyErr::from)?;
+    Ok(out.into_pyarray(py))
+}
+
+/// Qwen2-VL's patch layout of `[T, C, H, W]` frames: float32 `[N, C*tp*P*P]` and the
+/// grid `(t, h, w)`; the last frame is repeated to make `T` a multiple of `tp`.
+#[pyfunction]
+#[pyo3(signature = (frames, patch_size=14, temporal_patch_size=2, merge_size=2))]
+fn qwen2vl_patches<'py>(
+    py: Python<'py>,
+    frames: PyReadonlyArray4<'py, f32>,
+    patch_size: usize,
+    temporal_patch_size: usize,
+    merge_size: usize,
+) -> PyResult<(Bound<'py, PyArray2<f32>>, (usize, usize, usize))> {
+    let view = frames.as_array();
+    let (out, grid) =
+        guarded(|| img::qwen2vl_patches(view, patch_size, temporal_patch_size, merge_size))
+            .map_err(PyErr::from)?;
+    Ok((out.into_pyarray(py), (grid[0], grid[1], grid[2])))
+}
+
+// ---------------------------------------------------------------- audio
+
+fn audio_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<AudioInput>> {
+    let expected =
+        "a path, encoded audio bytes or a float32 array [samples] or [channels, samples]";
+    raw_batch(obj, Modality::Audio, expected)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            RawItem::Source(s) => Ok(AudioInput::Source(s)),
+            RawItem::F32(a) => samples_2d(a)
+                .map(|data| AudioInput::Samples {
+                    data,
+                    sampling_rate: None,
+                })
+                .map_err(|e| e.at_index(i).into()),
+            RawItem::U8(a) => Err(MlmfError::input(
+                Modality::Audio,
+                format!(
+                    "got a uint8 array of shape {:?}: expected {expected}",
+                    a.shape()
+                ),
+            )
+            .at_index(i)
+            .into()),
+        })
+        .collect()
+}
+
+/// Channel-count guard for `[channels, samples]` arrays: more channels than this is
+/// almost surely a `[samples, channels]` array the wrong way round.
+const MAX_CHANNELS: usize = 64;
+
+fn samples_2d(a: ArrayD<f32>) -> Result<Array2<f32>, MlmfError> {
+    let shape = a.shape().to_vec();
+    match shape.len() {
+        1 => Ok(a
+            .into_shape_with_order((1, shape[0]))
+            .map_err(|e| MlmfError::Internal(e.to_string()))?),
+        2 if shape[0] <= MAX_CHANNELS => a
+            .into_dimensionality()
+            .map_err(|e| MlmfError::Internal(e.to_string())),
+        2 => Err(MlmfError::input(
+            Modality::Audio,
+            format!(
+                "array of shape {shape:?} has {} channels: expected [channels, samples] with at \
+                 most {MAX_CHANNELS} channels (transpose a [samples, channels] array, e.g. \
+                 soundfile's output, with .T)",
+                shape[0]
+            ),
+        )),
+        n => Err(MlmfError::input(
+            Modality::Audio,
+            format!("array of shape {shape:?} has {n} dimensions: expected [samples] or [channels, samples]"),
+        )),
+    }
+}
+
+/// Whisper-style log-mel feature extraction from raw audio.
+#[pyclass(name = "AudioProcessor", module = "mlmf._mlmf", frozen)]
+pub(crate) struct PyAudioProcessor {
+    inner: AudioProcessor,
+}
+
+#[pymethods]
+impl PyAudioProcessor {
+    /// Keyword settings use WhisperFeatureExtractor's names (feature_size,
+    /// sampling_rate, n_fft, hop_length, chunk_length, padding_value) plus
+    /// stride_length_s and max_duration_s; anything not given takes Whisper's value.
+    #[new]
+    #[pyo3(signature = (**kwargs))]
+    fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let obj = kwargs_json(kwargs)?;
+        let cfg = AudioProcessorConfig::from_hf_json(&Value::Object(obj))?;
+        Ok(Self {
+            inner: AudioProcessor::new(cfg)?,
+        })
+    }
+
+    /// Reads `preprocessor_config.json` from a checkpoint directory (or the file).
+    #[staticmethod]
+    fn from_pretrained(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = detached(py, move || AudioProcessor::from_pretrained(&path))?;
+        Ok(Self { inner })
+    }
+
+    #[staticmethod]
+    fn _from_config_json(text: &str) -> PyResult<Self> {
+        let cfg: AudioProcessorConfig = serde_json::from_str(text)
+            .map_err(|e| MlmfError::config("", format!("bad serialised processor: {e}")))?;
+        Ok(Self {
+            inner: AudioProcessor::new(cfg)?,
+        })
+    }
+
+    /// Log-mel features of a batch: `{"input_features": float32 [N, n_mels, frames],
+    /// "num_chunks": int64 [B]}`. `sampling_rate` is the rate of array inputs.
+    #[pyo3(signature = (audios, sampling_rate=None))]
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        audios: &Bound<'py, PyAny>,
+        sampling_rate: Option<u32>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let inputs = with_rate(audio_inputs(audios)?, sampling_rate);
+        let feats = detached(py, || self.inner.process(&inputs))?;
+        let out = PyDict::new(py);
+        out.set_item("input_features", feats.input_features.into_pyarray(py))?;
+        let chunks: Vec<i64> = feats.num_chunks.iter().map(|&n| n as i64).collect();
+        out.set_item("num_chunks", Array1::from(chunks).into_pyarray(py))?;
+        Ok(out)
+    }
+
+    /// One input as mono float32 samples at the processor's rate.
+    #[pyo3(signature = (audio, sampling_rate=None))]
+    fn load<'py>(
+        &self,
+        py: Python<'py>,
+        audio: &Bound<'py, PyAny>,
+        sampling_rate: Option<u32>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let mut inputs = audio_inputs(audio)?;
+        if inputs.len() != 1 {
+            return Err(MlmfError::input(Modality::Audio, "load takes one input").into());
+        }
+        let input = inputs.remove(0);
+        let v = detached(py, || {
+            self.inner
+                .load(&input, sampling_rate)
+                .map_err(|e| e.at_index(0))
+        })?;
+        Ok(v.into_pyarray(py))
+    }
+
+    /// The settings, with Hugging Face key names.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let v = serde_json::to_value(self.inner.config())
+            .map_err(|e| MlmfError::Internal(e.to_string()))?;
+        json_to_py(py, &v)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("AudioProcessor({:?})", self.inner.config())
+    }
+
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (String,))> {
+        let text = serde_json::to_string(self.inner.config())
+            .map_err(|e| MlmfError::Internal(e.to_string()))?;
+        Ok((py.get_type::<Self>().getattr("_from_config_json")?, (text,)))
+    }
+}
+
+fn with_rate(inputs: Vec<AudioInput>, rate: Option<u32>) -> Vec<AudioInput> {
+    inputs
+        .into_iter()
+        .map(|i| match i {
+            AudioInput::Samples { data, .. } => AudioInput::Samples {
+                data,
+                sampling_rate: rate,
+            },
+            other => other,
+        })
+        .collect()
+}
+
+/// Decodes an audio file or bytes: (float32 `[channels, samples]`, sampling rate).
+#[pyfunction]
+fn load_audio<'py>(
+    py: Python<'py>,
+    audio: &Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyArray2<f32>>, u32)> {
+    let source = match raw_item(audio, Modality::Audio, 0, "a path or encoded audio bytes")? {
+        RawItem::Source(s) => s,
+        _ => {
+            return Err(MlmfError::input(
+                Modality::Audio,
+                "load_audio takes a path or encoded bytes, not an array",
+            )
+            .at_index(0)
+            .into())
+        }
+    };
+    let (data, rate) = detached(py, || {
+        let bytes = source.bytes(Modality::Audio)?;
+        aud::decode_audio(&bytes).map_err(|e| e.at_index(0))
+    })?;
+    Ok((data.into_pyarray(py), rate))
+}
+
+/// Resamples mono float32 samples from `orig_sr` to `target_sr`.
+#[pyfunction]
+fn resample_audio<'py>(
+    py: Python<'py>,
+    samples: PyReadonlyArray1<'py, f32>,
+    orig_sr: u32,
+    target_sr: u32,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let x = samples.as_array().to_vec();
+    let y = detached(py, move || aud::resample(&x, orig_sr, target_sr))?;
+    Ok(y.into_pyarray(py))
+}
+
+/// Whisper log-mel spectrogram of one chunk of mono samples at `sampling_rate`
+/// (padded or cut to `chunk_length` seconds): float32 `[n_mels, frames]`.
+#[pyfunction]
+#[pyo3(signature = (samples, n_mels=80, sampling_rate=16000))]
+fn log_mel_spectrogram<'py>(
+    py: Python<'py>,
+    samples: PyReadonlyArray1<'py, f32>,
+    n_mels: usize,
+    sampling_rate: u32,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let x = samples.as_array().to_vec();
+    let cfg = AudioProcessorConfig {
+        feature_size: n_mels,
+        sampling_rate,
+        ..AudioProcessorConfig::whisper()
+    };
+    let y = detached(py, move || AudioProcessor::new(cfg)?.log_mel(&x))?;
+    Ok(y.into_pyarray(py))
+}
+
+/// The Slaney mel filter bank Whisper uses: float32 `[n_freqs, n_mels]`.
+#[pyfunction]
+#[pyo3(signature = (n_freqs=201, n_mels=80, sampling_rate=16000, f_min=0.0, f_max=8000.0))]
+fn mel_filter_bank<'py>(
+    py: Python<'py>,
+    n_freqs: usize,
+    n_mels: usize,
+    sampling_rate: u32,
+    f_min: f64,
+    f_max: f64,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let fb = guarded(|| {
+        if n_freqs < 2 || n_mels == 0 || sampling_rate == 0 || !(f_min < f_max) || f_min < 0.0 {
+            return Err(MlmfError::config(
+                "mel_filter_bank",
+                "expected n_freqs >= 2, n_mels >= 1, sampling_rate > 0 and 0 <= f_min < f_max",
+            ));
+        }
+        Ok(aud::mel_filter_bank(
+            n_freqs,
+            n_mels,
+            sampling_rate,
+            f_min,
+            f_max,
+        ))
+    })?;
+    Ok(fb.into_pyarray(py))
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTextProcessor>()?;
+    m.add_class::<PyImageProcessor>()?;
+    m.add_class::<PyAudioProcessor>()?;
+    m.add_function(wrap_pyfunction!(decode_image, m)?)?;
+    m.add_function(wrap_pyfunction!(resize_image, m)?)?;
+    m.add_function(wrap_pyfunction!(extract_patches, m)?)?;
+    m.add_function(wrap_pyfunction!(qwen2vl_patches, m)?)?;
+    m.add_function(wrap_pyfunction!(load_audio, m)?)?;
+    m.add_function(wrap_pyfunction!(resample_audio, m)?)?;
+    m.add_function(wrap_pyfunction!(log_mel_spectrogram, m)?)?;
+    m.add_function(wrap_pyfunction!(mel_filter_bank, m)?)?;
     Ok(())
 }

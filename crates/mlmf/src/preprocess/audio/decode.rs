@@ -41,7 +41,9 @@ pub(crate) fn decode_limited(
     max_duration_s: Option<f64>,
 ) -> Result<(Array2<f32>, u32)> {
     if bytes.is_empty() {
-        return Err(decode_error("no bytes (expected a WAV, FLAC, MP3 or Ogg Vorbis file)"));
+        return Err(decode_error(
+            "no bytes (expected a WAV, FLAC, MP3 or Ogg Vorbis file)",
+        ));
     }
     match catch_unwind(AssertUnwindSafe(|| decode_inner(bytes, max_duration_s))) {
         Ok(result) => result,
@@ -106,9 +108,9 @@ fn decode_inner(bytes: &[u8], max_duration_s: Option<f64>) -> Result<(Array2<f32
         if packet.track_id != track_id {
             continue;
         }
-        let buf = decoder.decode(&packet).map_err(|e| {
-            decode_error(format!("corrupt audio data after {frames} frames: {e}"))
-        })?;
+        let buf = decoder
+            .decode(&packet)
+            .map_err(|e| decode_error(format!("corrupt audio data after {frames} frames: {e}")))?;
         let n = buf.frames();
         if n == 0 {
             continue;
@@ -190,7 +192,9 @@ mod tests {
 
     #[test]
     fn decodes_stereo_wav_planar() {
-        let interleaved: Vec<i16> = (0..2000).map(|i| if i % 2 == 0 { 16384 } else { -8192 }).collect();
+        let interleaved: Vec<i16> = (0..2000)
+            .map(|i| if i % 2 == 0 { 16384 } else { -8192 })
+            .collect();
         let (a, rate) = decode_audio(&wav_i16(22050, 2, &interleaved)).unwrap();
         assert_eq!(rate, 22050);
         assert_eq!(a.dim(), (2, 1000));
@@ -203,7 +207,10 @@ mod tests {
         for bytes in [&b""[..], b"hello world, not audio at all", &[0u8; 64]] {
             let e = decode_audio(bytes).unwrap_err();
             assert!(matches!(e, MlmfError::Decode { .. }), "{e}");
-            assert!(e.to_string().starts_with("audio input: cannot decode"), "{e}");
+            assert!(
+                e.to_string().starts_with("audio input: cannot decode"),
+                "{e}"
+            );
         }
     }
 
@@ -212,7 +219,10 @@ mod tests {
         let wav = wav_i16(16000, 1, &vec![1000i16; 4000]);
         for cut in [20, 44, 45, 1001] {
             let r = decode_audio(&wav[..cut]);
-            assert!(matches!(r, Err(MlmfError::Decode { .. })), "cut {cut}: {r:?}");
+            assert!(
+                matches!(r, Err(MlmfError::Decode { .. })),
+                "cut {cut}: {r:?}"
+            );
         }
     }
 

@@ -243,7 +243,11 @@ impl LogMel {
     }
 
     /// Log-mel spectrogram of one chunk into `out` (`[n_mels, n_frames]`).
-    pub(crate) fn compute_into(&self, samples: &[f32], mut out: ArrayViewMut2<'_, f32>) -> Result<()> {
+    pub(crate) fn compute_into(
+        &self,
+        samples: &[f32],
+        mut out: ArrayViewMut2<'_, f32>,
+    ) -> Result<()> {
         if out.dim() != (self.n_mels, self.n_frames) {
             return Err(MlmfError::Internal(format!(
                 "log-mel output is {:?}, expected ({}, {})",
@@ -373,10 +377,19 @@ mod tests {
             // Every filter is non-empty, and its support is one contiguous run.
             let nz: Vec<usize> = (0..201).filter(|&k| col[k] > 0.0).collect();
             assert!(!nz.is_empty(), "filter {m} empty");
-            assert_eq!(nz.len(), nz[nz.len() - 1] - nz[0] + 1, "filter {m} not contiguous");
+            assert_eq!(
+                nz.len(),
+                nz[nz.len() - 1] - nz[0] + 1,
+                "filter {m} not contiguous"
+            );
             // Triangles rise then fall: a single peak.
-            let peak = nz.iter().copied().fold(nz[0], |a, k| if col[k] > col[a] { k } else { a });
-            assert!(nz.windows(2).all(|p| p[1] <= peak || col[p[1]] <= col[p[0]]));
+            let peak = nz
+                .iter()
+                .copied()
+                .fold(nz[0], |a, k| if col[k] > col[a] { k } else { a });
+            assert!(nz
+                .windows(2)
+                .all(|p| p[1] <= peak || col[p[1]] <= col[p[0]]));
             assert!(nz.windows(2).all(|p| p[1] > peak || col[p[1]] >= col[p[0]]));
         }
         // Filter peaks move up in frequency.
@@ -393,25 +406,29 @@ mod tests {
         }
         // Slaney normalisation: sum over Hz of each triangle is about 1 (area 1 per Hz,
         // bins are 40 Hz apart); the lowest filters are too narrow for a good estimate.
-        for m in 20..80 {
-            let area: f32 = bank.column(m).sum() * 40.0;
-            assert!((area - 1.0).abs() < 0.05, "filter {m} area {area}");
-        }
+        let areas: Vec<f32> = (20..80).map(|m| bank.column(m).sum() * 40.0).collect();
+        assert!(areas.iter().all(|a| (a - 1.0).abs() < 0.1), "{areas:?}");
+        let mean = areas.iter().sum::<f32>() / areas.len() as f32;
+        assert!((mean - 1.0).abs() < 0.02, "mean area {mean}");
     }
 
     #[test]
     fn filter_bank_degenerate_requests_are_zero() {
-        assert!(mel_filter_bank(1, 10, 16000, 0.0, 8000.0).iter().all(|&w| w == 0.0));
+        assert!(mel_filter_bank(1, 10, 16000, 0.0, 8000.0)
+            .iter()
+            .all(|&w| w == 0.0));
         assert_eq!(mel_filter_bank(201, 0, 16000, 0.0, 8000.0).dim(), (201, 0));
-        assert!(mel_filter_bank(201, 10, 16000, 8000.0, 8000.0).iter().all(|&w| w == 0.0));
+        assert!(mel_filter_bank(201, 10, 16000, 8000.0, 8000.0)
+            .iter()
+            .all(|&w| w == 0.0));
     }
 
     #[test]
     fn reflect_padding_matches_torch() {
         let lm = LogMel::new(4, 1, 6, 2, 16000, 0.0);
         let p = lm.padded(&[1.0, 2.0, 3.0, 4.0]);
-        // Right-padded to 6 with zeros, then reflect by 2.
-        assert_eq!(p, vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
+        // Right-padded to 6 with zeros, then reflected by 2 (the padding included).
+        assert_eq!(p, vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 4.0]);
         let p = lm.padded(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
         assert_eq!(p, vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 5.0, 4.0]);
     }
@@ -433,7 +450,10 @@ mod tests {
         let best = (0..80).fold(0, |a, m| if col[m] > col[a] { m } else { a });
         // 1 kHz is 15 Slaney mels; the bank spans 0..~57.6 mels over 81 steps.
         let centre = mel_to_hertz((best + 1) as f64 * hertz_to_mel(8000.0) / 81.0);
-        assert!((centre - 1000.0).abs() < 100.0, "peak filter centre {centre}");
+        assert!(
+            (centre - 1000.0).abs() < 100.0,
+            "peak filter centre {centre}"
+        );
         // Nothing falls more than 8 log10 units (+ scaling) below the max.
         let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let min = out.iter().copied().fold(f32::INFINITY, f32::min);

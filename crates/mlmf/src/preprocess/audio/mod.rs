@@ -161,7 +161,8 @@ impl AudioProcessorConfig {
 
     /// Samples per chunk, `chunk_length * sampling_rate` (call after `validate`).
     fn n_samples(&self) -> usize {
-        self.chunk_length.saturating_mul(self.sampling_rate as usize)
+        self.chunk_length
+            .saturating_mul(self.sampling_rate as usize)
     }
 
     /// Overlap per side in samples.
@@ -180,7 +181,10 @@ impl AudioProcessorConfig {
         if self.sampling_rate == 0 || self.sampling_rate > MAX_SAMPLING_RATE {
             return Err(MlmfError::config(
                 "sampling_rate",
-                format!("must be in 1..={MAX_SAMPLING_RATE} Hz, got {}", self.sampling_rate),
+                format!(
+                    "must be in 1..={MAX_SAMPLING_RATE} Hz, got {}",
+                    self.sampling_rate
+                ),
             ));
         }
         if self.n_fft < 2 {
@@ -263,7 +267,9 @@ pub struct AudioProcessor {
 
 impl std::fmt::Debug for AudioProcessor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AudioProcessor").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("AudioProcessor")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -419,11 +425,8 @@ impl AudioProcessor {
             .zip(&num_chunks)
             .flat_map(|(x, &n)| (0..n).map(move |k| self.chunk(x, k)))
             .collect();
-        let mut input_features = Array3::<f32>::zeros((
-            jobs.len(),
-            self.log_mel.n_mels(),
-            self.log_mel.n_frames(),
-        ));
+        let mut input_features =
+            Array3::<f32>::zeros((jobs.len(), self.log_mel.n_mels(), self.log_mel.n_frames()));
         input_features
             .axis_iter_mut(Axis(0))
             .into_par_iter()
@@ -488,12 +491,24 @@ mod tests {
     #[test]
     fn chunk_counts() {
         let p = processor(0.0);
-        for (secs, want) in [(0.1, 1), (7.0, 1), (30.0, 1), (30.01, 2), (60.0, 2), (65.0, 3)] {
+        for (secs, want) in [
+            (0.1, 1),
+            (7.0, 1),
+            (30.0, 1),
+            (30.01, 2),
+            (60.0, 2),
+            (65.0, 3),
+        ] {
             let n = (secs * 16000.0) as usize;
             assert_eq!(p.chunk_count(n), want, "{secs} s");
         }
         let feats = p
-            .process(&[samples(0.1, 16000), samples(7.0, 16000), samples(30.0, 16000), samples(65.0, 16000)])
+            .process(&[
+                samples(0.1, 16000),
+                samples(7.0, 16000),
+                samples(30.0, 16000),
+                samples(65.0, 16000),
+            ])
             .unwrap();
         assert_eq!(feats.num_chunks, vec![1, 1, 1, 3]);
         assert_eq!(feats.input_features.dim(), (6, 80, 3000));
@@ -504,7 +519,14 @@ mod tests {
         // 5 s per side: chunks start every 20 s.
         let p = processor(5.0);
         assert_eq!(p.step, 320_000);
-        for (secs, want) in [(30.0, 1), (50.0, 2), (50.01, 3), (65.0, 3), (70.0, 3), (70.01, 4)] {
+        for (secs, want) in [
+            (30.0, 1),
+            (50.0, 2),
+            (50.01, 3),
+            (65.0, 3),
+            (70.0, 3),
+            (70.01, 4),
+        ] {
             let n = (secs * 16000.0_f64).round() as usize;
             assert_eq!(p.chunk_count(n), want, "{secs} s");
         }
@@ -531,10 +553,24 @@ mod tests {
         let p = processor(0.0);
         let data = Array2::from_shape_vec((2, 3), vec![1.0, 0.0, -1.0, 0.0, 1.0, 1.0]).unwrap();
         let mono = p
-            .load(&AudioInput::Samples { data: data.clone(), sampling_rate: None }, None)
+            .load(
+                &AudioInput::Samples {
+                    data: data.clone(),
+                    sampling_rate: None,
+                },
+                None,
+            )
             .unwrap();
         assert_eq!(mono, vec![0.5, 0.5, 0.0]);
-        let at_8k = p.load(&AudioInput::Samples { data, sampling_rate: None }, Some(8000)).unwrap();
+        let at_8k = p
+            .load(
+                &AudioInput::Samples {
+                    data,
+                    sampling_rate: None,
+                },
+                Some(8000),
+            )
+            .unwrap();
         assert_eq!(at_8k.len(), 6);
         let long = p.load(&samples(1.0, 44100), None).unwrap();
         assert_eq!(long.len(), 16000);
@@ -546,11 +582,17 @@ mod tests {
         let good = samples(0.5, 16000);
         let cases: Vec<(AudioInput, &str)> = vec![
             (
-                AudioInput::Samples { data: Array2::zeros((1, 0)), sampling_rate: None },
+                AudioInput::Samples {
+                    data: Array2::zeros((1, 0)),
+                    sampling_rate: None,
+                },
                 "expected at least one sample",
             ),
             (
-                AudioInput::Samples { data: Array2::zeros((0, 10)), sampling_rate: None },
+                AudioInput::Samples {
+                    data: Array2::zeros((0, 10)),
+                    sampling_rate: None,
+                },
                 "at least one channel",
             ),
             (
@@ -568,7 +610,10 @@ mod tests {
                 "expected finite samples, got inf",
             ),
             (
-                AudioInput::Samples { data: Array2::zeros((1, 10)), sampling_rate: Some(0) },
+                AudioInput::Samples {
+                    data: Array2::zeros((1, 10)),
+                    sampling_rate: Some(0),
+                },
                 "sampling_rate must be in 1..=768000 Hz, got 0",
             ),
         ];
@@ -584,10 +629,15 @@ mod tests {
                 .process(&[AudioInput::Source(Source::Bytes(bytes)), good.clone()])
                 .unwrap_err();
             assert!(matches!(e, MlmfError::Decode { .. }), "{e}");
-            assert!(e.to_string().starts_with("audio input 0: cannot decode"), "{e}");
+            assert!(
+                e.to_string().starts_with("audio input 0: cannot decode"),
+                "{e}"
+            );
         }
         let e = p
-            .process(&[AudioInput::Source(Source::Path("/nonexistent/a.wav".into()))])
+            .process(&[AudioInput::Source(Source::Path(
+                "/nonexistent/a.wav".into(),
+            ))])
             .unwrap_err();
         assert!(matches!(e, MlmfError::Io { index: Some(0), .. }), "{e}");
         let e = p.log_mel(&[0.0, f32::NAN]).unwrap_err();
@@ -604,8 +654,14 @@ mod tests {
         })
         .unwrap();
         assert!(p.process(&[samples(2.0, 16000)]).is_ok());
-        let e = p.process(&[samples(1.0, 16000), samples(2.5, 44100)]).unwrap_err();
-        assert!(e.to_string().starts_with("audio input 1: expected at most max_duration_s"), "{e}");
+        let e = p
+            .process(&[samples(1.0, 16000), samples(2.5, 44100)])
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("audio input 1: expected at most max_duration_s"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -619,7 +675,13 @@ mod tests {
         });
         let cfg = AudioProcessorConfig::from_hf_json(&v).unwrap();
         assert_eq!(cfg.feature_size, 128);
-        assert_eq!(cfg, AudioProcessorConfig { feature_size: 128, ..AudioProcessorConfig::whisper() });
+        assert_eq!(
+            cfg,
+            AudioProcessorConfig {
+                feature_size: 128,
+                ..AudioProcessorConfig::whisper()
+            }
+        );
         // serde round trip keeps every field.
         let back: AudioProcessorConfig =
             serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
@@ -632,10 +694,19 @@ mod tests {
             (serde_json::json!({"hop_length": 0}), "hop_length"),
             (serde_json::json!({"n_fft": 1}), "n_fft"),
             (serde_json::json!({"chunk_length": 0}), "chunk_length"),
-            (serde_json::json!({"stride_length_s": 15.0}), "stride_length_s"),
-            (serde_json::json!({"stride_length_s": -1.0}), "stride_length_s"),
+            (
+                serde_json::json!({"stride_length_s": 15.0}),
+                "stride_length_s",
+            ),
+            (
+                serde_json::json!({"stride_length_s": -1.0}),
+                "stride_length_s",
+            ),
             (serde_json::json!({"max_duration_s": 0.0}), "max_duration_s"),
-            (serde_json::json!({"feature_extractor_type": "Wav2Vec2FeatureExtractor"}), "feature_extractor_type"),
+            (
+                serde_json::json!({"feature_extractor_type": "Wav2Vec2FeatureExtractor"}),
+                "feature_extractor_type",
+            ),
         ];
         for (json, field) in bad {
             let e = AudioProcessorConfig::from_hf_json(&json).unwrap_err();
@@ -649,7 +720,11 @@ mod tests {
     fn from_pretrained_reads_the_directory() {
         let dir = std::env::temp_dir().join(format!("mlmf-audio-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("preprocessor_config.json"), r#"{"feature_size": 128}"#).unwrap();
+        std::fs::write(
+            dir.join("preprocessor_config.json"),
+            r#"{"feature_size": 128}"#,
+        )
+        .unwrap();
         let p = AudioProcessor::from_pretrained(&dir).unwrap();
         assert_eq!(p.config().feature_size, 128);
         assert_eq!(p.log_mel(&[0.0; 100]).unwrap().dim(), (128, 3000));

@@ -89,7 +89,10 @@ pub fn resample(x: &[f32], from: u32, to: u32) -> Result<Vec<f32>> {
     // rubato rounds its own length with floats; trust the exact count, and never read
     // past what it wrote (any shortfall would be silence).
     let valid = produced.min(capacity);
-    let mut y: Vec<f32> = output[..valid.min(out_len)].iter().map(|&v| v as f32).collect();
+    let mut y: Vec<f32> = output[..valid.min(out_len)]
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
     y.resize(out_len, 0.0);
     Ok(y)
 }
@@ -115,7 +118,11 @@ mod tests {
             (22050, 16000, 22051, 16001),
         ] {
             let x = vec![0.25f32; n];
-            assert_eq!(resample(&x, from, to).unwrap().len(), want, "{from}->{to} n={n}");
+            assert_eq!(
+                resample(&x, from, to).unwrap().len(),
+                want,
+                "{from}->{to} n={n}"
+            );
         }
     }
 

@@ -80,7 +80,13 @@ fn map_pixels<T: Copy, const N: usize>(
 pub(crate) fn dynamic_to_rgb(img: DynamicImage, composite: bool) -> RgbImage {
     let (w, h) = (img.width(), img.height());
     let t = composite_table();
-    let blend = |c: u8, a: u8| if composite { t[a as usize][c as usize] } else { c };
+    let blend = |c: u8, a: u8| {
+        if composite {
+            t[a as usize][c as usize]
+        } else {
+            c
+        }
+    };
     match img {
         DynamicImage::ImageRgb8(i) => i,
         DynamicImage::ImageRgba8(i) => map_pixels::<u8, 4>(w, h, i.as_raw(), |p| {
@@ -90,9 +96,9 @@ pub(crate) fn dynamic_to_rgb(img: DynamicImage, composite: bool) -> RgbImage {
         DynamicImage::ImageLumaA8(i) => {
             map_pixels::<u8, 2>(w, h, i.as_raw(), |p| [blend(p[0], p[1]); 3])
         }
-        DynamicImage::ImageLuma16(i) => map_pixels::<u16, 1>(w, h, i.as_raw(), |p| {
-            [p[0].min(255) as u8; 3]
-        }),
+        DynamicImage::ImageLuma16(i) => {
+            map_pixels::<u16, 1>(w, h, i.as_raw(), |p| [p[0].min(255) as u8; 3])
+        }
         DynamicImage::ImageLumaA16(i) => map_pixels::<u16, 2>(w, h, i.as_raw(), |p| {
             [blend((p[0] >> 8) as u8, (p[1] >> 8) as u8); 3]
         }),
@@ -141,7 +147,11 @@ fn numpy_blend(c: u8, a: u8) -> u8 {
 }
 
 /// A `u8` array as RGB: `HW` or `HWC` with `C` in 1, 3, 4 (channels last).
-pub(crate) fn array_to_rgb(arr: ArrayViewD<'_, u8>, composite: bool, max_pixels: u64) -> Result<RgbImage> {
+pub(crate) fn array_to_rgb(
+    arr: ArrayViewD<'_, u8>,
+    composite: bool,
+    max_pixels: u64,
+) -> Result<RgbImage> {
     let shape = arr.shape().to_vec();
     let (h, w, c) = match shape.as_slice() {
         [h, w] => (*h, *w, 1),
@@ -169,7 +179,9 @@ pub(crate) fn array_to_rgb(arr: ArrayViewD<'_, u8>, composite: bool, max_pixels:
     );
     let std = arr.as_standard_layout();
     let Some(src) = std.as_slice() else {
-        return Err(MlmfError::Internal("standard-layout array without a slice".into()));
+        return Err(MlmfError::Internal(
+            "standard-layout array without a slice".into(),
+        ));
     };
     let t = numpy_blend_table();
     Ok(match c {
@@ -252,7 +264,10 @@ mod tests {
         let rgb = array_to_rgb(grey.view(), true, u64::MAX).unwrap();
         assert_eq!(rgb.as_raw(), &vec![3, 3, 3, 200, 200, 200]);
         let rgba = Array::from_shape_vec(IxDyn(&[1, 1, 4]), vec![10u8, 20, 30, 0]).unwrap();
-        assert_eq!(array_to_rgb(rgba.view(), true, u64::MAX).unwrap().as_raw(), &vec![255; 3]);
+        assert_eq!(
+            array_to_rgb(rgba.view(), true, u64::MAX).unwrap().as_raw(),
+            &vec![255; 3]
+        );
         assert_eq!(
             array_to_rgb(rgba.view(), false, u64::MAX).unwrap().as_raw(),
             &vec![10, 20, 30]
@@ -267,18 +282,28 @@ mod tests {
             }
         });
         let img = array_to_rgb(view, true, u64::MAX).unwrap();
-        assert_eq!(img.get_pixel(1, 1).0, [big[[2, 2, 0]], big[[2, 2, 1]], big[[2, 2, 2]]]);
+        assert_eq!(
+            img.get_pixel(1, 1).0,
+            [big[[2, 2, 0]], big[[2, 2, 1]], big[[2, 2, 2]]]
+        );
     }
 
     #[test]
     fn bad_arrays_name_the_expected_shape() {
         for shape in [vec![3, 4, 5], vec![2, 2, 2, 3], vec![5]] {
             let a = Array::<u8, _>::zeros(IxDyn(&shape));
-            let err = array_to_rgb(a.view(), true, u64::MAX).unwrap_err().to_string();
-            assert!(err.starts_with("image input") && err.contains("(H, W, C)"), "{err}");
+            let err = array_to_rgb(a.view(), true, u64::MAX)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("image input") && err.contains("(H, W, C)"),
+                "{err}"
+            );
         }
         let a = Array::<u8, _>::zeros(IxDyn(&[0, 4, 3]));
-        let err = array_to_rgb(a.view(), true, u64::MAX).unwrap_err().to_string();
+        let err = array_to_rgb(a.view(), true, u64::MAX)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("non-empty"), "{err}");
         let a = Array::<u8, _>::zeros(IxDyn(&[10, 10, 3]));
         let err = array_to_rgb(a.view(), true, 99).unwrap_err().to_string();

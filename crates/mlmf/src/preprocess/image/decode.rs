@@ -26,7 +26,11 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage> {
 }
 
 /// [`decode_image`] with compositing on (`true`) or alpha dropped (`false`).
-pub(crate) fn decode_image_with(bytes: &[u8], max_pixels: u64, composite: bool) -> Result<RgbImage> {
+pub(crate) fn decode_image_with(
+    bytes: &[u8],
+    max_pixels: u64,
+    composite: bool,
+) -> Result<RgbImage> {
     let img = decode_dynamic(bytes, max_pixels)?;
     Ok(dynamic_to_rgb(img, composite))
 }
@@ -103,9 +107,16 @@ pub(crate) fn decode_dynamic(bytes: &[u8], max_pixels: u64) -> Result<DynamicIma
         let mut limits = Limits::default();
         // Room for the largest pixel type (RGBA f32) of an image at the pixel limit,
         // plus decoder working memory; the pixel check below is the real guard.
-        limits.max_alloc = Some(max_pixels.saturating_mul(16).saturating_add(64 << 20).max(512 << 20));
+        limits.max_alloc = Some(
+            max_pixels
+                .saturating_mul(16)
+                .saturating_add(64 << 20)
+                .max(512 << 20),
+        );
         reader.limits(limits);
-        let decoder = reader.into_decoder().map_err(|e| map_image_error(name, e))?;
+        let decoder = reader
+            .into_decoder()
+            .map_err(|e| map_image_error(name, e))?;
         let (w, h) = decoder.dimensions();
         if w == 0 || h == 0 {
             return Err(MlmfError::input(
@@ -118,7 +129,9 @@ pub(crate) fn decode_dynamic(bytes: &[u8], max_pixels: u64) -> Result<DynamicIma
     });
     match decoded {
         Ok(r) => r,
-        Err(_) => Err(decode_err(format!("corrupt {name} file: the decoder failed"))),
+        Err(_) => Err(decode_err(format!(
+            "corrupt {name} file: the decoder failed"
+        ))),
     }
 }
 
@@ -189,14 +202,18 @@ mod tests {
         // A valid PNG header declaring 100000 x 100000 pixels, no pixel data.
         let mut png = Vec::new();
         let enc = image::codecs::png::PngEncoder::new(&mut png);
-        enc.write_image(&[0u8; 3 * 4], 2, 2, image::ExtendedColorType::Rgb8).unwrap();
+        enc.write_image(&[0u8; 3 * 4], 2, 2, image::ExtendedColorType::Rgb8)
+            .unwrap();
         // Patch IHDR width/height (bytes 16..24) and let the CRC be wrong: the limit
         // check must fire first or the CRC check must reject; either way no decode.
         let mut bomb = png.clone();
         bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
         bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
         let err = decode_image(&bomb, 1 << 20).unwrap_err();
-        assert!(matches!(err, MlmfError::Decode { .. } | MlmfError::Input { .. }), "{err}");
+        assert!(
+            matches!(err, MlmfError::Decode { .. } | MlmfError::Input { .. }),
+            "{err}"
+        );
         let err = decode_image(&png, 3).unwrap_err().to_string();
         assert!(err.contains("max_image_pixels = 3"), "{err}");
         assert!(err.starts_with("image input"), "{err}");
@@ -221,15 +238,23 @@ mod tests {
 
     #[test]
     fn garbage_and_unsupported() {
-        let err = decode_image(b"not an image at all", 100).unwrap_err().to_string();
-        assert!(err.contains("unrecognised image format") && err.contains(EXPECTED), "{err}");
+        let err = decode_image(b"not an image at all", 100)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unrecognised image format") && err.contains(EXPECTED),
+            "{err}"
+        );
         let err = decode_image(b"", 100).unwrap_err().to_string();
         assert!(err.contains("empty input"), "{err}");
         // An ICO header: recognised, not supported.
         let err = decode_image(&[0, 0, 1, 0, 1, 0, 16, 16, 0, 0, 1, 0, 32, 0], 100)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("unsupported format") || err.contains("unrecognised"), "{err}");
+        assert!(
+            err.contains("unsupported format") || err.contains("unrecognised"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -78,7 +78,10 @@ pub enum SizeSpec {
     Exact { height: u32, width: u32 },
     /// `{"shortest_edge": s, "longest_edge": l}`: short side `s` unless the long side
     /// would exceed `l` (transformers' `get_size_with_aspect_ratio`).
-    ShortestLongest { shortest_edge: u32, longest_edge: u32 },
+    ShortestLongest {
+        shortest_edge: u32,
+        longest_edge: u32,
+    },
 }
 
 impl SizeSpec {
@@ -119,11 +122,15 @@ impl SizeSpec {
     fn to_json(self) -> Value {
         match self {
             Self::ShortestEdge(s) => serde_json::json!({ "shortest_edge": s }),
-            Self::Exact { height, width } => serde_json::json!({ "height": height, "width": width }),
+            Self::Exact { height, width } => {
+                serde_json::json!({ "height": height, "width": width })
+            }
             Self::ShortestLongest {
                 shortest_edge,
                 longest_edge,
-            } => serde_json::json!({ "shortest_edge": shortest_edge, "longest_edge": longest_edge }),
+            } => {
+                serde_json::json!({ "shortest_edge": shortest_edge, "longest_edge": longest_edge })
+            }
         }
     }
 
@@ -295,7 +302,9 @@ fn parse_crop(v: &Value) -> std::result::Result<Option<(u32, u32)>, String> {
 fn parse_triplet(v: &Value) -> std::result::Result<[f32; 3], String> {
     let num = |v: &Value| v.as_f64().map(|x| x as f32);
     match v {
-        Value::Number(_) => num(v).map(|x| [x; 3]).ok_or_else(|| format!("not a number: {v}")),
+        Value::Number(_) => num(v)
+            .map(|x| [x; 3])
+            .ok_or_else(|| format!("not a number: {v}")),
         Value::Array(a) if a.len() == 3 => match (num(&a[0]), num(&a[1]), num(&a[2])) {
             (Some(r), Some(g), Some(b)) => Ok([r, g, b]),
             _ => Err(format!("expected three numbers, got {v}")),
@@ -303,7 +312,9 @@ fn parse_triplet(v: &Value) -> std::result::Result<[f32; 3], String> {
         Value::Array(a) if a.len() == 1 => num(&a[0])
             .map(|x| [x; 3])
             .ok_or_else(|| format!("expected a number, got {v}")),
-        _ => Err(format!("expected a number or a list of 3 numbers (RGB), got {v}")),
+        _ => Err(format!(
+            "expected a number or a list of 3 numbers (RGB), got {v}"
+        )),
     }
 }
 
@@ -321,10 +332,14 @@ enum Family {
 }
 
 fn family_of(obj: &serde_json::Map<String, Value>) -> (Family, Option<String>) {
-    let name = ["image_processor_type", "feature_extractor_type", "processor_class"]
-        .iter()
-        .find_map(|k| obj.get(*k).and_then(Value::as_str))
-        .map(str::to_string);
+    let name = [
+        "image_processor_type",
+        "feature_extractor_type",
+        "processor_class",
+    ]
+    .iter()
+    .find_map(|k| obj.get(*k).and_then(Value::as_str))
+    .map(str::to_string);
     let family = match name.as_deref().map(str::to_ascii_lowercase) {
         // SigLIP 2 (NaFlex) patchifies at variable resolution: not this pipeline.
         Some(n) if n.starts_with("siglip") && !n.starts_with("siglip2") => Family::Siglip,
@@ -384,7 +399,10 @@ impl ImageProcessorConfig {
     /// Errors name the offending key.
     pub fn from_hf_json(v: &Value) -> Result<Self> {
         let obj = v.as_object().ok_or_else(|| {
-            MlmfError::config("", format!("expected a JSON object of processor settings, got {v}"))
+            MlmfError::config(
+                "",
+                format!("expected a JSON object of processor settings, got {v}"),
+            )
         })?;
         let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
         let (family, name) = family_of(obj);
@@ -412,8 +430,9 @@ impl ImageProcessorConfig {
         let bool_at = |k: &str| -> Result<Option<bool>> {
             get(k)
                 .map(|v| {
-                    v.as_bool()
-                        .ok_or_else(|| MlmfError::config(k, format!("expected true or false, got {v}")))
+                    v.as_bool().ok_or_else(|| {
+                        MlmfError::config(k, format!("expected true or false, got {v}"))
+                    })
                 })
                 .transpose()
         };
@@ -422,16 +441,21 @@ impl ImageProcessorConfig {
             cfg.do_resize = b;
         }
         if let Some(v) = get("size") {
-            cfg.size = SizeSpec::from_json(v, default_to_square).map_err(|m| MlmfError::config("size", m))?;
+            cfg.size = SizeSpec::from_json(v, default_to_square)
+                .map_err(|m| MlmfError::config("size", m))?;
         }
         if bool_at("use_square_size")? == Some(true) {
             // transformers' KOSMOS-2 compatibility switch: a square of the shortest edge.
             if let SizeSpec::ShortestEdge(s) = cfg.size {
-                cfg.size = SizeSpec::Exact { height: s, width: s };
+                cfg.size = SizeSpec::Exact {
+                    height: s,
+                    width: s,
+                };
             }
         }
         if let Some(v) = get("resample") {
-            cfg.resample = Resample::deserialize(v).map_err(|e| MlmfError::config("resample", e.to_string()))?;
+            cfg.resample = Resample::deserialize(v)
+                .map_err(|e| MlmfError::config("resample", e.to_string()))?;
         }
         if let Some(b) = bool_at("do_center_crop")? {
             cfg.do_center_crop = b;
@@ -443,9 +467,9 @@ impl ImageProcessorConfig {
             cfg.do_rescale = b;
         }
         if let Some(v) = get("rescale_factor") {
-            cfg.rescale_factor = v
-                .as_f64()
-                .ok_or_else(|| MlmfError::config("rescale_factor", format!("expected a number, got {v}")))?;
+            cfg.rescale_factor = v.as_f64().ok_or_else(|| {
+                MlmfError::config("rescale_factor", format!("expected a number, got {v}"))
+            })?;
         }
         if let Some(b) = bool_at("do_normalize")? {
             cfg.do_normalize = b;
@@ -461,7 +485,10 @@ impl ImageProcessorConfig {
         }
         if let Some(v) = get("max_image_pixels") {
             cfg.max_image_pixels = v.as_u64().ok_or_else(|| {
-                MlmfError::config("max_image_pixels", format!("expected a positive integer, got {v}"))
+                MlmfError::config(
+                    "max_image_pixels",
+                    format!("expected a positive integer, got {v}"),
+                )
             })?;
         }
         cfg.validate()?;
@@ -670,7 +697,11 @@ impl ImageProcessor {
             .map_err(|e| MlmfError::model_load(what, &path, format!("invalid JSON: {e}")))?;
         let json = if nested {
             json.get("image_processor").cloned().ok_or_else(|| {
-                MlmfError::model_load(what, &path, "no `image_processor` entry in processor_config.json")
+                MlmfError::model_load(
+                    what,
+                    &path,
+                    "no `image_processor` entry in processor_config.json",
+                )
             })?
         } else {
             json
@@ -688,7 +719,11 @@ impl ImageProcessor {
         match input {
             ImageInput::Source(src) => {
                 let bytes = src.bytes(Modality::Image)?;
-                decode::decode_image_with(&bytes, self.cfg.max_image_pixels, self.cfg.do_convert_rgb)
+                decode::decode_image_with(
+                    &bytes,
+                    self.cfg.max_image_pixels,
+                    self.cfg.do_convert_rgb,
+                )
             }
             ImageInput::Array(a) => {
                 convert::array_to_rgb(a.view(), self.cfg.do_convert_rgb, self.cfg.max_image_pixels)
@@ -781,7 +816,8 @@ impl ImageProcessor {
             return Ok(out);
         }
         // The output size depends on the input: decode everything first.
-        let images: Vec<Result<image::RgbImage>> = inputs.par_iter().map(|x| self.load(x)).collect();
+        let images: Vec<Result<image::RgbImage>> =
+            inputs.par_iter().map(|x| self.load(x)).collect();
         let mut first: Option<(u32, u32)> = None;
         let mut failed: Option<usize> = None;
         for (i, img) in images.iter().enumerate() {
@@ -789,7 +825,10 @@ impl ImageProcessor {
                 failed = Some(i);
                 break;
             };
-            let hw = self.cfg.output_size_for(img.height(), img.width()).at_index(i)?;
+            let hw = self
+                .cfg
+                .output_size_for(img.height(), img.width())
+                .at_index(i)?;
             match first {
                 None => first = Some(hw),
                 Some(f) if f != hw => {
@@ -861,7 +900,9 @@ mod tests {
     use ndarray::IxDyn;
 
     fn gradient(w: u32, h: u32) -> image::RgbImage {
-        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 251) as u8]))
+        image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x * y) % 251) as u8])
+        })
     }
 
     #[test]
@@ -939,31 +980,69 @@ mod tests {
             "size": {"height": 384, "width": 384}
         });
         let s = ImageProcessorConfig::from_hf_json(&siglip).unwrap();
-        assert_eq!(s.size, SizeSpec::Exact { height: 384, width: 384 });
+        assert_eq!(
+            s.size,
+            SizeSpec::Exact {
+                height: 384,
+                width: 384
+            }
+        );
         assert!(!s.do_center_crop);
         assert_eq!(s.output_size(), Some((384, 384)));
         // Unknown type with usable keys: accepted, no crop unless asked.
         let vit = serde_json::json!({"image_processor_type": "ViTImageProcessor",
             "size": {"height": 32, "width": 48}, "resample": 2, "image_mean": 0.5, "image_std": 0.5});
         let v = ImageProcessorConfig::from_hf_json(&vit).unwrap();
-        assert_eq!((v.resample, v.image_mean, v.output_size()), (Resample::Bilinear, [0.5; 3], Some((32, 48))));
-        assert!(ImageProcessorConfig::from_hf_json(&serde_json::json!({"image_processor_type": "X"})).is_err());
+        assert_eq!(
+            (v.resample, v.image_mean, v.output_size()),
+            (Resample::Bilinear, [0.5; 3], Some((32, 48)))
+        );
+        assert!(ImageProcessorConfig::from_hf_json(
+            &serde_json::json!({"image_processor_type": "X"})
+        )
+        .is_err());
     }
 
     #[test]
     fn config_errors_name_the_field() {
         let cases = [
-            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "size": {"max_height": 3}}), "`size`"),
-            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "size": 0}), "`size`"),
-            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "resample": 1}), "`resample`"),
-            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 0, "width": 2}}), "`crop_size`"),
-            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "image_std": [1, 0, 1]}), "`image_std`"),
-            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "image_mean": [1, 2]}), "`image_mean`"),
-            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "do_resize": "yes"}), "`do_resize`"),
-            (serde_json::json!({"image_processor_type": "CLIPImageProcessor", "rescale_factor": -1.0}), "`rescale_factor`"),
+            (
+                serde_json::json!({"image_processor_type": "CLIPImageProcessor", "size": {"max_height": 3}}),
+                "`size`",
+            ),
+            (
+                serde_json::json!({"image_processor_type": "CLIPImageProcessor", "size": 0}),
+                "`size`",
+            ),
+            (
+                serde_json::json!({"image_processor_type": "CLIPImageProcessor", "resample": 1}),
+                "`resample`",
+            ),
+            (
+                serde_json::json!({"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 0, "width": 2}}),
+                "`crop_size`",
+            ),
+            (
+                serde_json::json!({"image_processor_type": "CLIPImageProcessor", "image_std": [1, 0, 1]}),
+                "`image_std`",
+            ),
+            (
+                serde_json::json!({"image_processor_type": "CLIPImageProcessor", "image_mean": [1, 2]}),
+                "`image_mean`",
+            ),
+            (
+                serde_json::json!({"image_processor_type": "CLIPImageProcessor", "do_resize": "yes"}),
+                "`do_resize`",
+            ),
+            (
+                serde_json::json!({"image_processor_type": "CLIPImageProcessor", "rescale_factor": -1.0}),
+                "`rescale_factor`",
+            ),
         ];
         for (json, field) in cases {
-            let err = ImageProcessorConfig::from_hf_json(&json).unwrap_err().to_string();
+            let err = ImageProcessorConfig::from_hf_json(&json)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{json}: {err}");
         }
     }
@@ -973,12 +1052,21 @@ mod tests {
         let c = ImageProcessorConfig::clip();
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json["size"], serde_json::json!({"shortest_edge": 224}));
-        assert_eq!(json["crop_size"], serde_json::json!({"height": 224, "width": 224}));
+        assert_eq!(
+            json["crop_size"],
+            serde_json::json!({"height": 224, "width": 224})
+        );
         assert_eq!(json["resample"], serde_json::json!(3));
         let back: ImageProcessorConfig = serde_json::from_value(json).unwrap();
         assert_eq!(back, c);
         let partial: ImageProcessorConfig = serde_json::from_str(r#"{"size": [32, 48]}"#).unwrap();
-        assert_eq!(partial.size, SizeSpec::Exact { height: 32, width: 48 });
+        assert_eq!(
+            partial.size,
+            SizeSpec::Exact {
+                height: 32,
+                width: 48
+            }
+        );
         assert_eq!(partial.crop_size, Some((224, 224)));
     }
 
@@ -988,9 +1076,18 @@ mod tests {
         let good = ImageInput::Array(ArrayD::from_elem(IxDyn(&[5, 7, 3]), 9u8));
         let bad_shape = ImageInput::Array(ArrayD::from_elem(IxDyn(&[5, 7, 2]), 9u8));
         let garbage = ImageInput::Source(Source::Bytes(b"definitely not pixels".to_vec()));
-        let err = p.process(&[good.clone(), bad_shape]).unwrap_err().to_string();
-        assert!(err.starts_with("image input 1:") && err.contains("(H, W, C)"), "{err}");
-        let err = p.process(&[good.clone(), good.clone(), garbage]).unwrap_err().to_string();
+        let err = p
+            .process(&[good.clone(), bad_shape])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("image input 1:") && err.contains("(H, W, C)"),
+            "{err}"
+        );
+        let err = p
+            .process(&[good.clone(), good.clone(), garbage])
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("image input 2: cannot decode"), "{err}");
         let missing = ImageInput::Source(Source::Path("/nonexistent/x.png".into()));
         let err = p.process(&[missing]).unwrap_err().to_string();
@@ -1009,16 +1106,25 @@ mod tests {
         let p = ImageProcessor::new(cfg).unwrap();
         let a = ImageInput::Array(ArrayD::from_elem(IxDyn(&[480, 640, 3]), 1u8));
         let b = ImageInput::Array(ArrayD::from_elem(IxDyn(&[640, 480, 3]), 1u8));
-        assert_eq!(p.process(&[a.clone(), a.clone()]).unwrap().dim(), (2, 3, 224, 298));
+        assert_eq!(
+            p.process(&[a.clone(), a.clone()]).unwrap().dim(),
+            (2, 3, 224, 298)
+        );
         let err = p.process(&[a, b]).unwrap_err().to_string();
-        assert!(err.starts_with("image input 1:") && err.contains("one output size"), "{err}");
+        assert!(
+            err.starts_with("image input 1:") && err.contains("one output size"),
+            "{err}"
+        );
     }
 
     #[test]
     fn process_rgb_into_checks_the_buffer() {
         let p = ImageProcessor::new(ImageProcessorConfig::siglip()).unwrap();
         let mut small = vec![0f32; 10];
-        let err = p.process_rgb_into(&gradient(5, 5), &mut small).unwrap_err().to_string();
+        let err = p
+            .process_rgb_into(&gradient(5, 5), &mut small)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("expected 3 x 224 x 224"), "{err}");
     }
 
@@ -1033,7 +1139,9 @@ mod tests {
         .unwrap();
         let p = ImageProcessor::from_pretrained(&dir).unwrap();
         assert_eq!(p.config().output_size(), Some((64, 64)));
-        let err = ImageProcessor::from_pretrained(dir.join("nope")).unwrap_err().to_string();
+        let err = ImageProcessor::from_pretrained(dir.join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("preprocessor_config.json"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -106,7 +106,9 @@ pub fn qwen2vl_patches(
                     for py in 0..patch {
                         let s = ((f * c + ci) * h + y0 + py) * w + x0;
                         let d = ((ci * temporal_patch + tt) * patch + py) * patch;
-                        if let (Some(d), Some(s)) = (dst.get_mut(d..d + patch), src.get(s..s + patch)) {
+                        if let (Some(d), Some(s)) =
+                            (dst.get_mut(d..d + patch), src.get(s..s + patch))
+                        {
                             d.copy_from_slice(s);
                         }
                     }
@@ -154,7 +156,10 @@ mod tests {
     fn vit_patches_refuse_indivisible_sizes() {
         let x = ramp((1, 3, 10, 12));
         let err = extract_patches(x.view(), 4).unwrap_err().to_string();
-        assert!(err.contains("divide") && err.contains("[1, 3, 10, 12]"), "{err}");
+        assert!(
+            err.contains("divide") && err.contains("[1, 3, 10, 12]"),
+            "{err}"
+        );
         assert!(extract_patches(x.view(), 0).is_err());
     }
 
@@ -190,7 +195,11 @@ mod tests {
             let x = ramp((t, c, h, w));
             let (got, grid) = qwen2vl_patches(x.view(), p, tp, m).unwrap();
             assert_eq!(grid, [t.div_ceil(tp), h / p, w / p]);
-            assert_eq!(got, qwen_reference(&x, p, tp, m), "{t} {c} {h} {w} {p} {tp} {m}");
+            assert_eq!(
+                got,
+                qwen_reference(&x, p, tp, m),
+                "{t} {c} {h} {w} {p} {tp} {m}"
+            );
         }
     }
 

@@ -2,9 +2,13 @@
 //!
 //! * Bilinear and bicubic follow Pillow 13's `Resample.c`: a separable convolution whose
 //!   per-axis weights are computed in `f64`, normalised to sum 1, then turned into
-//!   fixed point with 22 fractional bits. The horizontal pass runs first and writes a
-//!   `u8` intermediate; the vertical pass reads it. An axis whose size does not change is
-//!   not resampled at all (Pillow skips that pass too).
+//!   fixed point with 22 fractional bits. The two passes go through a `u8`
+//!   intermediate, so their order matters: horizontal first, except when the height
+//!   shrinks by more than twice as many pixels as the width
+//!   (`out_h < in_h && in_h - out_h > 2 * (in_w - out_w)`), where Pillow 13 runs the
+//!   vertical pass first (Pillow PR #9549; checked against Pillow on random sizes).
+//!   An axis whose size does not change is not resampled at all (Pillow skips that pass
+//!   too).
 //! * Nearest follows Pillow's affine scale (`Geometry.c`, `ImagingScaleAffine`): the
 //!   source coordinate starts at `0.5 * in / out` and is advanced by `in / out` per
 //!   output pixel (accumulated, not multiplied), then truncated.
@@ -233,7 +237,10 @@ impl Coeffs {
     fn taps(&self, i: usize) -> (usize, &[i32]) {
         let first = self.first.get(i).copied().unwrap_or(0) as usize;
         let count = self.count.get(i).copied().unwrap_or(0) as usize;
-        let k = self.k.get(i * self.ksize..i * self.ksize + count).unwrap_or(&[]);
+        let k = self
+            .k
+            .get(i * self.ksize..i * self.ksize + count)
+            .unwrap_or(&[]);
         (first, k)
     }
 
@@ -264,6 +271,8 @@ pub(crate) struct PairKernel {
     /// Bytes a source row must offer from its start (the last window plus the two
     /// bytes of the final 8-byte read).
     row_bytes: usize,
+    /// Source columns the windows read that lie inside the image.
+    read_span: Range<usize>,
 }
 
 impl PairKernel {
@@ -293,24 +302,31 @@ impl PairKernel {
             }
             start.push(s as u32);
         }
+        let lo = start.iter().copied().min().unwrap_or(0) as usize;
+        let hi = start
+            .iter()
+            .copied()
+            .max()
+            .map_or(lo, |s| s as usize + span);
         Self {
             start,
             pairs,
             k,
             row_bytes: in_size.max(span) * 3 + 2,
+            read_span: lo..hi.min(in_size).max(lo),
         }
     }
 
-    /// One horizontal pass over `row` (at least `row_bytes` long) into `out`
-    /// (`3 * window` bytes).
-    fn run_row(&self, row: &[u8], out: &mut [u8]) {
+    /// One horizontal pass over `row`, whose first byte is source column `col0`, into
+    /// `out` (`3 * window` bytes). `row` must reach `row_bytes - 3 * col0`.
+    fn run_row(&self, row: &[u8], col0: usize, out: &mut [u8]) {
         let step = self.pairs * 8;
         for ((o, &s), ks) in out
             .chunks_exact_mut(3)
             .zip(&self.start)
             .zip(self.k.chunks_exact(step))
         {
-            let s = s as usize * 3;
+            let s = (s as usize).saturating_sub(col0) * 3;
             let Some(win) = row.get(s..s + self.pairs * 6 + 2) else {
                 continue;
             };
@@ -404,6 +420,8 @@ impl AxisPlan {
 /// Weights of one axis; horizontal axes also carry the inner-loop layout.
 #[derive(Debug)]
 pub(crate) struct AxisKernel {
+    in_size: u32,
+    out_size: u32,
     coeffs: Coeffs,
     pairs: Option<PairKernel>,
 }
@@ -498,11 +516,18 @@ fn build_axis(
         };
     }
     match filter {
-        Resample::Nearest => AxisPlan::Nearest(Arc::new(nearest_indices(in_size, out_size, window))),
+        Resample::Nearest => {
+            AxisPlan::Nearest(Arc::new(nearest_indices(in_size, out_size, window)))
+        }
         _ => {
             let coeffs = Coeffs::new(in_size, out_size, filter, window);
             let pairs = horizontal.then(|| PairKernel::new(&coeffs, in_size));
-            AxisPlan::Filter(Arc::new(AxisKernel { coeffs, pairs }))
+            AxisPlan::Filter(Arc::new(AxisKernel {
+                in_size,
+                out_size,
+                coeffs,
+                pairs,
+            }))
         }
     }
 }
@@ -590,7 +615,8 @@ fn run(
                     Some(y) => {
                         let src_row = src.row(*y as usize, 0, src.width);
                         for (o, x) in s.row.chunks_exact_mut(3).zip(xs.iter()) {
-                            let px = x.and_then(|x| src_row.get(x as usize * 3..x as usize * 3 + 3));
+                            let px =
+                                x.and_then(|x| src_row.get(x as usize * 3..x as usize * 3 + 3));
                             o.copy_from_slice(px.unwrap_or(&[0, 0, 0]));
                         }
                     }
@@ -609,7 +635,15 @@ fn run(
             s.row.resize(wbytes, 0);
             for r in 0..nrows {
                 let (first, taps) = vk.coeffs.taps(r);
-                vertical_row(src.data, src.stride(), x0 * 3, first, taps, &mut s.acc, &mut s.row);
+                vertical_row(
+                    src.data,
+                    src.stride(),
+                    x0 * 3,
+                    first,
+                    taps,
+                    &mut s.acc,
+                    &mut s.row,
+                );
                 emit(r, &s.row);
             }
         }
@@ -618,7 +652,32 @@ fn run(
             s.row.resize(wbytes, 0);
             for r in 0..nrows {
                 let row = padded_row(src, y0 + r, pk.row_bytes, &mut s.pad);
-                pk.run_row(row, &mut s.row);
+                pk.run_row(row, 0, &mut s.row);
+                emit(r, &s.row);
+            }
+        }
+        (AxisPlan::Filter(hk), AxisPlan::Filter(vk)) if vertical_first(hk, vk) => {
+            // Per output row: the vertical pass over the source columns the horizontal
+            // windows read, then the horizontal pass over that row.
+            let Some(pk) = hk.pairs.as_ref() else { return };
+            let cols = pk.read_span.clone();
+            let need = pk.row_bytes.saturating_sub(cols.start * 3);
+            s.tmp.clear();
+            s.tmp.resize(need.max(cols.len() * 3), 0);
+            s.acc.resize(cols.len().max(ncols) * 3, 0);
+            s.row.resize(wbytes, 0);
+            for r in 0..nrows {
+                let (first, taps) = vk.coeffs.taps(r);
+                vertical_row(
+                    src.data,
+                    src.stride(),
+                    cols.start * 3,
+                    first,
+                    taps,
+                    &mut s.acc,
+                    &mut s.tmp[..cols.len() * 3],
+                );
+                pk.run_row(&s.tmp, cols.start, &mut s.row);
                 emit(r, &s.row);
             }
         }
@@ -629,7 +688,7 @@ fn run(
             s.tmp.resize(rows * wbytes, 0);
             for (i, out) in s.tmp.chunks_exact_mut(wbytes).enumerate() {
                 let row = padded_row(src, span.start + i, pk.row_bytes, &mut s.pad);
-                pk.run_row(row, out);
+                pk.run_row(row, 0, out);
             }
             s.acc.resize(wbytes, 0);
             s.row.resize(wbytes, 0);
@@ -650,10 +709,20 @@ fn run(
     }
 }
 
+/// Pillow 13's pass order: vertical first when the height loses more than twice as
+/// many pixels as the width.
+fn vertical_first(h: &AxisKernel, v: &AxisKernel) -> bool {
+    let (iw, ow) = (i64::from(h.in_size), i64::from(h.out_size));
+    let (ih, oh) = (i64::from(v.in_size), i64::from(v.out_size));
+    oh < ih && ih - oh > 2 * (iw - ow)
+}
+
 fn nearest_or_identity(p: &AxisPlan) -> Vec<Option<u32>> {
     match p {
         AxisPlan::Nearest(ix) => ix.as_ref().clone(),
-        AxisPlan::Identity { offset, len } => (*offset..offset + len).map(|i| Some(i as u32)).collect(),
+        AxisPlan::Identity { offset, len } => {
+            (*offset..offset + len).map(|i| Some(i as u32)).collect()
+        }
         // Filters never mix with nearest; reading the window start keeps this total.
         AxisPlan::Filter(k) => k.coeffs.first.iter().map(|&f| Some(f)).collect(),
     }
@@ -702,7 +771,9 @@ mod tests {
         image::RgbImage::from_fn(w, h, |_, _| {
             let mut px = [0u8; 3];
             for c in &mut px {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 *c = (s >> 56) as u8;
             }
             image::Rgb(px)
@@ -712,7 +783,14 @@ mod tests {
     #[test]
     fn fixed_point_weights_sum_to_one() {
         for filter in [Resample::Bilinear, Resample::Bicubic] {
-            for (i, o) in [(640, 298), (298, 640), (7, 3), (3, 7), (1, 224), (4000, 224)] {
+            for (i, o) in [
+                (640, 298),
+                (298, 640),
+                (7, 3),
+                (3, 7),
+                (1, 224),
+                (4000, 224),
+            ] {
                 let c = Coeffs::new(i, o, filter, 0..o);
                 for j in 0..o as usize {
                     let (_, k) = c.taps(j);
@@ -746,18 +824,52 @@ mod tests {
 
     #[test]
     fn window_equals_crop_of_full_resize() {
-        let img = noise(61, 47, 7);
-        for f in [Resample::Nearest, Resample::Bilinear, Resample::Bicubic] {
-            let full = resize(&img, 29, 33, f);
-            let cache = PlanCache::default();
-            let h = cache.axis(61, 29, f, 5..20, true);
-            let v = cache.axis(47, 33, f, 3..31, false);
-            resample_window(RgbView::of(&img), &h, &v, &mut |r, row| {
-                for (j, px) in row.chunks_exact(3).enumerate() {
-                    assert_eq!(px, &full.get_pixel(5 + j as u32, 3 + r as u32).0, "{f}");
-                }
-            });
+        // (in, out, window): the second case takes Pillow's vertical-first order.
+        let cases = [
+            ((61, 47), (29, 33), (5..20, 3..31)),
+            ((20, 90), (18, 30), (2..17, 4..25)),
+            ((3, 50), (40, 9), (0..40, 1..8)),
+        ];
+        for ((iw, ih), (ow, oh), (xs, ys)) in cases {
+            let img = noise(iw, ih, 7);
+            for f in [Resample::Nearest, Resample::Bilinear, Resample::Bicubic] {
+                let full = resize(&img, ow, oh, f);
+                let cache = PlanCache::default();
+                let h = cache.axis(iw, ow, f, xs.clone(), true);
+                let v = cache.axis(ih, oh, f, ys.clone(), false);
+                let mut rows = 0;
+                resample_window(RgbView::of(&img), &h, &v, &mut |r, row| {
+                    rows += 1;
+                    for (j, px) in row.chunks_exact(3).enumerate() {
+                        let want = full.get_pixel(xs.start + j as u32, ys.start + r as u32).0;
+                        assert_eq!(px, &want, "{f} {iw}x{ih}->{ow}x{oh}");
+                    }
+                });
+                assert_eq!(rows, ys.len());
+            }
         }
+    }
+
+    #[test]
+    fn pass_order_changes_rounding() {
+        // Pillow 13 runs the vertical pass first here; the other order rounds the
+        // intermediate differently, so the two results must not coincide.
+        let img = noise(3, 500, 11);
+        let direct = resize(&img, 224, 224, Resample::Bicubic);
+        let h_then_v = resize(
+            &resize(&img, 224, 500, Resample::Bicubic),
+            224,
+            224,
+            Resample::Bicubic,
+        );
+        let v_then_h = resize(
+            &resize(&img, 3, 224, Resample::Bicubic),
+            224,
+            224,
+            Resample::Bicubic,
+        );
+        assert_eq!(direct, v_then_h);
+        assert_ne!(direct, h_then_v);
     }
 
     #[test]
@@ -767,7 +879,10 @@ mod tests {
         assert!(out.pixels().all(|p| p == img.get_pixel(0, 0)));
         assert_eq!(resize(&img, 0, 5, Resample::Bicubic).dimensions(), (0, 5));
         let empty = image::RgbImage::new(0, 0);
-        assert_eq!(resize(&empty, 2, 2, Resample::Bilinear).dimensions(), (2, 2));
+        assert_eq!(
+            resize(&empty, 2, 2, Resample::Bilinear).dimensions(),
+            (2, 2)
+        );
     }
 
     #[test]
@@ -775,10 +890,16 @@ mod tests {
         assert_eq!(Resample::from_pil_code(3), Some(Resample::Bicubic));
         assert_eq!(Resample::from_pil_code(1), None);
         assert_eq!("BILINEAR".parse::<Resample>().unwrap(), Resample::Bilinear);
-        assert_eq!("Resampling.NEAREST".parse::<Resample>().unwrap(), Resample::Nearest);
+        assert_eq!(
+            "Resampling.NEAREST".parse::<Resample>().unwrap(),
+            Resample::Nearest
+        );
         assert_eq!("3".parse::<Resample>().unwrap(), Resample::Bicubic);
         let err = "lanczos".parse::<Resample>().unwrap_err().to_string();
-        assert!(err.contains("`resample`") && err.contains("bicubic"), "{err}");
+        assert!(
+            err.contains("`resample`") && err.contains("bicubic"),
+            "{err}"
+        );
         let r: Resample = serde_json::from_str("2").unwrap();
         assert_eq!(r, Resample::Bilinear);
         assert_eq!(serde_json::to_string(&Resample::Bicubic).unwrap(), "3");

@@ -1,10 +1,14 @@
 //! Frame sources: where a video's frames come from and how the sampled ones are decoded.
 //!
 //! - Animated GIF and WebP (bytes or a file): the frame count and the frame delays are read
-//!   from the container's block structure without decoding pixels; the frames are then
-//!   decoded in order with the `image` crate's `AnimationDecoder`, which yields the full
-//!   composited canvas per frame (disposal and blending applied), and decoding stops after
-//!   the last sampled frame. A still WebP is a one-frame video.
+//!   from the container's block structure without decoding pixels; frames are then decoded
+//!   in order, each as the full composited canvas (disposal and blending applied), and
+//!   decoding stops after the last sampled frame. GIF frames come from the `image` crate's
+//!   `AnimationDecoder`. WebP frames are composited here following libwebp's
+//!   `WebPAnimDecoder` (what Pillow uses), each frame's bitstream decoded by the `image`
+//!   crate: its own WebP animation decoder skips disposal without a background colour,
+//!   clears non-alpha frames with a 3-byte stride on its 4-byte canvas, and blends opaque
+//!   pixels with rounding. A still WebP is a one-frame video.
 //! - A directory of image files, ordered by natural sort of the file names
 //!   (`frame2.png` < `frame10.png`); only the sampled files are read and decoded.
 //! - A uint8 array `[T, H, W, C]` with `C` in 1, 3, 4.
@@ -168,7 +172,12 @@ pub(crate) fn scan_gif(bytes: &[u8], max_pixels: u64) -> Result<AnimInfo> {
     if packed & 0x80 != 0 {
         r.take(3 << ((packed & 7) + 1))?;
     }
-    check_canvas(u64::from(width), u64::from(height), max_pixels, "GIF canvas")?;
+    check_canvas(
+        u64::from(width),
+        u64::from(height),
+        max_pixels,
+        "GIF canvas",
+    )?;
     let mut frames = 0usize;
     let mut duration_ms = 0u64;
     let mut pending_delay: Option<u16> = None;
@@ -221,9 +230,115 @@ fn u24le(b: &[u8]) -> u32 {
     u32::from(b[0]) | (u32::from(b[1]) << 8) | (u32::from(b[2]) << 16)
 }
 
-/// Walks a WebP's RIFF chunks: `VP8X` (flags, canvas size) and one `ANMF` per animation
-/// frame (offset, size, duration in ms). `None` for a still (non-animated) WebP.
-pub(crate) fn scan_webp(bytes: &[u8], max_pixels: u64) -> Result<Option<AnimInfo>> {
+/// One `ANMF` frame of an animated WebP, borrowed from the file.
+#[derive(Clone, Debug)]
+pub(crate) struct WebPFrame<'b> {
+    x: u32,
+    y: u32,
+    width: u32,
+    height: u32,
+    duration_ms: u32,
+    /// Alpha-blend onto the previous canvas (else overwrite).
+    blend: bool,
+    /// Clear the frame's rectangle to transparent before the next frame.
+    dispose_background: bool,
+    /// `ALPH` chunk of a lossy frame.
+    alpha: Option<&'b [u8]>,
+    /// `VP8 ` (lossy) or `VP8L` (lossless) bitstream.
+    lossless: bool,
+    bitstream: &'b [u8],
+}
+
+impl WebPFrame<'_> {
+    /// libwebp's `has_alpha` of a frame: an `ALPH` chunk, or the VP8L header's
+    /// `alpha_is_used` bit.
+    fn has_alpha(&self) -> bool {
+        if self.lossless {
+            self.bitstream
+                .get(1..5)
+                .is_some_and(|b| (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 28) & 1 == 1)
+        } else {
+            self.alpha.is_some()
+        }
+    }
+
+    fn is_full(&self, width: u32, height: u32) -> bool {
+        (self.width, self.height) == (width, height)
+    }
+
+    fn contains(&self, x: u32, y: u32) -> bool {
+        x >= self.x && x < self.x + self.width && y >= self.y && y < self.y + self.height
+    }
+
+    /// The frame alone as a still WebP file, for the image crate's still decoder.
+    fn as_still(&self) -> Vec<u8> {
+        fn chunk(out: &mut Vec<u8>, fourcc: &[u8; 4], data: &[u8]) {
+            out.extend_from_slice(fourcc);
+            // Chunk sizes come from the file's own u32 fields, so they fit.
+            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            out.extend_from_slice(data);
+            if data.len() % 2 == 1 {
+                out.push(0);
+            }
+        }
+        let mut body = Vec::with_capacity(self.bitstream.len() + 64);
+        match (self.lossless, self.alpha) {
+            (false, Some(alpha)) => {
+                let mut vp8x = [0u8; 10];
+                vp8x[0] = 0x10; // alpha present
+                vp8x[4..7].copy_from_slice(&(self.width - 1).to_le_bytes()[..3]);
+                vp8x[7..10].copy_from_slice(&(self.height - 1).to_le_bytes()[..3]);
+                chunk(&mut body, b"VP8X", &vp8x);
+                chunk(&mut body, b"ALPH", alpha);
+                chunk(&mut body, b"VP8 ", self.bitstream);
+            }
+            (false, None) => chunk(&mut body, b"VP8 ", self.bitstream),
+            (true, _) => chunk(&mut body, b"VP8L", self.bitstream),
+        }
+        let mut out = Vec::with_capacity(body.len() + 12);
+        out.extend_from_slice(b"RIFF");
+        out.extend_from_slice(&((body.len() + 4) as u32).to_le_bytes());
+        out.extend_from_slice(b"WEBP");
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
+/// An animated WebP: canvas size and frames.
+#[derive(Clone, Debug)]
+pub(crate) struct WebPAnim<'b> {
+    width: u32,
+    height: u32,
+    pub(crate) frames: Vec<WebPFrame<'b>>,
+}
+
+impl WebPAnim<'_> {
+    fn info(&self) -> AnimInfo {
+        AnimInfo {
+            frames: self.frames.len(),
+            duration_ms: self.frames.iter().map(|f| u64::from(f.duration_ms)).sum(),
+            width: self.width,
+            height: self.height,
+        }
+    }
+}
+
+fn riff_chunk<'b>(r: &mut Reader<'b>) -> Result<(&'b [u8], &'b [u8])> {
+    let fourcc = r.take(4)?;
+    let size = r.take(4)?;
+    let size = u32::from_le_bytes([size[0], size[1], size[2], size[3]]) as usize;
+    let payload = r.take(size)?;
+    // Chunks are padded to an even size; the pad byte may be missing at the very end.
+    if size % 2 == 1 && r.pos < r.bytes.len() {
+        r.pos += 1;
+    }
+    Ok((fourcc, payload))
+}
+
+/// Walks a WebP's RIFF chunks (the WebP container spec): `VP8X` (flags, canvas size)
+/// and one `ANMF` per animation frame (offset, size, duration, blend and dispose flags,
+/// then its `ALPH` / `VP8 ` / `VP8L` sub-chunks). `None` for a still WebP.
+pub(crate) fn parse_webp(bytes: &[u8], max_pixels: u64) -> Result<Option<WebPAnim<'_>>> {
     let mut r = Reader {
         bytes,
         pos: 0,
@@ -237,56 +352,227 @@ pub(crate) fn scan_webp(bytes: &[u8], max_pixels: u64) -> Result<Option<AnimInfo
     }
     let riff_size = u32::from_le_bytes([riff_size[0], riff_size[1], riff_size[2], riff_size[3]]);
     let end = (riff_size as usize).saturating_add(8).min(bytes.len());
-    let mut animated = false;
-    let mut canvas = None;
-    let mut frames = 0usize;
-    let mut duration_ms = 0u64;
+    r.bytes = &bytes[..end];
+    let mut canvas: Option<(u32, u32, bool)> = None;
+    let mut frames = Vec::new();
     while r.pos + 8 <= end {
-        let fourcc = r.take(4)?;
-        let size = r.take(4)?;
-        let size = u32::from_le_bytes([size[0], size[1], size[2], size[3]]) as usize;
-        let payload = r.take(size)?;
+        let (fourcc, payload) = riff_chunk(&mut r)?;
         match fourcc {
-            b"VP8X" if payload.len() >= 10 => {
+            b"VP8X" if canvas.is_none() => {
+                if payload.len() < 10 {
+                    return Err(decode_err("corrupt WebP: VP8X chunk is too short"));
+                }
                 let w = u24le(&payload[4..7]) + 1;
                 let h = u24le(&payload[7..10]) + 1;
                 check_canvas(u64::from(w), u64::from(h), max_pixels, "WebP canvas")?;
-                // Decoders read the first VP8X only.
-                if canvas.is_none() {
-                    animated = payload[0] & 0x02 != 0;
-                    canvas = Some((w, h));
+                canvas = Some((w, h, payload[0] & 0x02 != 0));
+            }
+            b"ANMF" => {
+                let i = frames.len();
+                if payload.len() < 16 {
+                    return Err(decode_err(format!(
+                        "corrupt WebP: frame {i} header is too short"
+                    )));
                 }
-            }
-            b"ANMF" if payload.len() >= 16 => {
-                let fw = u24le(&payload[6..9]) + 1;
-                let fh = u24le(&payload[9..12]) + 1;
-                check_canvas(u64::from(fw), u64::from(fh), max_pixels, "WebP frame")?;
-                duration_ms += u64::from(u24le(&payload[12..15]));
-                frames += 1;
-            }
-            b"VP8X" | b"ANMF" => {
-                return Err(decode_err(format!(
-                    "corrupt WebP: {} chunk of {size} bytes is too short",
-                    String::from_utf8_lossy(fourcc)
-                )))
+                let mut frame = WebPFrame {
+                    x: u24le(&payload[0..3]) * 2,
+                    y: u24le(&payload[3..6]) * 2,
+                    width: u24le(&payload[6..9]) + 1,
+                    height: u24le(&payload[9..12]) + 1,
+                    duration_ms: u24le(&payload[12..15]),
+                    blend: payload[15] & 0x02 == 0,
+                    dispose_background: payload[15] & 0x01 != 0,
+                    alpha: None,
+                    lossless: false,
+                    bitstream: &[],
+                };
+                check_canvas(
+                    u64::from(frame.width),
+                    u64::from(frame.height),
+                    max_pixels,
+                    "WebP frame",
+                )?;
+                let mut sub = Reader {
+                    bytes: &payload[16..],
+                    pos: 0,
+                    what: "WebP frame",
+                };
+                while sub.pos + 8 <= sub.bytes.len() {
+                    let (cc, data) = riff_chunk(&mut sub)?;
+                    match cc {
+                        b"ALPH" => frame.alpha = Some(data),
+                        b"VP8 " | b"VP8L" => {
+                            frame.lossless = cc == b"VP8L";
+                            frame.bitstream = data;
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                if frame.bitstream.is_empty() {
+                    return Err(decode_err(format!(
+                        "corrupt WebP: frame {i} has no image data"
+                    )));
+                }
+                frames.push(frame);
             }
             _ => {}
         }
-        // Chunks are padded to an even size; the pad byte may be missing at the very end.
-        if size % 2 == 1 && r.pos < bytes.len() {
-            r.pos += 1;
+    }
+    let Some((width, height, true)) = canvas else {
+        return Ok(None);
+    };
+    for (i, f) in frames.iter().enumerate() {
+        if u64::from(f.x) + u64::from(f.width) > u64::from(width)
+            || u64::from(f.y) + u64::from(f.height) > u64::from(height)
+        {
+            return Err(decode_err(format!(
+                "corrupt WebP: frame {i} ({}x{} at {},{}) lies outside the {width}x{height} canvas",
+                f.width, f.height, f.x, f.y
+            )));
         }
     }
-    if !animated {
-        return Ok(None);
-    }
-    let (width, height) = canvas.unwrap_or((0, 0));
-    Ok(Some(AnimInfo {
-        frames,
-        duration_ms,
+    Ok(Some(WebPAnim {
         width,
         height,
+        frames,
     }))
+}
+
+/// libwebp's non-premultiplied "src over dst" (`BlendPixelNonPremult` in
+/// `src/demux/anim_decode.c`), integer arithmetic included.
+fn blend_non_premult(src: [u8; 4], dst: [u8; 4]) -> [u8; 4] {
+    let sa = u32::from(src[3]);
+    if sa == 0 {
+        return dst;
+    }
+    let dst_factor = (u32::from(dst[3]) * (256 - sa)) >> 8;
+    let blend_a = sa + dst_factor; // < 256
+    let scale = (1u32 << 24) / blend_a;
+    let channel = |k: usize| {
+        (((u32::from(src[k]) * sa + u32::from(dst[k]) * dst_factor) * scale) >> 24) as u8
+    };
+    [channel(0), channel(1), channel(2), blend_a as u8]
+}
+
+/// Composites an animated WebP frame by frame as libwebp's `WebPAnimDecoder` does (what
+/// Pillow uses): key frames start from a transparent canvas, others from the previous
+/// canvas after its disposal; each frame's decoded pixels overwrite its rectangle, then
+/// (blend mode, not a key frame) pixels with alpha < 255 are blended over the previous
+/// canvas, except inside a previous rectangle disposed to transparent. Frame bitstreams
+/// are decoded by the image crate's still WebP decoder.
+pub(crate) struct WebPFrames<'b> {
+    anim: WebPAnim<'b>,
+    next: usize,
+    canvas: Vec<u8>,
+    prev_disposed: Vec<u8>,
+    prev_key: bool,
+}
+
+impl<'b> WebPFrames<'b> {
+    pub(crate) fn new(anim: WebPAnim<'b>) -> Self {
+        let n = anim.width as usize * anim.height as usize * 4;
+        Self {
+            anim,
+            next: 0,
+            canvas: vec![0; n],
+            prev_disposed: vec![0; n],
+            prev_key: false,
+        }
+    }
+
+    fn step(&mut self) -> Result<RgbaImage> {
+        let (cw, ch) = (self.anim.width, self.anim.height);
+        let i = self.next;
+        let f = self
+            .anim
+            .frames
+            .get(i)
+            .ok_or_else(|| MlmfError::Internal("WebP frame past the end".into()))?;
+        let prev = i.checked_sub(1).and_then(|p| self.anim.frames.get(p));
+        let key = match prev {
+            None => true,
+            Some(p) => {
+                ((!f.has_alpha() || !f.blend) && f.is_full(cw, ch))
+                    || (p.dispose_background && (p.is_full(cw, ch) || self.prev_key))
+            }
+        };
+        if key {
+            self.canvas.fill(0);
+        } else {
+            self.canvas.copy_from_slice(&self.prev_disposed);
+        }
+        let pixels = image::load_from_memory_with_format(&f.as_still(), image::ImageFormat::WebP)
+            .map_err(|e| decode_err(format!("corrupt WebP: frame {i}: {e}")))?
+            .into_rgba8();
+        if pixels.dimensions() != (f.width, f.height) {
+            return Err(decode_err(format!(
+                "corrupt WebP: frame {i} holds a {}x{} image, its header says {}x{}",
+                pixels.width(),
+                pixels.height(),
+                f.width,
+                f.height
+            )));
+        }
+        let row = f.width as usize * 4;
+        for (y, src) in pixels.as_raw().chunks_exact(row).enumerate() {
+            let at = ((f.y as usize + y) * cw as usize + f.x as usize) * 4;
+            self.canvas[at..at + row].copy_from_slice(src);
+        }
+        if let (Some(p), true, false) = (prev, f.blend, key) {
+            for y in f.y..f.y + f.height {
+                for x in f.x..f.x + f.width {
+                    // Inside a rectangle disposed to transparent the blend is a no-op.
+                    if p.dispose_background && p.contains(x, y) {
+                        continue;
+                    }
+                    let at = (y as usize * cw as usize + x as usize) * 4;
+                    let src = [
+                        self.canvas[at],
+                        self.canvas[at + 1],
+                        self.canvas[at + 2],
+                        self.canvas[at + 3],
+                    ];
+                    if src[3] != 255 {
+                        let dst = [
+                            self.prev_disposed[at],
+                            self.prev_disposed[at + 1],
+                            self.prev_disposed[at + 2],
+                            self.prev_disposed[at + 3],
+                        ];
+                        self.canvas[at..at + 4].copy_from_slice(&blend_non_premult(src, dst));
+                    }
+                }
+            }
+        }
+        self.prev_key = key;
+        self.prev_disposed.copy_from_slice(&self.canvas);
+        if f.dispose_background {
+            for y in f.y..f.y + f.height {
+                let at = (y as usize * cw as usize + f.x as usize) * 4;
+                self.prev_disposed[at..at + row].fill(0);
+            }
+        }
+        self.next += 1;
+        RgbaImage::from_raw(cw, ch, self.canvas.clone())
+            .ok_or_else(|| MlmfError::Internal("WebP canvas size".into()))
+    }
+}
+
+impl Iterator for WebPFrames<'_> {
+    type Item = Result<RgbaImage>;
+
+    fn next(&mut self) -> Option<Result<RgbaImage>> {
+        if self.next >= self.anim.frames.len() {
+            return None;
+        }
+        let r = self.step();
+        if r.is_err() {
+            // A broken frame ends the animation: later frames build on it.
+            self.next = self.anim.frames.len();
+        }
+        Some(r)
+    }
 }
 
 /// Names the kind of a non-animated input, for the "unsupported" message.
@@ -463,7 +749,8 @@ impl<'a> FrameSource<'a> {
                     });
                 }
                 if bytes.starts_with(b"RIFF") && bytes.get(8..12) == Some(b"WEBP") {
-                    return Ok(match scan_webp(&bytes, max_pixels)? {
+                    let info = parse_webp(&bytes, max_pixels)?.map(|a| a.info());
+                    return Ok(match info {
                         Some(info) if info.frames == 0 => {
                             return Err(input_err("animated WebP has no frames"))
                         }
@@ -547,25 +834,29 @@ impl Animation {
 }
 
 /// The composited RGBA canvases of an animation, decoded lazily in order.
-pub(crate) fn animation_frames(kind: Animation, bytes: &[u8]) -> Result<image::Frames<'_>> {
-    let open_err = |e: image::ImageError| decode_err(format!("corrupt {}: {e}", kind.name()));
-    Ok(match kind {
+pub(crate) fn animation_frames(
+    kind: Animation,
+    bytes: &[u8],
+    max_pixels: u64,
+) -> Result<Box<dyn Iterator<Item = Result<RgbaImage>> + '_>> {
+    match kind {
         Animation::Gif => {
-            let mut d = image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(open_err)?;
+            let open_err = |e: image::ImageError| decode_err(format!("corrupt GIF: {e}"));
+            let mut d =
+                image::codecs::gif::GifDecoder::new(Cursor::new(bytes)).map_err(open_err)?;
             // The GIF decoder starts without allocation limits; bound each frame buffer.
             d.set_limits(image::Limits::default()).map_err(open_err)?;
-            d.into_frames()
+            Ok(Box::new(d.into_frames().enumerate().map(|(i, f)| {
+                f.map(image::Frame::into_buffer)
+                    .map_err(|e| decode_err(format!("corrupt GIF: frame {i}: {e}")))
+            })))
         }
         Animation::WebP => {
-            let mut d =
-                image::codecs::webp::WebPDecoder::new(Cursor::new(bytes)).map_err(open_err)?;
-            // Without a background colour the decoder never clears disposed frame areas;
-            // libwebp's animation decoder (what Pillow uses) clears them to transparent.
-            d.set_background_color(image::Rgba([0, 0, 0, 0]))
-                .map_err(open_err)?;
-            d.into_frames()
+            let anim = parse_webp(bytes, max_pixels)?
+                .ok_or_else(|| decode_err("corrupt WebP: not animated"))?;
+            Ok(Box::new(WebPFrames::new(anim)))
         }
-    })
+    }
 }
 
 /// Decodes an animation frame by frame up to the last wanted one.
@@ -579,17 +870,14 @@ pub(crate) fn read_animation(
         return Ok(Vec::new());
     };
     let name = kind.name();
-    let frames = animation_frames(kind, bytes)?;
+    let frames = animation_frames(kind, bytes, image.config().max_image_pixels)?;
     let mut out = Vec::with_capacity(wanted.len());
     let mut next = wanted.iter().copied().peekable();
     for (i, frame) in frames.enumerate() {
+        let frame = frame?;
         if next.peek() == Some(&i) {
-            let frame =
-                frame.map_err(|e| decode_err(format!("corrupt {name}: frame {i}: {e}")))?;
-            out.push(rgba_to_rgb(frame.into_buffer(), image, i)?);
+            out.push(rgba_to_rgb(frame, image, i)?);
             next.next();
-        } else if let Err(e) = frame {
-            return Err(decode_err(format!("corrupt {name}: frame {i}: {e}")));
         }
         if i >= last {
             break;
@@ -609,10 +897,7 @@ pub(crate) fn read_animation(
 fn rgba_to_rgb(canvas: RgbaImage, image: &ImageProcessor, i: usize) -> Result<RgbImage> {
     let (w, h) = canvas.dimensions();
     if canvas.pixels().all(|p| p[3] == 255) {
-        let rgb: Vec<u8> = canvas
-            .pixels()
-            .flat_map(|p| [p[0], p[1], p[2]])
-            .collect();
+        let rgb: Vec<u8> = canvas.pixels().flat_map(|p| [p[0], p[1], p[2]]).collect();
         return RgbImage::from_raw(w, h, rgb)
             .ok_or_else(|| MlmfError::Internal("RGB frame buffer size".into()));
     }
@@ -718,8 +1003,13 @@ mod tests {
         assert_eq!(scan_gif(&g, u64::MAX).unwrap().frames, 2);
         // Truncated inside a frame is not.
         let g = tiny_gif(2, 10);
-        let err = scan_gif(&g[..g.len() - 4], u64::MAX).unwrap_err().to_string();
-        assert!(err.starts_with("video input: cannot decode: truncated GIF"), "{err}");
+        let err = scan_gif(&g[..g.len() - 4], u64::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("video input: cannot decode: truncated GIF"),
+            "{err}"
+        );
         let err = scan_gif(b"GIF89a\x01\x00\x01\x00\x00\x00\x00\x99", u64::MAX)
             .unwrap_err()
             .to_string();
@@ -736,7 +1026,10 @@ mod tests {
         let err = read_animation(Animation::Gif, &g, &[7], &ip)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("stopped after 0 frames, frame 7 was sampled"), "{err}");
+        assert!(
+            err.contains("stopped after 0 frames, frame 7 was sampled"),
+            "{err}"
+        );
     }
 
     #[test]

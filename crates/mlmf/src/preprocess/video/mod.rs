@@ -203,10 +203,7 @@ impl VideoProcessor {
     /// one list per window for the windowed sampler, otherwise a single list.
     pub fn sample_indices(&self, total: usize, fps: Option<f64>) -> Result<Vec<Vec<usize>>> {
         let fps = fps.or(self.cfg.default_fps);
-        let plan = self
-            .cfg
-            .sampler
-            .indices(total, fps, self.cfg.short_video)?;
+        let plan = self.cfg.sampler.indices(total, fps, self.cfg.short_video)?;
         let taken: usize = plan.iter().map(Vec::len).sum();
         if taken > self.cfg.max_frames {
             return Err(MlmfError::input(
@@ -238,8 +235,7 @@ impl VideoProcessor {
                 .enumerate()
                 .map(|(i, input)| {
                     guarded(i, || {
-                        let src =
-                            FrameSource::open(input, self.image.config().max_image_pixels)?;
+                        let src = FrameSource::open(input, self.image.config().max_image_pixels)?;
                         let fps = src.fps().or(self.cfg.default_fps);
                         let plan = self.sample_indices(src.total(), fps)?;
                         Ok((src, fps, plan))
@@ -370,9 +366,9 @@ impl VideoProcessor {
                     guarded(i, || {
                         let flat: Vec<usize> = plan.iter().flatten().copied().collect();
                         let (frames, unique) = decode_unique(src, &flat, &self.image)?;
-                        let first = frames.first().ok_or_else(|| {
-                            MlmfError::Internal("no frame decoded".into())
-                        })?;
+                        let first = frames
+                            .first()
+                            .ok_or_else(|| MlmfError::Internal("no frame decoded".into()))?;
                         let size = cfg.output_size_for(first.height(), first.width())?;
                         for (img, idx) in frames.iter().zip(&unique) {
                             let s = cfg.output_size_for(img.height(), img.width())?;
@@ -504,8 +500,10 @@ pub(crate) mod tests {
 
     pub(crate) fn image_processor_with(json: &str) -> ImageProcessor {
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
-        ImageProcessor::new(crate::preprocess::image::ImageProcessorConfig::from_hf_json(&v).unwrap())
-            .unwrap()
+        ImageProcessor::new(
+            crate::preprocess::image::ImageProcessorConfig::from_hf_json(&v).unwrap(),
+        )
+        .unwrap()
     }
 
     fn processor(cfg: VideoProcessorConfig) -> VideoProcessor {
@@ -527,7 +525,10 @@ pub(crate) mod tests {
     fn uniform_and_fps_equal_transformers() {
         assert_eq!(uniform_indices(10, 3).unwrap(), vec![0, 3, 6]);
         assert_eq!(uniform_indices(7, 7).unwrap(), vec![0, 1, 2, 3, 4, 5, 6]);
-        assert_eq!(uniform_indices(100, 8).unwrap(), vec![0, 12, 25, 37, 50, 62, 75, 87]);
+        assert_eq!(
+            uniform_indices(100, 8).unwrap(),
+            vec![0, 12, 25, 37, 50, 62, 75, 87]
+        );
         assert_eq!(uniform_indices(31, 4).unwrap(), vec![0, 7, 15, 23]);
         assert_eq!(uniform_indices(5, 0).unwrap(), Vec::<usize>::new());
         // 300 frames at 29.97 fps, 1 fps -> int(300 / 29.97 * 1) = 10 frames.
@@ -546,10 +547,22 @@ pub(crate) mod tests {
     #[test]
     fn too_many_frames_is_a_typed_error_unless_allowed() {
         let err = uniform_indices(3, 8).unwrap_err();
-        assert!(matches!(err, MlmfError::Input { modality: Modality::Video, .. }));
-        assert_eq!(err.to_string(), "video input: video has 3 frames, sampler asked for 8");
+        assert!(matches!(
+            err,
+            MlmfError::Input {
+                modality: Modality::Video,
+                ..
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "video input: video has 3 frames, sampler asked for 8"
+        );
         let err = fps_indices(30, 25.0, 30.0).unwrap_err().to_string();
-        assert_eq!(err, "video input: video has 30 frames, sampler asked for 36");
+        assert_eq!(
+            err,
+            "video input: video has 30 frames, sampler asked for 36"
+        );
 
         let p = |short| {
             VideoProcessor::new(
@@ -633,7 +646,10 @@ pub(crate) mod tests {
             .sample_indices(100, None)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("window_seconds needs the video's frame rate"), "{err}");
+        assert!(
+            err.contains("window_seconds needs the video's frame rate"),
+            "{err}"
+        );
         // The video's own fps wins over default_fps: 2 s at 5 fps = 10 frames.
         assert_eq!(
             p(windows(None, Some(2.0), None, 1, None), Some(30.0))
@@ -652,13 +668,19 @@ pub(crate) mod tests {
             short_video: ShortVideo::Repeat,
             ..Default::default()
         });
-        assert_eq!(lenient.sample_indices(3, None).unwrap(), vec![vec![0, 0, 1, 2]]);
+        assert_eq!(
+            lenient.sample_indices(3, None).unwrap(),
+            vec![vec![0, 0, 1, 2]]
+        );
         // More frames per window than the window has.
         let err = p(windows(Some(2), None, None, 3, None), None)
             .sample_indices(6, None)
             .unwrap_err()
             .to_string();
-        assert_eq!(err, "video input: window has 2 frames, sampler asked for 3 per window");
+        assert_eq!(
+            err,
+            "video input: window has 2 frames, sampler asked for 3 per window"
+        );
     }
 
     #[test]
@@ -714,7 +736,10 @@ pub(crate) mod tests {
 
     /// `[T, H, W, 3]` frames whose red channel is the frame number.
     fn numbered(t: usize, h: usize, w: usize) -> Array4<u8> {
-        Array4::from_shape_fn((t, h, w, 3), |(f, _, _, c)| if c == 0 { f as u8 } else { 0 })
+        Array4::from_shape_fn(
+            (t, h, w, 3),
+            |(f, _, _, c)| if c == 0 { f as u8 } else { 0 },
+        )
     }
 
     #[test]
@@ -820,7 +845,10 @@ pub(crate) mod tests {
             }])
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("video input 0: expected a non-empty"), "{err}");
+        assert!(
+            err.starts_with("video input 0: expected a non-empty"),
+            "{err}"
+        );
         let err = VideoInput::from_array(ndarray::ArrayD::zeros(IxDyn(&[4, 4, 3])), None)
             .unwrap_err()
             .to_string();
@@ -829,12 +857,20 @@ pub(crate) mod tests {
             "video input: expected a uint8 array of shape [T, H, W, C], got 3 dimensions [4, 4, 3]"
         );
         let err = p
-            .process(&[ok(), VideoInput::Source(Source::Bytes(b"GIF89a\x01".to_vec()))])
+            .process(&[
+                ok(),
+                VideoInput::Source(Source::Bytes(b"GIF89a\x01".to_vec())),
+            ])
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("video input 1: cannot decode: truncated GIF"), "{err}");
+        assert!(
+            err.starts_with("video input 1: cannot decode: truncated GIF"),
+            "{err}"
+        );
         let err = p
-            .process(&[VideoInput::Source(Source::Bytes(b"\0\0\0\x18ftypmp42....".to_vec()))])
+            .process(&[VideoInput::Source(Source::Bytes(
+                b"\0\0\0\x18ftypmp42....".to_vec(),
+            ))])
             .unwrap_err()
             .to_string();
         assert!(err.contains("got an MP4/MOV container"), "{err}");
@@ -844,7 +880,10 @@ pub(crate) mod tests {
             ..Default::default()
         });
         let err = fps.process(&[ok()]).unwrap_err().to_string();
-        assert!(err.contains("fps sampler needs the video's frame rate"), "{err}");
+        assert!(
+            err.contains("fps sampler needs the video's frame rate"),
+            "{err}"
+        );
         assert!(err.starts_with("video input 0:"), "{err}");
         // Different frame counts in one batch.
         let err = fps
@@ -899,7 +938,10 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("video input 0: frame directory"), "{err}");
-        assert!(err.contains("\"notes.txt\", which is not an image file"), "{err}");
+        assert!(
+            err.contains("\"notes.txt\", which is not an image file"),
+            "{err}"
+        );
         std::fs::remove_file(dir.join("notes.txt")).unwrap();
         // A corrupt frame is reported when sampled, naming the frame.
         std::fs::write(dir.join("frame5.png"), b"not a png").unwrap();
@@ -907,7 +949,10 @@ pub(crate) mod tests {
             .process(&[VideoInput::Source(Source::Path(dir.clone()))])
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("video input 0: cannot decode: frame 4 ("), "{err}");
+        assert!(
+            err.starts_with("video input 0: cannot decode: frame 4 ("),
+            "{err}"
+        );
         let empty = temp_dir("empty");
         let err = p
             .process(&[VideoInput::Source(Source::Path(empty.clone()))])

@@ -231,16 +231,15 @@ pub(crate) fn window_indices(
         .into_iter()
         .map(|w| {
             let start = w * stride;
-            let inner = counted_indices(len, spec.frames_per_window, short)
-                .map_err(|_| {
-                    MlmfError::input(
-                        Modality::Video,
-                        format!(
-                            "window has {len} frames, sampler asked for {} per window",
-                            spec.frames_per_window
-                        ),
-                    )
-                })?;
+            let inner = counted_indices(len, spec.frames_per_window, short).map_err(|_| {
+                MlmfError::input(
+                    Modality::Video,
+                    format!(
+                        "window has {len} frames, sampler asked for {} per window",
+                        spec.frames_per_window
+                    ),
+                )
+            })?;
             Ok(inner.into_iter().map(|i| start + i).collect())
         })
         .collect()
