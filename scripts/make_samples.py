@@ -58,8 +58,12 @@ def main() -> None:
     env = np.minimum(1.0, t * 8) * np.minimum(1.0, (3.0 - t) * 8)
     left = 0.3 * env * chirp
     right = 0.2 * env * vowel / 2
-    sf.write(DATA / "sample.flac", np.stack([left, right], axis=1).astype(np.float32), sr,
-             subtype="PCM_16")
+    sf.write(
+        DATA / "sample.flac",
+        np.stack([left, right], axis=1).astype(np.float32),
+        sr,
+        subtype="PCM_16",
+    )
     (DATA / "texts.txt").write_text(
         "A red house on a green hill under a blue sky.\n"
         "The sun moves slowly across the afternoon sky.\n"
@@ -79,8 +83,11 @@ def main() -> None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (tok_src / name).exists():
                 shutil.copy(tok_src / name, dst / name)
-    print(json.dumps({p.name: p.stat().st_size for p in sorted(DATA.rglob("*")) if p.is_file()},
-                     indent=1))
+    print(
+        json.dumps(
+            {p.name: p.stat().st_size for p in sorted(DATA.rglob("*")) if p.is_file()}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

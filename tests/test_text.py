@@ -7,9 +7,9 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, load_manifest
 
 import mlmf
+from conftest import FIXTURES, load_manifest
 
 MANIFEST = load_manifest("text")
 TEXTS = json.loads((FIXTURES / "text" / MANIFEST["texts"]).read_text(encoding="utf-8"))

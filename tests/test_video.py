@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 
-import mlmf
 import numpy as np
 import pytest
+
+import mlmf
 from conftest import FIXTURES, load_manifest
 
 MANIFEST = load_manifest("video")

@@ -6,11 +6,13 @@ embeddings) come out. See the README for a tour.
 
 from mlmf._mlmf import (
     CUDA_COMPILED,
+    AudioProcessor,
     CacheError,
     ConfigError,
     DecodeError,
     DeviceError,
     DistributedError,
+    ImageProcessor,
     InputError,
     InternalError,
     MissingModalityError,
@@ -20,6 +22,14 @@ from mlmf._mlmf import (
     MultiModalConfig,
     TextProcessor,
     __version__,
+    decode_image,
+    extract_patches,
+    load_audio,
+    log_mel_spectrogram,
+    mel_filter_bank,
+    qwen2vl_patches,
+    resample_audio,
+    resize_image,
 )
 
 __all__ = [

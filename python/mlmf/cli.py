@@ -94,7 +94,9 @@ def demo(args: argparse.Namespace) -> int:
     vp = mlmf.VideoProcessor(num_frames=8, image=ip)
     video = DATA / "sample.gif"
     res, ms = _timed(lambda: vp([video]))
-    print(f"[video] {video.name}: 8 frames sampled uniformly, each through the image path", file=out)
+    print(
+        f"[video] {video.name}: 8 frames sampled uniformly, each through the image path", file=out
+    )
     print(f"        pixel_values    {_describe(res['pixel_values'])}", file=out)
     print(f"        frame indices   {res['indices'][0]}", file=out)
     print(f"        {ms:.3f} ms per video\n", file=out)

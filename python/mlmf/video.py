@@ -117,7 +117,9 @@ def _seconds_to_frames(seconds: float, fps: Optional[float], field: str) -> int:
         )
     frames = _round_half_away(float(seconds) * float(fps))
     if not math.isfinite(frames):
-        raise _input_error(f"sampler.{field} = {seconds} s at {fps} fps is not a usable frame count")
+        raise _input_error(
+            f"sampler.{field} = {seconds} s at {fps} fps is not a usable frame count"
+        )
     return max(1, int(frames))
 
 
@@ -155,7 +157,9 @@ def window_indices(
             "invalid config at `sampler`: set at most one of stride_frames and stride_seconds"
         )
     if frames_per_window < 1 or (max_windows is not None and max_windows < 1):
-        raise ConfigError("invalid config at `sampler`: frames_per_window and max_windows must be >= 1")
+        raise ConfigError(
+            "invalid config at `sampler`: frames_per_window and max_windows must be >= 1"
+        )
     length = (
         int(window_frames)
         if window_frames is not None
@@ -168,7 +172,9 @@ def window_indices(
     else:
         stride = length
     if length < 1 or stride < 1:
-        raise ConfigError("invalid config at `sampler`: window length and stride must be >= 1 frame")
+        raise ConfigError(
+            "invalid config at `sampler`: window length and stride must be >= 1 frame"
+        )
     if total <= 0:
         raise _input_error("video has no frames")
     if total < length:
@@ -221,8 +227,18 @@ def sample_indices(
         )
     if sampler is None:
         if num_frames is not None and fps is not None:
-            raise ConfigError("invalid config at `sampler`: num_frames and fps are mutually exclusive")
-        sampler = "uniform" if num_frames is not None else "fps" if fps is not None else "windows" if window else "all"
+            raise ConfigError(
+                "invalid config at `sampler`: num_frames and fps are mutually exclusive"
+            )
+        sampler = (
+            "uniform"
+            if num_frames is not None
+            else "fps"
+            if fps is not None
+            else "windows"
+            if window
+            else "all"
+        )
     if window and sampler != "windows":
         raise ConfigError(
             f"invalid config at `sampler`: {', '.join(sorted(window))} only apply to the windows sampler"
@@ -233,7 +249,9 @@ def sample_indices(
     rate = video_fps if video_fps is not None else default_fps
     if sampler == "uniform":
         if num_frames is None or int(num_frames) < 1:
-            raise ConfigError(f"invalid config at `sampler.num_frames`: must be at least 1, got {num_frames}")
+            raise ConfigError(
+                f"invalid config at `sampler.num_frames`: must be at least 1, got {num_frames}"
+            )
         plan = [_counted(total, int(num_frames), short_video)]
     elif sampler == "fps":
         if fps is None:
@@ -246,7 +264,9 @@ def sample_indices(
         plan = [_counted(total, _fps_frame_count(total, rate, fps), short_video)]
     elif sampler == "windows":
         if "frames_per_window" not in window:
-            raise ConfigError("invalid config at `sampler.frames_per_window`: required by the windows sampler")
+            raise ConfigError(
+                "invalid config at `sampler.frames_per_window`: required by the windows sampler"
+            )
         plan = window_indices(total, rate, short_video=short_video, **window)
     elif sampler == "all":
         plan = [list(range(total))]
@@ -288,7 +308,7 @@ def _count_frames(container: Any, stream: Any) -> int:
 
 
 def read_video(
-    path: Union[str, "os.PathLike[str]", bytes, BinaryIO],
+    path: Union[str, os.PathLike[str], bytes, BinaryIO],
     sampler: Optional[str] = None,
     num_frames: Optional[int] = None,
     fps: Optional[float] = None,
@@ -297,7 +317,7 @@ def read_video(
     max_frames: int = 512,
     short_video: str = "error",
     **window: Any,
-) -> tuple["npt.NDArray[np.uint8]", list[int], dict[str, Any]]:
+) -> tuple[npt.NDArray[np.uint8], list[int], dict[str, Any]]:
     """Decodes the sampled frames of a container video.
 
     Returns ``(frames, indices, meta)``: ``frames`` uint8 ``[N, H, W, 3]`` RGB, one per

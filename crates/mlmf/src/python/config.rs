@@ -75,20 +75,6 @@ impl PyModality {
     }
 }
 
-/// Accepts a `Modality` or its name.
-pub(crate) fn modality_arg(obj: &Bound<'_, PyAny>) -> PyResult<Modality> {
-    if let Ok(m) = obj.cast::<PyModality>() {
-        return Ok(m.get().0);
-    }
-    let name: String = obj.extract().map_err(|_| {
-        PyErr::from(MlmfError::config(
-            "modality",
-            "expected a mlmf.Modality or a modality name",
-        ))
-    })?;
-    Ok(name.parse()?)
-}
-
 /// The configuration of a multimodal model (see the config reference in the docs).
 #[pyclass(name = "MultiModalConfig", module = "mlmf._mlmf", from_py_object)]
 #[derive(Clone)]

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::arrays::{items, raw_batch, raw_item, RawItem};
 use super::{detached, guarded};
+use crate::config::PreprocessingConfig;
 use crate::error::MlmfError;
 use crate::modality::Modality;
 use crate::preprocess::audio::{self as aud, AudioInput, AudioProcessor, AudioProcessorConfig};
@@ -261,10 +262,13 @@ impl PyImageProcessor {
     #[pyo3(signature = (**kwargs))]
     fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
         let mut obj = kwargs_json(kwargs)?;
-        if !obj.contains_key("image_processor_type") {
-            obj.insert("image_processor_type".into(), "CLIPImageProcessor".into());
-        }
-        let cfg = ImageProcessorConfig::from_hf_json(&Value::Object(obj))?;
+        // The processor type picks the defaults (CLIP unless told otherwise); every
+        // other key must be a setting the processor has.
+        let kind = obj
+            .remove("image_processor_type")
+            .unwrap_or_else(|| "CLIPImageProcessor".into());
+        let base = serde_json::json!({ "image_processor_type": kind });
+        let cfg = PreprocessingConfig(obj).image(Some(&base))?;
         Ok(Self {
             inner: ImageProcessor::new(cfg)?,
         })
@@ -537,8 +541,7 @@ impl PyAudioProcessor {
     #[new]
     #[pyo3(signature = (**kwargs))]
     fn new(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
-        let obj = kwargs_json(kwargs)?;
-        let cfg = AudioProcessorConfig::from_hf_json(&Value::Object(obj))?;
+        let cfg = PreprocessingConfig(kwargs_json(kwargs)?).audio(None)?;
         Ok(Self {
             inner: AudioProcessor::new(cfg)?,
         })

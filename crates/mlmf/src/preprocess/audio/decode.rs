@@ -18,7 +18,6 @@ use symphonia::core::formats::{FormatOptions, TrackType};
 use symphonia::core::io::MediaSourceStream;
 use symphonia::core::meta::MetadataOptions;
 
-use super::resample::MAX_SAMPLING_RATE;
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 
@@ -70,6 +69,7 @@ fn decode_inner(bytes: &[u8], max_duration_s: Option<f64>) -> Result<(Array2<f32
         .default_track(TrackType::Audio)
         .ok_or_else(|| decode_error("the file has no audio track"))?;
     let track_id = track.id;
+    let declared_frames = track.num_frames;
     let params = track
         .codec_params
         .as_ref()
@@ -150,14 +150,22 @@ fn decode_inner(bytes: &[u8], max_duration_s: Option<f64>) -> Result<(Array2<f32
         frames += n;
     }
 
+    if let Some(declared) = declared_frames {
+        if (frames as u64) < declared {
+            return Err(decode_error(format!(
+                "truncated stream: the header declares {declared} frames, the data holds {frames}"
+            )));
+        }
+    }
     let rate = rate.ok_or_else(|| decode_error("the stream declares no sampling rate"))?;
-    if rate == 0 || rate > MAX_SAMPLING_RATE {
-        return Err(decode_error(format!(
-            "sampling rate {rate} Hz outside the supported 1..={MAX_SAMPLING_RATE} Hz"
-        )));
+    if rate == 0 {
+        return Err(decode_error("the stream declares a sampling rate of 0 Hz"));
     }
     let channels = planes.len();
-    let data: Vec<f32> = planes.into_iter().flatten().collect();
+    let mut data = Vec::with_capacity(channels * frames);
+    for plane in &planes {
+        data.extend_from_slice(plane);
+    }
     let array = Array2::from_shape_vec((channels, frames), data)
         .map_err(|e| MlmfError::Internal(format!("decoded audio layout: {e}")))?;
     Ok((array, rate))

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use ndarray::{Array2, ArrayViewMut2};
+use ndarray::{Array2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 use realfft::num_complex::Complex;
 use realfft::{RealFftPlanner, RealToComplex};
@@ -87,7 +87,7 @@ pub fn mel_filter_bank(
     f_max: f64,
 ) -> Array2<f32> {
     let mut bank = Array2::<f32>::zeros((n_freqs, n_mels));
-    if n_freqs < 2 || n_mels == 0 || !(f_min < f_max) {
+    if n_freqs < 2 || n_mels == 0 || f_min.is_nan() || f_max.is_nan() || f_min >= f_max {
         return bank;
     }
     let mel_points = linspace(hertz_to_mel(f_min), hertz_to_mel(f_max), n_mels + 2);
@@ -222,120 +222,251 @@ impl LogMel {
         }
     }
 
-    /// The chunk right-padded with `padding_value` (or truncated) to `n_samples`, then
-    /// reflect-padded by `n_fft / 2` on both sides as `torch.stft(center=True)` does.
-    fn padded(&self, samples: &[f32]) -> Vec<f32> {
-        let pad = self.n_fft / 2;
-        let n = self.n_samples;
-        let taken = samples.len().min(n);
-        let mut out = vec![0.0f32; n + 2 * pad];
-        {
-            let body = &mut out[pad..pad + n];
-            body[..taken].copy_from_slice(&samples[..taken]);
-            body[taken..].fill(self.padding_value);
-        }
-        // Reflection excludes the edge sample: [a b c d] padded by 2 is [c b a b c d c b].
-        for i in 0..pad {
-            out[pad - 1 - i] = out[pad + 1 + i];
-            out[pad + n + i] = out[pad + n - 2 - i];
-        }
-        out
-    }
-
-    /// Log-mel spectrogram of one chunk into `out` (`[n_mels, n_frames]`).
+    /// Log-mel spectrogram of one chunk into `out` (`[n_mels, n_frames]`, standard
+    /// layout). `samples` longer than a chunk are truncated.
     pub(crate) fn compute_into(
         &self,
         samples: &[f32],
         mut out: ArrayViewMut2<'_, f32>,
     ) -> Result<()> {
-        if out.dim() != (self.n_mels, self.n_frames) {
+        if out.dim() != (self.n_mels, self.n_frames) || !out.is_standard_layout() {
             return Err(MlmfError::Internal(format!(
-                "log-mel output is {:?}, expected ({}, {})",
+                "log-mel output is {:?}, expected ({}, {}) in standard layout",
                 out.dim(),
                 self.n_mels,
                 self.n_frames
             )));
         }
-        let padded = self.padded(samples);
-        let n_mels = self.n_mels;
-        // Frame-major log-mel values; transposed into `out` once the maximum is known.
-        let mut logmel = vec![0.0f32; self.n_frames * n_mels];
-        let max = logmel
-            .par_chunks_mut(FRAMES_PER_TASK * n_mels)
+        let chunk = Chunk {
+            x: &samples[..samples.len().min(self.n_samples)],
+            n: self.n_samples,
+            padding_value: self.padding_value,
+        };
+        // Frames made only of padding are all equal: compute that frame once.
+        let mut constant = vec![0.0f32; self.n_mels];
+        let mut s = self.scratch();
+        self.constant_frame_into(&chunk, &mut s, &mut constant)?;
+
+        // Pass 1: mel energies (clamped at 1e-10) and their maximum.
+        let max = out
+            .axis_chunks_iter_mut(Axis(1), FRAMES_PER_TASK)
+            .into_par_iter()
             .enumerate()
             .map_init(
                 || self.scratch(),
-                |scratch, (task, dst)| {
-                    self.frames_into(&padded, task * FRAMES_PER_TASK, dst, scratch)
+                |scratch, (task, mut block)| {
+                    self.block_into(
+                        &chunk,
+                        task * FRAMES_PER_TASK,
+                        &constant,
+                        &mut block,
+                        scratch,
+                    )
                 },
             )
-            .try_reduce(|| f32::NEG_INFINITY, |a, b| Ok(a.max(b)))?;
-        let floor = max - DYNAMIC_RANGE;
-        out.outer_iter_mut()
-            .into_par_iter()
-            .enumerate()
-            .for_each(|(m, mut row)| {
-                for (t, v) in row.iter_mut().enumerate() {
-                    *v = (logmel[t * n_mels + m].max(floor) + 4.0) / 4.0;
+            .try_reduce(|| MEL_FLOOR, |a, b| Ok(a.max(b)))?;
+        // Pass 2: log10, the dynamic range floor, scaling. log10 is monotonic, so the
+        // maximum of the logs is the log of the maximum (same function, same input).
+        let floor = log10(max) - DYNAMIC_RANGE;
+        out.outer_iter_mut().into_par_iter().for_each(|mut row| {
+            if let Some(row) = row.as_slice_mut() {
+                for v in row.iter_mut() {
+                    *v = (log10(*v).max(floor) + 4.0) / 4.0;
                 }
-            });
+            }
+        });
         Ok(())
     }
 
-    /// Unscaled `log10(max(mel, 1e-10))` of frames `first..first + dst.len() / n_mels`
-    /// into `dst` (frame-major); returns their maximum.
-    fn frames_into(
+    /// Windowed frame `t` into `frame`. Returns false (leaving `frame` alone) when the
+    /// frame holds padding only.
+    fn frame_into(&self, chunk: &Chunk<'_>, t: usize, frame: &mut [f32]) -> bool {
+        let pad = (self.n_fft / 2) as isize;
+        let lo = (t * self.hop_length) as isize - pad;
+        let hi = lo + self.n_fft as isize;
+        if chunk.is_padding(lo, hi) {
+            return false;
+        }
+        if lo >= 0 && hi as usize <= chunk.x.len() {
+            let src = &chunk.x[lo as usize..hi as usize];
+            for ((f, &v), &w) in frame.iter_mut().zip(src).zip(&self.window) {
+                *f = v * w;
+            }
+        } else {
+            for ((f, j), &w) in frame.iter_mut().zip(lo..hi).zip(&self.window) {
+                *f = chunk.at(j) * w;
+            }
+        }
+        true
+    }
+
+    /// Power spectrum of `s.frame` into lane `lane` of `s.power`.
+    fn power_into(&self, s: &mut Scratch, lane: usize) -> Result<()> {
+        self.fft
+            .process_with_scratch(&mut s.frame, &mut s.spectrum, &mut s.fft_scratch)
+            .map_err(|e| MlmfError::Internal(format!("FFT failed: {e}")))?;
+        for (bin, c) in s.power.chunks_exact_mut(LANES).zip(&s.spectrum) {
+            bin[lane] = c.re * c.re + c.im * c.im;
+        }
+        Ok(())
+    }
+
+    /// Mel energies (clamped at 1e-10) of a frame made only of `padding_value`.
+    fn constant_frame_into(
         &self,
-        padded: &[f32],
-        first: usize,
+        chunk: &Chunk<'_>,
+        s: &mut Scratch,
         dst: &mut [f32],
+    ) -> Result<()> {
+        for (f, &w) in s.frame.iter_mut().zip(&self.window) {
+            *f = chunk.padding_value * w;
+        }
+        s.power.fill(0.0);
+        self.power_into(s, 0)?;
+        let mut acc = [0.0f32; LANES];
+        for (m, d) in dst.iter_mut().enumerate() {
+            self.project(&s.power, m, &mut acc);
+            *d = acc[0].max(MEL_FLOOR);
+        }
+        Ok(())
+    }
+
+    /// Mel energies of filter `m` for the `LANES` frames in `power`.
+    #[inline]
+    fn project(&self, power: &[f32], m: usize, acc: &mut [f32; LANES]) {
+        *acc = [0.0; LANES];
+        let filter = &self.filters[m];
+        let bins = power[filter.first_bin * LANES..].chunks_exact(LANES);
+        for (&w, bin) in filter.weights.iter().zip(bins) {
+            for (a, &p) in acc.iter_mut().zip(bin) {
+                *a += w * p;
+            }
+        }
+    }
+
+    /// Mel energies `max(mel, 1e-10)` of the frames starting at `first` into `block`
+    /// (`[n_mels, frames]`, rows contiguous); returns their maximum.
+    fn block_into(
+        &self,
+        chunk: &Chunk<'_>,
+        first: usize,
+        constant: &[f32],
+        block: &mut ArrayViewMut2<'_, f32>,
         s: &mut Scratch,
     ) -> Result<f32> {
-        let n_mels = self.n_mels;
-        let count = dst.len() / n_mels;
-        let mut max = f32::NEG_INFINITY;
+        let count = block.ncols();
+        let mut max = MEL_FLOOR;
         let mut group = 0;
         while group < count {
             let lanes = LANES.min(count - group);
-            for lane in 0..LANES {
-                if lane >= lanes {
-                    // Unused lanes of the last group: zero power, results discarded.
-                    for bin in s.power.chunks_exact_mut(LANES) {
-                        bin[lane] = 0.0;
-                    }
-                    continue;
-                }
-                let start = (first + group + lane) * self.hop_length;
-                let src = padded.get(start..start + self.n_fft).ok_or_else(|| {
-                    MlmfError::Internal(format!("STFT frame at sample {start} out of range"))
-                })?;
-                for ((x, &v), &w) in s.frame.iter_mut().zip(src).zip(&self.window) {
-                    *x = v * w;
-                }
-                self.fft
-                    .process_with_scratch(&mut s.frame, &mut s.spectrum, &mut s.fft_scratch)
-                    .map_err(|e| MlmfError::Internal(format!("FFT failed: {e}")))?;
-                for (bin, c) in s.power.chunks_exact_mut(LANES).zip(&s.spectrum) {
-                    bin[lane] = c.re * c.re + c.im * c.im;
+            let mut computed = [false; LANES];
+            for (lane, done) in computed.iter_mut().enumerate().take(lanes) {
+                if self.frame_into(chunk, first + group + lane, &mut s.frame) {
+                    self.power_into(s, lane)?;
+                    *done = true;
                 }
             }
-            for (m, filter) in self.filters.iter().enumerate() {
+            let any = computed.iter().any(|&c| c);
+            for (m, mut row) in block.outer_iter_mut().enumerate() {
+                let row = row.as_slice_mut().ok_or_else(|| {
+                    MlmfError::Internal("log-mel block rows are not contiguous".into())
+                })?;
                 let mut acc = [0.0f32; LANES];
-                let bins = s.power[filter.first_bin * LANES..].chunks_exact(LANES);
-                for (&w, bin) in filter.weights.iter().zip(bins) {
-                    for (a, &p) in acc.iter_mut().zip(bin) {
-                        *a += w * p;
-                    }
+                if any {
+                    self.project(&s.power, m, &mut acc);
                 }
-                for (lane, &a) in acc.iter().enumerate().take(lanes) {
-                    let v = a.max(MEL_FLOOR).log10();
+                for lane in 0..lanes {
+                    let v = if computed[lane] {
+                        acc[lane].max(MEL_FLOOR)
+                    } else {
+                        constant[m]
+                    };
                     max = max.max(v);
-                    dst[(group + lane) * n_mels + m] = v;
+                    row[group + lane] = v;
                 }
             }
             group += lanes;
         }
         Ok(max)
+    }
+}
+
+/// One chunk's samples as the STFT sees them: `x` right-padded with `padding_value` to
+/// `n` samples, then reflected at both ends (`torch.stft(center=True)`, reflect mode).
+struct Chunk<'a> {
+    x: &'a [f32],
+    n: usize,
+    padding_value: f32,
+}
+
+impl Chunk<'_> {
+    /// Sample at position `j` of the padded signal's coordinates (`0..n` is the chunk).
+    /// Reflection excludes the edge sample: `[a b c d]` padded by 2 is `[c b a b c d c b]`.
+    #[inline]
+    fn at(&self, j: isize) -> f32 {
+        let n = self.n as isize;
+        let i = if j < 0 {
+            -j
+        } else if j >= n {
+            2 * n - 2 - j
+        } else {
+            j
+        };
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.x.get(i))
+            .copied()
+            .unwrap_or(self.padding_value)
+    }
+
+    /// Whether every sample of `lo..hi` comes from the padding.
+    fn is_padding(&self, lo: isize, hi: isize) -> bool {
+        let len = self.x.len() as isize;
+        let n = self.n as isize;
+        // Left reflection maps j < 0 to -j, right reflection maps j >= n to 2n - 2 - j:
+        // both must land at or after the end of the real samples.
+        let left_ok = lo >= len || (len == 0);
+        let left_reflect_ok = lo >= 0 || 1 - hi.min(0) >= len;
+        let right_ok = hi - 1 < n || 2 * n - 2 - (hi - 1) >= len;
+        left_ok && left_reflect_ok && right_ok
+    }
+}
+
+/// `log10(max(x, 1e-10))`, branch-free so that loops over it vectorise.
+///
+/// Natural logarithm after Cephes `logf` (S. Moshier): split off the binary exponent,
+/// fold the mantissa into [sqrt(1/2), sqrt(2)), evaluate a degree-9 polynomial; within
+/// about 1 ulp of the exact value. `+inf` stays `+inf`.
+#[inline(always)]
+fn log10(x: f32) -> f32 {
+    const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    const LOG10_E: f32 = std::f32::consts::LOG10_E;
+    let v = x.max(MEL_FLOOR);
+    let bits = v.to_bits();
+    let e = ((bits >> 23) & 0xff) as i32 - 126;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+    let small = m < SQRT_HALF;
+    let e = if small { e - 1 } else { e };
+    let m = if small { m + m - 1.0 } else { m - 1.0 };
+    let z = m * m;
+    let mut y = 7.037_683_6e-2f32;
+    y = y * m - 1.151_461_1e-1;
+    y = y * m + 1.167_699_9e-1;
+    y = y * m - 1.242_014_1e-1;
+    y = y * m + 1.424_932_3e-1;
+    y = y * m - 1.666_805_8e-1;
+    y = y * m + 2.000_071_5e-1;
+    y = y * m - 2.499_999_4e-1;
+    y = y * m + 3.333_333e-1;
+    y = y * m * z;
+    let fe = e as f32;
+    y += -2.121_944_4e-4 * fe;
+    y += -0.5 * z;
+    let ln = m + y + 0.693_359_4 * fe;
+    if v == f32::INFINITY {
+        v
+    } else {
+        ln * LOG10_E
     }
 }
 
@@ -423,14 +554,65 @@ mod tests {
             .all(|&w| w == 0.0));
     }
 
+    fn padded(x: &[f32], n: usize, pad: isize) -> (Vec<f32>, Vec<bool>) {
+        let c = Chunk {
+            x,
+            n,
+            padding_value: 0.0,
+        };
+        let vals = (-pad..n as isize + pad).map(|j| c.at(j)).collect();
+        // Padding-only test of every window of 2 * pad samples.
+        let windows = (-pad..=n as isize - pad)
+            .map(|lo| c.is_padding(lo, lo + 2 * pad))
+            .collect();
+        (vals, windows)
+    }
+
     #[test]
     fn reflect_padding_matches_torch() {
-        let lm = LogMel::new(4, 1, 6, 2, 16000, 0.0);
-        let p = lm.padded(&[1.0, 2.0, 3.0, 4.0]);
         // Right-padded to 6 with zeros, then reflected by 2 (the padding included).
-        assert_eq!(p, vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 4.0]);
-        let p = lm.padded(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
-        assert_eq!(p, vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 5.0, 4.0]);
+        let (v, w) = padded(&[1.0, 2.0, 3.0, 4.0], 6, 2);
+        assert_eq!(v, vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 4.0]);
+        assert_eq!(w, vec![false, false, false, false, false, false, false]);
+        let (v, _) = padded(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 6, 2);
+        assert_eq!(v, vec![3.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 5.0, 4.0]);
+        // Windows of 4 over [1 0 0 0 0 0 0 0] padded by 2: [0 0 1 0 0 0 0 0 0 0 0 0].
+        let (v, w) = padded(&[1.0], 8, 2);
+        assert_eq!(v[2], 1.0);
+        assert_eq!(v.iter().filter(|&&x| x != 0.0).count(), 1);
+        assert_eq!(
+            w,
+            vec![false, false, false, true, true, true, true, true, true]
+        );
+        let (_, w) = padded(&[], 8, 2);
+        assert!(w.iter().all(|&p| p));
+        // The brute-force check agrees with `is_padding` for every short input.
+        for len in 0..8 {
+            let x: Vec<f32> = (0..len).map(|i| i as f32 + 1.0).collect();
+            let (v, w) = padded(&x, 8, 2);
+            for (k, &p) in w.iter().enumerate() {
+                assert_eq!(
+                    p,
+                    v[k..k + 4].iter().all(|&s| s == 0.0),
+                    "len {len} window {k}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fast_log10_matches_std() {
+        let mut worst = 0.0f32;
+        let mut x = 1e-12f32;
+        while x < 1e12 {
+            let want = f64::from(x.max(MEL_FLOOR)).log10() as f32;
+            worst = worst.max((log10(x) - want).abs());
+            x *= 1.0137;
+        }
+        assert!(worst < 2e-6, "worst {worst}");
+        assert_eq!(log10(f32::INFINITY), f32::INFINITY);
+        assert_eq!(log10(0.0), -10.0);
+        assert_eq!(log10(1.0), 0.0);
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod decode;
 mod mel;
 mod resample;
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use ndarray::{Array2, Array3, ArrayView2, Axis};
@@ -40,7 +41,7 @@ pub use mel::mel_filter_bank;
 pub use resample::resample;
 
 use mel::LogMel;
-use resample::{check_rate, MAX_SAMPLING_RATE};
+use resample::{check_rate, MAX_SAMPLING_RATE, MIN_SAMPLING_RATE};
 
 /// One raw audio item.
 #[derive(Debug, Clone)]
@@ -178,11 +179,11 @@ impl AudioProcessorConfig {
                 format!("must be in 1..=1024 mel filters, got {}", self.feature_size),
             ));
         }
-        if self.sampling_rate == 0 || self.sampling_rate > MAX_SAMPLING_RATE {
+        if !(MIN_SAMPLING_RATE..=MAX_SAMPLING_RATE).contains(&self.sampling_rate) {
             return Err(MlmfError::config(
                 "sampling_rate",
                 format!(
-                    "must be in 1..={MAX_SAMPLING_RATE} Hz, got {}",
+                    "must be in {MIN_SAMPLING_RATE}..={MAX_SAMPLING_RATE} Hz, got {}",
                     self.sampling_rate
                 ),
             ));
@@ -277,8 +278,9 @@ fn input_error(message: impl Into<String>) -> MlmfError {
     MlmfError::input(Modality::Audio, message)
 }
 
-/// Checks `[channels, samples]` audio and averages it to mono.
-fn downmix(data: ArrayView2<'_, f32>) -> Result<Vec<f32>> {
+/// Checks `[channels, samples]` audio and averages it to mono (borrowing a single
+/// contiguous channel as is).
+fn downmix(data: ArrayView2<'_, f32>) -> Result<Cow<'_, [f32]>> {
     let (channels, samples) = data.dim();
     if channels == 0 {
         return Err(input_error(
@@ -297,7 +299,11 @@ fn downmix(data: ArrayView2<'_, f32>) -> Result<Vec<f32>> {
         }
     }
     if channels == 1 {
-        return Ok(data.row(0).to_vec());
+        let row = data.index_axis_move(Axis(0), 0);
+        return Ok(match row.to_slice() {
+            Some(slice) => Cow::Borrowed(slice),
+            None => Cow::Owned(row.to_vec()),
+        });
     }
     let scale = 1.0 / channels as f32;
     let mut mono = vec![0.0f32; samples];
@@ -307,7 +313,7 @@ fn downmix(data: ArrayView2<'_, f32>) -> Result<Vec<f32>> {
         }
     }
     mono.iter_mut().for_each(|m| *m *= scale);
-    Ok(mono)
+    Ok(Cow::Owned(mono))
 }
 
 impl AudioProcessor {
@@ -355,6 +361,15 @@ impl AudioProcessor {
     /// the configured rate already. Errors if the audio is empty, holds NaN or infinity,
     /// or is longer than `max_duration_s`.
     pub fn load(&self, input: &AudioInput, sampling_rate: Option<u32>) -> Result<Vec<f32>> {
+        self.load_mono(input, sampling_rate).map(Cow::into_owned)
+    }
+
+    /// [`AudioProcessor::load`], borrowing mono input that needs no conversion.
+    fn load_mono<'a>(
+        &self,
+        input: &'a AudioInput,
+        sampling_rate: Option<u32>,
+    ) -> Result<Cow<'a, [f32]>> {
         if let Some(r) = sampling_rate {
             check_rate(r, "sampling_rate")?;
         }
@@ -362,7 +377,8 @@ impl AudioProcessor {
             AudioInput::Source(src) => {
                 let bytes = src.bytes(Modality::Audio)?;
                 let (data, rate) = decode::decode_limited(&bytes, self.cfg.max_duration_s)?;
-                (downmix(data.view())?, rate)
+                check_rate(rate, "the file's sampling rate")?;
+                (Cow::Owned(downmix(data.view())?.into_owned()), rate)
             }
             AudioInput::Samples {
                 data,
@@ -384,7 +400,7 @@ impl AudioProcessor {
         if rate == self.cfg.sampling_rate {
             Ok(mono)
         } else {
-            resample(&mono, rate, self.cfg.sampling_rate)
+            resample(&mono, rate, self.cfg.sampling_rate).map(Cow::Owned)
         }
     }
 
@@ -408,17 +424,17 @@ impl AudioProcessor {
     /// Features of a batch, items and chunks in parallel. An error names the first
     /// failing input's index.
     pub fn process(&self, inputs: &[AudioInput]) -> Result<AudioFeatures> {
-        let loaded: Vec<Result<Vec<f32>>> = inputs
+        let loaded: Vec<Result<Cow<'_, [f32]>>> = inputs
             .par_iter()
             .enumerate()
-            .map(|(i, x)| self.load(x, None).at_index(i))
+            .map(|(i, x)| self.load_mono(x, None).at_index(i))
             .collect();
         let loaded = loaded.into_iter().collect::<Result<Vec<_>>>()?;
         self.features(&loaded)
     }
 
     /// Features of mono inputs already at the configured rate.
-    fn features(&self, items: &[Vec<f32>]) -> Result<AudioFeatures> {
+    fn features(&self, items: &[Cow<'_, [f32]>]) -> Result<AudioFeatures> {
         let num_chunks: Vec<usize> = items.iter().map(|x| self.chunk_count(x.len())).collect();
         let jobs: Vec<&[f32]> = items
             .iter()
@@ -614,7 +630,7 @@ mod tests {
                     data: Array2::zeros((1, 10)),
                     sampling_rate: Some(0),
                 },
-                "sampling_rate must be in 1..=768000 Hz, got 0",
+                "sampling_rate must be in 1000..=768000 Hz, got 0",
             ),
         ];
         for (bad, want) in cases {

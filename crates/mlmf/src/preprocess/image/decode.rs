@@ -125,13 +125,99 @@ pub(crate) fn decode_dynamic(bytes: &[u8], max_pixels: u64) -> Result<DynamicIma
             ));
         }
         check_pixels(u64::from(w), u64::from(h), max_pixels)?;
-        DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(name, e))
+        let mut img = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(name, e))?;
+        if format == ImageFormat::Gif {
+            fill_outside_first_gif_frame(bytes, &mut img);
+        }
+        Ok(img)
     });
     match decoded {
         Ok(r) => r,
         Err(_) => Err(decode_err(format!(
             "corrupt {name} file: the decoder failed"
         ))),
+    }
+}
+
+/// Pillow starts the first GIF frame on a canvas of palette index 0 (or of the
+/// transparent index, when the frame has one); the decoder leaves the part the frame
+/// does not cover transparent, which would turn white. Paint it like Pillow does.
+fn fill_outside_first_gif_frame(bytes: &[u8], img: &mut DynamicImage) {
+    let (Some(f), DynamicImage::ImageRgba8(canvas)) = (first_gif_frame(bytes), img) else {
+        return;
+    };
+    if f.transparent {
+        return;
+    }
+    let [r, g, b] = f.index0;
+    let (x1, y1) = (f.left + f.width, f.top + f.height);
+    for (x, y, px) in canvas.enumerate_pixels_mut() {
+        if x < f.left || y < f.top || x >= x1 || y >= y1 {
+            *px = image::Rgba([r, g, b, 255]);
+        }
+    }
+}
+
+/// What [`fill_outside_first_gif_frame`] needs from a GIF header.
+#[derive(Debug, PartialEq)]
+struct GifFrame {
+    left: u32,
+    top: u32,
+    width: u32,
+    height: u32,
+    /// The first frame's graphic control extension declares a transparent index.
+    transparent: bool,
+    /// Colour of palette index 0 of the frame's palette (local, else global; black
+    /// without either).
+    index0: [u8; 3],
+}
+
+/// Walks a GIF's blocks up to the first image descriptor.
+fn first_gif_frame(b: &[u8]) -> Option<GifFrame> {
+    let u16_at = |i: usize| -> Option<u32> {
+        Some(u32::from(u16::from_le_bytes([*b.get(i)?, *b.get(i + 1)?])))
+    };
+    let flags = *b.get(10)?;
+    let mut i = 13;
+    let mut palette0 = None;
+    if flags & 0x80 != 0 {
+        palette0 = b.get(i..i + 3).map(|c| [c[0], c[1], c[2]]);
+        i += 3 << ((flags & 7) + 1);
+    }
+    let mut transparent = false;
+    loop {
+        match *b.get(i)? {
+            0x21 => {
+                let label = *b.get(i + 1)?;
+                i += 2;
+                if label == 0xF9 {
+                    transparent = b.get(i + 1)? & 1 != 0;
+                }
+                // Skip the data sub-blocks.
+                loop {
+                    let n = usize::from(*b.get(i)?);
+                    i += 1 + n;
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            0x2C => {
+                let packed = *b.get(i + 9)?;
+                if packed & 0x80 != 0 {
+                    palette0 = b.get(i + 10..i + 13).map(|c| [c[0], c[1], c[2]]);
+                }
+                return Some(GifFrame {
+                    left: u16_at(i + 1)?,
+                    top: u16_at(i + 3)?,
+                    width: u16_at(i + 5)?,
+                    height: u16_at(i + 7)?,
+                    transparent,
+                    index0: palette0.unwrap_or([0, 0, 0]),
+                });
+            }
+            _ => return None,
+        }
     }
 }
 
@@ -255,6 +341,21 @@ mod tests {
             err.contains("unsupported format") || err.contains("unrecognised"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn gif_header_walk() {
+        // 2x1 screen, global palette of 2 (index 0 = (1, 2, 3)), a GCE without
+        // transparency, then a 1x1 frame at (1, 0).
+        let mut gif = b"GIF89a\x02\x00\x01\x00\x80\x00\x00".to_vec();
+        gif.extend_from_slice(&[1, 2, 3, 9, 9, 9]);
+        gif.extend_from_slice(&[0x21, 0xF9, 4, 0, 0, 0, 0, 0]);
+        gif.extend_from_slice(&[0x2C, 1, 0, 0, 0, 1, 0, 1, 0, 0]);
+        let f = first_gif_frame(&gif).unwrap();
+        assert_eq!((f.left, f.top, f.width, f.height), (1, 0, 1, 1));
+        assert_eq!((f.transparent, f.index0), (false, [1, 2, 3]));
+        assert_eq!(first_gif_frame(&gif[..20]), None);
+        assert_eq!(first_gif_frame(b"GIF89a"), None);
     }
 
     #[test]

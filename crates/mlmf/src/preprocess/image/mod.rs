@@ -23,7 +23,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array4, ArrayD};
+use ndarray::{Array4, ArrayD, ArrayViewMut4};
 use rayon::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
@@ -37,9 +37,14 @@ use crate::modality::Modality;
 use crate::preprocess::{Processor, Source};
 use resize::{resample_window, AxisPlan, PlanCache, RgbView};
 
-/// CLIP's normalisation constants (`OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`).
-const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+/// CLIP's normalisation constants (`OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`), written
+/// with transformers' digits and rounded to `f32` as NumPy does.
+const CLIP_MEAN: [f32; 3] = to_f32([0.48145466, 0.4578275, 0.40821073]);
+const CLIP_STD: [f32; 3] = to_f32([0.26862954, 0.26130258, 0.27577711]);
+
+const fn to_f32(v: [f64; 3]) -> [f32; 3] {
+    [v[0] as f32, v[1] as f32, v[2] as f32]
+}
 
 /// Default decompression-bomb limit: 2 x Pillow's `MAX_IMAGE_PIXELS` (89_478_485),
 /// the size at which Pillow raises `DecompressionBombError` rather than warning, so
@@ -765,7 +770,15 @@ impl ImageProcessor {
     /// Processes one RGB image into `out`, channels first (`3 * H * W` values for the
     /// output size of this image, see [`ImageProcessorConfig::output_size_for`]).
     pub fn process_rgb_into(&self, img: &image::RgbImage, out: &mut [f32]) -> Result<()> {
-        let p = self.plan(img.width(), img.height())?;
+        self.process_view(RgbView::of(img), out)
+    }
+
+    fn process_view(&self, img: RgbView<'_>, out: &mut [f32]) -> Result<()> {
+        let (w, h) = (
+            u32::try_from(img.width).unwrap_or(u32::MAX),
+            u32::try_from(img.height).unwrap_or(u32::MAX),
+        );
+        let p = self.plan(w, h)?;
         let plane = p.out_h * p.out_w;
         if out.len() != 3 * plane {
             return Err(MlmfError::input(
@@ -789,7 +802,7 @@ impl ImageProcessor {
             o2.fill(l2[0]);
         }
         let (w, x0, y0, n) = (p.out_w, p.cols.start, p.rows.start, p.cols.len());
-        resample_window(RgbView::of(img), &p.h, &p.v, &mut |r, rgb| {
+        resample_window(img, &p.h, &p.v, &mut |r, rgb| {
             let s = (y0 + r) * w + x0;
             let (Some(d0), Some(d1), Some(d2)) = (
                 o0.get_mut(s..s + n),
@@ -807,12 +820,34 @@ impl ImageProcessor {
         Ok(())
     }
 
+    /// Processes one input into `out`: contiguous `HW3` arrays are read in place,
+    /// everything else is loaded (decoded / converted) first.
+    fn process_input_into(&self, input: &ImageInput, out: &mut [f32]) -> Result<()> {
+        if let ImageInput::Array(a) = input {
+            if let (&[h, w, 3], Some(data)) = (a.shape(), a.as_slice()) {
+                if h > 0 && w > 0 {
+                    convert::check_pixels(w as u64, h as u64, self.cfg.max_image_pixels)?;
+                    return self.process_view(
+                        RgbView {
+                            data,
+                            width: w,
+                            height: h,
+                        },
+                        out,
+                    );
+                }
+            }
+        }
+        let img = self.load(input)?;
+        self.process_rgb_into(&img, out)
+    }
+
     /// Processes a batch into `[B, 3, H, W]`. All outputs must share one size (always
     /// true with a crop or an exact size). Errors name the failing item's index.
     pub fn process(&self, inputs: &[ImageInput]) -> Result<Array4<f32>> {
         if let Some((h, w)) = self.cfg.output_size() {
             let mut out = Array4::<f32>::zeros((inputs.len(), 3, h as usize, w as usize));
-            self.fill(&mut out, inputs.par_iter().map(|x| self.load(x)))?;
+            self.process_into(inputs, out.view_mut())?;
             return Ok(out);
         }
         // The output size depends on the input: decode everything first.
@@ -854,27 +889,66 @@ impl ImageProcessor {
         }
         let (h, w) = first.unwrap_or((0, 0));
         let mut out = Array4::<f32>::zeros((inputs.len(), 3, h as usize, w as usize));
-        self.fill(&mut out, images.into_par_iter())?;
-        Ok(out)
-    }
-
-    /// Writes each image of `images` (indexed like the batch) into its slot of `out`.
-    fn fill<I>(&self, out: &mut Array4<f32>, images: I) -> Result<()>
-    where
-        I: IndexedParallelIterator<Item = Result<image::RgbImage>>,
-    {
-        let (_, c, h, w) = out.dim();
-        let item = (c * h * w).max(1);
         let slice = out
             .as_slice_mut()
             .ok_or_else(|| MlmfError::Internal("fresh output array is not contiguous".into()))?;
+        let item = 3 * h as usize * w as usize;
+        self.fill(
+            slice,
+            item,
+            images.into_par_iter().map(|img| (None, img.ok())),
+        )?;
+        Ok(out)
+    }
+
+    /// [`process`](Self::process) into a caller-owned contiguous `[B, 3, H, W]` array
+    /// (`B = inputs.len()`), e.g. one reused across batches: fresh multi-megabyte
+    /// outputs cost a page fault per 4 KiB on first write.
+    pub fn process_into(
+        &self,
+        inputs: &[ImageInput],
+        mut out: ArrayViewMut4<'_, f32>,
+    ) -> Result<()> {
+        let (b, c, h, w) = out.dim();
+        if b != inputs.len() || c != 3 {
+            return Err(MlmfError::input(
+                Modality::Image,
+                format!(
+                    "output array has shape [{b}, {c}, {h}, {w}]: expected [{}, 3, H, W]",
+                    inputs.len()
+                ),
+            ));
+        }
+        let slice = out.as_slice_mut().ok_or_else(|| {
+            MlmfError::input(
+                Modality::Image,
+                "output array must be contiguous (standard layout)",
+            )
+        })?;
+        self.fill(slice, c * h * w, inputs.par_iter().map(|x| (Some(x), None)))
+    }
+
+    /// Writes each item (indexed like the batch; a raw input or an already loaded
+    /// image) into its slot of `out`. The first failing item's error is returned.
+    fn fill<'a, I>(&self, slice: &mut [f32], item: usize, items: I) -> Result<()>
+    where
+        I: IndexedParallelIterator<Item = (Option<&'a ImageInput>, Option<image::RgbImage>)>,
+    {
+        if item == 0 {
+            // Zero-area outputs cannot come from a validated config; nothing to write.
+            return Ok(());
+        }
         let results: Vec<Result<()>> = slice
             .par_chunks_mut(item)
-            .zip(images)
+            .zip(items)
             .enumerate()
-            .map(|(i, (dst, img))| {
-                let img = img.at_index(i)?;
-                self.process_rgb_into(&img, dst).at_index(i)
+            .map(|(i, (dst, item))| {
+                match item {
+                    (_, Some(img)) => self.process_rgb_into(&img, dst),
+                    (Some(input), None) => self.process_input_into(input, dst),
+                    (None, None) => Err(MlmfError::Internal("batch item without input".into())),
+                }
+                .at_index(i)
             })
             .collect();
         results.into_iter().collect()
@@ -1115,6 +1189,21 @@ mod tests {
             err.starts_with("image input 1:") && err.contains("one output size"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn process_into_reuses_a_buffer() {
+        let p = ImageProcessor::new(ImageProcessorConfig::siglip()).unwrap();
+        let img = ImageInput::Array(ArrayD::from_elem(IxDyn(&[30, 40, 3]), 200u8));
+        let mut buf = Array4::<f32>::from_elem((2, 3, 224, 224), f32::NAN);
+        p.process_into(&[img.clone(), img.clone()], buf.view_mut())
+            .unwrap();
+        assert_eq!(buf, p.process(&[img.clone(), img.clone()]).unwrap());
+        let err = p
+            .process_into(&[img], buf.view_mut())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected [1, 3, H, W]"), "{err}");
     }
 
     #[test]

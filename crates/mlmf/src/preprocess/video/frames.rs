@@ -13,9 +13,12 @@
 //!   (`frame2.png` < `frame10.png`); only the sampled files are read and decoded.
 //! - A uint8 array `[T, H, W, C]` with `C` in 1, 3, 4.
 //!
-//! Every frame leaves here as an RGB image. Transparency is composited onto white through
-//! the image module's own conversion (the rule transformers' `convert_to_rgb` applies to
-//! RGBA video frames), so a pixel no GIF/WebP frame has painted yet is white.
+//! Every frame leaves here as an RGB image, converted as the image module converts stills:
+//! GIF/WebP canvases composite transparency onto white with Pillow's arithmetic (the PIL
+//! `convert_to_rgb` of transformers), so a pixel no frame has painted yet is white;
+//! directory frames go through the image module's decoder; array frames through its array
+//! conversion (grey repeated, RGBA blended onto white in float as transformers does for
+//! arrays). `do_convert_rgb: false` in the image config drops alpha instead.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -23,7 +26,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use image::{AnimationDecoder, ImageDecoder, RgbImage, RgbaImage};
-use ndarray::{Array4, ArrayD, Axis, IxDyn};
+use ndarray::{Array4, Axis};
 use rayon::prelude::*;
 
 use crate::error::{MlmfError, Result};
@@ -34,8 +37,8 @@ use crate::preprocess::Source;
 use super::VideoInput;
 
 /// Hard ceiling on a GIF/WebP canvas or frame (width * height), whatever the image
-/// config's `max_image_pixels` says: the WebP decoder sizes its RGBA canvas with 32-bit
-/// arithmetic (`w * h * 4`), which must not overflow.
+/// config's `max_image_pixels` says: RGBA canvas sizes (`w * h * 4`) then fit in 32 bits,
+/// which the decoders underneath assume.
 pub(crate) const MAX_CANVAS_PIXELS: u64 = (1 << 30) - 1;
 
 /// File extensions a directory of frames may hold (the formats this build decodes).
@@ -79,8 +82,6 @@ pub(crate) struct AnimInfo {
     pub frames: usize,
     /// Sum of the frame delays in milliseconds.
     pub duration_ms: u64,
-    pub width: u32,
-    pub height: u32,
 }
 
 impl AnimInfo {
@@ -221,8 +222,6 @@ pub(crate) fn scan_gif(bytes: &[u8], max_pixels: u64) -> Result<AnimInfo> {
     Ok(AnimInfo {
         frames,
         duration_ms,
-        width: u32::from(width),
-        height: u32::from(height),
     })
 }
 
@@ -317,8 +316,6 @@ impl WebPAnim<'_> {
         AnimInfo {
             frames: self.frames.len(),
             duration_ms: self.frames.iter().map(|f| u64::from(f.duration_ms)).sum(),
-            width: self.width,
-            height: self.height,
         }
     }
 }
@@ -876,7 +873,7 @@ pub(crate) fn read_animation(
     for (i, frame) in frames.enumerate() {
         let frame = frame?;
         if next.peek() == Some(&i) {
-            out.push(rgba_to_rgb(frame, image, i)?);
+            out.push(rgba_to_rgb(frame, image)?);
             next.next();
         }
         if i >= last {
@@ -892,20 +889,44 @@ pub(crate) fn read_animation(
     Ok(out)
 }
 
-/// A composited RGBA canvas -> RGB. Opaque canvases drop alpha; others go through the image
-/// module's conversion so transparency is handled exactly as for still images.
-fn rgba_to_rgb(canvas: RgbaImage, image: &ImageProcessor, i: usize) -> Result<RgbImage> {
+/// One channel of a pixel with alpha `a` over opaque white, as Pillow's
+/// `Image.alpha_composite` computes it (`libImaging/AlphaComposite.c`: 7 extra bits of
+/// precision, division by 255 as `((v >> 8) + v) >> 8`). transformers' PIL
+/// `convert_to_rgb` composites decoded images this way; the image module applies the
+/// same rule to decoded files.
+fn pillow_over_white(c: u8, a: u8) -> u8 {
+    const PRECISION: u32 = 7;
+    let (c, a) = (u32::from(c), u32::from(a));
+    // Destination alpha 255: out alpha is 255 * 255 after scaling, never zero.
+    let out_a = a * 255 + 255 * (255 - a);
+    let coef1 = a * 255 * 255 * (1 << PRECISION) / out_a;
+    let coef2 = 255 * (1 << PRECISION) - coef1;
+    let v = c * coef1 + 255 * coef2 + (0x80 << PRECISION);
+    ((((v >> 8) + v) >> 8) >> PRECISION) as u8
+}
+
+/// A composited RGBA canvas -> RGB: transparency over white (Pillow's arithmetic, as for
+/// decoded still images), or alpha dropped when the image config turns `do_convert_rgb`
+/// off.
+pub(crate) fn rgba_to_rgb(canvas: RgbaImage, image: &ImageProcessor) -> Result<RgbImage> {
     let (w, h) = canvas.dimensions();
-    if canvas.pixels().all(|p| p[3] == 255) {
-        let rgb: Vec<u8> = canvas.pixels().flat_map(|p| [p[0], p[1], p[2]]).collect();
-        return RgbImage::from_raw(w, h, rgb)
-            .ok_or_else(|| MlmfError::Internal("RGB frame buffer size".into()));
-    }
-    let arr = ArrayD::from_shape_vec(IxDyn(&[h as usize, w as usize, 4]), canvas.into_raw())
-        .map_err(|e| MlmfError::Internal(format!("RGBA frame buffer: {e}")))?;
-    image
-        .load(&ImageInput::Array(arr))
-        .map_err(|e| as_video(e, &format!("frame {i}")))
+    let composite = image.config().do_convert_rgb;
+    let rgb: Vec<u8> = canvas
+        .pixels()
+        .flat_map(|p| {
+            let [r, g, b, a] = p.0;
+            if composite && a != 255 {
+                [
+                    pillow_over_white(r, a),
+                    pillow_over_white(g, a),
+                    pillow_over_white(b, a),
+                ]
+            } else {
+                [r, g, b]
+            }
+        })
+        .collect();
+    RgbImage::from_raw(w, h, rgb).ok_or_else(|| MlmfError::Internal("RGB frame buffer size".into()))
 }
 
 /// Frame `i` of a `[T, H, W, C]` array as RGB (grey and RGBA via the image module's rules).
@@ -1037,6 +1058,104 @@ mod tests {
         assert_eq!(describe(b"\0\0\0\x18ftypisom"), "an MP4/MOV container");
         assert_eq!(describe(b""), "empty input");
         assert_eq!(describe(b"\x89PNG\r\n"), "a PNG image");
+    }
+
+    /// The VP8L chunk of `img` encoded as a lossless still WebP.
+    fn vp8l_of(img: &RgbaImage) -> Vec<u8> {
+        let mut still = Vec::new();
+        image::codecs::webp::WebPEncoder::new_lossless(&mut still)
+            .encode(
+                img.as_raw(),
+                img.width(),
+                img.height(),
+                image::ExtendedColorType::Rgba8,
+            )
+            .unwrap();
+        let mut pos = 12;
+        while pos + 8 <= still.len() {
+            let size = u32::from_le_bytes(still[pos + 4..pos + 8].try_into().unwrap()) as usize;
+            if &still[pos..pos + 4] == b"VP8L" {
+                return still[pos + 8..pos + 8 + size].to_vec();
+            }
+            pos += 8 + size + size % 2;
+        }
+        panic!("no VP8L chunk");
+    }
+
+    /// An animated WebP: `(x, y, blend, dispose_background, duration_ms, pixels)` per frame.
+    fn anim_webp(w: u32, h: u32, frames: &[(u32, u32, bool, bool, u32, RgbaImage)]) -> Vec<u8> {
+        fn chunk(out: &mut Vec<u8>, cc: &[u8], data: &[u8]) {
+            out.extend_from_slice(cc);
+            out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            out.extend_from_slice(data);
+            if data.len() % 2 == 1 {
+                out.push(0);
+            }
+        }
+        let u24 = |v: u32| v.to_le_bytes()[..3].to_vec();
+        let mut body = Vec::new();
+        let vp8x = [vec![0x12, 0, 0, 0], u24(w - 1), u24(h - 1)].concat();
+        chunk(&mut body, b"VP8X", &vp8x);
+        chunk(&mut body, b"ANIM", &[0, 0, 0, 0, 0, 0]);
+        for (x, y, blend, dispose, dur, img) in frames {
+            let flags = u8::from(!blend) << 1 | u8::from(*dispose);
+            let mut payload = [
+                u24(x / 2),
+                u24(y / 2),
+                u24(img.width() - 1),
+                u24(img.height() - 1),
+                u24(*dur),
+                vec![flags],
+            ]
+            .concat();
+            chunk(&mut payload, b"VP8L", &vp8l_of(img));
+            chunk(&mut body, b"ANMF", &payload);
+        }
+        let mut out = b"RIFF".to_vec();
+        out.extend_from_slice(&(body.len() as u32 + 4).to_le_bytes());
+        out.extend_from_slice(b"WEBP");
+        out.extend_from_slice(&body);
+        out
+    }
+
+    #[test]
+    fn webp_compositing_follows_libwebp() {
+        let red = RgbaImage::from_pixel(4, 4, image::Rgba([255, 0, 0, 255]));
+        let blue = RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 255, 128]));
+        let clear = RgbaImage::from_pixel(2, 2, image::Rgba([0, 0, 0, 0]));
+        let bytes = anim_webp(
+            4,
+            4,
+            &[
+                (0, 0, false, false, 100, red),
+                (0, 0, true, true, 100, blue),
+                (2, 2, true, false, 200, clear),
+            ],
+        );
+        let anim = parse_webp(&bytes, u64::MAX).unwrap().unwrap();
+        assert_eq!(
+            anim.info(),
+            AnimInfo {
+                frames: 3,
+                duration_ms: 400
+            }
+        );
+        assert_eq!(anim.info().fps(), Some(7.5));
+        let canvases: Vec<RgbaImage> = WebPFrames::new(anim).map(|f| f.unwrap()).collect();
+        // Frame 1: half-transparent blue over red with libwebp's integer blend
+        // (dst factor 127, alpha 255, scale 65793). Pillow 13 gives the same pixels.
+        assert_eq!(canvases[1].get_pixel(0, 0).0, [126, 0, 127, 255]);
+        assert_eq!(canvases[1].get_pixel(3, 3).0, [255, 0, 0, 255]);
+        // Frame 2: frame 1's rectangle was disposed to transparent; a fully transparent
+        // frame blended elsewhere keeps the red.
+        assert_eq!(canvases[2].get_pixel(1, 1).0, [0, 0, 0, 0]);
+        assert_eq!(canvases[2].get_pixel(2, 2).0, [255, 0, 0, 255]);
+        // As video frames, transparency becomes white.
+        let ip = crate::preprocess::video::tests::image_processor();
+        let rgb = read_animation(Animation::WebP, &bytes, &[1, 2], &ip).unwrap();
+        assert_eq!(rgb[1].get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(rgb[0].get_pixel(0, 0).0, [126, 0, 127]);
+        assert_eq!(blend_non_premult([9, 9, 9, 0], [1, 2, 3, 4]), [1, 2, 3, 4]);
     }
 
     proptest::proptest! {

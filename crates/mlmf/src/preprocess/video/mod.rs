@@ -177,6 +177,27 @@ fn guarded<T>(index: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
+/// A video opened and planned: its frame source, the frame rate sampling used, and the
+/// sampled indices (one list per window).
+struct Planned<'a> {
+    src: FrameSource<'a>,
+    fps: Option<f64>,
+    plan: Vec<Vec<usize>>,
+}
+
+impl Planned<'_> {
+    fn flat(&self) -> Vec<usize> {
+        self.plan.iter().flatten().copied().collect()
+    }
+}
+
+/// The batch's pixel data, its per-frame `(H, W)`, and the metadata per video.
+struct Rendered {
+    data: Vec<f32>,
+    size: (usize, usize),
+    meta: Vec<VideoMeta>,
+}
+
 /// The first error in batch order (parallel collection would report an arbitrary one).
 fn first_error<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
     results.into_iter().collect()
@@ -238,7 +259,7 @@ impl VideoProcessor {
                         let src = FrameSource::open(input, self.image.config().max_image_pixels)?;
                         let fps = src.fps().or(self.cfg.default_fps);
                         let plan = self.sample_indices(src.total(), fps)?;
-                        Ok((src, fps, plan))
+                        Ok(Planned { src, fps, plan })
                     })
                     .at_index(i)
                 })
@@ -246,9 +267,9 @@ impl VideoProcessor {
         )?;
         // 2. Every video must give the same layout of frames.
         let layout = |plan: &[Vec<usize>]| (plan.len(), plan.first().map_or(0, Vec::len));
-        let (windows, per_window) = layout(&opened[0].2);
-        for (i, (_, _, plan)) in opened.iter().enumerate().skip(1) {
-            let (w, k) = layout(plan);
+        let (windows, per_window) = layout(&opened[0].plan);
+        for (i, video) in opened.iter().enumerate().skip(1) {
+            let (w, k) = layout(&video.plan);
             if (w, k) != (windows, per_window) {
                 let what = |w: usize, k: usize| {
                     if self.cfg.sampler.is_windowed() {
@@ -271,7 +292,11 @@ impl VideoProcessor {
             }
         }
         let n_frames = windows * per_window;
-        let (data, (h, w), meta) = match self.image.config().output_size() {
+        let Rendered {
+            data,
+            size: (h, w),
+            meta,
+        } = match self.image.config().output_size() {
             Some(size) => self.render_fixed(&opened, n_frames, size)?,
             None => self.render_free(&opened, n_frames)?,
         };
@@ -284,10 +309,7 @@ impl VideoProcessor {
         shape.extend([3, h, w]);
         let pixel_values = ArrayD::from_shape_vec(IxDyn(&shape), data)
             .map_err(|e| MlmfError::Internal(format!("video batch shape {shape:?}: {e}")))?;
-        let indices = opened
-            .iter()
-            .map(|(_, _, plan)| plan.iter().flatten().copied().collect())
-            .collect();
+        let indices = opened.iter().map(Planned::flat).collect();
         Ok(VideoBatch {
             pixel_values,
             indices,
@@ -298,10 +320,10 @@ impl VideoProcessor {
     /// Output size known up front: every frame is written straight into the batch array.
     fn render_fixed(
         &self,
-        opened: &[(FrameSource<'_>, Option<f64>, Vec<Vec<usize>>)],
+        opened: &[Planned<'_>],
         n_frames: usize,
         (h, w): (u32, u32),
-    ) -> Result<(Vec<f32>, (usize, usize), Vec<VideoMeta>)> {
+    ) -> Result<Rendered> {
         let (h, w) = (h as usize, w as usize);
         let frame_len = 3 * h * w;
         let too_big = || {
@@ -325,27 +347,27 @@ impl VideoProcessor {
             data.par_chunks_mut(video_len)
                 .zip(opened.par_iter())
                 .enumerate()
-                .map(|(i, (out, (src, fps, plan)))| {
+                .map(|(i, (out, video))| {
                     guarded(i, || {
-                        let flat: Vec<usize> = plan.iter().flatten().copied().collect();
-                        let (frames, unique) = decode_unique(src, &flat, &self.image)?;
+                        let flat = video.flat();
+                        let (frames, unique) = decode_unique(&video.src, &flat, &self.image)?;
                         render_frames(&self.image, &frames, &unique, &flat, out, frame_len)?;
-                        Ok(meta_of(src, *fps, &frames))
+                        Ok(meta_of(video, &frames))
                     })
                     .at_index(i)
                 })
                 .collect(),
         )?;
-        Ok((data, (h, w), meta))
+        Ok(Rendered {
+            data,
+            size: (h, w),
+            meta,
+        })
     }
 
     /// Output size depends on the frame (no fixed crop/size in the image config): each
     /// video is rendered on its own, and all frames of the batch must agree on the size.
-    fn render_free(
-        &self,
-        opened: &[(FrameSource<'_>, Option<f64>, Vec<Vec<usize>>)],
-        n_frames: usize,
-    ) -> Result<(Vec<f32>, (usize, usize), Vec<VideoMeta>)> {
+    fn render_free(&self, opened: &[Planned<'_>], n_frames: usize) -> Result<Rendered> {
         let cfg = self.image.config();
         let mismatch = |what: String, (h, w): (u32, u32), (h0, w0): (u32, u32)| {
             MlmfError::input(
@@ -357,15 +379,14 @@ impl VideoProcessor {
                 ),
             )
         };
-        type Rendered = (Vec<f32>, (u32, u32), VideoMeta);
-        let per_video: Vec<Rendered> = first_error(
+        let per_video: Vec<(Vec<f32>, (u32, u32), VideoMeta)> = first_error(
             opened
                 .par_iter()
                 .enumerate()
-                .map(|(i, (src, fps, plan))| {
+                .map(|(i, video)| {
                     guarded(i, || {
-                        let flat: Vec<usize> = plan.iter().flatten().copied().collect();
-                        let (frames, unique) = decode_unique(src, &flat, &self.image)?;
+                        let flat = video.flat();
+                        let (frames, unique) = decode_unique(&video.src, &flat, &self.image)?;
                         let first = frames
                             .first()
                             .ok_or_else(|| MlmfError::Internal("no frame decoded".into()))?;
@@ -379,7 +400,7 @@ impl VideoProcessor {
                         let frame_len = 3 * size.0 as usize * size.1 as usize;
                         let mut data = vec![0f32; frame_len * flat.len()];
                         render_frames(&self.image, &frames, &unique, &flat, &mut data, frame_len)?;
-                        Ok((data, size, meta_of(src, *fps, &frames)))
+                        Ok((data, size, meta_of(video, &frames)))
                     })
                     .at_index(i)
                 })
@@ -396,7 +417,11 @@ impl VideoProcessor {
             data.extend_from_slice(&v);
             meta.push(m);
         }
-        Ok((data, (size.0 as usize, size.1 as usize), meta))
+        Ok(Rendered {
+            data,
+            size: (size.0 as usize, size.1 as usize),
+            meta,
+        })
     }
 }
 
@@ -458,11 +483,11 @@ fn frame_at<'f>(
         .ok_or_else(|| MlmfError::Internal(format!("frame {idx} was not decoded")))
 }
 
-fn meta_of(src: &FrameSource<'_>, fps: Option<f64>, frames: &[image::RgbImage]) -> VideoMeta {
+fn meta_of(video: &Planned<'_>, frames: &[image::RgbImage]) -> VideoMeta {
     let (width, height) = frames.first().map_or((0, 0), |f| f.dimensions());
     VideoMeta {
-        total_frames: src.total(),
-        fps,
+        total_frames: video.src.total(),
+        fps: video.fps,
         width,
         height,
     }
