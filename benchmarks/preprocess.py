@@ -175,6 +175,25 @@ def measure(row: Row, rounds: int, min_time: float) -> None:
             c.times.append(_sample(c.fn, calls[id(c)]))
 
 
+def torch_one_thread(c: Contender) -> Contender:
+    """The same torch-backed competitor run with one torch thread.
+
+    On a busy two-core machine torch's OpenMP pool can lose most of its time waiting
+    for a descheduled worker; the one-thread figure shows how much of a speed-up comes
+    from that contention rather than from the work itself.
+    """
+    import torch
+
+    def run() -> Any:
+        torch.set_num_threads(1)
+        try:
+            return c.fn()
+        finally:
+            torch.set_num_threads(THREADS)
+
+    return Contender(f"{c.name} [torch 1 thread]", run, target=c.target, check=False)
+
+
 def max_abs_diff(a: Any, b: Any) -> str:
     a = _to_numpy(a)
     b = _to_numpy(b)
@@ -549,6 +568,11 @@ class Suite:
                 self.notes.append(f"`{name}` rows skipped: {type(exc).__name__}: {exc}")
                 continue
             rows.extend(made if isinstance(made, list) else [made])
+        for row in rows:
+            # Targets are against torch-backed competitors: time those single-threaded too.
+            row.competitors = [
+                v for c in row.competitors for v in ([c, torch_one_thread(c)] if c.target else [c])
+            ]
         return rows
 
 
@@ -760,6 +784,10 @@ def section(
         "- The JPEG row includes decoding, and mlmf and Pillow use different JPEG decoders "
         "(different IDCT and chroma upsampling), so its diff is not zero.",
         "- Resampling: mlmf and scipy's resample_poly use different anti-alias filters.",
+        "- `[torch 1 thread]` lines run the same torch-backed competitor with "
+        "`torch.set_num_threads(1)`: on a busy two-core machine torch's two-thread OpenMP "
+        "pool can spend most of its time waiting for a descheduled worker, which inflates "
+        "the two-thread speed-ups. Judge a target by both lines.",
         *[f"- {n}" for n in notes],
     ]
     if png:
@@ -824,6 +852,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         lines.extend(lines_for(row))
 
     env = environment(load_at_start)
+    busy = [v for v in (load_at_start, load_average()) if v != "unknown" and float(v) > THREADS]
+    if busy:
+        suite.notes.append(
+            f"The machine was busy (1-minute load average {' / '.join(busy)} with "
+            f"{os.cpu_count()} CPUs, this run included): absolute times are pessimistic and "
+            "the speed-ups over multi-threaded torch are inflated. Re-run on an idle machine "
+            "before quoting them."
+        )
     png = plot(lines, args.out.parent / PLOT_NAME) if lines else False
     print(table(lines))
     for n in suite.notes:

@@ -21,6 +21,7 @@ from mlmf._mlmf import (
     ModelLoadError,
     MultiModalConfig,
     TextProcessor,
+    VideoProcessor,
     __version__,
     decode_image,
     extract_patches,

@@ -159,3 +159,34 @@ def mel_filter_bank(
     f_max: float = 8000.0,
 ) -> npt.NDArray[np.float32]: ...
 def _panic_for_test() -> None: ...
+
+@final
+class VideoProcessor:
+    def __new__(
+        cls,
+        num_frames: Optional[int] = 8,
+        fps: Optional[float] = None,
+        image: Optional[ImageProcessor] = None,
+        *,
+        sampler: Optional[str] = None,
+        window_frames: Optional[int] = None,
+        window_seconds: Optional[float] = None,
+        stride_frames: Optional[int] = None,
+        stride_seconds: Optional[float] = None,
+        frames_per_window: Optional[int] = None,
+        max_windows: Optional[int] = None,
+        default_fps: Optional[float] = None,
+        max_frames: int = 512,
+        short_video: str = "error",
+    ) -> VideoProcessor: ...
+    @staticmethod
+    def _from_config_json(video: str, image: str) -> VideoProcessor: ...
+    def sample_indices(
+        self, total: int, fps: Optional[float] = None
+    ) -> Union[list[int], list[list[int]]]: ...
+    def __call__(self, videos: _Batch, fps: Optional[float] = None) -> dict[str, Any]: ...
+    @property
+    def image(self) -> ImageProcessor: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    def __reduce__(self) -> Any: ...

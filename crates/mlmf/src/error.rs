@@ -121,13 +121,10 @@ impl MlmfError {
     /// code that handles one item and does not know where it sits.
     /// An index already set is kept (the innermost caller knows best).
     pub fn at_index(mut self, i: usize) -> Self {
-        match &mut self {
-            Self::Input { index, .. } | Self::Decode { index, .. } | Self::Io { index, .. } => {
-                if index.is_none() {
-                    *index = Some(i);
-                }
-            }
-            _ => {}
+        if let Self::Input { index, .. } | Self::Decode { index, .. } | Self::Io { index, .. } =
+            &mut self
+        {
+            index.get_or_insert(i);
         }
         self
     }

@@ -286,11 +286,26 @@ modality_assignments = { text = ["text-node"] }
             ("[cache]\nmax_memory = \"12 parsecs\"\n", "cache.max_memory"),
             ("[fusion]\nstrategy = \"quantum\"\n", "fusion"),
             ("[modalities.smell]\n", "modalities"),
-            ("[modalities.image.preprocessing]\nsize = 0\n", "modalities.image.preprocessing.size"),
-            ("[modalities.image.preprocessing]\nresample = \"lanczos9\"\n", "modalities.image.preprocessing.resample"),
-            ("[modalities.image.preprocessing]\nsise = 3\n", "modalities.image.preprocessing.sise"),
-            ("[modalities.audio.preprocessing]\nfeature_size = 0\n", "modalities.audio.preprocessing.feature_size"),
-            ("[modalities.audio.preprocessing]\nsampling_rate = -5\n", "modalities.audio.preprocessing.sampling_rate"),
+            (
+                "[modalities.image.preprocessing]\nsize = 0\n",
+                "modalities.image.preprocessing.size",
+            ),
+            (
+                "[modalities.image.preprocessing]\nresample = \"lanczos9\"\n",
+                "modalities.image.preprocessing.resample",
+            ),
+            (
+                "[modalities.image.preprocessing]\nsise = 3\n",
+                "modalities.image.preprocessing.sise",
+            ),
+            (
+                "[modalities.audio.preprocessing]\nfeature_size = 0\n",
+                "modalities.audio.preprocessing.feature_size",
+            ),
+            (
+                "[modalities.audio.preprocessing]\nsampling_rate = -5\n",
+                "modalities.audio.preprocessing.sampling_rate",
+            ),
         ];
         for (text, path) in cases {
             let err = MultiModalConfig::from_str_as(text, ConfigFormat::Toml)

@@ -67,9 +67,9 @@ impl PreprocessingConfig {
     pub fn image(&self, base: Option<&serde_json::Value>) -> Result<ImageProcessorConfig> {
         let known = serde_json::to_value(ImageProcessorConfig::clip())
             .map_err(|e| MlmfError::Internal(e.to_string()))?;
-        let mut merged = base.cloned().unwrap_or_else(
-            || serde_json::json!({ "image_processor_type": "CLIPImageProcessor" }),
-        );
+        let mut merged = base
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({ "image_processor_type": "CLIPImageProcessor" }));
         merge_known(&mut merged, &known, &self.0)?;
         let cfg = ImageProcessorConfig::from_hf_json(&merged)?;
         cfg.validate()?;

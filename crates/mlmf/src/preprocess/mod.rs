@@ -13,7 +13,7 @@
 pub mod audio;
 pub mod image;
 pub mod text;
-// pub mod video;
+pub mod video;
 
 use std::borrow::Cow;
 use std::path::PathBuf;

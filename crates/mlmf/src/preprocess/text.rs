@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
@@ -108,9 +109,18 @@ struct TokenizerMeta {
 }
 
 /// Tokenises text batches with a Hugging Face `tokenizer.json`.
+///
+/// Padding and truncation are set on a copy of the tokenizer once, when the processor is
+/// built (copying a tokenizer costs milliseconds: its vocabulary is copied), so a call
+/// does no setup.
 #[derive(Clone)]
 pub struct TextProcessor {
-    tokenizer: Tokenizer,
+    /// As loaded, with tokenizer.json's own padding/truncation removed.
+    tokenizer: Arc<Tokenizer>,
+    /// `tokenizer` with this processor's padding and truncation.
+    configured: Arc<Tokenizer>,
+    /// Padding was asked for but the tokenizer has no pad token.
+    pad_missing: bool,
     config: TextProcessorConfig,
     pad: Option<(u32, String)>,
     meta: TokenizerMeta,
@@ -185,13 +195,17 @@ impl TextProcessor {
             .pad_token
             .as_ref()
             .and_then(|t| tokenizer.token_to_id(t).map(|id| (id, t.clone())));
-        // The call's settings replace whatever tokenizer.json stored.
+        // The processor's settings replace whatever tokenizer.json stored.
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
             .map_err(|e| MlmfError::model_load("tokenizer", &source, e.to_string()))?;
+        let tokenizer = Arc::new(tokenizer);
+        let (configured, pad_missing) = configure(&tokenizer, &config, &meta, pad.as_ref())?;
         Ok(Self {
             tokenizer,
+            configured: Arc::new(configured),
+            pad_missing,
             config,
             pad,
             meta,
@@ -204,12 +218,17 @@ impl TextProcessor {
         &self.config
     }
 
-    /// The same tokenizer with other settings (cheap: shares nothing mutable).
+    /// The same tokenizer with other settings (copies the tokenizer once).
     pub fn with_config(&self, config: TextProcessorConfig) -> Result<Self> {
         config.validate()?;
-        let mut out = self.clone();
-        out.config = config;
-        Ok(out)
+        let (configured, pad_missing) =
+            configure(&self.tokenizer, &config, &self.meta, self.pad.as_ref())?;
+        Ok(Self {
+            configured: Arc::new(configured),
+            pad_missing,
+            config,
+            ..self.clone()
+        })
     }
 
     /// `model_max_length` from tokenizer_config.json, when it is a real limit.
@@ -230,11 +249,6 @@ impl TextProcessor {
     /// The tokenizer file this processor was loaded from (empty for in-memory ones).
     pub fn source(&self) -> &Path {
         &self.source
-    }
-
-    /// The length sequences are truncated to / padded to under `max_length` padding.
-    fn effective_max_length(&self) -> Option<usize> {
-        self.config.max_length.or(self.meta.model_max_length)
     }
 
     /// Tokenises a batch.
@@ -275,64 +289,15 @@ impl TextProcessor {
                 "empty batch: expected at least one string",
             ));
         }
-        let mut tok = self.tokenizer.clone();
-        if self.config.truncation {
-            if let Some(max_length) = self.effective_max_length() {
-                tok.with_truncation(Some(TruncationParams {
-                    direction: if self.meta.truncation_left {
-                        TruncationDirection::Left
-                    } else {
-                        TruncationDirection::Right
-                    },
-                    max_length,
-                    strategy: TruncationStrategy::LongestFirst,
-                    stride: 0,
-                }))
-                .map_err(|e| MlmfError::config("max_length", e.to_string()))?;
-            }
+        if self.pad_missing && (texts.len() > 1 || self.config.padding == Padding::MaxLength) {
+            return Err(MlmfError::input(
+                Modality::Text,
+                "the tokenizer has no pad token, so a batch cannot be padded: set pad_token \
+                 in tokenizer_config.json, or pass one string at a time",
+            ));
         }
-        let strategy = match self.config.padding {
-            Padding::DoNotPad => None,
-            Padding::Longest => Some(PaddingStrategy::BatchLongest),
-            Padding::MaxLength => match self.effective_max_length() {
-                Some(n) => Some(PaddingStrategy::Fixed(n)),
-                None => {
-                    return Err(MlmfError::config(
-                        "max_length",
-                        "padding=max_length needs max_length: the tokenizer declares no \
-                         model_max_length",
-                    ))
-                }
-            },
-        };
-        if let Some(strategy) = strategy {
-            let (pad_id, pad_token) = match &self.pad {
-                Some((id, t)) => (*id, t.clone()),
-                None if texts.len() == 1 && matches!(strategy, PaddingStrategy::BatchLongest) => {
-                    (0, String::new())
-                }
-                None => {
-                    return Err(MlmfError::input(
-                        Modality::Text,
-                        "the tokenizer has no pad token, so a batch cannot be padded: set \
-                         pad_token in tokenizer_config.json, or pass one string at a time",
-                    ))
-                }
-            };
-            tok.with_padding(Some(PaddingParams {
-                strategy,
-                direction: if self.meta.padding_left {
-                    PaddingDirection::Left
-                } else {
-                    PaddingDirection::Right
-                },
-                pad_to_multiple_of: None,
-                pad_id,
-                pad_type_id: 0,
-                pad_token,
-            }));
-        }
-        let encodings = tok
+        let encodings = self
+            .configured
             .encode_batch_fast(texts, self.config.add_special_tokens)
             .map_err(|e| MlmfError::input(Modality::Text, e.to_string()))?;
         let width = encodings.first().map(|e| e.len()).unwrap_or(0);
@@ -387,6 +352,63 @@ impl Processor for TextProcessor {
     fn process(&self, inputs: &[String]) -> Result<TextBatch> {
         self.encode(inputs)
     }
+}
+
+/// A copy of `raw` with `config`'s truncation and padding, and whether padding had to be
+/// left off for want of a pad token.
+fn configure(
+    raw: &Tokenizer,
+    config: &TextProcessorConfig,
+    meta: &TokenizerMeta,
+    pad: Option<&(u32, String)>,
+) -> Result<(Tokenizer, bool)> {
+    let mut tok = raw.clone();
+    let max_length = config.max_length.or(meta.model_max_length);
+    if config.truncation {
+        if let Some(max_length) = max_length {
+            tok.with_truncation(Some(TruncationParams {
+                direction: if meta.truncation_left {
+                    TruncationDirection::Left
+                } else {
+                    TruncationDirection::Right
+                },
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+            }))
+            .map_err(|e| MlmfError::config("max_length", e.to_string()))?;
+        }
+    }
+    let strategy = match config.padding {
+        Padding::DoNotPad => return Ok((tok, false)),
+        Padding::Longest => PaddingStrategy::BatchLongest,
+        Padding::MaxLength => match max_length {
+            Some(n) => PaddingStrategy::Fixed(n),
+            None => {
+                return Err(MlmfError::config(
+                    "max_length",
+                    "padding=max_length needs max_length: the tokenizer declares no \
+                     model_max_length",
+                ))
+            }
+        },
+    };
+    let Some((pad_id, pad_token)) = pad else {
+        return Ok((tok, true));
+    };
+    tok.with_padding(Some(PaddingParams {
+        strategy,
+        direction: if meta.padding_left {
+            PaddingDirection::Left
+        } else {
+            PaddingDirection::Right
+        },
+        pad_to_multiple_of: None,
+        pad_id: *pad_id,
+        pad_type_id: 0,
+        pad_token: pad_token.clone(),
+    }));
+    Ok((tok, false))
 }
 
 /// Reads the parts of tokenizer_config.json and special_tokens_map.json that shape a
@@ -460,9 +482,10 @@ mod tests {
 
     fn processor(config: TextProcessorConfig) -> TextProcessor {
         let json = tiny_tokenizer_json(true);
-        let mut p = TextProcessor::from_json_bytes(json.as_bytes(), config).unwrap();
+        let mut p = TextProcessor::from_json_bytes(json.as_bytes(), TextProcessorConfig::default())
+            .unwrap();
         p.pad = Some((0, "[PAD]".into()));
-        p
+        p.with_config(config).unwrap()
     }
 
     #[test]

@@ -10,7 +10,7 @@ use numpy::{
     PyReadonlyArray4, PyReadonlyArrayDyn,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use serde_json::Value;
 
 use super::arrays::{items, raw_batch, raw_item, RawItem};
@@ -23,6 +23,10 @@ use crate::preprocess::image::{
     self as img, ImageInput, ImageProcessor, ImageProcessorConfig, Resample,
 };
 use crate::preprocess::text::{Padding, TextProcessor, TextProcessorConfig};
+use crate::preprocess::video::{
+    FrameSampler, ShortVideo, VideoInput, VideoProcessor, VideoProcessorConfig,
+};
+use crate::preprocess::Source;
 
 /// Tokenises text with a checkpoint's tokenizer.json.
 #[pyclass(name = "TextProcessor", module = "mlmf._mlmf", frozen)]
@@ -451,6 +455,9 @@ fn extract_patches<'py>(
     Ok(out.into_pyarray(py))
 }
 
+/// Patches and their `(t, h, w)` grid.
+type Patches<'py> = (Bound<'py, PyArray2<f32>>, (usize, usize, usize));
+
 /// Qwen2-VL's patch layout of `[T, C, H, W]` frames: float32 `[N, C*tp*P*P]` and the
 /// grid `(t, h, w)`; the last frame is repeated to make `T` a multiple of `tp`.
 #[pyfunction]
@@ -461,7 +468,7 @@ fn qwen2vl_patches<'py>(
     patch_size: usize,
     temporal_patch_size: usize,
     merge_size: usize,
-) -> PyResult<(Bound<'py, PyArray2<f32>>, (usize, usize, usize))> {
+) -> PyResult<Patches<'py>> {
     let view = frames.as_array();
     let (out, grid) =
         guarded(|| img::qwen2vl_patches(view, patch_size, temporal_patch_size, merge_size))
@@ -703,7 +710,13 @@ fn mel_filter_bank<'py>(
     f_max: f64,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let fb = guarded(|| {
-        if n_freqs < 2 || n_mels == 0 || sampling_rate == 0 || !(f_min < f_max) || f_min < 0.0 {
+        if n_freqs < 2
+            || n_mels == 0
+            || sampling_rate == 0
+            || f_min >= f_max
+            || f_min.is_nan()
+            || f_min < 0.0
+        {
             return Err(MlmfError::config(
                 "mel_filter_bank",
                 "expected n_freqs >= 2, n_mels >= 1, sampling_rate > 0 and 0 <= f_min < f_max",
@@ -724,6 +737,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTextProcessor>()?;
     m.add_class::<PyImageProcessor>()?;
     m.add_class::<PyAudioProcessor>()?;
+    m.add_class::<PyVideoProcessor>()?;
     m.add_function(wrap_pyfunction!(decode_image, m)?)?;
     m.add_function(wrap_pyfunction!(resize_image, m)?)?;
     m.add_function(wrap_pyfunction!(extract_patches, m)?)?;
@@ -733,4 +747,266 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(log_mel_spectrogram, m)?)?;
     m.add_function(wrap_pyfunction!(mel_filter_bank, m)?)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------- video
+
+/// Samples frames from videos and runs each through an image processor.
+#[pyclass(name = "VideoProcessor", module = "mlmf._mlmf", frozen)]
+pub(crate) struct PyVideoProcessor {
+    inner: VideoProcessor,
+}
+
+/// Whether encoded bytes are something the core decodes itself (GIF, WebP).
+fn core_decodes(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"GIF8") || (bytes.starts_with(b"RIFF") && bytes.get(8..12) == Some(b"WEBP"))
+}
+
+#[pymethods]
+impl PyVideoProcessor {
+    /// `sampler`: `"uniform"` (`num_frames` spread evenly, the default), `"fps"` (a
+    /// target rate `fps`), `"windows"` (temporal windows) or `"all"`. Left out, it is
+    /// `windows` when a window key is given, else `fps` when `fps` is, else `all` when
+    /// `num_frames` is None, else `uniform`. `image` preprocesses every frame (default:
+    /// `ImageProcessor()`, CLIP's settings).
+    #[new]
+    #[pyo3(signature = (num_frames=Some(8), fps=None, image=None, *, sampler=None, window_frames=None, window_seconds=None, stride_frames=None, stride_seconds=None, frames_per_window=None, max_windows=None, default_fps=None, max_frames=512, short_video="error"))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        num_frames: Option<usize>,
+        fps: Option<f64>,
+        image: Option<&PyImageProcessor>,
+        sampler: Option<&str>,
+        window_frames: Option<usize>,
+        window_seconds: Option<f64>,
+        stride_frames: Option<usize>,
+        stride_seconds: Option<f64>,
+        frames_per_window: Option<usize>,
+        max_windows: Option<usize>,
+        default_fps: Option<f64>,
+        max_frames: usize,
+        short_video: &str,
+    ) -> PyResult<Self> {
+        let windowed = window_frames.is_some()
+            || window_seconds.is_some()
+            || stride_frames.is_some()
+            || stride_seconds.is_some()
+            || frames_per_window.is_some()
+            || max_windows.is_some();
+        let kind = sampler.unwrap_or(if windowed {
+            "windows"
+        } else if fps.is_some() {
+            "fps"
+        } else if num_frames.is_none() {
+            "all"
+        } else {
+            "uniform"
+        });
+        let need = |what: &str| {
+            MlmfError::config(
+                format!("sampler.{what}"),
+                format!("the {kind} sampler needs {what}"),
+            )
+        };
+        let sampler = match kind {
+            "uniform" => FrameSampler::Uniform {
+                num_frames: num_frames.ok_or_else(|| need("num_frames"))?,
+            },
+            "fps" => FrameSampler::Fps {
+                fps: fps.ok_or_else(|| need("fps"))?,
+            },
+            "windows" => FrameSampler::Windows {
+                window_frames,
+                window_seconds,
+                stride_frames,
+                stride_seconds,
+                frames_per_window: frames_per_window.ok_or_else(|| need("frames_per_window"))?,
+                max_windows,
+            },
+            "all" => FrameSampler::All,
+            other => {
+                return Err(MlmfError::config(
+                    "sampler",
+                    format!("unknown sampler {other:?}: expected uniform, fps, windows or all"),
+                )
+                .into())
+            }
+        };
+        let short_video: ShortVideo =
+            serde_json::from_value(Value::from(short_video)).map_err(|_| {
+                MlmfError::config(
+                    "short_video",
+                    format!("unknown value {short_video:?}: expected error, repeat or pad_last"),
+                )
+            })?;
+        let cfg = VideoProcessorConfig {
+            sampler,
+            default_fps,
+            max_frames,
+            short_video,
+        };
+        let image = match image {
+            Some(p) => p.inner.clone(),
+            None => ImageProcessor::new(ImageProcessorConfig::clip())?,
+        };
+        Ok(Self {
+            inner: VideoProcessor::new(cfg, image)?,
+        })
+    }
+
+    #[staticmethod]
+    fn _from_config_json(video: &str, image: &str) -> PyResult<Self> {
+        let bad =
+            |e: serde_json::Error| MlmfError::config("", format!("bad serialised processor: {e}"));
+        let cfg: VideoProcessorConfig = serde_json::from_str(video).map_err(bad)?;
+        let img: ImageProcessorConfig = serde_json::from_str(image).map_err(bad)?;
+        Ok(Self {
+            inner: VideoProcessor::new(cfg, ImageProcessor::new(img)?)?,
+        })
+    }
+
+    /// The frame indices the sampler takes from a video of `total` frames at `fps` (the
+    /// video's rate; the processor's `default_fps` when None): a list, or a list per
+    /// window for the windows sampler.
+    #[pyo3(signature = (total, fps=None))]
+    fn sample_indices<'py>(
+        &self,
+        py: Python<'py>,
+        total: usize,
+        fps: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let fps = fps.or(self.inner.config().default_fps);
+        let plan = self.inner.sample_indices(total, fps)?;
+        if self.inner.config().sampler.is_windowed() {
+            Ok(plan.into_pyobject(py)?.into_any())
+        } else {
+            Ok(plan
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .into_pyobject(py)?
+                .into_any())
+        }
+    }
+
+    /// Preprocesses a batch of videos: `{"pixel_values": float32 [B, T, 3, H, W] (windows:
+    /// [B, W, K, 3, H, W]), "indices": sampled frame numbers per video, "meta": per video
+    /// total_frames, fps, width, height}`. `fps` is the frame rate of array inputs.
+    #[pyo3(signature = (videos, fps=None))]
+    fn __call__<'py>(
+        slf: &Bound<'py, Self>,
+        videos: &Bound<'py, PyAny>,
+        fps: Option<f64>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let py = slf.py();
+        let this = slf.get();
+        let list = items(videos);
+        if list.is_empty() {
+            return Err(MlmfError::input(
+                Modality::Video,
+                "empty batch: expected at least one video",
+            )
+            .into());
+        }
+        let expected = "a path (GIF, WebP, frame directory or container file), GIF/WebP bytes or a uint8 array [T, H, W, C]";
+        let mut inputs = Vec::with_capacity(list.len());
+        for (i, obj) in list.iter().enumerate() {
+            let container = |src: &Bound<'py, PyAny>| -> PyResult<VideoInput> {
+                let read = py.import("mlmf.video")?.getattr("read_sampled")?;
+                let (frames, indices, total, vfps): (
+                    PyReadonlyArrayDyn<'py, u8>,
+                    Vec<usize>,
+                    usize,
+                    Option<f64>,
+                ) = read.call1((src, slf, i))?.extract()?;
+                let data = frames
+                    .as_array()
+                    .to_owned()
+                    .into_dimensionality()
+                    .map_err(|e| MlmfError::Internal(e.to_string()))?;
+                Ok(VideoInput::Sparse {
+                    data,
+                    indices,
+                    total,
+                    fps: vfps,
+                })
+            };
+            let input = match raw_item(obj, Modality::Video, i, expected)? {
+                RawItem::U8(a) => VideoInput::from_array(a, fps).map_err(|e| e.at_index(i))?,
+                RawItem::F32(a) => {
+                    return Err(MlmfError::input(
+                        Modality::Video,
+                        format!(
+                            "got a float32 array of shape {:?}: expected {expected}",
+                            a.shape()
+                        ),
+                    )
+                    .at_index(i)
+                    .into())
+                }
+                RawItem::Source(Source::Bytes(b)) if !core_decodes(&b) => {
+                    container(&PyBytes::new(py, &b).into_any())?
+                }
+                RawItem::Source(Source::Path(p))
+                    if !p.is_dir()
+                        && !matches!(
+                            p.extension()
+                                .and_then(|e| e.to_str())
+                                .map(str::to_ascii_lowercase)
+                                .as_deref(),
+                            Some("gif" | "webp")
+                        ) =>
+                {
+                    container(obj)?
+                }
+                RawItem::Source(s) => VideoInput::Source(s),
+            };
+            inputs.push(input);
+        }
+        let batch = detached(py, || this.inner.process(&inputs))?;
+        let out = PyDict::new(py);
+        out.set_item("pixel_values", batch.pixel_values.into_pyarray(py))?;
+        out.set_item("indices", batch.indices)?;
+        let meta = PyList::empty(py);
+        for m in &batch.meta {
+            let d = PyDict::new(py);
+            d.set_item("total_frames", m.total_frames)?;
+            d.set_item("fps", m.fps)?;
+            d.set_item("width", m.width)?;
+            d.set_item("height", m.height)?;
+            meta.append(d)?;
+        }
+        out.set_item("meta", meta)?;
+        Ok(out)
+    }
+
+    /// The image processor every frame goes through.
+    #[getter]
+    fn image(&self) -> PyImageProcessor {
+        PyImageProcessor {
+            inner: self.inner.image().clone(),
+        }
+    }
+
+    /// The sampler settings.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let v = serde_json::to_value(self.inner.config())
+            .map_err(|e| MlmfError::Internal(e.to_string()))?;
+        json_to_py(py, &v)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("VideoProcessor({:?})", self.inner.config())
+    }
+
+    fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (String, String))> {
+        let err = |e: serde_json::Error| MlmfError::Internal(e.to_string());
+        let video = serde_json::to_string(self.inner.config()).map_err(err)?;
+        let image = serde_json::to_string(self.inner.image().config()).map_err(err)?;
+        Ok((
+            py.get_type::<Self>().getattr("_from_config_json")?,
+            (video, image),
+        ))
+    }
 }

@@ -30,15 +30,28 @@ fn decode_error(message: impl Into<String>) -> MlmfError {
 /// Supported: WAV (PCM, float, ADPCM), FLAC, MP3, Ogg Vorbis. Errors are
 /// [`MlmfError::Decode`] for anything undecodable.
 pub fn decode_audio(bytes: &[u8]) -> Result<(Array2<f32>, u32)> {
-    decode_limited(bytes, None)
+    let d = decode_planes(bytes, None)?;
+    let channels = d.planes.len();
+    let mut data = Vec::with_capacity(channels * d.frames);
+    for plane in &d.planes {
+        data.extend_from_slice(plane);
+    }
+    let array = Array2::from_shape_vec((channels, d.frames), data)
+        .map_err(|e| MlmfError::Internal(format!("decoded audio layout: {e}")))?;
+    Ok((array, d.rate))
 }
 
-/// [`decode_audio`] that stops with an [`MlmfError::Input`] as soon as the stream is
-/// longer than `max_duration_s` seconds, before decoding (and storing) the rest.
-pub(crate) fn decode_limited(
-    bytes: &[u8],
-    max_duration_s: Option<f64>,
-) -> Result<(Array2<f32>, u32)> {
+/// Decoded audio, one vector per channel (all `frames` long).
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    pub(crate) planes: Vec<Vec<f32>>,
+    pub(crate) frames: usize,
+    pub(crate) rate: u32,
+}
+
+/// Decodes to per-channel vectors; stops with an [`MlmfError::Input`] as soon as the
+/// stream is longer than `max_duration_s` seconds, before decoding (and storing) the rest.
+pub(crate) fn decode_planes(bytes: &[u8], max_duration_s: Option<f64>) -> Result<Decoded> {
     if bytes.is_empty() {
         return Err(decode_error(
             "no bytes (expected a WAV, FLAC, MP3 or Ogg Vorbis file)",
@@ -50,7 +63,7 @@ pub(crate) fn decode_limited(
     }
 }
 
-fn decode_inner(bytes: &[u8], max_duration_s: Option<f64>) -> Result<(Array2<f32>, u32)> {
+fn decode_inner(bytes: &[u8], max_duration_s: Option<f64>) -> Result<Decoded> {
     let mss = MediaSourceStream::new(Box::new(Cursor::new(bytes)), Default::default());
     let mut format = symphonia::default::get_probe()
         .probe(
@@ -87,6 +100,13 @@ fn decode_inner(bytes: &[u8], max_duration_s: Option<f64>) -> Result<(Array2<f32
     };
     let mut frames = 0usize;
     let mut max_frames: Option<usize> = None;
+    // Reserve what the header announces, but never more than a generous multiple of the
+    // input size: a hostile header must not make us allocate gigabytes up front.
+    let reserve = declared_frames
+        .unwrap_or(0)
+        .min(bytes.len() as u64 * 4)
+        .try_into()
+        .unwrap_or(0usize);
 
     loop {
         let packet = match format.next_packet() {
@@ -122,8 +142,9 @@ fn decode_inner(bytes: &[u8], max_duration_s: Option<f64>) -> Result<(Array2<f32
             if channels == 0 {
                 return Err(decode_error("the stream has zero channels"));
             }
-            planes = vec![Vec::new(); channels];
             max_frames = max_duration_s.map(|s| (s * f64::from(spec_rate)).floor() as usize);
+            let reserve = reserve.min(max_frames.unwrap_or(usize::MAX).saturating_add(1));
+            planes = (0..channels).map(|_| Vec::with_capacity(reserve)).collect();
         } else if channels != planes.len() || Some(spec_rate) != rate {
             return Err(decode_error(format!(
                 "stream changes format after {frames} frames (channels {} -> {channels}, rate {:?} -> {spec_rate})",
@@ -135,7 +156,9 @@ fn decode_inner(bytes: &[u8], max_duration_s: Option<f64>) -> Result<(Array2<f32
             if frames + n > limit {
                 return Err(MlmfError::input(
                     Modality::Audio,
-                    format!("audio is longer than max_duration_s = {s} s"),
+                    format!(
+                        "expected at most max_duration_s = {s} s of audio, the stream is longer"
+                    ),
                 ));
             }
         }
@@ -161,14 +184,11 @@ fn decode_inner(bytes: &[u8], max_duration_s: Option<f64>) -> Result<(Array2<f32
     if rate == 0 {
         return Err(decode_error("the stream declares a sampling rate of 0 Hz"));
     }
-    let channels = planes.len();
-    let mut data = Vec::with_capacity(channels * frames);
-    for plane in &planes {
-        data.extend_from_slice(plane);
-    }
-    let array = Array2::from_shape_vec((channels, frames), data)
-        .map_err(|e| MlmfError::Internal(format!("decoded audio layout: {e}")))?;
-    Ok((array, rate))
+    Ok(Decoded {
+        planes,
+        frames,
+        rate,
+    })
 }
 
 #[cfg(test)]
@@ -211,6 +231,12 @@ mod tests {
     }
 
     #[test]
+    fn zero_frame_wav_decodes_to_empty() {
+        let (a, rate) = decode_audio(&wav_i16(8000, 2, &[])).unwrap();
+        assert_eq!((a.dim(), rate), ((2, 0), 8000));
+    }
+
+    #[test]
     fn empty_and_garbage_are_decode_errors() {
         for bytes in [&b""[..], b"hello world, not audio at all", &[0u8; 64]] {
             let e = decode_audio(bytes).unwrap_err();
@@ -237,16 +263,35 @@ mod tests {
     #[test]
     fn duration_limit_stops_early() {
         let wav = wav_i16(16000, 1, &vec![0i16; 32000]);
-        let e = decode_limited(&wav, Some(1.0)).unwrap_err();
+        let e = decode_planes(&wav, Some(1.0)).unwrap_err();
         assert!(matches!(e, MlmfError::Input { .. }), "{e}");
         assert!(e.to_string().contains("max_duration_s"), "{e}");
-        assert_eq!(decode_limited(&wav, Some(2.0)).unwrap().0.dim(), (1, 32000));
+        let d = decode_planes(&wav, Some(2.0)).unwrap();
+        assert_eq!((d.planes.len(), d.frames, d.rate), (1, 32000, 16000));
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = decode_audio(&bytes);
+        }
+
+        #[test]
+        fn random_bodies_behind_real_magic_never_panic(
+            magic in 0usize..6,
+            body in proptest::collection::vec(any::<u8>(), 0..4096),
+        ) {
+            let heads: [&[u8]; 6] = [
+                b"RIFF\x24\x10\x00\x00WAVEfmt ",
+                b"fLaC\x00\x00\x00\x22",
+                b"OggS\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00",
+                b"ID3\x04\x00\x00\x00\x00\x00\x00",
+                b"\xff\xfb\x90\x64",
+                b"RIFF\x00\x00\x00\x00WAVEdata",
+            ];
+            let mut bytes = heads[magic].to_vec();
+            bytes.extend_from_slice(&body);
             let _ = decode_audio(&bytes);
         }
 

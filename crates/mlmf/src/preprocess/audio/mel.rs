@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use ndarray::{Array2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
-use realfft::num_complex::Complex;
-use realfft::{RealFftPlanner, RealToComplex};
+use rustfft::num_complex::Complex;
+use rustfft::{Fft, FftPlanner};
 
 use crate::error::{MlmfError, Result};
 
@@ -136,14 +136,17 @@ pub(crate) struct LogMel {
     n_mels: usize,
     padding_value: f32,
     window: Vec<f32>,
-    fft: Arc<dyn RealToComplex<f32>>,
+    /// Complex FFT of length `n_fft`; each call transforms two real frames packed as
+    /// one complex signal (see [`split_pair`]).
+    fft: Arc<dyn Fft<f32>>,
     filters: Vec<SparseFilter>,
 }
 
 /// Per-task buffers, reused across the frames of a task.
 struct Scratch {
-    frame: Vec<f32>,
-    spectrum: Vec<Complex<f32>>,
+    /// `LANES / 2` packed frame pairs of `n_fft` values each: frame `2p` in the real
+    /// parts and frame `2p + 1` in the imaginary parts of pair `p`, then their spectra.
+    pairs: Vec<Complex<f32>>,
     fft_scratch: Vec<Complex<f32>>,
     /// Power spectra of `LANES` frames, bin-major: `power[bin * LANES + lane]`.
     power: Vec<f32>,
@@ -180,7 +183,7 @@ impl LogMel {
                 }
             })
             .collect();
-        let fft = RealFftPlanner::<f32>::new().plan_fft_forward(n_fft);
+        let fft = FftPlanner::<f32>::new().plan_fft_forward(n_fft);
         let pad = n_fft / 2;
         // torch.stft(center=True) yields 1 + (L + 2 pad - n_fft) / hop frames; the
         // reference drops the last one.
@@ -214,10 +217,10 @@ impl LogMel {
     }
 
     fn scratch(&self) -> Scratch {
+        let zero = Complex::new(0.0, 0.0);
         Scratch {
-            frame: self.fft.make_input_vec(),
-            spectrum: self.fft.make_output_vec(),
-            fft_scratch: self.fft.make_scratch_vec(),
+            pairs: vec![zero; self.n_fft * LANES / 2],
+            fft_scratch: vec![zero; self.fft.get_inplace_scratch_len()],
             power: vec![0.0; (self.n_fft / 2 + 1) * LANES],
         }
     }
@@ -244,10 +247,9 @@ impl LogMel {
         };
         // Frames made only of padding are all equal: compute that frame once.
         let mut constant = vec![0.0f32; self.n_mels];
-        let mut s = self.scratch();
-        self.constant_frame_into(&chunk, &mut s, &mut constant)?;
+        self.constant_frame_into(&chunk, &mut self.scratch(), &mut constant);
 
-        // Pass 1: mel energies (clamped at 1e-10) and their maximum.
+        // Pass 1: log10 of the mel energies (clamped at 1e-10), and the largest energy.
         let max = out
             .axis_chunks_iter_mut(Axis(1), FRAMES_PER_TASK)
             .into_par_iter()
@@ -265,70 +267,131 @@ impl LogMel {
                 },
             )
             .try_reduce(|| MEL_FLOOR, |a, b| Ok(a.max(b)))?;
-        // Pass 2: log10, the dynamic range floor, scaling. log10 is monotonic, so the
+        // Pass 2: the dynamic range floor and scaling. log10 is monotonic, so the
         // maximum of the logs is the log of the maximum (same function, same input).
         let floor = log10(max) - DYNAMIC_RANGE;
         out.outer_iter_mut().into_par_iter().for_each(|mut row| {
             if let Some(row) = row.as_slice_mut() {
                 for v in row.iter_mut() {
-                    *v = (log10(*v).max(floor) + 4.0) / 4.0;
+                    *v = (v.max(floor) + 4.0) / 4.0;
                 }
             }
         });
         Ok(())
     }
 
-    /// Windowed frame `t` into `frame`. Returns false (leaving `frame` alone) when the
-    /// frame holds padding only.
-    fn frame_into(&self, chunk: &Chunk<'_>, t: usize, frame: &mut [f32]) -> bool {
+    /// Window frame `t` into the real (`imag == false`) or imaginary parts of `z`.
+    /// Returns false, with that part zeroed, when `t` is `None` or the frame holds
+    /// padding only.
+    fn frame_part_into(
+        &self,
+        chunk: &Chunk<'_>,
+        t: Option<usize>,
+        z: &mut [Complex<f32>],
+        imag: bool,
+    ) -> bool {
+        if imag {
+            self.frame_part_into_impl(chunk, t, z, |c| &mut c.im)
+        } else {
+            self.frame_part_into_impl(chunk, t, z, |c| &mut c.re)
+        }
+    }
+
+    #[inline]
+    fn frame_part_into_impl(
+        &self,
+        chunk: &Chunk<'_>,
+        t: Option<usize>,
+        z: &mut [Complex<f32>],
+        part: impl Fn(&mut Complex<f32>) -> &mut f32,
+    ) -> bool {
         let pad = (self.n_fft / 2) as isize;
-        let lo = (t * self.hop_length) as isize - pad;
+        let lo = t.map_or(0, |t| (t * self.hop_length) as isize - pad);
         let hi = lo + self.n_fft as isize;
-        if chunk.is_padding(lo, hi) {
+        if t.is_none() || chunk.is_padding(lo, hi) {
+            z.iter_mut().for_each(|c| *part(c) = 0.0);
             return false;
         }
-        if lo >= 0 && hi as usize <= chunk.x.len() {
-            let src = &chunk.x[lo as usize..hi as usize];
-            for ((f, &v), &w) in frame.iter_mut().zip(src).zip(&self.window) {
-                *f = v * w;
+        if let Some(src) = chunk.interior(lo, hi) {
+            for ((c, &v), &w) in z.iter_mut().zip(src).zip(&self.window) {
+                *part(c) = v * w;
             }
         } else {
-            for ((f, j), &w) in frame.iter_mut().zip(lo..hi).zip(&self.window) {
-                *f = chunk.at(j) * w;
+            for ((c, j), &w) in z.iter_mut().zip(lo..hi).zip(&self.window) {
+                *part(c) = chunk.at(j) * w;
             }
         }
         true
     }
 
-    /// Power spectrum of `s.frame` into lane `lane` of `s.power`.
-    fn power_into(&self, s: &mut Scratch, lane: usize) -> Result<()> {
-        self.fft
-            .process_with_scratch(&mut s.frame, &mut s.spectrum, &mut s.fft_scratch)
-            .map_err(|e| MlmfError::Internal(format!("FFT failed: {e}")))?;
-        for (bin, c) in s.power.chunks_exact_mut(LANES).zip(&s.spectrum) {
-            bin[lane] = c.re * c.re + c.im * c.im;
+    /// Windowed frames `t` and `t + 1` packed into `z` as `frame_t + i * frame_t+1`.
+    /// Returns false (leaving `z` alone) unless both lie inside the real samples, the
+    /// common case, done in one pass.
+    fn interior_pair_into(&self, chunk: &Chunk<'_>, t: usize, z: &mut [Complex<f32>]) -> bool {
+        let lo = (t * self.hop_length) as isize - (self.n_fft / 2) as isize;
+        let (a, b) = (
+            chunk.interior(lo, lo + self.n_fft as isize),
+            chunk.interior(
+                lo + self.hop_length as isize,
+                lo + (self.hop_length + self.n_fft) as isize,
+            ),
+        );
+        let (Some(a), Some(b)) = (a, b) else {
+            return false;
+        };
+        for (((c, &u), &v), &w) in z.iter_mut().zip(a).zip(b).zip(&self.window) {
+            *c = Complex::new(u * w, v * w);
         }
-        Ok(())
+        true
+    }
+
+    /// Windows the frames `first..first + lanes` (`lanes <= LANES`) into `s.pairs`,
+    /// transforms them and leaves their power spectra in `s.power`. Returns which lanes
+    /// hold a computed frame (the others are padding-only or past `lanes`).
+    fn group_power(
+        &self,
+        chunk: &Chunk<'_>,
+        first: usize,
+        lanes: usize,
+        s: &mut Scratch,
+    ) -> [bool; LANES] {
+        let mut computed = [false; LANES];
+        let live = |lane: usize| (lane < lanes).then_some(first + lane);
+        for (p, z) in s.pairs.chunks_exact_mut(self.n_fft).enumerate() {
+            let (a, b) = (2 * p, 2 * p + 1);
+            if b < lanes && self.interior_pair_into(chunk, first + a, z) {
+                (computed[a], computed[b]) = (true, true);
+            } else {
+                computed[a] = self.frame_part_into(chunk, live(a), z, false);
+                computed[b] = self.frame_part_into(chunk, live(b), z, true);
+            }
+        }
+        if computed.iter().any(|&c| c) {
+            // One call transforms every pair: rustfft runs the `n_fft`-long FFTs of the
+            // buffer back to back.
+            self.fft
+                .process_with_scratch(&mut s.pairs, &mut s.fft_scratch);
+            for (p, z) in s.pairs.chunks_exact(self.n_fft).enumerate() {
+                split_pair(z, &mut s.power, 2 * p);
+            }
+        }
+        computed
     }
 
     /// Mel energies (clamped at 1e-10) of a frame made only of `padding_value`.
-    fn constant_frame_into(
-        &self,
-        chunk: &Chunk<'_>,
-        s: &mut Scratch,
-        dst: &mut [f32],
-    ) -> Result<()> {
-        for (f, &w) in s.frame.iter_mut().zip(&self.window) {
-            *f = chunk.padding_value * w;
+    fn constant_frame_into(&self, chunk: &Chunk<'_>, s: &mut Scratch, dst: &mut [f32]) {
+        if let Some(z) = s.pairs.get_mut(..self.n_fft) {
+            for (c, &w) in z.iter_mut().zip(&self.window) {
+                *c = Complex::new(chunk.padding_value * w, 0.0);
+            }
+            self.fft.process_with_scratch(z, &mut s.fft_scratch);
+            split_pair(z, &mut s.power, 0);
         }
-        s.power.fill(0.0);
-        self.power_into(s, 0)?;
         let mut acc = [0.0f32; LANES];
         for (m, d) in dst.iter_mut().enumerate() {
             self.project(&s.power, m, &mut acc);
             *d = acc[0].max(MEL_FLOOR);
         }
-        Ok(())
     }
 
     /// Mel energies of filter `m` for the `LANES` frames in `power`.
@@ -344,8 +407,8 @@ impl LogMel {
         }
     }
 
-    /// Mel energies `max(mel, 1e-10)` of the frames starting at `first` into `block`
-    /// (`[n_mels, frames]`, rows contiguous); returns their maximum.
+    /// `log10(max(mel, 1e-10))` of the frames starting at `first` into `block`
+    /// (`[n_mels, frames]`, rows contiguous); returns the largest `max(mel, 1e-10)`.
     fn block_into(
         &self,
         chunk: &Chunk<'_>,
@@ -355,39 +418,85 @@ impl LogMel {
         s: &mut Scratch,
     ) -> Result<f32> {
         let count = block.ncols();
-        let mut max = MEL_FLOOR;
+        // Lane-wise running maximum; `if a > b` (not `f32::max`) keeps it a plain
+        // vector max, the values being finite or +inf, never NaN.
+        let mut max = [MEL_FLOOR; LANES];
         let mut group = 0;
         while group < count {
             let lanes = LANES.min(count - group);
-            let mut computed = [false; LANES];
-            for (lane, done) in computed.iter_mut().enumerate().take(lanes) {
-                if self.frame_into(chunk, first + group + lane, &mut s.frame) {
-                    self.power_into(s, lane)?;
-                    *done = true;
-                }
-            }
-            let any = computed.iter().any(|&c| c);
+            let computed = self.group_power(chunk, first + group, lanes, s);
+            // Lanes past `lanes` (end of the block) hold zeros and are ignored.
+            let all = computed[..lanes].iter().all(|&c| c);
+            let none = !computed[..lanes].iter().any(|&c| c);
             for (m, mut row) in block.outer_iter_mut().enumerate() {
                 let row = row.as_slice_mut().ok_or_else(|| {
                     MlmfError::Internal("log-mel block rows are not contiguous".into())
                 })?;
-                let mut acc = [0.0f32; LANES];
-                if any {
+                let mut vals = [constant[m]; LANES];
+                if !none {
+                    let mut acc = [0.0f32; LANES];
                     self.project(&s.power, m, &mut acc);
+                    for ((v, &a), &c) in vals.iter_mut().zip(&acc).zip(&computed) {
+                        if all || c {
+                            *v = if a > MEL_FLOOR { a } else { MEL_FLOOR };
+                        }
+                    }
                 }
-                for lane in 0..lanes {
-                    let v = if computed[lane] {
-                        acc[lane].max(MEL_FLOOR)
-                    } else {
-                        constant[m]
-                    };
-                    max = max.max(v);
-                    row[group + lane] = v;
+                for (mx, &v) in max.iter_mut().zip(&vals).take(lanes) {
+                    *mx = if v > *mx { v } else { *mx };
+                }
+                if let Some(dst) = row.get_mut(group..group + lanes) {
+                    dst.copy_from_slice(&vals[..lanes]);
                 }
             }
             group += lanes;
         }
-        Ok(max)
+        // The logarithm while the block is still in cache, over whole rows so that it
+        // runs as a vector loop.
+        for mut row in block.outer_iter_mut() {
+            if let Some(row) = row.as_slice_mut() {
+                for v in row.iter_mut() {
+                    *v = log10(*v);
+                }
+            }
+        }
+        Ok(max
+            .iter()
+            .fold(MEL_FLOOR, |a, &b| if b > a { b } else { a }))
+    }
+}
+
+/// Power spectra of the two real frames packed in `z` (the FFT of `a + i b`) into lanes
+/// `lane` and `lane + 1` of `power` (`power[bin * LANES + lane]`, bins `0..=n / 2`).
+///
+/// With `Z = A + iB` and `A`, `B` the spectra of real signals (so `A[n-k] = conj(A[k])`,
+/// likewise `B`): `conj(Z[n-k]) = A[k] - iB[k]`, hence `A[k] = (Z[k] + conj(Z[n-k])) / 2`
+/// and `B[k] = (Z[k] - conj(Z[n-k])) / 2i`. Only the squared magnitudes are kept, so the
+/// division by `i` drops out and the halving becomes an exact factor 1/4. Bin 0 (and
+/// `n / 2` for even `n`) pairs with itself: `A = Re Z`, `B = Im Z`, which the same
+/// formula gives.
+fn split_pair(z: &[Complex<f32>], power: &mut [f32], lane: usize) {
+    #[inline(always)]
+    fn store(c: Complex<f32>, d: Complex<f32>, bin: &mut [f32], lane: usize) {
+        let (ar, ai) = (c.re + d.re, c.im - d.im);
+        let (br, bi) = (c.re - d.re, c.im + d.im);
+        if let Some(dst) = bin.get_mut(lane..lane + 2) {
+            dst[0] = 0.25 * (ar * ar + ai * ai);
+            dst[1] = 0.25 * (br * br + bi * bi);
+        }
+    }
+    let n = z.len();
+    let mut bins = power.chunks_exact_mut(LANES);
+    if let (Some(&z0), Some(bin)) = (z.first(), bins.next()) {
+        store(z0, z0, bin, lane);
+    }
+    // Bins 1..=n/2 against Z[n-1] down to Z[n - n/2] (for even n the last bin, n/2,
+    // meets itself). Plain slice iterators keep this loop branch-free.
+    let (Some(low), Some(high)) = (z.get(1..=n / 2), z.get(n - n / 2..)) else {
+        return;
+    };
+    for ((&c, &d), bin) in low.iter().zip(high.iter().rev()).zip(bins) {
+        store(c, d, bin, lane);
     }
 }
 
@@ -417,6 +526,14 @@ impl Chunk<'_> {
             .and_then(|i| self.x.get(i))
             .copied()
             .unwrap_or(self.padding_value)
+    }
+
+    /// `lo..hi` when it lies inside the real samples (no padding, no reflection).
+    #[inline]
+    fn interior(&self, lo: isize, hi: isize) -> Option<&[f32]> {
+        let lo = usize::try_from(lo).ok()?;
+        let hi = usize::try_from(hi).ok()?;
+        self.x.get(lo..hi)
     }
 
     /// Whether every sample of `lo..hi` comes from the padding.
@@ -613,6 +730,24 @@ mod tests {
         assert_eq!(log10(f32::INFINITY), f32::INFINITY);
         assert_eq!(log10(0.0), -10.0);
         assert_eq!(log10(1.0), 0.0);
+    }
+
+    #[test]
+    fn padding_value_only_counts_where_padding_is() {
+        // 100 frames of a 16000-sample chunk, the last lane group partial. A loud padding
+        // value must change nothing when no frame holds padding.
+        let lm = LogMel::new(400, 160, 16000, 80, 16000, 0.9);
+        let quiet: Vec<f32> = (0..16000).map(|i| 1e-3 * (i as f32 * 0.05).sin()).collect();
+        let mut out = Array2::zeros((80, lm.n_frames()));
+        lm.compute_into(&quiet, out.view_mut()).unwrap();
+        let reference = LogMel::new(400, 160, 16000, 80, 16000, 0.0);
+        let mut want = Array2::zeros((80, lm.n_frames()));
+        reference.compute_into(&quiet, want.view_mut()).unwrap();
+        assert_eq!(out, want);
+        // With padding present, its frames are the constant frame's values.
+        lm.compute_into(&quiet[..8000], out.view_mut()).unwrap();
+        let last = out.column(99).to_owned();
+        assert_eq!(out.column(80), last);
     }
 
     #[test]

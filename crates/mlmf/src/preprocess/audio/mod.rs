@@ -27,7 +27,7 @@ mod resample;
 use std::borrow::Cow;
 use std::path::Path;
 
-use ndarray::{Array2, Array3, ArrayView2, Axis};
+use ndarray::{Array2, Array3, Axis};
 use rayon::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -119,9 +119,12 @@ impl AudioProcessorConfig {
     /// `feature_extractor_type` other than `WhisperFeatureExtractor` is refused, since
     /// other extractors compute different features. The result is validated.
     pub fn from_hf_json(v: &serde_json::Value) -> Result<Self> {
-        let obj = v
-            .as_object()
-            .ok_or_else(|| MlmfError::config("", format!("expected a JSON object, got {v}")))?;
+        let obj = v.as_object().ok_or_else(|| {
+            MlmfError::config(
+                "preprocessor_config",
+                format!("expected a JSON object, got {v}"),
+            )
+        })?;
         if let Some(kind) = obj.get("feature_extractor_type") {
             if kind.as_str() != Some("WhisperFeatureExtractor") {
                 return Err(MlmfError::config(
@@ -278,9 +281,37 @@ fn input_error(message: impl Into<String>) -> MlmfError {
     MlmfError::input(Modality::Audio, message)
 }
 
-/// Checks `[channels, samples]` audio and averages it to mono (borrowing a single
-/// contiguous channel as is).
-fn downmix(data: ArrayView2<'_, f32>) -> Result<Cow<'_, [f32]>> {
+/// Checks channels (all of one length) and averages them to mono; a single channel is
+/// borrowed as is.
+fn downmix<'a>(channels: &[&'a [f32]]) -> Result<Cow<'a, [f32]>> {
+    let samples = channels.first().map_or(0, |c| c.len());
+    if samples == 0 {
+        return Err(input_error("expected at least one sample, got empty audio"));
+    }
+    for (c, row) in channels.iter().enumerate() {
+        if let Some(t) = row.iter().position(|v| !v.is_finite()) {
+            return Err(input_error(format!(
+                "expected finite samples, got {} at channel {c}, sample {t}",
+                row[t]
+            )));
+        }
+    }
+    if let [only] = channels {
+        return Ok(Cow::Borrowed(only));
+    }
+    let scale = 1.0 / channels.len() as f32;
+    let mut mono = vec![0.0f32; samples];
+    for row in channels {
+        for (m, &v) in mono.iter_mut().zip(row.iter()) {
+            *m += v;
+        }
+    }
+    mono.iter_mut().for_each(|m| *m *= scale);
+    Ok(Cow::Owned(mono))
+}
+
+/// Mono samples of a `[channels, samples]` array.
+fn downmix_array(data: &Array2<f32>) -> Result<Cow<'_, [f32]>> {
     let (channels, samples) = data.dim();
     if channels == 0 {
         return Err(input_error(
@@ -290,30 +321,17 @@ fn downmix(data: ArrayView2<'_, f32>) -> Result<Cow<'_, [f32]>> {
     if samples == 0 {
         return Err(input_error("expected at least one sample, got empty audio"));
     }
-    for (c, row) in data.outer_iter().enumerate() {
-        if let Some(t) = row.iter().position(|v| !v.is_finite()) {
-            return Err(input_error(format!(
-                "expected finite samples, got {} at channel {c}, sample {t}",
-                row[t]
-            )));
+    match data.as_slice() {
+        Some(flat) => downmix(&flat.chunks_exact(samples).collect::<Vec<_>>()),
+        None => {
+            let owned = data.as_standard_layout();
+            let flat = owned.as_slice().ok_or_else(|| {
+                MlmfError::Internal("standard-layout audio is not contiguous".into())
+            })?;
+            let rows: Vec<&[f32]> = flat.chunks_exact(samples).collect();
+            Ok(Cow::Owned(downmix(&rows)?.into_owned()))
         }
     }
-    if channels == 1 {
-        let row = data.index_axis_move(Axis(0), 0);
-        return Ok(match row.to_slice() {
-            Some(slice) => Cow::Borrowed(slice),
-            None => Cow::Owned(row.to_vec()),
-        });
-    }
-    let scale = 1.0 / channels as f32;
-    let mut mono = vec![0.0f32; samples];
-    for row in data.outer_iter() {
-        for (m, &v) in mono.iter_mut().zip(row.iter()) {
-            *m += v;
-        }
-    }
-    mono.iter_mut().for_each(|m| *m *= scale);
-    Ok(Cow::Owned(mono))
 }
 
 impl AudioProcessor {
@@ -376,9 +394,18 @@ impl AudioProcessor {
         let (mono, rate) = match input {
             AudioInput::Source(src) => {
                 let bytes = src.bytes(Modality::Audio)?;
-                let (data, rate) = decode::decode_limited(&bytes, self.cfg.max_duration_s)?;
-                check_rate(rate, "the file's sampling rate")?;
-                (Cow::Owned(downmix(data.view())?.into_owned()), rate)
+                let mut decoded = decode::decode_planes(&bytes, self.cfg.max_duration_s)?;
+                check_rate(decoded.rate, "the file's sampling rate")?;
+                let mono = if decoded.planes.len() == 1 && decoded.frames > 0 {
+                    // Moved, not copied; checked like any other input.
+                    let only = decoded.planes.swap_remove(0);
+                    downmix(&[&only])?;
+                    only
+                } else {
+                    let rows: Vec<&[f32]> = decoded.planes.iter().map(Vec::as_slice).collect();
+                    downmix(&rows)?.into_owned()
+                };
+                (Cow::Owned(mono), decoded.rate)
             }
             AudioInput::Samples {
                 data,
@@ -386,7 +413,7 @@ impl AudioProcessor {
             } => {
                 let rate = own.or(sampling_rate).unwrap_or(self.cfg.sampling_rate);
                 check_rate(rate, "sampling_rate")?;
-                (downmix(data.view())?, rate)
+                (downmix_array(data)?, rate)
             }
         };
         if let Some(max) = self.cfg.max_duration_s {

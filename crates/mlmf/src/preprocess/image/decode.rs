@@ -5,8 +5,9 @@
 //! zero-size images and images above `max_pixels` are refused, so a small file that
 //! declares a huge image (a decompression bomb) costs nothing. Corrupt, truncated and
 //! unsupported files are [`MlmfError::Decode`]; limit violations are
-//! [`MlmfError::Input`]. EXIF orientation is not applied (transformers does not apply
-//! it to images it is handed either).
+//! [`MlmfError::Input`]. EXIF orientation is not applied: transformers only applies it
+//! when it opens a path itself (`load_image`), not to the images handed to its
+//! processors, which is what the reference outputs are computed from.
 
 use std::io::Cursor;
 
@@ -82,6 +83,17 @@ pub(crate) fn decode_dynamic(bytes: &[u8], max_pixels: u64) -> Result<DynamicIma
         )));
     };
     let name = format_name(format);
+    // The PNG decoder rejects a zero-sized header with a bare "invalid dimensions";
+    // read IHDR ourselves so the message says what the file declares.
+    if format == ImageFormat::Png && bytes.len() >= 24 && &bytes[12..16] == b"IHDR" {
+        let w = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+        let h = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+        if w == 0 || h == 0 {
+            return Err(decode_err(format!(
+                "the PNG header declares a {w}x{h} image: expected both sides at least 1"
+            )));
+        }
+    }
     if !matches!(
         format,
         ImageFormat::Jpeg
@@ -303,6 +315,21 @@ mod tests {
         let err = decode_image(&png, 3).unwrap_err().to_string();
         assert!(err.contains("max_image_pixels = 3"), "{err}");
         assert!(err.starts_with("image input"), "{err}");
+    }
+
+    #[test]
+    fn zero_size_images_are_refused() {
+        // A GIF whose logical screen and only frame are 0x0.
+        let mut gif = b"GIF89a\x00\x00\x00\x00\x00\x00\x00".to_vec();
+        gif.extend_from_slice(&[0x2C, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0x44, 0, 0x3B]);
+        let err = decode_image(&gif, 100).unwrap_err();
+        assert!(
+            matches!(err, MlmfError::Input { .. } | MlmfError::Decode { .. }),
+            "{err}"
+        );
+        if let MlmfError::Input { .. } = err {
+            assert!(err.to_string().contains("empty 0x0"), "{err}");
+        }
     }
 
     #[test]

@@ -14,10 +14,10 @@
 //!
 //! `patches` turns the output into ViT or Qwen2-VL patch sequences.
 
-mod convert;
-mod decode;
-mod patches;
-mod resize;
+pub(crate) mod convert;
+pub(crate) mod decode;
+pub(crate) mod patches;
+pub(crate) mod resize;
 
 use std::fmt;
 use std::ops::Range;

@@ -31,6 +31,7 @@ use rayon::prelude::*;
 
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
+use crate::preprocess::image::convert::composite_on_white;
 use crate::preprocess::image::{ImageInput, ImageProcessor};
 use crate::preprocess::Source;
 
@@ -701,6 +702,35 @@ pub(crate) enum FrameSource<'a> {
         data: &'a Array4<u8>,
         fps: Option<f64>,
     },
+    Sparse {
+        data: &'a Array4<u8>,
+        indices: &'a [usize],
+        total: usize,
+        fps: Option<f64>,
+    },
+}
+
+/// Shape and frame-rate checks shared by array inputs.
+fn check_frames(data: &Array4<u8>, fps: Option<f64>) -> Result<()> {
+    let (t, h, w, c) = data.dim();
+    if !matches!(c, 1 | 3 | 4) {
+        return Err(input_err(format!(
+            "expected frames of shape [T, H, W, C] with C in 1, 3, 4, got C = {c}"
+        )));
+    }
+    if t == 0 || h == 0 || w == 0 {
+        return Err(input_err(format!(
+            "expected a non-empty [T, H, W, C] frame array, got shape [{t}, {h}, {w}, {c}]"
+        )));
+    }
+    if let Some(f) = fps {
+        if !(f.is_finite() && f > 0.0) {
+            return Err(input_err(format!(
+                "fps must be a positive finite number, got {f}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl<'a> FrameSource<'a> {
@@ -709,25 +739,37 @@ impl<'a> FrameSource<'a> {
     pub(crate) fn open(input: &'a VideoInput, max_pixels: u64) -> Result<Self> {
         match input {
             VideoInput::Frames { data, fps } => {
-                let (t, h, w, c) = data.dim();
-                if !matches!(c, 1 | 3 | 4) {
-                    return Err(input_err(format!(
-                        "expected frames of shape [T, H, W, C] with C in 1, 3, 4, got C = {c}"
-                    )));
-                }
-                if t == 0 || h == 0 || w == 0 {
-                    return Err(input_err(format!(
-                        "expected a non-empty [T, H, W, C] frame array, got shape [{t}, {h}, {w}, {c}]"
-                    )));
-                }
-                if let Some(f) = fps {
-                    if !(f.is_finite() && *f > 0.0) {
-                        return Err(input_err(format!(
-                            "fps must be a positive finite number, got {f}"
-                        )));
-                    }
-                }
+                check_frames(data, *fps)?;
                 Ok(Self::Array { data, fps: *fps })
+            }
+            VideoInput::Sparse {
+                data,
+                indices,
+                total,
+                fps,
+            } => {
+                check_frames(data, *fps)?;
+                if indices.len() != data.dim().0 {
+                    return Err(input_err(format!(
+                        "{} frame indices for {} decoded frames: expected one index per frame",
+                        indices.len(),
+                        data.dim().0
+                    )));
+                }
+                if indices.windows(2).any(|w| w[0] >= w[1])
+                    || indices.last().is_some_and(|&l| l >= *total)
+                {
+                    return Err(input_err(format!(
+                        "frame indices must be ascending, without repeats, and below the \
+                         video's {total} frames"
+                    )));
+                }
+                Ok(Self::Sparse {
+                    data,
+                    indices,
+                    total: *total,
+                    fps: *fps,
+                })
             }
             VideoInput::Source(Source::Path(p)) if p.is_dir() => Ok(Self::Directory {
                 files: list_frame_files(p)?,
@@ -776,6 +818,7 @@ impl<'a> FrameSource<'a> {
             Self::Still { .. } => 1,
             Self::Directory { files } => files.len(),
             Self::Array { data, .. } => data.dim().0,
+            Self::Sparse { total, .. } => *total,
         }
     }
 
@@ -783,7 +826,7 @@ impl<'a> FrameSource<'a> {
     pub(crate) fn fps(&self) -> Option<f64> {
         match self {
             Self::Animation { info, .. } => info.fps(),
-            Self::Array { fps, .. } => *fps,
+            Self::Array { fps, .. } | Self::Sparse { fps, .. } => *fps,
             Self::Still { .. } | Self::Directory { .. } => None,
         }
     }
@@ -816,6 +859,15 @@ impl<'a> FrameSource<'a> {
             Self::Array { data, .. } => wanted
                 .par_iter()
                 .map(|&i| array_frame(data, i, image))
+                .collect(),
+            Self::Sparse { data, indices, .. } => wanted
+                .par_iter()
+                .map(|&i| match indices.binary_search(&i) {
+                    Ok(row) => array_frame(data, row, image),
+                    Err(_) => Err(input_err(format!(
+                        "frame {i} was sampled but not among the decoded frames {indices:?}"
+                    ))),
+                })
                 .collect(),
         }
     }
@@ -889,22 +941,6 @@ pub(crate) fn read_animation(
     Ok(out)
 }
 
-/// One channel of a pixel with alpha `a` over opaque white, as Pillow's
-/// `Image.alpha_composite` computes it (`libImaging/AlphaComposite.c`: 7 extra bits of
-/// precision, division by 255 as `((v >> 8) + v) >> 8`). transformers' PIL
-/// `convert_to_rgb` composites decoded images this way; the image module applies the
-/// same rule to decoded files.
-fn pillow_over_white(c: u8, a: u8) -> u8 {
-    const PRECISION: u32 = 7;
-    let (c, a) = (u32::from(c), u32::from(a));
-    // Destination alpha 255: out alpha is 255 * 255 after scaling, never zero.
-    let out_a = a * 255 + 255 * (255 - a);
-    let coef1 = a * 255 * 255 * (1 << PRECISION) / out_a;
-    let coef2 = 255 * (1 << PRECISION) - coef1;
-    let v = c * coef1 + 255 * coef2 + (0x80 << PRECISION);
-    ((((v >> 8) + v) >> 8) >> PRECISION) as u8
-}
-
 /// A composited RGBA canvas -> RGB: transparency over white (Pillow's arithmetic, as for
 /// decoded still images), or alpha dropped when the image config turns `do_convert_rgb`
 /// off.
@@ -917,9 +953,9 @@ pub(crate) fn rgba_to_rgb(canvas: RgbaImage, image: &ImageProcessor) -> Result<R
             let [r, g, b, a] = p.0;
             if composite && a != 255 {
                 [
-                    pillow_over_white(r, a),
-                    pillow_over_white(g, a),
-                    pillow_over_white(b, a),
+                    composite_on_white(r, a),
+                    composite_on_white(g, a),
+                    composite_on_white(b, a),
                 ]
             } else {
                 [r, g, b]
@@ -938,7 +974,11 @@ fn array_frame(data: &Array4<u8>, i: usize, image: &ImageProcessor) -> Result<Rg
         _ => return Err(input_err(format!("frame {i} is too large ({h}x{w})"))),
     };
     if c == 3 {
-        let rgb: Vec<u8> = frame.iter().copied().collect();
+        // Frames of a standard-layout array are contiguous: one copy.
+        let rgb: Vec<u8> = match frame.as_slice() {
+            Some(s) => s.to_vec(),
+            None => frame.iter().copied().collect(),
+        };
         return RgbImage::from_raw(wu, hu, rgb)
             .ok_or_else(|| MlmfError::Internal("RGB frame buffer size".into()));
     }
@@ -1182,6 +1222,34 @@ mod tests {
             if let Ok(src) = FrameSource::open(&input, 1 << 20) {
                 let total = src.total();
                 let wanted: Vec<usize> = (0..total.min(3)).collect();
+                let _ = src.read(&wanted, &ip);
+            }
+        }
+
+        #[test]
+        fn mutated_webps_never_panic(
+            flips in proptest::collection::vec((0usize..400, proptest::prelude::any::<u8>()), 1..6),
+            cut in 0usize..64,
+        ) {
+            let ip = crate::preprocess::video::tests::image_processor();
+            let px = |c: u8, a: u8| RgbaImage::from_pixel(4, 2, image::Rgba([c, 9, 200, a]));
+            let mut w = anim_webp(
+                6,
+                4,
+                &[
+                    (0, 0, false, false, 30, px(1, 255)),
+                    (2, 2, true, true, 30, px(90, 100)),
+                    (0, 2, true, false, 30, px(200, 0)),
+                ],
+            );
+            for (at, v) in flips {
+                let n = w.len();
+                w[at % n] = v;
+            }
+            w.truncate(w.len().saturating_sub(cut));
+            let input = VideoInput::Source(Source::Bytes(w));
+            if let Ok(src) = FrameSource::open(&input, 1 << 20) {
+                let wanted: Vec<usize> = (0..src.total().min(4)).collect();
                 let _ = src.read(&wanted, &ip);
             }
         }

@@ -41,6 +41,15 @@ pub enum VideoInput {
         data: ndarray::Array4<u8>,
         fps: Option<f64>,
     },
+    /// Some frames of a longer video, decoded elsewhere (e.g. by PyAV from a container,
+    /// after asking [`VideoProcessor::sample_indices`] which ones): row `r` of `data` is
+    /// frame `indices[r]` (ascending, no repeats) of a video of `total` frames.
+    Sparse {
+        data: ndarray::Array4<u8>,
+        indices: Vec<usize>,
+        total: usize,
+        fps: Option<f64>,
+    },
 }
 
 impl VideoInput {
@@ -158,7 +167,7 @@ pub struct VideoProcessor {
 impl std::fmt::Debug for VideoProcessor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VideoProcessor")
-            .field("cfg", &self.cfg)
+            .field("config", &self.cfg)
             .finish_non_exhaustive()
     }
 }
@@ -390,9 +399,13 @@ impl VideoProcessor {
                         let first = frames
                             .first()
                             .ok_or_else(|| MlmfError::Internal("no frame decoded".into()))?;
-                        let size = cfg.output_size_for(first.height(), first.width())?;
-                        for (img, idx) in frames.iter().zip(&unique) {
-                            let s = cfg.output_size_for(img.height(), img.width())?;
+                        let size_of = |img: &image::RgbImage, idx: usize| {
+                            cfg.output_size_for(img.height(), img.width())
+                                .map_err(|e| as_video(e, &format!("frame {idx}")))
+                        };
+                        let size = size_of(first, unique[0])?;
+                        for (img, &idx) in frames.iter().zip(&unique) {
+                            let s = size_of(img, idx)?;
                             if s != size {
                                 return Err(mismatch(format!("frame {idx}"), s, size));
                             }
@@ -757,6 +770,11 @@ pub(crate) mod tests {
         assert_eq!(parsed.sampler, FrameSampler::Fps { fps: 2.0 });
         assert_eq!(parsed.max_frames, 512);
         assert!(serde_json::from_str::<VideoProcessorConfig>(r#"{"frames": 3}"#).is_err());
+        let typo = r#"{"sampler": {"type": "windows", "frames_per_window": 2, "window_frame": 4}}"#;
+        assert!(serde_json::from_str::<VideoProcessorConfig>(typo).is_err());
+        let all: VideoProcessorConfig =
+            serde_json::from_str(r#"{"sampler": {"type": "all"}}"#).unwrap();
+        assert_eq!(all.sampler, FrameSampler::All);
     }
 
     /// `[T, H, W, 3]` frames whose red channel is the frame number.
@@ -927,6 +945,60 @@ pub(crate) mod tests {
         assert!(
             err.starts_with("video input 1: gives 10 frames but video 0 gives 5"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn free_output_size_must_agree_across_the_batch() {
+        // Shortest edge 8, no crop: a 16x12 frame becomes 10x8 (W x H), a 12x12 one 8x8.
+        let ip = image_processor_with(
+            r#"{"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 8},
+                "do_center_crop": false, "do_normalize": false}"#,
+        );
+        let p = VideoProcessor::new(uniform(2), ip).unwrap();
+        let ok = p
+            .process(&[VideoInput::Frames {
+                data: numbered(4, 12, 16),
+                fps: None,
+            }])
+            .unwrap();
+        assert_eq!(ok.pixel_values.shape(), &[1, 2, 3, 8, 10]);
+        let err = p
+            .process(&[
+                VideoInput::Frames {
+                    data: numbered(4, 12, 16),
+                    fps: None,
+                },
+                VideoInput::Frames {
+                    data: numbered(4, 12, 12),
+                    fps: None,
+                },
+            ])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("video input 1: frames preprocess to 8x8 (HxW), 8x10 expected"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn repeated_indices_repeat_frames() {
+        let p = processor(VideoProcessorConfig {
+            short_video: ShortVideo::PadLast,
+            ..uniform(5)
+        });
+        let batch = p
+            .process(&[VideoInput::Frames {
+                data: numbered(3, 8, 8),
+                fps: None,
+            }])
+            .unwrap();
+        assert_eq!(batch.indices, vec![vec![0, 1, 2, 2, 2]]);
+        let pv = &batch.pixel_values;
+        assert_eq!(
+            pv.slice(ndarray::s![0, 4, .., .., ..]),
+            pv.slice(ndarray::s![0, 2, .., .., ..])
         );
     }
 

@@ -21,7 +21,7 @@ use crate::modality::Modality;
 
 /// How frames are chosen from a video.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FrameSampler {
     /// `num_frames` frames spread evenly: index `i` is `floor(i * total / num_frames)`.
     Uniform { num_frames: usize },
@@ -172,18 +172,18 @@ fn seconds_to_frames(seconds: f64, fps: Option<f64>, field: &str) -> Result<usiz
     Ok((frames as usize).max(1))
 }
 
-/// The windows parameters, validated (see [`FrameSampler::Windows`]).
-pub(crate) struct WindowSpec {
-    pub window_frames: Option<usize>,
-    pub window_seconds: Option<f64>,
-    pub stride_frames: Option<usize>,
-    pub stride_seconds: Option<f64>,
-    pub frames_per_window: usize,
-    pub max_windows: Option<usize>,
+/// The parameters of [`FrameSampler::Windows`].
+struct WindowSpec {
+    window_frames: Option<usize>,
+    window_seconds: Option<f64>,
+    stride_frames: Option<usize>,
+    stride_seconds: Option<f64>,
+    frames_per_window: usize,
+    max_windows: Option<usize>,
 }
 
 /// Window index lists for a video of `total` frames at `fps` (rule on [`FrameSampler::Windows`]).
-pub(crate) fn window_indices(
+fn window_indices(
     spec: &WindowSpec,
     total: usize,
     fps: Option<f64>,
