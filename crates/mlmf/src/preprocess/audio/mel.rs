@@ -476,27 +476,57 @@ impl LogMel {
 /// `n / 2` for even `n`) pairs with itself: `A = Re Z`, `B = Im Z`, which the same
 /// formula gives.
 fn split_pair(z: &[Complex<f32>], power: &mut [f32], lane: usize) {
+    /// Bins per vector step.
+    const STEP: usize = 4;
     #[inline(always)]
-    fn store(c: Complex<f32>, d: Complex<f32>, bin: &mut [f32], lane: usize) {
+    fn powers(c: Complex<f32>, d: Complex<f32>) -> (f32, f32) {
         let (ar, ai) = (c.re + d.re, c.im - d.im);
         let (br, bi) = (c.re - d.re, c.im + d.im);
-        if let Some(dst) = bin.get_mut(lane..lane + 2) {
-            dst[0] = 0.25 * (ar * ar + ai * ai);
-            dst[1] = 0.25 * (br * br + bi * bi);
+        (0.25 * (ar * ar + ai * ai), 0.25 * (br * br + bi * bi))
+    }
+    #[inline(always)]
+    fn put(bin: &mut [f32], lane: usize, (a, b): (f32, f32)) {
+        if let Some([pa, pb]) = bin.get_mut(lane..lane + 2) {
+            (*pa, *pb) = (a, b);
         }
     }
     let n = z.len();
-    let mut bins = power.chunks_exact_mut(LANES);
-    if let (Some(&z0), Some(bin)) = (z.first(), bins.next()) {
-        store(z0, z0, bin, lane);
-    }
-    // Bins 1..=n/2 against Z[n-1] down to Z[n - n/2] (for even n the last bin, n/2,
-    // meets itself). Plain slice iterators keep this loop branch-free.
-    let (Some(low), Some(high)) = (z.get(1..=n / 2), z.get(n - n / 2..)) else {
+    let half = n / 2;
+    // Bins 1..=n/2 meet Z[n-1] down to Z[n - n/2] (for even n the last bin, n/2, meets
+    // itself).
+    let (Some(&z0), Some(low), Some(high), Some((bin0, bins))) = (
+        z.first(),
+        z.get(1..=half),
+        z.get(n - half..),
+        power.split_at_mut_checked(LANES),
+    ) else {
         return;
     };
-    for ((&c, &d), bin) in low.iter().zip(high.iter().rev()).zip(bins) {
-        store(c, d, bin, lane);
+    put(bin0, lane, powers(z0, z0));
+    // STEP bins at a time on small arrays, which compile to vector operations; then
+    // the remainder (none for n = 400) one bin at a time.
+    let done = half - half % STEP;
+    let steps = low
+        .chunks_exact(STEP)
+        .zip(high.rchunks_exact(STEP))
+        .zip(bins.chunks_exact_mut(STEP * LANES));
+    for ((c, d), dst) in steps {
+        // c[j] = Z[k + j] meets d[STEP - 1 - j] = Z[n - k - j].
+        let mut pa = [0.0f32; STEP];
+        let mut pb = [0.0f32; STEP];
+        for j in 0..STEP {
+            (pa[j], pb[j]) = powers(c[j], d[STEP - 1 - j]);
+        }
+        for ((bin, &a), &b) in dst.chunks_exact_mut(LANES).zip(&pa).zip(&pb) {
+            put(bin, lane, (a, b));
+        }
+    }
+    let rest = low[done..]
+        .iter()
+        .zip(high[..half - done].iter().rev())
+        .zip(bins[done * LANES..].chunks_exact_mut(LANES));
+    for ((&c, &d), bin) in rest {
+        put(bin, lane, powers(c, d));
     }
 }
 
