@@ -756,18 +756,25 @@ mod tests {
         for (n, lane) in [(400, 0), (400, 6), (17, 2), (2, 4)] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() + 0.1).collect();
             let b: Vec<f32> = (0..n).map(|i| ((i * i) % 7) as f32 - 3.0).collect();
-            let mut z: Vec<Complex<f32>> =
-                a.iter().zip(&b).map(|(&u, &v)| Complex::new(u, v)).collect();
-            FftPlanner::<f32>::new()
-                .plan_fft_forward(n)
-                .process(&mut z);
+            let mut z: Vec<Complex<f32>> = a
+                .iter()
+                .zip(&b)
+                .map(|(&u, &v)| Complex::new(u, v))
+                .collect();
+            FftPlanner::<f32>::new().plan_fft_forward(n).process(&mut z);
             let mut power = vec![f32::NAN; (n / 2 + 1) * LANES];
             split_pair(&z, &mut power, lane);
             for (k, (pa, pb)) in dft_power(&a).into_iter().zip(dft_power(&b)).enumerate() {
                 let (ga, gb) = (power[k * LANES + lane], power[k * LANES + lane + 1]);
                 let scale = 1e-5 * (1.0 + pa.max(pb));
-                assert!((f64::from(ga) - pa).abs() < scale, "n {n} bin {k}: {ga} vs {pa}");
-                assert!((f64::from(gb) - pb).abs() < scale, "n {n} bin {k}: {gb} vs {pb}");
+                assert!(
+                    (f64::from(ga) - pa).abs() < scale,
+                    "n {n} bin {k}: {ga} vs {pa}"
+                );
+                assert!(
+                    (f64::from(gb) - pb).abs() < scale,
+                    "n {n} bin {k}: {gb} vs {pb}"
+                );
             }
             // Only the two lanes are written.
             for (k, bin) in power.chunks_exact(LANES).enumerate() {
