@@ -157,6 +157,19 @@ impl<T> AtIndex<T> for Result<T> {
     }
 }
 
+/// Runs `f`, turning a panic (a bug here or in a library fed malformed data) into
+/// [`MlmfError::Internal`] prefixed with `context`, so that no panic unwinds further.
+pub(crate) fn catch_panic<T>(context: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Err(MlmfError::Internal(format!("{context}: {what}")))
+    })
+}
+
 /// Read a whole file, mapping failure to [`MlmfError::Io`] for `modality`.
 pub(crate) fn read_file(modality: Modality, path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| MlmfError::Io {

@@ -9,11 +9,9 @@ mod config;
 mod errors;
 mod preprocess;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-
 use pyo3::prelude::*;
 
-use crate::error::{MlmfError, Result};
+use crate::error::{catch_panic, Result};
 
 /// Runs `f` without the GIL; a panic inside becomes [`MlmfError::Internal`].
 pub(crate) fn detached<T, F>(py: Python<'_>, f: F) -> PyResult<T>
@@ -26,19 +24,7 @@ where
 
 /// Runs `f`, turning a panic into [`MlmfError::Internal`] (for work that needs the GIL).
 pub(crate) fn guarded<T, F: FnOnce() -> Result<T>>(f: F) -> Result<T> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(payload) => {
-            let what = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(MlmfError::Internal(format!(
-                "Rust code panicked: {what} (please report this)"
-            )))
-        }
-    }
+    catch_panic("Rust code panicked (please report this)", f)
 }
 
 /// Deliberately panics inside Rust, to test that panics surface as exceptions.

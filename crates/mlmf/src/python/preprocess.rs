@@ -230,6 +230,23 @@ fn json_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
     py.import("json")?.call_method1("loads", (v.to_string(),))
 }
 
+/// A processor config as Python data (its Hugging Face keys).
+fn config_to_py<'py, T: serde::Serialize>(py: Python<'py>, cfg: &T) -> PyResult<Bound<'py, PyAny>> {
+    let v = serde_json::to_value(cfg).map_err(|e| MlmfError::Internal(e.to_string()))?;
+    json_to_py(py, &v)
+}
+
+/// A processor config as JSON text, for pickling.
+fn config_to_text<T: serde::Serialize>(cfg: &T) -> PyResult<String> {
+    Ok(serde_json::to_string(cfg).map_err(|e| MlmfError::Internal(e.to_string()))?)
+}
+
+/// A processor config back from [`config_to_text`].
+fn config_from_text<T: serde::de::DeserializeOwned>(text: &str) -> PyResult<T> {
+    Ok(serde_json::from_str(text)
+        .map_err(|e| MlmfError::config("", format!("bad serialised processor: {e}")))?)
+}
+
 fn image_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ImageInput>> {
     let expected = "a path, encoded image bytes or a uint8 array (HW or HWC)";
     raw_batch(obj, Modality::Image, expected)?
@@ -287,8 +304,7 @@ impl PyImageProcessor {
 
     #[staticmethod]
     fn _from_config_json(text: &str) -> PyResult<Self> {
-        let cfg: ImageProcessorConfig = serde_json::from_str(text)
-            .map_err(|e| MlmfError::config("", format!("bad serialised processor: {e}")))?;
+        let cfg = config_from_text(text)?;
         Ok(Self {
             inner: ImageProcessor::new(cfg)?,
         })
@@ -323,9 +339,7 @@ impl PyImageProcessor {
     /// The settings, with Hugging Face key names.
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let v = serde_json::to_value(self.inner.config())
-            .map_err(|e| MlmfError::Internal(e.to_string()))?;
-        json_to_py(py, &v)
+        config_to_py(py, self.inner.config())
     }
 
     fn __repr__(&self) -> String {
@@ -333,8 +347,7 @@ impl PyImageProcessor {
     }
 
     fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (String,))> {
-        let text = serde_json::to_string(self.inner.config())
-            .map_err(|e| MlmfError::Internal(e.to_string()))?;
+        let text = config_to_text(self.inner.config())?;
         Ok((py.get_type::<Self>().getattr("_from_config_json")?, (text,)))
     }
 }
@@ -563,8 +576,7 @@ impl PyAudioProcessor {
 
     #[staticmethod]
     fn _from_config_json(text: &str) -> PyResult<Self> {
-        let cfg: AudioProcessorConfig = serde_json::from_str(text)
-            .map_err(|e| MlmfError::config("", format!("bad serialised processor: {e}")))?;
+        let cfg = config_from_text(text)?;
         Ok(Self {
             inner: AudioProcessor::new(cfg)?,
         })
@@ -612,9 +624,7 @@ impl PyAudioProcessor {
     /// The settings, with Hugging Face key names.
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let v = serde_json::to_value(self.inner.config())
-            .map_err(|e| MlmfError::Internal(e.to_string()))?;
-        json_to_py(py, &v)
+        config_to_py(py, self.inner.config())
     }
 
     fn __repr__(&self) -> String {
@@ -622,8 +632,7 @@ impl PyAudioProcessor {
     }
 
     fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (String,))> {
-        let text = serde_json::to_string(self.inner.config())
-            .map_err(|e| MlmfError::Internal(e.to_string()))?;
+        let text = config_to_text(self.inner.config())?;
         Ok((py.get_type::<Self>().getattr("_from_config_json")?, (text,)))
     }
 }
@@ -991,9 +1000,7 @@ impl PyVideoProcessor {
     /// The sampler settings.
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let v = serde_json::to_value(self.inner.config())
-            .map_err(|e| MlmfError::Internal(e.to_string()))?;
-        json_to_py(py, &v)
+        config_to_py(py, self.inner.config())
     }
 
     fn __repr__(&self) -> String {
@@ -1001,9 +1008,8 @@ impl PyVideoProcessor {
     }
 
     fn __reduce__<'py>(&self, py: Python<'py>) -> PyResult<(Bound<'py, PyAny>, (String, String))> {
-        let err = |e: serde_json::Error| MlmfError::Internal(e.to_string());
-        let video = serde_json::to_string(self.inner.config()).map_err(err)?;
-        let image = serde_json::to_string(self.inner.image().config()).map_err(err)?;
+        let video = config_to_text(self.inner.config())?;
+        let image = config_to_text(self.inner.image().config())?;
         Ok((
             py.get_type::<Self>().getattr("_from_config_json")?,
             (video, image),

@@ -21,7 +21,7 @@ use ndarray::{ArrayD, Ix4, IxDyn};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{AtIndex, MlmfError, Result};
+use crate::error::{catch_panic, AtIndex, MlmfError, Result};
 use crate::modality::Modality;
 use crate::preprocess::image::ImageProcessor;
 use crate::preprocess::{Processor, Source};
@@ -174,16 +174,7 @@ impl std::fmt::Debug for VideoProcessor {
 
 /// Runs `f`, turning a panic (a bug here or in a decoder fed malformed data) into an error.
 fn guarded<T>(index: usize, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        let what = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_string());
-        Err(MlmfError::Internal(format!(
-            "video input {index}: processing panicked: {what}"
-        )))
-    })
+    catch_panic(&format!("video input {index}: processing panicked"), f)
 }
 
 /// A video opened and planned: its frame source, the frame rate sampling used, and the
