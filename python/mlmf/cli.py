@@ -107,7 +107,19 @@ def demo(args: argparse.Namespace) -> int:
 def preprocess(args: argparse.Namespace) -> int:
     modality = mlmf.Modality.parse(args.modality)
     inputs = [str(p) for p in args.inputs]
-    if modality == mlmf.Modality.TEXT:
+    if args.config:
+        procs = mlmf.MultiModalConfig.from_file(args.config).processors()
+        if modality.name not in procs:
+            print(
+                f"mlmf: error: {args.config} configures no {modality.name} modality",
+                file=sys.stderr,
+            )
+            return 1
+        proc = procs[modality.name]
+        out = proc(inputs)
+        arrays = out if isinstance(out, dict) else {"pixel_values": out}
+        arrays = {k: np.asarray(v) for k, v in arrays.items() if k != "meta"}
+    elif modality == mlmf.Modality.TEXT:
         proc = mlmf.TextProcessor.from_pretrained(args.model or _text_model_dir()[0])
         arrays = proc(inputs)
     elif modality == mlmf.Modality.IMAGE:
@@ -143,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("modality", choices=["text", "image", "audio", "video"])
     p.add_argument("inputs", nargs="+", help="files (or strings for text)")
     p.add_argument("--model", help="checkpoint directory whose processor settings to use")
+    p.add_argument("--config", help="mlmf.toml / .yaml / .json: use its processor settings")
     p.add_argument("--num-frames", type=int, default=8, help="frames per video")
     p.add_argument("-o", "--output", default="preprocessed.npz")
     p.set_defaults(func=preprocess)

@@ -39,6 +39,7 @@ fn every_config_field_is_documented() {
         serde_json::to_value(ImageProcessorConfig::clip()).unwrap(),
         serde_json::to_value(AudioProcessorConfig::whisper()).unwrap(),
         serde_json::to_value(mlmf::config::CrossModalAttentionConfig::default()).unwrap(),
+        serde_json::to_value(mlmf::preprocess::video::VideoProcessorConfig::default()).unwrap(),
     ] {
         keys(&v, &mut names);
     }
@@ -46,7 +47,17 @@ fn every_config_field_is_documented() {
     let doc = doc();
     let missing: Vec<_> = names
         .iter()
-        .filter(|n| !["text", "height", "width", "shortest_edge"].contains(&n.as_str()))
+        .filter(|n| {
+            ![
+                "text",
+                "height",
+                "width",
+                "shortest_edge",
+                "type",
+                "num_frames",
+            ]
+            .contains(&n.as_str())
+        })
         .filter(|n| !doc.contains(&format!("`{n}`")))
         .collect();
     assert!(missing.is_empty(), "undocumented config keys: {missing:?}");
@@ -59,5 +70,61 @@ fn documented_example_parses() {
     let end = start + doc[start..].find("```").unwrap();
     let cfg = MultiModalConfig::from_str_as(&doc[start..end], mlmf::config::ConfigFormat::Toml)
         .expect("the example in docs/configuration.md is valid");
-    assert_eq!(cfg.modalities.len(), 3);
+    assert_eq!(cfg.modalities.len(), 4);
+}
+
+/// Processors built from a config file: checkpoint settings with the file's
+/// `preprocessing` keys laid over them, relative model paths resolved against the file.
+#[test]
+fn processors_from_config_file() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = std::env::temp_dir().join(format!("mlmf-procs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let clip = root.join("tests/fixtures/text/clip_bpe");
+    let siglip = root.join("tests/fixtures/image/configs/siglip_small");
+    let text = format!(
+        "[modalities.text]\nmodel = {clip:?}\npreprocessing = {{ max_length = 5, padding = \"max_length\" }}\n\
+         [modalities.image]\nmodel = {siglip:?}\npreprocessing = {{ do_normalize = false }}\n\
+         [modalities.audio.preprocessing]\nfeature_size = 128\n\
+         [modalities.video.preprocessing]\nsampler = {{ type = \"uniform\", num_frames = 3 }}\n"
+    );
+    let path = dir.join("mlmf.toml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = MultiModalConfig::from_file(&path).unwrap();
+    let p = mlmf::preprocess::Preprocessors::from_config(&cfg).unwrap();
+    let ids = p
+        .text
+        .unwrap()
+        .encode(&["a photo of a cat on a mat"])
+        .unwrap();
+    assert_eq!(ids.input_ids.shape(), &[1, 5]);
+    let image = p.image.unwrap();
+    assert!(!image.config().do_normalize);
+    assert_eq!(
+        image.config().image_mean,
+        [0.5; 3],
+        "SigLIP checkpoint values kept"
+    );
+    assert_eq!(p.audio.unwrap().config().feature_size, 128);
+    let video = p.video.unwrap();
+    assert_eq!(video.sample_indices(9, None).unwrap(), vec![vec![0, 3, 6]]);
+    assert!(
+        !video.image().config().do_normalize,
+        "video frames use the image processor"
+    );
+
+    // Errors name the field path.
+    std::fs::write(&path, "[modalities.text]\nenabled = true\n").unwrap();
+    let cfg = MultiModalConfig::from_file(&path).unwrap();
+    let err = mlmf::preprocess::Preprocessors::from_config(&cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`modalities.text.model`"), "{err}");
+    std::fs::write(&path, "[modalities.image]\nmodel = \"nowhere\"\n").unwrap();
+    let cfg = MultiModalConfig::from_file(&path).unwrap();
+    let err = mlmf::preprocess::Preprocessors::from_config(&cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nowhere"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }

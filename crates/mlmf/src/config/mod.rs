@@ -86,7 +86,8 @@ impl ConfigFormat {
 }
 
 impl MultiModalConfig {
-    /// Reads and validates a config file; the format follows the extension.
+    /// Reads and validates a config file; the format follows the extension. Relative
+    /// `model` paths are taken relative to the file's directory.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let format = ConfigFormat::from_path(path)?;
@@ -94,13 +95,21 @@ impl MultiModalConfig {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        Self::from_str_as(&text, format).map_err(|e| match e {
+        let mut config = Self::from_str_as(&text, format).map_err(|e| match e {
             MlmfError::ConfigFile { message, .. } => MlmfError::ConfigFile {
                 path: path.to_path_buf(),
                 message,
             },
             other => other,
-        })
+        })?;
+        if let Some(dir) = path.parent() {
+            for m in config.modalities.values_mut() {
+                if let Some(model) = m.model.as_mut().filter(|p| p.is_relative()) {
+                    *model = dir.join(&*model);
+                }
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates a config held in a string.

@@ -11,6 +11,7 @@ use crate::modality::Modality;
 use crate::preprocess::audio::AudioProcessorConfig;
 use crate::preprocess::image::ImageProcessorConfig;
 use crate::preprocess::text::TextProcessorConfig;
+use crate::preprocess::video::VideoProcessorConfig;
 
 /// One modality of a [`MultiModalConfig`](super::MultiModalConfig).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,18 +89,26 @@ impl PreprocessingConfig {
         Ok(cfg)
     }
 
+    /// The video sampler settings these keys describe (`sampler`, `default_fps`,
+    /// `max_frames`, `short_video`).
+    pub fn video(&self) -> Result<VideoProcessorConfig> {
+        let cfg = overlay(&VideoProcessorConfig::default(), &self.0)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Checks that every key is known to the modality's processor and has a valid value.
     pub fn validate(&self, modality: Modality) -> Result<()> {
         match modality {
             Modality::Text => self.text()?.validate(),
             Modality::Image => self.image(None).map(|_| ()),
             Modality::Audio => self.audio(None).map(|_| ()),
+            Modality::Video => self.video().map(|_| ()),
             _ if self.is_empty() => Ok(()),
             Modality::Custom(_) => Err(MlmfError::config(
                 "",
                 "custom modalities have no built-in processor to configure",
             )),
-            _ => Ok(()),
         }
     }
 }

@@ -11,12 +11,15 @@
 //! reports a failing item as an error carrying its modality and batch index.
 
 pub mod audio;
+mod from_config;
 pub mod image;
 pub mod text;
 pub mod video;
 
 use std::borrow::Cow;
 use std::path::PathBuf;
+
+pub use from_config::Preprocessors;
 
 use crate::error::{read_file, Result};
 use crate::modality::Modality;

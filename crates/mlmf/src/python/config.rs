@@ -155,6 +155,16 @@ impl PyMultiModalConfig {
         Ok(self.0.validate()?)
     }
 
+    /// The processor of every enabled modality, `{"text": TextProcessor, ...}`: each
+    /// checkpoint's own settings with the config's `preprocessing` keys laid over them.
+    fn processors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let cfg = self.0.clone();
+        let procs = super::detached(py, move || {
+            crate::preprocess::Preprocessors::from_config(&cfg)
+        })?;
+        super::preprocess::processors_to_py(py, procs)
+    }
+
     /// Names of the enabled modalities.
     #[getter]
     fn modalities(&self) -> Vec<PyModality> {

@@ -1016,3 +1016,25 @@ impl PyVideoProcessor {
         ))
     }
 }
+
+/// The processors a config describes, as `{modality name: processor}`.
+pub(crate) fn processors_to_py<'py>(
+    py: Python<'py>,
+    p: crate::preprocess::Preprocessors,
+) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    if let Some(inner) = p.text {
+        let path = inner.source().to_path_buf();
+        out.set_item("text", PyTextProcessor { inner, path })?;
+    }
+    if let Some(inner) = p.image {
+        out.set_item("image", PyImageProcessor { inner })?;
+    }
+    if let Some(inner) = p.audio {
+        out.set_item("audio", PyAudioProcessor { inner })?;
+    }
+    if let Some(inner) = p.video {
+        out.set_item("video", PyVideoProcessor { inner })?;
+    }
+    Ok(out)
+}
