@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use ndarray::{Array1, Array2, Array3, ArrayD};
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyReadonlyArray1,
-    PyReadonlyArray4, PyReadonlyArrayDyn,
+    IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyArrayMethods,
+    PyReadonlyArray1, PyReadonlyArray4, PyReadonlyArrayDyn,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -940,6 +940,28 @@ impl PyVideoProcessor {
                     fps: vfps,
                 })
             };
+            // A decoded video array: sample first and copy only the sampled frames (a
+            // minute of 640x480 frames is gigabytes; eight of them are 7 MB).
+            if let Ok(arr) = obj.cast::<PyArray4<u8>>() {
+                let ro = arr.readonly();
+                let view = ro.as_array();
+                let total = view.dim().0;
+                let plan = this
+                    .inner
+                    .sample_indices(total, fps.or(this.inner.config().default_fps))
+                    .map_err(|e| e.at_index(i))?;
+                let mut wanted: Vec<usize> = plan.into_iter().flatten().collect();
+                wanted.sort_unstable();
+                wanted.dedup();
+                let data = view.select(ndarray::Axis(0), &wanted);
+                inputs.push(VideoInput::Sparse {
+                    data,
+                    indices: wanted,
+                    total,
+                    fps,
+                });
+                continue;
+            }
             let input = match raw_item(obj, Modality::Video, i, expected)? {
                 RawItem::U8(a) => VideoInput::from_array(a, fps).map_err(|e| e.at_index(i))?,
                 RawItem::F32(a) => {
