@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import FIXTURES
 
 import mlmf
+from conftest import FIXTURES
 from mlmf import cli
 
 

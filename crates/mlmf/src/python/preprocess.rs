@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use ndarray::{Array1, Array2, Array3, ArrayD};
+use numpy::PyUntypedArrayMethods;
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyArrayMethods,
     PyReadonlyArray1, PyReadonlyArray4, PyReadonlyArrayDyn,
@@ -942,7 +943,13 @@ impl PyVideoProcessor {
             };
             // A decoded video array: sample first and copy only the sampled frames (a
             // minute of 640x480 frames is gigabytes; eight of them are 7 MB).
-            if let Ok(arr) = obj.cast::<PyArray4<u8>>() {
+            // (Empty or odd-channel arrays take the general path, which explains the
+            // shape problem.)
+            let usable = |a: &Bound<'py, PyArray4<u8>>| {
+                let s = a.shape();
+                s[..3].iter().all(|&n| n > 0) && matches!(s[3], 1 | 3 | 4)
+            };
+            if let Some(arr) = obj.cast::<PyArray4<u8>>().ok().filter(|a| usable(a)) {
                 let ro = arr.readonly();
                 let view = ro.as_array();
                 let total = view.dim().0;

@@ -612,7 +612,10 @@ pub(crate) mod tests {
             vec![vec![0, 1, 2, 2, 2, 2, 2, 2]]
         );
         let err = p(ShortVideo::Error).sample_indices(0, None).unwrap_err();
-        assert_eq!(err.to_string(), "video input: video has no frames");
+        assert_eq!(
+            err.to_string(),
+            "video input: video has no frames: expected at least one"
+        );
     }
 
     fn windows(

@@ -211,7 +211,10 @@ fn window_indices(
         ));
     }
     if total == 0 {
-        return Err(MlmfError::input(Modality::Video, "video has no frames"));
+        return Err(MlmfError::input(
+            Modality::Video,
+            "video has no frames: expected at least one",
+        ));
     }
     if total < len {
         if short == ShortVideo::Error {
@@ -318,7 +321,10 @@ impl FrameSampler {
         short: ShortVideo,
     ) -> Result<Vec<Vec<usize>>> {
         if total == 0 {
-            return Err(MlmfError::input(Modality::Video, "video has no frames"));
+            return Err(MlmfError::input(
+                Modality::Video,
+                "video has no frames: expected at least one",
+            ));
         }
         match self {
             Self::Uniform { num_frames } => Ok(vec![counted_indices(total, *num_frames, short)?]),
