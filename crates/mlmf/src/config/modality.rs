@@ -146,21 +146,9 @@ pub(crate) fn overlay<T: Serialize + DeserializeOwned>(
     base: &T,
     overrides: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<T> {
-    let mut value = serde_json::to_value(base).map_err(|e| MlmfError::Internal(e.to_string()))?;
-    let obj = value
-        .as_object_mut()
-        .ok_or_else(|| MlmfError::Internal("processor config is not an object".into()))?;
-    for (k, v) in overrides {
-        if !obj.contains_key(k) {
-            let mut known: Vec<&str> = obj.keys().map(String::as_str).collect();
-            known.sort_unstable();
-            return Err(MlmfError::config(
-                k.clone(),
-                format!("unknown key; expected one of: {}", known.join(", ")),
-            ));
-        }
-        obj.insert(k.clone(), v.clone());
-    }
+    let known = serde_json::to_value(base).map_err(|e| MlmfError::Internal(e.to_string()))?;
+    let mut value = known.clone();
+    merge_known(&mut value, &known, overrides)?;
     serde_path_to_error::deserialize(value)
         .map_err(|e| MlmfError::config(e.path().to_string(), e.inner().to_string()))
 }
