@@ -66,13 +66,12 @@ impl PreprocessingConfig {
     /// The image processor settings: `base` (a checkpoint's preprocessor_config.json,
     /// or CLIP's defaults when `None`) with these keys laid over it.
     pub fn image(&self, base: Option<&serde_json::Value>) -> Result<ImageProcessorConfig> {
-        let known = serde_json::to_value(ImageProcessorConfig::clip())
-            .map_err(|e| MlmfError::Internal(e.to_string()))?;
-        let mut merged = base
-            .cloned()
-            .unwrap_or_else(|| serde_json::json!({ "image_processor_type": "CLIPImageProcessor" }));
-        merge_known(&mut merged, &known, &self.0)?;
-        let cfg = ImageProcessorConfig::from_hf_json(&merged)?;
+        let default_base = serde_json::json!({ "image_processor_type": "CLIPImageProcessor" });
+        let cfg = self.over_hf(
+            &ImageProcessorConfig::clip(),
+            base.unwrap_or(&default_base),
+            ImageProcessorConfig::from_hf_json,
+        )?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -80,13 +79,29 @@ impl PreprocessingConfig {
     /// The audio processor settings: `base` (a checkpoint's preprocessor_config.json, or
     /// Whisper's defaults when `None`) with these keys laid over it.
     pub fn audio(&self, base: Option<&serde_json::Value>) -> Result<AudioProcessorConfig> {
-        let known = serde_json::to_value(AudioProcessorConfig::whisper())
-            .map_err(|e| MlmfError::Internal(e.to_string()))?;
-        let mut merged = base.cloned().unwrap_or_else(|| serde_json::json!({}));
-        merge_known(&mut merged, &known, &self.0)?;
-        let cfg = AudioProcessorConfig::from_hf_json(&merged)?;
+        let empty = serde_json::json!({});
+        let cfg = self.over_hf(
+            &AudioProcessorConfig::whisper(),
+            base.unwrap_or(&empty),
+            AudioProcessorConfig::from_hf_json,
+        )?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Lays these keys over the Hugging Face settings `base` and parses the result with
+    /// `parse`; keys the processor does not have (the fields of `defaults`) are refused.
+    fn over_hf<T: Serialize>(
+        &self,
+        defaults: &T,
+        base: &serde_json::Value,
+        parse: impl Fn(&serde_json::Value) -> Result<T>,
+    ) -> Result<T> {
+        let known =
+            serde_json::to_value(defaults).map_err(|e| MlmfError::Internal(e.to_string()))?;
+        let mut merged = base.clone();
+        merge_known(&mut merged, &known, &self.0)?;
+        parse(&merged)
     }
 
     /// The video sampler settings these keys describe (`sampler`, `default_fps`,

@@ -32,13 +32,27 @@ fn model_dir(m: &ModalityConfig) -> Option<&Path> {
     m.model.as_deref()
 }
 
-/// The checkpoint's image settings as a JSON object of processor keys.
-fn image_base(dir: Option<&Path>) -> Result<Option<serde_json::Value>> {
+/// A checkpoint's processor settings (as `load` reads them) as a JSON object of
+/// processor keys, to lay a config's overrides over.
+fn checkpoint_settings<P, C: serde::Serialize>(
+    dir: Option<&Path>,
+    load: impl Fn(&Path) -> Result<P>,
+    config: impl Fn(&P) -> &C,
+) -> Result<Option<serde_json::Value>> {
     dir.map(|d| {
-        let p = ImageProcessor::from_pretrained(d)?;
-        serde_json::to_value(p.config()).map_err(|e| MlmfError::Internal(e.to_string()))
+        let p = load(d)?;
+        serde_json::to_value(config(&p)).map_err(|e| MlmfError::Internal(e.to_string()))
     })
     .transpose()
+}
+
+/// The checkpoint's image settings.
+fn image_base(dir: Option<&Path>) -> Result<Option<serde_json::Value>> {
+    checkpoint_settings(
+        dir,
+        |d| ImageProcessor::from_pretrained(d),
+        ImageProcessor::config,
+    )
 }
 
 fn image_processor(m: &ModalityConfig) -> Result<ImageProcessor> {
@@ -73,14 +87,12 @@ impl Preprocessors {
                 }
                 Modality::Image => out.image = Some(image_processor(m).map_err(at)?),
                 Modality::Audio => {
-                    let base = model_dir(m)
-                        .map(|d| {
-                            let p = AudioProcessor::from_pretrained(d)?;
-                            serde_json::to_value(p.config())
-                                .map_err(|e| MlmfError::Internal(e.to_string()))
-                        })
-                        .transpose()
-                        .map_err(|e| at(e.under("model")))?;
+                    let base = checkpoint_settings(
+                        model_dir(m),
+                        |d| AudioProcessor::from_pretrained(d),
+                        AudioProcessor::config,
+                    )
+                    .map_err(|e| at(e.under("model")))?;
                     let cfg = m
                         .preprocessing
                         .audio(base.as_ref())
