@@ -253,6 +253,18 @@ def test_batch_of_two_equals_single_calls():
         assert float(np.abs(got - NPZ[c["expected"]["key"]]).max()) <= MEL_ATOL
 
 
+def test_arrays_are_read_in_place_whatever_their_layout():
+    """Float32 arrays are read without a copy: a strided or Fortran-ordered
+    `[channels, samples]` array and a 1-D view give the values of a contiguous copy."""
+    c7 = next(c for c in MANIFEST["whisper"] if c["id"] == "w80_7s")
+    ap = _audio_processor("audio/configs/whisper_80")
+    x = signal_of(c7["signal"]).astype(np.float32)
+    stereo = np.stack([x, x[::-1]])
+    for view in (stereo[:, ::2], np.asfortranarray(stereo), stereo.T.copy().T, x[::-1]):
+        got = ap([view, np.ascontiguousarray(view)])["input_features"]
+        np.testing.assert_array_equal(got[0], got[1])
+
+
 def test_resampled_input_is_featurised_at_16k():
     """An 8 kHz array with sampling_rate=8000 goes through the resampler first."""
     case = next(c for c in MANIFEST["resample"] if c["id"] == "resample__8000_mono")

@@ -223,6 +223,23 @@ def test_grey_hw1_and_rgb_arrays():
     np.testing.assert_array_equal(ip.load(src[::2, ::3]), src[::2, ::3])
 
 
+def test_arrays_are_read_in_place_whatever_their_layout():
+    """Arrays are read without a copy; strided, reversed and Fortran-ordered ones give
+    the same values as a contiguous copy, and the caller's array is left untouched."""
+    src = _decoded_source("decode__rgb_640x480.png")
+    ip = mlmf.ImageProcessor()
+    views = [src[::2, ::3], src[::-1], np.asfortranarray(src), src[10:400, 5:600]]
+    for view in views:
+        before = view.copy()
+        got = ip([view, np.ascontiguousarray(view)])
+        np.testing.assert_array_equal(got[0], got[1])
+        np.testing.assert_array_equal(view, before)
+    # A read-only array (e.g. a memory-mapped file) is accepted.
+    frozen = src.copy()
+    frozen.setflags(write=False)
+    np.testing.assert_array_equal(ip(frozen), ip(src))
+
+
 # ------------------------------------------------------------------------------ resize
 
 

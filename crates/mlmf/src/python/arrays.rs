@@ -6,7 +6,9 @@
 
 use std::path::PathBuf;
 
-use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{
+    PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyList, PyTuple};
 
@@ -39,26 +41,48 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// Reads one item; `allow` says which array dtypes the modality takes.
-pub(crate) fn raw_item(
-    obj: &Bound<'_, PyAny>,
+/// A batch item with its NumPy array (if any) borrowed read-only for the duration of a
+/// call, so that Rust reads it in place. The array must not be written from another
+/// thread meanwhile (the same rule as for NumPy's own GIL-free functions).
+pub(crate) enum Item<'py> {
+    Source(Source),
+    U8(PyReadonlyArrayDyn<'py, u8>),
+    F32(PyReadonlyArrayDyn<'py, f32>),
+}
+
+impl Item<'_> {
+    /// The item with its array copied.
+    pub(crate) fn into_raw(self) -> RawItem {
+        match self {
+            Self::Source(s) => RawItem::Source(s),
+            Self::U8(a) => RawItem::U8(a.as_array().to_owned()),
+            Self::F32(a) => RawItem::F32(a.as_array().to_owned()),
+        }
+    }
+}
+
+/// One Python object as a batch item; arrays are borrowed, not copied.
+pub(crate) fn item<'py>(
+    obj: &Bound<'py, PyAny>,
     modality: Modality,
     index: usize,
     expected: &str,
-) -> PyResult<RawItem> {
+) -> PyResult<Item<'py>> {
     let bad = |msg: String| -> PyErr { MlmfError::input(modality, msg).at_index(index).into() };
     if let Ok(b) = obj.cast::<PyBytes>() {
-        return Ok(RawItem::Source(Source::Bytes(b.as_bytes().to_vec())));
+        return Ok(Item::Source(Source::Bytes(b.as_bytes().to_vec())));
     }
     if let Ok(b) = obj.cast::<PyByteArray>() {
-        return Ok(RawItem::Source(Source::Bytes(b.to_vec())));
+        return Ok(Item::Source(Source::Bytes(b.to_vec())));
     }
     if let Ok(arr) = obj.cast::<PyUntypedArray>() {
+        let busy =
+            || bad("the array is borrowed for writing elsewhere: expected a readable array".into());
         if let Ok(a) = arr.cast::<PyArrayDyn<u8>>() {
-            return Ok(RawItem::U8(a.readonly().as_array().to_owned()));
+            return a.try_readonly().map(Item::U8).map_err(|_| busy());
         }
         if let Ok(a) = arr.cast::<PyArrayDyn<f32>>() {
-            return Ok(RawItem::F32(a.readonly().as_array().to_owned()));
+            return a.try_readonly().map(Item::F32).map_err(|_| busy());
         }
         let dtype = arr.dtype().to_string();
         return Err(bad(format!(
@@ -68,20 +92,20 @@ pub(crate) fn raw_item(
     }
     if obj.is_instance_of::<pyo3::types::PyMemoryView>() {
         let b: Vec<u8> = obj.call_method0("tobytes")?.extract()?;
-        return Ok(RawItem::Source(Source::Bytes(b)));
+        return Ok(Item::Source(Source::Bytes(b)));
     }
     if let Ok(p) = obj.extract::<PathBuf>() {
-        return Ok(RawItem::Source(Source::Path(p)));
+        return Ok(Item::Source(Source::Path(p)));
     }
     Err(bad(format!("got {}: expected {expected}", type_name(obj))))
 }
 
-/// Reads a whole batch (see [`items`]); an empty batch is an error.
-pub(crate) fn raw_batch(
-    obj: &Bound<'_, PyAny>,
+/// A list/tuple (or single object) as a batch of [`Item`]s; empty batches are refused.
+pub(crate) fn batch<'py>(
+    obj: &Bound<'py, PyAny>,
     modality: Modality,
     expected: &str,
-) -> PyResult<Vec<RawItem>> {
+) -> PyResult<Vec<Item<'py>>> {
     let list = items(obj);
     if list.is_empty() {
         return Err(MlmfError::input(
@@ -92,6 +116,28 @@ pub(crate) fn raw_batch(
     }
     list.iter()
         .enumerate()
-        .map(|(i, o)| raw_item(o, modality, i, expected))
+        .map(|(i, o)| item(o, modality, i, expected))
         .collect()
+}
+
+/// [`item`] with the array copied.
+pub(crate) fn raw_item(
+    obj: &Bound<'_, PyAny>,
+    modality: Modality,
+    index: usize,
+    expected: &str,
+) -> PyResult<RawItem> {
+    item(obj, modality, index, expected).map(Item::into_raw)
+}
+
+/// [`batch`] with the arrays copied.
+pub(crate) fn raw_batch(
+    obj: &Bound<'_, PyAny>,
+    modality: Modality,
+    expected: &str,
+) -> PyResult<Vec<RawItem>> {
+    Ok(batch(obj, modality, expected)?
+        .into_iter()
+        .map(Item::into_raw)
+        .collect())
 }

@@ -14,14 +14,16 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use serde_json::Value;
 
-use super::arrays::{items, raw_batch, raw_item, RawItem};
+use super::arrays::{batch, items, raw_batch, raw_item, Item, RawItem};
 use super::{detached, guarded};
 use crate::config::PreprocessingConfig;
 use crate::error::MlmfError;
 use crate::modality::Modality;
-use crate::preprocess::audio::{self as aud, AudioInput, AudioProcessor, AudioProcessorConfig};
+use crate::preprocess::audio::{
+    self as aud, AudioInput, AudioProcessor, AudioProcessorConfig, AudioRef,
+};
 use crate::preprocess::image::{
-    self as img, ImageInput, ImageProcessor, ImageProcessorConfig, Resample,
+    self as img, ImageInput, ImageProcessor, ImageProcessorConfig, ImageRef, Resample,
 };
 use crate::preprocess::text::{Padding, TextProcessor, TextProcessorConfig};
 use crate::preprocess::video::{
@@ -248,25 +250,55 @@ fn config_from_text<T: serde::de::DeserializeOwned>(text: &str) -> PyResult<T> {
         .map_err(|e| MlmfError::config("", format!("bad serialised processor: {e}")))?)
 }
 
+const IMAGE_EXPECTED: &str = "a path, encoded image bytes or a uint8 array (HW or HWC)";
+
 fn image_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ImageInput>> {
-    let expected = "a path, encoded image bytes or a uint8 array (HW or HWC)";
-    raw_batch(obj, Modality::Image, expected)?
+    raw_batch(obj, Modality::Image, IMAGE_EXPECTED)?
         .into_iter()
         .enumerate()
         .map(|(i, item)| match item {
             RawItem::Source(s) => Ok(ImageInput::Source(s)),
             RawItem::U8(a) => Ok(ImageInput::Array(a)),
-            RawItem::F32(a) => Err(MlmfError::input(
-                Modality::Image,
-                format!(
-                    "got a float32 array of shape {:?}: expected {expected}",
-                    a.shape()
-                ),
-            )
-            .at_index(i)
-            .into()),
+            RawItem::F32(a) => Err(float_image(a.shape(), i)),
         })
         .collect()
+}
+
+/// One image argument: an owned raw input, or pixels borrowed from a NumPy array.
+enum ImageArg<'py> {
+    Input(ImageInput),
+    Pixels(PyReadonlyArrayDyn<'py, u8>),
+}
+
+impl ImageArg<'_> {
+    fn as_ref(&self) -> ImageRef<'_> {
+        match self {
+            Self::Input(x) => ImageRef::Input(x),
+            Self::Pixels(a) => ImageRef::Pixels(a.as_array()),
+        }
+    }
+}
+
+/// A batch of image arguments; uint8 arrays are read in place, not copied.
+fn image_args<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<ImageArg<'py>>> {
+    batch(obj, Modality::Image, IMAGE_EXPECTED)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Item::Source(s) => Ok(ImageArg::Input(ImageInput::Source(s))),
+            Item::U8(a) => Ok(ImageArg::Pixels(a)),
+            Item::F32(a) => Err(float_image(a.shape(), i)),
+        })
+        .collect()
+}
+
+fn float_image(shape: &[usize], index: usize) -> PyErr {
+    MlmfError::input(
+        Modality::Image,
+        format!("got a float32 array of shape {shape:?}: expected {IMAGE_EXPECTED}"),
+    )
+    .at_index(index)
+    .into()
 }
 
 /// Decodes, resizes, crops and normalises images (CLIP, SigLIP and alike).
@@ -317,8 +349,9 @@ impl PyImageProcessor {
         py: Python<'py>,
         images: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray4<f32>>> {
-        let inputs = image_inputs(images)?;
-        let out = detached(py, || self.inner.process(&inputs))?;
+        let args = image_args(images)?;
+        let refs: Vec<ImageRef<'_>> = args.iter().map(ImageArg::as_ref).collect();
+        let out = detached(py, || self.inner.process_refs(&refs))?;
         Ok(out.into_pyarray(py))
     }
 
@@ -492,9 +525,56 @@ fn qwen2vl_patches<'py>(
 
 // ---------------------------------------------------------------- audio
 
+const AUDIO_EXPECTED: &str =
+    "a path, encoded audio bytes or a float32 array [samples] or [channels, samples]";
+
+/// One audio argument: an owned raw input, or samples borrowed from a NumPy array.
+enum AudioArg<'py> {
+    Input(AudioInput),
+    Samples(PyReadonlyArrayDyn<'py, f32>),
+}
+
+/// A batch of audio arguments; float32 arrays are read in place, not copied.
+fn audio_args<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<AudioArg<'py>>> {
+    batch(obj, Modality::Audio, AUDIO_EXPECTED)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Item::Source(s) => Ok(AudioArg::Input(AudioInput::Source(s))),
+            Item::F32(a) => Ok(AudioArg::Samples(a)),
+            Item::U8(a) => Err(uint8_audio(a.shape(), i)),
+        })
+        .collect()
+}
+
+fn uint8_audio(shape: &[usize], index: usize) -> PyErr {
+    MlmfError::input(
+        Modality::Audio,
+        format!("got a uint8 array of shape {shape:?}: expected {AUDIO_EXPECTED}"),
+    )
+    .at_index(index)
+    .into()
+}
+
+/// The `[channels, samples]` view of a borrowed array, or why it has the wrong shape.
+fn samples_view<'a>(
+    a: ndarray::ArrayViewD<'a, f32>,
+    rate: Option<u32>,
+) -> Result<AudioRef<'a>, MlmfError> {
+    check_samples_shape(a.shape())?;
+    let data = match a.ndim() {
+        1 => a.insert_axis(ndarray::Axis(0)).into_dimensionality(),
+        _ => a.into_dimensionality(),
+    }
+    .map_err(|e| MlmfError::Internal(e.to_string()))?;
+    Ok(AudioRef::Samples {
+        data,
+        sampling_rate: rate,
+    })
+}
+
 fn audio_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<AudioInput>> {
-    let expected =
-        "a path, encoded audio bytes or a float32 array [samples] or [channels, samples]";
+    let expected = AUDIO_EXPECTED;
     raw_batch(obj, Modality::Audio, expected)?
         .into_iter()
         .enumerate()
@@ -523,15 +603,12 @@ fn audio_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<AudioInput>> {
 /// almost surely a `[samples, channels]` array the wrong way round.
 const MAX_CHANNELS: usize = 64;
 
-fn samples_2d(a: ArrayD<f32>) -> Result<Array2<f32>, MlmfError> {
-    let shape = a.shape().to_vec();
+/// Refuses shapes other than `[samples]` and `[channels, samples]` (at most
+/// `MAX_CHANNELS` channels).
+fn check_samples_shape(shape: &[usize]) -> Result<(), MlmfError> {
     match shape.len() {
-        1 => Ok(a
-            .into_shape_with_order((1, shape[0]))
-            .map_err(|e| MlmfError::Internal(e.to_string()))?),
-        2 if shape[0] <= MAX_CHANNELS => a
-            .into_dimensionality()
-            .map_err(|e| MlmfError::Internal(e.to_string())),
+        1 => Ok(()),
+        2 if shape[0] <= MAX_CHANNELS => Ok(()),
         2 => Err(MlmfError::input(
             Modality::Audio,
             format!(
@@ -546,6 +623,17 @@ fn samples_2d(a: ArrayD<f32>) -> Result<Array2<f32>, MlmfError> {
             format!("array of shape {shape:?} has {n} dimensions: expected [samples] or [channels, samples]"),
         )),
     }
+}
+
+fn samples_2d(a: ArrayD<f32>) -> Result<Array2<f32>, MlmfError> {
+    check_samples_shape(a.shape())?;
+    let a = if a.ndim() == 1 {
+        a.insert_axis(ndarray::Axis(0))
+    } else {
+        a
+    };
+    a.into_dimensionality()
+        .map_err(|e| MlmfError::Internal(e.to_string()))
 }
 
 /// Whisper-style log-mel feature extraction from raw audio.
@@ -592,8 +680,18 @@ impl PyAudioProcessor {
         audios: &Bound<'py, PyAny>,
         sampling_rate: Option<u32>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let inputs = with_rate(audio_inputs(audios)?, sampling_rate);
-        let feats = detached(py, || self.inner.process(&inputs))?;
+        let args = audio_args(audios)?;
+        let refs = args
+            .iter()
+            .enumerate()
+            .map(|(i, a)| match a {
+                AudioArg::Input(x) => Ok(AudioRef::Input(x)),
+                AudioArg::Samples(a) => {
+                    samples_view(a.as_array(), sampling_rate).map_err(|e| e.at_index(i))
+                }
+            })
+            .collect::<Result<Vec<_>, MlmfError>>()?;
+        let feats = detached(py, || self.inner.process_refs(&refs))?;
         let out = PyDict::new(py);
         out.set_item("input_features", feats.input_features.into_pyarray(py))?;
         let chunks: Vec<i64> = feats.num_chunks.iter().map(|&n| n as i64).collect();
@@ -636,19 +734,6 @@ impl PyAudioProcessor {
         let text = config_to_text(self.inner.config())?;
         Ok((py.get_type::<Self>().getattr("_from_config_json")?, (text,)))
     }
-}
-
-fn with_rate(inputs: Vec<AudioInput>, rate: Option<u32>) -> Vec<AudioInput> {
-    inputs
-        .into_iter()
-        .map(|i| match i {
-            AudioInput::Samples { data, .. } => AudioInput::Samples {
-                data,
-                sampling_rate: rate,
-            },
-            other => other,
-        })
-        .collect()
 }
 
 /// Decodes an audio file or bytes: (float32 `[channels, samples]`, sampling rate).

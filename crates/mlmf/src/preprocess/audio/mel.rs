@@ -149,6 +149,8 @@ struct Scratch {
     /// `LANES / 2` packed frame pairs of `n_fft` values each: frame `2p` in the real
     /// parts and frame `2p + 1` in the imaginary parts of pair `p`, then their spectra.
     pairs: Vec<Complex<f32>>,
+    /// The spectra of `pairs` (the FFT runs out of place, saving a copy back).
+    spectra: Vec<Complex<f32>>,
     fft_scratch: Vec<Complex<f32>>,
     /// Power spectra of `LANES` frames, bin-major: `power[bin * LANES + lane]`.
     power: Vec<f32>,
@@ -222,7 +224,13 @@ impl LogMel {
         let zero = Complex::new(0.0, 0.0);
         Scratch {
             pairs: vec![zero; self.n_fft * LANES / 2],
-            fft_scratch: vec![zero; self.fft.get_inplace_scratch_len()],
+            spectra: vec![zero; self.n_fft * LANES / 2],
+            fft_scratch: vec![
+                zero;
+                self.fft
+                    .get_inplace_scratch_len()
+                    .max(self.fft.get_outofplace_scratch_len())
+            ],
             power: vec![0.0; (self.n_fft / 2 + 1) * LANES],
         }
     }
@@ -370,10 +378,13 @@ impl LogMel {
         }
         if computed.iter().any(|&c| c) {
             // One call transforms every pair: rustfft runs the `n_fft`-long FFTs of the
-            // buffer back to back.
-            self.fft
-                .process_with_scratch(&mut s.pairs, &mut s.fft_scratch);
-            for (p, z) in s.pairs.chunks_exact(self.n_fft).enumerate() {
+            // buffer back to back (out of place; `pairs` is left as scratch).
+            self.fft.process_outofplace_with_scratch(
+                &mut s.pairs,
+                &mut s.spectra,
+                &mut s.fft_scratch,
+            );
+            for (p, z) in s.spectra.chunks_exact(self.n_fft).enumerate() {
                 split_pair(z, &mut s.power, 2 * p);
             }
         }

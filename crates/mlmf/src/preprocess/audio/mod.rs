@@ -27,7 +27,7 @@ mod resample;
 use std::borrow::Cow;
 use std::path::Path;
 
-use ndarray::{Array2, Array3, Axis};
+use ndarray::{Array2, Array3, ArrayView2, Axis};
 use rayon::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,25 @@ pub enum AudioInput {
         data: Array2<f32>,
         sampling_rate: Option<u32>,
     },
+}
+
+/// One audio input of a batch, by reference: a raw input, or samples borrowed from the
+/// caller (no copy).
+#[derive(Debug, Clone)]
+pub enum AudioRef<'a> {
+    /// A raw input.
+    Input(&'a AudioInput),
+    /// Decoded samples, `[channels, samples]`, as in [`AudioInput::Samples`].
+    Samples {
+        data: ArrayView2<'a, f32>,
+        sampling_rate: Option<u32>,
+    },
+}
+
+impl<'a> From<&'a AudioInput> for AudioRef<'a> {
+    fn from(x: &'a AudioInput) -> Self {
+        Self::Input(x)
+    }
 }
 
 /// Settings of [`AudioProcessor`]. Field names are those of a Hugging Face
@@ -283,13 +302,32 @@ fn input_error(message: impl Into<String>) -> MlmfError {
 
 /// Checks channels (all of one length) and averages them to mono; a single channel is
 /// borrowed as is.
+/// Index of the first NaN or infinity in `x`. Scans blocks with a branch-free test
+/// (which vectorises) and looks closer only at a block that has one.
+fn first_non_finite(x: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 1024;
+    x.chunks(BLOCK).enumerate().find_map(|(b, chunk)| {
+        let any = chunk.iter().fold(false, |acc, v| {
+            acc | (v.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+        });
+        if any {
+            chunk
+                .iter()
+                .position(|v| !v.is_finite())
+                .map(|i| b * BLOCK + i)
+        } else {
+            None
+        }
+    })
+}
+
 fn downmix<'a>(channels: &[&'a [f32]]) -> Result<Cow<'a, [f32]>> {
     let samples = channels.first().map_or(0, |c| c.len());
     if samples == 0 {
         return Err(input_error("expected at least one sample, got empty audio"));
     }
     for (c, row) in channels.iter().enumerate() {
-        if let Some(t) = row.iter().position(|v| !v.is_finite()) {
+        if let Some(t) = first_non_finite(row) {
             return Err(input_error(format!(
                 "expected finite samples, got {} at channel {c}, sample {t}",
                 row[t]
@@ -311,7 +349,7 @@ fn downmix<'a>(channels: &[&'a [f32]]) -> Result<Cow<'a, [f32]>> {
 }
 
 /// Mono samples of a `[channels, samples]` array.
-fn downmix_array(data: &Array2<f32>) -> Result<Cow<'_, [f32]>> {
+fn downmix_array(data: ArrayView2<'_, f32>) -> Result<Cow<'_, [f32]>> {
     let (channels, samples) = data.dim();
     if channels == 0 {
         return Err(input_error(
@@ -321,10 +359,10 @@ fn downmix_array(data: &Array2<f32>) -> Result<Cow<'_, [f32]>> {
     if samples == 0 {
         return Err(input_error("expected at least one sample, got empty audio"));
     }
-    match data.as_slice() {
+    match data.to_slice() {
         Some(flat) => downmix(&flat.chunks_exact(samples).collect::<Vec<_>>()),
         None => {
-            let owned = data.as_standard_layout();
+            let owned = data.as_standard_layout().into_owned();
             let flat = owned.as_slice().ok_or_else(|| {
                 MlmfError::Internal("standard-layout audio is not contiguous".into())
             })?;
@@ -379,20 +417,21 @@ impl AudioProcessor {
     /// the configured rate already. Errors if the audio is empty, holds NaN or infinity,
     /// or is longer than `max_duration_s`.
     pub fn load(&self, input: &AudioInput, sampling_rate: Option<u32>) -> Result<Vec<f32>> {
-        self.load_mono(input, sampling_rate).map(Cow::into_owned)
+        self.load_mono(&AudioRef::Input(input), sampling_rate)
+            .map(Cow::into_owned)
     }
 
     /// [`AudioProcessor::load`], borrowing mono input that needs no conversion.
     fn load_mono<'a>(
         &self,
-        input: &'a AudioInput,
+        input: &AudioRef<'a>,
         sampling_rate: Option<u32>,
     ) -> Result<Cow<'a, [f32]>> {
         if let Some(r) = sampling_rate {
             check_rate(r, "sampling_rate")?;
         }
         let (mono, rate) = match input {
-            AudioInput::Source(src) => {
+            AudioRef::Input(AudioInput::Source(src)) => {
                 let bytes = src.bytes(Modality::Audio)?;
                 let mut decoded = decode::decode_planes(&bytes, self.cfg.max_duration_s)?;
                 check_rate(decoded.rate, "the file's sampling rate")?;
@@ -407,13 +446,21 @@ impl AudioProcessor {
                 };
                 (Cow::Owned(mono), decoded.rate)
             }
-            AudioInput::Samples {
+            AudioRef::Input(AudioInput::Samples {
+                data,
+                sampling_rate: own,
+            }) => {
+                let rate = own.or(sampling_rate).unwrap_or(self.cfg.sampling_rate);
+                check_rate(rate, "sampling_rate")?;
+                (downmix_array(data.view())?, rate)
+            }
+            AudioRef::Samples {
                 data,
                 sampling_rate: own,
             } => {
                 let rate = own.or(sampling_rate).unwrap_or(self.cfg.sampling_rate);
                 check_rate(rate, "sampling_rate")?;
-                (downmix_array(data)?, rate)
+                (downmix_array(*data)?, rate)
             }
         };
         if let Some(max) = self.cfg.max_duration_s {
@@ -451,6 +498,13 @@ impl AudioProcessor {
     /// Features of a batch, items and chunks in parallel. An error names the first
     /// failing input's index.
     pub fn process(&self, inputs: &[AudioInput]) -> Result<AudioFeatures> {
+        let refs: Vec<AudioRef<'_>> = inputs.iter().map(AudioRef::Input).collect();
+        self.process_refs(&refs)
+    }
+
+    /// [`process`](Self::process) for inputs given by reference, e.g. samples borrowed
+    /// from the caller's arrays.
+    pub fn process_refs(&self, inputs: &[AudioRef<'_>]) -> Result<AudioFeatures> {
         let loaded: Vec<Result<Cow<'_, [f32]>>> = inputs
             .par_iter()
             .enumerate()
@@ -484,7 +538,7 @@ impl AudioProcessor {
     /// Log-mel spectrogram `[n_mels, frames]` of one chunk of samples at the configured
     /// rate, right-padded with `padding_value` or truncated to `chunk_length` seconds.
     pub fn log_mel(&self, samples_at_rate: &[f32]) -> Result<Array2<f32>> {
-        if let Some(t) = samples_at_rate.iter().position(|v| !v.is_finite()) {
+        if let Some(t) = first_non_finite(samples_at_rate) {
             return Err(input_error(format!(
                 "expected finite samples, got {} at sample {t}",
                 samples_at_rate[t]

@@ -16,6 +16,7 @@
 
 pub(crate) mod convert;
 pub(crate) mod decode;
+pub(crate) mod hpass;
 pub(crate) mod patches;
 pub(crate) mod resize;
 
@@ -23,7 +24,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array4, ArrayD, ArrayViewMut4};
+use ndarray::{Array4, ArrayD, ArrayViewD, ArrayViewMut4};
 use rayon::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
@@ -59,6 +60,22 @@ pub enum ImageInput {
     /// Decoded pixels: `HW` (greyscale) or `HWC` with `C` = 1 (greyscale), 3 (RGB) or
     /// 4 (RGBA), channels last.
     Array(ArrayD<u8>),
+}
+
+/// One image of a batch, by reference: a raw input, or decoded pixels borrowed from
+/// the caller (no copy; same layouts as [`ImageInput::Array`]).
+#[derive(Debug, Clone)]
+pub enum ImageRef<'a> {
+    /// A raw input.
+    Input(&'a ImageInput),
+    /// Decoded pixels: `HW` or `HWC` with `C` = 1, 3 or 4.
+    Pixels(ArrayViewD<'a, u8>),
+}
+
+impl<'a> From<&'a ImageInput> for ImageRef<'a> {
+    fn from(x: &'a ImageInput) -> Self {
+        Self::Input(x)
+    }
 }
 
 impl From<Source> for ImageInput {
@@ -600,6 +617,11 @@ struct ImagePlan {
     cols: Range<usize>,
     h: AxisPlan,
     v: AxisPlan,
+    /// What `v` was built from, to plan bands of rows: source height, resized
+    /// height, and the resized rows of the window.
+    in_h: u32,
+    resized_h: u32,
+    ywin: Range<u32>,
 }
 
 /// Output indices of one axis that land inside the resized image, and the resized
@@ -721,8 +743,12 @@ impl ImageProcessor {
 
     /// Decodes (or takes) one input and converts it to RGB, enforcing the pixel limit.
     pub fn load(&self, input: &ImageInput) -> Result<image::RgbImage> {
+        self.load_ref(&ImageRef::Input(input))
+    }
+
+    fn load_ref(&self, input: &ImageRef<'_>) -> Result<image::RgbImage> {
         match input {
-            ImageInput::Source(src) => {
+            ImageRef::Input(ImageInput::Source(src)) => {
                 let bytes = src.bytes(Modality::Image)?;
                 decode::decode_image_with(
                     &bytes,
@@ -730,7 +756,10 @@ impl ImageProcessor {
                     self.cfg.do_convert_rgb,
                 )
             }
-            ImageInput::Array(a) => {
+            ImageRef::Input(ImageInput::Array(a)) => {
+                convert::array_to_rgb(a.view(), self.cfg.do_convert_rgb, self.cfg.max_image_pixels)
+            }
+            ImageRef::Pixels(a) => {
                 convert::array_to_rgb(a.view(), self.cfg.do_convert_rgb, self.cfg.max_image_pixels)
             }
         }
@@ -762,18 +791,24 @@ impl ImageProcessor {
             out_w: ow as usize,
             rows,
             cols,
-            h: self.plans.axis(in_w, rw, f, xwin, true),
-            v: self.plans.axis(in_h, rh, f, ywin, false),
+            h: self.plans.axis(in_w, rw, f, xwin),
+            v: self.plans.axis(in_h, rh, f, ywin.clone()),
+            in_h,
+            resized_h: rh,
+            ywin,
         })
     }
 
     /// Processes one RGB image into `out`, channels first (`3 * H * W` values for the
     /// output size of this image, see [`ImageProcessorConfig::output_size_for`]).
     pub fn process_rgb_into(&self, img: &image::RgbImage, out: &mut [f32]) -> Result<()> {
-        self.process_view(RgbView::of(img), out)
+        self.process_view(RgbView::of(img), out, 1)
     }
 
-    fn process_view(&self, img: RgbView<'_>, out: &mut [f32]) -> Result<()> {
+    /// Processes one image into `out` (three planes), its rows split into `bands`
+    /// bands computed in parallel (1: on the calling thread). Each output row depends
+    /// only on its own weights, so banding gives identical values.
+    fn process_view(&self, img: RgbView<'_>, out: &mut [f32], bands: usize) -> Result<()> {
         let (w, h) = (
             u32::try_from(img.width).unwrap_or(u32::MAX),
             u32::try_from(img.height).unwrap_or(u32::MAX),
@@ -794,16 +829,65 @@ impl ImageProcessor {
         }
         let (o0, rest) = out.split_at_mut(plane);
         let (o1, o2) = rest.split_at_mut(plane);
-        let [l0, l1, l2] = &*self.lut;
         if p.rows.len() != p.out_h || p.cols.len() != p.out_w {
             // Crop padding: transformers pads with 0 before rescaling and normalising.
+            let [l0, l1, l2] = &*self.lut;
             o0.fill(l0[0]);
             o1.fill(l1[0]);
             o2.fill(l2[0]);
         }
-        let (w, x0, y0, n) = (p.out_w, p.cols.start, p.rows.start, p.cols.len());
-        resample_window(img, &p.h, &p.v, &mut |r, rgb| {
-            let s = (y0 + r) * w + x0;
+        let w = p.out_w;
+        // Band boundaries in window rows; at least 16 rows per band.
+        let rows = p.rows.len();
+        let bands = bands.clamp(1, (rows / 16).max(1));
+        let cuts: Vec<usize> = (0..=bands).map(|b| b * rows / bands).collect();
+        // The planes' window rows, split at the cuts.
+        let mut planes = [o0, o1, o2].map(|o| {
+            let start = (p.rows.start * w).min(o.len());
+            let mut rest = &mut o[start..];
+            let mut parts = Vec::with_capacity(bands);
+            for pair in cuts.windows(2) {
+                let n = ((pair[1] - pair[0]) * w).min(rest.len());
+                let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+                parts.push(head);
+                rest = tail;
+            }
+            parts.into_iter()
+        });
+        let jobs: Vec<(Range<usize>, [&mut [f32]; 3])> = cuts
+            .windows(2)
+            .map(|pair| {
+                let parts = [0, 1, 2].map(|c| planes[c].next().unwrap_or_default());
+                (pair[0]..pair[1], parts)
+            })
+            .collect();
+        let run = |(band, parts): (Range<usize>, [&mut [f32]; 3])| {
+            let v = if band.len() == rows {
+                p.v.clone()
+            } else {
+                let y = p.ywin.start;
+                let window = y + band.start as u32..y + band.end as u32;
+                self.plans
+                    .axis(p.in_h, p.resized_h, self.cfg.resample, window)
+            };
+            self.emit_band(img, &p, &v, parts);
+        };
+        if jobs.len() == 1 {
+            jobs.into_iter().for_each(run);
+        } else {
+            jobs.into_par_iter().for_each(run);
+        }
+        Ok(())
+    }
+
+    /// Resamples the window rows `v` covers into `parts` (one slice per plane, rows of
+    /// `p.out_w` values from the band's first row), mapping pixels through the LUT.
+    fn emit_band(&self, img: RgbView<'_>, p: &ImagePlan, v: &AxisPlan, parts: [&mut [f32]; 3]) {
+        let [l0, l1, l2] = &*self.lut;
+        let [o0, o1, o2] = parts;
+        let (w, x0, n) = (p.out_w, p.cols.start, p.cols.len());
+        resample_window(img, &p.h, v, &mut |r, rgb| {
+            let s = r * w + x0;
             let (Some(d0), Some(d1), Some(d2)) = (
                 o0.get_mut(s..s + n),
                 o1.get_mut(s..s + n),
@@ -817,14 +901,23 @@ impl ImageProcessor {
                 *c = l2[px[2] as usize];
             }
         });
-        Ok(())
     }
 
     /// Processes one input into `out`: contiguous `HW3` arrays are read in place,
     /// everything else is loaded (decoded / converted) first.
-    fn process_input_into(&self, input: &ImageInput, out: &mut [f32]) -> Result<()> {
-        if let ImageInput::Array(a) = input {
-            if let (&[h, w, 3], Some(data)) = (a.shape(), a.as_slice()) {
+    fn process_input_into(
+        &self,
+        input: &ImageRef<'_>,
+        out: &mut [f32],
+        bands: usize,
+    ) -> Result<()> {
+        let pixels = match input {
+            ImageRef::Input(ImageInput::Array(a)) => Some(a.view()),
+            ImageRef::Pixels(a) => Some(a.view()),
+            ImageRef::Input(ImageInput::Source(_)) => None,
+        };
+        if let Some(a) = pixels {
+            if let (&[h, w, 3], Some(data)) = (a.shape(), a.to_slice()) {
                 if h > 0 && w > 0 {
                     convert::check_pixels(w as u64, h as u64, self.cfg.max_image_pixels)?;
                     return self.process_view(
@@ -834,25 +927,33 @@ impl ImageProcessor {
                             height: h,
                         },
                         out,
+                        bands,
                     );
                 }
             }
         }
-        let img = self.load(input)?;
-        self.process_rgb_into(&img, out)
+        let img = self.load_ref(input)?;
+        self.process_view(RgbView::of(&img), out, bands)
     }
 
     /// Processes a batch into `[B, 3, H, W]`. All outputs must share one size (always
     /// true with a crop or an exact size). Errors name the failing item's index.
     pub fn process(&self, inputs: &[ImageInput]) -> Result<Array4<f32>> {
+        let refs: Vec<ImageRef<'_>> = inputs.iter().map(ImageRef::Input).collect();
+        self.process_refs(&refs)
+    }
+
+    /// [`process`](Self::process) for inputs given by reference, e.g. pixels borrowed
+    /// from the caller's arrays.
+    pub fn process_refs(&self, inputs: &[ImageRef<'_>]) -> Result<Array4<f32>> {
         if let Some((h, w)) = self.cfg.output_size() {
             let mut out = Array4::<f32>::zeros((inputs.len(), 3, h as usize, w as usize));
-            self.process_into(inputs, out.view_mut())?;
+            self.process_refs_into(inputs, out.view_mut())?;
             return Ok(out);
         }
         // The output size depends on the input: decode everything first.
         let images: Vec<Result<image::RgbImage>> =
-            inputs.par_iter().map(|x| self.load(x)).collect();
+            inputs.par_iter().map(|x| self.load_ref(x)).collect();
         let mut first: Option<(u32, u32)> = None;
         let mut failed: Option<usize> = None;
         for (i, img) in images.iter().enumerate() {
@@ -904,9 +1005,15 @@ impl ImageProcessor {
     /// [`process`](Self::process) into a caller-owned contiguous `[B, 3, H, W]` array
     /// (`B = inputs.len()`), e.g. one reused across batches: fresh multi-megabyte
     /// outputs cost a page fault per 4 KiB on first write.
-    pub fn process_into(
+    pub fn process_into(&self, inputs: &[ImageInput], out: ArrayViewMut4<'_, f32>) -> Result<()> {
+        let refs: Vec<ImageRef<'_>> = inputs.iter().map(ImageRef::Input).collect();
+        self.process_refs_into(&refs, out)
+    }
+
+    /// [`process_into`](Self::process_into) for inputs given by reference.
+    pub fn process_refs_into(
         &self,
-        inputs: &[ImageInput],
+        inputs: &[ImageRef<'_>],
         mut out: ArrayViewMut4<'_, f32>,
     ) -> Result<()> {
         let (b, c, h, w) = out.dim();
@@ -930,22 +1037,24 @@ impl ImageProcessor {
 
     /// Writes each item (indexed like the batch; a raw input or an already loaded
     /// image) into its slot of `out`. The first failing item's error is returned.
-    fn fill<'a, I>(&self, slice: &mut [f32], item: usize, items: I) -> Result<()>
+    fn fill<'a, 'b: 'a, I>(&self, slice: &mut [f32], item: usize, items: I) -> Result<()>
     where
-        I: IndexedParallelIterator<Item = (Option<&'a ImageInput>, Option<image::RgbImage>)>,
+        I: IndexedParallelIterator<Item = (Option<&'a ImageRef<'b>>, Option<image::RgbImage>)>,
     {
         if item == 0 {
             // Zero-area outputs cannot come from a validated config; nothing to write.
             return Ok(());
         }
+        // Fewer items than threads: split each image's rows between the spare threads.
+        let bands = rayon::current_num_threads() / items.len().max(1);
         let results: Vec<Result<()>> = slice
             .par_chunks_mut(item)
             .zip(items)
             .enumerate()
             .map(|(i, (dst, item))| {
                 match item {
-                    (_, Some(img)) => self.process_rgb_into(&img, dst),
-                    (Some(input), None) => self.process_input_into(input, dst),
+                    (_, Some(img)) => self.process_view(RgbView::of(&img), dst, bands),
+                    (Some(input), None) => self.process_input_into(input, dst, bands),
                     (None, None) => Err(MlmfError::Internal("batch item without input".into())),
                 }
                 .at_index(i)
@@ -995,6 +1104,36 @@ mod tests {
         // long side capped: raw = 1333 * 300 / 1000 = 399.9 -> 400 (values from transformers)
         assert_eq!(sl.resized(300, 1000).unwrap(), (400, 1333));
         assert_eq!(sl.resized(1000, 300).unwrap(), (1333, 400));
+    }
+
+    #[test]
+    fn bands_give_identical_values() {
+        // Horizontal-first, vertical-first (tall source) and crop-padding cases.
+        for (w, h, cfg) in [
+            (640, 480, ImageProcessorConfig::clip()),
+            (300, 1500, ImageProcessorConfig::clip()),
+            (100, 60, ImageProcessorConfig::siglip()),
+            (
+                150,
+                90,
+                ImageProcessorConfig {
+                    do_resize: false,
+                    ..ImageProcessorConfig::clip()
+                },
+            ),
+        ] {
+            let p = ImageProcessor::new(cfg).unwrap();
+            let img = gradient(w, h);
+            let (oh, ow) = p.config().output_size_for(h, w).unwrap();
+            let n = 3 * oh as usize * ow as usize;
+            let mut one = vec![0f32; n];
+            p.process_view(RgbView::of(&img), &mut one, 1).unwrap();
+            for bands in [2, 3, 7, 1000] {
+                let mut many = vec![-1f32; n];
+                p.process_view(RgbView::of(&img), &mut many, bands).unwrap();
+                assert_eq!(one, many, "{w}x{h}, {bands} bands");
+            }
+        }
     }
 
     #[test]

@@ -28,12 +28,13 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::hpass::{horizontal_strip, StripScratch, STRIP};
 use crate::error::{MlmfError, Result};
 
 /// Fractional bits of the fixed-point weights (Pillow: `32 - 8 - 2`).
-const PRECISION_BITS: u32 = 22;
+pub(crate) const PRECISION_BITS: u32 = 22;
 /// Rounding term added to every accumulator before the shift.
-const ROUND: i32 = 1 << (PRECISION_BITS - 1);
+pub(crate) const ROUND: i32 = 1 << (PRECISION_BITS - 1);
 
 /// Resampling filter, with the codes of `PIL.Image.Resampling` (used by Hugging Face
 /// `preprocessor_config.json` files: `"resample": 3`).
@@ -235,7 +236,7 @@ impl Coeffs {
     }
 
     /// The weights of window index `i`.
-    fn taps(&self, i: usize) -> (usize, &[i32]) {
+    pub(crate) fn taps(&self, i: usize) -> (usize, &[i32]) {
         let first = self.first.get(i).copied().unwrap_or(0) as usize;
         let count = self.count.get(i).copied().unwrap_or(0) as usize;
         let k = self
@@ -246,7 +247,7 @@ impl Coeffs {
     }
 
     /// Source indices `[lo, hi)` that the window reads.
-    fn source_span(&self) -> Range<usize> {
+    pub(crate) fn source_span(&self) -> Range<usize> {
         let lo = self.first.iter().copied().min().unwrap_or(0) as usize;
         let hi = self
             .first
@@ -259,310 +260,8 @@ impl Coeffs {
     }
 }
 
-/// Horizontal weights laid out for the inner loop: every output pixel reads a window of
-/// `2 * pairs` source pixels starting at `start`, two pixels (6 bytes, read as 8) per
-/// step, with the weight of each tap repeated for its three channels:
-/// `[k0 k0 k0 k1 k1 k1 0 0]`. Windows that would run past the right edge are shifted
-/// left and their weights shifted right, so every step has the same length, and the
-/// step count is a compile-time constant of the inner loop (see `run_row`).
-#[derive(Debug)]
-pub(crate) struct PairKernel {
-    start: Vec<u32>,
-    pairs: usize,
-    /// `pairs` lane groups per output pixel.
-    k: Vec<[i32; 8]>,
-    /// Bytes a source row must offer from its start (the last window plus the two
-    /// bytes of the final 8-byte read).
-    row_bytes: usize,
-    /// Source columns the windows read that lie inside the image.
-    read_span: Range<usize>,
-}
-
-/// Pairs of taps handled by one step of the generic (wide-kernel) loop.
-const BLOCK: usize = 4;
-
-impl PairKernel {
-    fn new(c: &Coeffs, in_size: u32) -> Self {
-        let in_size = in_size as usize;
-        let max_taps = c.count.iter().copied().max().unwrap_or(0) as usize;
-        let mut pairs = max_taps.div_ceil(2).max(1);
-        if pairs > 8 {
-            // Wide kernels (strong downscaling) run in blocks of `BLOCK` pairs.
-            pairs = pairs.div_ceil(BLOCK) * BLOCK;
-        }
-        let span = 2 * pairs;
-        let n = c.first.len();
-        let mut start = Vec::with_capacity(n);
-        let mut k = vec![[0i32; 8]; n * pairs];
-        for i in 0..n {
-            let (first, taps) = c.taps(i);
-            let s = if first + span > in_size {
-                in_size.saturating_sub(span)
-            } else {
-                first
-            };
-            let shift = first - s.min(first);
-            let dst = &mut k[i * pairs..(i + 1) * pairs];
-            for (t, &w) in taps.iter().enumerate() {
-                let pos = t + shift;
-                if let Some(lanes) = dst.get_mut(pos / 2) {
-                    let base = (pos % 2) * 3;
-                    lanes[base..base + 3].fill(w);
-                }
-            }
-            start.push(s as u32);
-        }
-        let lo = start.iter().copied().min().unwrap_or(0) as usize;
-        let hi = start
-            .iter()
-            .copied()
-            .max()
-            .map_or(lo, |s| s as usize + span);
-        Self {
-            start,
-            pairs,
-            k,
-            row_bytes: in_size.max(span) * 3 + 2,
-            read_span: lo..hi.min(in_size).max(lo),
-        }
-    }
-
-    /// One horizontal pass over `row`, whose first byte is source column `col0`, into
-    /// `out`: `3 * window` bytes plus one byte of slack, because every pixel is stored
-    /// as 4 bytes (the 4th is overwritten by the next pixel). `row` must reach
-    /// `row_bytes - 3 * col0`.
-    fn run_row(&self, row: &[u8], col0: usize, out: &mut [u8]) {
-        match self.pairs {
-            1 => self.run_fixed::<1, 8>(row, col0, out),
-            2 => self.run_fixed::<2, 14>(row, col0, out),
-            3 => self.run_fixed::<3, 20>(row, col0, out),
-            4 => self.run_fixed::<4, 26>(row, col0, out),
-            5 => self.run_fixed::<5, 32>(row, col0, out),
-            6 => self.run_fixed::<6, 38>(row, col0, out),
-            7 => self.run_fixed::<7, 44>(row, col0, out),
-            8 => self.run_fixed::<8, 50>(row, col0, out),
-            _ => self.run_blocks(row, col0, out),
-        }
-    }
-
-    /// `P` pairs per pixel, read from a `W = 6 * P + 2` byte window: with both known at
-    /// compile time the loop has no bounds checks and a fixed trip count.
-    #[inline(always)]
-    fn run_fixed<const P: usize, const W: usize>(&self, row: &[u8], col0: usize, out: &mut [u8]) {
-        for (j, (&s, ks)) in self.start.iter().zip(self.k.chunks_exact(P)).enumerate() {
-            let s = (s as usize).saturating_sub(col0) * 3;
-            let (Some(win), Ok(ks), Some(o)) = (
-                row.get(s..).and_then(|r| r.first_chunk::<W>()),
-                <&[[i32; 8]; P]>::try_from(ks),
-                out.get_mut(3 * j..).and_then(|o| o.first_chunk_mut::<4>()),
-            ) else {
-                continue;
-            };
-            *o = pixel::<P, W>(win, ks);
-        }
-    }
-
-    /// Any multiple of `BLOCK` pairs, one block of `BLOCK` pairs at a time.
-    fn run_blocks(&self, row: &[u8], col0: usize, out: &mut [u8]) {
-        for (j, (&s, ks)) in self
-            .start
-            .iter()
-            .zip(self.k.chunks_exact(self.pairs))
-            .enumerate()
-        {
-            let s = (s as usize).saturating_sub(col0) * 3;
-            if let (Some(win), Some(o)) = (
-                row.get(s..s + self.pairs * 6 + 2),
-                out.get_mut(3 * j..).and_then(|o| o.first_chunk_mut::<4>()),
-            ) {
-                *o = pixel_blocks(win, ks);
-            }
-        }
-    }
-}
-
-/// Bytes of one block window (`BLOCK` pairs).
-const BLOCK_W: usize = 6 * BLOCK + 2;
-
-/// One output pixel from `P` steps of two taps: `acc[l] = sum_p win[6p + l] * ks[p][l]`,
-/// then lanes `c` and `c + 3` (the two taps of channel `c`) are added, rounded,
-/// shifted and clipped. Returns RGB and one byte of no meaning (stored, then
-/// overwritten by the next pixel).
 #[inline(always)]
-fn pixel<const P: usize, const W: usize>(win: &[u8; W], ks: &[[i32; 8]; P]) -> [u8; 4] {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    {
-        avx2::pixel(win, ks)
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-    {
-        fold(&dot_pairs_scalar(win, ks))
-    }
-}
-
-/// [`pixel`] for `ks.len()` a multiple of `BLOCK`; `win` holds `6 * ks.len() + 2` bytes.
-#[inline(always)]
-fn pixel_blocks(win: &[u8], ks: &[[i32; 8]]) -> [u8; 4] {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    {
-        avx2::pixel_blocks(win, ks)
-    }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-    {
-        pixel_blocks_scalar(win, ks)
-    }
-}
-
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
-fn pixel_blocks_scalar(win: &[u8], ks: &[[i32; 8]]) -> [u8; 4] {
-    let mut acc = [0i32; 8];
-    for (b, kb) in ks.chunks_exact(BLOCK).enumerate() {
-        let (Some(w), Ok(kb)) = (
-            win.get(b * 6 * BLOCK..)
-                .and_then(|r| r.first_chunk::<BLOCK_W>()),
-            <&[[i32; 8]; BLOCK]>::try_from(kb),
-        ) else {
-            continue;
-        };
-        for (a, v) in acc
-            .iter_mut()
-            .zip(dot_pairs_scalar::<BLOCK, BLOCK_W>(w, kb))
-        {
-            *a += v;
-        }
-    }
-    fold(&acc)
-}
-
-/// The portable inner product (also the reference the AVX2 path is tested against).
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
-#[inline(always)]
-fn dot_pairs_scalar<const P: usize, const W: usize>(win: &[u8; W], ks: &[[i32; 8]; P]) -> [i32; 8] {
-    let mut acc = [0i32; 8];
-    for (p, kk) in ks.iter().enumerate() {
-        let px = &win[p * 6..p * 6 + 8];
-        for l in 0..8 {
-            acc[l] += i32::from(px[l]) * kk[l];
-        }
-    }
-    acc
-}
-
-/// Adds the two taps of each channel, rounds, shifts and clips.
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
-#[inline(always)]
-fn fold(acc: &[i32; 8]) -> [u8; 4] {
-    [
-        clip8(acc[0] + acc[3] + ROUND),
-        clip8(acc[1] + acc[4] + ROUND),
-        clip8(acc[2] + acc[5] + ROUND),
-        0,
-    ]
-}
-
-/// The horizontal inner product with AVX2 (part of the x86-64-v3 baseline the crate is
-/// built for). LLVM does not vectorise the portable loop well (after dropping the two
-/// zero-weight lanes it is left with a 6-wide loop), so it is written out: per step, 8
-/// bytes widened to 8 `i32` lanes, multiplied by 8 weights, accumulated; then the fold
-/// and the clip (`packs`/`packus` saturate exactly like `clip8`). Same integer
-/// arithmetic as the portable path, so the same result.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-mod avx2 {
-    use std::arch::x86_64::{
-        __m128i, __m256i, _mm256_add_epi32, _mm256_castsi256_si128, _mm256_cvtepu8_epi32,
-        _mm256_loadu_si256, _mm256_mullo_epi32, _mm256_permutevar8x32_epi32, _mm256_setr_epi32,
-        _mm256_setzero_si256, _mm_add_epi32, _mm_cvtsi128_si32, _mm_loadl_epi64, _mm_packs_epi32,
-        _mm_packus_epi16, _mm_set1_epi32, _mm_srai_epi32,
-    };
-
-    use super::{BLOCK, BLOCK_W, PRECISION_BITS, ROUND};
-
-    /// `acc + sum_p widen(win[6p..6p + 8]) * ks[p]`.
-    #[inline(always)]
-    fn dot<const P: usize, const W: usize>(
-        acc: __m256i,
-        win: &[u8; W],
-        ks: &[[i32; 8]; P],
-    ) -> __m256i {
-        const { assert!(W >= 6 * P + 2) };
-        let mut acc = acc;
-        // SAFETY: AVX2 is enabled for this build (cfg on the module). Step `p` reads
-        // the 8 bytes at `6p..6p + 8`, and `6p + 8 <= 6P + 2 <= W` (checked at compile
-        // time), so every read is inside `win`; `ks[p]` is a 32-byte array. All loads
-        // are the unaligned forms.
-        unsafe {
-            for (p, k) in ks.iter().enumerate() {
-                let px = _mm_loadl_epi64(win.as_ptr().add(6 * p).cast::<__m128i>());
-                let px = _mm256_cvtepu8_epi32(px);
-                let k = _mm256_loadu_si256(k.as_ptr().cast::<__m256i>());
-                acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(px, k));
-            }
-        }
-        acc
-    }
-
-    /// Lanes `c + c+3` for c in 0..3, rounded, shifted, clipped to `u8` (4th byte:
-    /// no meaning).
-    #[inline(always)]
-    fn finish(acc: __m256i) -> [u8; 4] {
-        // SAFETY: register-only AVX/AVX2/SSE2 operations; AVX2 is enabled for this build.
-        let v = unsafe {
-            let shifted =
-                _mm256_permutevar8x32_epi32(acc, _mm256_setr_epi32(3, 4, 5, 6, 7, 7, 7, 7));
-            let sum = _mm256_castsi256_si128(_mm256_add_epi32(acc, shifted));
-            let v = _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(_mm_add_epi32(
-                sum,
-                _mm_set1_epi32(ROUND),
-            ));
-            _mm_cvtsi128_si32(_mm_packus_epi16(_mm_packs_epi32(v, v), v))
-        };
-        v.to_le_bytes()
-    }
-
-    #[inline(always)]
-    fn zero() -> __m256i {
-        // SAFETY: register-only AVX operation; AVX2 is enabled for this build.
-        unsafe { _mm256_setzero_si256() }
-    }
-
-    #[inline(always)]
-    pub(super) fn pixel<const P: usize, const W: usize>(
-        win: &[u8; W],
-        ks: &[[i32; 8]; P],
-    ) -> [u8; 4] {
-        finish(dot(zero(), win, ks))
-    }
-
-    #[inline(always)]
-    pub(super) fn pixel_blocks(win: &[u8], ks: &[[i32; 8]]) -> [u8; 4] {
-        let mut acc = zero();
-        for (b, kb) in ks.chunks_exact(BLOCK).enumerate() {
-            if let (Some(w), Ok(kb)) = (
-                win.get(b * 6 * BLOCK..)
-                    .and_then(|r| r.first_chunk::<BLOCK_W>()),
-                <&[[i32; 8]; BLOCK]>::try_from(kb),
-            ) {
-                acc = dot(acc, w, kb);
-            }
-        }
-        finish(acc)
-    }
-
-    #[cfg(test)]
-    pub(super) fn dot_pairs<const P: usize, const W: usize>(
-        win: &[u8; W],
-        ks: &[[i32; 8]; P],
-    ) -> [i32; 8] {
-        let mut out = [0i32; 8];
-        let acc = dot(zero(), win, ks);
-        // SAFETY: `out` is 32 bytes; unaligned store.
-        unsafe { std::arch::x86_64::_mm256_storeu_si256(out.as_mut_ptr().cast::<__m256i>(), acc) };
-        out
-    }
-}
-
-#[inline(always)]
-fn clip8(acc: i32) -> u8 {
+pub(crate) fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
@@ -642,13 +341,12 @@ impl AxisPlan {
     }
 }
 
-/// Weights of one axis; horizontal axes also carry the inner-loop layout.
+/// Weights of one axis.
 #[derive(Debug)]
 pub(crate) struct AxisKernel {
     in_size: u32,
     out_size: u32,
     coeffs: Coeffs,
-    pairs: Option<PairKernel>,
 }
 
 /// Pillow's nearest source indices for window `window` of a resize `in_size -> out_size`.
@@ -674,7 +372,6 @@ struct AxisKey {
     filter: Resample,
     start: u32,
     end: u32,
-    horizontal: bool,
 }
 
 /// A small cache of axis weights, shared by the items of a batch and across calls
@@ -695,7 +392,6 @@ impl PlanCache {
         out_size: u32,
         filter: Resample,
         window: Range<u32>,
-        horizontal: bool,
     ) -> AxisPlan {
         if in_size == out_size {
             return AxisPlan::Identity {
@@ -709,14 +405,13 @@ impl PlanCache {
             filter,
             start: window.start,
             end: window.end,
-            horizontal,
         };
         if let Ok(map) = self.map.read() {
             if let Some(p) = map.get(&key) {
                 return p.clone();
             }
         }
-        let plan = build_axis(in_size, out_size, filter, window, horizontal);
+        let plan = build_axis(in_size, out_size, filter, window);
         if let Ok(mut map) = self.map.write() {
             if map.len() >= CACHE_CAPACITY {
                 map.clear();
@@ -727,13 +422,7 @@ impl PlanCache {
     }
 }
 
-fn build_axis(
-    in_size: u32,
-    out_size: u32,
-    filter: Resample,
-    window: Range<u32>,
-    horizontal: bool,
-) -> AxisPlan {
+fn build_axis(in_size: u32, out_size: u32, filter: Resample, window: Range<u32>) -> AxisPlan {
     if in_size == out_size {
         return AxisPlan::Identity {
             offset: window.start as usize,
@@ -746,12 +435,10 @@ fn build_axis(
         }
         _ => {
             let coeffs = Coeffs::new(in_size, out_size, filter, window);
-            let pairs = horizontal.then(|| PairKernel::new(&coeffs, in_size));
             AxisPlan::Filter(Arc::new(AxisKernel {
                 in_size,
                 out_size,
                 coeffs,
-                pairs,
             }))
         }
     }
@@ -764,6 +451,7 @@ struct Scratch {
     row: Vec<u8>,
     pad: Vec<u8>,
     acc: Vec<i32>,
+    strip: StripScratch,
 }
 
 thread_local! {
@@ -873,49 +561,65 @@ fn run(
             }
         }
         (AxisPlan::Filter(hk), AxisPlan::Identity { offset: y0, .. }) => {
-            let Some(pk) = hk.pairs.as_ref() else { return };
-            s.row.resize(wbytes + 1, 0);
-            for r in 0..nrows {
-                let row = padded_row(src, y0 + r, pk.row_bytes, &mut s.pad);
-                pk.run_row(row, 0, &mut s.row);
-                emit(r, &s.row[..wbytes]);
+            s.tmp.resize(STRIP * wbytes, 0);
+            for r0 in (0..nrows).step_by(STRIP) {
+                let n = STRIP.min(nrows - r0);
+                let rows: Vec<&[u8]> = (0..n).map(|l| src.row(y0 + r0 + l, 0, src.width)).collect();
+                horizontal_strip(&rows, 0, &hk.coeffs, &mut s.strip, &mut s.tmp, wbytes);
+                for (l, row) in s.tmp.chunks_exact(wbytes).take(n).enumerate() {
+                    emit(r0 + l, row);
+                }
             }
         }
         (AxisPlan::Filter(hk), AxisPlan::Filter(vk)) if vertical_first(hk, vk) => {
-            // Per output row: the vertical pass over the source columns the horizontal
-            // windows read, then the horizontal pass over that row.
-            let Some(pk) = hk.pairs.as_ref() else { return };
-            let cols = pk.read_span.clone();
-            let need = pk.row_bytes.saturating_sub(cols.start * 3);
-            s.tmp.clear();
-            s.tmp.resize(need.max(cols.len() * 3), 0);
-            s.acc.resize(cols.len().max(ncols) * 3, 0);
-            s.row.resize(wbytes + 1, 0);
-            for r in 0..nrows {
-                let (first, taps) = vk.coeffs.taps(r);
-                vertical_row(
-                    src.data,
-                    src.stride(),
-                    cols.start * 3,
-                    first,
-                    taps,
-                    &mut s.acc,
-                    &mut s.tmp[..cols.len() * 3],
+            // Per strip of output rows: the vertical pass over the source columns the
+            // horizontal windows read, then the horizontal pass over those rows.
+            let cols = hk.coeffs.source_span();
+            let cbytes = cols.len() * 3;
+            s.acc.resize(cbytes, 0);
+            s.pad.resize(STRIP * cbytes, 0);
+            s.tmp.resize(STRIP * wbytes, 0);
+            for r0 in (0..nrows).step_by(STRIP) {
+                let n = STRIP.min(nrows - r0);
+                for (l, dst) in s.pad.chunks_exact_mut(cbytes).take(n).enumerate() {
+                    let (first, taps) = vk.coeffs.taps(r0 + l);
+                    vertical_row(
+                        src.data,
+                        src.stride(),
+                        cols.start * 3,
+                        first,
+                        taps,
+                        &mut s.acc,
+                        dst,
+                    );
+                }
+                let rows: Vec<&[u8]> = s.pad.chunks_exact(cbytes).take(n).collect();
+                horizontal_strip(
+                    &rows,
+                    cols.start,
+                    &hk.coeffs,
+                    &mut s.strip,
+                    &mut s.tmp,
+                    wbytes,
                 );
-                pk.run_row(&s.tmp, cols.start, &mut s.row);
-                emit(r, &s.row[..wbytes]);
+                for (l, row) in s.tmp.chunks_exact(wbytes).take(n).enumerate() {
+                    emit(r0 + l, row);
+                }
             }
         }
         (AxisPlan::Filter(hk), AxisPlan::Filter(vk)) => {
-            let Some(pk) = hk.pairs.as_ref() else { return };
+            // Horizontal pass over every source row the vertical windows read, then the
+            // vertical pass.
             let span = vk.coeffs.source_span();
             let rows = span.len();
-            // One byte of slack after the last row (see `run_row`).
-            s.tmp.resize(rows * wbytes + 1, 0);
-            for i in 0..rows {
-                let row = padded_row(src, span.start + i, pk.row_bytes, &mut s.pad);
-                if let Some(out) = s.tmp.get_mut(i * wbytes..(i + 1) * wbytes + 1) {
-                    pk.run_row(row, 0, out);
+            s.tmp.resize(rows * wbytes, 0);
+            for i0 in (0..rows).step_by(STRIP) {
+                let n = STRIP.min(rows - i0);
+                let strip: Vec<&[u8]> = (0..n)
+                    .map(|l| src.row(span.start + i0 + l, 0, src.width))
+                    .collect();
+                if let Some(out) = s.tmp.get_mut(i0 * wbytes..) {
+                    horizontal_strip(&strip, 0, &hk.coeffs, &mut s.strip, out, wbytes);
                 }
             }
             s.acc.resize(wbytes, 0);
@@ -956,20 +660,6 @@ fn nearest_or_identity(p: &AxisPlan) -> Vec<Option<u32>> {
     }
 }
 
-/// Row `y` of `src` with at least `need` readable bytes: borrowed from the image when the
-/// bytes after the row exist (they are read with zero weight), else copied and
-/// zero-padded.
-fn padded_row<'a>(src: RgbView<'a>, y: usize, need: usize, pad: &'a mut Vec<u8>) -> &'a [u8] {
-    let s = y * src.stride();
-    if let Some(r) = src.data.get(s..s + need) {
-        return r;
-    }
-    pad.clear();
-    pad.extend_from_slice(src.row(y, 0, src.width));
-    pad.resize(need.max(pad.len()), 0);
-    pad
-}
-
 /// Resizes `img` to `width x height` exactly as Pillow's
 /// `Image.resize((width, height), resample, reducing_gap=None)` does for an RGB image.
 /// A zero target size gives an empty image; an empty source gives a black one.
@@ -978,8 +668,8 @@ pub fn resize(img: &image::RgbImage, width: u32, height: u32, filter: Resample) 
     if width == 0 || height == 0 || img.width() == 0 || img.height() == 0 {
         return out;
     }
-    let h = build_axis(img.width(), width, filter, 0..width, true);
-    let v = build_axis(img.height(), height, filter, 0..height, false);
+    let h = build_axis(img.width(), width, filter, 0..width);
+    let v = build_axis(img.height(), height, filter, 0..height);
     let stride = width as usize * 3;
     let buf: &mut [u8] = &mut out;
     resample_window(RgbView::of(img), &h, &v, &mut |r, row| {
@@ -1034,36 +724,6 @@ mod tests {
     }
 
     #[test]
-    fn simd_and_scalar_inner_products_agree() {
-        let img = noise(64, 1, 5);
-        let win: &[u8; 50] = img.as_raw()[..50].try_into().unwrap();
-        let mut ks = [[0i32; 8]; 8];
-        for (p, k) in ks.iter_mut().enumerate() {
-            for (l, v) in k.iter_mut().enumerate().take(6) {
-                *v = ((p * 7919 + l * 104729) % 800_000) as i32 - 400_000;
-            }
-        }
-        let scalar = dot_pairs_scalar::<8, 50>(win, &ks);
-        let rgb = |p: [u8; 4]| [p[0], p[1], p[2]];
-        assert_eq!(rgb(pixel::<8, 50>(win, &ks)), rgb(fold(&scalar)));
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-        assert_eq!(avx2::dot_pairs::<8, 50>(win, &ks), scalar);
-        // Clipping at both ends goes through the same saturation (sums stay inside
-        // i32, as real weights guarantee).
-        let big = [[400_000i32; 8]; 8];
-        let neg = [[-400_000i32; 8]; 8];
-        let white = [255u8; 50];
-        assert_eq!(rgb(pixel::<8, 50>(&white, &big)), [255, 255, 255]);
-        assert_eq!(rgb(pixel::<8, 50>(&white, &neg)), [0, 0, 0]);
-        let wide: Vec<[i32; 8]> = ks.iter().chain(ks.iter()).copied().collect();
-        let row: Vec<u8> = img.as_raw().iter().chain(img.as_raw()).copied().collect();
-        assert_eq!(
-            rgb(pixel_blocks(&row[..98], &wide)),
-            rgb(pixel_blocks_scalar(&row[..98], &wide))
-        );
-    }
-
-    #[test]
     fn same_size_is_identity() {
         let img = noise(37, 23, 1);
         for f in [Resample::Nearest, Resample::Bilinear, Resample::Bicubic] {
@@ -1093,8 +753,8 @@ mod tests {
             for f in [Resample::Nearest, Resample::Bilinear, Resample::Bicubic] {
                 let full = resize(&img, ow, oh, f);
                 let cache = PlanCache::default();
-                let h = cache.axis(iw, ow, f, xs.clone(), true);
-                let v = cache.axis(ih, oh, f, ys.clone(), false);
+                let h = cache.axis(iw, ow, f, xs.clone());
+                let v = cache.axis(ih, oh, f, ys.clone());
                 let mut rows = 0;
                 resample_window(RgbView::of(&img), &h, &v, &mut |r, row| {
                     rows += 1;
