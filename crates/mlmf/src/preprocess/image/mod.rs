@@ -1045,8 +1045,11 @@ impl ImageProcessor {
             // Zero-area outputs cannot come from a validated config; nothing to write.
             return Ok(());
         }
-        // Fewer items than threads: split each image's rows between the spare threads.
-        let bands = rayon::current_num_threads() / items.len().max(1);
+        // Fewer items than threads: split each image's rows between the spare threads,
+        // two bands per thread so that work stealing evens out a thread that is slow
+        // to start (a busy core).
+        let spare = rayon::current_num_threads() / items.len().max(1);
+        let bands = if spare > 1 { 2 * spare } else { 1 };
         let results: Vec<Result<()>> = slice
             .par_chunks_mut(item)
             .zip(items)
