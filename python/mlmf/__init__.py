@@ -6,6 +6,7 @@ embeddings) come out. See the README for a tour.
 
 from mlmf._mlmf import (
     CUDA_COMPILED,
+    JPEG_DECODER,
     AudioProcessor,
     CacheError,
     ConfigError,
@@ -35,6 +36,7 @@ from mlmf._mlmf import (
 
 __all__ = [
     "CUDA_COMPILED",
+    "JPEG_DECODER",
     "AudioProcessor",
     "CacheError",
     "ConfigError",

@@ -9,6 +9,7 @@ import numpy.typing as npt
 
 __version__: str
 CUDA_COMPILED: bool
+JPEG_DECODER: str
 
 _Path = Union[str, PathLike[str]]
 _Media = Union[_Path, bytes, bytearray, memoryview, npt.NDArray[Any]]

@@ -45,6 +45,7 @@ fn _panic_for_test(py: Python<'_>) -> PyResult<()> {
 fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
     m.add("CUDA_COMPILED", crate::device::DeviceSpec::cuda_compiled())?;
+    m.add("JPEG_DECODER", crate::preprocess::image::JPEG_DECODER)?;
     errors::register(m)?;
     config::register(m)?;
     preprocess::register(m)?;

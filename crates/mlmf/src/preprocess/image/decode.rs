@@ -113,6 +113,13 @@ pub(crate) fn decode_dynamic(bytes: &[u8], max_pixels: u64) -> Result<DynamicIma
         ));
     }
 
+    #[cfg(feature = "jpeg-turbo")]
+    if format == ImageFormat::Jpeg {
+        if let Some(rgb) = super::jpeg::decode_rgb(bytes, max_pixels)? {
+            return Ok(DynamicImage::ImageRgb8(rgb));
+        }
+    }
+
     // Guarded: a decoder bug must not take the process down with it.
     let decoded = std::panic::catch_unwind(move || -> Result<DynamicImage> {
         let mut reader = reader;
@@ -347,6 +354,25 @@ mod tests {
             let err = decode_image(cut, 1 << 20).unwrap_err();
             assert!(matches!(err, MlmfError::Decode { .. }), "{f:?}: {err}");
         }
+    }
+
+    #[test]
+    fn jpeg_warnings_grey_and_truncation() {
+        let img = sample();
+        let jpeg = encode(&img, ImageFormat::Jpeg);
+        let clean = decode_image(&jpeg, 1 << 20).unwrap();
+        // Junk between the scan data and the end marker is a libjpeg warning
+        // ("extraneous bytes before marker"), which Pillow ignores: same pixels.
+        let mut junk = jpeg[..jpeg.len() - 2].to_vec();
+        junk.extend_from_slice(&[0x12, 0x34, 0x56, 0xFF, 0xD9]);
+        assert_eq!(decode_image(&junk, 1 << 20).unwrap(), clean);
+        // A greyscale JPEG comes back with its grey value in every channel.
+        let grey = DynamicImage::ImageLuma8(img.to_luma8());
+        let rgb = decode_image(&encode(&grey, ImageFormat::Jpeg), 1 << 20).unwrap();
+        assert!(rgb.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
+        // Cut inside the scan data: refused as truncated.
+        let err = decode_image(&jpeg[..jpeg.len() / 2], 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
     }
 
     #[test]

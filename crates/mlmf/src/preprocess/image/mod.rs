@@ -17,6 +17,8 @@
 pub(crate) mod convert;
 pub(crate) mod decode;
 pub(crate) mod hpass;
+#[cfg(feature = "jpeg-turbo")]
+mod jpeg;
 pub(crate) mod patches;
 pub(crate) mod resize;
 
@@ -30,6 +32,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 pub use decode::decode_image;
+
+/// The JPEG decoder of this build: `"libjpeg-turbo"` (Pillow's, identical pixels; the
+/// default `jpeg-turbo` feature) or `"zune-jpeg"` (within a few levels).
+pub const JPEG_DECODER: &str = if cfg!(feature = "jpeg-turbo") {
+    "libjpeg-turbo"
+} else {
+    "zune-jpeg"
+};
 pub use patches::{extract_patches, qwen2vl_patches};
 pub use resize::{resize, Resample};
 
