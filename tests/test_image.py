@@ -237,6 +237,12 @@ def test_arrays_are_read_in_place_whatever_their_layout():
         got = ip([view, np.ascontiguousarray(view)])
         np.testing.assert_array_equal(got[0], got[1])
         np.testing.assert_array_equal(view, before)
+    # resize_image reads contiguous RGB in place and copies other layouts first.
+    for view in views:
+        np.testing.assert_array_equal(
+            mlmf.resize_image(view, size=(50, 70)),
+            mlmf.resize_image(np.ascontiguousarray(view), size=(50, 70)),
+        )
     # A read-only array (e.g. a memory-mapped file) is accepted.
     frozen = src.copy()
     frozen.setflags(write=False)

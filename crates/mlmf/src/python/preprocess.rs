@@ -463,18 +463,20 @@ fn resize_image<'py>(
         .into());
     }
     // Greyscale runs through the RGB kernel with three equal channels: every channel is
-    // filtered independently, so the result is the single-channel resize.
-    let rgb: Vec<u8> = if grey {
-        arr.iter().flat_map(|&v| [v, v, v]).collect()
-    } else {
-        arr.iter().copied().collect()
+    // filtered independently, so the result is the single-channel resize. Contiguous
+    // RGB is read in place.
+    let owned: Option<Vec<u8>> = match (grey, arr.as_slice()) {
+        (false, Some(_)) => None,
+        (true, _) => Some(arr.iter().flat_map(|&v| [v, v, v]).collect()),
+        (false, None) => Some(arr.as_standard_layout().iter().copied().collect()),
+    };
+    let data: &[u8] = match (&owned, arr.as_slice()) {
+        (Some(v), _) => v,
+        (None, Some(s)) => s,
+        (None, None) => &[],
     };
     let (oh, ow) = size;
-    let out = detached(py, move || {
-        let src = image::RgbImage::from_raw(w as u32, h as u32, rgb)
-            .ok_or_else(|| MlmfError::Internal("image buffer size".into()))?;
-        Ok(img::resize(&src, ow, oh, filter).into_raw())
-    })?;
+    let out = detached(py, move || Ok(img::resize_rgb(data, w, h, ow, oh, filter)))?;
     let result = if grey {
         let v: Vec<u8> = out.chunks_exact(3).map(|p| p[0]).collect();
         let mut dims = vec![oh as usize, ow as usize];

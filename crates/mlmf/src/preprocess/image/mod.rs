@@ -33,6 +33,33 @@ use serde_json::Value;
 
 pub use decode::decode_image;
 
+/// Resizes `height x width` interleaved RGB bytes to `out_w x out_h` exactly as Pillow's
+/// `Image.resize` does (see [`resize`]); `3 * out_w * out_h` bytes out. Too few bytes
+/// for the declared size read as an empty (black) image.
+pub fn resize_rgb(
+    data: &[u8],
+    width: usize,
+    height: usize,
+    out_w: u32,
+    out_h: u32,
+    filter: Resample,
+) -> Vec<u8> {
+    let src = if data.len() >= width.saturating_mul(height).saturating_mul(3) {
+        RgbView {
+            data,
+            width,
+            height,
+        }
+    } else {
+        RgbView {
+            data: &[],
+            width: 0,
+            height: 0,
+        }
+    };
+    resize::resize_view(src, out_w, out_h, filter)
+}
+
 /// The JPEG decoder of this build: `"libjpeg-turbo"` (Pillow's, identical pixels; the
 /// default `jpeg-turbo` feature) or `"zune-jpeg"` (within a few levels).
 pub const JPEG_DECODER: &str = if cfg!(feature = "jpeg-turbo") {

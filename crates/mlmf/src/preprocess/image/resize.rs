@@ -664,16 +664,26 @@ fn nearest_or_identity(p: &AxisPlan) -> Vec<Option<u32>> {
 /// `Image.resize((width, height), resample, reducing_gap=None)` does for an RGB image.
 /// A zero target size gives an empty image; an empty source gives a black one.
 pub fn resize(img: &image::RgbImage, width: u32, height: u32, filter: Resample) -> image::RgbImage {
-    let mut out = image::RgbImage::new(width, height);
-    if width == 0 || height == 0 || img.width() == 0 || img.height() == 0 {
+    let pixels = resize_view(RgbView::of(img), width, height, filter);
+    image::RgbImage::from_raw(width, height, pixels)
+        .unwrap_or_else(|| image::RgbImage::new(width, height))
+}
+
+/// [`resize`] of borrowed interleaved RGB bytes: `3 * width * height` bytes out.
+pub(crate) fn resize_view(src: RgbView<'_>, width: u32, height: u32, filter: Resample) -> Vec<u8> {
+    let stride = width as usize * 3;
+    let mut out = vec![0u8; stride * height as usize];
+    if width == 0 || height == 0 || src.width == 0 || src.height == 0 {
         return out;
     }
-    let h = build_axis(img.width(), width, filter, 0..width);
-    let v = build_axis(img.height(), height, filter, 0..height);
-    let stride = width as usize * 3;
-    let buf: &mut [u8] = &mut out;
-    resample_window(RgbView::of(img), &h, &v, &mut |r, row| {
-        if let Some(dst) = buf.get_mut(r * stride..(r + 1) * stride) {
+    let (iw, ih) = (
+        u32::try_from(src.width).unwrap_or(u32::MAX),
+        u32::try_from(src.height).unwrap_or(u32::MAX),
+    );
+    let h = build_axis(iw, width, filter, 0..width);
+    let v = build_axis(ih, height, filter, 0..height);
+    resample_window(src, &h, &v, &mut |r, row| {
+        if let Some(dst) = out.get_mut(r * stride..(r + 1) * stride) {
             dst.copy_from_slice(row);
         }
     });
