@@ -292,13 +292,24 @@ fn image_args<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<ImageArg<'py>>> {
         .collect()
 }
 
-fn float_image(shape: &[usize], index: usize) -> PyErr {
+/// An array of a dtype the modality does not take.
+fn wrong_dtype(
+    modality: Modality,
+    dtype: &str,
+    shape: &[usize],
+    expected: &str,
+    index: usize,
+) -> PyErr {
     MlmfError::input(
-        Modality::Image,
-        format!("got a float32 array of shape {shape:?}: expected {IMAGE_EXPECTED}"),
+        modality,
+        format!("got a {dtype} array of shape {shape:?}: expected {expected}"),
     )
     .at_index(index)
     .into()
+}
+
+fn float_image(shape: &[usize], index: usize) -> PyErr {
+    wrong_dtype(Modality::Image, "float32", shape, IMAGE_EXPECTED, index)
 }
 
 /// Decodes, resizes, crops and normalises images (CLIP, SigLIP and alike).
@@ -550,12 +561,7 @@ fn audio_args<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<AudioArg<'py>>> {
 }
 
 fn uint8_audio(shape: &[usize], index: usize) -> PyErr {
-    MlmfError::input(
-        Modality::Audio,
-        format!("got a uint8 array of shape {shape:?}: expected {AUDIO_EXPECTED}"),
-    )
-    .at_index(index)
-    .into()
+    wrong_dtype(Modality::Audio, "uint8", shape, AUDIO_EXPECTED, index)
 }
 
 /// The `[channels, samples]` view of a borrowed array, or why it has the wrong shape.

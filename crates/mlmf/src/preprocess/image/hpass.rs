@@ -281,21 +281,8 @@ mod sse2 {
                     _mm_unpackhi_epi8(r[6], r[7]),
                 ];
                 for h in 0..2 {
-                    let (a0, a1, a2, a3) = (a[4 * h], a[4 * h + 1], a[4 * h + 2], a[4 * h + 3]);
-                    let b0 = _mm_unpacklo_epi16(a0, a1);
-                    let b1 = _mm_unpackhi_epi16(a0, a1);
-                    let b2 = _mm_unpacklo_epi16(a2, a3);
-                    let b3 = _mm_unpackhi_epi16(a2, a3);
-                    let c = [
-                        _mm_unpacklo_epi32(b0, b2),
-                        _mm_unpackhi_epi32(b0, b2),
-                        _mm_unpacklo_epi32(b1, b3),
-                        _mm_unpackhi_epi32(b1, b3),
-                    ];
-                    let base = out.add((b + 8 * h) * STRIP);
-                    for (k, v) in c.iter().enumerate() {
-                        _mm_storeu_si128(base.add(16 * k).cast::<__m128i>(), *v);
-                    }
+                    let pairs = [a[4 * h], a[4 * h + 1], a[4 * h + 2], a[4 * h + 3]];
+                    store_columns(pairs, out.add((b + 8 * h) * STRIP));
                 }
             }
         }
@@ -309,26 +296,42 @@ mod sse2 {
         unsafe {
             let r: [__m128i; 8] =
                 std::array::from_fn(|i| _mm_loadl_epi64(m[i].as_ptr().cast::<__m128i>()));
-            // a_k: rows 2k and 2k+1 interleaved by byte.
-            let a0 = _mm_unpacklo_epi8(r[0], r[1]);
-            let a1 = _mm_unpacklo_epi8(r[2], r[3]);
-            let a2 = _mm_unpacklo_epi8(r[4], r[5]);
-            let a3 = _mm_unpacklo_epi8(r[6], r[7]);
-            // b: columns 0-3 / 4-7 of rows 0-3 and 4-7, four bytes per column.
-            let b0 = _mm_unpacklo_epi16(a0, a1);
-            let b1 = _mm_unpackhi_epi16(a0, a1);
-            let b2 = _mm_unpacklo_epi16(a2, a3);
-            let b3 = _mm_unpackhi_epi16(a2, a3);
-            // c: two whole columns (8 bytes each) per register.
+            // Rows 2k and 2k+1 interleaved by byte.
+            let pairs = [
+                _mm_unpacklo_epi8(r[0], r[1]),
+                _mm_unpacklo_epi8(r[2], r[3]),
+                _mm_unpacklo_epi8(r[4], r[5]),
+                _mm_unpacklo_epi8(r[6], r[7]),
+            ];
+            store_columns(pairs, out.as_mut_ptr());
+        }
+    }
+
+    /// The last two rounds of an 8x8 transpose: from four registers holding rows
+    /// `2k, 2k+1` interleaved by byte (eight columns), writes the eight columns (8 bytes
+    /// each, rows in order) to `out[0..64]`.
+    ///
+    /// # Safety
+    /// `out` must be valid for 64 bytes of writes.
+    #[inline(always)]
+    unsafe fn store_columns(a: [__m128i; 4], out: *mut u8) {
+        // SAFETY: register-only SSE2 operations, then four 16-byte unaligned stores
+        // inside the 64 bytes the caller guarantees.
+        unsafe {
+            // Columns 0-3 / 4-7 of rows 0-3 and 4-7, four bytes per column.
+            let b0 = _mm_unpacklo_epi16(a[0], a[1]);
+            let b1 = _mm_unpackhi_epi16(a[0], a[1]);
+            let b2 = _mm_unpacklo_epi16(a[2], a[3]);
+            let b3 = _mm_unpackhi_epi16(a[2], a[3]);
+            // Two whole columns (8 bytes each) per register.
             let c = [
                 _mm_unpacklo_epi32(b0, b2),
                 _mm_unpackhi_epi32(b0, b2),
                 _mm_unpacklo_epi32(b1, b3),
                 _mm_unpackhi_epi32(b1, b3),
             ];
-            let base = out.as_mut_ptr();
             for (k, v) in c.iter().enumerate() {
-                _mm_storeu_si128(base.add(16 * k).cast::<__m128i>(), *v);
+                _mm_storeu_si128(out.add(16 * k).cast::<__m128i>(), *v);
             }
         }
     }
