@@ -197,10 +197,15 @@ def torch_one_thread(c: Contender) -> Contender:
     return Contender(f"{c.name} [torch 1 thread]", run, target=c.target, check=False)
 
 
-def _jpeg_decoder() -> str:
+def _jpeg_note() -> str:
     import mlmf
 
-    return getattr(mlmf, "JPEG_DECODER", "unknown")
+    if getattr(mlmf, "JPEG_DECODER", "") == "libjpeg-turbo":
+        return "- JPEG rows: mlmf and Pillow both decode with libjpeg-turbo (identical pixels)."
+    return (
+        "- JPEG rows: this mlmf build decodes with zune-jpeg, Pillow with libjpeg-turbo; "
+        "they differ by a few 8-bit levels, so the diff is not zero."
+    )
 
 
 def max_abs_diff(a: Any, b: Any) -> str:
@@ -789,18 +794,20 @@ def section(
         "mlmf and torch use the two threads.",
         "- WhisperFeatureExtractor's numpy path is selected by a subclass that routes its "
         "torch STFT method to the numpy one (transformers has no switch for it).",
-        f"- JPEG rows: mlmf decodes with {_jpeg_decoder()}, Pillow with libjpeg-turbo "
-        "(a zune-jpeg build differs from Pillow by a few levels, so its diff is not zero).",
+        _jpeg_note(),
         "- Resampling: mlmf and scipy's resample_poly use different anti-alias filters.",
         "- `[torch 1 thread]` lines run the same torch-backed competitor with "
         "`torch.set_num_threads(1)`: on a busy two-core machine torch's two-thread OpenMP "
         "pool can spend most of its time waiting for a descheduled worker, which inflates "
         "the two-thread speed-ups. Judge a target by both lines.",
-        "- NumPy's OpenBLAS pool runs with one thread (`OPENBLAS_NUM_THREADS=1`). With two, "
-        "its idle workers spin after each BLAS call in the PIL backend's numpy code and take "
-        "a core from whichever contender runs next: in a run made that way, mlmf's CLIP "
-        "batch-1 time went from 0.14 to 0.26 ms while the competitors' times did not move "
-        "(PIL backend 2.8 vs 2.9 ms, torchvision backend 0.85 vs 0.93 ms).",
+        "- NumPy's OpenBLAS pool runs with one thread (`OPENBLAS_NUM_THREADS=1`): its idle "
+        "workers spin after each BLAS call (the PIL backend's numpy code makes some; they "
+        "show in profiles) and would take a core from whichever contender runs next. No "
+        "measured work uses BLAS threads.",
+        "- Batch-1 image rows split one image over both threads, so they pay for waking "
+        "rayon's workers when those have gone to sleep between calls: about 0.1 ms on this "
+        "machine (back-to-back calls 0.15 ms, calls 0.2 ms apart 0.26 ms, one thread "
+        "0.22 ms). Across runs the CLIP batch-1 time ranged from 0.14 to 0.28 ms.",
         *[f"- {n}" for n in notes],
     ]
     if png:
