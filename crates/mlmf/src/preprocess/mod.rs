@@ -13,6 +13,7 @@
 pub mod audio;
 mod from_config;
 pub mod image;
+mod share;
 pub mod text;
 pub mod video;
 

@@ -7,21 +7,23 @@
 //! dropped, projection on a Slaney mel filter bank, `log10(max(mel, 1e-10))`, then per
 //! chunk `max(x, x.max() - 8)` and `(x + 4) / 4`.
 //!
-//! The FFT is planned once per processor; frames are processed in parallel blocks, each
-//! task with its own scratch buffers. Two real frames share one complex FFT (one as the
-//! real part, the next as the imaginary part; see `split_pair`), which costs about half
-//! of two real FFTs. Each mel filter covers a few adjacent bins only, so the projection
-//! stores one contiguous run of weights per filter and runs it on eight frames at a time
-//! (one SIMD lane per frame); the logarithm runs on each block while it is in cache.
+//! The FFT is planned once per processor; frames are processed in blocks shared between
+//! the calling thread and the pool, each thread with its own scratch buffers. Two real
+//! frames share one complex FFT (one as the real part, the next as the imaginary part;
+//! see `split_pair`), which costs about half of two real FFTs. Each mel filter covers a
+//! few adjacent bins only, so the projection stores one contiguous run of weights per
+//! filter and runs it on eight frames at a time (one SIMD lane per frame); the
+//! logarithm runs on each block while it is in cache.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use ndarray::{Array2, ArrayViewMut2, Axis};
-use rayon::prelude::*;
 use rustfft::num_complex::Complex;
 use rustfft::{Fft, FftPlanner};
 
 use crate::error::{MlmfError, Result};
+use crate::preprocess::share::share_with_pool;
 
 /// Frames per parallel task: large enough to amortise task overhead, small enough to
 /// spread a single 30 s chunk (3000 frames) over many threads.
@@ -260,33 +262,54 @@ impl LogMel {
         self.constant_frame_into(&chunk, &mut self.scratch(), &mut constant);
 
         // Pass 1: log10 of the mel energies (clamped at 1e-10), and the largest energy.
-        let max = out
+        // Blocks are shared between the calling thread and the pool (see `share`).
+        // Energies are positive, so their bit patterns order like their values.
+        let max_bits = AtomicU32::new(MEL_FLOOR.to_bits());
+        let failure: Mutex<Option<MlmfError>> = Mutex::new(None);
+        let blocks: Vec<_> = out
             .axis_chunks_iter_mut(Axis(1), FRAMES_PER_TASK)
-            .into_par_iter()
             .enumerate()
-            .map_init(
-                || self.scratch(),
-                |scratch, (task, mut block)| {
-                    self.block_into(
-                        &chunk,
-                        task * FRAMES_PER_TASK,
-                        &constant,
-                        &mut block,
-                        scratch,
-                    )
-                },
-            )
-            .try_reduce(|| MEL_FLOOR, |a, b| Ok(a.max(b)))?;
+            .collect();
+        share_with_pool(
+            blocks,
+            || self.scratch(),
+            |scratch, (task, mut block)| match self.block_into(
+                &chunk,
+                task * FRAMES_PER_TASK,
+                &constant,
+                &mut block,
+                scratch,
+            ) {
+                Ok(m) if !m.is_nan() => {
+                    max_bits.fetch_max(m.to_bits(), Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let Ok(mut f) = failure.lock() {
+                        f.get_or_insert(e);
+                    }
+                }
+            },
+        );
+        if let Some(e) = failure.into_inner().ok().flatten() {
+            return Err(e);
+        }
+        let max = f32::from_bits(max_bits.into_inner());
         // Pass 2: the dynamic range floor and scaling. log10 is monotonic, so the
         // maximum of the logs is the log of the maximum (same function, same input).
         let floor = log10(max) - DYNAMIC_RANGE;
-        out.outer_iter_mut().into_par_iter().for_each(|mut row| {
-            if let Some(row) = row.as_slice_mut() {
-                for v in row.iter_mut() {
-                    *v = (v.max(floor) + 4.0) / 4.0;
+        let rows: Vec<_> = out.outer_iter_mut().collect();
+        share_with_pool(
+            rows,
+            || (),
+            |_, mut row| {
+                if let Some(row) = row.as_slice_mut() {
+                    for v in row.iter_mut() {
+                        *v = (v.max(floor) + 4.0) / 4.0;
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok(())
     }
 

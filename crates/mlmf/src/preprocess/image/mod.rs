@@ -72,6 +72,7 @@ pub use resize::{resize, Resample};
 
 use crate::error::{AtIndex, MlmfError, Result};
 use crate::modality::Modality;
+use crate::preprocess::share::share_with_pool;
 use crate::preprocess::{Processor, Source};
 use resize::{resample_window, AxisPlan, PlanCache, RgbView};
 
@@ -912,7 +913,7 @@ impl ImageProcessor {
         if jobs.len() == 1 {
             jobs.into_iter().for_each(run);
         } else {
-            jobs.into_par_iter().for_each(run);
+            share_with_pool(jobs, || (), |_, job| run(job));
         }
         Ok(())
     }
