@@ -804,10 +804,11 @@ def section(
         "workers spin after each BLAS call (the PIL backend's numpy code makes some; they "
         "show in profiles) and would take a core from whichever contender runs next. No "
         "measured work uses BLAS threads.",
-        "- Batch-1 image rows split one image over both threads, so they pay for waking "
-        "rayon's workers when those have gone to sleep between calls: about 0.1 ms on this "
-        "machine (back-to-back calls 0.15 ms, calls 0.2 ms apart 0.26 ms, one thread "
-        "0.22 ms). Across runs the CLIP batch-1 time ranged from 0.14 to 0.28 ms.",
+        "- Batch-1 rows split one item into blocks that the calling thread starts on at "
+        "once while idle pool threads join as they wake. Waking a sleeping worker costs "
+        "about 0.1 ms on this machine; when the whole call was handed to the pool instead, "
+        "CLIP batch-1 calls took 0.26 ms rather than 0.15 ms whenever the workers had gone "
+        "to sleep between calls.",
         *[f"- {n}" for n in notes],
     ]
     if png:
