@@ -1,4 +1,5 @@
-//! Python inputs -> owned Rust values, and Rust arrays -> NumPy without copies.
+//! Python inputs -> Rust values (NumPy arrays borrowed in place, or copied by
+//! [`raw_item`]), and Rust arrays -> NumPy without copies.
 //!
 //! A list or tuple is a batch; anything else is a batch of one. Items are paths (`str`,
 //! `os.PathLike`), encoded bytes (`bytes`, `bytearray`, `memoryview`) or NumPy arrays.
@@ -128,16 +129,4 @@ pub(crate) fn raw_item(
     expected: &str,
 ) -> PyResult<RawItem> {
     item(obj, modality, index, expected).map(Item::into_raw)
-}
-
-/// [`batch`] with the arrays copied.
-pub(crate) fn raw_batch(
-    obj: &Bound<'_, PyAny>,
-    modality: Modality,
-    expected: &str,
-) -> PyResult<Vec<RawItem>> {
-    Ok(batch(obj, modality, expected)?
-        .into_iter()
-        .map(Item::into_raw)
-        .collect())
 }

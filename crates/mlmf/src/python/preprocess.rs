@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use ndarray::{Array1, Array2, Array3, ArrayD};
+use ndarray::{Array1, Array3, ArrayD};
 use numpy::PyUntypedArrayMethods;
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyArrayDyn, PyArrayMethods,
@@ -14,16 +14,14 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use serde_json::Value;
 
-use super::arrays::{batch, items, raw_batch, raw_item, Item, RawItem};
+use super::arrays::{batch, items, raw_item, Item, RawItem};
 use super::{detached, guarded};
 use crate::config::PreprocessingConfig;
 use crate::error::MlmfError;
 use crate::modality::Modality;
-use crate::preprocess::audio::{
-    self as aud, AudioInput, AudioProcessor, AudioProcessorConfig, AudioRef,
-};
+use crate::preprocess::audio::{self as aud, AudioProcessor, AudioProcessorConfig, AudioRef};
 use crate::preprocess::image::{
-    self as img, ImageInput, ImageProcessor, ImageProcessorConfig, ImageRef, Resample,
+    self as img, ImageProcessor, ImageProcessorConfig, ImageRef, Resample,
 };
 use crate::preprocess::text::{Padding, TextProcessor, TextProcessorConfig};
 use crate::preprocess::video::{
@@ -252,28 +250,16 @@ fn config_from_text<T: serde::de::DeserializeOwned>(text: &str) -> PyResult<T> {
 
 const IMAGE_EXPECTED: &str = "a path, encoded image bytes or a uint8 array (HW or HWC)";
 
-fn image_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ImageInput>> {
-    raw_batch(obj, Modality::Image, IMAGE_EXPECTED)?
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| match item {
-            RawItem::Source(s) => Ok(ImageInput::Source(s)),
-            RawItem::U8(a) => Ok(ImageInput::Array(a)),
-            RawItem::F32(a) => Err(float_image(a.shape(), i)),
-        })
-        .collect()
-}
-
-/// One image argument: an owned raw input, or pixels borrowed from a NumPy array.
+/// One image argument: an encoded source, or pixels borrowed from a NumPy array.
 enum ImageArg<'py> {
-    Input(ImageInput),
+    Source(Source),
     Pixels(PyReadonlyArrayDyn<'py, u8>),
 }
 
 impl ImageArg<'_> {
     fn as_ref(&self) -> ImageRef<'_> {
         match self {
-            Self::Input(x) => ImageRef::Input(x),
+            Self::Source(s) => ImageRef::Source(s),
             Self::Pixels(a) => ImageRef::Pixels(a.as_array()),
         }
     }
@@ -285,7 +271,7 @@ fn image_args<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<ImageArg<'py>>> {
         .into_iter()
         .enumerate()
         .map(|(i, item)| match item {
-            Item::Source(s) => Ok(ImageArg::Input(ImageInput::Source(s))),
+            Item::Source(s) => Ok(ImageArg::Source(s)),
             Item::U8(a) => Ok(ImageArg::Pixels(a)),
             Item::F32(a) => Err(float_image(a.shape(), i)),
         })
@@ -372,12 +358,12 @@ impl PyImageProcessor {
         py: Python<'py>,
         image: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyArray3<u8>>> {
-        let mut inputs = image_inputs(image)?;
-        if inputs.len() != 1 {
+        let args = image_args(image)?;
+        let [arg] = args.as_slice() else {
             return Err(MlmfError::input(Modality::Image, "load takes one image").into());
-        }
-        let input = inputs.remove(0);
-        let rgb = detached(py, || self.inner.load(&input).map_err(|e| e.at_index(0)))?;
+        };
+        let input = arg.as_ref();
+        let rgb = detached(py, || self.inner.load(input).map_err(|e| e.at_index(0)))?;
         Ok(rgb_to_array(rgb).into_pyarray(py))
     }
 
@@ -476,15 +462,17 @@ fn resize_image<'py>(
     // Greyscale runs through the RGB kernel with three equal channels: every channel is
     // filtered independently, so the result is the single-channel resize. Contiguous
     // RGB is read in place.
-    let owned: Option<Vec<u8>> = match (grey, arr.as_slice()) {
-        (false, Some(_)) => None,
-        (true, _) => Some(arr.iter().flat_map(|&v| [v, v, v]).collect()),
-        (false, None) => Some(arr.as_standard_layout().iter().copied().collect()),
-    };
-    let data: &[u8] = match (&owned, arr.as_slice()) {
-        (Some(v), _) => v,
-        (None, Some(s)) => s,
-        (None, None) => &[],
+    let owned: Vec<u8>;
+    let data: &[u8] = match arr.as_slice() {
+        Some(s) if !grey => s,
+        _ => {
+            owned = if grey {
+                arr.iter().flat_map(|&v| [v, v, v]).collect()
+            } else {
+                arr.iter().copied().collect()
+            };
+            &owned
+        }
     };
     let (oh, ow) = size;
     let out = detached(py, move || Ok(img::resize_rgb(data, w, h, ow, oh, filter)))?;
@@ -541,9 +529,9 @@ fn qwen2vl_patches<'py>(
 const AUDIO_EXPECTED: &str =
     "a path, encoded audio bytes or a float32 array [samples] or [channels, samples]";
 
-/// One audio argument: an owned raw input, or samples borrowed from a NumPy array.
+/// One audio argument: an encoded source, or samples borrowed from a NumPy array.
 enum AudioArg<'py> {
-    Input(AudioInput),
+    Source(Source),
     Samples(PyReadonlyArrayDyn<'py, f32>),
 }
 
@@ -553,7 +541,7 @@ fn audio_args<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<AudioArg<'py>>> {
         .into_iter()
         .enumerate()
         .map(|(i, item)| match item {
-            Item::Source(s) => Ok(AudioArg::Input(AudioInput::Source(s))),
+            Item::Source(s) => Ok(AudioArg::Source(s)),
             Item::F32(a) => Ok(AudioArg::Samples(a)),
             Item::U8(a) => Err(uint8_audio(a.shape(), i)),
         })
@@ -564,45 +552,26 @@ fn uint8_audio(shape: &[usize], index: usize) -> PyErr {
     wrong_dtype(Modality::Audio, "uint8", shape, AUDIO_EXPECTED, index)
 }
 
-/// The `[channels, samples]` view of a borrowed array, or why it has the wrong shape.
-fn samples_view<'a>(
-    a: ndarray::ArrayViewD<'a, f32>,
-    rate: Option<u32>,
-) -> Result<AudioRef<'a>, MlmfError> {
-    check_samples_shape(a.shape())?;
-    let data = match a.ndim() {
-        1 => a.insert_axis(ndarray::Axis(0)).into_dimensionality(),
-        _ => a.into_dimensionality(),
-    }
-    .map_err(|e| MlmfError::Internal(e.to_string()))?;
-    Ok(AudioRef::Samples {
-        data,
-        sampling_rate: rate,
-    })
-}
-
-fn audio_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<AudioInput>> {
-    let expected = AUDIO_EXPECTED;
-    raw_batch(obj, Modality::Audio, expected)?
-        .into_iter()
+/// The inputs as references; arrays become `[channels, samples]` views (after a shape
+/// check) carrying `rate`.
+fn audio_refs<'a>(args: &'a [AudioArg<'_>], rate: Option<u32>) -> PyResult<Vec<AudioRef<'a>>> {
+    args.iter()
         .enumerate()
-        .map(|(i, item)| match item {
-            RawItem::Source(s) => Ok(AudioInput::Source(s)),
-            RawItem::F32(a) => samples_2d(a)
-                .map(|data| AudioInput::Samples {
+        .map(|(i, arg)| match arg {
+            AudioArg::Source(s) => Ok(AudioRef::Source(s)),
+            AudioArg::Samples(a) => {
+                let a = a.as_array();
+                check_samples_shape(a.shape()).map_err(|e| e.at_index(i))?;
+                let data = match a.ndim() {
+                    1 => a.insert_axis(ndarray::Axis(0)).into_dimensionality(),
+                    _ => a.into_dimensionality(),
+                }
+                .map_err(|e| MlmfError::Internal(e.to_string()))?;
+                Ok(AudioRef::Samples {
                     data,
-                    sampling_rate: None,
+                    sampling_rate: rate,
                 })
-                .map_err(|e| e.at_index(i).into()),
-            RawItem::U8(a) => Err(MlmfError::input(
-                Modality::Audio,
-                format!(
-                    "got a uint8 array of shape {:?}: expected {expected}",
-                    a.shape()
-                ),
-            )
-            .at_index(i)
-            .into()),
+            }
         })
         .collect()
 }
@@ -631,17 +600,6 @@ fn check_samples_shape(shape: &[usize]) -> Result<(), MlmfError> {
             format!("array of shape {shape:?} has {n} dimensions: expected [samples] or [channels, samples]"),
         )),
     }
-}
-
-fn samples_2d(a: ArrayD<f32>) -> Result<Array2<f32>, MlmfError> {
-    check_samples_shape(a.shape())?;
-    let a = if a.ndim() == 1 {
-        a.insert_axis(ndarray::Axis(0))
-    } else {
-        a
-    };
-    a.into_dimensionality()
-        .map_err(|e| MlmfError::Internal(e.to_string()))
 }
 
 /// Whisper-style log-mel feature extraction from raw audio.
@@ -689,16 +647,7 @@ impl PyAudioProcessor {
         sampling_rate: Option<u32>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let args = audio_args(audios)?;
-        let refs = args
-            .iter()
-            .enumerate()
-            .map(|(i, a)| match a {
-                AudioArg::Input(x) => Ok(AudioRef::Input(x)),
-                AudioArg::Samples(a) => {
-                    samples_view(a.as_array(), sampling_rate).map_err(|e| e.at_index(i))
-                }
-            })
-            .collect::<Result<Vec<_>, MlmfError>>()?;
+        let refs = audio_refs(&args, sampling_rate)?;
         let feats = detached(py, || self.inner.process_refs(&refs))?;
         let out = PyDict::new(py);
         out.set_item("input_features", feats.input_features.into_pyarray(py))?;
@@ -715,14 +664,14 @@ impl PyAudioProcessor {
         audio: &Bound<'py, PyAny>,
         sampling_rate: Option<u32>,
     ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-        let mut inputs = audio_inputs(audio)?;
-        if inputs.len() != 1 {
+        let args = audio_args(audio)?;
+        let refs = audio_refs(&args, None)?;
+        let [input] = refs.as_slice() else {
             return Err(MlmfError::input(Modality::Audio, "load takes one input").into());
-        }
-        let input = inputs.remove(0);
+        };
         let v = detached(py, || {
             self.inner
-                .load(&input, sampling_rate)
+                .load(input.clone(), sampling_rate)
                 .map_err(|e| e.at_index(0))
         })?;
         Ok(v.into_pyarray(py))

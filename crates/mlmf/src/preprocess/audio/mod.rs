@@ -56,12 +56,12 @@ pub enum AudioInput {
     },
 }
 
-/// One audio input of a batch, by reference: a raw input, or samples borrowed from the
-/// caller (no copy).
+/// One audio input of a batch, by reference: an encoded source, or samples borrowed
+/// from the caller (no copy).
 #[derive(Debug, Clone)]
 pub enum AudioRef<'a> {
-    /// A raw input.
-    Input(&'a AudioInput),
+    /// An encoded file (WAV, FLAC, MP3, Ogg Vorbis); its header gives the sampling rate.
+    Source(&'a Source),
     /// Decoded samples, `[channels, samples]`, as in [`AudioInput::Samples`].
     Samples {
         data: ArrayView2<'a, f32>,
@@ -71,7 +71,16 @@ pub enum AudioRef<'a> {
 
 impl<'a> From<&'a AudioInput> for AudioRef<'a> {
     fn from(x: &'a AudioInput) -> Self {
-        Self::Input(x)
+        match x {
+            AudioInput::Source(s) => Self::Source(s),
+            AudioInput::Samples {
+                data,
+                sampling_rate,
+            } => Self::Samples {
+                data: data.view(),
+                sampling_rate: *sampling_rate,
+            },
+        }
     }
 }
 
@@ -416,8 +425,12 @@ impl AudioProcessor {
     /// (an encoded file's header always wins); with neither, samples are taken to be at
     /// the configured rate already. Errors if the audio is empty, holds NaN or infinity,
     /// or is longer than `max_duration_s`.
-    pub fn load(&self, input: &AudioInput, sampling_rate: Option<u32>) -> Result<Vec<f32>> {
-        self.load_mono(&AudioRef::Input(input), sampling_rate)
+    pub fn load<'a>(
+        &self,
+        input: impl Into<AudioRef<'a>>,
+        sampling_rate: Option<u32>,
+    ) -> Result<Vec<f32>> {
+        self.load_mono(&input.into(), sampling_rate)
             .map(Cow::into_owned)
     }
 
@@ -431,7 +444,7 @@ impl AudioProcessor {
             check_rate(r, "sampling_rate")?;
         }
         let (mono, rate) = match input {
-            AudioRef::Input(AudioInput::Source(src)) => {
+            AudioRef::Source(src) => {
                 let bytes = src.bytes(Modality::Audio)?;
                 let mut decoded = decode::decode_planes(&bytes, self.cfg.max_duration_s)?;
                 check_rate(decoded.rate, "the file's sampling rate")?;
@@ -445,14 +458,6 @@ impl AudioProcessor {
                     downmix(&rows)?.into_owned()
                 };
                 (Cow::Owned(mono), decoded.rate)
-            }
-            AudioRef::Input(AudioInput::Samples {
-                data,
-                sampling_rate: own,
-            }) => {
-                let rate = own.or(sampling_rate).unwrap_or(self.cfg.sampling_rate);
-                check_rate(rate, "sampling_rate")?;
-                (downmix_array(data.view())?, rate)
             }
             AudioRef::Samples {
                 data,
@@ -498,7 +503,7 @@ impl AudioProcessor {
     /// Features of a batch, items and chunks in parallel. An error names the first
     /// failing input's index.
     pub fn process(&self, inputs: &[AudioInput]) -> Result<AudioFeatures> {
-        let refs: Vec<AudioRef<'_>> = inputs.iter().map(AudioRef::Input).collect();
+        let refs: Vec<AudioRef<'_>> = inputs.iter().map(AudioRef::from).collect();
         self.process_refs(&refs)
     }
 

@@ -100,19 +100,22 @@ pub enum ImageInput {
     Array(ArrayD<u8>),
 }
 
-/// One image of a batch, by reference: a raw input, or decoded pixels borrowed from
-/// the caller (no copy; same layouts as [`ImageInput::Array`]).
+/// One image of a batch, by reference: an encoded source, or decoded pixels borrowed
+/// from the caller (no copy; same layouts as [`ImageInput::Array`]).
 #[derive(Debug, Clone)]
 pub enum ImageRef<'a> {
-    /// A raw input.
-    Input(&'a ImageInput),
+    /// An encoded file on disk or in memory.
+    Source(&'a Source),
     /// Decoded pixels: `HW` or `HWC` with `C` = 1, 3 or 4.
     Pixels(ArrayViewD<'a, u8>),
 }
 
 impl<'a> From<&'a ImageInput> for ImageRef<'a> {
     fn from(x: &'a ImageInput) -> Self {
-        Self::Input(x)
+        match x {
+            ImageInput::Source(s) => Self::Source(s),
+            ImageInput::Array(a) => Self::Pixels(a.view()),
+        }
     }
 }
 
@@ -780,13 +783,9 @@ impl ImageProcessor {
     }
 
     /// Decodes (or takes) one input and converts it to RGB, enforcing the pixel limit.
-    pub fn load(&self, input: &ImageInput) -> Result<image::RgbImage> {
-        self.load_ref(&ImageRef::Input(input))
-    }
-
-    fn load_ref(&self, input: &ImageRef<'_>) -> Result<image::RgbImage> {
-        match input {
-            ImageRef::Input(ImageInput::Source(src)) => {
+    pub fn load<'a>(&self, input: impl Into<ImageRef<'a>>) -> Result<image::RgbImage> {
+        match input.into() {
+            ImageRef::Source(src) => {
                 let bytes = src.bytes(Modality::Image)?;
                 decode::decode_image_with(
                     &bytes,
@@ -794,11 +793,8 @@ impl ImageProcessor {
                     self.cfg.do_convert_rgb,
                 )
             }
-            ImageRef::Input(ImageInput::Array(a)) => {
-                convert::array_to_rgb(a.view(), self.cfg.do_convert_rgb, self.cfg.max_image_pixels)
-            }
             ImageRef::Pixels(a) => {
-                convert::array_to_rgb(a.view(), self.cfg.do_convert_rgb, self.cfg.max_image_pixels)
+                convert::array_to_rgb(a, self.cfg.do_convert_rgb, self.cfg.max_image_pixels)
             }
         }
     }
@@ -874,32 +870,23 @@ impl ImageProcessor {
             o1.fill(l1[0]);
             o2.fill(l2[0]);
         }
-        let w = p.out_w;
-        // Band boundaries in window rows; at least 16 rows per band.
-        let rows = p.rows.len();
-        let bands = bands.clamp(1, (rows / 16).max(1));
-        let cuts: Vec<usize> = (0..=bands).map(|b| b * rows / bands).collect();
-        // The planes' window rows, split at the cuts.
-        let mut planes = [o0, o1, o2].map(|o| {
-            let start = (p.rows.start * w).min(o.len());
-            let mut rest = &mut o[start..];
-            let mut parts = Vec::with_capacity(bands);
-            for pair in cuts.windows(2) {
-                let n = ((pair[1] - pair[0]) * w).min(rest.len());
-                let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
-                parts.push(head);
-                rest = tail;
-            }
-            parts.into_iter()
+        // Bands of at least 16 window rows; the last may be shorter.
+        let (w, rows) = (p.out_w, p.rows.len());
+        let band_rows = rows.div_ceil(bands.clamp(1, (rows / 16).max(1))).max(1);
+        let window = p.rows.start * w..p.rows.end * w;
+        let [c0, c1, c2] = [o0, o1, o2].map(|o| {
+            o.get_mut(window.clone())
+                .unwrap_or_default()
+                .chunks_mut((band_rows * w).max(1))
         });
-        let jobs: Vec<(Range<usize>, [&mut [f32]; 3])> = cuts
-            .windows(2)
-            .map(|pair| {
-                let parts = [0, 1, 2].map(|c| planes[c].next().unwrap_or_default());
-                (pair[0]..pair[1], parts)
-            })
+        let jobs: Vec<(usize, [&mut [f32]; 3])> = c0
+            .zip(c1)
+            .zip(c2)
+            .map(|((d0, d1), d2)| [d0, d1, d2])
+            .enumerate()
             .collect();
-        let run = |(band, parts): (Range<usize>, [&mut [f32]; 3])| {
+        let run = |(i, parts): (usize, [&mut [f32]; 3])| {
+            let band = i * band_rows..(i * band_rows + band_rows).min(rows);
             let v = if band.len() == rows {
                 p.v.clone()
             } else {
@@ -910,11 +897,7 @@ impl ImageProcessor {
             };
             self.emit_band(img, &p, &v, parts);
         };
-        if jobs.len() == 1 {
-            jobs.into_iter().for_each(run);
-        } else {
-            share_with_pool(jobs, || (), |_, job| run(job));
-        }
+        share_with_pool(jobs, || (), |_, job| run(job));
         Ok(())
     }
 
@@ -949,12 +932,7 @@ impl ImageProcessor {
         out: &mut [f32],
         bands: usize,
     ) -> Result<()> {
-        let pixels = match input {
-            ImageRef::Input(ImageInput::Array(a)) => Some(a.view()),
-            ImageRef::Pixels(a) => Some(a.view()),
-            ImageRef::Input(ImageInput::Source(_)) => None,
-        };
-        if let Some(a) = pixels {
+        if let ImageRef::Pixels(a) = input {
             if let (&[h, w, 3], Some(data)) = (a.shape(), a.to_slice()) {
                 if h > 0 && w > 0 {
                     convert::check_pixels(w as u64, h as u64, self.cfg.max_image_pixels)?;
@@ -970,14 +948,14 @@ impl ImageProcessor {
                 }
             }
         }
-        let img = self.load_ref(input)?;
+        let img = self.load(input.clone())?;
         self.process_view(RgbView::of(&img), out, bands)
     }
 
     /// Processes a batch into `[B, 3, H, W]`. All outputs must share one size (always
     /// true with a crop or an exact size). Errors name the failing item's index.
     pub fn process(&self, inputs: &[ImageInput]) -> Result<Array4<f32>> {
-        let refs: Vec<ImageRef<'_>> = inputs.iter().map(ImageRef::Input).collect();
+        let refs: Vec<ImageRef<'_>> = inputs.iter().map(ImageRef::from).collect();
         self.process_refs(&refs)
     }
 
@@ -991,7 +969,7 @@ impl ImageProcessor {
         }
         // The output size depends on the input: decode everything first.
         let images: Vec<Result<image::RgbImage>> =
-            inputs.par_iter().map(|x| self.load_ref(x)).collect();
+            inputs.par_iter().map(|x| self.load(x.clone())).collect();
         let mut first: Option<(u32, u32)> = None;
         let mut failed: Option<usize> = None;
         for (i, img) in images.iter().enumerate() {
@@ -1044,7 +1022,7 @@ impl ImageProcessor {
     /// (`B = inputs.len()`), e.g. one reused across batches: fresh multi-megabyte
     /// outputs cost a page fault per 4 KiB on first write.
     pub fn process_into(&self, inputs: &[ImageInput], out: ArrayViewMut4<'_, f32>) -> Result<()> {
-        let refs: Vec<ImageRef<'_>> = inputs.iter().map(ImageRef::Input).collect();
+        let refs: Vec<ImageRef<'_>> = inputs.iter().map(ImageRef::from).collect();
         self.process_refs_into(&refs, out)
     }
 
@@ -1083,9 +1061,8 @@ impl ImageProcessor {
             // Zero-area outputs cannot come from a validated config; nothing to write.
             return Ok(());
         }
-        // Fewer items than threads: split each image's rows between the spare threads,
-        // two bands per thread so that work stealing evens out a thread that is slow
-        // to start (a busy core).
+        // Fewer items than threads: split each image's rows into bands, two per spare
+        // thread, which the threads take as they become free (see `share`).
         let spare = rayon::current_num_threads() / items.len().max(1);
         let bands = if spare > 1 { 2 * spare } else { 1 };
         let results: Vec<Result<()>> = slice
