@@ -481,7 +481,11 @@ impl LogMel {
                 for (mx, &v) in max.iter_mut().zip(&vals).take(lanes) {
                     *mx = if v > *mx { v } else { *mx };
                 }
-                if let Some(dst) = row.get_mut(group..group + lanes) {
+                // A fixed-size copy for whole groups: a variable-length one becomes a
+                // call to memcpy per row.
+                if let Some(dst) = row.get_mut(group..group + LANES) {
+                    dst.copy_from_slice(&vals);
+                } else if let Some(dst) = row.get_mut(group..group + lanes) {
                     dst.copy_from_slice(&vals[..lanes]);
                 }
             }

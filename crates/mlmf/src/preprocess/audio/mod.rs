@@ -309,8 +309,6 @@ fn input_error(message: impl Into<String>) -> MlmfError {
     MlmfError::input(Modality::Audio, message)
 }
 
-/// Checks channels (all of one length) and averages them to mono; a single channel is
-/// borrowed as is.
 /// Index of the first NaN or infinity in `x`. Scans blocks with a branch-free test
 /// (which vectorises) and looks closer only at a block that has one.
 fn first_non_finite(x: &[f32]) -> Option<usize> {
@@ -330,6 +328,8 @@ fn first_non_finite(x: &[f32]) -> Option<usize> {
     })
 }
 
+/// Checks channels (all of one length) and averages them to mono; a single channel is
+/// borrowed as is.
 fn downmix<'a>(channels: &[&'a [f32]]) -> Result<Cow<'a, [f32]>> {
     let samples = channels.first().map_or(0, |c| c.len());
     if samples == 0 {
