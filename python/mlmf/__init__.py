@@ -13,6 +13,8 @@ from mlmf._mlmf import (
     DecodeError,
     DeviceError,
     DistributedError,
+    Encoder,
+    EncoderOutput,
     ImageProcessor,
     InputError,
     InternalError,
@@ -30,8 +32,10 @@ from mlmf._mlmf import (
     log_mel_spectrogram,
     mel_filter_bank,
     qwen2vl_patches,
+    register_encoder,
     resample_audio,
     resize_image,
+    supported_model_types,
 )
 
 __all__ = [
@@ -43,6 +47,8 @@ __all__ = [
     "DecodeError",
     "DeviceError",
     "DistributedError",
+    "Encoder",
+    "EncoderOutput",
     "ImageProcessor",
     "InputError",
     "InternalError",
@@ -60,6 +66,8 @@ __all__ = [
     "log_mel_spectrogram",
     "mel_filter_bank",
     "qwen2vl_patches",
+    "register_encoder",
     "resample_audio",
     "resize_image",
+    "supported_model_types",
 ]

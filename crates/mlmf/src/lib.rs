@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod device;
+pub mod encoders;
 pub mod error;
 pub mod modality;
 pub mod preprocess;

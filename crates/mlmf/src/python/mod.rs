@@ -6,6 +6,7 @@
 
 mod arrays;
 mod config;
+mod encoders;
 mod errors;
 mod preprocess;
 
@@ -49,6 +50,7 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     config::register(m)?;
     preprocess::register(m)?;
+    encoders::register(m)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())
 }

@@ -37,7 +37,7 @@ pub(crate) struct PyTextProcessor {
 }
 
 /// A str or a list of str, each item checked.
-fn str_list(obj: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+pub(crate) fn str_list(obj: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
     items(obj)
         .iter()
         .enumerate()
@@ -251,13 +251,13 @@ fn config_from_text<T: serde::de::DeserializeOwned>(text: &str) -> PyResult<T> {
 const IMAGE_EXPECTED: &str = "a path, encoded image bytes or a uint8 array (HW or HWC)";
 
 /// One image argument: an encoded source, or pixels borrowed from a NumPy array.
-enum ImageArg<'py> {
+pub(crate) enum ImageArg<'py> {
     Source(Source),
     Pixels(PyReadonlyArrayDyn<'py, u8>),
 }
 
 impl ImageArg<'_> {
-    fn as_ref(&self) -> ImageRef<'_> {
+    pub(crate) fn as_ref(&self) -> ImageRef<'_> {
         match self {
             Self::Source(s) => ImageRef::Source(s),
             Self::Pixels(a) => ImageRef::Pixels(a.as_array()),
@@ -266,7 +266,7 @@ impl ImageArg<'_> {
 }
 
 /// A batch of image arguments; uint8 arrays are read in place, not copied.
-fn image_args<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<ImageArg<'py>>> {
+pub(crate) fn image_args<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<ImageArg<'py>>> {
     batch(obj, Modality::Image, IMAGE_EXPECTED)?
         .into_iter()
         .enumerate()
@@ -530,13 +530,13 @@ const AUDIO_EXPECTED: &str =
     "a path, encoded audio bytes or a float32 array [samples] or [channels, samples]";
 
 /// One audio argument: an encoded source, or samples borrowed from a NumPy array.
-enum AudioArg<'py> {
+pub(crate) enum AudioArg<'py> {
     Source(Source),
     Samples(PyReadonlyArrayDyn<'py, f32>),
 }
 
 /// A batch of audio arguments; float32 arrays are read in place, not copied.
-fn audio_args<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<AudioArg<'py>>> {
+pub(crate) fn audio_args<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Vec<AudioArg<'py>>> {
     batch(obj, Modality::Audio, AUDIO_EXPECTED)?
         .into_iter()
         .enumerate()
@@ -554,7 +554,10 @@ fn uint8_audio(shape: &[usize], index: usize) -> PyErr {
 
 /// The inputs as references; arrays become `[channels, samples]` views (after a shape
 /// check) carrying `rate`.
-fn audio_refs<'a>(args: &'a [AudioArg<'_>], rate: Option<u32>) -> PyResult<Vec<AudioRef<'a>>> {
+pub(crate) fn audio_refs<'a>(
+    args: &'a [AudioArg<'_>],
+    rate: Option<u32>,
+) -> PyResult<Vec<AudioRef<'a>>> {
     args.iter()
         .enumerate()
         .map(|(i, arg)| match arg {

@@ -286,6 +286,10 @@ pub struct AudioFeatures {
     pub input_features: Array3<f32>,
     /// Chunks per input; sums to `total_chunks`.
     pub num_chunks: Vec<usize>,
+    /// Per chunk, how many leading frames hold real audio (the rest is padding): frame
+    /// `t` starts at sample `t * hop_length`, so this is `ceil(samples / hop_length)`,
+    /// the frames transformers' `return_attention_mask=True` marks with 1.
+    pub valid_frames: Vec<usize>,
 }
 
 /// Whisper feature extractor: raw audio to log-mel chunks. Cheap to share across
@@ -534,9 +538,15 @@ impl AudioProcessor {
             .into_par_iter()
             .zip(jobs.par_iter())
             .try_for_each(|(out, samples)| self.log_mel.compute_into(samples, out))?;
+        let hop = self.cfg.hop_length;
+        let valid_frames = jobs
+            .iter()
+            .map(|x| x.len().div_ceil(hop).min(self.log_mel.n_frames()))
+            .collect();
         Ok(AudioFeatures {
             input_features,
             num_chunks,
+            valid_frames,
         })
     }
 

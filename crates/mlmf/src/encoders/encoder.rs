@@ -1,0 +1,332 @@
+//! [`Encoder`]: a loaded [`ModalityEncoder`] together with the processor its checkpoint
+//! ships (tokenizer.json, preprocessor_config.json), so raw media go in and embeddings
+//! come out.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::device::DeviceSpec;
+use crate::encoders::layers::{ce, masked_mean};
+use crate::encoders::registry::{self, LoadRequest};
+use crate::encoders::{
+    bert, Checkpoint, EncoderInput, EncoderOutput, FrameEncoder, ModalityEncoder, Precision,
+    ProcessorKind, VideoPooling,
+};
+use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
+use crate::preprocess::audio::{AudioInput, AudioProcessor, AudioRef};
+use crate::preprocess::image::{ImageInput, ImageProcessor, ImageRef};
+use crate::preprocess::text::{Padding, TextProcessor, TextProcessorConfig};
+use crate::preprocess::video::{VideoInput, VideoProcessor, VideoProcessorConfig};
+
+/// How to load an [`Encoder`].
+#[derive(Debug, Clone, Default)]
+pub struct EncoderOptions {
+    /// Which modality to encode: needed to pick CLIP's or SigLIP's text tower, or to
+    /// use an image checkpoint for video. `None`: the checkpoint's own (image for dual
+    /// checkpoints).
+    pub modality: Option<Modality>,
+    pub device: DeviceSpec,
+    pub precision: Precision,
+    /// Temporal pooling when `modality` is video.
+    pub video_pooling: VideoPooling,
+    /// Frame sampling when `modality` is video (default: 8 frames, uniform).
+    pub video: Option<VideoProcessorConfig>,
+}
+
+/// Raw inputs of one modality.
+#[derive(Debug, Clone)]
+pub enum RawInputs {
+    Text(Vec<String>),
+    Image(Vec<ImageInput>),
+    Audio(Vec<AudioInput>),
+    Video(Vec<VideoInput>),
+}
+
+/// The processor that prepares an encoder's inputs.
+enum Prep {
+    Text(TextProcessor),
+    Image(ImageProcessor),
+    Audio(AudioProcessor),
+    Video(VideoProcessor),
+}
+
+/// An encoder ready for raw inputs: the model, its processor and where it came from.
+#[derive(Clone)]
+pub struct Encoder {
+    model: Arc<dyn ModalityEncoder>,
+    prep: Arc<std::result::Result<Prep, String>>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("dir", &self.dir)
+            .field("model_type", &self.model.model_type())
+            .field("modality", &self.model.modality())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Encoder {
+    /// Loads the checkpoint in `dir` with the encoder its `model_type` names.
+    pub fn from_pretrained(dir: impl AsRef<Path>, options: &EncoderOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        let ckpt = Checkpoint::open(dir)?;
+        let device = options.device.open()?;
+        let video = options.modality == Some(Modality::Video);
+        let request = LoadRequest {
+            checkpoint: &ckpt,
+            modality: if video {
+                Some(Modality::Image)
+            } else {
+                options.modality
+            },
+            device,
+            precision: options.precision,
+        };
+        let model = registry::load(&request).map_err(|e| match e {
+            // A video request loads the image tower: say so when that fails.
+            MlmfError::ModelLoad {
+                what,
+                path,
+                message,
+            } if video => MlmfError::ModelLoad {
+                what,
+                path,
+                message: format!("{message} (video needs an image checkpoint, run per frame)"),
+            },
+            other => other,
+        })?;
+        let model: Arc<dyn ModalityEncoder> = if video {
+            Arc::new(FrameEncoder::new(model, options.video_pooling)?)
+        } else {
+            Arc::from(model)
+        };
+        let prep = Arc::new(load_processor(dir, model.processor(), options));
+        Ok(Self {
+            model,
+            prep,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Wraps an encoder built in code, with no processor (preprocessed inputs only).
+    pub fn from_model(model: Arc<dyn ModalityEncoder>) -> Self {
+        Self {
+            model,
+            prep: Arc::new(Err("this encoder was built without a processor".into())),
+            dir: PathBuf::new(),
+        }
+    }
+
+    /// The underlying model.
+    pub fn model(&self) -> &Arc<dyn ModalityEncoder> {
+        &self.model
+    }
+
+    pub fn modality(&self) -> Modality {
+        self.model.modality()
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Encodes a preprocessed batch.
+    pub fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput> {
+        let want = self.model.modality();
+        if input.modality() != want {
+            return Err(MlmfError::input(
+                input.modality(),
+                format!(
+                    "this {} encoder ({}) takes {want} input, got {}",
+                    want,
+                    self.model.model_type(),
+                    input.describe()
+                ),
+            ));
+        }
+        if input.is_empty() {
+            return Err(MlmfError::input(
+                want,
+                "expected at least one item, got an empty batch",
+            ));
+        }
+        self.model.encode(input)
+    }
+
+    /// Runs the processor on raw inputs, then the model. Long audio split into several
+    /// chunks comes back as one row per input: the chunks' positions one after another,
+    /// padded to the longest input, and pooled over all of its real positions.
+    pub fn encode_raw(&self, inputs: &RawInputs) -> Result<EncoderOutput> {
+        match inputs {
+            RawInputs::Text(texts) => self.encode_texts(texts),
+            RawInputs::Image(images) => {
+                let refs: Vec<ImageRef<'_>> = images.iter().map(ImageRef::from).collect();
+                self.encode_images(&refs)
+            }
+            RawInputs::Audio(clips) => {
+                let refs: Vec<AudioRef<'_>> = clips.iter().map(AudioRef::from).collect();
+                self.encode_audio(&refs)
+            }
+            RawInputs::Video(videos) => self.encode_videos(videos),
+        }
+    }
+
+    /// The processor, after checking this encoder takes `got` and the batch is not empty.
+    fn prep_for(&self, got: Modality, len: usize) -> Result<&Prep> {
+        let want = self.model.modality();
+        if got != want {
+            return Err(MlmfError::input(
+                got,
+                format!(
+                    "this {want} encoder ({}) cannot encode {got} input",
+                    self.model.model_type()
+                ),
+            ));
+        }
+        if len == 0 {
+            return Err(MlmfError::input(
+                want,
+                "expected at least one item, got an empty batch",
+            ));
+        }
+        self.prep.as_ref().as_ref().map_err(|why| {
+            MlmfError::input(
+                want,
+                format!("cannot preprocess raw input: {why}; pass preprocessed arrays instead"),
+            )
+        })
+    }
+
+    /// Tokenises and encodes texts.
+    pub fn encode_texts<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<EncoderOutput> {
+        match self.prep_for(Modality::Text, texts.len())? {
+            Prep::Text(p) => self.encode(&EncoderInput::Text(p.encode(texts)?)),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// Decodes, preprocesses and encodes images.
+    pub fn encode_images(&self, images: &[ImageRef<'_>]) -> Result<EncoderOutput> {
+        match self.prep_for(Modality::Image, images.len())? {
+            Prep::Image(p) => self.encode(&EncoderInput::Image(p.process_refs(images)?)),
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// Decodes, resamples, computes log-mel features and encodes audio clips.
+    pub fn encode_audio(&self, clips: &[AudioRef<'_>]) -> Result<EncoderOutput> {
+        match self.prep_for(Modality::Audio, clips.len())? {
+            Prep::Audio(p) => {
+                let feats = p.process_refs(clips)?;
+                let out = self.encode(&EncoderInput::Audio {
+                    features: feats.input_features,
+                    valid_frames: Some(feats.valid_frames),
+                })?;
+                if feats.num_chunks.iter().all(|&n| n == 1) {
+                    Ok(out)
+                } else {
+                    join_chunks(out, &feats.num_chunks)
+                }
+            }
+            _ => Err(mismatch()),
+        }
+    }
+
+    /// Samples frames, preprocesses and encodes videos.
+    pub fn encode_videos(&self, videos: &[VideoInput]) -> Result<EncoderOutput> {
+        match self.prep_for(Modality::Video, videos.len())? {
+            Prep::Video(p) => {
+                let batch = p.process(videos)?;
+                let px = batch
+                    .pixel_values
+                    .into_dimensionality::<ndarray::Ix5>()
+                    .map_err(|_| {
+                        MlmfError::input(
+                            Modality::Video,
+                            "temporal windows from the video processor are not supported by \
+                             the encoder; sample frames and use video_pooling=\"window:N\"",
+                        )
+                    })?;
+                self.encode(&EncoderInput::Video(px))
+            }
+            _ => Err(mismatch()),
+        }
+    }
+}
+
+fn mismatch() -> MlmfError {
+    MlmfError::Internal("processor and encoder modalities disagree".into())
+}
+
+/// Puts the chunks of each input back together along the token axis.
+fn join_chunks(out: EncoderOutput, num_chunks: &[usize]) -> Result<EncoderOutput> {
+    let f = ce("joining audio chunks");
+    let (_, t, d) = out.hidden_states.dims3().map_err(&f)?;
+    let longest = num_chunks.iter().copied().max().unwrap_or(1) * t;
+    let mut hidden = Vec::with_capacity(num_chunks.len());
+    let mut masks = Vec::with_capacity(num_chunks.len());
+    let mut start = 0;
+    for &n in num_chunks {
+        let h = out
+            .hidden_states
+            .narrow(0, start, n)
+            .and_then(|h| h.reshape((1, n * t, d)))
+            .and_then(|h| h.pad_with_zeros(1, 0, longest - n * t))
+            .map_err(&f)?;
+        let m = out
+            .mask
+            .narrow(0, start, n)
+            .and_then(|m| m.reshape((1, n * t)))
+            .and_then(|m| m.pad_with_zeros(1, 0, longest - n * t))
+            .map_err(&f)?;
+        hidden.push(h);
+        masks.push(m);
+        start += n;
+    }
+    let hidden = Tensor::cat(&hidden, 0).map_err(&f)?;
+    let mask = Tensor::cat(&masks, 0).map_err(&f)?;
+    let pooled = masked_mean(&hidden, &mask)?;
+    Ok(EncoderOutput {
+        hidden_states: hidden,
+        mask,
+        pooled,
+    })
+}
+
+/// The processor for `kind` from the checkpoint's files, or why there is none.
+fn load_processor(
+    dir: &Path,
+    kind: ProcessorKind,
+    options: &EncoderOptions,
+) -> std::result::Result<Prep, String> {
+    let prep = match kind {
+        ProcessorKind::Text {
+            max_length,
+            pad_to_max_length,
+        } => {
+            let cfg = TextProcessorConfig {
+                max_length: bert::sentence_max_length(dir).or(max_length),
+                padding: if pad_to_max_length {
+                    Padding::MaxLength
+                } else {
+                    Padding::Longest
+                },
+                ..TextProcessorConfig::default()
+            };
+            TextProcessor::from_pretrained(dir, cfg).map(Prep::Text)
+        }
+        ProcessorKind::Image { .. } => ImageProcessor::from_pretrained(dir).map(Prep::Image),
+        ProcessorKind::Video { .. } => ImageProcessor::from_pretrained(dir).and_then(|image| {
+            VideoProcessor::new(options.video.clone().unwrap_or_default(), image).map(Prep::Video)
+        }),
+        ProcessorKind::Audio { .. } => AudioProcessor::from_pretrained(dir).map(Prep::Audio),
+    };
+    prep.map_err(|e| e.to_string())
+}

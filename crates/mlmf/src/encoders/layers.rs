@@ -1,0 +1,537 @@
+//! The transformer pieces every supported encoder is made of: linear maps, layer norm,
+//! activations, multi-head self-attention and the encoder layer (pre- or post-norm).
+//!
+//! Tensors are `[B, T, D]` in the model dtype. Half-precision models keep their weights
+//! and activations in float16/bfloat16 but compute layer norm, softmax and activations
+//! in float32, as PyTorch does on the CPU; bfloat16 matrix products run in float32
+//! on the CPU because candle's CPU matmul has no bfloat16 kernel.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::encoders::checkpoint::Checkpoint;
+use crate::error::{MlmfError, Result};
+
+/// candle errors inside a forward pass are bugs or resource failures, not bad input
+/// (inputs are validated before): they surface as internal errors naming the op.
+pub(crate) fn ce(context: &'static str) -> impl Fn(candle_core::Error) -> MlmfError {
+    move |e| MlmfError::Internal(format!("{context}: {e}"))
+}
+
+/// Where and in which precision a model's tensors live.
+#[derive(Debug, Clone)]
+pub(crate) struct Placement {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Weight access with a name prefix, for one model inside a checkpoint.
+#[derive(Clone, Copy)]
+pub(crate) struct Weights<'a> {
+    pub ckpt: &'a Checkpoint,
+    pub place: &'a Placement,
+}
+
+impl<'a> Weights<'a> {
+    /// The tensor `name` with `shape`, in the model dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.ckpt
+            .tensor(name, shape, self.place.dtype, &self.place.device)
+    }
+
+    /// The tensor `name` with `shape`, always float32 (norm parameters, biases added in
+    /// float32).
+    pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.ckpt
+            .tensor(name, shape, DType::F32, &self.place.device)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.ckpt.contains(name)
+    }
+}
+
+/// `y = x W^T + b`, `W` stored `[out, in]` as in PyTorch.
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{name}.weight` (and `{name}.bias` when `bias`).
+    pub fn load(
+        w: Weights<'_>,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = w.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(w.get(&format!("{name}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// A linear map from an already loaded `[out, in]` weight.
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> Result<usize> {
+        self.weight.dim(0).map_err(ce("linear"))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let f = ce("linear");
+        let dims = x.dims().to_vec();
+        let (rows, in_dim) = match dims.as_slice() {
+            [.., last] => (x.elem_count() / last.max(&1), *last),
+            [] => return Err(MlmfError::Internal("linear: scalar input".into())),
+        };
+        let x2 = x.reshape((rows, in_dim)).map_err(&f)?;
+        let y = matmul(&x2, &self.weight.t().map_err(&f)?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b).map_err(&f)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0).map_err(&f)?;
+        }
+        y.reshape(out_dims).map_err(f)
+    }
+}
+
+/// A matrix product in the operands' dtype; bfloat16 on the CPU goes through float32.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let f = ce("matmul");
+    if a.dtype() == DType::BF16 && a.device().is_cpu() {
+        let a32 = a.to_dtype(DType::F32).map_err(&f)?;
+        let b32 = b.to_dtype(DType::F32).map_err(&f)?;
+        return a32
+            .matmul(&b32)
+            .and_then(|y| y.to_dtype(DType::BF16))
+            .map_err(f);
+    }
+    a.matmul(b).map_err(f)
+}
+
+/// Layer norm over the last dimension, computed in float32.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(w: Weights<'_>, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get_f32(&format!("{name}.weight"), &[dim])?,
+            bias: w.get_f32(&format!("{name}.bias"), &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let f = ce("layer_norm");
+        let dtype = x.dtype();
+        let x32 = x
+            .to_dtype(DType::F32)
+            .map_err(&f)?
+            .contiguous()
+            .map_err(&f)?;
+        let y = candle_nn::ops::layer_norm(&x32, &self.weight, &self.bias, self.eps).map_err(&f)?;
+        y.to_dtype(dtype).map_err(f)
+    }
+}
+
+/// The activations transformers' `ACT2FN` names, as the supported configs use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// Exact GELU, `x * Φ(x)` (`gelu`).
+    Gelu,
+    /// GELU's tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
+    GeluTanh,
+    /// `x * sigmoid(1.702 x)` (CLIP).
+    QuickGelu,
+    Relu,
+    /// `x * sigmoid(x)` (`silu`, `swish`).
+    Silu,
+}
+
+impl Activation {
+    /// Parses a config's `hidden_act`; `field` names it in the error.
+    pub fn parse(name: &str, field: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "quick_gelu" => Self::QuickGelu,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            other => {
+                return Err(MlmfError::config(
+                    field,
+                    format!(
+                        "unsupported activation {other:?}: expected gelu, gelu_new, \
+                         gelu_pytorch_tanh, gelu_fast, quick_gelu, relu, silu or swish"
+                    ),
+                ))
+            }
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let f = ce("activation");
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32).map_err(&f)?;
+        let y = match self {
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::QuickGelu => (&x * 1.702)
+                .and_then(|s| candle_nn::ops::sigmoid(&s))
+                .and_then(|s| x.mul(&s)),
+            Self::Relu => x.relu(),
+            Self::Silu => x.silu(),
+        }
+        .map_err(&f)?;
+        y.to_dtype(dtype).map_err(f)
+    }
+}
+
+/// Added to the attention logits of masked keys: far below any real logit, yet finite
+/// so that a row with every key masked stays a number.
+pub(crate) const MASKED: f32 = -1e30;
+
+/// An additive float32 attention bias broadcastable to `[B, H, Tq, Tk]`.
+pub(crate) type AttnBias = Option<Tensor>;
+
+/// Key-padding bias `[B, 1, 1, T]` from a `[B, T]` mask of 0/1 (u8 or integer).
+pub(crate) fn padding_bias(mask: &Tensor) -> Result<Tensor> {
+    let f = ce("attention mask");
+    let (b, t) = mask.dims2().map_err(&f)?;
+    let m = mask.to_dtype(DType::F32).map_err(&f)?;
+    // (1 - m) * MASKED
+    let bias = m
+        .affine(-f64::from(MASKED), f64::from(MASKED))
+        .map_err(&f)?;
+    bias.reshape((b, 1, 1, t)).map_err(f)
+}
+
+/// Causal bias `[1, 1, T, T]`: key `j > i` masked for query `i`.
+pub(crate) fn causal_bias(t: usize, device: &Device) -> Result<Tensor> {
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { MASKED } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(v, (1, 1, t, t), device).map_err(ce("causal mask"))
+}
+
+/// Multi-head attention core: `softmax(q k^T * scale + bias) v` for `q` `[B, H, Tq, Dh]`,
+/// `k`, `v` `[B, H, Tk, Dh]`; softmax in float32.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: &AttnBias,
+) -> Result<Tensor> {
+    let f = ce("attention");
+    let dtype = q.dtype();
+    let scores = matmul(q, &k.t().map_err(&f)?)?;
+    let scores = scores.to_dtype(DType::F32).map_err(&f)?;
+    let scores = (scores * scale).map_err(&f)?;
+    let scores = match bias {
+        Some(b) => scores.broadcast_add(b).map_err(&f)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous().map_err(&f)?).map_err(&f)?;
+    let probs = probs.to_dtype(dtype).map_err(&f)?;
+    matmul(&probs, v)
+}
+
+/// `[B, T, H*Dh]` -> `[B, H, T, Dh]`, contiguous.
+pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let f = ce("split heads");
+    let (b, t, d) = x.dims3().map_err(&f)?;
+    x.reshape((b, t, heads, d / heads))
+        .and_then(|x| x.transpose(1, 2))
+        .and_then(|x| x.contiguous())
+        .map_err(f)
+}
+
+/// `[B, H, T, Dh]` -> `[B, T, H*Dh]`.
+pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let f = ce("merge heads");
+    let (b, h, t, dh) = x.dims4().map_err(&f)?;
+    x.transpose(1, 2)
+        .and_then(|x| x.contiguous())
+        .and_then(|x| x.reshape((b, t, h * dh)))
+        .map_err(f)
+}
+
+/// Self-attention with separate q/k/v projections and an output projection.
+#[derive(Debug, Clone)]
+pub(crate) struct SelfAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+/// Tensor names of one attention block, relative to the layer.
+pub(crate) struct AttentionNames<'a> {
+    pub q: &'a str,
+    pub k: &'a str,
+    pub v: &'a str,
+    pub o: &'a str,
+    /// Whether the key projection has a bias (Whisper's has none).
+    pub k_bias: bool,
+}
+
+impl SelfAttention {
+    pub fn load(
+        w: Weights<'_>,
+        prefix: &str,
+        names: &AttentionNames<'_>,
+        dim: usize,
+        heads: usize,
+    ) -> Result<Self> {
+        if heads == 0 || !dim.is_multiple_of(heads) {
+            return Err(w.ckpt.error(format!(
+                "hidden size {dim} is not divisible by the number of attention heads {heads}"
+            )));
+        }
+        let l = |n: &str, bias: bool| Linear::load(w, &format!("{prefix}{n}"), dim, dim, bias);
+        Ok(Self {
+            q: l(names.q, true)?,
+            k: l(names.k, names.k_bias)?,
+            v: l(names.v, true)?,
+            o: l(names.o, true)?,
+            heads,
+            scale: 1.0 / ((dim / heads) as f64).sqrt(),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, bias: &AttnBias) -> Result<Tensor> {
+        let q = split_heads(&self.q.forward(x)?, self.heads)?;
+        let k = split_heads(&self.k.forward(x)?, self.heads)?;
+        let v = split_heads(&self.v.forward(x)?, self.heads)?;
+        let y = attention(&q, &k, &v, self.scale, bias)?;
+        self.o.forward(&merge_heads(&y)?)
+    }
+}
+
+/// One transformer encoder layer: attention and a two-layer MLP, each with a residual
+/// connection, the norms before (`pre_norm`: CLIP, SigLIP, ViT, Whisper) or after
+/// (BERT) each block.
+#[derive(Debug, Clone)]
+pub(crate) struct EncoderLayer {
+    pub attn: SelfAttention,
+    pub norm1: LayerNorm,
+    pub norm2: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub act: Activation,
+    pub pre_norm: bool,
+}
+
+impl EncoderLayer {
+    pub fn forward(&self, x: &Tensor, bias: &AttnBias) -> Result<Tensor> {
+        let f = ce("encoder layer");
+        if self.pre_norm {
+            let h = self.attn.forward(&self.norm1.forward(x)?, bias)?;
+            let x = (x + h).map_err(&f)?;
+            let h = self.fc2.forward(
+                &self
+                    .act
+                    .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?)?,
+            )?;
+            (x + h).map_err(f)
+        } else {
+            let h = self.attn.forward(x, bias)?;
+            let x = self.norm1.forward(&(x + h).map_err(&f)?)?;
+            let h = self
+                .fc2
+                .forward(&self.act.forward(&self.fc1.forward(&x)?)?)?;
+            self.norm2.forward(&(x + h).map_err(f)?)
+        }
+    }
+}
+
+/// Runs `layers` in order.
+pub(crate) fn run_layers(layers: &[EncoderLayer], x: Tensor, bias: &AttnBias) -> Result<Tensor> {
+    layers.iter().try_fold(x, |x, l| l.forward(&x, bias))
+}
+
+/// Non-overlapping `P x P` patches of `[B, C, H, W]` pixels as rows `[B, N, C*P*P]`
+/// (row-major over the patch grid, channel-major inside a patch, as a stride-`P`
+/// convolution reads them), so that a patch embedding is one matrix product.
+pub(crate) fn patchify(pixels: &Tensor, patch: usize) -> Result<Tensor> {
+    let f = ce("patchify");
+    let (b, c, h, w) = pixels.dims4().map_err(&f)?;
+    let (gh, gw) = (h / patch, w / patch);
+    pixels
+        .reshape(&[b, c, gh, patch, gw, patch][..])
+        .and_then(|x| x.permute(&[0usize, 2, 4, 1, 3, 5][..]))
+        .and_then(|x| x.contiguous())
+        .and_then(|x| x.reshape((b, gh * gw, c * patch * patch)))
+        .map_err(f)
+}
+
+/// A patch embedding: a `[D, C, P, P]` convolution with stride `P`, as a linear map.
+pub(crate) fn load_patch_embedding(
+    w: Weights<'_>,
+    name: &str,
+    dim: usize,
+    channels: usize,
+    patch: usize,
+    bias: bool,
+) -> Result<Linear> {
+    let weight = w.get(&format!("{name}.weight"), &[dim, channels, patch, patch])?;
+    let weight = weight
+        .reshape((dim, channels * patch * patch))
+        .map_err(ce("patch embedding"))?;
+    let bias = if bias {
+        Some(w.get(&format!("{name}.bias"), &[dim])?)
+    } else {
+        None
+    };
+    Ok(Linear::from_parts(weight, bias))
+}
+
+/// Rows `[B, D]` of `x` `[B, T, D]` at one position per batch row.
+pub(crate) fn gather_rows(x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+    let f = ce("gather rows");
+    let rows = positions
+        .iter()
+        .enumerate()
+        .map(|(b, &t)| x.get(b).and_then(|r| r.get(t)))
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(&f)?;
+    Tensor::stack(&rows, 0).map_err(f)
+}
+
+/// Mean over the positions where `mask` (`[B, T]`, 0/1) is set; rows with no set
+/// position give zeros.
+pub(crate) fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let f = ce("masked mean");
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32).map_err(&f)?;
+    let m = mask
+        .to_dtype(DType::F32)
+        .map_err(&f)?
+        .unsqueeze(2)
+        .map_err(&f)?;
+    let sum = x.broadcast_mul(&m).and_then(|s| s.sum(1)).map_err(&f)?;
+    let count = m
+        .sum(1)
+        .and_then(|c| c.clamp(1e-9f32, f32::MAX))
+        .map_err(&f)?;
+    sum.broadcast_div(&count)
+        .and_then(|y| y.to_dtype(dtype))
+        .map_err(f)
+}
+
+/// `x / max(||x||, 1e-12)` along the last dimension (`torch.nn.functional.normalize`).
+pub(crate) fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let f = ce("normalize");
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32).map_err(&f)?;
+    let norm = x
+        .sqr()
+        .and_then(|s| s.sum_keepdim(D::Minus1))
+        .and_then(|s| s.sqrt())
+        .and_then(|s| s.clamp(1e-12f32, f32::MAX))
+        .map_err(&f)?;
+    x.broadcast_div(&norm)
+        .and_then(|y| y.to_dtype(dtype))
+        .map_err(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patchify_orders_rows_like_a_strided_convolution() {
+        // [1, 2, 4, 6] pixels, patch 2: a 2x3 grid of patches, 2*2*2 values each.
+        let v: Vec<f32> = (0..48).map(|i| i as f32).collect();
+        let px = Tensor::from_vec(v, (1, 2, 4, 6), &Device::Cpu).unwrap();
+        let rows = patchify(&px, 2).unwrap();
+        assert_eq!(rows.dims(), &[1, 6, 8]);
+        let rows = rows.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for gy in 0..2 {
+            for gx in 0..3 {
+                let n = gy * 3 + gx;
+                for c in 0..2 {
+                    for dy in 0..2 {
+                        for dx in 0..2 {
+                            let want = (c * 24 + (gy * 2 + dy) * 6 + gx * 2 + dx) as f32;
+                            assert_eq!(rows[n * 8 + c * 4 + dy * 2 + dx], want);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn masked_rows_get_no_attention() {
+        let q = Tensor::ones((1, 1, 2, 4), DType::F32, &Device::Cpu).unwrap();
+        let k = Tensor::from_vec(
+            (0..12).map(|i| i as f32 * 0.1).collect::<Vec<_>>(),
+            (1, 1, 3, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let v = Tensor::from_vec(
+            vec![1f32, 0., 0., 0., 0., 1., 0., 0., 0., 0., 1., 0.],
+            (1, 1, 3, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mask = Tensor::from_vec(vec![1u8, 1, 0], (1, 3), &Device::Cpu).unwrap();
+        let y = attention(&q, &k, &v, 0.5, &Some(padding_bias(&mask).unwrap())).unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // The third key is masked: no weight on the third value's coordinate.
+        assert_eq!(y[2], 0.0);
+        assert!((y[0] + y[1] - 1.0).abs() < 1e-6);
+        let causal = causal_bias(3, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(causal[1], MASKED);
+        assert_eq!(causal[3], 0.0);
+    }
+
+    #[test]
+    fn activations_by_config_name() {
+        assert_eq!(
+            Activation::parse("gelu_pytorch_tanh", "x").unwrap(),
+            Activation::GeluTanh
+        );
+        let err = Activation::parse("swoosh", "config.json: hidden_act").unwrap_err();
+        assert!(err.to_string().contains("config.json: hidden_act"));
+        let x = Tensor::new(&[-1f32, 0., 2.], &Device::Cpu).unwrap();
+        let y = Activation::QuickGelu
+            .forward(&x)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want: Vec<f32> = [-1f32, 0., 2.]
+            .iter()
+            .map(|v| v / (1. + (-1.702 * v).exp()))
+            .collect();
+        for (a, b) in y.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6);
+        }
+    }
+}

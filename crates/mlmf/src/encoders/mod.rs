@@ -1,0 +1,223 @@
+//! Encoders: Hugging Face checkpoints loaded as they are on disk and run on candle.
+//!
+//! A [`ModalityEncoder`] turns a preprocessed batch ([`EncoderInput`]) into an
+//! [`EncoderOutput`]: token-level `hidden_states [B, T, D]`, their `mask [B, T]` and one
+//! `pooled [B, D']` vector per item. The [`registry`] picks the implementation from
+//! `config.json`'s `model_type` (and `architectures`); [`Encoder`] pairs it with the
+//! processor the checkpoint ships, so that raw media can be encoded in one call.
+//!
+//! Supported: `bert` (and sentence-transformers directories around it), `clip`,
+//! `clip_vision_model`, `clip_text_model`, `siglip`, `siglip_vision_model`,
+//! `siglip_text_model`, `vit`, `whisper` (encoder only), and video as an image encoder
+//! applied per frame ([`video::FrameEncoder`]).
+
+pub mod bert;
+pub mod checkpoint;
+pub mod clip;
+pub(crate) mod config;
+pub(crate) mod encoder;
+pub(crate) mod layers;
+pub mod registry;
+pub mod siglip;
+pub mod video;
+pub mod vit;
+pub mod whisper;
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor};
+use ndarray::{Array3, Array4, Array5};
+
+use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
+use crate::preprocess::text::TextBatch;
+
+pub use checkpoint::Checkpoint;
+pub use encoder::{Encoder, EncoderOptions, RawInputs};
+pub use registry::{register_encoder, supported_model_types, EncoderFactory, LoadRequest};
+pub use video::{FrameEncoder, VideoPooling};
+
+/// The numeric precision a model runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Precision {
+    #[default]
+    F32,
+    F16,
+    BF16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = MlmfError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "float32" | "f32" | "fp32" => Ok(Self::F32),
+            "float16" | "f16" | "fp16" | "half" => Ok(Self::F16),
+            "bfloat16" | "bf16" => Ok(Self::BF16),
+            _ => Err(MlmfError::config(
+                "dtype",
+                format!("unknown dtype {s:?}: expected float32, float16 or bfloat16"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        })
+    }
+}
+
+/// A preprocessed batch, as the processors produce it.
+#[derive(Debug, Clone)]
+pub enum EncoderInput {
+    /// Token ids, attention mask and token types, int64 `[B, T]`.
+    Text(TextBatch),
+    /// Normalised pixels `[B, 3, H, W]` float32.
+    Image(Array4<f32>),
+    /// Log-mel features `[B, n_mels, frames]` float32, with the number of frames that
+    /// hold real audio per row (`None`: all of them).
+    Audio {
+        features: Array3<f32>,
+        valid_frames: Option<Vec<usize>>,
+    },
+    /// Frames `[B, T, 3, H, W]` float32.
+    Video(Array5<f32>),
+}
+
+impl EncoderInput {
+    /// The modality this input belongs to.
+    pub fn modality(&self) -> Modality {
+        match self {
+            Self::Text(_) => Modality::Text,
+            Self::Image(_) => Modality::Image,
+            Self::Audio { .. } => Modality::Audio,
+            Self::Video(_) => Modality::Video,
+        }
+    }
+
+    /// Batch size.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Text(t) => t.input_ids.nrows(),
+            Self::Image(x) => x.shape()[0],
+            Self::Audio { features, .. } => features.shape()[0],
+            Self::Video(x) => x.shape()[0],
+        }
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A short description for error messages ("image pixels [2, 3, 224, 224]").
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Text(t) => format!("text token ids {:?}", t.input_ids.shape()),
+            Self::Image(x) => format!("image pixels {:?}", x.shape()),
+            Self::Audio { features, .. } => format!("audio features {:?}", features.shape()),
+            Self::Video(x) => format!("video frames {:?}", x.shape()),
+        }
+    }
+}
+
+/// What an encoder produces for a batch.
+#[derive(Debug, Clone)]
+pub struct EncoderOutput {
+    /// Token-level states `[B, T, D]` in the model dtype.
+    pub hidden_states: Tensor,
+    /// `[B, T]` u8: 1 where `hidden_states` holds a real token, 0 for padding.
+    pub mask: Tensor,
+    /// One vector per item `[B, D']` in the model dtype (`D'` is [`ModalityEncoder::output_dim`]).
+    pub pooled: Tensor,
+}
+
+/// The processor an encoder's inputs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessorKind {
+    /// `TextProcessor` (tokenizer.json), truncating to `max_length` when set and
+    /// padding every sequence to it when `pad_to_max_length` (SigLIP).
+    Text {
+        max_length: Option<usize>,
+        pad_to_max_length: bool,
+    },
+    /// `ImageProcessor` at this `(height, width)`.
+    Image { height: usize, width: usize },
+    /// `AudioProcessor` with this many mel bins and frames per chunk.
+    Audio { n_mels: usize, frames: usize },
+    /// `VideoProcessor` whose frames are `(height, width)`.
+    Video { height: usize, width: usize },
+}
+
+/// One modality's encoder: the extension point for new architectures. Implement it and
+/// register a factory with [`register_encoder`] to make `Encoder::from_pretrained` load
+/// your checkpoints.
+pub trait ModalityEncoder: Send + Sync {
+    /// The modality it encodes.
+    fn modality(&self) -> Modality;
+
+    /// The `model_type` it was loaded as (for messages and stats).
+    fn model_type(&self) -> &str;
+
+    /// Width `D` of `hidden_states`.
+    fn hidden_size(&self) -> usize;
+
+    /// Width of `pooled`.
+    fn output_dim(&self) -> usize;
+
+    /// The processor (and its geometry) the inputs must come from.
+    fn processor(&self) -> ProcessorKind;
+
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+
+    /// The dtype of the weights and outputs.
+    fn dtype(&self) -> DType;
+
+    /// Encodes one batch. Implementations check the input's kind and shape and return
+    /// [`MlmfError::Input`] naming the modality and what was expected.
+    fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput>;
+}
+
+/// The error for an input of the wrong kind or shape.
+pub(crate) fn wrong_input(
+    modality: Modality,
+    expected: impl fmt::Display,
+    got: &EncoderInput,
+) -> MlmfError {
+    MlmfError::input(
+        modality,
+        format!("expected {expected}, got {}", got.describe()),
+    )
+}
+
+/// A `[B, T]` u8 mask tensor from rows of 0/1 values.
+pub(crate) fn mask_tensor(
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+    device: &Device,
+) -> Result<Tensor> {
+    Tensor::from_vec(data, (rows, cols), device).map_err(layers::ce("mask"))
+}
+
+/// A `[B, T]` all-ones u8 mask.
+pub(crate) fn full_mask(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
+    Tensor::ones((rows, cols), DType::U8, device).map_err(layers::ce("mask"))
+}

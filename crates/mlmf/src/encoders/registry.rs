@@ -1,0 +1,140 @@
+//! Which [`ModalityEncoder`] loads a checkpoint: a table from `config.json`'s
+//! `model_type` to a factory. The built-in architectures are registered on first use;
+//! [`register_encoder`] adds (or overrides) one, which is how a user plugs in an
+//! architecture of their own, from Rust or (through the bindings) from Python.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use candle_core::Device;
+
+use crate::encoders::checkpoint::Checkpoint;
+use crate::encoders::{bert, clip, siglip, vit, whisper, ModalityEncoder, Precision};
+use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
+
+/// What a factory is asked to load.
+pub struct LoadRequest<'a> {
+    pub checkpoint: &'a Checkpoint,
+    /// The modality the caller asked for (`None`: the checkpoint's natural one; dual
+    /// models such as CLIP then default to their image tower).
+    pub modality: Option<Modality>,
+    pub device: Device,
+    pub precision: Precision,
+}
+
+impl LoadRequest<'_> {
+    /// The error for asking a single-modality checkpoint for another modality.
+    pub fn check_modality(&self, supported: &[Modality]) -> Result<Modality> {
+        match self.modality {
+            None => supported
+                .first()
+                .copied()
+                .ok_or_else(|| MlmfError::Internal("encoder supports no modality".into())),
+            Some(m) if supported.contains(&m) => Ok(m),
+            Some(m) => Err(MlmfError::model_load(
+                "encoder",
+                self.checkpoint.dir(),
+                format!(
+                    "a {} checkpoint encodes {}, not {m}",
+                    self.checkpoint.model_type().unwrap_or("?"),
+                    supported
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            )),
+        }
+    }
+}
+
+/// Builds an encoder from a checkpoint.
+pub type EncoderFactory =
+    Arc<dyn Fn(&LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> + Send + Sync>;
+
+fn table() -> &'static RwLock<BTreeMap<String, EncoderFactory>> {
+    static TABLE: OnceLock<RwLock<BTreeMap<String, EncoderFactory>>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t: BTreeMap<String, EncoderFactory> = BTreeMap::new();
+        let mut add = |names: &[&str], f: EncoderFactory| {
+            for n in names {
+                t.insert((*n).to_string(), f.clone());
+            }
+        };
+        add(&["bert"], Arc::new(bert::load));
+        add(
+            &["clip", "clip_vision_model", "clip_text_model"],
+            Arc::new(clip::load),
+        );
+        add(
+            &["siglip", "siglip_vision_model", "siglip_text_model"],
+            Arc::new(siglip::load),
+        );
+        add(&["vit"], Arc::new(vit::load));
+        add(&["whisper"], Arc::new(whisper::load));
+        RwLock::new(t)
+    })
+}
+
+/// Registers `factory` for checkpoints whose `config.json` says `model_type`,
+/// replacing any earlier one (built-ins included).
+pub fn register_encoder(model_type: impl Into<String>, factory: EncoderFactory) {
+    if let Ok(mut t) = table().write() {
+        t.insert(model_type.into(), factory);
+    }
+}
+
+/// The `model_type`s that can be loaded, sorted.
+pub fn supported_model_types() -> Vec<String> {
+    table()
+        .read()
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// `model_type` from `config.json`, or guessed from `architectures` for configs that
+/// lack it (old checkpoints).
+fn model_type_of(ckpt: &Checkpoint) -> Result<String> {
+    if let Some(t) = ckpt.model_type() {
+        return Ok(t.to_string());
+    }
+    let guesses = [
+        ("Bert", "bert"),
+        ("CLIPVision", "clip_vision_model"),
+        ("CLIPText", "clip_text_model"),
+        ("CLIP", "clip"),
+        ("SiglipVision", "siglip_vision_model"),
+        ("SiglipText", "siglip_text_model"),
+        ("Siglip", "siglip"),
+        ("ViT", "vit"),
+        ("Whisper", "whisper"),
+    ];
+    for arch in ckpt.architectures() {
+        if let Some((_, t)) = guesses.iter().find(|(p, _)| arch.starts_with(p)) {
+            return Ok((*t).to_string());
+        }
+    }
+    Err(ckpt.error(
+        "config.json has no `model_type` (and no `architectures` entry that names a \
+         supported model)",
+    ))
+}
+
+/// Loads the encoder `request.checkpoint` describes.
+pub fn load(request: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
+    let model_type = model_type_of(request.checkpoint)?;
+    let factory = table()
+        .read()
+        .map_err(|_| MlmfError::Internal("encoder registry lock poisoned".into()))?
+        .get(&model_type)
+        .cloned();
+    match factory {
+        Some(f) => f(request),
+        None => Err(request.checkpoint.error(format!(
+            "unsupported model_type {model_type:?}; supported: {} (or register your own \
+             with register_encoder)",
+            supported_model_types().join(", ")
+        ))),
+    }
+}
