@@ -70,6 +70,7 @@ fmt: ## format Rust and Python sources
 bench: develop ## run benchmarks against the reference libraries; writes docs/benchmarks.md
 	$(PIP) install --quiet -r scripts/requirements-ref.txt matplotlib
 	$(PY) benchmarks/preprocess.py --out docs/benchmarks.md
+	$(PY) benchmarks/encoders.py --out docs/benchmarks.md
 
 .PHONY: fixtures
 fixtures: ## regenerate tests/fixtures with the reference libraries (.venv-ref)
