@@ -817,12 +817,14 @@ def section(
     return "\n".join(parts) + "\n"
 
 
-def write_section(out: Path, text: str) -> None:
+def write_section(out: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces the section of `out` between the markers `begin` and `end` (each script
+    owns one), leaving the rest alone."""
     if out.exists():
         current = out.read_text()
-        start, stop = current.find(BEGIN), current.find(END)
+        start, stop = current.find(begin), current.find(end)
         if start != -1 and stop > start:
-            current = current[:start] + text.rstrip("\n") + current[stop + len(END) :]
+            current = current[:start] + text.rstrip("\n") + current[stop + len(end) :]
         else:
             current = current.rstrip("\n") + "\n\n" + text
     else:

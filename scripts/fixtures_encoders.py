@@ -29,7 +29,8 @@ from make_fixtures import (
     ROOT,
     SCHEMA_VERSION,
     Arrays,
-    _bytes_to_unicode_alphabet,
+    _clip_vocab,
+    _clip_words,
     _learn_bpe_merges,
     write_json,
 )
@@ -553,25 +554,9 @@ def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     and others in several pieces, and every text within the 16 positions.
     """
     splitter = _clip_skeleton({"<|endoftext|>": 0}, [])
-    words: dict[tuple[str, ...], int] = {}
-    for line in CLIP_TEXTS:
-        for piece, _ in splitter.pre_tokenizer.pre_tokenize_str(
-            splitter.normalizer.normalize_str(line)
-        ):
-            syms = tuple(piece[:-1]) + (piece[-1] + "</w>",)
-            words[syms] = words.get(syms, 0) + 1
-    merges = _learn_bpe_merges(words, max_merges=CLIP_MERGES)
+    merges = _learn_bpe_merges(_clip_words(splitter, CLIP_TEXTS), max_merges=CLIP_MERGES)
     assert len(merges) == CLIP_MERGES, len(merges)
-    alphabet = _bytes_to_unicode_alphabet()
-    vocab: dict[str, int] = {}
-    for sym in alphabet:
-        vocab[sym] = len(vocab)
-    for sym in alphabet:
-        vocab[sym + "</w>"] = len(vocab)
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    vocab = _clip_vocab(merges)
     assert len(vocab) == CLIP_VOCAB and vocab["<|endoftext|>"] == CLIP_EOS, len(vocab)
     return vocab, merges
 

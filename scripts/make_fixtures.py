@@ -387,27 +387,23 @@ def _learn_bpe_merges(words: dict[tuple[str, ...], int], max_merges: int) -> lis
     return merges
 
 
-def _build_clip_tokenizer(out_dir: Path) -> dict:
-    """Learn a tiny byte-level BPE and save it as a CLIP tokenizer checkpoint."""
-    from transformers import CLIPTokenizer
-
-    # Split the corpus with exactly the normaliser and pre-tokeniser that
-    # CLIPTokenizer installs (CLIP regex split, then byte-to-unicode mapping).
-    template = CLIPTokenizer().backend_tokenizer
-    # The corpus includes most test texts (not the "photophoto..." word, so one long
-    # word still needs a chain of merges).
-    corpus = CLIP_CORPUS + [t for t in TEXTS if t != "photo" * 24]
+def _clip_words(tokenizer: Any, lines: list[str]) -> dict[tuple[str, ...], int]:
+    """Word counts of ``lines`` split as ``tokenizer`` (a CLIP backend tokenizer) does,
+    each word a tuple of symbols with ``</w>`` on the last: the input of
+    ``_learn_bpe_merges``."""
     words: dict[tuple[str, ...], int] = {}
-    for line in corpus:
-        for piece, _ in template.pre_tokenizer.pre_tokenize_str(
-            template.normalizer.normalize_str(line)
+    for line in lines:
+        for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(
+            tokenizer.normalizer.normalize_str(line)
         ):
             syms = tuple(piece[:-1]) + (piece[-1] + "</w>",)
             words[syms] = words.get(syms, 0) + 1
-    merges = _learn_bpe_merges(words, max_merges=1000)
+    return words
 
-    # CLIP vocab layout: 256 byte symbols, the same with "</w>", merge results
-    # in merge order, then <|startoftext|> and <|endoftext|> last.
+
+def _clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's vocab layout: 256 byte symbols, the same with "</w>", merge results in
+    merge order, then <|startoftext|> and <|endoftext|> last."""
     alphabet = _bytes_to_unicode_alphabet()
     vocab: dict[str, int] = {}
     for sym in alphabet:
@@ -418,6 +414,21 @@ def _build_clip_tokenizer(out_dir: Path) -> dict:
         vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+def _build_clip_tokenizer(out_dir: Path) -> dict:
+    """Learn a tiny byte-level BPE and save it as a CLIP tokenizer checkpoint."""
+    from transformers import CLIPTokenizer
+
+    # Split the corpus with exactly the normaliser and pre-tokeniser that
+    # CLIPTokenizer installs (CLIP regex split, then byte-to-unicode mapping).
+    template = CLIPTokenizer().backend_tokenizer
+    # The corpus includes most test texts (not the "photophoto..." word, so one long
+    # word still needs a chain of merges).
+    corpus = CLIP_CORPUS + [t for t in TEXTS if t != "photo" * 24]
+    merges = _learn_bpe_merges(_clip_words(template, corpus), max_merges=1000)
+    vocab = _clip_vocab(merges)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")

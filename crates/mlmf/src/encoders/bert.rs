@@ -12,17 +12,16 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::encoders::config::Cfg;
+use crate::encoders::inputs::{check_ids, text_batch, text_mask};
 use crate::encoders::layers::{
-    ce, l2_normalize, masked_mean, padding_bias, run_layers, Activation, AttentionNames,
-    EncoderLayer, LayerNorm, Linear, Placement, SelfAttention, Weights,
+    ce, embed, gather_rows, l2_normalize, load_layers, masked_mean, padding_bias, run_layers,
+    AttentionNames, EncoderLayer, LayerNames, LayerNorm, Linear, Sizes, Weights,
 };
 use crate::encoders::registry::LoadRequest;
-use crate::encoders::{
-    mask_tensor, wrong_input, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind,
-};
+use crate::encoders::{EncoderInfo, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 
@@ -54,12 +53,27 @@ pub struct Bert {
     emb_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
     pooling: Pooling,
-    hidden: usize,
     vocab: usize,
     max_positions: usize,
     type_vocab: usize,
-    place: Placement,
+    info: EncoderInfo,
 }
+
+/// BERT's layer tensor names (post-norm).
+const LAYER: LayerNames<'static> = LayerNames {
+    attention: AttentionNames {
+        q: "attention.self.query",
+        k: "attention.self.key",
+        v: "attention.self.value",
+        o: "attention.output.dense",
+        k_bias: true,
+    },
+    norm1: "attention.output.LayerNorm",
+    fc1: "intermediate.dense",
+    fc2: "output.dense",
+    norm2: "output.LayerNorm",
+    pre_norm: false,
+};
 
 /// `sentence_bert_config.json`'s `max_seq_length`, which sentence-transformers
 /// truncates to (instead of the tokenizer's `model_max_length`).
@@ -159,15 +173,11 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
     req.check_modality(&[Modality::Text])?;
     let ckpt = req.checkpoint;
     let cfg = Cfg::new(ckpt.config(), "");
-    let hidden = cfg.size("hidden_size", 768)?;
-    let layers_n = cfg.size("num_hidden_layers", 12)?;
-    let heads = cfg.size("num_attention_heads", 12)?;
-    let inter = cfg.size("intermediate_size", 3072)?;
+    let sizes = Sizes::read(cfg, (768, 12, 12, 3072, 1e-12, "gelu"))?;
+    let hidden = sizes.hidden;
     let vocab = cfg.size("vocab_size", 30522)?;
     let max_positions = cfg.size("max_position_embeddings", 512)?;
     let type_vocab = cfg.size("type_vocab_size", 2)?;
-    let eps = cfg.positive("layer_norm_eps", 1e-12)?;
-    let act = Activation::parse(cfg.string("hidden_act", "gelu")?, &cfg.name("hidden_act"))?;
     let pos_kind = cfg.string("position_embedding_type", "absolute")?;
     if pos_kind != "absolute" {
         return Err(MlmfError::config(
@@ -175,10 +185,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
             format!("{pos_kind:?} is not supported; only \"absolute\""),
         ));
     }
-    let place = Placement {
-        device: req.device.clone(),
-        dtype: req.precision.dtype(),
-    };
+    let place = req.placement();
     let prefix = ckpt
         .find_prefix("embeddings.word_embeddings.weight")
         .ok_or_else(|| ckpt.error("weight `embeddings.word_embeddings.weight` is missing"))?;
@@ -187,27 +194,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
         place: &place,
     };
     let p = |n: &str| format!("{prefix}{n}");
-    let names = AttentionNames {
-        q: "attention.self.query",
-        k: "attention.self.key",
-        v: "attention.self.value",
-        o: "attention.output.dense",
-        k_bias: true,
-    };
-    let layers = (0..layers_n)
-        .map(|i| {
-            let l = p(&format!("encoder.layer.{i}."));
-            Ok(EncoderLayer {
-                attn: SelfAttention::load(w, &l, &names, hidden, heads)?,
-                norm1: LayerNorm::load(w, &format!("{l}attention.output.LayerNorm"), hidden, eps)?,
-                fc1: Linear::load(w, &format!("{l}intermediate.dense"), hidden, inter, true)?,
-                fc2: Linear::load(w, &format!("{l}output.dense"), inter, hidden, true)?,
-                norm2: LayerNorm::load(w, &format!("{l}output.LayerNorm"), hidden, eps)?,
-                act,
-                pre_norm: false,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let layers = load_layers(w, &p("encoder.layer."), &LAYER, &sizes)?;
     let pooling = match sentence_pooling(ckpt.dir(), hidden)? {
         Some(p) => p,
         None if w.contains(&p("pooler.dense.weight")) => {
@@ -225,42 +212,26 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
             &p("embeddings.token_type_embeddings.weight"),
             &[type_vocab, hidden],
         )?,
-        emb_norm: LayerNorm::load(w, &p("embeddings.LayerNorm"), hidden, eps)?,
+        emb_norm: LayerNorm::load(w, &p("embeddings.LayerNorm"), hidden, sizes.eps)?,
         layers,
-        pooling,
-        hidden,
         vocab,
         max_positions,
         type_vocab,
-        place,
+        info: place.info(
+            Modality::Text,
+            "bert",
+            hidden,
+            match &pooling {
+                Pooling::Sentence { modes, .. } => hidden * modes.len(),
+                _ => hidden,
+            },
+            ProcessorKind::Text {
+                max_length: None,
+                pad_to_max_length: false,
+            },
+        ),
+        pooling,
     }))
-}
-
-/// Checks every id is below `limit`; the error names the batch row.
-pub(crate) fn check_ids(ids: &ndarray::Array2<i64>, limit: usize, what: &str) -> Result<()> {
-    for (row, r) in ids.outer_iter().enumerate() {
-        if let Some(&bad) = r.iter().find(|&&v| v < 0 || v as u64 >= limit as u64) {
-            return Err(MlmfError::Input {
-                modality: Modality::Text,
-                index: Some(row),
-                message: format!("{what} {bad} is out of range: expected 0..{limit}"),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Row lookups `table[ids]` for int64 ids `[B, T]` -> `[B, T, D]`.
-pub(crate) fn embed(table: &Tensor, ids: &ndarray::Array2<i64>, device: &Device) -> Result<Tensor> {
-    let f = ce("embedding");
-    let (b, t) = ids.dim();
-    let flat: Vec<u32> = ids.iter().map(|&v| v as u32).collect();
-    let idx = Tensor::from_vec(flat, b * t, device).map_err(&f)?;
-    let d = table.dim(1).map_err(&f)?;
-    table
-        .index_select(&idx, 0)
-        .and_then(|x| x.reshape((b, t, d)))
-        .map_err(f)
 }
 
 impl Bert {
@@ -310,7 +281,7 @@ impl Bert {
                         Mode::LastToken => {
                             let last: Vec<usize> =
                                 lengths.iter().map(|&n| n.saturating_sub(1)).collect();
-                            crate::encoders::layers::gather_rows(hidden, &last)?
+                            gather_rows(hidden, &last)?
                         }
                     });
                 }
@@ -326,78 +297,30 @@ impl Bert {
 }
 
 impl ModalityEncoder for Bert {
-    fn modality(&self) -> Modality {
-        Modality::Text
-    }
-
-    fn model_type(&self) -> &str {
-        "bert"
-    }
-
-    fn hidden_size(&self) -> usize {
-        self.hidden
-    }
-
-    fn output_dim(&self) -> usize {
-        match &self.pooling {
-            Pooling::Sentence { modes, .. } => self.hidden * modes.len(),
-            _ => self.hidden,
-        }
-    }
-
-    fn processor(&self) -> ProcessorKind {
-        ProcessorKind::Text {
-            max_length: None,
-            pad_to_max_length: false,
-        }
-    }
-
-    fn device(&self) -> &Device {
-        &self.place.device
-    }
-
-    fn dtype(&self) -> DType {
-        self.place.dtype
+    fn info(&self) -> &EncoderInfo {
+        &self.info
     }
 
     fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput> {
-        let EncoderInput::Text(batch) = input else {
-            return Err(wrong_input(Modality::Text, "text token ids", input));
-        };
+        let batch = text_batch(input, self.vocab, self.max_positions)?;
         let (b, t) = batch.input_ids.dim();
-        if b == 0 || t == 0 {
-            return Err(MlmfError::input(
-                Modality::Text,
-                format!("expected a non-empty batch of token ids, got shape [{b}, {t}]"),
-            ));
-        }
-        if t > self.max_positions {
-            return Err(MlmfError::input(
-                Modality::Text,
-                format!(
-                    "expected at most max_position_embeddings = {} tokens, got {t}",
-                    self.max_positions
-                ),
-            ));
-        }
-        check_ids(&batch.input_ids, self.vocab, "token id")?;
         let types = if batch.token_type_ids.dim() == (b, t) {
             batch.token_type_ids.clone()
         } else {
             ndarray::Array2::zeros((b, t))
         };
         check_ids(&types, self.type_vocab, "token type id")?;
-        let mask_rows = if batch.attention_mask.dim() == (b, t) {
-            batch.attention_mask.mapv(|v| u8::from(v != 0))
-        } else {
-            ndarray::Array2::ones((b, t))
-        };
-        let lengths: Vec<usize> = mask_rows
-            .outer_iter()
-            .map(|r| r.iter().filter(|&&v| v != 0).count())
-            .collect();
-        let dev = &self.place.device;
+        let dev = &self.info.device;
+        let mask = text_mask(batch, dev)?;
         let f = ce("bert embeddings");
+        let lengths: Vec<usize> = mask
+            .to_dtype(DType::U32)
+            .and_then(|m| m.sum(1))
+            .and_then(|m| m.to_vec1::<u32>())
+            .map_err(&f)?
+            .into_iter()
+            .map(|n| n as usize)
+            .collect();
         let positions = self
             .position
             .narrow(0, 0, t)
@@ -409,7 +332,6 @@ impl ModalityEncoder for Bert {
             .add(&embed(&self.token_type, &types, dev)?)
             .map_err(&f)?;
         let x = self.emb_norm.forward(&x)?;
-        let mask = mask_tensor(b, t, mask_rows.into_raw_vec_and_offset().0, dev)?;
         let bias = Some(padding_bias(&mask)?);
         let hidden = run_layers(&self.layers, x, &bias)?;
         let pooled = self.pool(&hidden, &mask, &lengths)?;

@@ -12,107 +12,37 @@
 //! `eos_token_id`, or the largest id for configs with the legacy `eos_token_id = 2`),
 //! projected by `text_projection` when present.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
-use crate::encoders::bert::{check_ids, embed};
+use crate::encoders::checkpoint::Checkpoint;
 use crate::encoders::config::Cfg;
+use crate::encoders::inputs::{full_mask, text_batch, text_mask};
 use crate::encoders::layers::{
-    causal_bias, ce, gather_rows, load_patch_embedding, padding_bias, patchify, run_layers,
-    Activation, AttentionNames, EncoderLayer, LayerNorm, Linear, Placement, SelfAttention, Weights,
+    causal_bias, ce, embed, gather_rows, load_layers, padding_bias, run_layers, AttentionNames,
+    EncoderLayer, LayerNames, LayerNorm, Linear, Placement, Sizes, Weights,
 };
+use crate::encoders::patch::{Geometry, PatchEmbedding, PatchNames};
 use crate::encoders::registry::LoadRequest;
-use crate::encoders::{
-    full_mask, mask_tensor, wrong_input, EncoderInput, EncoderOutput, ModalityEncoder,
-    ProcessorKind,
-};
-use crate::error::{MlmfError, Result};
+use crate::encoders::{EncoderInfo, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind};
+use crate::error::Result;
 use crate::modality::Modality;
 
-/// Attention tensor names shared by CLIP and SigLIP layers.
-pub(crate) const CLIP_ATTENTION: AttentionNames<'static> = AttentionNames {
-    q: "self_attn.q_proj",
-    k: "self_attn.k_proj",
-    v: "self_attn.v_proj",
-    o: "self_attn.out_proj",
-    k_bias: true,
+/// Layer tensor names shared by CLIP and SigLIP towers (pre-norm), under
+/// `encoder.layers.`.
+pub(crate) const CLIP_LAYER: LayerNames<'static> = LayerNames {
+    attention: AttentionNames {
+        q: "self_attn.q_proj",
+        k: "self_attn.k_proj",
+        v: "self_attn.v_proj",
+        o: "self_attn.out_proj",
+        k_bias: true,
+    },
+    norm1: "layer_norm1",
+    fc1: "mlp.fc1",
+    fc2: "mlp.fc2",
+    norm2: "layer_norm2",
+    pre_norm: true,
 };
-
-/// Sizes shared by the CLIP and SigLIP towers.
-pub(crate) struct TowerSizes {
-    pub hidden: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub inter: usize,
-    pub eps: f64,
-    pub act: Activation,
-}
-
-impl TowerSizes {
-    pub fn read(cfg: Cfg<'_>, defaults: (usize, usize, usize, usize, f64, &str)) -> Result<Self> {
-        let (hidden, layers, heads, inter, eps, act) = defaults;
-        Ok(Self {
-            hidden: cfg.size("hidden_size", hidden)?,
-            layers: cfg.size("num_hidden_layers", layers)?,
-            heads: cfg.size("num_attention_heads", heads)?,
-            inter: cfg.size("intermediate_size", inter)?,
-            eps: cfg.positive("layer_norm_eps", eps)?,
-            act: Activation::parse(cfg.string("hidden_act", act)?, &cfg.name("hidden_act"))?,
-        })
-    }
-}
-
-/// The pre-norm layers `{prefix}encoder.layers.{i}` of a CLIP or SigLIP tower.
-pub(crate) fn load_layers(
-    w: Weights<'_>,
-    prefix: &str,
-    s: &TowerSizes,
-) -> Result<Vec<EncoderLayer>> {
-    (0..s.layers)
-        .map(|i| {
-            let l = format!("{prefix}encoder.layers.{i}.");
-            Ok(EncoderLayer {
-                attn: SelfAttention::load(w, &l, &CLIP_ATTENTION, s.hidden, s.heads)?,
-                norm1: LayerNorm::load(w, &format!("{l}layer_norm1"), s.hidden, s.eps)?,
-                fc1: Linear::load(w, &format!("{l}mlp.fc1"), s.hidden, s.inter, true)?,
-                fc2: Linear::load(w, &format!("{l}mlp.fc2"), s.inter, s.hidden, true)?,
-                norm2: LayerNorm::load(w, &format!("{l}layer_norm2"), s.hidden, s.eps)?,
-                act: s.act,
-                pre_norm: true,
-            })
-        })
-        .collect()
-}
-
-/// Checks pixels are `[B, channels, size, size]` with `B >= 1`; returns them as a tensor.
-pub(crate) fn pixels_tensor(
-    input: &EncoderInput,
-    channels: usize,
-    size: usize,
-    place: &Placement,
-    modality: Modality,
-) -> Result<Tensor> {
-    let EncoderInput::Image(px) = input else {
-        return Err(wrong_input(
-            modality,
-            format!("image pixels [B, {channels}, {size}, {size}]"),
-            input,
-        ));
-    };
-    let shape = px.shape();
-    if shape[0] == 0 || shape[1] != channels || shape[2] != size || shape[3] != size {
-        return Err(MlmfError::input(
-            modality,
-            format!(
-                "expected pixel values shaped [B >= 1, {channels}, {size}, {size}] (the \
-                 checkpoint's image_size), got {shape:?}"
-            ),
-        ));
-    }
-    let data: Vec<f32> = px.iter().copied().collect();
-    Tensor::from_vec(data, shape, &place.device)
-        .and_then(|t| t.to_dtype(place.dtype))
-        .map_err(ce("pixels"))
-}
 
 /// The config of one tower: the nested `{key}` of a dual config, the root otherwise.
 pub(crate) fn tower_cfg<'a>(root: &'a serde_json::Value, dual: bool, key: &'a str) -> Cfg<'a> {
@@ -124,22 +54,51 @@ pub(crate) fn tower_cfg<'a>(root: &'a serde_json::Value, dual: bool, key: &'a st
     }
 }
 
+/// Which tower a dual (CLIP / SigLIP) checkpoint's request selects: the
+/// `{family}_text_model` and `{family}_vision_model` types have one tower, the family
+/// type both (image by default).
+pub(crate) fn tower(req: &LoadRequest<'_>, family: &str) -> Result<(Modality, String)> {
+    let model_type = req.checkpoint.model_type().unwrap_or(family).to_string();
+    let supported: &[Modality] = match model_type.strip_prefix(family) {
+        Some("_text_model") => &[Modality::Text],
+        Some("_vision_model") => &[Modality::Image],
+        _ => &[Modality::Image, Modality::Text],
+    };
+    Ok((req.check_modality(supported)?, model_type))
+}
+
+/// The projection `{name}.weight` that sits beside a tower (not under its prefix), when
+/// the checkpoint has it. Its width is `projection_dim`: the root config's for a dual
+/// checkpoint, the tower's own otherwise.
+fn load_projection(
+    w: Weights<'_>,
+    ckpt: &Checkpoint,
+    name: &str,
+    tower: Cfg<'_>,
+    dual: bool,
+    hidden: usize,
+) -> Result<Option<Linear>> {
+    if !w.contains(&format!("{name}.weight")) {
+        return Ok(None);
+    }
+    let cfg = if dual {
+        Cfg::new(ckpt.config(), "")
+    } else {
+        tower
+    };
+    let dim = cfg.size("projection_dim", 512)?;
+    Linear::load(w, name, hidden, dim, false).map(Some)
+}
+
 /// CLIP's image tower.
 pub struct ClipVision {
-    patch: Linear,
-    class: Tensor,
-    position: Tensor,
+    embedding: PatchEmbedding,
     pre_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
     post_norm: LayerNorm,
     projection: Option<Linear>,
-    hidden: usize,
-    out_dim: usize,
-    image_size: usize,
-    patch_size: usize,
-    channels: usize,
-    model_type: String,
     place: Placement,
+    info: EncoderInfo,
 }
 
 /// CLIP's text tower.
@@ -149,46 +108,27 @@ pub struct ClipText {
     layers: Vec<EncoderLayer>,
     final_norm: LayerNorm,
     projection: Option<Linear>,
-    hidden: usize,
-    out_dim: usize,
     vocab: usize,
     max_positions: usize,
     eos: i64,
-    model_type: String,
-    place: Placement,
+    info: EncoderInfo,
 }
 
 /// Loads the tower of a CLIP checkpoint that the request's modality selects.
 pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
-    let model_type = req.checkpoint.model_type().unwrap_or("clip").to_string();
-    let supported: &[Modality] = match model_type.as_str() {
-        "clip_text_model" => &[Modality::Text],
-        "clip_vision_model" => &[Modality::Image],
-        _ => &[Modality::Image, Modality::Text],
-    };
-    match req.check_modality(supported)? {
-        Modality::Text => Ok(Box::new(load_text(req, &model_type)?)),
-        _ => Ok(Box::new(load_vision(req, &model_type)?)),
+    match tower(req, "clip")? {
+        (Modality::Text, t) => Ok(Box::new(load_text(req, &t)?)),
+        (_, t) => Ok(Box::new(load_vision(req, &t)?)),
     }
 }
 
 fn load_vision(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipVision> {
     let ckpt = req.checkpoint;
-    let cfg = tower_cfg(ckpt.config(), model_type == "clip", "vision_config");
-    let s = TowerSizes::read(cfg, (768, 12, 12, 3072, 1e-5, "quick_gelu"))?;
-    let image_size = cfg.size("image_size", 224)?;
-    let patch_size = cfg.size("patch_size", 32)?;
-    let channels = cfg.size("num_channels", 3)?;
-    if image_size % patch_size != 0 {
-        return Err(MlmfError::config(
-            cfg.name("image_size"),
-            format!("{image_size} is not a multiple of patch_size {patch_size}"),
-        ));
-    }
-    let place = Placement {
-        device: req.device.clone(),
-        dtype: req.precision.dtype(),
-    };
+    let dual = model_type == "clip";
+    let cfg = tower_cfg(ckpt.config(), dual, "vision_config");
+    let s = Sizes::read(cfg, (768, 12, 12, 3072, 1e-5, "quick_gelu"))?;
+    let geometry = Geometry::read(cfg, 224, 32)?;
+    let place = req.placement();
     let prefix = ckpt
         .find_prefix("embeddings.class_embedding")
         .ok_or_else(|| ckpt.error("weight `vision_model.embeddings.class_embedding` is missing"))?;
@@ -197,64 +137,52 @@ fn load_vision(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipVision> {
         place: &place,
     };
     let p = |n: &str| format!("{prefix}{n}");
-    let n_pos = (image_size / patch_size).pow(2) + 1;
-    // The projection sits beside the tower (`visual_projection`), not under its prefix.
     let root = prefix.strip_suffix("vision_model.").unwrap_or("");
-    let proj_name = format!("{root}visual_projection");
-    let projection = if w.contains(&format!("{proj_name}.weight")) {
-        let root_cfg = Cfg::new(ckpt.config(), "");
-        let dim = if model_type == "clip" {
-            root_cfg.size("projection_dim", 512)?
-        } else {
-            cfg.size("projection_dim", 512)?
-        };
-        Some(Linear::load(w, &proj_name, s.hidden, dim, false)?)
-    } else {
-        None
-    };
+    let projection = load_projection(
+        w,
+        ckpt,
+        &format!("{root}visual_projection"),
+        cfg,
+        dual,
+        s.hidden,
+    )?;
     let out_dim = match &projection {
         Some(l) => l.out_dim()?,
         None => s.hidden,
     };
+    let names = PatchNames {
+        projection: &p("embeddings.patch_embedding"),
+        projection_bias: false,
+        class: Some(&p("embeddings.class_embedding")),
+        position: &p("embeddings.position_embedding.weight"),
+        position_batched: false,
+    };
     Ok(ClipVision {
-        patch: load_patch_embedding(
-            w,
-            &p("embeddings.patch_embedding"),
-            s.hidden,
-            channels,
-            patch_size,
-            false,
-        )?,
-        class: w.get(&p("embeddings.class_embedding"), &[s.hidden])?,
-        position: w.get(
-            &p("embeddings.position_embedding.weight"),
-            &[n_pos, s.hidden],
-        )?,
+        embedding: PatchEmbedding::load(w, &names, geometry, s.hidden)?,
         pre_norm: LayerNorm::load(w, &p("pre_layrnorm"), s.hidden, s.eps)?,
-        layers: load_layers(w, &prefix, &s)?,
+        layers: load_layers(w, &p("encoder.layers."), &CLIP_LAYER, &s)?,
         post_norm: LayerNorm::load(w, &p("post_layernorm"), s.hidden, s.eps)?,
         projection,
-        hidden: s.hidden,
-        out_dim,
-        image_size,
-        patch_size,
-        channels,
-        model_type: model_type.to_string(),
+        info: place.info(
+            Modality::Image,
+            model_type,
+            s.hidden,
+            out_dim,
+            geometry.processor(),
+        ),
         place,
     })
 }
 
 fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipText> {
     let ckpt = req.checkpoint;
-    let cfg = tower_cfg(ckpt.config(), model_type == "clip", "text_config");
-    let s = TowerSizes::read(cfg, (512, 12, 8, 2048, 1e-5, "quick_gelu"))?;
+    let dual = model_type == "clip";
+    let cfg = tower_cfg(ckpt.config(), dual, "text_config");
+    let s = Sizes::read(cfg, (512, 12, 8, 2048, 1e-5, "quick_gelu"))?;
     let vocab = cfg.size("vocab_size", 49408)?;
     let max_positions = cfg.size("max_position_embeddings", 77)?;
     let eos = cfg.id("eos_token_id")?.unwrap_or(49407);
-    let place = Placement {
-        device: req.device.clone(),
-        dtype: req.precision.dtype(),
-    };
+    let place = req.placement();
     let prefix = ckpt
         .find_prefix("embeddings.token_embedding.weight")
         .ok_or_else(|| {
@@ -266,18 +194,14 @@ fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipText> {
     };
     let p = |n: &str| format!("{prefix}{n}");
     let root = prefix.strip_suffix("text_model.").unwrap_or("");
-    let proj_name = format!("{root}text_projection");
-    let projection = if w.contains(&format!("{proj_name}.weight")) {
-        let root_cfg = Cfg::new(ckpt.config(), "");
-        let dim = if model_type == "clip" {
-            root_cfg.size("projection_dim", 512)?
-        } else {
-            cfg.size("projection_dim", 512)?
-        };
-        Some(Linear::load(w, &proj_name, s.hidden, dim, false)?)
-    } else {
-        None
-    };
+    let projection = load_projection(
+        w,
+        ckpt,
+        &format!("{root}text_projection"),
+        cfg,
+        dual,
+        s.hidden,
+    )?;
     let out_dim = match &projection {
         Some(l) => l.out_dim()?,
         None => s.hidden,
@@ -288,172 +212,87 @@ fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipText> {
             &p("embeddings.position_embedding.weight"),
             &[max_positions, s.hidden],
         )?,
-        layers: load_layers(w, &prefix, &s)?,
+        layers: load_layers(w, &p("encoder.layers."), &CLIP_LAYER, &s)?,
         final_norm: LayerNorm::load(w, &p("final_layer_norm"), s.hidden, s.eps)?,
         projection,
-        hidden: s.hidden,
-        out_dim,
         vocab,
         max_positions,
         eos,
-        model_type: model_type.to_string(),
-        place,
+        info: place.info(
+            Modality::Text,
+            model_type,
+            s.hidden,
+            out_dim,
+            ProcessorKind::Text {
+                max_length: None,
+                pad_to_max_length: false,
+            },
+        ),
     })
 }
 
+/// Token + position embeddings of a checked text batch `[B, T]` -> `[B, T, D]`.
+pub(crate) fn embed_text(
+    token: &Tensor,
+    position: &Tensor,
+    ids: &ndarray::Array2<i64>,
+    device: &Device,
+) -> Result<Tensor> {
+    let f = ce("text embeddings");
+    let t = ids.ncols();
+    let positions = position
+        .narrow(0, 0, t)
+        .and_then(|p| p.unsqueeze(0))
+        .map_err(&f)?;
+    embed(token, ids, device)?
+        .broadcast_add(&positions)
+        .map_err(f)
+}
+
+/// The state of the first position of `x` `[B, T, D]` -> `[B, D]`.
+pub(crate) fn first_token(x: &Tensor) -> Result<Tensor> {
+    x.narrow(1, 0, 1)
+        .and_then(|c| c.squeeze(1))
+        .map_err(ce("first token"))
+}
+
 impl ModalityEncoder for ClipVision {
-    fn modality(&self) -> Modality {
-        Modality::Image
-    }
-    fn model_type(&self) -> &str {
-        &self.model_type
-    }
-    fn hidden_size(&self) -> usize {
-        self.hidden
-    }
-    fn output_dim(&self) -> usize {
-        self.out_dim
-    }
-    fn processor(&self) -> ProcessorKind {
-        ProcessorKind::Image {
-            height: self.image_size,
-            width: self.image_size,
-        }
-    }
-    fn device(&self) -> &Device {
-        &self.place.device
-    }
-    fn dtype(&self) -> DType {
-        self.place.dtype
+    fn info(&self) -> &EncoderInfo {
+        &self.info
     }
 
     fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput> {
-        let px = pixels_tensor(
-            input,
-            self.channels,
-            self.image_size,
-            &self.place,
-            Modality::Image,
-        )?;
-        let f = ce("clip vision");
-        let b = px.dim(0).map_err(&f)?;
-        let patches = self.patch.forward(&patchify(&px, self.patch_size)?)?;
-        let class = self
-            .class
-            .reshape((1, 1, self.hidden))
-            .and_then(|c| c.repeat((b, 1, 1)))
-            .map_err(&f)?;
-        let x = Tensor::cat(&[&class, &patches], 1)
-            .and_then(|x| x.broadcast_add(&self.position.unsqueeze(0)?))
-            .map_err(&f)?;
+        let x = self.embedding.forward(input, &self.place)?;
         let x = self.pre_norm.forward(&x)?;
         let hidden = run_layers(&self.layers, x, &None)?;
-        let t = hidden.dim(1).map_err(&f)?;
-        let cls = hidden
-            .narrow(1, 0, 1)
-            .and_then(|c| c.squeeze(1))
-            .map_err(&f)?;
-        let pooled = self.post_norm.forward(&cls)?;
+        let (b, t, _) = hidden.dims3().map_err(ce("clip vision"))?;
+        let pooled = self.post_norm.forward(&first_token(&hidden)?)?;
         let pooled = match &self.projection {
             Some(p) => p.forward(&pooled)?,
             None => pooled,
         };
         Ok(EncoderOutput {
-            mask: full_mask(b, t, &self.place.device)?,
+            mask: full_mask(b, t, &self.info.device)?,
             hidden_states: hidden,
             pooled,
         })
     }
 }
 
-/// The checked `[B, T]` token batch of a text encoder.
-pub(crate) fn text_batch(
-    input: &EncoderInput,
-    vocab: usize,
-    max_positions: usize,
-) -> Result<&crate::preprocess::text::TextBatch> {
-    let EncoderInput::Text(batch) = input else {
-        return Err(wrong_input(Modality::Text, "text token ids", input));
-    };
-    let (b, t) = batch.input_ids.dim();
-    if b == 0 || t == 0 {
-        return Err(MlmfError::input(
-            Modality::Text,
-            format!("expected a non-empty batch of token ids, got shape [{b}, {t}]"),
-        ));
-    }
-    if t > max_positions {
-        return Err(MlmfError::input(
-            Modality::Text,
-            format!("expected at most max_position_embeddings = {max_positions} tokens, got {t}"),
-        ));
-    }
-    check_ids(&batch.input_ids, vocab, "token id")?;
-    Ok(batch)
-}
-
-/// The batch's attention mask as a u8 tensor (all ones when absent or misshapen).
-pub(crate) fn text_mask(
-    batch: &crate::preprocess::text::TextBatch,
-    device: &Device,
-) -> Result<Tensor> {
-    let (b, t) = batch.input_ids.dim();
-    let rows: Vec<u8> = if batch.attention_mask.dim() == (b, t) {
-        batch
-            .attention_mask
-            .iter()
-            .map(|&v| u8::from(v != 0))
-            .collect()
-    } else {
-        vec![1; b * t]
-    };
-    mask_tensor(b, t, rows, device)
-}
-
 impl ModalityEncoder for ClipText {
-    fn modality(&self) -> Modality {
-        Modality::Text
-    }
-    fn model_type(&self) -> &str {
-        &self.model_type
-    }
-    fn hidden_size(&self) -> usize {
-        self.hidden
-    }
-    fn output_dim(&self) -> usize {
-        self.out_dim
-    }
-    fn processor(&self) -> ProcessorKind {
-        ProcessorKind::Text {
-            max_length: None,
-            pad_to_max_length: false,
-        }
-    }
-    fn device(&self) -> &Device {
-        &self.place.device
-    }
-    fn dtype(&self) -> DType {
-        self.place.dtype
+    fn info(&self) -> &EncoderInfo {
+        &self.info
     }
 
     fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput> {
         let batch = text_batch(input, self.vocab, self.max_positions)?;
-        let (_, t) = batch.input_ids.dim();
-        let dev = &self.place.device;
-        let f = ce("clip text");
-        let x = embed(&self.token, &batch.input_ids, dev)?
-            .broadcast_add(
-                &self
-                    .position
-                    .narrow(0, 0, t)
-                    .and_then(|p| p.unsqueeze(0))
-                    .map_err(&f)?,
-            )
-            .map_err(&f)?;
+        let t = batch.input_ids.ncols();
+        let dev = &self.info.device;
+        let x = embed_text(&self.token, &self.position, &batch.input_ids, dev)?;
         let mask = text_mask(batch, dev)?;
         let bias = causal_bias(t, dev)?
             .broadcast_add(&padding_bias(&mask)?)
-            .map_err(&f)?;
+            .map_err(ce("clip text"))?;
         let hidden = run_layers(&self.layers, x, &Some(bias))?;
         let hidden = self.final_norm.forward(&hidden)?;
         // The end-of-text position: transformers takes the first eos id, or the argmax

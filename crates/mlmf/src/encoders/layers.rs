@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::encoders::checkpoint::Checkpoint;
+use crate::encoders::config::Cfg;
 use crate::error::{MlmfError, Result};
 
 /// candle errors inside a forward pass are bugs or resource failures, not bad input
@@ -22,6 +23,28 @@ pub(crate) fn ce(context: &'static str) -> impl Fn(candle_core::Error) -> MlmfEr
 pub(crate) struct Placement {
     pub device: Device,
     pub dtype: DType,
+}
+
+impl Placement {
+    /// An [`EncoderInfo`](crate::encoders::EncoderInfo) for a model placed here.
+    pub fn info(
+        &self,
+        modality: crate::modality::Modality,
+        model_type: &str,
+        hidden_size: usize,
+        output_dim: usize,
+        processor: crate::encoders::ProcessorKind,
+    ) -> crate::encoders::EncoderInfo {
+        crate::encoders::EncoderInfo {
+            modality,
+            model_type: model_type.to_string(),
+            hidden_size,
+            output_dim,
+            processor,
+            device: self.device.clone(),
+            dtype: self.dtype,
+        }
+    }
 }
 
 /// Weight access with a name prefix, for one model inside a checkpoint.
@@ -308,20 +331,46 @@ impl SelfAttention {
             )));
         }
         let l = |n: &str, bias: bool| Linear::load(w, &format!("{prefix}{n}"), dim, dim, bias);
-        Ok(Self {
-            q: l(names.q, true)?,
-            k: l(names.k, names.k_bias)?,
-            v: l(names.v, true)?,
-            o: l(names.o, true)?,
+        Ok(Self::from_parts(
+            l(names.q, true)?,
+            l(names.k, names.k_bias)?,
+            l(names.v, true)?,
+            l(names.o, true)?,
+            dim,
             heads,
-            scale: 1.0 / ((dim / heads) as f64).sqrt(),
-        })
+        ))
     }
 
+    /// From already loaded `[dim, dim]` projections; `heads` divides `dim` (checked by
+    /// the caller).
+    pub fn from_parts(
+        q: Linear,
+        k: Linear,
+        v: Linear,
+        o: Linear,
+        dim: usize,
+        heads: usize,
+    ) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            o,
+            heads,
+            scale: 1.0 / ((dim / heads) as f64).sqrt(),
+        }
+    }
+
+    /// Self-attention over `x`.
     pub fn forward(&self, x: &Tensor, bias: &AttnBias) -> Result<Tensor> {
-        let q = split_heads(&self.q.forward(x)?, self.heads)?;
-        let k = split_heads(&self.k.forward(x)?, self.heads)?;
-        let v = split_heads(&self.v.forward(x)?, self.heads)?;
+        self.attend(x, x, bias)
+    }
+
+    /// `query` `[B, Tq, D]` attending over `context` `[B, Tk, D]`.
+    pub fn attend(&self, query: &Tensor, context: &Tensor, bias: &AttnBias) -> Result<Tensor> {
+        let q = split_heads(&self.q.forward(query)?, self.heads)?;
+        let k = split_heads(&self.k.forward(context)?, self.heads)?;
+        let v = split_heads(&self.v.forward(context)?, self.heads)?;
         let y = attention(&q, &k, &v, self.scale, bias)?;
         self.o.forward(&merge_heads(&y)?)
     }
@@ -362,6 +411,81 @@ impl EncoderLayer {
             self.norm2.forward(&(x + h).map_err(f)?)
         }
     }
+}
+
+/// Tensor names of one encoder layer, relative to the layer's prefix.
+pub(crate) struct LayerNames<'a> {
+    pub attention: AttentionNames<'a>,
+    pub norm1: &'a str,
+    pub fc1: &'a str,
+    pub fc2: &'a str,
+    pub norm2: &'a str,
+    /// Norms before each block (CLIP, SigLIP, ViT, Whisper) or after (BERT).
+    pub pre_norm: bool,
+}
+
+/// The sizes of a stack of encoder layers, as most configs name them.
+pub(crate) struct Sizes {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub inter: usize,
+    pub eps: f64,
+    pub act: Activation,
+}
+
+impl Sizes {
+    /// `hidden_size`, `num_hidden_layers`, `num_attention_heads`, `intermediate_size`,
+    /// `layer_norm_eps` and `hidden_act` of `cfg`, with the config class's defaults.
+    pub fn read(cfg: Cfg<'_>, defaults: (usize, usize, usize, usize, f64, &str)) -> Result<Self> {
+        let (hidden, layers, heads, inter, eps, act) = defaults;
+        Ok(Self {
+            hidden: cfg.size("hidden_size", hidden)?,
+            layers: cfg.size("num_hidden_layers", layers)?,
+            heads: cfg.size("num_attention_heads", heads)?,
+            inter: cfg.size("intermediate_size", inter)?,
+            eps: cfg.positive("layer_norm_eps", eps)?,
+            act: Activation::parse(cfg.string("hidden_act", act)?, &cfg.name("hidden_act"))?,
+        })
+    }
+}
+
+/// Loads layers `0..s.layers`, layer `i` under `{prefix}{i}.`.
+pub(crate) fn load_layers(
+    w: Weights<'_>,
+    prefix: &str,
+    names: &LayerNames<'_>,
+    s: &Sizes,
+) -> Result<Vec<EncoderLayer>> {
+    (0..s.layers)
+        .map(|i| {
+            let l = format!("{prefix}{i}.");
+            let n = |name: &str| format!("{l}{name}");
+            Ok(EncoderLayer {
+                attn: SelfAttention::load(w, &l, &names.attention, s.hidden, s.heads)?,
+                norm1: LayerNorm::load(w, &n(names.norm1), s.hidden, s.eps)?,
+                fc1: Linear::load(w, &n(names.fc1), s.hidden, s.inter, true)?,
+                fc2: Linear::load(w, &n(names.fc2), s.inter, s.hidden, true)?,
+                norm2: LayerNorm::load(w, &n(names.norm2), s.hidden, s.eps)?,
+                act: s.act,
+                pre_norm: names.pre_norm,
+            })
+        })
+        .collect()
+}
+
+/// Row lookups `table[ids]` for int64 ids `[B, T]` (checked against the table size by
+/// the caller) -> `[B, T, D]`.
+pub(crate) fn embed(table: &Tensor, ids: &ndarray::Array2<i64>, device: &Device) -> Result<Tensor> {
+    let f = ce("embedding");
+    let (b, t) = ids.dim();
+    let flat: Vec<u32> = ids.iter().map(|&v| v as u32).collect();
+    let idx = Tensor::from_vec(flat, b * t, device).map_err(&f)?;
+    let d = table.dim(1).map_err(&f)?;
+    table
+        .index_select(&idx, 0)
+        .and_then(|x| x.reshape((b, t, d)))
+        .map_err(f)
 }
 
 /// Runs `layers` in order.

@@ -16,7 +16,9 @@ pub mod checkpoint;
 pub mod clip;
 pub(crate) mod config;
 pub(crate) mod encoder;
+pub(crate) mod inputs;
 pub(crate) mod layers;
+pub(crate) mod patch;
 pub mod registry;
 pub mod siglip;
 pub mod video;
@@ -165,59 +167,65 @@ pub enum ProcessorKind {
     Video { height: usize, width: usize },
 }
 
+/// What an encoder is: its modality, widths, processor and placement.
+#[derive(Debug, Clone)]
+pub struct EncoderInfo {
+    pub modality: Modality,
+    /// The `model_type` it was loaded as (for messages and stats).
+    pub model_type: String,
+    /// Width `D` of `hidden_states`.
+    pub hidden_size: usize,
+    /// Width of `pooled`.
+    pub output_dim: usize,
+    /// The processor (and its geometry) the inputs must come from.
+    pub processor: ProcessorKind,
+    pub device: Device,
+    pub dtype: DType,
+}
+
 /// One modality's encoder: the extension point for new architectures. Implement it and
 /// register a factory with [`register_encoder`] to make `Encoder::from_pretrained` load
 /// your checkpoints.
 pub trait ModalityEncoder: Send + Sync {
-    /// The modality it encodes.
-    fn modality(&self) -> Modality;
-
-    /// The `model_type` it was loaded as (for messages and stats).
-    fn model_type(&self) -> &str;
-
-    /// Width `D` of `hidden_states`.
-    fn hidden_size(&self) -> usize;
-
-    /// Width of `pooled`.
-    fn output_dim(&self) -> usize;
-
-    /// The processor (and its geometry) the inputs must come from.
-    fn processor(&self) -> ProcessorKind;
-
-    /// The device the weights live on.
-    fn device(&self) -> &Device;
-
-    /// The dtype of the weights and outputs.
-    fn dtype(&self) -> DType;
+    /// What the encoder is; the accessors below read it.
+    fn info(&self) -> &EncoderInfo;
 
     /// Encodes one batch. Implementations check the input's kind and shape and return
     /// [`MlmfError::Input`] naming the modality and what was expected.
     fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput>;
-}
 
-/// The error for an input of the wrong kind or shape.
-pub(crate) fn wrong_input(
-    modality: Modality,
-    expected: impl fmt::Display,
-    got: &EncoderInput,
-) -> MlmfError {
-    MlmfError::input(
-        modality,
-        format!("expected {expected}, got {}", got.describe()),
-    )
-}
+    /// The modality it encodes.
+    fn modality(&self) -> Modality {
+        self.info().modality
+    }
 
-/// A `[B, T]` u8 mask tensor from rows of 0/1 values.
-pub(crate) fn mask_tensor(
-    rows: usize,
-    cols: usize,
-    data: Vec<u8>,
-    device: &Device,
-) -> Result<Tensor> {
-    Tensor::from_vec(data, (rows, cols), device).map_err(layers::ce("mask"))
-}
+    /// The `model_type` it was loaded as.
+    fn model_type(&self) -> &str {
+        &self.info().model_type
+    }
 
-/// A `[B, T]` all-ones u8 mask.
-pub(crate) fn full_mask(rows: usize, cols: usize, device: &Device) -> Result<Tensor> {
-    Tensor::ones((rows, cols), DType::U8, device).map_err(layers::ce("mask"))
+    /// Width `D` of `hidden_states`.
+    fn hidden_size(&self) -> usize {
+        self.info().hidden_size
+    }
+
+    /// Width of `pooled`.
+    fn output_dim(&self) -> usize {
+        self.info().output_dim
+    }
+
+    /// The processor the inputs must come from.
+    fn processor(&self) -> ProcessorKind {
+        self.info().processor
+    }
+
+    /// The device the weights live on.
+    fn device(&self) -> &Device {
+        &self.info().device
+    }
+
+    /// The dtype of the weights and outputs.
+    fn dtype(&self) -> DType {
+        self.info().dtype
+    }
 }

@@ -24,6 +24,14 @@ pub struct LoadRequest<'a> {
 }
 
 impl LoadRequest<'_> {
+    /// The requested device and dtype.
+    pub(crate) fn placement(&self) -> crate::encoders::layers::Placement {
+        crate::encoders::layers::Placement {
+            device: self.device.clone(),
+            dtype: self.precision.dtype(),
+        }
+    }
+
     /// The error for asking a single-modality checkpoint for another modality.
     pub fn check_modality(&self, supported: &[Modality]) -> Result<Modality> {
         match self.modality {

@@ -10,12 +10,11 @@
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
+use crate::encoders::inputs::{full_mask, wrong_input};
 use crate::encoders::layers::ce;
-use crate::encoders::{
-    full_mask, wrong_input, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind,
-};
+use crate::encoders::{EncoderInfo, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 
@@ -64,6 +63,7 @@ impl fmt::Display for VideoPooling {
 pub struct FrameEncoder {
     image: Box<dyn ModalityEncoder>,
     pooling: VideoPooling,
+    info: EncoderInfo,
 }
 
 impl FrameEncoder {
@@ -79,7 +79,21 @@ impl FrameEncoder {
                 ),
             ));
         }
-        Ok(Self { image, pooling })
+        let img = image.info();
+        let info = EncoderInfo {
+            modality: Modality::Video,
+            hidden_size: img.output_dim,
+            processor: match img.processor {
+                ProcessorKind::Image { height, width } => ProcessorKind::Video { height, width },
+                other => other,
+            },
+            ..img.clone()
+        };
+        Ok(Self {
+            image,
+            pooling,
+            info,
+        })
     }
 
     /// The temporal pooling.
@@ -89,29 +103,8 @@ impl FrameEncoder {
 }
 
 impl ModalityEncoder for FrameEncoder {
-    fn modality(&self) -> Modality {
-        Modality::Video
-    }
-    fn model_type(&self) -> &str {
-        self.image.model_type()
-    }
-    fn hidden_size(&self) -> usize {
-        self.image.output_dim()
-    }
-    fn output_dim(&self) -> usize {
-        self.image.output_dim()
-    }
-    fn processor(&self) -> ProcessorKind {
-        match self.image.processor() {
-            ProcessorKind::Image { height, width } => ProcessorKind::Video { height, width },
-            other => other,
-        }
-    }
-    fn device(&self) -> &Device {
-        self.image.device()
-    }
-    fn dtype(&self) -> DType {
-        self.image.dtype()
+    fn info(&self) -> &EncoderInfo {
+        &self.info
     }
 
     fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput> {

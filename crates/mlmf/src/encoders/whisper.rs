@@ -7,17 +7,16 @@
 //! `layer_norm` follow. The mask marks the positions that cover real audio (position
 //! `j` covers frames `2j` and `2j + 1`), and pooled is the mean over those positions.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
 use crate::encoders::config::Cfg;
+use crate::encoders::inputs::{mask_tensor, wrong_input};
 use crate::encoders::layers::{
-    ce, masked_mean, run_layers, Activation, AttentionNames, EncoderLayer, LayerNorm, Linear,
-    Placement, SelfAttention, Weights,
+    ce, load_layers, masked_mean, run_layers, Activation, AttentionNames, EncoderLayer, LayerNames,
+    LayerNorm, Linear, Placement, Sizes, Weights,
 };
 use crate::encoders::registry::LoadRequest;
-use crate::encoders::{
-    mask_tensor, wrong_input, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind,
-};
+use crate::encoders::{EncoderInfo, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 
@@ -83,33 +82,51 @@ pub struct WhisperEncoder {
     layers: Vec<EncoderLayer>,
     norm: LayerNorm,
     act: Activation,
-    hidden: usize,
     n_mels: usize,
     positions: usize,
     place: Placement,
+    info: EncoderInfo,
 }
+
+/// Whisper's encoder layer tensor names (pre-norm; the key projection has no bias),
+/// under `encoder.layers.`.
+const LAYER: LayerNames<'static> = LayerNames {
+    attention: AttentionNames {
+        q: "self_attn.q_proj",
+        k: "self_attn.k_proj",
+        v: "self_attn.v_proj",
+        o: "self_attn.out_proj",
+        k_bias: false,
+    },
+    norm1: "self_attn_layer_norm",
+    fc1: "fc1",
+    fc2: "fc2",
+    norm2: "final_layer_norm",
+    pre_norm: true,
+};
 
 /// Loads the encoder of a Whisper checkpoint.
 pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
     req.check_modality(&[Modality::Audio])?;
     let ckpt = req.checkpoint;
     let cfg = Cfg::new(ckpt.config(), "");
-    let hidden = cfg.size("d_model", 1280)?;
-    let layers_n = cfg.size("encoder_layers", 32)?;
-    let heads = cfg.size("encoder_attention_heads", 20)?;
-    let ffn = cfg.size("encoder_ffn_dim", 5120)?;
+    // Whisper's config names its sizes its own way; transformers' WhisperEncoder
+    // hard-codes 1e-5 for its layer norms.
+    let sizes = Sizes {
+        hidden: cfg.size("d_model", 1280)?,
+        layers: cfg.size("encoder_layers", 32)?,
+        heads: cfg.size("encoder_attention_heads", 20)?,
+        inter: cfg.size("encoder_ffn_dim", 5120)?,
+        eps: 1e-5,
+        act: Activation::parse(
+            cfg.string("activation_function", "gelu")?,
+            &cfg.name("activation_function"),
+        )?,
+    };
+    let hidden = sizes.hidden;
     let n_mels = cfg.size("num_mel_bins", 80)?;
     let positions = cfg.size("max_source_positions", 1500)?;
-    let act = Activation::parse(
-        cfg.string("activation_function", "gelu")?,
-        &cfg.name("activation_function"),
-    )?;
-    // transformers' WhisperEncoder hard-codes 1e-5 for its layer norms.
-    let eps = 1e-5;
-    let place = Placement {
-        device: req.device.clone(),
-        dtype: req.precision.dtype(),
-    };
+    let place = req.placement();
     let prefix = ckpt
         .find_prefix("encoder.conv1.weight")
         .ok_or_else(|| ckpt.error("weight `model.encoder.conv1.weight` is missing"))?;
@@ -118,65 +135,32 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
         place: &place,
     };
     let p = |n: &str| format!("{prefix}encoder.{n}");
-    let names = AttentionNames {
-        q: "self_attn.q_proj",
-        k: "self_attn.k_proj",
-        v: "self_attn.v_proj",
-        o: "self_attn.out_proj",
-        k_bias: false,
-    };
-    let layers = (0..layers_n)
-        .map(|i| {
-            let l = p(&format!("layers.{i}."));
-            Ok(EncoderLayer {
-                attn: SelfAttention::load(w, &l, &names, hidden, heads)?,
-                norm1: LayerNorm::load(w, &format!("{l}self_attn_layer_norm"), hidden, eps)?,
-                fc1: Linear::load(w, &format!("{l}fc1"), hidden, ffn, true)?,
-                fc2: Linear::load(w, &format!("{l}fc2"), ffn, hidden, true)?,
-                norm2: LayerNorm::load(w, &format!("{l}final_layer_norm"), hidden, eps)?,
-                act,
-                pre_norm: true,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
     Ok(Box::new(WhisperEncoder {
         conv1: Conv3::load(w, &p("conv1"), n_mels, hidden, 1)?,
         conv2: Conv3::load(w, &p("conv2"), hidden, hidden, 2)?,
         position: w.get(&p("embed_positions.weight"), &[positions, hidden])?,
-        layers,
-        norm: LayerNorm::load(w, &p("layer_norm"), hidden, eps)?,
-        act,
-        hidden,
+        layers: load_layers(w, &p("layers."), &LAYER, &sizes)?,
+        norm: LayerNorm::load(w, &p("layer_norm"), hidden, sizes.eps)?,
+        act: sizes.act,
         n_mels,
         positions,
+        info: place.info(
+            Modality::Audio,
+            "whisper",
+            hidden,
+            hidden,
+            ProcessorKind::Audio {
+                n_mels,
+                frames: 2 * positions,
+            },
+        ),
         place,
     }))
 }
 
 impl ModalityEncoder for WhisperEncoder {
-    fn modality(&self) -> Modality {
-        Modality::Audio
-    }
-    fn model_type(&self) -> &str {
-        "whisper"
-    }
-    fn hidden_size(&self) -> usize {
-        self.hidden
-    }
-    fn output_dim(&self) -> usize {
-        self.hidden
-    }
-    fn processor(&self) -> ProcessorKind {
-        ProcessorKind::Audio {
-            n_mels: self.n_mels,
-            frames: 2 * self.positions,
-        }
-    }
-    fn device(&self) -> &Device {
-        &self.place.device
-    }
-    fn dtype(&self) -> DType {
-        self.place.dtype
+    fn info(&self) -> &EncoderInfo {
+        &self.info
     }
 
     fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput> {

@@ -20,6 +20,20 @@ use crate::modality::Modality;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct PyModality(pub(crate) Modality);
 
+/// A modality argument: an `mlmf.Modality` or its name (`"text"`, `"custom:7"`).
+pub(crate) fn modality_arg(obj: &Bound<'_, PyAny>) -> PyResult<Modality> {
+    if let Ok(m) = obj.extract::<PyModality>() {
+        return Ok(m.0);
+    }
+    let name: String = obj.extract().map_err(|_| {
+        PyErr::from(MlmfError::config(
+            "modality",
+            "expected an mlmf.Modality or a modality name such as \"image\"",
+        ))
+    })?;
+    Ok(name.parse()?)
+}
+
 #[pymethods]
 impl PyModality {
     #[classattr]

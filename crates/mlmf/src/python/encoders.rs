@@ -7,7 +7,7 @@
 //! a [`ModalityEncoder`] that calls back into Python with the GIL.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use ndarray::{Array2, Array3};
@@ -21,14 +21,15 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 use crate::device::DeviceSpec;
 use crate::encoders::layers::{ce, masked_mean};
 use crate::encoders::{
-    register_encoder, supported_model_types, Encoder, EncoderInput, EncoderOptions, EncoderOutput,
-    LoadRequest, ModalityEncoder, Precision, ProcessorKind, VideoPooling,
+    register_encoder, supported_model_types, Encoder, EncoderInfo, EncoderInput, EncoderOptions,
+    EncoderOutput, LoadRequest, ModalityEncoder, Precision, ProcessorKind, VideoPooling,
 };
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 use crate::preprocess::audio::AudioRef;
 use crate::preprocess::image::ImageRef;
 use crate::preprocess::text::TextBatch;
+use crate::python::config::modality_arg;
 use crate::python::detached;
 use crate::python::preprocess::{audio_args, audio_refs, image_args, str_list, AudioArg, ImageArg};
 
@@ -128,6 +129,9 @@ pub(crate) struct PyEncoder {
     dtype: String,
     video_pooling: String,
     num_frames: usize,
+    /// `mlmf.VideoProcessor` for raw videos (container decoding lives in the Python
+    /// bindings), built on first use.
+    video: OnceLock<Py<PyAny>>,
 }
 
 /// An int64 `[B, T]` array from a dict entry (any integer dtype accepted).
@@ -222,14 +226,21 @@ impl PyEncoder {
 
     fn video_frames<'py>(&self, videos: &Bound<'py, PyAny>) -> PyResult<ndarray::ArrayD<f32>> {
         let py = videos.py();
-        let m = py.import("mlmf")?;
-        let image = m
-            .getattr("ImageProcessor")?
-            .call_method1("from_pretrained", (self.path.clone(),))?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item("num_frames", self.num_frames)?;
-        kwargs.set_item("image", image)?;
-        let vp = m.getattr("VideoProcessor")?.call((), Some(&kwargs))?;
+        let vp = match self.video.get() {
+            Some(vp) => vp.bind(py).clone(),
+            None => {
+                let m = py.import("mlmf")?;
+                let image = m
+                    .getattr("ImageProcessor")?
+                    .call_method1("from_pretrained", (self.path.clone(),))?;
+                let kwargs = PyDict::new(py);
+                kwargs.set_item("num_frames", self.num_frames)?;
+                kwargs.set_item("image", image)?;
+                let vp = m.getattr("VideoProcessor")?.call((), Some(&kwargs))?;
+                let _ = self.video.set(vp.clone().unbind());
+                vp
+            }
+        };
         let out = vp.call1((videos,))?;
         let px = out.get_item("pixel_values")?;
         float_array(&px, Modality::Video, 5, "video frames [B, T, 3, H, W]")
@@ -254,20 +265,9 @@ impl PyEncoder {
         video_pooling: &str,
         num_frames: usize,
     ) -> PyResult<Self> {
-        let modality_str = match modality {
-            None => None,
-            Some(m) if m.is_none() => None,
-            Some(m) => Some(m.str()?.to_string()),
-        };
-        let parsed = modality_str
-            .as_deref()
-            .map(|s| {
-                s.rsplit('.')
-                    .next()
-                    .unwrap_or(s)
-                    .to_ascii_lowercase()
-                    .parse::<Modality>()
-            })
+        let parsed = modality
+            .filter(|m| !m.is_none())
+            .map(modality_arg)
             .transpose()?;
         let options = EncoderOptions {
             modality: parsed,
@@ -289,6 +289,7 @@ impl PyEncoder {
             dtype: dtype.to_string(),
             video_pooling: video_pooling.to_string(),
             num_frames,
+            video: OnceLock::new(),
         })
     }
 
@@ -522,10 +523,7 @@ impl PyEncoder {
 /// (pooled) or `[B, T, D]` (token states, pooled by their masked mean).
 struct CallableEncoder {
     func: Py<PyAny>,
-    modality: Modality,
-    dim: usize,
-    model_type: String,
-    processor: ProcessorKind,
+    info: EncoderInfo,
 }
 
 impl CallableEncoder {
@@ -562,10 +560,10 @@ impl CallableEncoder {
         })
         .map_err(|e| {
             MlmfError::input(
-                self.modality,
+                self.info.modality,
                 format!(
                     "the registered encoder for {:?} failed: {e}",
-                    self.model_type
+                    self.info.model_type
                 ),
             )
         })
@@ -573,26 +571,8 @@ impl CallableEncoder {
 }
 
 impl ModalityEncoder for CallableEncoder {
-    fn modality(&self) -> Modality {
-        self.modality
-    }
-    fn model_type(&self) -> &str {
-        &self.model_type
-    }
-    fn hidden_size(&self) -> usize {
-        self.dim
-    }
-    fn output_dim(&self) -> usize {
-        self.dim
-    }
-    fn processor(&self) -> ProcessorKind {
-        self.processor
-    }
-    fn device(&self) -> &Device {
-        &Device::Cpu
-    }
-    fn dtype(&self) -> DType {
-        DType::F32
+    fn info(&self) -> &EncoderInfo {
+        &self.info
     }
 
     fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput> {
@@ -601,19 +581,19 @@ impl ModalityEncoder for CallableEncoder {
         let f = ce("registered encoder output");
         let bad = |shape: &[usize]| {
             MlmfError::input(
-                self.modality,
+                self.info.modality,
                 format!(
                     "the registered encoder for {:?} returned shape {shape:?}: expected \
                      [{b}, {d}] or [{b}, T, {d}]",
-                    self.model_type,
-                    d = self.dim
+                    self.info.model_type,
+                    d = self.info.output_dim
                 ),
             )
         };
         let shape = out.shape().to_vec();
         let data: Vec<f32> = out.iter().copied().collect();
         match shape.as_slice() {
-            [ob, d] if *ob == b && *d == self.dim => {
+            [ob, d] if *ob == b && *d == self.info.output_dim => {
                 let pooled = Tensor::from_vec(data, (b, *d), &Device::Cpu).map_err(&f)?;
                 Ok(EncoderOutput {
                     hidden_states: pooled.unsqueeze(1).map_err(&f)?,
@@ -621,7 +601,7 @@ impl ModalityEncoder for CallableEncoder {
                     pooled,
                 })
             }
-            [ob, t, d] if *ob == b && *d == self.dim => {
+            [ob, t, d] if *ob == b && *d == self.info.output_dim => {
                 let hidden = Tensor::from_vec(data, (b, *t, *d), &Device::Cpu).map_err(&f)?;
                 let mask = if mask.dim() == (b, *t) {
                     Tensor::from_vec(mask.into_raw_vec_and_offset().0, (b, *t), &Device::Cpu)
@@ -653,13 +633,7 @@ fn register_encoder_py(
     modality: &Bound<'_, PyAny>,
     dim: usize,
 ) -> PyResult<()> {
-    let m_str = modality.str()?.to_string();
-    let modality = m_str
-        .rsplit('.')
-        .next()
-        .unwrap_or(&m_str)
-        .to_ascii_lowercase()
-        .parse::<Modality>()?;
+    let modality = modality_arg(modality)?;
     if dim == 0 {
         return Err(MlmfError::config("dim", "must be at least 1").into());
     }
@@ -707,10 +681,15 @@ fn register_encoder_py(
                 })?;
                 Ok(Box::new(CallableEncoder {
                     func,
-                    modality,
-                    dim,
-                    model_type: name.clone(),
-                    processor,
+                    info: EncoderInfo {
+                        modality,
+                        model_type: name.clone(),
+                        hidden_size: dim,
+                        output_dim: dim,
+                        processor,
+                        device: Device::Cpu,
+                        dtype: DType::F32,
+                    },
                 }))
             },
         ),
