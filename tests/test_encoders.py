@@ -20,6 +20,10 @@ ENC = FIX / "encoders"
 MANIFEST = json.loads((ENC / "manifest.json").read_text())
 CASES = {c["id"]: c for c in MANIFEST["cases"]}
 TINY = [cid for cid, c in CASES.items() if c["model"] is not None and cid != "clip_tiny_jpeg"]
+# The BERT family beyond BertModel: each a tiny checkpoint with the tiny WordPiece
+# tokenizer, and sentence-transformers (mean + Normalize) over the MPNet one.
+BERT_FAMILY = ["roberta_tiny", "xlm_roberta_tiny", "distilbert_tiny", "mpnet_tiny"]
+ST_MPNET = "st_mpnet_mean_norm"
 
 # Acceptance bounds of the float32 parity checks.
 ATOL = 1e-4
@@ -123,7 +127,9 @@ def test_clip_image_features_from_jpeg_and_png_files() -> None:
     check("hidden_states", out.hidden_states, stored(case["outputs"]["hidden_states"]))
 
 
-@pytest.mark.parametrize("cid", ["bert_tiny", "st_mean_norm", "st_cls", "clip_tiny_text"])
+@pytest.mark.parametrize(
+    "cid", ["bert_tiny", "st_mean_norm", "st_cls", "clip_tiny_text", *BERT_FAMILY, ST_MPNET]
+)
 def test_raw_text_goes_through_the_checkpoint_tokenizer(cid: str) -> None:
     case = CASES[cid]
     texts = case["raw"]["texts"]
@@ -173,7 +179,17 @@ def test_all_minilm_l6_v2_matches_sentence_transformers() -> None:
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize(
-    "cid", ["bert_tiny", "clip_tiny", "clip_tiny_text", "siglip_tiny", "whisper_tiny", "vit_tiny"]
+    "cid",
+    [
+        "bert_tiny",
+        "clip_tiny",
+        "clip_tiny_text",
+        "siglip_tiny",
+        "whisper_tiny",
+        "vit_tiny",
+        *BERT_FAMILY,
+        ST_MPNET,
+    ],
 )
 def test_half_precision_close_to_float32_reference(cid: str, dtype: str) -> None:
     case = CASES[cid]
@@ -185,6 +201,19 @@ def test_half_precision_close_to_float32_reference(cid: str, dtype: str) -> None
     err = float(np.abs(out.pooled - want).max())
     assert err <= HALF_ATOL[dtype], f"{cid} {dtype}: max abs diff {err:.3g}"
     assert cosines(out.pooled, want).min() > 0.999
+
+
+def test_bert_family_fixtures_are_covered() -> None:
+    # The float32 parity test runs over every tiny case of the manifest; these are the
+    # model types behind the BERT-family ones.
+    assert {*BERT_FAMILY, ST_MPNET} <= set(TINY)
+    types = {CASES[cid]["model_type"] for cid in [*BERT_FAMILY, ST_MPNET]}
+    assert types == {"roberta", "xlm-roberta", "distilbert", "mpnet"}
+
+
+def test_supported_model_types_include_the_bert_family() -> None:
+    supported = set(mlmf.supported_model_types())
+    assert {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet"} <= supported
 
 
 # --- bad input -------------------------------------------------------------------------

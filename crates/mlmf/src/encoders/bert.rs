@@ -1,14 +1,25 @@
-//! BERT (`model_type: bert`), as transformers' `BertModel`, and sentence-transformers
-//! directories built on it.
+//! BERT and the encoders built like it, as transformers' `BertModel`, `RobertaModel`,
+//! `XLMRobertaModel`, `DistilBertModel` and `MPNetModel`, and sentence-transformers
+//! directories built on any of them.
 //!
-//! Embeddings (word + absolute position + token type, then layer norm), post-norm
-//! encoder layers with exact GELU, key-padding mask. `pooled` is:
+//! Embeddings (word + absolute position [+ token type], then layer norm), post-norm
+//! encoder layers, key-padding mask. The family members differ in:
+//! - tensor names (DistilBERT's `q_lin`/`sa_layer_norm`/`ffn.lin1`, MPNet's
+//!   `attention.attn.q`), read from a table per family;
+//! - position ids: BERT and DistilBERT count from 0; RoBERTa, XLM-R and MPNet count
+//!   from `pad_token_id + 1` over the non-padding tokens and give padding tokens the
+//!   position `pad_token_id`;
+//! - token types: DistilBERT and MPNet have none;
+//! - MPNet adds a relative-position bias to every layer's attention logits (32
+//!   log-spaced buckets of signed distance, one learned value per head).
+//!
+//! `pooled` is:
 //! - in a sentence-transformers directory (`modules.json`), what its Pooling module
 //!   computes (`1_Pooling/config.json`: CLS, mean, max, mean-sqrt-len, last token; several
 //!   modes are concatenated in sentence-transformers' order), L2-normalised when a
 //!   Normalize module follows;
-//! - otherwise `BertModel`'s `pooler_output` (`tanh(W h_CLS + b)`), or the CLS state when
-//!   the checkpoint has no pooler weights.
+//! - otherwise the model's `pooler_output` (`tanh(W h_CLS + b)`), or the CLS state when
+//!   the checkpoint has no pooler weights (DistilBERT never has).
 
 use std::path::Path;
 
@@ -18,7 +29,7 @@ use crate::encoders::config::Cfg;
 use crate::encoders::inputs::{check_ids, text_batch, text_mask};
 use crate::encoders::layers::{
     ce, embed, gather_rows, l2_normalize, load_layers, masked_mean, padding_bias, run_layers,
-    AttentionNames, EncoderLayer, LayerNames, LayerNorm, Linear, Sizes, Weights,
+    Activation, AttentionNames, EncoderLayer, LayerNames, LayerNorm, Linear, Sizes, Weights,
 };
 use crate::encoders::registry::LoadRequest;
 use crate::encoders::{EncoderInfo, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind};
@@ -45,19 +56,140 @@ enum Pooling {
     Sentence { modes: Vec<Mode>, normalize: bool },
 }
 
-/// A loaded BERT encoder.
+/// The members of the BERT family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Bert,
+    /// RoBERTa and XLM-RoBERTa: BERT's layout, positions offset by the padding id.
+    Roberta,
+    DistilBert,
+    MPNet,
+}
+
+impl Family {
+    /// The `model_type`s each member is registered under.
+    pub const MODEL_TYPES: [(&'static str, Family); 5] = [
+        ("bert", Family::Bert),
+        ("roberta", Family::Roberta),
+        ("xlm-roberta", Family::Roberta),
+        ("distilbert", Family::DistilBert),
+        ("mpnet", Family::MPNet),
+    ];
+
+    fn layer_names(self) -> (&'static str, &'static LayerNames<'static>) {
+        match self {
+            Self::Bert | Self::Roberta => ("encoder.layer.", &LAYER),
+            Self::DistilBert => ("transformer.layer.", &DISTILBERT_LAYER),
+            Self::MPNet => ("encoder.layer.", &MPNET_LAYER),
+        }
+    }
+
+    /// Whether positions count from `pad_token_id + 1` over non-padding tokens.
+    fn offset_positions(self) -> bool {
+        matches!(self, Self::Roberta | Self::MPNet)
+    }
+
+    fn has_token_types(self) -> bool {
+        matches!(self, Self::Bert | Self::Roberta)
+    }
+}
+
+/// MPNet's relative-position bias: `weight` `[buckets, heads]`.
+#[derive(Debug, Clone)]
+struct RelativeBias {
+    weight: Tensor,
+    buckets: usize,
+}
+
+/// `MPNetEncoder.relative_position_bucket` (max distance 128): the signed distance
+/// `key - query` into `buckets` classes, half per direction, exact below a quarter of
+/// the buckets and log-spaced beyond, computed in float32 as transformers does.
+fn relative_bucket(relative: i64, buckets: i64) -> i64 {
+    const MAX_DISTANCE: f64 = 128.0;
+    let half = buckets / 2;
+    let n = -relative;
+    let mut bucket = if n < 0 { half } else { 0 };
+    let n = n.abs();
+    let exact = half / 2;
+    if n < exact {
+        bucket += n;
+    } else {
+        let denom = (MAX_DISTANCE / exact as f64).ln() as f32;
+        let log = ((n as f32 / exact as f32).ln() / denom * (half - exact) as f32) as i64;
+        bucket += (exact + log).min(half - 1);
+    }
+    bucket
+}
+
+impl RelativeBias {
+    /// The bias `[1, heads, T, T]` for a sequence of `t` positions.
+    fn forward(&self, t: usize) -> Result<Tensor> {
+        let f = ce("relative position bias");
+        let idx: Vec<u32> = (0..t as i64)
+            .flat_map(|q| (0..t as i64).map(move |k| (q, k)))
+            .map(|(q, k)| relative_bucket(k - q, self.buckets as i64) as u32)
+            .collect();
+        let idx = Tensor::from_vec(idx, t * t, self.weight.device()).map_err(&f)?;
+        let heads = self.weight.dim(1).map_err(&f)?;
+        self.weight
+            .index_select(&idx, 0)
+            .and_then(|v| v.to_dtype(DType::F32))
+            .and_then(|v| v.reshape((t, t, heads)))
+            .and_then(|v| v.permute((2, 0, 1)))
+            .and_then(|v| v.unsqueeze(0))
+            .and_then(|v| v.contiguous())
+            .map_err(f)
+    }
+}
+
+/// A loaded BERT-family encoder.
 pub struct Bert {
+    family: Family,
     word: Tensor,
     position: Tensor,
-    token_type: Tensor,
+    token_type: Option<Tensor>,
     emb_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
+    relative: Option<RelativeBias>,
     pooling: Pooling,
     vocab: usize,
     max_positions: usize,
     type_vocab: usize,
+    pad_id: i64,
     info: EncoderInfo,
 }
+
+/// DistilBERT's layer tensor names (post-norm).
+const DISTILBERT_LAYER: LayerNames<'static> = LayerNames {
+    attention: AttentionNames {
+        q: "attention.q_lin",
+        k: "attention.k_lin",
+        v: "attention.v_lin",
+        o: "attention.out_lin",
+        k_bias: true,
+    },
+    norm1: "sa_layer_norm",
+    fc1: "ffn.lin1",
+    fc2: "ffn.lin2",
+    norm2: "output_layer_norm",
+    pre_norm: false,
+};
+
+/// MPNet's layer tensor names (post-norm).
+const MPNET_LAYER: LayerNames<'static> = LayerNames {
+    attention: AttentionNames {
+        q: "attention.attn.q",
+        k: "attention.attn.k",
+        v: "attention.attn.v",
+        o: "attention.attn.o",
+        k_bias: true,
+    },
+    norm1: "attention.LayerNorm",
+    fc1: "intermediate.dense",
+    fc2: "output.dense",
+    norm2: "output.LayerNorm",
+    pre_norm: false,
+};
 
 /// BERT's layer tensor names (post-norm).
 const LAYER: LayerNames<'static> = LayerNames {
@@ -168,22 +300,88 @@ fn sentence_pooling(dir: &Path, hidden: usize) -> Result<Option<Pooling>> {
     Ok(Some(Pooling::Sentence { modes, normalize }))
 }
 
-/// Loads a BERT checkpoint.
+/// Loads a BERT-family checkpoint; the family comes from `model_type`.
 pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
     req.check_modality(&[Modality::Text])?;
     let ckpt = req.checkpoint;
+    let model_type = ckpt.model_type().unwrap_or("bert");
+    let family = Family::MODEL_TYPES
+        .iter()
+        .find(|(t, _)| *t == model_type)
+        .map_or(Family::Bert, |(_, f)| *f);
     let cfg = Cfg::new(ckpt.config(), "");
-    let sizes = Sizes::read(cfg, (768, 12, 12, 3072, 1e-12, "gelu"))?;
+    let (sizes, vocab, max_positions, type_vocab, pad_default) = match family {
+        Family::DistilBert => {
+            let act = cfg.string("activation", "gelu")?;
+            (
+                Sizes {
+                    hidden: cfg.size("dim", 768)?,
+                    layers: cfg.size("n_layers", 6)?,
+                    heads: cfg.size("n_heads", 12)?,
+                    inter: cfg.size("hidden_dim", 3072)?,
+                    eps: 1e-12,
+                    act: Activation::parse(act, &cfg.name("activation"))?,
+                },
+                cfg.size("vocab_size", 30522)?,
+                cfg.size("max_position_embeddings", 512)?,
+                0,
+                0,
+            )
+        }
+        Family::MPNet => (
+            Sizes::read(cfg, (768, 12, 12, 3072, 1e-12, "gelu"))?,
+            cfg.size("vocab_size", 30527)?,
+            cfg.size("max_position_embeddings", 514)?,
+            0,
+            1,
+        ),
+        Family::Roberta => (
+            Sizes::read(cfg, (768, 12, 12, 3072, 1e-12, "gelu"))?,
+            cfg.size(
+                "vocab_size",
+                if model_type == "roberta" {
+                    50265
+                } else {
+                    30522
+                },
+            )?,
+            cfg.size("max_position_embeddings", 512)?,
+            cfg.size("type_vocab_size", 2)?,
+            1,
+        ),
+        Family::Bert => (
+            Sizes::read(cfg, (768, 12, 12, 3072, 1e-12, "gelu"))?,
+            cfg.size("vocab_size", 30522)?,
+            cfg.size("max_position_embeddings", 512)?,
+            cfg.size("type_vocab_size", 2)?,
+            0,
+        ),
+    };
     let hidden = sizes.hidden;
-    let vocab = cfg.size("vocab_size", 30522)?;
-    let max_positions = cfg.size("max_position_embeddings", 512)?;
-    let type_vocab = cfg.size("type_vocab_size", 2)?;
-    let pos_kind = cfg.string("position_embedding_type", "absolute")?;
-    if pos_kind != "absolute" {
+    // transformers' MPNetEmbeddings fixes its padding index at 1 whatever the config
+    // says; RoBERTa's follows pad_token_id.
+    let pad_id = if family == Family::MPNet {
+        1
+    } else {
+        cfg.id("pad_token_id")?.unwrap_or(pad_default)
+    };
+    if family.offset_positions() && (pad_id < 0 || pad_id as usize + 1 >= max_positions) {
         return Err(MlmfError::config(
-            cfg.name("position_embedding_type"),
-            format!("{pos_kind:?} is not supported; only \"absolute\""),
+            cfg.name("pad_token_id"),
+            format!(
+                "{pad_id} leaves no positions: positions count from pad_token_id + 1 and \
+                 max_position_embeddings is {max_positions}"
+            ),
         ));
+    }
+    if family != Family::DistilBert {
+        let pos_kind = cfg.string("position_embedding_type", "absolute")?;
+        if pos_kind != "absolute" {
+            return Err(MlmfError::config(
+                cfg.name("position_embedding_type"),
+                format!("{pos_kind:?} is not supported; only \"absolute\""),
+            ));
+        }
     }
     let place = req.placement();
     let prefix = ckpt
@@ -194,7 +392,20 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
         place: &place,
     };
     let p = |n: &str| format!("{prefix}{n}");
-    let layers = load_layers(w, &p("encoder.layer."), &LAYER, &sizes)?;
+    let (layer_prefix, names) = family.layer_names();
+    let layers = load_layers(w, &p(layer_prefix), names, &sizes)?;
+    let relative = if family == Family::MPNet {
+        let buckets = cfg.size("relative_attention_num_buckets", 32)?;
+        Some(RelativeBias {
+            weight: w.get(
+                &p("encoder.relative_attention_bias.weight"),
+                &[buckets, sizes.heads],
+            )?,
+            buckets,
+        })
+    } else {
+        None
+    };
     let pooling = match sentence_pooling(ckpt.dir(), hidden)? {
         Some(p) => p,
         None if w.contains(&p("pooler.dense.weight")) => {
@@ -202,24 +413,32 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
         }
         None => Pooling::Cls,
     };
+    let token_type = if family.has_token_types() {
+        Some(w.get(
+            &p("embeddings.token_type_embeddings.weight"),
+            &[type_vocab, hidden],
+        )?)
+    } else {
+        None
+    };
     Ok(Box::new(Bert {
+        family,
         word: w.get(&p("embeddings.word_embeddings.weight"), &[vocab, hidden])?,
         position: w.get(
             &p("embeddings.position_embeddings.weight"),
             &[max_positions, hidden],
         )?,
-        token_type: w.get(
-            &p("embeddings.token_type_embeddings.weight"),
-            &[type_vocab, hidden],
-        )?,
+        token_type,
         emb_norm: LayerNorm::load(w, &p("embeddings.LayerNorm"), hidden, sizes.eps)?,
         layers,
+        relative,
         vocab,
         max_positions,
         type_vocab,
+        pad_id,
         info: place.info(
             Modality::Text,
-            "bert",
+            model_type,
             hidden,
             match &pooling {
                 Pooling::Sentence { modes, .. } => hidden * modes.len(),
@@ -302,14 +521,14 @@ impl ModalityEncoder for Bert {
     }
 
     fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput> {
-        let batch = text_batch(input, self.vocab, self.max_positions)?;
-        let (b, t) = batch.input_ids.dim();
-        let types = if batch.token_type_ids.dim() == (b, t) {
-            batch.token_type_ids.clone()
+        // Offset positions reach pad_token_id + T.
+        let limit = if self.family.offset_positions() {
+            self.max_positions - self.pad_id as usize - 1
         } else {
-            ndarray::Array2::zeros((b, t))
+            self.max_positions
         };
-        check_ids(&types, self.type_vocab, "token type id")?;
+        let batch = text_batch(input, self.vocab, limit)?;
+        let (b, t) = batch.input_ids.dim();
         let dev = &self.info.device;
         let mask = text_mask(batch, dev)?;
         let f = ce("bert embeddings");
@@ -321,24 +540,70 @@ impl ModalityEncoder for Bert {
             .into_iter()
             .map(|n| n as usize)
             .collect();
-        let positions = self
-            .position
-            .narrow(0, 0, t)
-            .and_then(|p| p.unsqueeze(0))
-            .map_err(&f)?;
-        let x = embed(&self.word, &batch.input_ids, dev)?
-            .broadcast_add(&positions)
-            .map_err(&f)?
-            .add(&embed(&self.token_type, &types, dev)?)
-            .map_err(&f)?;
+        let mut x = embed(&self.word, &batch.input_ids, dev)?;
+        x = if self.family.offset_positions() {
+            // transformers' create_position_ids_from_input_ids: padding tokens sit at
+            // pad_token_id, the others count on from it.
+            let pad = self.pad_id;
+            let mut ids = ndarray::Array2::<i64>::from_elem((b, t), pad);
+            for (row, src) in ids.rows_mut().into_iter().zip(batch.input_ids.rows()) {
+                let mut count = 0;
+                for (p, &id) in row.into_iter().zip(src) {
+                    if id != pad {
+                        count += 1;
+                        *p = pad + count;
+                    }
+                }
+            }
+            x.add(&embed(&self.position, &ids, dev)?).map_err(&f)?
+        } else {
+            let positions = self
+                .position
+                .narrow(0, 0, t)
+                .and_then(|p| p.unsqueeze(0))
+                .map_err(&f)?;
+            x.broadcast_add(&positions).map_err(&f)?
+        };
+        if let Some(table) = &self.token_type {
+            let types = if batch.token_type_ids.dim() == (b, t) {
+                batch.token_type_ids.clone()
+            } else {
+                ndarray::Array2::zeros((b, t))
+            };
+            check_ids(&types, self.type_vocab, "token type id")?;
+            x = x.add(&embed(table, &types, dev)?).map_err(&f)?;
+        }
         let x = self.emb_norm.forward(&x)?;
-        let bias = Some(padding_bias(&mask)?);
-        let hidden = run_layers(&self.layers, x, &bias)?;
+        let mut bias = padding_bias(&mask)?;
+        if let Some(relative) = &self.relative {
+            bias = bias.broadcast_add(&relative.forward(t)?).map_err(&f)?;
+        }
+        let hidden = run_layers(&self.layers, x, &Some(bias))?;
         let pooled = self.pool(&hidden, &mask, &lengths)?;
         Ok(EncoderOutput {
             hidden_states: hidden,
             mask,
             pooled,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative_bucket;
+
+    #[test]
+    fn relative_buckets_are_exact_near_and_logarithmic_far() {
+        // 32 buckets: 16 per direction, exact below 8, log-spaced up to 128.
+        assert_eq!(relative_bucket(0, 32), 0);
+        assert_eq!(relative_bucket(-3, 32), 3);
+        assert_eq!(relative_bucket(3, 32), 19);
+        // 8 * 16^(k/8) starts bucket 8 + k: 16 -> 10, 32 -> 12, 64 -> 14.
+        assert_eq!(relative_bucket(-15, 32), 9);
+        assert_eq!(relative_bucket(-16, 32), 10);
+        assert_eq!(relative_bucket(-64, 32), 14);
+        assert_eq!(relative_bucket(-127, 32), 15);
+        assert_eq!(relative_bucket(-1000, 32), 15);
+        assert_eq!(relative_bucket(1000, 32), 31);
     }
 }

@@ -145,6 +145,39 @@ impl Checkpoint {
             .map_err(|e| MlmfError::model_load(WHAT, &self.dir, format!("weight `{name}`: {e}")))
     }
 
+    /// The transpose `[c, r]` of the float32 matrix `name` stored `[r, c]` = `shape`,
+    /// as a contiguous float32 CPU tensor built in one pass over the mapped file;
+    /// `None` when it is stored in another dtype (the caller converts then).
+    pub(crate) fn tensor_transposed(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+    ) -> Result<Option<Tensor>> {
+        let err = |m: String| MlmfError::model_load(WHAT, &self.dir, m);
+        let view = match self.weights.get(name) {
+            Ok(v) => v,
+            Err(_) => return Ok(None),
+        };
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Ok(None);
+        }
+        if view.shape() != shape {
+            return Err(err(format!(
+                "weight `{name}` has shape {:?}, expected {shape:?} from config.json",
+                view.shape()
+            )));
+        }
+        let [r, c] = shape;
+        let bytes = view.data();
+        if bytes.len() != r * c * 4 {
+            return Err(err(format!("weight `{name}`: truncated data")));
+        }
+        let out = crate::encoders::cpu::transpose_le_bytes(bytes, r, c);
+        Tensor::from_vec(out, (c, r), &Device::Cpu)
+            .map(Some)
+            .map_err(|e| err(format!("weight `{name}`: {e}")))
+    }
+
     /// A [`ModelLoad`](MlmfError::ModelLoad) error about this checkpoint.
     pub fn error(&self, message: impl Into<String>) -> MlmfError {
         MlmfError::model_load(WHAT, &self.dir, message)

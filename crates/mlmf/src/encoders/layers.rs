@@ -73,11 +73,17 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// `y = x W^T + b`, `W` stored `[out, in]` as in PyTorch.
+/// `y = x W^T + b`, `W` given `[out, in]` as in PyTorch.
+///
+/// Float32 CPU maps keep `W^T` (`[in, out]`, contiguous) instead: the matrix kernels
+/// then read the weight in the order they consume it, without repacking it on every
+/// call (see [`crate::encoders::cpu`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    /// `[out, in]`, or `[in, out]` when `transposed`.
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) transposed: bool,
 }
 
 impl Linear {
@@ -89,26 +95,54 @@ impl Linear {
         out_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = w.get(&format!("{name}.weight"), &[out_dim, in_dim])?;
-        let bias = if bias {
-            Some(w.get(&format!("{name}.bias"), &[out_dim])?)
-        } else {
-            None
+        let wname = format!("{name}.weight");
+        let load_bias = || -> Result<Option<Tensor>> {
+            if bias {
+                Ok(Some(w.get(&format!("{name}.bias"), &[out_dim])?))
+            } else {
+                Ok(None)
+            }
         };
-        Ok(Self { weight, bias })
+        if w.place.device.is_cpu() && w.place.dtype == DType::F32 && w.contains(&wname) {
+            if let Some(weight) = w.ckpt.tensor_transposed(&wname, [out_dim, in_dim])? {
+                return Ok(Self {
+                    weight,
+                    bias: load_bias()?,
+                    transposed: true,
+                });
+            }
+        }
+        let weight = w.get(&wname, &[out_dim, in_dim])?;
+        Self::from_parts(weight, load_bias()?)
     }
 
     /// A linear map from an already loaded `[out, in]` weight.
-    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        if let Some(weight) = crate::encoders::cpu::transpose(&weight)? {
+            return Ok(Self {
+                weight,
+                bias,
+                transposed: true,
+            });
+        }
+        Ok(Self {
+            weight,
+            bias,
+            transposed: false,
+        })
     }
 
     /// Output width.
     pub fn out_dim(&self) -> Result<usize> {
-        self.weight.dim(0).map_err(ce("linear"))
+        self.weight
+            .dim(usize::from(self.transposed))
+            .map_err(ce("linear"))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::encoders::cpu::linear_forward(self, x)? {
+            return Ok(y);
+        }
         let f = ce("linear");
         let dims = x.dims().to_vec();
         let (rows, in_dim) = match dims.as_slice() {
@@ -116,14 +150,19 @@ impl Linear {
             [] => return Err(MlmfError::Internal("linear: scalar input".into())),
         };
         let x2 = x.reshape((rows, in_dim)).map_err(&f)?;
-        let y = matmul(&x2, &self.weight.t().map_err(&f)?)?;
+        let wt = if self.transposed {
+            self.weight.clone()
+        } else {
+            self.weight.t().map_err(&f)?
+        };
+        let y = matmul(&x2, &wt)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b).map_err(&f)?,
             None => y,
         };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0).map_err(&f)?;
+            *last = self.out_dim()?;
         }
         y.reshape(out_dims).map_err(f)
     }
@@ -146,9 +185,9 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Layer norm over the last dimension, computed in float32.
 #[derive(Debug, Clone)]
 pub(crate) struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) eps: f32,
 }
 
 impl LayerNorm {
@@ -209,6 +248,9 @@ impl Activation {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::encoders::cpu::activation_forward(*self, x)? {
+            return Ok(y);
+        }
         let f = ce("activation");
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32).map_err(&f)?;
@@ -299,12 +341,12 @@ pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
 /// Self-attention with separate q/k/v projections and an output projection.
 #[derive(Debug, Clone)]
 pub(crate) struct SelfAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    heads: usize,
-    scale: f64,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) heads: usize,
+    pub(crate) scale: f64,
 }
 
 /// Tensor names of one attention block, relative to the layer.
@@ -488,8 +530,11 @@ pub(crate) fn embed(table: &Tensor, ids: &ndarray::Array2<i64>, device: &Device)
         .map_err(f)
 }
 
-/// Runs `layers` in order.
+/// Runs `layers` in order (float32 CPU models through [`crate::encoders::cpu`]).
 pub(crate) fn run_layers(layers: &[EncoderLayer], x: Tensor, bias: &AttnBias) -> Result<Tensor> {
+    if let Some(y) = crate::encoders::cpu::run_layers(layers, &x, bias)? {
+        return Ok(y);
+    }
     layers.iter().try_fold(x, |x, l| l.forward(&x, bias))
 }
 
@@ -526,7 +571,7 @@ pub(crate) fn load_patch_embedding(
     } else {
         None
     };
-    Ok(Linear::from_parts(weight, bias))
+    Linear::from_parts(weight, bias)
 }
 
 /// Rows `[B, D]` of `x` `[B, T, D]` at one position per batch row.

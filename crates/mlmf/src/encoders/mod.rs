@@ -15,6 +15,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod clip;
 pub(crate) mod config;
+pub(crate) mod cpu;
 pub(crate) mod encoder;
 pub(crate) mod inputs;
 pub(crate) mod layers;

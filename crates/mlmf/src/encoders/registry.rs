@@ -70,7 +70,8 @@ fn table() -> &'static RwLock<BTreeMap<String, EncoderFactory>> {
                 t.insert((*n).to_string(), f.clone());
             }
         };
-        add(&["bert"], Arc::new(bert::load));
+        let family: Vec<&str> = bert::Family::MODEL_TYPES.iter().map(|(t, _)| *t).collect();
+        add(&family, Arc::new(bert::load));
         add(
             &["clip", "clip_vision_model", "clip_text_model"],
             Arc::new(clip::load),
@@ -109,6 +110,10 @@ fn model_type_of(ckpt: &Checkpoint) -> Result<String> {
     }
     let guesses = [
         ("Bert", "bert"),
+        ("XLMRoberta", "xlm-roberta"),
+        ("Roberta", "roberta"),
+        ("DistilBert", "distilbert"),
+        ("MPNet", "mpnet"),
         ("CLIPVision", "clip_vision_model"),
         ("CLIPText", "clip_text_model"),
         ("CLIP", "clip"),

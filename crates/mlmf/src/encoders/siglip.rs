@@ -45,10 +45,7 @@ impl PoolingHead {
         let in_b = w.get(&format!("{p}attention.in_proj_bias"), &[3 * d])?;
         let part = |i: usize| -> Result<Linear> {
             let rows = |t: &Tensor| t.narrow(0, i * d, d).and_then(|t| t.contiguous());
-            Ok(Linear::from_parts(
-                rows(&in_w).map_err(&f)?,
-                Some(rows(&in_b).map_err(&f)?),
-            ))
+            Linear::from_parts(rows(&in_w).map_err(&f)?, Some(rows(&in_b).map_err(&f)?))
         };
         let o = Linear::load(w, &format!("{p}attention.out_proj"), d, d, true)?;
         Ok(Self {

@@ -44,7 +44,7 @@ impl Conv3 {
             .map_err(&f)?;
         let bias = w.get(&format!("{name}.bias"), &[out_ch])?;
         Ok(Self {
-            linear: Linear::from_parts(weight, Some(bias)),
+            linear: Linear::from_parts(weight, Some(bias))?,
             stride,
         })
     }
