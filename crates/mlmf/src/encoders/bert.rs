@@ -310,52 +310,31 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
         .find(|(t, _)| *t == model_type)
         .map_or(Family::Bert, |(_, f)| *f);
     let cfg = Cfg::new(ckpt.config(), "");
-    let (sizes, vocab, max_positions, type_vocab, pad_default) = match family {
-        Family::DistilBert => {
-            let act = cfg.string("activation", "gelu")?;
-            (
-                Sizes {
-                    hidden: cfg.size("dim", 768)?,
-                    layers: cfg.size("n_layers", 6)?,
-                    heads: cfg.size("n_heads", 12)?,
-                    inter: cfg.size("hidden_dim", 3072)?,
-                    eps: 1e-12,
-                    act: Activation::parse(act, &cfg.name("activation"))?,
-                },
-                cfg.size("vocab_size", 30522)?,
-                cfg.size("max_position_embeddings", 512)?,
-                0,
-                0,
-            )
+    let sizes = if family == Family::DistilBert {
+        Sizes {
+            hidden: cfg.size("dim", 768)?,
+            layers: cfg.size("n_layers", 6)?,
+            heads: cfg.size("n_heads", 12)?,
+            inter: cfg.size("hidden_dim", 3072)?,
+            eps: 1e-12,
+            act: Activation::parse(cfg.string("activation", "gelu")?, &cfg.name("activation"))?,
         }
-        Family::MPNet => (
-            Sizes::read(cfg, (768, 12, 12, 3072, 1e-12, "gelu"))?,
-            cfg.size("vocab_size", 30527)?,
-            cfg.size("max_position_embeddings", 514)?,
-            0,
-            1,
-        ),
-        Family::Roberta => (
-            Sizes::read(cfg, (768, 12, 12, 3072, 1e-12, "gelu"))?,
-            cfg.size(
-                "vocab_size",
-                if model_type == "roberta" {
-                    50265
-                } else {
-                    30522
-                },
-            )?,
-            cfg.size("max_position_embeddings", 512)?,
-            cfg.size("type_vocab_size", 2)?,
-            1,
-        ),
-        Family::Bert => (
-            Sizes::read(cfg, (768, 12, 12, 3072, 1e-12, "gelu"))?,
-            cfg.size("vocab_size", 30522)?,
-            cfg.size("max_position_embeddings", 512)?,
-            cfg.size("type_vocab_size", 2)?,
-            0,
-        ),
+    } else {
+        Sizes::read(cfg, (768, 12, 12, 3072, 1e-12, "gelu"))?
+    };
+    // The config classes' defaults: vocabulary, positions, padding id.
+    let (vocab, max_positions, pad_default) = match family {
+        Family::Bert | Family::DistilBert => (30522, 512, 0),
+        Family::Roberta if model_type == "roberta" => (50265, 512, 1),
+        Family::Roberta => (30522, 512, 1),
+        Family::MPNet => (30527, 514, 1),
+    };
+    let vocab = cfg.size("vocab_size", vocab)?;
+    let max_positions = cfg.size("max_position_embeddings", max_positions)?;
+    let type_vocab = if family.has_token_types() {
+        cfg.size("type_vocab_size", 2)?
+    } else {
+        0
     };
     let hidden = sizes.hidden;
     // transformers' MPNetEmbeddings fixes its padding index at 1 whatever the config
