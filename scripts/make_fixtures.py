@@ -2039,6 +2039,22 @@ def make_encoders(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Cross-modal attention (scripts/fixtures_attention.py)
+# ---------------------------------------------------------------------------
+
+
+def make_attention(out: Path) -> None:
+    # As make_encoders: fixtures_attention imports its helpers from this module.
+    sys.modules.setdefault("make_fixtures", sys.modules[__name__])
+    scripts_dir = str(Path(__file__).resolve().parent)
+    if scripts_dir not in sys.path:
+        sys.path.insert(0, scripts_dir)
+    import fixtures_attention
+
+    fixtures_attention.make_attention(out)
+
+
+# ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
 
@@ -2048,6 +2064,7 @@ AREAS: dict[str, Callable[[Path], None]] = {
     "audio": make_audio,
     "video": make_video,
     "encoders": make_encoders,
+    "attention": make_attention,
 }
 
 

@@ -198,6 +198,51 @@ class VideoProcessor:
 # --- encoders --------------------------------------------------------------------------
 
 @final
+class CrossModalAttention:
+    """Multi-head cross-modal attention: queries of width ``dim`` attend over tokens of
+    width ``kv_dim``; grouped-query heads, temperature, padding masks on both sides."""
+
+    def __new__(
+        cls,
+        dim: int,
+        num_heads: int = 8,
+        kv_dim: Optional[int] = None,
+        *,
+        head_dim: Optional[int] = None,
+        num_kv_heads: Optional[int] = None,
+        temperature: float = 1.0,
+        dropout: float = 0.0,
+        weights: Optional[_Path] = None,
+        seed: int = 0,
+        query_modality: Union[str, Modality, None] = None,
+        kv_modality: Union[str, Modality, None] = None,
+    ) -> CrossModalAttention: ...
+    def __call__(
+        self,
+        query: npt.NDArray[Any],
+        key_value: npt.NDArray[Any],
+        query_mask: Optional[npt.NDArray[Any]] = None,
+        kv_mask: Optional[npt.NDArray[Any]] = None,
+        return_weights: bool = False,
+        average_weights: bool = False,
+    ) -> Any: ...
+    def save(self, path: _Path) -> None: ...
+    @property
+    def untrained(self) -> bool: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def kv_dim(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+
+@final
 class EncoderOutput:
     @property
     def pooled(self) -> npt.NDArray[np.float32]: ...

@@ -5,6 +5,7 @@
 //! Everything here is plain Rust; the Python bindings live in `python/` behind the
 //! `python` feature.
 
+pub mod attention;
 pub mod config;
 pub mod device;
 pub mod encoders;

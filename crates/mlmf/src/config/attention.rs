@@ -12,6 +12,9 @@ pub struct CrossModalAttentionConfig {
     pub num_heads: usize,
     /// Width of each head; `None` = model width / `num_heads`.
     pub head_dim: Option<usize>,
+    /// Key/value heads (grouped-query attention: each serves `num_heads /
+    /// num_kv_heads` query heads; 1 = multi-query); `None` = `num_heads`.
+    pub num_kv_heads: Option<usize>,
     /// Attention dropout, applied in training mode only.
     pub dropout: f32,
     /// Logits are divided by `temperature * sqrt(head_dim)`.
@@ -23,6 +26,7 @@ impl Default for CrossModalAttentionConfig {
         Self {
             num_heads: 8,
             head_dim: None,
+            num_kv_heads: None,
             dropout: 0.0,
             temperature: 1.0,
         }
@@ -34,6 +38,17 @@ impl CrossModalAttentionConfig {
     pub fn validate(&self) -> Result<()> {
         if self.num_heads == 0 {
             return Err(MlmfError::config("num_heads", "must be at least 1"));
+        }
+        if let Some(kv) = self.num_kv_heads {
+            if kv == 0 || !self.num_heads.is_multiple_of(kv) {
+                return Err(MlmfError::config(
+                    "num_kv_heads",
+                    format!(
+                        "{kv} must be at least 1 and divide num_heads ({})",
+                        self.num_heads
+                    ),
+                ));
+            }
         }
         if self.head_dim == Some(0) {
             return Err(MlmfError::config("head_dim", "must be at least 1"));

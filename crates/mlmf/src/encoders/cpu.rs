@@ -958,16 +958,7 @@ mod tests {
                 .iter()
                 .try_fold(x.clone(), |x, l| l.forward(&x, &bias))
                 .unwrap();
-            let diff = (fast - slow)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::encoders::layers::max_abs_diff(&fast, &slow);
             assert!(diff < 2e-5, "pre_norm={pre_norm}: max difference {diff}");
         }
     }

@@ -132,6 +132,18 @@ impl Linear {
         })
     }
 
+    /// The weight as PyTorch stores it, `[out, in]`.
+    pub fn weight_out_in(&self) -> Result<Tensor> {
+        if self.transposed {
+            self.weight
+                .t()
+                .and_then(|w| w.contiguous())
+                .map_err(ce("linear weight"))
+        } else {
+            Ok(self.weight.clone())
+        }
+    }
+
     /// Output width.
     pub fn out_dim(&self) -> Result<usize> {
         self.weight
@@ -621,6 +633,17 @@ pub(crate) fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&norm)
         .and_then(|y| y.to_dtype(dtype))
         .map_err(f)
+}
+
+/// The largest absolute difference between two tensors of one shape (tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("tensors of one shape")
 }
 
 #[cfg(test)]

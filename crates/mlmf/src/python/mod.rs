@@ -5,6 +5,7 @@
 //! Rust panic into `mlmf.InternalError` instead of an abort.
 
 mod arrays;
+mod attention;
 mod config;
 mod encoders;
 mod errors;
@@ -51,6 +52,7 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     config::register(m)?;
     preprocess::register(m)?;
     encoders::register(m)?;
+    attention::register(m)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())
 }

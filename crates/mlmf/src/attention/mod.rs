@@ -1,0 +1,569 @@
+//! Cross-modal attention: queries from one modality attend over the tokens of another.
+//!
+//! [`CrossModalAttention`] projects each side with its own linear map (queries from
+//! width `dim`, keys and values from width `kv_dim`), runs multi-head attention with
+//! optional grouped-query sharing of key/value heads, a temperature, and padding masks
+//! on both sides, and projects back to `dim`:
+//!
+//! ```text
+//! q = q_proj(query)            [B, H,   Tq, hd]
+//! k, v = k_proj(kv), v_proj(kv) [B, Hkv, Tk, hd]   query head h reads kv head h / (H / Hkv)
+//! w = softmax(q k^T / (temperature * sqrt(hd)))     masked keys get weight 0
+//! out = out_proj(w v)          [B, Tq, dim]         masked query rows are 0 (and their w)
+//! ```
+//!
+//! A query row whose keys are all masked gets all-zero weights and output (never NaN).
+//!
+//! Weights load from and save to safetensors with the names `q_proj.weight`,
+//! `q_proj.bias`, `k_proj.*`, `v_proj.*`, `out_proj.*` (PyTorch's `[out, in]` layout).
+//! Without weights a layer initialises deterministically from a seed, as
+//! `torch.nn.Linear` does (uniform in `±1/sqrt(in)`), and reports itself untrained.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::CrossModalAttentionConfig;
+use crate::encoders::layers::{ce, Linear, MASKED};
+use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
+
+/// What [`CrossModalAttention::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct AttentionOutput {
+    /// `[B, Tq, dim]`.
+    pub output: Tensor,
+    /// Per-head weights `[B, H, Tq, Tk]`, when asked for.
+    pub weights: Option<Tensor>,
+}
+
+/// A multi-head cross-attention layer (see the module docs).
+#[derive(Debug, Clone)]
+pub struct CrossModalAttention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    dim: usize,
+    kv_dim: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+    untrained: bool,
+    /// The modalities of the two sides, named in input errors.
+    pub query_modality: Modality,
+    pub kv_modality: Modality,
+}
+
+/// A deterministic uniform generator (splitmix64) for untrained initialisation.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_f32(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// `n` values uniform in `[-bound, bound)`.
+    fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (self.next_f32() * 2.0 - 1.0) * bound)
+            .collect()
+    }
+}
+
+/// The four projections' `(name, out, in)` shapes.
+fn shapes(
+    dim: usize,
+    kv_dim: usize,
+    q_width: usize,
+    kv_width: usize,
+) -> [(&'static str, usize, usize); 4] {
+    [
+        ("q_proj", q_width, dim),
+        ("k_proj", kv_width, kv_dim),
+        ("v_proj", kv_width, kv_dim),
+        ("out_proj", dim, q_width),
+    ]
+}
+
+impl CrossModalAttention {
+    fn sizes(
+        dim: usize,
+        kv_dim: usize,
+        cfg: &CrossModalAttentionConfig,
+    ) -> Result<(usize, usize, usize)> {
+        cfg.validate()?;
+        if dim == 0 || kv_dim == 0 {
+            return Err(MlmfError::config(
+                if dim == 0 { "dim" } else { "kv_dim" },
+                "must be at least 1",
+            ));
+        }
+        let heads = cfg.num_heads;
+        let head_dim = match cfg.head_dim {
+            Some(h) => h,
+            None if dim.is_multiple_of(heads) => dim / heads,
+            None => {
+                return Err(MlmfError::config(
+                    "num_heads",
+                    format!("{heads} does not divide dim {dim}; set head_dim"),
+                ))
+            }
+        };
+        Ok((heads, cfg.num_kv_heads.unwrap_or(heads), head_dim))
+    }
+
+    fn build(
+        dim: usize,
+        kv_dim: usize,
+        cfg: &CrossModalAttentionConfig,
+        mut get: impl FnMut(&str, usize, usize) -> Result<(Tensor, Tensor)>,
+        untrained: bool,
+    ) -> Result<Self> {
+        let (heads, kv_heads, head_dim) = Self::sizes(dim, kv_dim, cfg)?;
+        let [q, k, v, o] =
+            shapes(dim, kv_dim, heads * head_dim, kv_heads * head_dim).map(|(name, out, inp)| {
+                get(name, out, inp).and_then(|(w, b)| Linear::from_parts(w, Some(b)))
+            });
+        Ok(Self {
+            q: q?,
+            k: k?,
+            v: v?,
+            o: o?,
+            dim,
+            kv_dim,
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (f64::from(cfg.temperature) * (head_dim as f64).sqrt()),
+            untrained,
+            query_modality: Modality::Text,
+            kv_modality: Modality::Image,
+        })
+    }
+
+    /// An untrained layer, initialised from `seed` (same seed, same weights).
+    pub fn new(
+        dim: usize,
+        kv_dim: usize,
+        cfg: &CrossModalAttentionConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut rng = SplitMix(seed);
+        let f = ce("attention init");
+        Self::build(
+            dim,
+            kv_dim,
+            cfg,
+            |_, out, inp| {
+                let bound = 1.0 / (inp as f32).sqrt();
+                let w = Tensor::from_vec(rng.uniform(out * inp, bound), (out, inp), device)
+                    .map_err(&f)?;
+                let b = Tensor::from_vec(rng.uniform(out, bound), out, device).map_err(&f)?;
+                Ok((w, b))
+            },
+            true,
+        )
+    }
+
+    /// A layer with the weights in the safetensors file `path` (names in the module
+    /// docs); every tensor's shape is checked against the configuration.
+    pub fn load(
+        path: &Path,
+        dim: usize,
+        kv_dim: usize,
+        cfg: &CrossModalAttentionConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        let what = "cross-modal attention weights";
+        let tensors = candle_core::safetensors::load(path, device)
+            .map_err(|e| MlmfError::model_load(what, path, e.to_string()))?;
+        let fetch = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = tensors.get(name).ok_or_else(|| {
+                MlmfError::model_load(what, path, format!("tensor `{name}` is missing"))
+            })?;
+            if t.dims() != shape {
+                return Err(MlmfError::model_load(
+                    what,
+                    path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, expected {shape:?}",
+                        t.dims()
+                    ),
+                ));
+            }
+            t.to_dtype(DType::F32)
+                .map_err(|e| MlmfError::model_load(what, path, e.to_string()))
+        };
+        Self::build(
+            dim,
+            kv_dim,
+            cfg,
+            |name, out, inp| {
+                Ok((
+                    fetch(&format!("{name}.weight"), &[out, inp])?,
+                    fetch(&format!("{name}.bias"), &[out])?,
+                ))
+            },
+            false,
+        )
+    }
+
+    /// Writes the weights to `path` (safetensors, the names [`load`](Self::load) reads).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        for (name, lin) in [
+            ("q_proj", &self.q),
+            ("k_proj", &self.k),
+            ("v_proj", &self.v),
+            ("out_proj", &self.o),
+        ] {
+            map.insert(format!("{name}.weight"), lin.weight_out_in()?);
+            if let Some(b) = &lin.bias {
+                map.insert(format!("{name}.bias"), b.clone());
+            }
+        }
+        candle_core::safetensors::save(&map, path).map_err(|e| {
+            MlmfError::model_load(
+                "cross-modal attention weights",
+                path,
+                format!("cannot write: {e}"),
+            )
+        })
+    }
+
+    /// Whether the weights are a seeded initialisation rather than loaded ones.
+    pub fn is_untrained(&self) -> bool {
+        self.untrained
+    }
+
+    /// `(num_heads, num_kv_heads, head_dim)`.
+    pub fn heads(&self) -> (usize, usize, usize) {
+        (self.heads, self.kv_heads, self.head_dim)
+    }
+
+    /// Query width and key/value width.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.dim, self.kv_dim)
+    }
+
+    /// Checks one side: `[B, T, width]` float, T >= 1, finite; returns `(B, T)`.
+    fn check_side(
+        &self,
+        x: &Tensor,
+        width: usize,
+        side: &str,
+        modality: Modality,
+    ) -> Result<(usize, usize)> {
+        let bad = |m: String| MlmfError::input(modality, format!("{side}: {m}"));
+        let (b, t, w) = x.dims3().map_err(|_| {
+            bad(format!(
+                "expected [batch, tokens, {width}], got shape {:?}",
+                x.dims()
+            ))
+        })?;
+        if w != width {
+            return Err(bad(format!(
+                "expected width {width}, got {w} (shape {:?})",
+                x.dims()
+            )));
+        }
+        if b == 0 || t == 0 {
+            return Err(bad(format!(
+                "expected at least one row and one token, got shape {:?}",
+                x.dims()
+            )));
+        }
+        if !x.dtype().is_float() {
+            return Err(bad(format!("expected a float tensor, got {:?}", x.dtype())));
+        }
+        let finite = x
+            .to_dtype(DType::F32)
+            .and_then(|x| x.flatten_all())
+            .and_then(|x| x.to_vec1::<f32>())
+            .map_err(ce("attention input"))?;
+        if let Some(pos) = finite.iter().position(|v| !v.is_finite()) {
+            return Err(MlmfError::input(
+                modality,
+                format!(
+                    "{side}: non-finite value {} at token {}",
+                    finite[pos],
+                    (pos / w) % t
+                ),
+            )
+            .at_index(pos / (w * t)));
+        }
+        Ok((b, t))
+    }
+
+    /// A `[B, T]` 0/1 mask as float32 `[B, T]`.
+    fn check_mask(
+        mask: &Tensor,
+        b: usize,
+        t: usize,
+        side: &str,
+        modality: Modality,
+    ) -> Result<Tensor> {
+        if mask.dims() != [b, t] {
+            return Err(MlmfError::input(
+                modality,
+                format!(
+                    "{side}: expected a mask of shape [{b}, {t}], got {:?}",
+                    mask.dims()
+                ),
+            ));
+        }
+        let m = mask.to_dtype(DType::F32).map_err(ce("attention mask"))?;
+        let vals = m
+            .flatten_all()
+            .and_then(|m| m.to_vec1::<f32>())
+            .map_err(ce("attention mask"))?;
+        if let Some(pos) = vals.iter().position(|&v| v != 0.0 && v != 1.0) {
+            return Err(MlmfError::input(
+                modality,
+                format!(
+                    "{side}: mask values must be 0 or 1, got {} at position {}",
+                    vals[pos],
+                    pos % t
+                ),
+            )
+            .at_index(pos / t));
+        }
+        Ok(m)
+    }
+
+    /// `[B, T, H*hd]` -> `[B, H, T, hd]`.
+    fn split(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3().map_err(ce("attention heads"))?;
+        x.reshape((b, t, heads, self.head_dim))
+            .and_then(|x| x.transpose(1, 2))
+            .and_then(|x| x.contiguous())
+            .map_err(ce("attention heads"))
+    }
+
+    /// Attention of `query` `[B, Tq, dim]` over `key_value` `[B, Tk, kv_dim]`; masks are
+    /// `[B, T]` of 0/1 (1 = real token).
+    pub fn forward(
+        &self,
+        query: &Tensor,
+        key_value: &Tensor,
+        query_mask: Option<&Tensor>,
+        kv_mask: Option<&Tensor>,
+        return_weights: bool,
+    ) -> Result<AttentionOutput> {
+        let (b, tq) = self.check_side(query, self.dim, "query", self.query_modality)?;
+        let (bk, tk) = self.check_side(key_value, self.kv_dim, "key_value", self.kv_modality)?;
+        if bk != b {
+            return Err(MlmfError::input(
+                self.kv_modality,
+                format!("key_value: batch of {bk} rows, the query has {b}"),
+            ));
+        }
+        let qm = query_mask
+            .map(|m| Self::check_mask(m, b, tq, "query_mask", self.query_modality))
+            .transpose()?;
+        let km = kv_mask
+            .map(|m| Self::check_mask(m, b, tk, "kv_mask", self.kv_modality))
+            .transpose()?;
+        let f = ce("cross-modal attention");
+        let query = query.to_dtype(DType::F32).map_err(&f)?;
+        let key_value = key_value.to_dtype(DType::F32).map_err(&f)?;
+        let q = self.split(&self.q.forward(&query)?, self.heads)?;
+        let mut k = self.split(&self.k.forward(&key_value)?, self.kv_heads)?;
+        let mut v = self.split(&self.v.forward(&key_value)?, self.kv_heads)?;
+        if self.kv_heads != self.heads {
+            // Query head h reads kv head h / group: repeat each kv head `group` times.
+            let group = self.heads / self.kv_heads;
+            let repeat = |x: &Tensor| {
+                x.unsqueeze(2)
+                    .and_then(|x| x.broadcast_as((b, self.kv_heads, group, tk, self.head_dim)))
+                    .and_then(|x| x.reshape((b, self.heads, tk, self.head_dim)))
+            };
+            k = repeat(&k).map_err(&f)?;
+            v = repeat(&v).map_err(&f)?;
+        }
+        let kt = k.t().and_then(|k| k.contiguous()).map_err(&f)?;
+        let mut logits = (q.matmul(&kt).map_err(&f)? * self.scale).map_err(&f)?;
+        if let Some(m) = &km {
+            let bias = m
+                .affine(-f64::from(MASKED), f64::from(MASKED))
+                .and_then(|x| x.reshape((b, 1, 1, tk)))
+                .map_err(&f)?;
+            logits = logits.broadcast_add(&bias).map_err(&f)?;
+        }
+        let mut weights = candle_nn::ops::softmax_last_dim(&logits).map_err(&f)?;
+        if let Some(m) = &km {
+            // Masked keys get exactly 0; a row with every key masked becomes all 0.
+            let m = m.reshape((b, 1, 1, tk)).map_err(&f)?;
+            weights = weights.broadcast_mul(&m).map_err(&f)?;
+        }
+        if let Some(m) = &qm {
+            let m = m.reshape((b, 1, tq, 1)).map_err(&f)?;
+            weights = weights.broadcast_mul(&m).map_err(&f)?;
+        }
+        let ctx = weights
+            .matmul(&v)
+            .and_then(|c| c.transpose(1, 2))
+            .and_then(|c| c.contiguous())
+            .and_then(|c| c.reshape((b, tq, self.heads * self.head_dim)))
+            .map_err(&f)?;
+        let mut output = self.o.forward(&ctx)?;
+        if let Some(m) = &qm {
+            let m = m.unsqueeze(D::Minus1).map_err(&f)?;
+            output = output.broadcast_mul(&m).map_err(&f)?;
+        }
+        if let Some(m) = &km {
+            // A batch row with no real key attends to nothing: its output is 0 (not
+            // out_proj's bias).
+            let any = m.max_keepdim(1).and_then(|a| a.unsqueeze(2)).map_err(&f)?;
+            output = output.broadcast_mul(&any).map_err(&f)?;
+        }
+        Ok(AttentionOutput {
+            output,
+            weights: return_weights.then_some(weights),
+        })
+    }
+}
+
+/// Mean over heads of per-head weights `[B, H, Tq, Tk]` -> `[B, Tq, Tk]`.
+pub fn average_heads(weights: &Tensor) -> Result<Tensor> {
+    weights.mean(1).map_err(ce("average heads"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(heads: usize, kv_heads: Option<usize>) -> CrossModalAttentionConfig {
+        CrossModalAttentionConfig {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            ..Default::default()
+        }
+    }
+
+    fn input(b: usize, t: usize, w: usize, seed: u64) -> Tensor {
+        let v = SplitMix(seed).uniform(b * t * w, 1.0);
+        Tensor::from_vec(v, (b, t, w), &Device::Cpu).unwrap()
+    }
+
+    use crate::encoders::layers::max_abs_diff as max_diff;
+
+    #[test]
+    fn seeded_init_is_deterministic_and_flagged() {
+        let a = CrossModalAttention::new(16, 12, &cfg(4, None), 3, &Device::Cpu).unwrap();
+        let b = CrossModalAttention::new(16, 12, &cfg(4, None), 3, &Device::Cpu).unwrap();
+        let c = CrossModalAttention::new(16, 12, &cfg(4, None), 4, &Device::Cpu).unwrap();
+        let (q, kv) = (input(2, 3, 16, 1), input(2, 5, 12, 2));
+        let ya = a.forward(&q, &kv, None, None, false).unwrap().output;
+        let yb = b.forward(&q, &kv, None, None, false).unwrap().output;
+        let yc = c.forward(&q, &kv, None, None, false).unwrap().output;
+        assert_eq!(max_diff(&ya, &yb), 0.0);
+        assert!(max_diff(&ya, &yc) > 1e-3);
+        assert!(a.is_untrained());
+    }
+
+    #[test]
+    fn save_and_load_round_trip() {
+        let dir = std::env::temp_dir().join(format!("mlmf-att-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.safetensors");
+        let a = CrossModalAttention::new(16, 12, &cfg(4, Some(2)), 9, &Device::Cpu).unwrap();
+        a.save(&path).unwrap();
+        let b = CrossModalAttention::load(&path, 16, 12, &cfg(4, Some(2)), &Device::Cpu).unwrap();
+        assert!(!b.is_untrained());
+        let (q, kv) = (input(2, 3, 16, 1), input(2, 5, 12, 2));
+        let ya = a.forward(&q, &kv, None, None, true).unwrap();
+        let yb = b.forward(&q, &kv, None, None, true).unwrap();
+        assert_eq!(max_diff(&ya.output, &yb.output), 0.0);
+        // The wrong configuration names the tensor and both shapes.
+        let err =
+            CrossModalAttention::load(&path, 16, 12, &cfg(4, None), &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("k_proj.weight"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn weights_are_a_distribution_over_unmasked_keys() {
+        let a = CrossModalAttention::new(16, 12, &cfg(4, Some(1)), 5, &Device::Cpu).unwrap();
+        let (q, kv) = (input(2, 3, 16, 1), input(2, 5, 12, 2));
+        let km =
+            Tensor::from_vec(vec![1u8, 1, 0, 1, 0, 0, 0, 0, 0, 0], (2, 5), &Device::Cpu).unwrap();
+        let qm = Tensor::from_vec(vec![1u8, 0, 1, 1, 1, 1], (2, 3), &Device::Cpu).unwrap();
+        let out = a.forward(&q, &kv, Some(&qm), Some(&km), true).unwrap();
+        let w = out.weights.unwrap();
+        assert_eq!(w.dims(), &[2, 4, 3, 5]);
+        let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let row = |b: usize, h: usize, i: usize| &w[((b * 4 + h) * 3 + i) * 5..][..5];
+        for h in 0..4 {
+            // Row 0, query 0: sums to 1 over keys 0, 1, 3; keys 2 and 4 get 0.
+            let r = row(0, h, 0);
+            assert!((r.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            assert_eq!((r[2], r[4]), (0.0, 0.0));
+            // Row 0, query 1 is masked: all 0.
+            assert!(row(0, h, 1).iter().all(|&x| x == 0.0));
+            // Row 1: every key masked: all 0, no NaN.
+            for i in 0..3 {
+                assert!(row(1, h, i).iter().all(|&x| x == 0.0));
+            }
+        }
+        let y = out.output.to_vec3::<f32>().unwrap();
+        assert!(y[0][1].iter().all(|&x| x == 0.0));
+        assert!(y[1].iter().flatten().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn bad_inputs_are_typed_errors() {
+        let a = CrossModalAttention::new(16, 12, &cfg(4, None), 5, &Device::Cpu).unwrap();
+        let (q, kv) = (input(2, 3, 16, 1), input(2, 5, 12, 2));
+        let empty = Tensor::zeros((2, 0, 12), DType::F32, &Device::Cpu).unwrap();
+        let mut nan = vec![0f32; 2 * 5 * 12];
+        nan[5 * 12 + 2 * 12 + 3] = f32::NAN;
+        let nan = Tensor::from_vec(nan, (2, 5, 12), &Device::Cpu).unwrap();
+        let bad_mask = Tensor::ones((2, 4), DType::U8, &Device::Cpu).unwrap();
+        let cases = [
+            (
+                a.forward(&input(2, 3, 15, 1), &kv, None, None, false),
+                "text input: query: expected width 16",
+            ),
+            (
+                a.forward(&q, &input(2, 5, 16, 1), None, None, false),
+                "image input: key_value: expected width 12",
+            ),
+            (
+                a.forward(&q, &input(3, 5, 12, 1), None, None, false),
+                "batch of 3 rows",
+            ),
+            (
+                a.forward(&q, &empty, None, None, false),
+                "at least one row and one token",
+            ),
+            (
+                a.forward(&q, &nan, None, None, false),
+                "image input 1: key_value: non-finite value NaN at token 2",
+            ),
+            (
+                a.forward(&q, &kv, None, Some(&bad_mask), false),
+                "kv_mask: expected a mask of shape [2, 5]",
+            ),
+        ];
+        for (got, want) in cases {
+            let err = got.unwrap_err();
+            assert!(matches!(err, MlmfError::Input { .. }), "{err:?}");
+            assert!(
+                err.to_string().contains(want),
+                "{err} does not say {want:?}"
+            );
+        }
+        let err = CrossModalAttention::new(16, 12, &cfg(4, Some(3)), 0, &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("num_kv_heads"), "{err}");
+    }
+}
