@@ -16,8 +16,24 @@ import mlmf
 
 FIX = Path(__file__).parent / "fixtures"
 MANIFEST = json.loads((FIX / "attention" / "manifest.json").read_text())
-CASES = {c["id"]: c for c in MANIFEST["cases"]}
+# Single-layer cases, plus each direction of the bidirectional case as one of its own.
+CASES = {c["id"]: c for c in MANIFEST["cases"] if "directions" not in c}
+BIDIRECTIONAL = [c for c in MANIFEST["cases"] if "directions" in c]
+for _case in BIDIRECTIONAL:
+    for _name, _direction in _case["directions"].items():
+        CASES[f"{_case['id']}/{_name}"] = _direction
 ATOL = 1e-5
+# Constructor switches of the attention variants, as the manifest names them.
+VARIANT_KEYS = (
+    "qk_norm",
+    "qk_norm_eps",
+    "softcap",
+    "sliding_window",
+    "top_k",
+    "sparsity_ratio",
+    "rope_base",
+    "rope_scale",
+)
 
 
 @cache
@@ -36,6 +52,7 @@ def stored(entry: dict | None) -> np.ndarray | None:
 
 def layer(case: dict) -> mlmf.CrossModalAttention:
     c = case["config"]
+    variants = {k: c[k] for k in VARIANT_KEYS if k in c}
     return mlmf.CrossModalAttention(
         c["dim"],
         c["num_heads"],
@@ -44,6 +61,7 @@ def layer(case: dict) -> mlmf.CrossModalAttention:
         num_kv_heads=c["num_kv_heads"],
         temperature=c["temperature"],
         weights=FIX / case["weights"],
+        **variants,
     )
 
 
@@ -71,6 +89,12 @@ def test_parity_with_pytorch(cid: str) -> None:
 
 def test_every_variant_has_a_case() -> None:
     cfgs = [c["config"] for c in CASES.values()]
+    for key in VARIANT_KEYS:
+        if key == "qk_norm_eps":  # a parameter of qk_norm, not a switch
+            continue
+        default = {"qk_norm": False, "rope_scale": 1.0}.get(key)
+        assert any(c[key] != default for c in cfgs), key
+    assert BIDIRECTIONAL, "no bidirectional case"
     assert any(c["num_kv_heads"] == 1 for c in cfgs)  # multi-query
     assert any(c["num_kv_heads"] not in (None, 1) for c in cfgs)  # grouped-query
     assert any(c["head_dim"] is not None for c in cfgs)
@@ -151,3 +175,31 @@ def test_weights_of_the_wrong_shape_name_the_tensor() -> None:
     case = CASES["plain"]
     with pytest.raises(mlmf.ModelLoadError, match="k_proj.weight.*shape"):
         mlmf.CrossModalAttention(24, 4, 21, weights=FIX / case["weights"])
+
+
+@pytest.mark.parametrize("case", BIDIRECTIONAL, ids=lambda c: c["id"])
+def test_bidirectional_layer(case: dict) -> None:
+    t2i, i2t = case["directions"]["text_to_image"], case["directions"]["image_to_text"]
+    assert t2i["config"]["num_heads"] == i2t["config"]["num_heads"]
+    att = mlmf.BidirectionalCrossAttention(
+        t2i["config"]["dim"],
+        i2t["config"]["dim"],
+        t2i["config"]["num_heads"],
+        weights=(FIX / t2i["weights"], FIX / i2t["weights"]),
+    )
+    assert not att.untrained
+    ins = case["inputs"]
+    (text_out, text_w), (image_out, image_w) = att(
+        stored(ins["text"]),
+        stored(ins["image"]),
+        a_mask=stored(ins["text_mask"]),
+        b_mask=stored(ins["image_mask"]),
+        return_weights=True,
+    )
+    for got, want in (
+        (text_out, t2i["outputs"]["out"]),
+        (text_w, t2i["outputs"]["weights_per_head"]),
+        (image_out, i2t["outputs"]["out"]),
+        (image_w, i2t["outputs"]["weights_per_head"]),
+    ):
+        assert float(np.abs(got - stored(want)).max()) <= ATOL

@@ -38,8 +38,10 @@ from mlmf._mlmf import (
     resize_image,
     supported_model_types,
 )
+from mlmf.attention import BidirectionalCrossAttention
 
 __all__ = [
+    "BidirectionalCrossAttention",
     "CUDA_COMPILED",
     "JPEG_DECODER",
     "AudioProcessor",

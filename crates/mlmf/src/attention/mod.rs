@@ -51,6 +51,9 @@ pub struct CrossModalAttention {
     kv_heads: usize,
     head_dim: usize,
     scale: f64,
+    /// `q_norm` / `k_norm` RMSNorm weights `[head_dim]` when `qk_norm` is on.
+    qk_norm: Option<(Tensor, Tensor)>,
+    cfg: CrossModalAttentionConfig,
     untrained: bool,
     /// The modalities of the two sides, named in input errors.
     pub query_modality: Modality,
@@ -125,9 +128,16 @@ impl CrossModalAttention {
         kv_dim: usize,
         cfg: &CrossModalAttentionConfig,
         mut get: impl FnMut(&str, usize, usize) -> Result<(Tensor, Tensor)>,
+        qk_norm: Option<(Tensor, Tensor)>,
         untrained: bool,
     ) -> Result<Self> {
         let (heads, kv_heads, head_dim) = Self::sizes(dim, kv_dim, cfg)?;
+        if cfg.rope_base.is_some() && head_dim % 2 == 1 {
+            return Err(MlmfError::config(
+                "rope_base",
+                format!("rotary embeddings need an even head_dim, got {head_dim}"),
+            ));
+        }
         let [q, k, v, o] =
             shapes(dim, kv_dim, heads * head_dim, kv_heads * head_dim).map(|(name, out, inp)| {
                 get(name, out, inp).and_then(|(w, b)| Linear::from_parts(w, Some(b)))
@@ -143,6 +153,8 @@ impl CrossModalAttention {
             kv_heads,
             head_dim,
             scale: 1.0 / (f64::from(cfg.temperature) * (head_dim as f64).sqrt()),
+            qk_norm,
+            cfg: cfg.clone(),
             untrained,
             query_modality: Modality::Text,
             kv_modality: Modality::Image,
@@ -159,6 +171,13 @@ impl CrossModalAttention {
     ) -> Result<Self> {
         let mut rng = SplitMix(seed);
         let f = ce("attention init");
+        let (_, _, head_dim) = Self::sizes(dim, kv_dim, cfg)?;
+        let ones = || Tensor::ones(head_dim, DType::F32, device).map_err(&f);
+        let qk_norm = if cfg.qk_norm {
+            Some((ones()?, ones()?))
+        } else {
+            None
+        };
         Self::build(
             dim,
             kv_dim,
@@ -170,6 +189,7 @@ impl CrossModalAttention {
                 let b = Tensor::from_vec(rng.uniform(out, bound), out, device).map_err(&f)?;
                 Ok((w, b))
             },
+            qk_norm,
             true,
         )
     }
@@ -203,6 +223,15 @@ impl CrossModalAttention {
             t.to_dtype(DType::F32)
                 .map_err(|e| MlmfError::model_load(what, path, e.to_string()))
         };
+        let (_, _, head_dim) = Self::sizes(dim, kv_dim, cfg)?;
+        let qk_norm = if cfg.qk_norm {
+            Some((
+                fetch("q_norm.weight", &[head_dim])?,
+                fetch("k_norm.weight", &[head_dim])?,
+            ))
+        } else {
+            None
+        };
         Self::build(
             dim,
             kv_dim,
@@ -213,6 +242,7 @@ impl CrossModalAttention {
                     fetch(&format!("{name}.bias"), &[out])?,
                 ))
             },
+            qk_norm,
             false,
         )
     }
@@ -230,6 +260,10 @@ impl CrossModalAttention {
             if let Some(b) = &lin.bias {
                 map.insert(format!("{name}.bias"), b.clone());
             }
+        }
+        if let Some((qn, kn)) = &self.qk_norm {
+            map.insert("q_norm.weight".into(), qn.clone());
+            map.insert("k_norm.weight".into(), kn.clone());
         }
         candle_core::safetensors::save(&map, path).map_err(|e| {
             MlmfError::model_load(
@@ -376,9 +410,18 @@ impl CrossModalAttention {
         let f = ce("cross-modal attention");
         let query = query.to_dtype(DType::F32).map_err(&f)?;
         let key_value = key_value.to_dtype(DType::F32).map_err(&f)?;
-        let q = self.split(&self.q.forward(&query)?, self.heads)?;
+        let mut q = self.split(&self.q.forward(&query)?, self.heads)?;
         let mut k = self.split(&self.k.forward(&key_value)?, self.kv_heads)?;
         let mut v = self.split(&self.v.forward(&key_value)?, self.kv_heads)?;
+        if let Some((qn, kn)) = &self.qk_norm {
+            let eps = f64::from(self.cfg.qk_norm_eps);
+            q = rms_norm(&q, qn, eps)?;
+            k = rms_norm(&k, kn, eps)?;
+        }
+        if let Some(base) = self.cfg.rope_base {
+            q = rope(&q, base, self.cfg.rope_scale)?;
+            k = rope(&k, base, self.cfg.rope_scale)?;
+        }
         if self.kv_heads != self.heads {
             // Query head h reads kv head h / group: repeat each kv head `group` times.
             let group = self.heads / self.kv_heads;
@@ -392,18 +435,25 @@ impl CrossModalAttention {
         }
         let kt = k.t().and_then(|k| k.contiguous()).map_err(&f)?;
         let mut logits = (q.matmul(&kt).map_err(&f)? * self.scale).map_err(&f)?;
-        if let Some(m) = &km {
-            let bias = m
-                .affine(-f64::from(MASKED), f64::from(MASKED))
-                .and_then(|x| x.reshape((b, 1, 1, tk)))
+        if let Some(c) = self.cfg.softcap {
+            let c = f64::from(c);
+            logits = (logits / c)
+                .and_then(|x| x.tanh())
+                .and_then(|x| x * c)
                 .map_err(&f)?;
-            logits = logits.broadcast_add(&bias).map_err(&f)?;
+        }
+        // Which keys each query row may see: kv padding, window, top-k ([B, H, Tq, Tk]).
+        let allowed = self.allowed(&logits, km.as_ref(), (b, tq, tk))?;
+        if let Some(a) = &allowed {
+            let bias = a
+                .affine(-f64::from(MASKED), f64::from(MASKED))
+                .map_err(&f)?;
+            logits = (logits + bias).map_err(&f)?;
         }
         let mut weights = candle_nn::ops::softmax_last_dim(&logits).map_err(&f)?;
-        if let Some(m) = &km {
-            // Masked keys get exactly 0; a row with every key masked becomes all 0.
-            let m = m.reshape((b, 1, 1, tk)).map_err(&f)?;
-            weights = weights.broadcast_mul(&m).map_err(&f)?;
+        if let Some(a) = &allowed {
+            // Disallowed keys get exactly 0; a row with no allowed key becomes all 0.
+            weights = (weights * a).map_err(&f)?;
         }
         if let Some(m) = &qm {
             let m = m.reshape((b, 1, tq, 1)).map_err(&f)?;
@@ -420,10 +470,14 @@ impl CrossModalAttention {
             let m = m.unsqueeze(D::Minus1).map_err(&f)?;
             output = output.broadcast_mul(&m).map_err(&f)?;
         }
-        if let Some(m) = &km {
-            // A batch row with no real key attends to nothing: its output is 0 (not
+        if let Some(a) = &allowed {
+            // A query row that sees no key attends to nothing: its output is 0 (not
             // out_proj's bias).
-            let any = m.max_keepdim(1).and_then(|a| a.unsqueeze(2)).map_err(&f)?;
+            let any = a
+                .max(D::Minus1)
+                .and_then(|x| x.max(1))
+                .and_then(|x| x.unsqueeze(2))
+                .map_err(&f)?;
             output = output.broadcast_mul(&any).map_err(&f)?;
         }
         Ok(AttentionOutput {
@@ -431,6 +485,114 @@ impl CrossModalAttention {
             weights: return_weights.then_some(weights),
         })
     }
+}
+
+impl CrossModalAttention {
+    /// 1 where query row `(b, h, i)` may attend key `j`, 0 elsewhere: the key padding
+    /// mask, the sliding window `|i - j| <= w`, then the `top_k` (or
+    /// `sparsity_ratio`) largest of the remaining logits; `None` when nothing is masked.
+    fn allowed(
+        &self,
+        logits: &Tensor,
+        km: Option<&Tensor>,
+        (b, tq, tk): (usize, usize, usize),
+    ) -> Result<Option<Tensor>> {
+        let cfg = &self.cfg;
+        let sparse = cfg.top_k.is_some() || cfg.sparsity_ratio.is_some();
+        if km.is_none() && cfg.sliding_window.is_none() && !sparse {
+            return Ok(None);
+        }
+        let f = ce("attention mask");
+        let h = self.heads;
+        let keys: Option<Vec<f32>> = km
+            .map(|m| m.flatten_all().and_then(|m| m.to_vec1()))
+            .transpose()
+            .map_err(&f)?;
+        let lv: Option<Vec<f32>> = if sparse {
+            Some(logits.flatten_all().and_then(|l| l.to_vec1()).map_err(&f)?)
+        } else {
+            None
+        };
+        let mut a = vec![0f32; b * h * tq * tk];
+        let mut kept: Vec<f32> = Vec::with_capacity(tk);
+        for (r, row) in a.chunks_exact_mut(tk).enumerate() {
+            let (bi, i) = (r / (h * tq), r % tq);
+            for (j, x) in row.iter_mut().enumerate() {
+                let real = keys.as_ref().is_none_or(|k| k[bi * tk + j] != 0.0);
+                let near = cfg.sliding_window.is_none_or(|w| i.abs_diff(j) <= w);
+                *x = if real && near { 1.0 } else { 0.0 };
+            }
+            if let Some(lv) = &lv {
+                let l = &lv[r * tk..(r + 1) * tk];
+                kept.clear();
+                kept.extend(
+                    row.iter()
+                        .zip(l)
+                        .filter(|(x, _)| **x != 0.0)
+                        .map(|(_, &v)| v),
+                );
+                let n = kept.len();
+                let k = match (cfg.top_k, cfg.sparsity_ratio) {
+                    (Some(k), _) => k,
+                    (None, Some(ratio)) => (((1.0 - ratio) * n as f64).ceil() as usize).max(1),
+                    (None, None) => n,
+                };
+                if n > k {
+                    kept.sort_unstable_by(|x, y| y.total_cmp(x));
+                    let threshold = kept[k - 1];
+                    for (x, &v) in row.iter_mut().zip(l) {
+                        if v < threshold {
+                            *x = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(a, (b, h, tq, tk), logits.device())
+            .map(Some)
+            .map_err(f)
+    }
+}
+
+/// RMSNorm over the last dimension: `x * w / sqrt(mean(x^2) + eps)`.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let f = ce("qk norm");
+    let ms = x
+        .sqr()
+        .and_then(|s| s.mean_keepdim(D::Minus1))
+        .map_err(&f)?;
+    x.broadcast_div(&(ms + eps).and_then(|m| m.sqrt()).map_err(&f)?)
+        .and_then(|y| y.broadcast_mul(w))
+        .map_err(f)
+}
+
+/// Rotary embeddings ("rotate half") on `[B, H, T, hd]` at positions `0..T` divided by
+/// `scale`; angles computed in float64.
+fn rope(x: &Tensor, base: f64, scale: f64) -> Result<Tensor> {
+    let f = ce("rotary embedding");
+    let (_, _, t, hd) = x.dims4().map_err(&f)?;
+    let half = hd / 2;
+    let mut cos = Vec::with_capacity(t * hd);
+    let mut sin = Vec::with_capacity(t * hd);
+    for p in 0..t {
+        let pos = p as f64 / scale;
+        for _ in 0..2 {
+            for i in 0..half {
+                let angle = pos / base.powf(2.0 * i as f64 / hd as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    let dev = x.device();
+    let cos = Tensor::from_vec(cos, (t, hd), dev).map_err(&f)?;
+    let sin = Tensor::from_vec(sin, (t, hd), dev).map_err(&f)?;
+    let x1 = x.narrow(D::Minus1, 0, half).map_err(&f)?;
+    let x2 = x.narrow(D::Minus1, half, half).map_err(&f)?;
+    let rotated = Tensor::cat(&[&x2.neg().map_err(&f)?, &x1], D::Minus1).map_err(&f)?;
+    x.broadcast_mul(&cos)
+        .and_then(|a| a + rotated.broadcast_mul(&sin)?)
+        .map_err(f)
 }
 
 /// Mean over heads of per-head weights `[B, H, Tq, Tk]` -> `[B, Tq, Tk]`.
@@ -565,5 +727,47 @@ mod tests {
         }
         let err = CrossModalAttention::new(16, 12, &cfg(4, Some(3)), 0, &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("num_kv_heads"), "{err}");
+    }
+
+    #[test]
+    fn window_and_top_k_limit_the_keys_each_query_sees() {
+        let c = CrossModalAttentionConfig {
+            num_heads: 2,
+            sliding_window: Some(1),
+            ..Default::default()
+        };
+        let a = CrossModalAttention::new(8, 6, &c, 1, &Device::Cpu).unwrap();
+        let (q, kv) = (input(1, 4, 8, 1), input(1, 6, 6, 2));
+        let w = a
+            .forward(&q, &kv, None, None, true)
+            .unwrap()
+            .weights
+            .unwrap();
+        let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (r, row) in w.chunks(6).enumerate() {
+            let i = r % 4;
+            for (j, &x) in row.iter().enumerate() {
+                assert_eq!(x > 0.0, i.abs_diff(j) <= 1, "query {i} key {j}: {x}");
+            }
+        }
+        for (top_k, ratio, keep) in [(Some(2), None, 2), (None, Some(0.5), 3)] {
+            let c = CrossModalAttentionConfig {
+                num_heads: 2,
+                top_k,
+                sparsity_ratio: ratio,
+                ..Default::default()
+            };
+            let a = CrossModalAttention::new(8, 6, &c, 1, &Device::Cpu).unwrap();
+            let w = a
+                .forward(&q, &kv, None, None, true)
+                .unwrap()
+                .weights
+                .unwrap();
+            let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for row in w.chunks(6) {
+                assert_eq!(row.iter().filter(|&&x| x > 0.0).count(), keep);
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            }
+        }
     }
 }

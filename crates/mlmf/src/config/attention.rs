@@ -19,6 +19,22 @@ pub struct CrossModalAttentionConfig {
     pub dropout: f32,
     /// Logits are divided by `temperature * sqrt(head_dim)`.
     pub temperature: f32,
+    /// RMS-normalise queries and keys per head (learned `q_norm` / `k_norm` weights).
+    pub qk_norm: bool,
+    /// Epsilon of the QK RMSNorm.
+    pub qk_norm_eps: f32,
+    /// Logit soft-capping: `softcap * tanh(logits / softcap)`.
+    pub softcap: Option<f32>,
+    /// Query `i` sees key `j` only when `|i - j| <= sliding_window`.
+    pub sliding_window: Option<usize>,
+    /// Keep only the `top_k` largest logits of each query row.
+    pub top_k: Option<usize>,
+    /// Keep the `ceil((1 - sparsity_ratio) * n)` largest of a row's `n` allowed logits.
+    pub sparsity_ratio: Option<f64>,
+    /// Rotary position embeddings on queries and keys with this base.
+    pub rope_base: Option<f64>,
+    /// Rotary positions are divided by this (linear frequency scaling).
+    pub rope_scale: f64,
 }
 
 impl Default for CrossModalAttentionConfig {
@@ -29,6 +45,14 @@ impl Default for CrossModalAttentionConfig {
             num_kv_heads: None,
             dropout: 0.0,
             temperature: 1.0,
+            qk_norm: false,
+            qk_norm_eps: 1e-6,
+            softcap: None,
+            sliding_window: None,
+            top_k: None,
+            sparsity_ratio: None,
+            rope_base: None,
+            rope_scale: 1.0,
         }
     }
 }
@@ -64,6 +88,41 @@ impl CrossModalAttentionConfig {
                 "temperature",
                 format!("{} is not a positive finite number", self.temperature),
             ));
+        }
+        let positive = |field: &str, v: f64| -> Result<()> {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(MlmfError::config(
+                    field,
+                    format!("{v} is not a positive finite number"),
+                ))
+            }
+        };
+        positive("qk_norm_eps", f64::from(self.qk_norm_eps))?;
+        if let Some(c) = self.softcap {
+            positive("softcap", f64::from(c))?;
+        }
+        if let Some(b) = self.rope_base {
+            positive("rope_base", b)?;
+        }
+        positive("rope_scale", self.rope_scale)?;
+        if self.top_k == Some(0) {
+            return Err(MlmfError::config("top_k", "must be at least 1"));
+        }
+        if let Some(r) = self.sparsity_ratio {
+            if !(0.0..1.0).contains(&r) {
+                return Err(MlmfError::config(
+                    "sparsity_ratio",
+                    format!("{r} is outside [0, 1)"),
+                ));
+            }
+            if self.top_k.is_some() {
+                return Err(MlmfError::config(
+                    "sparsity_ratio",
+                    "set top_k or sparsity_ratio, not both",
+                ));
+            }
         }
         Ok(())
     }

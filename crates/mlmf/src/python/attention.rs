@@ -80,7 +80,9 @@ pub struct PyCrossModalAttention {
 impl PyCrossModalAttention {
     #[new]
     #[pyo3(signature = (dim, num_heads=8, kv_dim=None, *, head_dim=None, num_kv_heads=None,
-                        temperature=1.0, dropout=0.0, weights=None, seed=0,
+                        temperature=1.0, dropout=0.0, qk_norm=false, qk_norm_eps=1e-6,
+                        softcap=None, sliding_window=None, top_k=None, sparsity_ratio=None,
+                        rope_base=None, rope_scale=1.0, weights=None, seed=0,
                         query_modality=None, kv_modality=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -92,6 +94,14 @@ impl PyCrossModalAttention {
         num_kv_heads: Option<usize>,
         temperature: f32,
         dropout: f32,
+        qk_norm: bool,
+        qk_norm_eps: f32,
+        softcap: Option<f32>,
+        sliding_window: Option<usize>,
+        top_k: Option<usize>,
+        sparsity_ratio: Option<f64>,
+        rope_base: Option<f64>,
+        rope_scale: f64,
         weights: Option<PathBuf>,
         seed: u64,
         query_modality: Option<&Bound<'_, PyAny>>,
@@ -103,6 +113,14 @@ impl PyCrossModalAttention {
             num_kv_heads,
             dropout,
             temperature,
+            qk_norm,
+            qk_norm_eps,
+            softcap,
+            sliding_window,
+            top_k,
+            sparsity_ratio,
+            rope_base,
+            rope_scale,
         };
         let kv_dim = kv_dim.unwrap_or(dim);
         let mut inner = match &weights {

@@ -1,0 +1,91 @@
+"""Attention layers composed from :class:`mlmf.CrossModalAttention`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import numpy.typing as npt
+
+from mlmf._mlmf import CrossModalAttention
+
+_Path = Union[str, "os.PathLike[str]"]
+
+
+class BidirectionalCrossAttention:
+    """Two modalities attending over each other in one layer.
+
+    ``a`` tokens (width ``dim_a``) attend over ``b`` tokens (width ``dim_b``) and ``b``
+    over ``a``, each direction with its own :class:`~mlmf.CrossModalAttention` (its own
+    projections and weights file). Every keyword of ``CrossModalAttention`` except the
+    widths applies to both directions.
+
+    >>> att = BidirectionalCrossAttention(384, 512, num_heads=8,
+    ...                                   weights=("t2i.safetensors", "i2t.safetensors"))
+    >>> text_out, image_out = att(text, image, a_mask=text_mask, b_mask=image_mask)
+    """
+
+    def __init__(
+        self,
+        dim_a: int,
+        dim_b: int,
+        num_heads: int = 8,
+        *,
+        weights: Optional[tuple[_Path, _Path]] = None,
+        seed: int = 0,
+        modalities: tuple[str, str] = ("text", "image"),
+        **options: Any,
+    ) -> None:
+        wa, wb = weights if weights is not None else (None, None)
+        ma, mb = modalities
+        self.a_to_b = CrossModalAttention(
+            dim_a,
+            num_heads,
+            dim_b,
+            weights=wa,
+            seed=seed,
+            query_modality=ma,
+            kv_modality=mb,
+            **options,
+        )
+        self.b_to_a = CrossModalAttention(
+            dim_b,
+            num_heads,
+            dim_a,
+            weights=wb,
+            seed=seed + 1,
+            query_modality=mb,
+            kv_modality=ma,
+            **options,
+        )
+
+    @property
+    def untrained(self) -> bool:
+        return self.a_to_b.untrained or self.b_to_a.untrained
+
+    def save(self, path_a_to_b: _Path, path_b_to_a: _Path) -> None:
+        """Writes both directions' weights (the files ``weights=`` reads)."""
+        self.a_to_b.save(path_a_to_b)
+        self.b_to_a.save(path_b_to_a)
+
+    def __call__(
+        self,
+        a: npt.NDArray[Any],
+        b: npt.NDArray[Any],
+        a_mask: Optional[npt.NDArray[Any]] = None,
+        b_mask: Optional[npt.NDArray[Any]] = None,
+        return_weights: bool = False,
+        average_weights: bool = False,
+    ) -> Any:
+        """``(a_out, b_out)``, or ``((a_out, a_weights), (b_out, b_weights))`` with
+        ``return_weights``: ``a_out`` is ``a`` attending over ``b`` ``[B, Ta, dim_a]``."""
+        kw = {"return_weights": return_weights, "average_weights": average_weights}
+        a_out = self.a_to_b(a, b, query_mask=a_mask, kv_mask=b_mask, **kw)
+        b_out = self.b_to_a(b, a, query_mask=b_mask, kv_mask=a_mask, **kw)
+        return a_out, b_out
+
+    def __repr__(self) -> str:
+        return f"BidirectionalCrossAttention({self.a_to_b!r}, {self.b_to_a!r})"
+
+
+__all__ = ["BidirectionalCrossAttention"]
