@@ -203,3 +203,56 @@ def test_bidirectional_layer(case: dict) -> None:
         (image_w, i2t["outputs"]["weights_per_head"]),
     ):
         assert float(np.abs(got - stored(want)).max()) <= ATOL
+
+
+def test_head_entropy_bounds() -> None:
+    tk = 8
+    uniform = np.full((2, 3, tk), 1 / tk)
+    one_hot = np.zeros((2, 3, tk))
+    one_hot[..., 5] = 1.0
+    np.testing.assert_allclose(mlmf.head_entropy(uniform), np.log(tk))
+    np.testing.assert_allclose(mlmf.head_entropy(uniform, base=2), 3.0)
+    assert np.all(mlmf.head_entropy(one_hot) == 0)
+    # A masked (all-zero) row: 0, not NaN.
+    assert mlmf.head_entropy(np.zeros((1, tk)))[0] == 0
+    with pytest.raises(ValueError, match="Tq, Tk"):
+        mlmf.head_entropy(np.ones(3))
+
+
+def test_top_attended_orders_keys_by_weight() -> None:
+    w = np.array([[0.1, 0.6, 0.05, 0.25], [0.4, 0.0, 0.35, 0.25]])
+    idx, val = mlmf.top_attended(w, k=2)
+    np.testing.assert_array_equal(idx, [[1, 3], [0, 2]])
+    np.testing.assert_allclose(val, [[0.6, 0.25], [0.4, 0.35]])
+    assert mlmf.top_attended(w, k=10)[0].shape == (2, 4)
+    with pytest.raises(ValueError, match="at least 1"):
+        mlmf.top_attended(w, k=0)
+
+
+def test_attention_heatmap_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    import mlmf.viz
+
+    case = CASES["kv_mask"]
+    att = layer(case)
+    _, w = att(
+        stored(case["inputs"]["query"]),
+        stored(case["inputs"]["key_value"]),
+        kv_mask=stored(case["inputs"]["kv_mask"]),
+        return_weights=True,
+        average_weights=True,
+    )
+    path = mlmf.viz.attention_heatmap(
+        w[1],
+        tmp_path / "att.png",
+        query_labels=[f"tok{i}" for i in range(w.shape[1])],
+        key_labels=[f"patch{j}" for j in range(w.shape[2])],
+        title="text x image (head mean)",
+        size=(640, 480),
+    )
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (640, 480)
+    with pytest.raises(ValueError, match="labels for"):
+        mlmf.viz.attention_heatmap(w[1], tmp_path / "x.png", key_labels=["a"])

@@ -38,7 +38,7 @@ from mlmf._mlmf import (
     resize_image,
     supported_model_types,
 )
-from mlmf.attention import BidirectionalCrossAttention
+from mlmf.attention import BidirectionalCrossAttention, head_entropy, top_attended
 
 __all__ = [
     "BidirectionalCrossAttention",
@@ -74,4 +74,6 @@ __all__ = [
     "resample_audio",
     "resize_image",
     "supported_model_types",
+    "head_entropy",
+    "top_attended",
 ]

@@ -1,10 +1,12 @@
-"""Attention layers composed from :class:`mlmf.CrossModalAttention`."""
+"""Attention layers composed from :class:`mlmf.CrossModalAttention`, and helpers to
+analyse attention weights."""
 
 from __future__ import annotations
 
 import os
 from typing import Any, Optional, Union
 
+import numpy as np
 import numpy.typing as npt
 
 from mlmf._mlmf import CrossModalAttention
@@ -88,4 +90,33 @@ class BidirectionalCrossAttention:
         return f"BidirectionalCrossAttention({self.a_to_b!r}, {self.b_to_a!r})"
 
 
-__all__ = ["BidirectionalCrossAttention"]
+def head_entropy(weights: npt.ArrayLike, *, base: float = np.e) -> npt.NDArray[np.float64]:
+    """Entropy of each attention row, ``-sum(w log w)`` over the keys (``0 log 0 = 0``).
+
+    ``weights`` is ``[..., Tq, Tk]`` (per head ``[B, H, Tq, Tk]`` gives ``[B, H, Tq]``).
+    0 means one key takes all the attention, ``log(Tk)`` means it is spread evenly.
+    Rows that attend to nothing (all zero: masked queries) give 0.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim < 2:
+        raise ValueError(f"expected weights [..., Tq, Tk], got shape {w.shape}")
+    logs = np.log(np.where(w > 0, w, 1.0)) / np.log(base)
+    return -(w * logs).sum(axis=-1)
+
+
+def top_attended(
+    weights: npt.ArrayLike, k: int = 5
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """The ``k`` keys each query row attends to most: ``(indices, weights)``, both
+    ``[..., Tq, k]``, largest first (``k`` is capped at ``Tk``)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim < 2:
+        raise ValueError(f"expected weights [..., Tq, Tk], got shape {w.shape}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    k = min(k, w.shape[-1])
+    idx = np.argsort(-w, axis=-1, kind="stable")[..., :k]
+    return idx.astype(np.int64), np.take_along_axis(w, idx, axis=-1)
+
+
+__all__ = ["BidirectionalCrossAttention", "head_entropy", "top_attended"]
