@@ -25,6 +25,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::CrossModalAttentionConfig;
+use crate::encoders::cpu;
 use crate::encoders::layers::{ce, Linear, MASKED};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
@@ -410,6 +411,16 @@ impl CrossModalAttention {
         let f = ce("cross-modal attention");
         let query = query.to_dtype(DType::F32).map_err(&f)?;
         let key_value = key_value.to_dtype(DType::F32).map_err(&f)?;
+        if let Some(out) = self.forward_cpu(
+            &query,
+            &key_value,
+            qm.as_ref(),
+            km.as_ref(),
+            return_weights,
+            (b, tq, tk),
+        )? {
+            return Ok(out);
+        }
         let mut q = self.split(&self.q.forward(&query)?, self.heads)?;
         let mut k = self.split(&self.k.forward(&key_value)?, self.kv_heads)?;
         let mut v = self.split(&self.v.forward(&key_value)?, self.kv_heads)?;
@@ -465,21 +476,18 @@ impl CrossModalAttention {
             .and_then(|c| c.contiguous())
             .and_then(|c| c.reshape((b, tq, self.heads * self.head_dim)))
             .map_err(&f)?;
-        let mut output = self.o.forward(&ctx)?;
-        if let Some(m) = &qm {
-            let m = m.unsqueeze(D::Minus1).map_err(&f)?;
-            output = output.broadcast_mul(&m).map_err(&f)?;
-        }
-        if let Some(a) = &allowed {
-            // A query row that sees no key attends to nothing: its output is 0 (not
-            // out_proj's bias).
-            let any = a
-                .max(D::Minus1)
-                .and_then(|x| x.max(1))
-                .and_then(|x| x.unsqueeze(2))
-                .map_err(&f)?;
-            output = output.broadcast_mul(&any).map_err(&f)?;
-        }
+        // A query row that sees no key attends to nothing: its output is 0 (not
+        // out_proj's bias).
+        let any = allowed
+            .as_ref()
+            .map(|a| {
+                a.max(D::Minus1)
+                    .and_then(|x| x.max(1))
+                    .and_then(|x| x.unsqueeze(2))
+            })
+            .transpose()
+            .map_err(&f)?;
+        let output = zero_rows(self.o.forward(&ctx)?, qm.as_ref(), any.as_ref())?;
         Ok(AttentionOutput {
             output,
             weights: return_weights.then_some(weights),
@@ -488,6 +496,72 @@ impl CrossModalAttention {
 }
 
 impl CrossModalAttention {
+    /// The float32 CPU path ([`cpu::cross_attention`]): one task per
+    /// (batch row, head, block of queries), heads read in place, no logits tensor.
+    /// Taken on the CPU when no variant beyond grouped-query heads and key masks is on;
+    /// `None` otherwise.
+    fn forward_cpu(
+        &self,
+        query: &Tensor,
+        key_value: &Tensor,
+        qm: Option<&Tensor>,
+        km: Option<&Tensor>,
+        return_weights: bool,
+        (b, tq, tk): (usize, usize, usize),
+    ) -> Result<Option<AttentionOutput>> {
+        let c = &self.cfg;
+        if !query.device().is_cpu()
+            || c.qk_norm
+            || c.rope_base.is_some()
+            || c.softcap.is_some()
+            || c.sliding_window.is_some()
+            || c.top_k.is_some()
+            || c.sparsity_ratio.is_some()
+        {
+            return Ok(None);
+        }
+        let f = ce("cross-modal attention");
+        let (Some((q, _)), Some((kv, _))) = (
+            cpu::project(query, &[&self.q])?,
+            cpu::project(key_value, &[&self.k, &self.v])?,
+        ) else {
+            return Ok(None);
+        };
+        let keys = km
+            .map(|m| m.flatten_all().and_then(|t| t.to_vec1::<f32>()))
+            .transpose()
+            .map_err(&f)?;
+        let width = self.heads * self.head_dim;
+        let mut ctx = vec![0f32; b * tq * width];
+        let mut w = return_weights.then(|| vec![0f32; b * self.heads * tq * tk]);
+        cpu::cross_attention(
+            &q,
+            &kv,
+            (b, tq, tk),
+            (self.heads, self.kv_heads, self.head_dim),
+            self.scale as f32,
+            keys.as_deref(),
+            &mut ctx,
+            w.as_deref_mut(),
+        );
+        let dev = query.device();
+        let ctx = Tensor::from_vec(ctx, (b, tq, width), dev).map_err(&f)?;
+        let mut weights = w
+            .map(|w| Tensor::from_vec(w, (b, self.heads, tq, tk), dev))
+            .transpose()
+            .map_err(&f)?;
+        if let (Some(wt), Some(m)) = (weights.as_mut(), qm) {
+            let m = m.reshape((b, 1, tq, 1)).map_err(&f)?;
+            *wt = wt.broadcast_mul(&m).map_err(&f)?;
+        }
+        let any = km
+            .map(|m| m.max_keepdim(1).and_then(|a| a.unsqueeze(2)))
+            .transpose()
+            .map_err(&f)?;
+        let output = zero_rows(self.o.forward(&ctx)?, qm, any.as_ref())?;
+        Ok(Some(AttentionOutput { output, weights }))
+    }
+
     /// 1 where query row `(b, h, i)` may attend key `j`, 0 elsewhere: the key padding
     /// mask, the sliding window `|i - j| <= w`, then the `top_k` (or
     /// `sparsity_ratio`) largest of the remaining logits; `None` when nothing is masked.
@@ -552,6 +626,21 @@ impl CrossModalAttention {
             .map(Some)
             .map_err(f)
     }
+}
+
+/// `output` `[B, Tq, D]` with the rows of masked queries (`qm` `[B, Tq]`) and of
+/// queries that see no key (`any` `[B, Tq|1, 1]`, 0 there) set to 0.
+fn zero_rows(output: Tensor, qm: Option<&Tensor>, any: Option<&Tensor>) -> Result<Tensor> {
+    let f = ce("attention output");
+    let mut output = output;
+    if let Some(m) = qm {
+        let m = m.unsqueeze(D::Minus1).map_err(&f)?;
+        output = output.broadcast_mul(&m).map_err(&f)?;
+    }
+    if let Some(a) = any {
+        output = output.broadcast_mul(a).map_err(&f)?;
+    }
+    Ok(output)
 }
 
 /// RMSNorm over the last dimension: `x * w / sqrt(mean(x^2) + eps)`.
@@ -768,6 +857,39 @@ mod tests {
                 assert_eq!(row.iter().filter(|&&x| x > 0.0).count(), keep);
                 assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
             }
+        }
+    }
+
+    #[test]
+    fn cpu_path_equals_the_candle_path() {
+        // A softcap far above every logit changes nothing but sends the layer through
+        // the candle ops; without it the float32 CPU kernels run.
+        for kv_heads in [None, Some(2), Some(1)] {
+            let fast_cfg = CrossModalAttentionConfig {
+                num_heads: 4,
+                num_kv_heads: kv_heads,
+                ..Default::default()
+            };
+            let slow_cfg = CrossModalAttentionConfig {
+                softcap: Some(1e9),
+                ..fast_cfg.clone()
+            };
+            let fast = CrossModalAttention::new(16, 12, &fast_cfg, 11, &Device::Cpu).unwrap();
+            let slow = CrossModalAttention::new(16, 12, &slow_cfg, 11, &Device::Cpu).unwrap();
+            // Tq = 150 > 128: two query blocks.
+            let (q, kv) = (input(2, 150, 16, 1), input(2, 9, 12, 2));
+            let mut km = vec![1u8; 18];
+            km[3] = 0;
+            km[9..].iter_mut().for_each(|m| *m = 0);
+            let km = Tensor::from_vec(km, (2, 9), &Device::Cpu).unwrap();
+            let mut qm = vec![1u8; 300];
+            qm[7] = 0;
+            let qm = Tensor::from_vec(qm, (2, 150), &Device::Cpu).unwrap();
+            let a = fast.forward(&q, &kv, Some(&qm), Some(&km), true).unwrap();
+            let b = slow.forward(&q, &kv, Some(&qm), Some(&km), true).unwrap();
+            assert!(max_diff(&a.output, &b.output) < 1e-5);
+            let (wa, wb) = (a.weights.unwrap(), b.weights.unwrap());
+            assert!(max_diff(&wa, &wb) < 1e-6);
         }
     }
 }

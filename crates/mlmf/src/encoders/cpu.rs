@@ -25,7 +25,7 @@
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::encoders::layers::{ce, Activation, AttnBias, EncoderLayer, LayerNorm, Linear};
+use crate::encoders::layers::{ce, Activation, AttnBias, EncoderLayer, LayerNorm, Linear, MASKED};
 use crate::error::{MlmfError, Result};
 
 /// A destination shared by tasks that write disjoint parts of it.
@@ -490,7 +490,103 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// One attention task: queries `q0..q0 + nq` of batch row `bi`, head `h`.
+/// One attention task's operands: `nq` query rows and `tk` key/value rows of one head,
+/// each a `dh`-wide strided view, and where its output rows go.
+#[derive(Clone, Copy)]
+struct Rows {
+    q: *const f32,
+    q_rs: usize,
+    k: *const f32,
+    v: *const f32,
+    kv_rs: usize,
+    out: *mut f32,
+    out_rs: usize,
+    nq: usize,
+    tk: usize,
+    dh: usize,
+}
+
+/// `out = softmax(scale * q k^T + bias) v` for one task. `bias(i)` is query row `i`'s
+/// additive bias; with `keys` (0/1 per key) masked keys get exactly 0 and a row with
+/// no key gets 0. With `weights`, the probabilities are written there (`nq x tk`).
+///
+/// # Safety
+/// The views in `r` must be valid for their extents; `out` (and `weights`) must not be
+/// written by another task at the same time.
+unsafe fn attend_rows<'b>(
+    r: Rows,
+    scale: f32,
+    bias: impl Fn(usize) -> Option<&'b [f32]>,
+    keys: Option<&[f32]>,
+    scores: &mut [f32],
+    weights: Option<*mut f32>,
+) {
+    let Rows { nq, tk, dh, .. } = r;
+    let mut inv = [0f32; 128];
+    // scores = scale * q k^T: rhs(kk, j) = k[j, kk].
+    gemm_into(
+        nq,
+        tk,
+        dh,
+        scores.as_mut_ptr(),
+        tk,
+        false,
+        r.q,
+        r.q_rs,
+        1,
+        r.k,
+        1,
+        r.kv_rs,
+        scale,
+    );
+    // Unnormalised softmax numerators; each row's 1 / sum scales its output row.
+    for (i, row) in scores[..nq * tk].chunks_exact_mut(tk).enumerate() {
+        if let Some(b) = bias(i) {
+            for (s, b) in row.iter_mut().zip(b) {
+                *s += b;
+            }
+        }
+        let total = match keys {
+            None => exp_sum(row),
+            Some(keys) => {
+                exp_sum(row);
+                for (s, m) in row.iter_mut().zip(keys) {
+                    *s *= m;
+                }
+                sum(row)
+            }
+        };
+        inv[i] = if total > 0.0 { 1.0 / total } else { 0.0 };
+        if let Some(w) = weights {
+            let dst = std::slice::from_raw_parts_mut(w.add(i * tk), tk);
+            for (d, s) in dst.iter_mut().zip(row.iter()) {
+                *d = s * inv[i];
+            }
+        }
+    }
+    gemm_into(
+        nq,
+        dh,
+        tk,
+        r.out,
+        r.out_rs,
+        false,
+        scores.as_ptr(),
+        tk,
+        1,
+        r.v,
+        r.kv_rs,
+        1,
+        1.0,
+    );
+    for (i, &f) in inv[..nq].iter().enumerate() {
+        std::slice::from_raw_parts_mut(r.out.add(i * r.out_rs), dh)
+            .iter_mut()
+            .for_each(|x| *x *= f);
+    }
+}
+
+/// One self-attention task: queries `q0..q0 + nq` of batch row `bi`, head `h`.
 #[allow(clippy::too_many_arguments)]
 fn attend_block(
     qkv: &[f32],
@@ -507,47 +603,93 @@ fn attend_block(
     scores: &mut [f32],
 ) {
     let rs = 3 * d;
-    let mut inv = [0f32; 128];
     // SAFETY: q/k/v are read inside `qkv` ([B*T, 3D]); the task writes the rows
     // q0..q0+nq of batch row bi, columns of head h, of `ctx`: disjoint per task.
     unsafe {
         let base = qkv.as_ptr().add(bi * t * rs);
-        let q = base.add(q0 * rs + h * dh);
-        let k = base.add(d + h * dh);
-        let v = base.add(2 * d + h * dh);
-        // scores = scale * q k^T: rhs(kk, j) = k[j, kk].
-        gemm_into(
+        let rows = Rows {
+            q: base.add(q0 * rs + h * dh),
+            q_rs: rs,
+            k: base.add(d + h * dh),
+            v: base.add(2 * d + h * dh),
+            kv_rs: rs,
+            out: out.ptr().add((bi * t + q0) * d + h * dh),
+            out_rs: d,
             nq,
-            t,
+            tk: t,
             dh,
-            scores.as_mut_ptr(),
-            t,
-            false,
-            q,
-            rs,
-            1,
-            k,
-            1,
-            rs,
-            scale,
-        );
-        // Unnormalised softmax numerators; each row's 1 / sum scales its output row.
-        for (i, row) in scores.chunks_exact_mut(t).enumerate() {
-            if let Some(bias) = bias {
-                for (s, b) in row.iter_mut().zip(bias.row(bi, h, q0 + i, t)) {
-                    *s += b;
-                }
-            }
-            inv[i] = 1.0 / exp_sum(row);
-        }
-        let c = out.ptr().add((bi * t + q0) * d + h * dh);
-        gemm_into(nq, dh, t, c, d, false, scores.as_ptr(), t, 1, v, rs, 1, 1.0);
-        for (i, &r) in inv[..nq].iter().enumerate() {
-            std::slice::from_raw_parts_mut(c.add(i * d), dh)
-                .iter_mut()
-                .for_each(|x| *x *= r);
-        }
+        };
+        let row_bias = |i: usize| bias.map(|b| b.row(bi, h, q0 + i, t));
+        attend_rows(rows, scale, row_bias, None, scores, None);
     }
+}
+
+/// Cross-attention of `q` `[B*Tq, H*dh]` over `kv` `[B*Tk, 2*Hkv*dh]` (keys, then
+/// values; query head `h` reads kv head `h / (H / Hkv)`) into `ctx` `[B*Tq, H*dh]`;
+/// `keys` `[B*Tk]` 0/1 masks keys; `weights` `[B, H, Tq, Tk]` receives the
+/// probabilities when given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cross_attention(
+    q: &[f32],
+    kv: &[f32],
+    (b, tq, tk): (usize, usize, usize),
+    (heads, kv_heads, dh): (usize, usize, usize),
+    scale: f32,
+    keys: Option<&[f32]>,
+    ctx: &mut [f32],
+    weights: Option<&mut [f32]>,
+) {
+    let (qw, kw) = (heads * dh, kv_heads * dh);
+    let kv_rs = 2 * kw;
+    let group = heads / kv_heads;
+    assert!(q.len() >= b * tq * qw && kv.len() >= b * tk * kv_rs);
+    assert!(ctx.len() >= b * tq * qw);
+    assert!(weights
+        .as_ref()
+        .is_none_or(|w| w.len() >= b * heads * tq * tk));
+    assert!(keys.is_none_or(|m| m.len() >= b * tk));
+    // Key-padding bias per batch row, shared by every head and query.
+    let bias: Option<Vec<f32>> = keys.map(|m| {
+        m.iter()
+            .map(|&x| if x != 0.0 { 0.0 } else { MASKED })
+            .collect()
+    });
+    let block = tq.min(128);
+    let blocks = tq.div_ceil(block);
+    let out = Dst(ctx.as_mut_ptr());
+    let wout = weights.map(|w| Dst(w.as_mut_ptr()));
+    (0..b * heads * blocks).into_par_iter().for_each(|task| {
+        let (bh, qblk) = (task / blocks, task % blocks);
+        let (bi, h) = (bh / heads, bh % heads);
+        let (q0, kvh) = (qblk * block, h / group);
+        let nq = block.min(tq - q0);
+        SCRATCH.with(|cell| {
+            let mut scores = cell.borrow_mut();
+            if scores.len() < nq * tk {
+                scores.resize(nq * tk, 0.0);
+            }
+            // SAFETY: reads stay inside q/k/v (asserted sizes); the task writes rows
+            // q0..q0+nq of batch row bi, head h, of ctx and weights: disjoint per task.
+            unsafe {
+                let rows = Rows {
+                    q: q.as_ptr().add((bi * tq + q0) * qw + h * dh),
+                    q_rs: qw,
+                    k: kv.as_ptr().add(bi * tk * kv_rs + kvh * dh),
+                    v: kv.as_ptr().add(bi * tk * kv_rs + kw + kvh * dh),
+                    kv_rs,
+                    out: out.ptr().add((bi * tq + q0) * qw + h * dh),
+                    out_rs: qw,
+                    nq,
+                    tk,
+                    dh,
+                };
+                let row_bias = |_: usize| bias.as_deref().map(|m| &m[bi * tk..(bi + 1) * tk]);
+                let key_row = keys.map(|m| &m[bi * tk..(bi + 1) * tk]);
+                let w = wout.map(|w| w.ptr().add(((bi * heads + h) * tq + q0) * tk));
+                attend_rows(rows, scale, row_bias, key_row, &mut scores, w);
+            }
+        });
+    });
 }
 
 /// Multi-head attention over the `[B*T, 3D]` projections `qkv` (queries, keys, values
@@ -678,36 +820,56 @@ pub(crate) fn run_layers(
 
 /// `x W^T + b` for a float32 CPU `x` `[.., K]` and linear map; `None` elsewhere.
 pub(crate) fn linear_forward(lin: &Linear, x: &Tensor) -> Result<Option<Tensor>> {
-    if !is_plain_f32(x) || !lin.runs_here() {
-        return Ok(None);
-    }
-    let f = ce("linear");
-    let dims = x.dims().to_vec();
-    let Some(&k) = dims.last() else {
+    let Some((out, n)) = project(x, &[lin])? else {
         return Ok(None);
     };
-    let n = lin.out_dim()?;
-    let m = x.elem_count() / k.max(1);
-    let (wg, bg) = (
-        lin.weight.storage_and_layout(),
-        lin.bias.as_ref().map(|b| b.storage_and_layout()),
-    );
-    let (xg, mut out) = (x.storage_and_layout(), vec![0f32; m * n]);
-    let (Some(w), Some(xs)) = (slice(&wg.0, wg.1), slice(&xg.0, xg.1)) else {
-        return Ok(None);
-    };
-    let part = Lin {
-        w,
-        b: bg.as_ref().and_then(|(s, l)| slice(s, l)),
-    };
-    linear(xs, m, k, &[part], &mut out, n, false, None);
-    let mut out_dims = dims;
-    if let Some(last) = out_dims.last_mut() {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
         *last = n;
     }
-    Tensor::from_vec(out, out_dims, &candle_core::Device::Cpu)
+    Tensor::from_vec(out, dims, &candle_core::Device::Cpu)
         .map(Some)
-        .map_err(f)
+        .map_err(ce("linear"))
+}
+
+/// `x W_i^T + b_i` of a float32 CPU `x` `[.., K]` for several maps at once, side by
+/// side in one `[rows, sum of widths]` buffer (one pass of tasks for all of them);
+/// returns the buffer and its width, or `None` when `x` or a map lives elsewhere.
+pub(crate) fn project(x: &Tensor, lins: &[&Linear]) -> Result<Option<(Vec<f32>, usize)>> {
+    if !is_plain_f32(x) || !lins.iter().all(|l| l.runs_here()) {
+        return Ok(None);
+    }
+    let Some(&k) = x.dims().last() else {
+        return Ok(None);
+    };
+    let m = x.elem_count() / k.max(1);
+    let n: usize = lins.iter().map(|l| l.out_dim()).sum::<Result<usize>>()?;
+    let guards: Vec<_> = lins
+        .iter()
+        .map(|l| {
+            (
+                l.weight.storage_and_layout(),
+                l.bias.as_ref().map(|b| b.storage_and_layout()),
+            )
+        })
+        .collect();
+    let mut parts = Vec::with_capacity(lins.len());
+    for (wg, bg) in &guards {
+        let Some(w) = slice(&wg.0, wg.1) else {
+            return Ok(None);
+        };
+        parts.push(Lin {
+            w,
+            b: bg.as_ref().and_then(|(s, l)| slice(s, l)),
+        });
+    }
+    let xg = x.storage_and_layout();
+    let Some(xs) = slice(&xg.0, xg.1) else {
+        return Ok(None);
+    };
+    let mut out = vec![0f32; m * n];
+    linear(xs, m, k, &parts, &mut out, n, false, None);
+    Ok(Some((out, n)))
 }
 
 /// `act(x)` for a float32 CPU tensor; `None` elsewhere.

@@ -1,0 +1,464 @@
+"""Cross-modal attention speed: mlmf.CrossModalAttention against PyTorch, side by side.
+
+One attention layer, fp32, two threads for everyone, batch 8, 8 heads, width 512:
+77 text tokens attending over 197 image tokens (a CLIP ViT-B/16 grid plus CLS), and
+256 query tokens attending over 1500 audio frames (a Whisper encoder's 30 s output).
+mlmf.CrossModalAttention and torch.nn.MultiheadAttention(batch_first=True) run with the
+same weights: the torch module is built from a fixed seed (random biases added) and
+its projections are saved to a safetensors file that mlmf loads. Each workload is
+timed twice: output only (mlmf `return_weights=False`, torch `need_weights=False`) and
+with the per-head weights returned (mlmf `return_weights=True`, torch
+`need_weights=True, average_attn_weights=False`). Contenders alternate within one
+process for several rounds; the table reports medians per call, torch_time /
+mlmf_time, effective GFLOP/s and the largest difference between the outputs.
+
+Usage (from the repository root, with torch and safetensors installed into the same
+environment as mlmf)::
+
+    python benchmarks/attention.py --out docs/benchmarks.md [--rounds 7] [--quick]
+
+The script owns the section between `<!-- attention:begin -->` and
+`<!-- attention:end -->` of the output file (created if missing). It writes no plot.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# The shared helpers (timing, environment, sections) live in preprocess.py. Importing
+# it first also sets the thread variables (RAYON_NUM_THREADS, OMP_NUM_THREADS,
+# MKL_NUM_THREADS = 2; OpenBLAS 1) before anything below can start a thread pool.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import preprocess as pp  # noqa: E402
+
+THREADS = pp.THREADS
+
+import argparse  # noqa: E402
+import datetime as _dt  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Callable, Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+BEGIN = "<!-- attention:begin -->"
+END = "<!-- attention:end -->"
+TARGET = 1.0  # mlmf at least as fast as PyTorch eager
+TORCH = "PyTorch eager"
+SEED = 0
+BATCH = 8
+HEADS = 8
+DIM = 512  # query width, key/value width and inner width (8 heads of 64)
+
+# (key, label, query tokens, key/value tokens)
+WORKLOADS = (
+    ("text_image", "text 77 tok over image 197 tok", 77, 197),
+    ("audio", "256 queries over audio 1500 frames", 256, 1500),
+)
+
+
+def gflop(tq: int, tk: int, batch: int = BATCH, dim: int = DIM, kv_dim: int = DIM) -> float:
+    """GFLOP of one call (multiply-adds counted as two): the four projections and the
+    two attention matmuls (q k^T and w v). Softmax, scaling and bias adds are left out."""
+    inner = dim  # num_heads * head_dim
+    q_proj = 2 * batch * tq * dim * inner
+    kv_proj = 2 * (2 * batch * tk * kv_dim * inner)
+    out_proj = 2 * batch * tq * inner * dim
+    attention = 2 * (2 * batch * tq * tk * inner)  # summed over heads: H * hd = inner
+    return (q_proj + kv_proj + out_proj + attention) / 1e9
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    """One workload in one mode: mlmf and its competitors on the same inputs.
+
+    `pp.measure` times `mlmf` and `competitors` (pp.Contender: name, fn, times).
+    `compare(mlmf_result, competitor_result)` returns the diff cell.
+    """
+
+    key: str
+    workload: str
+    gflop: float  # per call
+    rounds: int
+    mlmf: pp.Contender
+    competitors: list[pp.Contender]
+    compare: Callable[[Any, Any], str]
+
+
+def _np(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _diff(a: Any, b: Any) -> str:
+    a, b = _np(a), _np(b)
+    if a.shape != b.shape:
+        return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    return f"{float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))):.2g}"
+
+
+def build_layers(path: Path) -> tuple[Any, Any]:
+    """torch.nn.MultiheadAttention from SEED and the mlmf layer loading the same weights.
+
+    MultiheadAttention initialises its biases to zero; they are filled with small seeded
+    random values so that the comparison covers them too.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    import mlmf
+
+    torch.manual_seed(SEED)
+    mha = torch.nn.MultiheadAttention(DIM, HEADS, batch_first=True).eval()
+    with torch.no_grad():
+        torch.nn.init.uniform_(mha.in_proj_bias, -0.1, 0.1)
+        torch.nn.init.uniform_(mha.out_proj.bias, -0.1, 0.1)
+    w, b = mha.in_proj_weight.detach(), mha.in_proj_bias.detach()
+    tensors = {}
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        # Row blocks of in_proj_weight and in_proj_bias; cloned, since safetensors
+        # refuses tensors that share storage.
+        tensors[f"{name}.weight"] = w[i * DIM : (i + 1) * DIM].clone().contiguous()
+        tensors[f"{name}.bias"] = b[i * DIM : (i + 1) * DIM].clone().contiguous()
+    tensors["out_proj.weight"] = mha.out_proj.weight.detach().clone().contiguous()
+    tensors["out_proj.bias"] = mha.out_proj.bias.detach().clone().contiguous()
+    save_file(tensors, str(path))
+    att = mlmf.CrossModalAttention(DIM, HEADS, DIM, weights=str(path))
+    if att.untrained:
+        raise RuntimeError("mlmf did not load the weights file")
+    return mha, att
+
+
+class Suite:
+    """Builds the layers, the inputs and the rows."""
+
+    def __init__(self, workdir: Path, quick: bool, rounds: Optional[int]) -> None:
+        self.dir = workdir
+        self.quick = quick
+        self.rounds = rounds
+        self.notes: list[str] = []
+
+    def _rounds(self, default: int) -> int:
+        if self.rounds is not None:
+            return self.rounds
+        return 2 if self.quick else default
+
+    def rows_for(self, key: str, label: str, tq: int, tk: int, mha: Any, att: Any) -> list[Row]:
+        import torch
+
+        rng = np.random.default_rng(SEED + tq + tk)
+        query = rng.standard_normal((BATCH, tq, DIM), dtype=np.float32)
+        kv = rng.standard_normal((BATCH, tk, DIM), dtype=np.float32)
+        # Shared memory with the numpy inputs; key and value are the same tensor, as in
+        # cross-attention (torch then projects keys and values in one matmul).
+        q_t, kv_t = torch.from_numpy(query), torch.from_numpy(kv)
+
+        def torch_plain() -> Any:
+            with torch.inference_mode():
+                return mha(q_t, kv_t, kv_t, need_weights=False)[0]
+
+        def torch_weights() -> Any:
+            with torch.inference_mode():
+                return mha(q_t, kv_t, kv_t, need_weights=True, average_attn_weights=False)
+
+        def compare_plain(ours: Any, theirs: Any) -> str:
+            return _diff(ours, theirs)
+
+        def compare_weights(ours: Any, theirs: Any) -> str:
+            return f"{_diff(ours[0], theirs[0])} / {_diff(ours[1], theirs[1])}"
+
+        rows = []
+        for mode, mlmf_fn, torch_fn, compare, rounds in (
+            (
+                "output only",
+                lambda: att(query, kv, return_weights=False),
+                torch_plain,
+                compare_plain,
+                9,
+            ),
+            (
+                "+ per-head weights",
+                lambda: att(query, kv, return_weights=True),
+                torch_weights,
+                compare_weights,
+                7,
+            ),
+        ):
+            eager = pp.Contender(TORCH, torch_fn, target=TARGET)
+            rows.append(
+                Row(
+                    key=key,
+                    workload=f"{label}, batch {BATCH}, {mode}",
+                    gflop=gflop(tq, tk),
+                    rounds=self._rounds(rounds),
+                    mlmf=pp.Contender("mlmf", mlmf_fn),
+                    # The same module with one torch thread: on a busy two-core machine
+                    # torch's OpenMP pool can lose much of its time to a descheduled worker.
+                    competitors=[eager, pp.torch_one_thread(eager)],
+                    compare=compare,
+                )
+            )
+        return rows
+
+    def build(self, only: Optional[list[str]]) -> list[Row]:
+        try:
+            mha, att = build_layers(self.dir / "cross_attention.safetensors")
+        except Exception as exc:
+            traceback.print_exc()
+            self.notes.append(f"no rows: building the layers failed: {type(exc).__name__}: {exc}")
+            return []
+        rows: list[Row] = []
+        for key, label, tq, tk in WORKLOADS:
+            if only and key not in only:
+                continue
+            try:
+                rows.extend(self.rows_for(key, label, tq, tk, mha, att))
+            except Exception as exc:  # one workload failing skips its rows, not the run
+                traceback.print_exc()
+                self.notes.append(f"`{key}` rows skipped: {type(exc).__name__}: {exc}")
+        return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class Line:
+    workload: str
+    competitor: str
+    comp_ms: float
+    mlmf_ms: float
+    gflop: float
+    diff: str
+    is_target: bool
+
+    @property
+    def ratio(self) -> float:
+        return self.comp_ms / self.mlmf_ms
+
+    @property
+    def met(self) -> str:
+        if not self.is_target:
+            return "—"
+        return "met" if self.ratio >= TARGET else "not met"
+
+
+def diff_for(row: Row, competitor: pp.Contender) -> str:
+    """The compare cell from fresh calls on the same inputs (informative only)."""
+    try:
+        return row.compare(row.mlmf.fn(), competitor.fn())
+    except Exception as exc:
+        return f"n/a ({type(exc).__name__})"
+
+
+def lines_for(row: Row) -> list[Line]:
+    mlmf_ms = 1e3 * statistics.median(row.mlmf.times)
+    return [
+        Line(
+            workload=row.workload,
+            competitor=c.name,
+            comp_ms=1e3 * statistics.median(c.times),
+            mlmf_ms=mlmf_ms,
+            gflop=row.gflop,
+            diff=diff_for(row, c) if c.check else "—",
+            is_target=c.target is not None,
+        )
+        for c in row.competitors
+    ]
+
+
+def spread(row: Row) -> str:
+    def one(c: pp.Contender) -> str:
+        lo, hi = (1e3 * f(c.times) for f in (min, max))
+        return f"{c.name} {pp._ms(lo)}–{pp._ms(hi)}"
+
+    return f"{row.workload}: " + ", ".join(one(c) for c in [row.mlmf, *row.competitors])
+
+
+def _gflops(ms: float, gflop: float) -> str:
+    return f"{gflop / (ms / 1e3):.0f}"
+
+
+def table(lines: list[Line]) -> str:
+    head = (
+        "| Workload | Competitor | Competitor ms/call | mlmf ms/call "
+        "| Ratio (competitor / mlmf; > 1: mlmf faster) | mlmf GFLOP/s | Competitor GFLOP/s "
+        "| Target (no slower than PyTorch eager) | max abs diff (output / weights) |\n"
+        "|---|---|---:|---:|---:|---:|---:|---|---|\n"
+    )
+    body = "".join(
+        f"| {ln.workload} | {ln.competitor} | {pp._ms(ln.comp_ms)} | {pp._ms(ln.mlmf_ms)} "
+        f"| **{ln.ratio:.2f}x** | {_gflops(ln.mlmf_ms, ln.gflop)} "
+        f"| {_gflops(ln.comp_ms, ln.gflop)} | {ln.met} | {ln.diff} |\n"
+        for ln in lines
+    )
+    return head + body
+
+
+def environment(load_at_start: str) -> dict[str, str]:
+    env = pp.environment(load_at_start)
+    env["Threads"] = (
+        f"{THREADS} (torch.set_num_threads, interop 1, RAYON_NUM_THREADS, OMP_NUM_THREADS, "
+        "MKL_NUM_THREADS; OpenBLAS 1)"
+    )
+    for name in ("torchvision", "transformers", "tokenizers", "Pillow", "scipy"):
+        env.pop(name, None)
+    try:
+        env["safetensors"] = __import__("safetensors").__version__
+    except Exception:
+        env["safetensors"] = "not installed"
+    try:
+        import torch
+
+        env["torch CPU capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        pass
+    return env
+
+
+def section(
+    lines: list[Line],
+    rows: list[Row],
+    env: dict[str, str],
+    args: argparse.Namespace,
+    notes: list[str],
+) -> str:
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    rounds = ", ".join(dict.fromkeys(f"{r.workload.split(', ')[-1]} {r.rounds}" for r in rows))
+    counts = ", ".join(f"{label} {gflop(tq, tk):.2f}" for _, label, tq, tk in WORKLOADS)
+    parts = [
+        BEGIN,
+        "## Cross-modal attention",
+        "",
+        f"Written by `benchmarks/attention.py` on {when}"
+        + (" — **quick smoke run, not representative**" if args.quick else "")
+        + ".",
+        "",
+        "Method: one attention layer in fp32 on the CPU, batch "
+        f"{BATCH}, {HEADS} heads, query and key/value width {DIM} (head width "
+        f"{DIM // HEADS}), no masks. `torch.nn.MultiheadAttention({DIM}, {HEADS}, "
+        f"batch_first=True)` is built from seed {SEED}, its two biases filled with seeded "
+        "uniform values in ±0.1 (it initialises them to zero), and its projections are "
+        "saved to a safetensors file (`q_proj`/`k_proj`/`v_proj` from the row blocks of "
+        "`in_proj_weight` and `in_proj_bias`, `out_proj` as is) that "
+        f"`mlmf.CrossModalAttention({DIM}, {HEADS}, {DIM}, weights=...)` loads. Inputs: "
+        "standard-normal queries and keys/values (numpy, fixed seeds); torch gets the "
+        "same arrays via `torch.from_numpy`, with the key/value tensor passed as both key "
+        "and value, and runs under `torch.inference_mode()`. *output only*: mlmf "
+        "`return_weights=False` against torch `need_weights=False`; *+ per-head weights*: "
+        "mlmf `return_weights=True` against torch `need_weights=True, "
+        "average_attn_weights=False`, both returning `[B, H, Tq, Tk]` weights. Each "
+        "contender is warmed up, then the contenders alternate for several rounds "
+        f"({rounds}; order reversed every other round); each timed sample repeats the call "
+        f"until it lasts at least {args.min_time:g} s. Figures are medians over the rounds, "
+        "per call (the whole batch). Ratio = competitor time / mlmf time. Effective "
+        "GFLOP/s = GFLOP per call / time per call, with the four projections and the two "
+        "attention matmuls (q kᵀ, w v) counted, multiply-adds as two operations, softmax "
+        f"left out (GFLOP per call: {counts}). *max abs diff* compares mlmf's output (and "
+        "weights) with torch's.",
+        "",
+        "Environment:",
+        "",
+        *[f"- {k}: {v}" for k, v in env.items()],
+        "",
+        table(lines).rstrip("\n"),
+        "",
+        "Notes:",
+        "",
+        f"- Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row.",
+        "- torch.nn.MultiheadAttention takes its fused fast path only for self-attention "
+        "(query, key and value the same tensor); cross-attention goes through "
+        "`F.multi_head_attention_forward`, which projects the query and the shared "
+        "key/value tensor in two matmuls and then, with `need_weights=False`, calls "
+        "`scaled_dot_product_attention`, and with `need_weights=True` materialises the "
+        "weights with `baddbmm` + softmax + `bmm`. That is the eager path measured here.",
+        "- `[torch 1 thread]` lines run the same module with `torch.set_num_threads(1)`: "
+        "on a busy two-core machine torch's two-thread OpenMP pool can spend much of its "
+        "time waiting for a descheduled worker, which inflates the ratio over two-thread "
+        "eager. On a quiet machine two-thread eager is the faster, binding one.",
+        *[f"- {n}" for n in notes],
+    ]
+    parts.append(END)
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed rounds for every row (default: 9 output only, 7 with weights)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, short samples")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated subset: " + ",".join(k for k, *_ in WORKLOADS),
+    )
+    args = parser.parse_args(argv)
+    args.min_time = 0.05 if args.quick else 0.5
+
+    import torch
+
+    torch.set_num_threads(THREADS)
+    torch.set_num_interop_threads(1)
+    load_at_start = pp.load_average()
+    started = time.perf_counter()
+    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    lines: list[Line] = []
+    spreads: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="mlmf-bench-attention-") as tmp:
+        suite = Suite(Path(tmp), args.quick, args.rounds)
+        rows = suite.build(only)
+        for row in rows:
+            print(f"timing: {row.workload} ({row.rounds} rounds)", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            try:
+                pp.measure(row, row.rounds, args.min_time)  # type: ignore[arg-type]
+            except Exception as exc:
+                traceback.print_exc()
+                suite.notes.append(f"{row.workload}: failed: {type(exc).__name__}: {exc}")
+                continue
+            lines.extend(lines_for(row))
+            spreads.append(spread(row))
+            print(f"  timed in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+    if spreads:
+        suite.notes.append(
+            "Per-round spread, min–max ms/call (the table shows medians): " + "; ".join(spreads)
+        )
+    env = environment(load_at_start)
+    if load_at_start != "unknown" and float(load_at_start) > 0.5:
+        suite.notes.append(
+            f"The 1-minute load average was {load_at_start} at start ({os.cpu_count()} "
+            "CPUs): other work may have shared the machine during the run. Every contender "
+            "then loses time, and the two-thread pools (torch's OpenMP, mlmf's rayon) lose "
+            "more when a worker is descheduled; the per-round spreads above show how much "
+            "the timings moved. Compare ratios within one run, not absolute times across "
+            "runs."
+        )
+    suite.notes.append(f"Whole run (building, timing): {time.perf_counter() - started:.0f} s.")
+    print(table(lines))
+    for n in suite.notes:
+        print(f"note: {n}")
+    pp.write_section(args.out, section(lines, rows, env, args, suite.notes), BEGIN, END)
+    print(f"wrote {args.out}")
+    return 0 if lines else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
