@@ -710,23 +710,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     load_at_start = pp.load_average()
     started = time.perf_counter()
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    lines: list[Line] = []
-    spreads: list[str] = []
     with tempfile.TemporaryDirectory(prefix="mlmf-bench-encoders-") as tmp:
         suite = Suite(Path(tmp), args.quick, args.rounds)
         rows = suite.build(only)
-        for row in rows:
-            print(f"timing: {row.workload} ({row.rounds} rounds)", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            try:
-                pp.measure(row, row.rounds, args.min_time)  # type: ignore[arg-type]
-            except Exception as exc:
-                traceback.print_exc()
-                suite.notes.append(f"{row.workload}: failed: {type(exc).__name__}: {exc}")
-                continue
-            lines.extend(lines_for(row))
-            spreads.append(spread(row))
-            print(f"  timed in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        lines, spreads = pp.time_rows(rows, args.min_time, suite.notes, lines_for, spread)
 
     if spreads:
         suite.notes.append(

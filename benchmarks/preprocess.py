@@ -817,6 +817,32 @@ def section(
     return "\n".join(parts) + "\n"
 
 
+def time_rows(
+    rows: list[Any],
+    min_time: float,
+    notes: list[str],
+    lines_for: Callable[[Any], list[Any]],
+    spread: Callable[[Any], str],
+) -> tuple[list[Any], list[str]]:
+    """Times each row (``row.rounds`` rounds, see :func:`measure`), printing progress;
+    a row that fails is noted and skipped. Returns the table lines and per-row spreads."""
+    lines: list[Any] = []
+    spreads: list[str] = []
+    for row in rows:
+        print(f"timing: {row.workload} ({row.rounds} rounds)", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            measure(row, row.rounds, min_time)
+        except Exception as exc:
+            traceback.print_exc()
+            notes.append(f"{row.workload}: failed: {type(exc).__name__}: {exc}")
+            continue
+        lines.extend(lines_for(row))
+        spreads.append(spread(row))
+        print(f"  timed in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return lines, spreads
+
+
 def write_section(out: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
     """Replaces the section of `out` between the markers `begin` and `end` (each script
     owns one), leaving the rest alone."""
