@@ -38,7 +38,6 @@ import argparse  # noqa: E402
 import datetime as _dt  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -720,15 +719,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "Per-round spread, min–max ms/item (the table shows medians): " + "; ".join(spreads)
         )
     env = environment(load_at_start)
-    if load_at_start != "unknown" and float(load_at_start) > 0.5:
-        suite.notes.append(
-            f"The 1-minute load average was {load_at_start} at start ({os.cpu_count()} "
-            "CPUs): other work may have shared the machine during the run. Every contender "
-            "then loses time, and the two-thread pools (torch's OpenMP, ONNX Runtime's, "
-            "mlmf's rayon) lose more when a worker is descheduled; the per-round spreads "
-            "above show how much the timings moved. Compare ratios within one run, not "
-            "absolute times across runs."
-        )
+    busy = pp.busy_note(load_at_start, "torch's OpenMP, ONNX Runtime's, mlmf's rayon")
+    if busy:
+        suite.notes.append(busy)
     suite.notes.append(
         f"Whole run (building, exporting, timing): {time.perf_counter() - started:.0f} s."
     )

@@ -817,6 +817,20 @@ def section(
     return "\n".join(parts) + "\n"
 
 
+def busy_note(load_at_start: str, pools: str) -> Optional[str]:
+    """The note for a run that started on a loaded machine (1-minute load > 0.5), or
+    None; ``pools`` names the two-thread pools in the run."""
+    if load_at_start == "unknown" or float(load_at_start) <= 0.5:
+        return None
+    return (
+        f"The 1-minute load average was {load_at_start} at start ({os.cpu_count()} "
+        "CPUs): other work may have shared the machine during the run. Every contender "
+        f"then loses time, and the two-thread pools ({pools}) lose more when a worker is "
+        "descheduled; the per-round spreads above show how much the timings moved. "
+        "Compare ratios within one run, not absolute times across runs."
+    )
+
+
 def time_rows(
     rows: list[Any],
     min_time: float,

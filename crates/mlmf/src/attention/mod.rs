@@ -320,17 +320,27 @@ impl CrossModalAttention {
         if !x.dtype().is_float() {
             return Err(bad(format!("expected a float tensor, got {:?}", x.dtype())));
         }
-        let finite = x
-            .to_dtype(DType::F32)
-            .and_then(|x| x.flatten_all())
+        let f = ce("attention input");
+        let x32 = x.to_dtype(DType::F32).map_err(&f)?;
+        // One reduction on the usual path; the values are copied out only to locate a
+        // non-finite one (a finite sum that overflows finds none and passes).
+        let total = x32
+            .sum_all()
+            .and_then(|s| s.to_scalar::<f32>())
+            .map_err(&f)?;
+        if total.is_finite() {
+            return Ok((b, t));
+        }
+        let values = x32
+            .flatten_all()
             .and_then(|x| x.to_vec1::<f32>())
-            .map_err(ce("attention input"))?;
-        if let Some(pos) = finite.iter().position(|v| !v.is_finite()) {
+            .map_err(&f)?;
+        if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
             return Err(MlmfError::input(
                 modality,
                 format!(
                     "{side}: non-finite value {} at token {}",
-                    finite[pos],
+                    values[pos],
                     (pos / w) % t
                 ),
             )
