@@ -7,7 +7,9 @@ Run through ``scripts/make_fixtures.py --only attention``, which calls
 The layer is mlmf's ``CrossModalAttention(dim, num_heads, kv_dim, head_dim=None
 -> dim // num_heads, num_kv_heads=None -> num_heads, temperature=1.0, bias=True,
 qk_norm=False, qk_norm_eps=1e-6, softcap=None, sliding_window=None, top_k=None,
-sparsity_ratio=None, rope_base=None, rope_scale=1.0)`` (float32, batch first),
+sparsity_ratio=None, rope_base=None, rope_scale=1.0, adaptive=False,
+adaptive_target_std=1.0, adaptive_min_temperature=0.5, adaptive_max_temperature=2.0,
+adaptive_max_sparsity=0.5)`` (float32, batch first),
 with the weights ``q_proj.{weight,bias}`` ``[H*hd, dim]``, ``k_proj.*`` /
 ``v_proj.*`` ``[Hkv*hd, kv_dim]``, ``out_proj.*`` ``[dim, H*hd]`` and, with
 qk_norm, ``q_norm.weight`` / ``k_norm.weight`` ``[hd]`` in one
@@ -23,6 +25,15 @@ qk_norm, ``q_norm.weight`` / ``k_norm.weight`` ``[hd]`` in one
     allowed keys: kv_mask 1 and, with sliding_window w, |i - j| <= w
     top_k / sparsity_ratio: per query row and head only the k largest allowed logits
         (k = top_k, or max(1, ceil((1 - sparsity_ratio) * n_allowed)); all if n_allowed <= k)
+    adaptive (never with top_k / sparsity_ratio): per query row and head, over the row's
+        n allowed logits l (unchanged when n <= 1):
+        sigma = sqrt(mean((l - mean(l))^2))                      (population std)
+        tau = clamp(sigma / adaptive_target_std, adaptive_min_temperature,
+                    adaptive_max_temperature)                    (defaults 1.0, 0.5, 2.0)
+        l = l / tau;  p = softmax(l);  h = -sum(p ln p) / ln(n)  (normalised entropy)
+        s = adaptive_max_sparsity * (1 - h)                      (default 0.5)
+        keep the k = max(1, ceil((1 - s) * n)) largest l; the weights are the softmax of
+        the kept l (the scaled logits)
     the other keys -> -inf
     weights = softmax(logits) [B, H, Tq, Tk];  out = out_proj(merge(weights v)) [B, Tq, dim]
     a query row with no allowed key: weights 0 and output row 0 (not out_proj.bias)
@@ -48,11 +59,17 @@ to float32:
 Other cases also record how far the written-out result is from
 MultiheadAttention run on an equivalent layer (kv heads repeated, q scaled by
 1 / temperature, query rows zeroed afterwards) where one exists.  The variant
-cases (qk_norm, rope, softcap, sliding_window, top_k, sparsity_ratio) have
-the written-out reference only (MultiheadAttention has none of these); their
-q/k steps are checked against torch.nn.functional.rms_norm and transformers'
-LlamaRotaryEmbedding + apply_rotary_pos_emb.  The ``bidirectional`` case holds
-two layers (text -> image and image -> text) over one shared set of inputs.
+cases (qk_norm, rope, softcap, sliding_window, top_k, sparsity_ratio,
+adaptive) have the written-out reference only (MultiheadAttention has none of
+these); their q/k steps are checked against torch.nn.functional.rms_norm and
+transformers' LlamaRotaryEmbedding + apply_rotary_pos_emb, and the adaptive
+entropy against torch.distributions.Categorical.  Key selection (top_k,
+sparsity_ratio, adaptive) is kept away from ties and from rounding edges, so
+that a float32 implementation keeps the same keys: the k-th and (k+1)-th
+largest logits of a row differ by more than MIN_TOPK_GAP, and with adaptive
+(1 - s) * n is more than MIN_INTEGER_DISTANCE from an integer.  The
+``bidirectional`` case holds two layers (text -> image and image -> text) over
+one shared set of inputs.
 """
 
 from __future__ import annotations
@@ -75,6 +92,11 @@ NORM_STD = 0.2
 # top_k / sparsity_ratio: the k-th and (k+1)-th largest allowed logits of a row must be
 # at least this far apart (float64), so that a float32 implementation keeps the same keys.
 MIN_TOPK_GAP = 1e-3
+# adaptive: (1 - s) * n must be at least this far from an integer (float64), so that a
+# float32 implementation rounds k the same way.
+MIN_INTEGER_DISTANCE = 1e-3
+# adaptive entropy against torch.distributions.Categorical (float64).
+ENTROPY_TOL = 1e-12
 # rotary q/k against transformers' LlamaRotaryEmbedding (float32 angles) + apply_rotary_pos_emb.
 ROPE_TOL = 1e-5
 # Plain cases must agree with nn.MultiheadAttention to this (float64 computations).
@@ -228,6 +250,48 @@ CASES: list[dict[str, Any]] = [
         "kv_mask": [[1, 1, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]],
         "query_mask": [[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]],
     },
+    # Adaptive temperature and sparsity (seeds 320-322: 318 and 319 are bidirectional's).
+    {
+        "id": "adaptive",
+        "seed": 320,
+        "description": "adaptive with its default parameters; temperature 0.7 spreads the "
+        "logits so that tau is clamped at 0.5 in some rows, at 2.0 in others, and inside the "
+        "range in most; kv_mask: batch row 1 has keys 1 and 4 masked",
+        "config": {"adaptive": True, "temperature": 0.7},
+        "kv_mask": [[1, 1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1, 1]],
+    },
+    {
+        "id": "adaptive_params",
+        "seed": 321,
+        "description": "adaptive with every parameter set: target_std 1.5, temperatures "
+        "clamped to [0.3, 1.2], max_sparsity 0.8, and temperature 0.6; kv_mask: batch row 0 "
+        "has key 6 masked; query_mask: batch row 1 query 2",
+        "config": {
+            "temperature": 0.6,
+            "adaptive": True,
+            "adaptive_target_std": 1.5,
+            "adaptive_min_temperature": 0.3,
+            "adaptive_max_temperature": 1.2,
+            "adaptive_max_sparsity": 0.8,
+        },
+        "kv_mask": [[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]],
+        "query_mask": [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]],
+    },
+    {
+        "id": "adaptive_window",
+        "seed": 322,
+        "description": "adaptive (max_sparsity 0.9) after softcap 1 and sliding_window 2, 2 kv "
+        "heads; kv_mask: batch row 1 has keys 0, 1 and 3 masked (its queries 0 and 1 have one "
+        "allowed key, left unchanged; rows with 2-5 allowed keys elsewhere)",
+        "config": {
+            "num_kv_heads": 2,
+            "softcap": 1.0,
+            "sliding_window": 2,
+            "adaptive": True,
+            "adaptive_max_sparsity": 0.9,
+        },
+        "kv_mask": [[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 0, 1, 1, 1]],
+    },
 ]
 
 # Two layers over one set of inputs: text [B, 5, 24] and image [B, 7, 20] (drawn as query
@@ -265,7 +329,14 @@ VARIANT_DEFAULTS: dict[str, Any] = {
     "sparsity_ratio": None,
     "rope_base": None,
     "rope_scale": 1.0,
+    "adaptive": False,
+    "adaptive_target_std": 1.0,
+    "adaptive_min_temperature": 0.5,
+    "adaptive_max_temperature": 2.0,
+    "adaptive_max_sparsity": 0.5,
 }
+# Parameters of the adaptive switch (set only together with it).
+ADAPTIVE_PARAMETERS = [name for name in VARIANT_DEFAULTS if name.startswith("adaptive_")]
 
 
 # ---------------------------------------------------------------------------
@@ -299,6 +370,8 @@ def variants(args: dict) -> list[str]:
     for name in ("softcap", "sliding_window", "top_k", "sparsity_ratio"):
         if args[name] is not None:
             out.append(name)
+    if args["adaptive"]:
+        out.append("adaptive")
     return out
 
 
@@ -312,6 +385,13 @@ def resolve(args: dict) -> dict:
     assert args["rope_base"] is not None or args["rope_scale"] == 1.0
     assert args["top_k"] is None or args["sparsity_ratio"] is None
     assert args["sparsity_ratio"] is None or 0 <= args["sparsity_ratio"] < 1
+    for name in ADAPTIVE_PARAMETERS:
+        assert args["adaptive"] or args[name] == VARIANT_DEFAULTS[name], name
+    if args["adaptive"]:
+        assert args["top_k"] is None and args["sparsity_ratio"] is None
+        assert args["adaptive_target_std"] > 0
+        assert 0 < args["adaptive_min_temperature"] <= args["adaptive_max_temperature"]
+        assert 0 <= args["adaptive_max_sparsity"] <= 1
     return {
         "head_dim": head_dim,
         "num_kv_heads": kv_heads,
@@ -407,6 +487,72 @@ def keys_to_keep(n_allowed: int, args: dict) -> int:
     return min(k, n_allowed)
 
 
+def adaptive_selection(
+    logits: torch.Tensor, allowed: torch.Tensor, args: dict
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The adaptive rule, one (batch, head, query) row at a time.
+
+    ``logits`` [B, H, Tq, Tk] (after temperature and softcap), ``allowed`` [B, H, Tq, Tk].
+    Returns the logits with each row's allowed entries divided by its temperature, the
+    kept keys [B, H, Tq, Tk] and the per-row statistics.
+    """
+    b, h, tq, _ = logits.shape
+    target = args["adaptive_target_std"]
+    t_min, t_max = args["adaptive_min_temperature"], args["adaptive_max_temperature"]
+    scaled = logits.clone()
+    kept = torch.zeros_like(allowed)
+    temperature: list = [[[None] * tq for _ in range(h)] for _ in range(b)]
+    kept_count = [[[0] * tq for _ in range(h)] for _ in range(b)]
+    clamped = {"min": 0, "max": 0, "inside": 0}
+    entropies: list[float] = []
+    distances: list[float] = []
+    gaps: list[float] = []
+    entropy_check = 0.0
+    for bi in range(b):
+        for hi in range(h):
+            for qi in range(tq):
+                idx = allowed[bi, hi, qi].nonzero().flatten()
+                n = len(idx)
+                if n <= 1:  # nothing to choose: unchanged
+                    kept[bi, hi, qi, idx] = True
+                    kept_count[bi][hi][qi] = n
+                    continue
+                row = logits[bi, hi, qi, idx]
+                sigma = float(((row - row.mean()) ** 2).mean().sqrt())
+                ratio = sigma / target
+                tau = min(max(ratio, t_min), t_max)
+                clamped["min" if ratio < t_min else "max" if ratio > t_max else "inside"] += 1
+                row = row / tau
+                p = torch.softmax(row, dim=0)
+                entropy = float(-torch.special.xlogy(p, p).sum())
+                cat = torch.distributions.Categorical(logits=row).entropy()
+                entropy_check = max(entropy_check, abs(float(cat) - entropy))
+                h_norm = entropy / math.log(n)
+                sparsity = args["adaptive_max_sparsity"] * (1.0 - h_norm)
+                kf = (1.0 - sparsity) * n
+                k = max(1, math.ceil(kf))
+                ranked = row.sort(descending=True)
+                kept[bi, hi, qi, idx[ranked.indices[:k]]] = True
+                scaled[bi, hi, qi, idx] = row
+                temperature[bi][hi][qi] = round(tau, 6)
+                kept_count[bi][hi][qi] = k
+                entropies.append(h_norm)
+                distances.append(abs(kf - round(kf)))
+                if k < n:
+                    gaps.append(float(ranked.values[k - 1] - ranked.values[k]))
+    stats = {
+        "temperature": temperature,
+        "temperature_clamped_rows": clamped,
+        "normalised_entropy_range": [min(entropies), max(entropies)] if entropies else None,
+        "kept_keys_per_row_and_head": kept_count,
+        "rows_with_dropped_keys": len(gaps),
+        "min_distance_to_integer": min(distances) if distances else None,
+        "min_gap_kth_to_next": min(gaps) if gaps else None,
+        "entropy_check_max_abs_diff": entropy_check,
+    }
+    return scaled, kept, stats
+
+
 def written_out(
     w: dict[str, torch.Tensor],
     args: dict,
@@ -483,6 +629,12 @@ def written_out(
         info["kept_keys_per_row"] = k_row.tolist()
         info["min_gap_kth_to_next"] = min(gaps) if gaps else None
         allowed = kept
+    # adaptive: per query row and head, a temperature from the spread of the allowed
+    # logits, then a sparsity from the entropy of the rescaled row.
+    if args["adaptive"]:
+        logits, allowed, info["adaptive"] = adaptive_selection(
+            logits, allowed.expand(b, h, tq, tk), args
+        )
     info["kept"] = allowed.expand(b, h, tq, tk)
     logits = logits.masked_fill(~allowed, -math.inf)
     # Softmax that gives 0 (not NaN) on a row of -inf.
@@ -568,7 +720,11 @@ WRITTEN_CALL = (
     "logits = softcap * tanh(logits / softcap); allowed = (kv_mask != 0) & (|i - j| <= "
     "sliding_window); if top_k or sparsity_ratio: allowed &= logits >= the k-th largest "
     "allowed logit of the row (k = min(top_k, n_allowed) or max(1, ceil((1 - sparsity_ratio) "
-    "* n_allowed))); masked_fill(~allowed, -inf); weights = exp(logits - rowmax) / rowsum "
+    "* n_allowed))); if adaptive: per row of n > 1 allowed logits l, tau = "
+    "clamp(sqrt(mean((l - mean(l))^2)) / target_std, min_temperature, max_temperature), "
+    "l = l / tau, h = -sum(p ln p) / ln(n) with p = softmax(l), s = max_sparsity * (1 - h), "
+    "allowed = the k = max(1, ceil((1 - s) * n)) largest l; masked_fill(~allowed, -inf); "
+    "weights = exp(logits - rowmax) / rowsum "
     "(0 on an all -inf row) * query_mask; out = merge(einsum('bhqk,bhkd->bhqd', weights, v)) "
     "@ Wo.T + bo, rows with query_mask 0 or no allowed key set to 0; "
     "weights_mean = weights.mean(1)"
@@ -716,6 +872,14 @@ def piece_checks(w: dict[str, torch.Tensor], args: dict, res: dict, info: dict) 
             "float32 there) + apply_rotary_pos_emb on the float64 q / k",
             "max_abs_diff": diffs,
         }
+    if args["adaptive"]:
+        d = info["adaptive"]["entropy_check_max_abs_diff"]
+        assert d < ENTROPY_TOL, d
+        out["adaptive_entropy"] = {
+            "check": "torch.distributions.Categorical(logits=l / tau).entropy() against "
+            "-sum(p ln p) of each row with more than one allowed key (float64)",
+            "max_abs_diff": d,
+        }
     return out
 
 
@@ -853,6 +1017,16 @@ def run_layer(
         ]
         if empty:
             extra["empty_query_rows"] = empty
+    if args["adaptive"]:
+        st = info["adaptive"]
+        dist, gap = st["min_distance_to_integer"], st["min_gap_kth_to_next"]
+        assert dist is None or dist > MIN_INTEGER_DISTANCE, (key, dist)
+        assert gap is None or gap > MIN_TOPK_GAP, (key, gap)
+        assert st["rows_with_dropped_keys"] > 0, key
+        extra["adaptive_stats"] = {
+            "allowed_keys_per_row": info["allowed"].sum(dim=-1)[:, 0].tolist(),
+            **{k: v for k, v in st.items() if k != "entropy_check_max_abs_diff"},
+        }
 
     outputs = {k: arrays.add(f"{key}/{k}", v) for k, v in result.items()}
     return {
@@ -1002,7 +1176,9 @@ def _make_attention(out: Path) -> None:
             "layer": "CrossModalAttention(dim, num_heads, kv_dim, head_dim=None -> dim // "
             "num_heads, num_kv_heads=None -> num_heads, temperature=1.0, bias=True, "
             "qk_norm=False, qk_norm_eps=1e-6, softcap=None, sliding_window=None, top_k=None, "
-            "sparsity_ratio=None, rope_base=None, rope_scale=1.0), float32, batch first, "
+            "sparsity_ratio=None, rope_base=None, rope_scale=1.0, adaptive=False, "
+            "adaptive_target_std=1.0, adaptive_min_temperature=0.5, "
+            "adaptive_max_temperature=2.0, adaptive_max_sparsity=0.5), float32, batch first, "
             "no dropout",
             "weight_names": WEIGHT_NAMES,
             "qk_norm_weight_names": QK_NORM_WEIGHT_NAMES,
@@ -1030,12 +1206,25 @@ def _make_attention(out: Path) -> None:
                 "empty_query_rows": "[batch, query] rows with no allowed key (kv_mask and "
                 "window): weights 0 and out row 0 (not out_proj.bias)",
                 "piece_checks": "the qk_norm and rope steps against torch / transformers "
-                "implementations (float64 intermediates)",
+                "implementations, and the adaptive entropy against "
+                "torch.distributions.Categorical (float64 intermediates)",
+                "adaptive_stats": "adaptive cases: allowed_keys_per_row [B][Tq]; temperature "
+                "[B][H][Tq] (tau of each row, null where the row has at most one allowed key); "
+                "temperature_clamped_rows: how many rows (with more than one allowed key) have "
+                "sigma / adaptive_target_std below adaptive_min_temperature, above "
+                "adaptive_max_temperature, or inside; normalised_entropy_range [min, max] of h; "
+                "kept_keys_per_row_and_head [B][H][Tq]; rows_with_dropped_keys; "
+                "min_distance_to_integer: the smallest |(1 - s) * n - round((1 - s) * n)| "
+                f"(asserted > {MIN_INTEGER_DISTANCE}: a float32 implementation gets the same "
+                "k); min_gap_kth_to_next: the smallest gap between the k-th and (k+1)-th "
+                "largest rescaled logit (l / tau) over the rows where keys were dropped "
+                f"(asserted > {MIN_TOPK_GAP})",
             },
             "semantics": {
                 "kv_head_of_query_head": "h // (num_heads // num_kv_heads)",
                 "order": "project, split heads, qk_norm, rope, logits, softcap, mask (kv_mask, "
-                "sliding_window), top_k / sparsity_ratio, softmax, query_mask, out_proj",
+                "sliding_window), top_k / sparsity_ratio or adaptive, softmax, query_mask, "
+                "out_proj",
                 "qk_norm": "q, k [.., T, head_dim] -> x * w / sqrt(mean(x^2 over head_dim) + "
                 "qk_norm_eps), w = q_norm.weight / k_norm.weight [head_dim] (shared by all "
                 "heads), after the head split and before rope",
@@ -1051,6 +1240,14 @@ def _make_attention(out: Path) -> None:
                 "logits (after softcap) are kept, the others -> -inf; k = top_k, or "
                 "max(1, ceil((1 - sparsity_ratio) * n_allowed)); all allowed keys when "
                 "n_allowed <= k (no ties in these inputs: key_selection.min_gap_kth_to_next)",
+                "adaptive": "per query row and head, over the row's n allowed logits l (after "
+                "temperature, softcap, kv_mask and sliding_window; the row is unchanged when "
+                "n <= 1): sigma = sqrt(mean((l - mean(l))^2)) (population std); tau = "
+                "clamp(sigma / adaptive_target_std, adaptive_min_temperature, "
+                "adaptive_max_temperature); l = l / tau; p = softmax(l); h = -sum(p ln p) / "
+                "ln(n); s = adaptive_max_sparsity * (1 - h); only the k = max(1, ceil((1 - s) "
+                "* n)) largest l stay allowed, and the weights are the softmax of those l / tau "
+                "(never combined with top_k / sparsity_ratio)",
                 "all_keys_masked": "a query row with no allowed key (kv_mask, window): "
                 "weights 0 and out row 0 (not out_proj.bias)",
                 "query_mask_0": "weights 0 and out row 0",
@@ -1062,7 +1259,7 @@ def _make_attention(out: Path) -> None:
             "references": {
                 MHA: "plain cases only (num_kv_heads == num_heads, num_heads * head_dim == dim, "
                 "temperature 1, no query_mask, none of qk_norm, rope, softcap, sliding_window, "
-                "top_k, sparsity_ratio): " + MHA_CALL,
+                "top_k, sparsity_ratio, adaptive): " + MHA_CALL,
                 WRITTEN: WRITTEN_CALL,
                 "tolerance": f"the two agree to {REFERENCE_TOL} (asserted at generation)",
             },

@@ -2055,6 +2055,23 @@ def make_attention(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Fusion layers and building blocks (scripts/fixtures_fusion.py)
+# ---------------------------------------------------------------------------
+
+
+def make_fusion(out: Path) -> None:
+    # As make_encoders: fixtures_fusion imports its helpers from this module (and the
+    # attention reference from fixtures_attention).
+    sys.modules.setdefault("make_fixtures", sys.modules[__name__])
+    scripts_dir = str(Path(__file__).resolve().parent)
+    if scripts_dir not in sys.path:
+        sys.path.insert(0, scripts_dir)
+    import fixtures_fusion
+
+    fixtures_fusion.make_fusion(out)
+
+
+# ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
 
@@ -2065,6 +2082,7 @@ AREAS: dict[str, Callable[[Path], None]] = {
     "video": make_video,
     "encoders": make_encoders,
     "attention": make_attention,
+    "fusion": make_fusion,
 }
 
 

@@ -33,6 +33,11 @@ VARIANT_KEYS = (
     "sparsity_ratio",
     "rope_base",
     "rope_scale",
+    "adaptive",
+    "adaptive_target_std",
+    "adaptive_min_temperature",
+    "adaptive_max_temperature",
+    "adaptive_max_sparsity",
 )
 
 
@@ -90,10 +95,10 @@ def test_parity_with_pytorch(cid: str) -> None:
 def test_every_variant_has_a_case() -> None:
     cfgs = [c["config"] for c in CASES.values()]
     for key in VARIANT_KEYS:
-        if key == "qk_norm_eps":  # a parameter of qk_norm, not a switch
+        if key == "qk_norm_eps" or key.startswith("adaptive_"):  # parameters, not switches
             continue
-        default = {"qk_norm": False, "rope_scale": 1.0}.get(key)
-        assert any(c[key] != default for c in cfgs), key
+        default = {"qk_norm": False, "rope_scale": 1.0, "adaptive": False}.get(key)
+        assert any(c.get(key, default) != default for c in cfgs), key
     assert BIDIRECTIONAL, "no bidirectional case"
     assert any(c["num_kv_heads"] == 1 for c in cfgs)  # multi-query
     assert any(c["num_kv_heads"] not in (None, 1) for c in cfgs)  # grouped-query

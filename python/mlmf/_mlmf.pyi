@@ -220,6 +220,11 @@ class CrossModalAttention:
         sparsity_ratio: Optional[float] = None,
         rope_base: Optional[float] = None,
         rope_scale: float = 1.0,
+        adaptive: bool = False,
+        adaptive_target_std: float = 1.0,
+        adaptive_min_temperature: float = 0.5,
+        adaptive_max_temperature: float = 2.0,
+        adaptive_max_sparsity: float = 0.5,
         weights: Optional[_Path] = None,
         seed: int = 0,
         query_modality: Union[str, Modality, None] = None,
@@ -302,3 +307,56 @@ def register_encoder(
     model_type: str, factory: Any, *, modality: Union[str, Modality], dim: int
 ) -> None: ...
 def supported_model_types() -> list[str]: ...
+
+_FusionValue = Union[npt.NDArray[Any], tuple[npt.NDArray[Any], Optional[npt.NDArray[Any]]]]
+
+@final
+class FusionOutput:
+    """What a fusion call returns."""
+
+    @property
+    def fused(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def gates(self) -> Optional[npt.NDArray[np.float32]]: ...
+    @property
+    def attention(self) -> dict[str, npt.NDArray[np.float32]]: ...
+
+@final
+class Fusion:
+    """Fuses the embeddings of several modalities (early, middle, late, attention,
+    gated/adaptive, custom); any subset of the modalities per call."""
+
+    def __new__(
+        cls,
+        strategy: str,
+        dims: Union[dict[Union[str, Modality], int], Sequence[tuple[Union[str, Modality], int]]],
+        out_dim: int,
+        *,
+        weights: Optional[_Path] = None,
+        seed: int = 0,
+        required: Optional[Sequence[Union[str, Modality]]] = None,
+        fn: Optional[Any] = None,
+        **options: Any,
+    ) -> Fusion: ...
+    def __call__(
+        self,
+        inputs: dict[Union[str, Modality], _FusionValue],
+        return_attention: bool = False,
+    ) -> FusionOutput: ...
+    def save(self, path: _Path) -> None: ...
+    def tensor_names(self) -> list[str]: ...
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]: ...
+    @property
+    def untrained(self) -> bool: ...
+    @property
+    def strategy(self) -> str: ...
+    @property
+    def options(self) -> dict[str, Any]: ...
+    @property
+    def dims(self) -> dict[str, int]: ...
+    @property
+    def out_dim(self) -> int: ...
+    @property
+    def required(self) -> list[str]: ...
+
+def register_fusion(name: str, func: Any) -> None: ...

@@ -10,6 +10,7 @@ pub mod config;
 pub mod device;
 pub mod encoders;
 pub mod error;
+pub mod fusion;
 pub mod modality;
 pub mod preprocess;
 

@@ -40,6 +40,8 @@ fn every_config_field_is_documented() {
         serde_json::to_value(AudioProcessorConfig::whisper()).unwrap(),
         serde_json::to_value(mlmf::config::CrossModalAttentionConfig::default()).unwrap(),
         serde_json::to_value(mlmf::preprocess::video::VideoProcessorConfig::default()).unwrap(),
+        serde_json::to_value(mlmf::config::fusion::LayerStackOptions::default()).unwrap(),
+        serde_json::to_value(mlmf::config::fusion::LateOptions::default()).unwrap(),
     ] {
         keys(&v, &mut names);
     }

@@ -62,10 +62,10 @@ pub struct CrossModalAttention {
 }
 
 /// A deterministic uniform generator (splitmix64) for untrained initialisation.
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next_f32(&mut self) -> f32 {
+    pub(crate) fn next_f32(&mut self) -> f32 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -75,7 +75,7 @@ impl SplitMix {
     }
 
     /// `n` values uniform in `[-bound, bound)`.
-    fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
+    pub(crate) fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
         (0..n)
             .map(|_| (self.next_f32() * 2.0 - 1.0) * bound)
             .collect()
@@ -193,6 +193,19 @@ impl CrossModalAttention {
             qk_norm,
             true,
         )
+    }
+
+    /// A layer (no QK-norm) whose projections come from `get(name, out, in)`, which
+    /// returns the `[out, in]` weight and the bias of `q_proj`, `k_proj`, `v_proj` and
+    /// `out_proj` in that order; the fusion layers build theirs this way.
+    pub(crate) fn from_projections(
+        dim: usize,
+        kv_dim: usize,
+        cfg: &CrossModalAttentionConfig,
+        get: impl FnMut(&str, usize, usize) -> Result<(Tensor, Tensor)>,
+        untrained: bool,
+    ) -> Result<Self> {
+        Self::build(dim, kv_dim, cfg, get, None, untrained)
     }
 
     /// A layer with the weights in the safetensors file `path` (names in the module
@@ -464,7 +477,12 @@ impl CrossModalAttention {
                 .map_err(&f)?;
         }
         // Which keys each query row may see: kv padding, window, top-k ([B, H, Tq, Tk]).
-        let allowed = self.allowed(&logits, km.as_ref(), (b, tq, tk))?;
+        let mut allowed = self.allowed(&logits, km.as_ref(), (b, tq, tk))?;
+        if self.cfg.adaptive {
+            let (l, a) = self.adapt(&logits, allowed.as_ref())?;
+            logits = l;
+            allowed = Some(a);
+        }
         if let Some(a) = &allowed {
             let bias = a
                 .affine(-f64::from(MASKED), f64::from(MASKED))
@@ -527,6 +545,7 @@ impl CrossModalAttention {
             || c.sliding_window.is_some()
             || c.top_k.is_some()
             || c.sparsity_ratio.is_some()
+            || c.adaptive
         {
             return Ok(None);
         }
@@ -635,6 +654,90 @@ impl CrossModalAttention {
         Tensor::from_vec(a, (b, h, tq, tk), logits.device())
             .map(Some)
             .map_err(f)
+    }
+}
+
+impl CrossModalAttention {
+    /// Adaptive attention: per query row, the logits of the `n` keys the row may see
+    /// are divided by `tau = clamp(std / adaptive_target_std, min, max)`, and only the
+    /// `k = max(1, ceil((1 - s) n))` largest are kept, with
+    /// `s = adaptive_max_sparsity * (1 - H / ln n)` from the entropy `H` of the
+    /// row's softmax at `tau`: a peaked row is sparsified, a flat one keeps its keys.
+    /// Returns the scaled logits and the keys each row keeps.
+    fn adapt(&self, logits: &Tensor, allowed: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        let f = ce("adaptive attention");
+        let cfg = &self.cfg;
+        let dims = logits.dims().to_vec();
+        let tk = *dims
+            .last()
+            .ok_or_else(|| MlmfError::Internal("logits".into()))?;
+        let mut l: Vec<f32> = logits.flatten_all().and_then(|t| t.to_vec1()).map_err(&f)?;
+        let mut a: Vec<f32> = match allowed {
+            Some(a) => a.flatten_all().and_then(|t| t.to_vec1()).map_err(&f)?,
+            None => vec![1.0; l.len()],
+        };
+        let target = f64::from(cfg.adaptive_target_std);
+        let (lo, hi) = (
+            f64::from(cfg.adaptive_min_temperature),
+            f64::from(cfg.adaptive_max_temperature),
+        );
+        let mut kept: Vec<f64> = Vec::with_capacity(tk);
+        for (row, ok) in l.chunks_exact_mut(tk).zip(a.chunks_exact_mut(tk)) {
+            kept.clear();
+            kept.extend(
+                row.iter()
+                    .zip(ok.iter())
+                    .filter(|(_, &o)| o != 0.0)
+                    .map(|(&v, _)| f64::from(v)),
+            );
+            let n = kept.len();
+            if n <= 1 {
+                continue;
+            }
+            let mean = kept.iter().sum::<f64>() / n as f64;
+            let std = (kept.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+            let tau = (std / target).clamp(lo, hi);
+            kept.iter_mut().for_each(|v| *v /= tau);
+            let max = kept.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = kept.iter().map(|v| (v - max).exp()).sum();
+            let entropy: f64 = kept
+                .iter()
+                .map(|v| {
+                    let p = (v - max).exp() / z;
+                    if p > 0.0 {
+                        -p * p.ln()
+                    } else {
+                        0.0
+                    }
+                })
+                .sum();
+            let s = cfg.adaptive_max_sparsity * (1.0 - entropy / (n as f64).ln());
+            let k = (((1.0 - s) * n as f64).ceil() as usize).clamp(1, n);
+            for v in row.iter_mut() {
+                *v = (f64::from(*v) / tau) as f32;
+            }
+            if k < n {
+                // The threshold from the scaled float32 values themselves, so that the
+                // k-th largest is kept exactly.
+                let mut vals: Vec<f32> = row
+                    .iter()
+                    .zip(ok.iter())
+                    .filter(|(_, &o)| o != 0.0)
+                    .map(|(&v, _)| v)
+                    .collect();
+                vals.sort_unstable_by(|x, y| y.total_cmp(x));
+                let threshold = vals[k - 1];
+                for (v, o) in row.iter().zip(ok.iter_mut()) {
+                    if *v < threshold {
+                        *o = 0.0;
+                    }
+                }
+            }
+        }
+        let dev = logits.device();
+        let l = Tensor::from_vec(l, dims.as_slice(), dev).map_err(&f)?;
+        let a = Tensor::from_vec(a, dims.as_slice(), dev).map_err(f)?;
+        Ok((l, a))
     }
 }
 
@@ -868,6 +971,73 @@ mod tests {
                 assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
             }
         }
+    }
+
+    #[test]
+    fn adaptive_attention_reduces_to_fixed_settings_and_keeps_enough_keys() {
+        let (q, kv) = (input(2, 4, 8, 1), input(2, 9, 6, 2));
+        let mut km = vec![1u8; 18];
+        km[11..14].iter_mut().for_each(|m| *m = 0);
+        let km = Tensor::from_vec(km, (2, 9), &Device::Cpu).unwrap();
+        let run = |c: &CrossModalAttentionConfig| {
+            let a = CrossModalAttention::new(8, 6, c, 4, &Device::Cpu).unwrap();
+            a.forward(&q, &kv, None, Some(&km), true).unwrap()
+        };
+        let base = CrossModalAttentionConfig {
+            num_heads: 2,
+            ..Default::default()
+        };
+        // Temperature pinned to t and no sparsity: a fixed temperature of t.
+        for t in [1.0f32, 2.0] {
+            let adaptive = run(&CrossModalAttentionConfig {
+                adaptive: true,
+                adaptive_min_temperature: t,
+                adaptive_max_temperature: t,
+                adaptive_max_sparsity: 0.0,
+                ..base.clone()
+            });
+            let fixed = run(&CrossModalAttentionConfig {
+                temperature: t,
+                ..base.clone()
+            });
+            assert!(max_diff(&adaptive.output, &fixed.output) < 1e-6);
+        }
+        // Sharpened rows (temperature 0.02) are sparsified, each still a distribution
+        // over at least ceil((1 - 0.9) n) of its keys.
+        let out = run(&CrossModalAttentionConfig {
+            adaptive: true,
+            adaptive_min_temperature: 0.02,
+            adaptive_max_temperature: 0.02,
+            adaptive_max_sparsity: 0.9,
+            ..base.clone()
+        });
+        let w = out.weights.unwrap().flatten_all().unwrap();
+        let w = w.to_vec1::<f32>().unwrap();
+        let mut sparser = 0;
+        for (r, row) in w.chunks(9).enumerate() {
+            let n = if r < 8 { 9 } else { 6 };
+            let kept = row.iter().filter(|&&x| x > 0.0).count();
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            assert!(kept >= (0.1 * n as f64).ceil() as usize && kept <= n);
+            sparser += usize::from(kept < n);
+            if r >= 8 {
+                assert_eq!(&row[2..5], &[0.0; 3]);
+            }
+        }
+        assert!(sparser > 0, "no row was sparsified");
+        let err = CrossModalAttention::new(
+            8,
+            6,
+            &CrossModalAttentionConfig {
+                adaptive: true,
+                top_k: Some(2),
+                ..base
+            },
+            0,
+            &Device::Cpu,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("adaptive"), "{err}");
     }
 
     #[test]

@@ -35,6 +35,17 @@ pub struct CrossModalAttentionConfig {
     pub rope_base: Option<f64>,
     /// Rotary positions are divided by this (linear frequency scaling).
     pub rope_scale: f64,
+    /// Adaptive attention: each query row picks its own temperature and sparsity from
+    /// its logits (rule in docs/attention.md).
+    pub adaptive: bool,
+    /// The logit spread (standard deviation) adaptive rows are scaled towards.
+    pub adaptive_target_std: f32,
+    /// Lowest adaptive temperature.
+    pub adaptive_min_temperature: f32,
+    /// Highest adaptive temperature.
+    pub adaptive_max_temperature: f32,
+    /// Sparsity of a row whose distribution is a spike; a uniform row keeps every key.
+    pub adaptive_max_sparsity: f64,
 }
 
 impl Default for CrossModalAttentionConfig {
@@ -53,6 +64,11 @@ impl Default for CrossModalAttentionConfig {
             sparsity_ratio: None,
             rope_base: None,
             rope_scale: 1.0,
+            adaptive: false,
+            adaptive_target_std: 1.0,
+            adaptive_min_temperature: 0.5,
+            adaptive_max_temperature: 2.0,
+            adaptive_max_sparsity: 0.5,
         }
     }
 }
@@ -123,6 +139,34 @@ impl CrossModalAttentionConfig {
                     "set top_k or sparsity_ratio, not both",
                 ));
             }
+        }
+        positive("adaptive_target_std", f64::from(self.adaptive_target_std))?;
+        positive(
+            "adaptive_min_temperature",
+            f64::from(self.adaptive_min_temperature),
+        )?;
+        if !(self.adaptive_max_temperature >= self.adaptive_min_temperature
+            && self.adaptive_max_temperature.is_finite())
+        {
+            return Err(MlmfError::config(
+                "adaptive_max_temperature",
+                format!(
+                    "{} is below adaptive_min_temperature ({})",
+                    self.adaptive_max_temperature, self.adaptive_min_temperature
+                ),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.adaptive_max_sparsity) {
+            return Err(MlmfError::config(
+                "adaptive_max_sparsity",
+                format!("{} is outside [0, 1)", self.adaptive_max_sparsity),
+            ));
+        }
+        if self.adaptive && (self.top_k.is_some() || self.sparsity_ratio.is_some()) {
+            return Err(MlmfError::config(
+                "adaptive",
+                "adaptive attention chooses its own sparsity; unset top_k and sparsity_ratio",
+            ));
         }
         Ok(())
     }

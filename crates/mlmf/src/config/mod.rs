@@ -22,7 +22,7 @@
 mod attention;
 mod cache;
 mod distributed;
-mod fusion;
+pub mod fusion;
 mod modality;
 
 use std::collections::BTreeMap;
@@ -230,7 +230,12 @@ modality_assignments = { text = ["text-node"] }
         let c = MultiModalConfig::from_str_as(&yaml, ConfigFormat::Yaml).unwrap();
         assert_eq!(a, b);
         assert_eq!(a, c);
-        assert_eq!(a.fusion, FusionStrategy::Attention { attention_dim: 256 });
+        assert_eq!(
+            a.fusion,
+            FusionStrategy::Attention(fusion::AttentionFusionOptions {
+                attention_dim: Some(256)
+            })
+        );
         assert_eq!(a.cache.max_memory, ByteSize(64 << 20));
         assert_eq!(a.enabled_modalities(), vec![Modality::Text]);
     }

@@ -17,7 +17,7 @@ use crate::python::detached;
 
 /// A float32 tensor from a NumPy float array of rank `rank` (other float dtypes are
 /// converted); `what` names the argument in errors.
-fn float_tensor(
+pub(crate) fn float_tensor(
     obj: &Bound<'_, PyAny>,
     modality: Modality,
     rank: usize,
@@ -55,12 +55,16 @@ fn float_tensor(
     let a = conv.cast::<PyArrayDyn<f32>>()?.readonly();
     let v = a.as_array();
     let shape = v.shape().to_vec();
-    let data: Vec<f32> = v.iter().copied().collect();
+    // ascontiguousarray made it C-contiguous: one memcpy.
+    let data: Vec<f32> = match v.as_slice() {
+        Some(s) => s.to_vec(),
+        None => v.iter().copied().collect(),
+    };
     Tensor::from_vec(data, shape, &Device::Cpu)
         .map_err(|e| MlmfError::Internal(format!("{what}: {e}")).into())
 }
 
-fn host_array(py: Python<'_>, t: &Tensor) -> Result<Py<PyAny>> {
+pub(crate) fn host_array(py: Python<'_>, t: &Tensor) -> Result<Py<PyAny>> {
     let f = ce("copy to host");
     let dims = t.dims().to_vec();
     let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(f)?;
@@ -82,7 +86,10 @@ impl PyCrossModalAttention {
     #[pyo3(signature = (dim, num_heads=8, kv_dim=None, *, head_dim=None, num_kv_heads=None,
                         temperature=1.0, dropout=0.0, qk_norm=false, qk_norm_eps=1e-6,
                         softcap=None, sliding_window=None, top_k=None, sparsity_ratio=None,
-                        rope_base=None, rope_scale=1.0, weights=None, seed=0,
+                        rope_base=None, rope_scale=1.0, adaptive=false,
+                        adaptive_target_std=1.0, adaptive_min_temperature=0.5,
+                        adaptive_max_temperature=2.0, adaptive_max_sparsity=0.5,
+                        weights=None, seed=0,
                         query_modality=None, kv_modality=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -102,6 +109,11 @@ impl PyCrossModalAttention {
         sparsity_ratio: Option<f64>,
         rope_base: Option<f64>,
         rope_scale: f64,
+        adaptive: bool,
+        adaptive_target_std: f32,
+        adaptive_min_temperature: f32,
+        adaptive_max_temperature: f32,
+        adaptive_max_sparsity: f64,
         weights: Option<PathBuf>,
         seed: u64,
         query_modality: Option<&Bound<'_, PyAny>>,
@@ -121,6 +133,11 @@ impl PyCrossModalAttention {
             sparsity_ratio,
             rope_base,
             rope_scale,
+            adaptive,
+            adaptive_target_std,
+            adaptive_min_temperature,
+            adaptive_max_temperature,
+            adaptive_max_sparsity,
         };
         let kv_dim = kv_dim.unwrap_or(dim);
         let mut inner = match &weights {

@@ -9,6 +9,7 @@ mod attention;
 mod config;
 mod encoders;
 mod errors;
+mod fusion;
 mod preprocess;
 
 use pyo3::prelude::*;
@@ -53,6 +54,7 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     preprocess::register(m)?;
     encoders::register(m)?;
     attention::register(m)?;
+    fusion::register(m)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())
 }

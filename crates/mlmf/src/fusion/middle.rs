@@ -1,0 +1,127 @@
+//! `middle` fusion: every modality keeps its token sequence; in each layer each
+//! modality's tokens attend over the tokens of all the other present modalities
+//! (cross-attention + MLP, pre-norm, residual, optionally gated), then each sequence is
+//! normalised and pooled and the pools are averaged.
+
+use super::blocks::{Gate, Mlp, Norm};
+use super::early::{concat_tokens, hidden_width, take_attention};
+use super::params::Params;
+use super::{masked_mean, mean_present, projections, FusionComponent, FusionInputs, FusionOutput};
+use crate::attention::CrossModalAttention;
+use crate::config::fusion::LayerStackOptions;
+use crate::encoders::layers::{ce, Linear};
+use crate::error::Result;
+use crate::modality::Modality;
+
+/// One modality's half of a fusion layer.
+struct FusionLayer {
+    norm_q: Norm,
+    norm_kv: Norm,
+    attn: CrossModalAttention,
+    attn_gate: Gate,
+    norm_mlp: Norm,
+    mlp: Mlp,
+    mlp_gate: Gate,
+}
+
+pub(crate) struct Middle {
+    proj: Vec<Linear>,
+    /// `[layer][modality]`.
+    layers: Vec<Vec<FusionLayer>>,
+    norm: Norm,
+}
+
+impl Middle {
+    pub(crate) fn new(
+        p: &mut Params,
+        dims: &[(Modality, usize)],
+        out_dim: usize,
+        o: &LayerStackOptions,
+    ) -> Result<Self> {
+        let proj = projections(p, "proj", dims, out_dim)?;
+        let hidden = hidden_width(o.mlp_ratio, out_dim);
+        let layers = (0..o.num_layers)
+            .map(|i| {
+                dims.iter()
+                    .map(|(m, _)| {
+                        let n = format!("layers.{i}.{m}");
+                        Ok(FusionLayer {
+                            norm_q: Norm::take(p, &format!("{n}.norm_q"), o.norm, out_dim)?,
+                            norm_kv: Norm::take(p, &format!("{n}.norm_kv"), o.norm, out_dim)?,
+                            attn: take_attention(p, &format!("{n}.attn"), out_dim, o.num_heads)?,
+                            attn_gate: Gate::take(p, &format!("{n}.attn_gate"), o.gate, out_dim)?,
+                            norm_mlp: Norm::take(p, &format!("{n}.norm_mlp"), o.norm, out_dim)?,
+                            mlp: Mlp::take(p, &format!("{n}.mlp"), o.mlp, out_dim, hidden)?,
+                            mlp_gate: Gate::take(p, &format!("{n}.mlp_gate"), o.gate, out_dim)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        let norm = Norm::take(p, "norm", o.norm, out_dim)?;
+        Ok(Self { proj, layers, norm })
+    }
+}
+
+impl FusionComponent for Middle {
+    fn fuse(&self, inputs: &FusionInputs, return_attention: bool) -> Result<FusionOutput> {
+        let f = ce("middle fusion");
+        let m_all = inputs.modalities.len();
+        let mut xs: Vec<Option<candle_core::Tensor>> = vec![None; m_all];
+        let mut masks = vec![None; m_all];
+        for (i, _, x) in inputs.present() {
+            xs[i] = Some(self.proj[i].forward(&x.tokens)?);
+            masks[i] = x.mask.clone();
+        }
+        let present: Vec<usize> = inputs.present().map(|(i, _, _)| i).collect();
+        let mut attention = Vec::new();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut next = xs.clone();
+            for &m in &present {
+                let l = &layer[m];
+                let x = xs[m]
+                    .as_ref()
+                    .ok_or_else(|| crate::MlmfError::Internal("middle".into()))?;
+                let others: Vec<(&candle_core::Tensor, Option<&candle_core::Tensor>)> = present
+                    .iter()
+                    .filter(|&&n| n != m)
+                    .filter_map(|&n| xs[n].as_ref().map(|x| (x, masks[n].as_ref())))
+                    .collect();
+                let mut y = x.clone();
+                if !others.is_empty() {
+                    let (c, cmask) = concat_tokens(&others)?;
+                    let a = l.attn.forward(
+                        &l.norm_q.forward(x)?,
+                        &l.norm_kv.forward(&c)?,
+                        masks[m].as_ref(),
+                        cmask.as_ref(),
+                        return_attention,
+                    )?;
+                    if let Some(w) = a.weights {
+                        let name = inputs.modalities[m].0;
+                        attention.push((format!("layers.{li}.{name}"), w));
+                    }
+                    y = (y + l.attn_gate.forward(x, &a.output)?).map_err(&f)?;
+                }
+                let h = l.mlp.forward(&l.norm_mlp.forward(&y)?)?;
+                y = (&y + l.mlp_gate.forward(&y, &h)?).map_err(&f)?;
+                next[m] = Some(y);
+            }
+            xs = next;
+        }
+        let pools = xs
+            .iter()
+            .zip(&masks)
+            .map(|(x, m)| {
+                x.as_ref()
+                    .map(|x| masked_mean(&self.norm.forward(x)?, m.as_ref()))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FusionOutput {
+            fused: mean_present(&pools)?,
+            gates: None,
+            attention,
+        })
+    }
+}

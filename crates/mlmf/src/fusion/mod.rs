@@ -1,0 +1,694 @@
+//! Fusion: the embeddings of several modalities become one (docs/fusion.md).
+//!
+//! [`Fusion`] holds one strategy ([`FusionStrategy`]) over a fixed, ordered set of
+//! modalities and their widths. A call passes any subset of them, each as pooled
+//! embeddings `[B, D]` or token states `[B, T, D]` with an optional `[B, T]` 0/1 mask; a
+//! missing modality is masked out so that the result equals fusing only the present
+//! ones. Built-in strategies and user components share the [`FusionComponent`] trait.
+//!
+//! Weights load from and save to safetensors under the names docs/fusion.md lists;
+//! without a file a fusion initialises deterministically from a seed and reports
+//! itself untrained.
+
+mod attention;
+pub mod blocks;
+mod early;
+mod gated;
+mod late;
+mod middle;
+mod params;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::FusionStrategy;
+use crate::encoders::layers::{ce, Linear, MASKED};
+use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
+
+use params::Params;
+
+/// One modality's input to a fusion call.
+#[derive(Debug, Clone)]
+pub struct ModalityInput {
+    /// `[B, D]` pooled embeddings or `[B, T, D]` token states.
+    pub states: Tensor,
+    /// `[B, T]` of 0/1 (1 = real token), token states only.
+    pub mask: Option<Tensor>,
+}
+
+impl ModalityInput {
+    /// Pooled embeddings `[B, D]`.
+    pub fn pooled(states: Tensor) -> Self {
+        Self { states, mask: None }
+    }
+
+    /// Token states `[B, T, D]` with an optional `[B, T]` mask.
+    pub fn tokens(states: Tensor, mask: Option<Tensor>) -> Self {
+        Self { states, mask }
+    }
+}
+
+/// A checked input: float32 tokens `[B, T, D]` (pooled inputs are one token).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// `[B, T, D]` float32.
+    pub tokens: Tensor,
+    /// `[B, T]` float32 0/1, when given.
+    pub mask: Option<Tensor>,
+    /// Whether the caller passed pooled `[B, D]` embeddings.
+    pub pooled_form: bool,
+}
+
+impl Prepared {
+    /// `[B, D]`: the input itself when pooled, else the masked mean of its tokens.
+    pub fn pooled(&self) -> Result<Tensor> {
+        if self.pooled_form {
+            return self.tokens.squeeze(1).map_err(ce("fusion pool"));
+        }
+        masked_mean(&self.tokens, self.mask.as_ref())
+    }
+}
+
+/// The checked inputs of one call, in the fusion's modality order.
+#[derive(Debug, Clone)]
+pub struct FusionInputs {
+    /// Every modality of the fusion with its width.
+    pub modalities: Vec<(Modality, usize)>,
+    /// `Some` for the modalities present in this call.
+    pub values: Vec<Option<Prepared>>,
+    /// Rows in the batch.
+    pub batch: usize,
+    /// Where the inputs live.
+    pub device: Device,
+}
+
+impl FusionInputs {
+    /// `(index, modality, input)` of the present modalities, in order.
+    pub fn present(&self) -> impl Iterator<Item = (usize, Modality, &Prepared)> {
+        self.values
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.as_ref().map(|v| (i, self.modalities[i].0, v)))
+    }
+
+    /// Pooled `[B, D_m]` of every present modality (`None` for missing ones).
+    pub fn pooled(&self) -> Result<Vec<Option<Tensor>>> {
+        self.values
+            .iter()
+            .map(|v| v.as_ref().map(Prepared::pooled).transpose())
+            .collect()
+    }
+
+    /// `[M]`: 1 for present modalities, 0 for missing ones.
+    fn presence(&self) -> Result<Tensor> {
+        let v: Vec<f32> = self
+            .values
+            .iter()
+            .map(|v| if v.is_some() { 1.0 } else { 0.0 })
+            .collect();
+        let n = v.len();
+        Tensor::from_vec(v, n, &self.device).map_err(ce("fusion presence"))
+    }
+}
+
+/// What a fusion call returns.
+#[derive(Debug, Clone)]
+pub struct FusionOutput {
+    /// `[B, out_dim]`.
+    pub fused: Tensor,
+    /// `[B, M]` per-modality weights (attention and late-weighted softmax, gate values),
+    /// 0 for missing modalities; `None` for strategies without any.
+    pub gates: Option<Tensor>,
+    /// Named attention weights `[B, H, Tq, Tk]` (`layers.{i}` for `early`,
+    /// `layers.{i}.{modality}` for `middle`), when asked for.
+    pub attention: Vec<(String, Tensor)>,
+}
+
+/// A fusion strategy: built-in ones and user components alike.
+pub trait FusionComponent: Send + Sync {
+    /// Fuses checked inputs into `[B, out_dim]`.
+    fn fuse(&self, inputs: &FusionInputs, return_attention: bool) -> Result<FusionOutput>;
+}
+
+fn registry() -> &'static Mutex<HashMap<String, Arc<dyn FusionComponent>>> {
+    static R: OnceLock<Mutex<HashMap<String, Arc<dyn FusionComponent>>>> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+/// Makes `component` available to `FusionStrategy::Custom { name }` (and to config
+/// files naming it); a second registration under a name replaces the first.
+pub fn register_component(name: &str, component: Arc<dyn FusionComponent>) {
+    registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), component);
+}
+
+/// Names registered with [`register_component`], sorted.
+pub fn registered_components() -> Vec<String> {
+    let mut v: Vec<String> = registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    v.sort();
+    v
+}
+
+/// Where a fusion's weights come from, and which modalities a call must carry.
+#[derive(Debug, Clone, Default)]
+pub struct FusionSettings {
+    /// A safetensors file; `None` = seeded, untrained initialisation.
+    pub weights: Option<PathBuf>,
+    /// Seed of the untrained initialisation.
+    pub seed: u64,
+    /// Modalities every call must include.
+    pub required: Vec<Modality>,
+}
+
+/// A fusion layer; see the module docs.
+#[derive(Clone)]
+pub struct Fusion {
+    strategy: FusionStrategy,
+    modalities: Vec<(Modality, usize)>,
+    out_dim: usize,
+    required: Vec<Modality>,
+    component: Arc<dyn FusionComponent>,
+    tensors: Vec<(String, Tensor)>,
+    untrained: bool,
+}
+
+impl std::fmt::Debug for Fusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fusion")
+            .field("strategy", &self.strategy)
+            .field("modalities", &self.modalities)
+            .field("out_dim", &self.out_dim)
+            .field("required", &self.required)
+            .field("tensors", &self.tensors.len())
+            .field("untrained", &self.untrained)
+            .finish()
+    }
+}
+
+fn check_layout(dims: &[(Modality, usize)], out_dim: usize, required: &[Modality]) -> Result<()> {
+    if dims.is_empty() {
+        return Err(MlmfError::config(
+            "dims",
+            "a fusion needs at least one modality",
+        ));
+    }
+    for (i, (m, d)) in dims.iter().enumerate() {
+        if *d == 0 {
+            return Err(MlmfError::config(
+                format!("dims.{m}"),
+                "width must be at least 1",
+            ));
+        }
+        if dims[..i].iter().any(|(n, _)| n == m) {
+            return Err(MlmfError::config(
+                format!("dims.{m}"),
+                "the modality is listed twice",
+            ));
+        }
+    }
+    if out_dim == 0 {
+        return Err(MlmfError::config("out_dim", "must be at least 1"));
+    }
+    if let Some(r) = required.iter().find(|r| !dims.iter().any(|(m, _)| m == *r)) {
+        return Err(MlmfError::config(
+            "required",
+            format!(
+                "`{r}` is not one of the fusion's modalities ({})",
+                names(dims)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn names(dims: &[(Modality, usize)]) -> String {
+    dims.iter()
+        .map(|(m, _)| m.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Fusion {
+    /// A built-in strategy (or a registered custom component) over `dims`, fusing to
+    /// `out_dim`.
+    pub fn new(
+        strategy: &FusionStrategy,
+        dims: &[(Modality, usize)],
+        out_dim: usize,
+        settings: &FusionSettings,
+        device: &Device,
+    ) -> Result<Self> {
+        strategy.validate()?;
+        check_layout(dims, out_dim, &settings.required)?;
+        let mut p = match &settings.weights {
+            Some(path) => Params::load(path, device)?,
+            None => Params::seeded(settings.seed, device),
+        };
+        let component: Arc<dyn FusionComponent> = match strategy {
+            FusionStrategy::Early(o) => Arc::new(early::Early::new(&mut p, dims, out_dim, o)?),
+            FusionStrategy::Middle(o) => Arc::new(middle::Middle::new(&mut p, dims, out_dim, o)?),
+            FusionStrategy::Late(o) => Arc::new(late::Late::new(&mut p, dims, out_dim, o.mode)?),
+            FusionStrategy::Attention(o) => Arc::new(attention::AttentionFusion::new(
+                &mut p,
+                dims,
+                out_dim,
+                o.attention_dim,
+            )?),
+            FusionStrategy::Gated(_) => Arc::new(gated::Gated::new(&mut p, dims, out_dim)?),
+            FusionStrategy::Custom(crate::config::fusion::CustomOptions { name }) => {
+                if settings.weights.is_some() {
+                    return Err(MlmfError::config(
+                        "weights",
+                        "a custom fusion component loads its own weights",
+                    ));
+                }
+                let found = registry()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(name)
+                    .cloned();
+                let component = found.ok_or_else(|| {
+                    let known = registered_components();
+                    MlmfError::config(
+                        "name",
+                        format!(
+                            "no fusion component is registered as `{name}` (registered: {}); \
+                             register one with mlmf::fusion::register_component",
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    )
+                })?;
+                return Self::with_component(dims, out_dim, component, &settings.required)
+                    .map(|f| f.named(strategy.clone()));
+            }
+        };
+        let untrained = p.is_seeded();
+        let tensors = p.finish(&format!("this `{}` fusion", strategy.name()))?;
+        Ok(Self {
+            strategy: strategy.clone(),
+            modalities: dims.to_vec(),
+            out_dim,
+            required: settings.required.clone(),
+            component,
+            tensors,
+            untrained,
+        })
+    }
+
+    /// A fusion running a user component (its weights are its own business).
+    pub fn with_component(
+        dims: &[(Modality, usize)],
+        out_dim: usize,
+        component: Arc<dyn FusionComponent>,
+        required: &[Modality],
+    ) -> Result<Self> {
+        check_layout(dims, out_dim, required)?;
+        Ok(Self {
+            strategy: FusionStrategy::Custom(crate::config::fusion::CustomOptions {
+                name: "custom".into(),
+            }),
+            modalities: dims.to_vec(),
+            out_dim,
+            required: required.to_vec(),
+            component,
+            tensors: Vec::new(),
+            untrained: false,
+        })
+    }
+
+    fn named(mut self, strategy: FusionStrategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    pub fn strategy(&self) -> &FusionStrategy {
+        &self.strategy
+    }
+
+    /// The modalities and their widths, in order.
+    pub fn modalities(&self) -> &[(Modality, usize)] {
+        &self.modalities
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    pub fn required(&self) -> &[Modality] {
+        &self.required
+    }
+
+    /// Whether the weights are a seeded initialisation rather than loaded ones.
+    pub fn is_untrained(&self) -> bool {
+        self.untrained
+    }
+
+    /// The learned tensors' names (and shapes), in creation order.
+    pub fn tensor_names(&self) -> Vec<(String, Vec<usize>)> {
+        self.tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect()
+    }
+
+    /// Writes the weights to `path` (safetensors, the names [`Fusion::new`] reads).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let map: HashMap<String, Tensor> = self.tensors.iter().cloned().collect();
+        candle_core::safetensors::save(&map, path).map_err(|e| {
+            MlmfError::model_load("fusion weights", path, format!("cannot write: {e}"))
+        })
+    }
+
+    /// Checks `inputs` against the fusion's modalities and widths.
+    pub fn prepare(&self, inputs: &[(Modality, ModalityInput)]) -> Result<FusionInputs> {
+        let mut values: Vec<Option<Prepared>> = vec![None; self.modalities.len()];
+        let mut batch: Option<(usize, Modality)> = None;
+        let mut device = Device::Cpu;
+        for (m, input) in inputs {
+            let Some(i) = self.modalities.iter().position(|(n, _)| n == m) else {
+                return Err(MlmfError::input(
+                    *m,
+                    format!(
+                        "not one of this fusion's modalities ({})",
+                        names(&self.modalities)
+                    ),
+                ));
+            };
+            if values[i].is_some() {
+                return Err(MlmfError::input(*m, "given twice"));
+            }
+            let p = prepare_one(*m, self.modalities[i].1, input)?;
+            let b = p.tokens.dim(0).map_err(ce("fusion input"))?;
+            match batch {
+                None => batch = Some((b, *m)),
+                Some((b0, m0)) if b0 != b => {
+                    return Err(MlmfError::input(
+                        *m,
+                        format!("batch of {b} rows, but `{m0}` has {b0}"),
+                    ))
+                }
+                Some(_) => {}
+            }
+            device = p.tokens.device().clone();
+            values[i] = Some(p);
+        }
+        let Some((batch, _)) = batch else {
+            return Err(MlmfError::MissingModality {
+                modality: self.modalities[0].0,
+                message: format!(
+                    "no modality was given; the fusion takes {}",
+                    names(&self.modalities)
+                ),
+            });
+        };
+        for r in &self.required {
+            let i = self.modalities.iter().position(|(n, _)| n == r);
+            if i.is_none_or(|i| values[i].is_none()) {
+                return Err(MlmfError::MissingModality {
+                    modality: *r,
+                    message: "this fusion requires it".into(),
+                });
+            }
+        }
+        Ok(FusionInputs {
+            modalities: self.modalities.clone(),
+            values,
+            batch,
+            device,
+        })
+    }
+
+    /// Fuses `inputs` (any subset of the modalities) into `[B, out_dim]`.
+    pub fn forward(
+        &self,
+        inputs: &[(Modality, ModalityInput)],
+        return_attention: bool,
+    ) -> Result<FusionOutput> {
+        let prepared = self.prepare(inputs)?;
+        let out = self.component.fuse(&prepared, return_attention)?;
+        let want = [prepared.batch, self.out_dim];
+        if out.fused.dims() != want {
+            let (_, m, _) = prepared
+                .present()
+                .next()
+                .ok_or_else(|| MlmfError::Internal("fusion without inputs".into()))?;
+            return Err(MlmfError::input(
+                m,
+                format!(
+                    "the `{}` fusion returned shape {:?}, expected {want:?}",
+                    self.strategy.name(),
+                    out.fused.dims()
+                ),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+/// Checks one input: `[B, D]` or `[B, T, D]` float, `D = width`, `B, T >= 1`, finite;
+/// a mask `[B, T]` of 0/1.
+fn prepare_one(m: Modality, width: usize, input: &ModalityInput) -> Result<Prepared> {
+    let x = &input.states;
+    let bad = |msg: String| MlmfError::input(m, msg);
+    let pooled_form = x.rank() == 2;
+    let tokens = match x.dims() {
+        [b, d] => x.reshape((*b, 1, *d)),
+        [_, _, _] => Ok(x.clone()),
+        other => {
+            return Err(bad(format!(
+                "expected [batch, {width}] or [batch, tokens, {width}], got shape {other:?}"
+            )))
+        }
+    }
+    .map_err(ce("fusion input"))?;
+    let (b, t, d) = tokens.dims3().map_err(ce("fusion input"))?;
+    if d != width {
+        return Err(bad(format!(
+            "expected width {width}, got {d} (shape {:?})",
+            x.dims()
+        )));
+    }
+    if b == 0 || t == 0 {
+        return Err(bad(format!(
+            "expected at least one row and one token, got shape {:?}",
+            x.dims()
+        )));
+    }
+    if !x.dtype().is_float() {
+        return Err(bad(format!("expected a float array, got {:?}", x.dtype())));
+    }
+    let f = ce("fusion input");
+    let tokens = tokens.to_dtype(DType::F32).map_err(&f)?;
+    let total = tokens
+        .sum_all()
+        .and_then(|s| s.to_scalar::<f32>())
+        .map_err(&f)?;
+    if !total.is_finite() {
+        let values = tokens
+            .flatten_all()
+            .and_then(|v| v.to_vec1::<f32>())
+            .map_err(&f)?;
+        if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!(
+                "non-finite value {} at token {}",
+                values[pos],
+                (pos / d) % t
+            ))
+            .at_index(pos / (d * t)));
+        }
+    }
+    let mask = match &input.mask {
+        None => None,
+        Some(_) if pooled_form => {
+            return Err(bad(
+                "a mask goes with token states [batch, tokens, width], not pooled embeddings"
+                    .into(),
+            ))
+        }
+        Some(mask) => {
+            if mask.dims() != [b, t] {
+                return Err(bad(format!(
+                    "expected a mask of shape [{b}, {t}], got {:?}",
+                    mask.dims()
+                )));
+            }
+            let mask = mask.to_dtype(DType::F32).map_err(&f)?;
+            let vals = mask
+                .flatten_all()
+                .and_then(|v| v.to_vec1::<f32>())
+                .map_err(&f)?;
+            if let Some(pos) = vals.iter().position(|&v| v != 0.0 && v != 1.0) {
+                return Err(bad(format!(
+                    "mask values must be 0 or 1, got {} at token {}",
+                    vals[pos],
+                    pos % t
+                ))
+                .at_index(pos / t));
+            }
+            Some(mask)
+        }
+    };
+    Ok(Prepared {
+        tokens,
+        mask,
+        pooled_form,
+    })
+}
+
+/// `sum_t mask_t x_t / max(1, sum_t mask_t)` over the tokens of `x` `[B, T, D]`.
+pub(crate) fn masked_mean(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let f = ce("masked mean");
+    let Some(m) = mask else {
+        return x.mean(1).map_err(f);
+    };
+    let sum = m
+        .unsqueeze(2)
+        .and_then(|m3| x.broadcast_mul(&m3))
+        .and_then(|s| s.sum(1))
+        .map_err(&f)?;
+    let count = m.sum_keepdim(1).and_then(|c| c.maximum(1f32)).map_err(&f)?;
+    sum.broadcast_div(&count).map_err(f)
+}
+
+/// One linear map over a concatenation of modalities, kept as one block of columns per
+/// modality so that missing modalities are skipped: `cat_m(x_m) W^T + b` is
+/// `sum_m x_m W_m^T + b`.
+#[derive(Debug, Clone)]
+pub(crate) struct SplitLinear {
+    parts: Vec<Linear>,
+    bias: Option<Tensor>,
+}
+
+impl SplitLinear {
+    pub(crate) fn take(
+        p: &mut Params,
+        name: &str,
+        widths: &[usize],
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let total = widths.iter().sum();
+        let (w, b) = p.linear_parts(name, total, out_dim, bias)?;
+        let f = ce("split linear");
+        let mut parts = Vec::with_capacity(widths.len());
+        let mut off = 0;
+        for &d in widths {
+            let block = w
+                .narrow(1, off, d)
+                .and_then(|b| b.contiguous())
+                .map_err(&f)?;
+            parts.push(Linear::from_parts(block, None)?);
+            off += d;
+        }
+        Ok(Self { parts, bias: b })
+    }
+
+    /// `x` holds the `[B, D_m]` input of each modality, `None` where missing.
+    pub(crate) fn forward(&self, x: &[Option<Tensor>]) -> Result<Tensor> {
+        let f = ce("split linear");
+        let mut acc: Option<Tensor> = None;
+        for (part, x) in self.parts.iter().zip(x) {
+            if let Some(x) = x {
+                let y = part.forward(x)?;
+                acc = Some(match acc {
+                    None => y,
+                    Some(a) => (a + y).map_err(&f)?,
+                });
+            }
+        }
+        let acc = acc.ok_or_else(|| MlmfError::Internal("split linear: no input".into()))?;
+        match &self.bias {
+            Some(b) => acc.broadcast_add(b).map_err(f),
+            None => Ok(acc),
+        }
+    }
+}
+
+/// Softmax over the present modalities of `scores` `[B, M]`; missing ones get 0.
+pub(crate) fn softmax_present(scores: &Tensor, presence: &Tensor) -> Result<Tensor> {
+    let f = ce("modality softmax");
+    // presence 1 -> bias 0; presence 0 -> MASKED.
+    let bias = presence
+        .affine(-f64::from(MASKED), f64::from(MASKED))
+        .map_err(&f)?;
+    scores
+        .broadcast_add(&bias)
+        .and_then(|s| candle_nn::ops::softmax_last_dim(&s))
+        .and_then(|w| w.broadcast_mul(presence))
+        .map_err(f)
+}
+
+/// `sum_m w[:, m] * y_m` over the present `y_m` `[B, out]`; `w` is `[B, M]`.
+pub(crate) fn weighted_sum(w: &Tensor, y: &[Option<Tensor>]) -> Result<Tensor> {
+    let f = ce("weighted sum");
+    let mut acc: Option<Tensor> = None;
+    for (m, y) in y.iter().enumerate() {
+        if let Some(y) = y {
+            let term = w
+                .narrow(D::Minus1, m, 1)
+                .and_then(|wm| y.broadcast_mul(&wm))
+                .map_err(&f)?;
+            acc = Some(match acc {
+                None => term,
+                Some(a) => (a + term).map_err(&f)?,
+            });
+        }
+    }
+    acc.ok_or_else(|| MlmfError::Internal("weighted sum: no input".into()))
+}
+
+/// The mean of the present `y_m`.
+pub(crate) fn mean_present(y: &[Option<Tensor>]) -> Result<Tensor> {
+    let f = ce("modality mean");
+    let present: Vec<&Tensor> = y.iter().flatten().collect();
+    let n = present.len();
+    let mut acc = present
+        .first()
+        .map(|t| (*t).clone())
+        .ok_or_else(|| MlmfError::Internal("modality mean: no input".into()))?;
+    for t in &present[1..] {
+        acc = (acc + *t).map_err(&f)?;
+    }
+    (acc / n as f64).map_err(f)
+}
+
+/// Per-modality linear maps `proj.{m}` from each width to `out_dim`.
+pub(crate) fn projections(
+    p: &mut Params,
+    name: &str,
+    dims: &[(Modality, usize)],
+    out_dim: usize,
+) -> Result<Vec<Linear>> {
+    dims.iter()
+        .map(|(m, d)| p.linear(&format!("{name}.{m}"), *d, out_dim, true))
+        .collect()
+}
+
+/// `proj_m(x_m)` for the present modalities.
+pub(crate) fn project_present(
+    proj: &[Linear],
+    x: &[Option<Tensor>],
+) -> Result<Vec<Option<Tensor>>> {
+    proj.iter()
+        .zip(x)
+        .map(|(l, x)| x.as_ref().map(|x| l.forward(x)).transpose())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

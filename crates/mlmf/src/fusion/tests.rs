@@ -1,0 +1,319 @@
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::*;
+use crate::attention::SplitMix;
+use crate::config::fusion::{
+    AttentionFusionOptions, GateKind, LateMode, LateOptions, LayerStackOptions, MlpKind, NormKind,
+};
+use crate::encoders::layers::max_abs_diff;
+
+const T: Modality = Modality::Text;
+const I: Modality = Modality::Image;
+const A: Modality = Modality::Audio;
+
+fn dims() -> Vec<(Modality, usize)> {
+    vec![(T, 12), (I, 10), (A, 6)]
+}
+
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(SplitMix(seed).uniform(n, 1.0), shape, &Device::Cpu).unwrap()
+}
+
+fn stack(gate: GateKind) -> LayerStackOptions {
+    LayerStackOptions {
+        num_layers: 2,
+        num_heads: 2,
+        gate,
+        ..Default::default()
+    }
+}
+
+fn strategies() -> Vec<FusionStrategy> {
+    let mut v: Vec<FusionStrategy> = [
+        LateMode::Concat,
+        LateMode::Mean,
+        LateMode::Weighted,
+        LateMode::Logits,
+    ]
+    .into_iter()
+    .map(|mode| FusionStrategy::Late(LateOptions { mode }))
+    .collect();
+    v.push(FusionStrategy::Attention(AttentionFusionOptions {
+        attention_dim: None,
+    }));
+    v.push(FusionStrategy::Attention(AttentionFusionOptions {
+        attention_dim: Some(5),
+    }));
+    v.push(FusionStrategy::Gated(Default::default()));
+    v.push(FusionStrategy::Early(LayerStackOptions {
+        mlp: MlpKind::Swiglu,
+        norm: NormKind::Rms,
+        ..stack(GateKind::None)
+    }));
+    for g in [GateKind::None, GateKind::Tanh, GateKind::Sigmoid] {
+        v.push(FusionStrategy::Middle(stack(g)));
+    }
+    v
+}
+
+fn inputs(full: bool) -> Vec<(Modality, ModalityInput)> {
+    let mask =
+        Tensor::from_vec(vec![1f32, 1., 1., 0., 1., 0., 0., 0.], (2, 4), &Device::Cpu).unwrap();
+    let mut v = vec![
+        (T, ModalityInput::tokens(rand(&[2, 4, 12], 1), Some(mask))),
+        (I, ModalityInput::tokens(rand(&[2, 3, 10], 2), None)),
+    ];
+    if full {
+        v.push((A, ModalityInput::pooled(rand(&[2, 6], 3))));
+    }
+    v
+}
+
+fn build(s: &FusionStrategy, settings: &FusionSettings) -> Fusion {
+    Fusion::new(s, &dims(), 8, settings, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn every_strategy_is_seeded_saved_and_loaded() {
+    let dir = std::env::temp_dir().join(format!("mlmf-fusion-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (k, s) in strategies().iter().enumerate() {
+        let a = build(s, &FusionSettings::default());
+        assert!(a.is_untrained());
+        let again = build(s, &FusionSettings::default());
+        let other = build(
+            s,
+            &FusionSettings {
+                seed: 1,
+                ..Default::default()
+            },
+        );
+        for full in [true, false] {
+            let ya = a.forward(&inputs(full), true).unwrap();
+            assert_eq!(ya.fused.dims(), &[2, 8], "{s:?}");
+            let yb = again.forward(&inputs(full), true).unwrap();
+            assert_eq!(max_abs_diff(&ya.fused, &yb.fused), 0.0, "{s:?}");
+            if !matches!(s, FusionStrategy::Middle(o) if o.gate == GateKind::Tanh) {
+                let yc = other.forward(&inputs(full), false).unwrap();
+                assert!(max_abs_diff(&ya.fused, &yc.fused) > 1e-4, "{s:?}");
+            }
+        }
+        let path = dir.join(format!("{k}.safetensors"));
+        a.save(&path).unwrap();
+        let b = build(
+            s,
+            &FusionSettings {
+                weights: Some(path.clone()),
+                ..Default::default()
+            },
+        );
+        assert!(!b.is_untrained());
+        assert_eq!(a.tensor_names().len(), b.tensor_names().len());
+        let (ya, yb) = (
+            a.forward(&inputs(true), false).unwrap(),
+            b.forward(&inputs(true), false).unwrap(),
+        );
+        assert_eq!(max_abs_diff(&ya.fused, &yb.fused), 0.0, "{s:?}");
+    }
+    // A file from another configuration names what does not fit.
+    let path = dir.join("0.safetensors");
+    let err = Fusion::new(
+        &FusionStrategy::Gated(Default::default()),
+        &dims(),
+        8,
+        &FusionSettings {
+            weights: Some(path),
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`gate.weight` is missing"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn gates_are_zero_for_missing_modalities() {
+    for s in [
+        FusionStrategy::Gated(Default::default()),
+        FusionStrategy::Attention(Default::default()),
+        FusionStrategy::Late(LateOptions {
+            mode: LateMode::Weighted,
+        }),
+    ] {
+        let f = build(&s, &FusionSettings::default());
+        let g = f.forward(&inputs(false), false).unwrap().gates.unwrap();
+        let g = g.to_vec2::<f32>().unwrap();
+        for row in g {
+            assert_eq!(row[2], 0.0, "{s:?}");
+            if !matches!(s, FusionStrategy::Gated(_)) {
+                assert!((row[0] + row[1] - 1.0).abs() < 1e-6, "{s:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn an_untrained_tanh_gated_middle_layer_is_the_identity() {
+    // alpha = 0: every layer leaves the projected tokens alone, so the result is the
+    // mean over modalities of the pooled, normalised projections.
+    let s = FusionStrategy::Middle(stack(GateKind::Tanh));
+    let f = build(&s, &FusionSettings::default());
+    let got = f.forward(&inputs(false), false).unwrap().fused;
+    let p = f.prepare(&inputs(false)).unwrap();
+    let mut params = Params::seeded(0, &Device::Cpu);
+    let proj = projections(&mut params, "proj", &dims(), 8).unwrap();
+    let pools: Vec<Option<Tensor>> = p
+        .values
+        .iter()
+        .zip(&proj)
+        .map(|(v, l)| {
+            v.as_ref().map(|v| {
+                let y = l.forward(&v.tokens).unwrap();
+                let y = candle_nn::ops::layer_norm(
+                    &y,
+                    &Tensor::ones(8, DType::F32, &Device::Cpu).unwrap(),
+                    &Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap(),
+                    1e-5,
+                )
+                .unwrap();
+                masked_mean(&y, v.mask.as_ref()).unwrap()
+            })
+        })
+        .collect();
+    let want = mean_present(&pools).unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-6);
+}
+
+#[test]
+fn bad_calls_are_typed_errors() {
+    let f = Fusion::new(
+        &FusionStrategy::Gated(Default::default()),
+        &dims(),
+        8,
+        &FusionSettings {
+            required: vec![I],
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut nan = vec![0f32; 2 * 10];
+    nan[13] = f32::NAN;
+    let nan = Tensor::from_vec(nan, (2, 10), &Device::Cpu).unwrap();
+    let cases: Vec<(Vec<(Modality, ModalityInput)>, &str)> = vec![
+        (
+            vec![(T, ModalityInput::pooled(rand(&[2, 12], 1)))],
+            "missing modality `image`: this fusion requires it",
+        ),
+        (vec![], "missing modality `text`: no modality was given"),
+        (
+            vec![(I, ModalityInput::pooled(rand(&[2, 9], 1)))],
+            "image input: expected width 10",
+        ),
+        (
+            vec![
+                (I, ModalityInput::pooled(rand(&[2, 10], 1))),
+                (T, ModalityInput::pooled(rand(&[3, 12], 1))),
+            ],
+            "text input: batch of 3 rows, but `image` has 2",
+        ),
+        (
+            vec![(I, ModalityInput::pooled(nan))],
+            "image input 1: non-finite value NaN",
+        ),
+        (
+            vec![(
+                I,
+                ModalityInput::tokens(rand(&[2, 3, 10], 1), Some(rand(&[2, 4], 1))),
+            )],
+            "image input: expected a mask of shape [2, 3]",
+        ),
+        (
+            vec![(
+                I,
+                ModalityInput::tokens(rand(&[2, 3, 10], 1), Some(rand(&[2, 3], 1))),
+            )],
+            "mask values must be 0 or 1",
+        ),
+        (
+            vec![(I, ModalityInput::pooled(rand(&[2, 0, 10], 1)))],
+            "at least one row and one token",
+        ),
+        (
+            vec![(Modality::Video, ModalityInput::pooled(rand(&[2, 4], 1)))],
+            "video input: not one of this fusion's modalities (text, image, audio)",
+        ),
+    ];
+    for (inp, want) in cases {
+        let err = f.forward(&inp, false).unwrap_err().to_string();
+        assert!(err.contains(want), "{err:?} does not say {want:?}");
+    }
+    let err = Fusion::new(
+        &FusionStrategy::Early(stack(GateKind::None)),
+        &[(T, 12)],
+        9,
+        &FusionSettings::default(),
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("num_heads"), "{err}");
+}
+
+struct Sum;
+
+impl FusionComponent for Sum {
+    fn fuse(&self, inputs: &FusionInputs, _: bool) -> Result<FusionOutput> {
+        let pooled = inputs.pooled()?;
+        Ok(FusionOutput {
+            fused: mean_present(&pooled)?,
+            gates: None,
+            attention: Vec::new(),
+        })
+    }
+}
+
+#[test]
+fn custom_components_by_name_and_shape_checked() {
+    let s = FusionStrategy::Custom(crate::config::fusion::CustomOptions {
+        name: "test-sum".into(),
+    });
+    let d = [(T, 4), (I, 4)];
+    let err = Fusion::new(&s, &d, 4, &FusionSettings::default(), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no fusion component is registered as `test-sum`"),
+        "{err}"
+    );
+    register_component("test-sum", Arc::new(Sum));
+    let f = Fusion::new(&s, &d, 4, &FusionSettings::default(), &Device::Cpu).unwrap();
+    let (a, b) = (rand(&[2, 4], 1), rand(&[2, 4], 2));
+    let y = f
+        .forward(
+            &[
+                (T, ModalityInput::pooled(a.clone())),
+                (I, ModalityInput::pooled(b.clone())),
+            ],
+            false,
+        )
+        .unwrap()
+        .fused;
+    let want = ((a + b).unwrap() / 2.0).unwrap();
+    assert_eq!(max_abs_diff(&y, &want), 0.0);
+    // A component whose output has the wrong width is caught.
+    let f = Fusion::with_component(&d, 5, Arc::new(Sum), &[]).unwrap();
+    let err = f
+        .forward(&[(T, ModalityInput::pooled(rand(&[2, 4], 1)))], false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("returned shape [2, 4], expected [2, 5]"),
+        "{err}"
+    );
+}
