@@ -298,6 +298,11 @@ impl CrossModalAttention {
         (self.heads, self.kv_heads, self.head_dim)
     }
 
+    /// `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+    pub(crate) fn projections(&self) -> [&Linear; 4] {
+        [&self.q, &self.k, &self.v, &self.o]
+    }
+
     /// Query width and key/value width.
     pub fn dims(&self) -> (usize, usize) {
         (self.dim, self.kv_dim)

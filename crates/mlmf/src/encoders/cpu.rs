@@ -339,7 +339,12 @@ fn linear(
     debug_assert!(x.len() >= m * k && dst.len() >= (m.max(1) - 1) * dst_rs + total);
     // One column block per thread (at least 64 columns each); a product with few
     // columns and many rows is split by rows as well.
-    let threads = rayon::current_num_threads().max(1);
+    // Below about a million multiply-adds, waking the pool costs more than it saves.
+    let threads = if m * k * total < (1 << 20) {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    };
     let col_blocks = threads.min(total.div_ceil(64)).max(1);
     let width = total.div_ceil(col_blocks).next_multiple_of(16);
     let row_blocks = if col_blocks < threads && m >= 64 {
@@ -814,6 +819,107 @@ pub(crate) fn run_layers(
         }
     }
     Tensor::from_vec(x, (b, t, d), &candle_core::Device::Cpu)
+        .map(Some)
+        .map_err(f)
+}
+
+/// LayerNorm of a float32 CPU `x` `[.., D]` over its last dimension (rows in parallel);
+/// `None` when something lives elsewhere.
+pub(crate) fn layer_norm_forward(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+) -> Result<Option<Tensor>> {
+    if !is_plain_f32(x) || !is_plain_f32(w) || !is_plain_f32(b) {
+        return Ok(None);
+    }
+    let Some(&d) = x.dims().last() else {
+        return Ok(None);
+    };
+    let mut out = vec![0f32; x.elem_count()];
+    {
+        let (xg, wg, bg) = (
+            x.storage_and_layout(),
+            w.storage_and_layout(),
+            b.storage_and_layout(),
+        );
+        let (Some(xs), Some(ws), Some(bs)) =
+            (slice(&xg.0, xg.1), slice(&wg.0, wg.1), slice(&bg.0, bg.1))
+        else {
+            return Ok(None);
+        };
+        if ws.len() != d || bs.len() != d {
+            return Ok(None);
+        }
+        layer_norm(xs, d, (ws, bs), eps, &mut out);
+    }
+    Tensor::from_vec(out, x.dims(), &candle_core::Device::Cpu)
+        .map(Some)
+        .map_err(ce("layer norm"))
+}
+
+/// `x + fc2(act(fc1(layer_norm(x))))` for float32 CPU tensors (`x` `[.., D]`, the
+/// LayerNorm's `(weight, bias, eps)`), with the bias, activation and residual fused into
+/// the matrix products; `None` when something lives elsewhere.
+pub(crate) fn mlp_residual(
+    x: &Tensor,
+    (nw, nb, eps): (&Tensor, &Tensor, f32),
+    fc1: &Linear,
+    fc2: &Linear,
+    act: Activation,
+) -> Result<Option<Tensor>> {
+    if !is_plain_f32(x)
+        || !is_plain_f32(nw)
+        || !is_plain_f32(nb)
+        || !fc1.runs_here()
+        || !fc2.runs_here()
+    {
+        return Ok(None);
+    }
+    let f = ce("mlp");
+    let Some(&d) = x.dims().last() else {
+        return Ok(None);
+    };
+    let m = x.elem_count() / d.max(1);
+    let hidden = fc1.out_dim()?;
+    let mut y: Vec<f32> = x.flatten_all().and_then(|x| x.to_vec1()).map_err(&f)?;
+    let mut h = vec![0f32; m * d];
+    let mut u = vec![0f32; m * hidden];
+    {
+        let tensors = [nw, nb];
+        let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        let (Some(w), Some(b)) = (
+            slice(&guards[0].0, guards[0].1),
+            slice(&guards[1].0, guards[1].1),
+        ) else {
+            return Ok(None);
+        };
+        layer_norm(&y, d, (w, b), eps, &mut h);
+        let lins = [fc1, fc2];
+        let lg: Vec<_> = lins
+            .iter()
+            .map(|l| {
+                (
+                    l.weight.storage_and_layout(),
+                    l.bias.as_ref().map(|b| b.storage_and_layout()),
+                )
+            })
+            .collect();
+        let mut parts = Vec::with_capacity(2);
+        for (wg, bg) in &lg {
+            let Some(w) = slice(&wg.0, wg.1) else {
+                return Ok(None);
+            };
+            parts.push(Lin {
+                w,
+                b: bg.as_ref().and_then(|(s, l)| slice(s, l)),
+            });
+        }
+        linear(&h, m, d, &parts[..1], &mut u, hidden, false, Some(act));
+        linear(&u, m, hidden, &parts[1..], &mut y, d, true, None);
+    }
+    Tensor::from_vec(y, x.dims(), &candle_core::Device::Cpu)
         .map(Some)
         .map_err(f)
 }

@@ -24,9 +24,9 @@ fn vector(t: &Tensor, what: &str) -> Result<usize> {
 /// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) eps: f32,
 }
 
 impl LayerNorm {
@@ -52,6 +52,11 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) =
+            crate::encoders::cpu::layer_norm_forward(x, &self.weight, &self.bias, self.eps)?
+        {
+            return Ok(y);
+        }
         let x = x.contiguous().map_err(ce("layer norm"))?;
         candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps).map_err(ce("layer norm"))
     }
@@ -113,11 +118,11 @@ impl Norm {
 #[derive(Debug, Clone)]
 pub struct Mlp {
     /// `fc1` or `gate_proj`.
-    first: Linear,
+    pub(crate) first: Linear,
     /// `up_proj` (SwiGLU only).
-    up: Option<Linear>,
+    pub(crate) up: Option<Linear>,
     /// `fc2` or `down_proj`.
-    last: Linear,
+    pub(crate) last: Linear,
 }
 
 impl Mlp {

@@ -9,8 +9,12 @@ use super::params::{Init, Params};
 use super::{masked_mean, projections, FusionComponent, FusionInputs, FusionOutput};
 use crate::attention::CrossModalAttention;
 use crate::config::fusion::LayerStackOptions;
+use crate::config::fusion::{MlpKind, NormKind};
 use crate::config::CrossModalAttentionConfig;
-use crate::encoders::layers::{ce, Linear};
+use crate::encoders::cpu;
+use crate::encoders::layers::{
+    self, ce, padding_bias, Activation, EncoderLayer, Linear, SelfAttention,
+};
 use crate::error::Result;
 use crate::modality::Modality;
 
@@ -52,11 +56,46 @@ pub(crate) fn hidden_width(ratio: f64, dim: usize) -> usize {
     ((ratio * dim as f64) as usize).max(1)
 }
 
+impl JointLayer {
+    /// The same layer as the encoders' pre-norm layer, whose float32 CPU kernels fuse
+    /// the q/k/v projections, bias, GELU and residual passes; LayerNorm + GELU only.
+    fn encoder_layer(&self, dim: usize) -> Option<EncoderLayer> {
+        let (Norm::Layer(n1), Norm::Layer(n2), None) = (&self.norm1, &self.norm2, &self.mlp.up)
+        else {
+            return None;
+        };
+        let [q, k, v, o] = self.attn.projections();
+        let ln = |n: &super::blocks::LayerNorm| layers::LayerNorm {
+            weight: n.weight.clone(),
+            bias: n.bias.clone(),
+            eps: n.eps,
+        };
+        Some(EncoderLayer {
+            attn: SelfAttention::from_parts(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                o.clone(),
+                dim,
+                self.attn.heads().0,
+            ),
+            norm1: ln(n1),
+            norm2: ln(n2),
+            fc1: self.mlp.first.clone(),
+            fc2: self.mlp.last.clone(),
+            act: Activation::Gelu,
+            pre_norm: true,
+        })
+    }
+}
+
 pub(crate) struct Early {
     proj: Vec<Linear>,
     /// `[M, out]`.
     type_embedding: Tensor,
     layers: Vec<JointLayer>,
+    /// The layers as encoder layers (LayerNorm + GELU stacks), for the fused CPU path.
+    fast: Option<Vec<EncoderLayer>>,
     norm: Norm,
 }
 
@@ -75,7 +114,7 @@ impl Early {
             Init::Uniform(bound),
         )?;
         let hidden = hidden_width(o.mlp_ratio, out_dim);
-        let layers = (0..o.num_layers)
+        let layers: Vec<JointLayer> = (0..o.num_layers)
             .map(|i| {
                 let n = format!("layers.{i}");
                 Ok(JointLayer {
@@ -87,10 +126,19 @@ impl Early {
             })
             .collect::<Result<_>>()?;
         let norm = Norm::take(p, "norm", o.norm, out_dim)?;
+        let fast = (o.norm == NormKind::Layer && o.mlp == MlpKind::Gelu)
+            .then(|| {
+                layers
+                    .iter()
+                    .map(|l| l.encoder_layer(out_dim))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten();
         Ok(Self {
             proj,
             type_embedding,
             layers,
+            fast,
             norm,
         })
     }
@@ -142,6 +190,20 @@ impl FusionComponent for Early {
             seqs.iter().map(|(x, m)| (x, m.as_ref())).collect();
         let (mut x, mask) = concat_tokens(&parts)?;
         let mut attention = Vec::new();
+        // The fused CPU kernels: padded query rows attend like real ones there (the
+        // general path zeroes them), which changes only rows the masked mean skips;
+        // taken when no attention weights are asked for.
+        if let (Some(fast), false) = (&self.fast, return_attention) {
+            let bias = mask.as_ref().map(padding_bias).transpose()?;
+            if let Some(y) = cpu::run_layers(fast, &x, &bias)? {
+                let fused = masked_mean(&self.norm.forward(&y)?, mask.as_ref())?;
+                return Ok(FusionOutput {
+                    fused,
+                    gates: None,
+                    attention,
+                });
+            }
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.norm1.forward(&x)?;
             let a = layer

@@ -9,7 +9,8 @@ use super::params::Params;
 use super::{masked_mean, mean_present, projections, FusionComponent, FusionInputs, FusionOutput};
 use crate::attention::CrossModalAttention;
 use crate::config::fusion::LayerStackOptions;
-use crate::encoders::layers::{ce, Linear};
+use crate::encoders::cpu;
+use crate::encoders::layers::{ce, Activation, Linear};
 use crate::error::Result;
 use crate::modality::Modality;
 
@@ -22,6 +23,23 @@ struct FusionLayer {
     norm_mlp: Norm,
     mlp: Mlp,
     mlp_gate: Gate,
+}
+
+impl FusionLayer {
+    /// `x + mlp(norm_mlp(x))` on the fused float32 CPU kernels (LayerNorm, GELU, no
+    /// gate); `None` otherwise.
+    fn fast_mlp(&self, x: &candle_core::Tensor) -> Result<Option<candle_core::Tensor>> {
+        match (&self.norm_mlp, &self.mlp.up, &self.mlp_gate) {
+            (Norm::Layer(n), None, Gate::None) => cpu::mlp_residual(
+                x,
+                (&n.weight, &n.bias, n.eps),
+                &self.mlp.first,
+                &self.mlp.last,
+                Activation::Gelu,
+            ),
+            _ => Ok(None),
+        }
+    }
 }
 
 pub(crate) struct Middle {
@@ -103,8 +121,13 @@ impl FusionComponent for Middle {
                     }
                     y = (y + l.attn_gate.forward(x, &a.output)?).map_err(&f)?;
                 }
-                let h = l.mlp.forward(&l.norm_mlp.forward(&y)?)?;
-                y = (&y + l.mlp_gate.forward(&y, &h)?).map_err(&f)?;
+                y = match l.fast_mlp(&y)? {
+                    Some(z) => z,
+                    None => {
+                        let h = l.mlp.forward(&l.norm_mlp.forward(&y)?)?;
+                        (&y + l.mlp_gate.forward(&y, &h)?).map_err(&f)?
+                    }
+                };
                 next[m] = Some(y);
             }
             xs = next;

@@ -565,13 +565,13 @@ pub(crate) fn masked_mean(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     sum.broadcast_div(&count).map_err(f)
 }
 
-/// One linear map over a concatenation of modalities, kept as one block of columns per
-/// modality so that missing modalities are skipped: `cat_m(x_m) W^T + b` is
-/// `sum_m x_m W_m^T + b`.
+/// One linear map over a concatenation of modalities. A missing modality's slot is
+/// filled with zeros, which contributes exactly nothing: `cat_m(x_m) W^T + b` is
+/// `sum_{m present} x_m W_m^T + b`, computed as one matrix product.
 #[derive(Debug, Clone)]
 pub(crate) struct SplitLinear {
-    parts: Vec<Linear>,
-    bias: Option<Tensor>,
+    lin: Linear,
+    widths: Vec<usize>,
 }
 
 impl SplitLinear {
@@ -583,39 +583,32 @@ impl SplitLinear {
         bias: bool,
     ) -> Result<Self> {
         let total = widths.iter().sum();
-        let (w, b) = p.linear_parts(name, total, out_dim, bias)?;
-        let f = ce("split linear");
-        let mut parts = Vec::with_capacity(widths.len());
-        let mut off = 0;
-        for &d in widths {
-            let block = w
-                .narrow(1, off, d)
-                .and_then(|b| b.contiguous())
-                .map_err(&f)?;
-            parts.push(Linear::from_parts(block, None)?);
-            off += d;
-        }
-        Ok(Self { parts, bias: b })
+        Ok(Self {
+            lin: p.linear(name, total, out_dim, bias)?,
+            widths: widths.to_vec(),
+        })
     }
 
     /// `x` holds the `[B, D_m]` input of each modality, `None` where missing.
     pub(crate) fn forward(&self, x: &[Option<Tensor>]) -> Result<Tensor> {
         let f = ce("split linear");
-        let mut acc: Option<Tensor> = None;
-        for (part, x) in self.parts.iter().zip(x) {
-            if let Some(x) = x {
-                let y = part.forward(x)?;
-                acc = Some(match acc {
-                    None => y,
-                    Some(a) => (a + y).map_err(&f)?,
-                });
-            }
-        }
-        let acc = acc.ok_or_else(|| MlmfError::Internal("split linear: no input".into()))?;
-        match &self.bias {
-            Some(b) => acc.broadcast_add(b).map_err(f),
-            None => Ok(acc),
-        }
+        let first = x
+            .iter()
+            .flatten()
+            .next()
+            .ok_or_else(|| MlmfError::Internal("split linear: no input".into()))?;
+        let b = first.dim(0).map_err(&f)?;
+        let parts = x
+            .iter()
+            .zip(&self.widths)
+            .map(|(x, &d)| match x {
+                Some(x) => Ok(x.clone()),
+                None => Tensor::zeros((b, d), DType::F32, first.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(&f)?;
+        let cat = Tensor::cat(&parts, 1).map_err(f)?;
+        self.lin.forward(&cat)
     }
 }
 

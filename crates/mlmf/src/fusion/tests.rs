@@ -317,3 +317,18 @@ fn custom_components_by_name_and_shape_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn early_fused_kernels_equal_the_general_path() {
+    // Without attention weights `early` (LayerNorm + GELU) runs on the encoders' fused
+    // float32 kernels; with them, on the general path. The fused results agree.
+    let f = build(
+        &FusionStrategy::Early(stack(GateKind::None)),
+        &FusionSettings::default(),
+    );
+    for full in [true, false] {
+        let fast = f.forward(&inputs(full), false).unwrap().fused;
+        let general = f.forward(&inputs(full), true).unwrap().fused;
+        assert!(max_abs_diff(&fast, &general) < 1e-5);
+    }
+}
