@@ -92,19 +92,6 @@ class Row:
     compare: Callable[[Any, Any], str]
 
 
-def _np(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _diff(a: Any, b: Any) -> str:
-    a, b = _np(a), _np(b)
-    if a.shape != b.shape:
-        return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    return f"{float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))):.2g}"
-
-
 def build_layers(path: Path) -> tuple[Any, Any]:
     """torch.nn.MultiheadAttention from SEED and the mlmf layer loading the same weights.
 
@@ -170,10 +157,10 @@ class Suite:
                 return mha(q_t, kv_t, kv_t, need_weights=True, average_attn_weights=False)
 
         def compare_plain(ours: Any, theirs: Any) -> str:
-            return _diff(ours, theirs)
+            return pp.max_abs_diff(ours, theirs)
 
         def compare_weights(ours: Any, theirs: Any) -> str:
-            return f"{_diff(ours[0], theirs[0])} / {_diff(ours[1], theirs[1])}"
+            return f"{pp.max_abs_diff(ours[0], theirs[0])} / {pp.max_abs_diff(ours[1], theirs[1])}"
 
         rows = []
         for mode, mlmf_fn, torch_fn, compare, rounds in (
@@ -251,14 +238,6 @@ class Line:
         return "met" if self.ratio >= TARGET else "not met"
 
 
-def diff_for(row: Row, competitor: pp.Contender) -> str:
-    """The compare cell from fresh calls on the same inputs (informative only)."""
-    try:
-        return row.compare(row.mlmf.fn(), competitor.fn())
-    except Exception as exc:
-        return f"n/a ({type(exc).__name__})"
-
-
 def lines_for(row: Row) -> list[Line]:
     mlmf_ms = 1e3 * statistics.median(row.mlmf.times)
     return [
@@ -268,7 +247,7 @@ def lines_for(row: Row) -> list[Line]:
             comp_ms=1e3 * statistics.median(c.times),
             mlmf_ms=mlmf_ms,
             gflop=row.gflop,
-            diff=diff_for(row, c) if c.check else "—",
+            diff=pp.diff_cell(row, c) if c.check else "—",
             is_target=c.target is not None,
         )
         for c in row.competitors

@@ -719,14 +719,6 @@ class Line:
         return "met" if self.ratio >= TARGET else "**not met**"
 
 
-def diff_for(row: Row, competitor: pp.Contender) -> str:
-    """The compare cell from fresh calls on the same inputs."""
-    try:
-        return row.compare(row.mlmf.fn(), competitor.fn())
-    except Exception as exc:
-        return f"n/a ({type(exc).__name__})"
-
-
 def lines_for(row: Row) -> list[Line]:
     mlmf_ms = 1e3 * statistics.median(row.mlmf.times)
     return [
@@ -735,7 +727,7 @@ def lines_for(row: Row) -> list[Line]:
             competitor=c.name,
             comp_ms=1e3 * statistics.median(c.times),
             mlmf_ms=mlmf_ms,
-            diff=diff_for(row, c) if c.check else "—",
+            diff=pp.diff_cell(row, c) if c.check else "—",
             is_target=c.target is not None,
         )
         for c in row.competitors

@@ -612,17 +612,21 @@ class Line:
         return "met" if self.speedup >= self.target else "not met"
 
 
+def diff_cell(row: Any, competitor: Contender) -> str:
+    """`row.compare` on fresh calls of mlmf and `competitor` (rows of every script have
+    `mlmf` and `compare`); the comparison is informative only, so a failure is a cell."""
+    try:
+        return row.compare(row.mlmf.fn(), competitor.fn())
+    except Exception as exc:
+        return f"n/a ({type(exc).__name__})"
+
+
 def lines_for(row: Row) -> list[Line]:
     mlmf_s = statistics.median(row.mlmf.times)
     out = []
     for c in row.competitors:
         comp_s = statistics.median(c.times)
-        diff = "—"
-        if row.compare is not None and c.check:
-            try:
-                diff = row.compare(row.mlmf.fn(), c.fn())
-            except Exception as exc:  # comparison is informative only
-                diff = f"n/a ({type(exc).__name__})"
+        diff = diff_cell(row, c) if row.compare is not None and c.check else "—"
         out.append(
             Line(
                 workload=row.workload,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -2022,53 +2023,33 @@ def make_video(out: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Encoders (scripts/fixtures_encoders.py)
+# Areas in their own scripts: encoders (scripts/fixtures_encoders.py), cross-modal
+# attention (fixtures_attention.py), fusion layers and building blocks
+# (fixtures_fusion.py)
 # ---------------------------------------------------------------------------
+
+
+def _area_module(name: str) -> Any:
+    """Imports scripts/<name>.py. Those modules import their helpers from this one, so
+    it is registered under its own name first: running this file as a script then does
+    not load it twice."""
+    sys.modules.setdefault("make_fixtures", sys.modules[__name__])
+    scripts_dir = str(Path(__file__).resolve().parent)
+    if scripts_dir not in sys.path:
+        sys.path.insert(0, scripts_dir)
+    return importlib.import_module(name)
 
 
 def make_encoders(out: Path) -> None:
-    # fixtures_encoders imports its helpers from this module; register it under
-    # its own name first so that running this file as a script does not load it twice.
-    sys.modules.setdefault("make_fixtures", sys.modules[__name__])
-    scripts_dir = str(Path(__file__).resolve().parent)
-    if scripts_dir not in sys.path:
-        sys.path.insert(0, scripts_dir)
-    import fixtures_encoders
-
-    fixtures_encoders.make_encoders(out)
-
-
-# ---------------------------------------------------------------------------
-# Cross-modal attention (scripts/fixtures_attention.py)
-# ---------------------------------------------------------------------------
+    _area_module("fixtures_encoders").make_encoders(out)
 
 
 def make_attention(out: Path) -> None:
-    # As make_encoders: fixtures_attention imports its helpers from this module.
-    sys.modules.setdefault("make_fixtures", sys.modules[__name__])
-    scripts_dir = str(Path(__file__).resolve().parent)
-    if scripts_dir not in sys.path:
-        sys.path.insert(0, scripts_dir)
-    import fixtures_attention
-
-    fixtures_attention.make_attention(out)
-
-
-# ---------------------------------------------------------------------------
-# Fusion layers and building blocks (scripts/fixtures_fusion.py)
-# ---------------------------------------------------------------------------
+    _area_module("fixtures_attention").make_attention(out)
 
 
 def make_fusion(out: Path) -> None:
-    # As make_encoders: fixtures_fusion imports its helpers from this module (and the
-    # attention reference from fixtures_attention).
-    sys.modules.setdefault("make_fixtures", sys.modules[__name__])
-    scripts_dir = str(Path(__file__).resolve().parent)
-    if scripts_dir not in sys.path:
-        sys.path.insert(0, scripts_dir)
-    import fixtures_fusion
-
-    fixtures_fusion.make_fusion(out)
+    _area_module("fixtures_fusion").make_fusion(out)
 
 
 # ---------------------------------------------------------------------------

@@ -338,69 +338,9 @@ impl CrossModalAttention {
         if !x.dtype().is_float() {
             return Err(bad(format!("expected a float tensor, got {:?}", x.dtype())));
         }
-        let f = ce("attention input");
-        let x32 = x.to_dtype(DType::F32).map_err(&f)?;
-        // One reduction on the usual path; the values are copied out only to locate a
-        // non-finite one (a finite sum that overflows finds none and passes).
-        let total = x32
-            .sum_all()
-            .and_then(|s| s.to_scalar::<f32>())
-            .map_err(&f)?;
-        if total.is_finite() {
-            return Ok((b, t));
-        }
-        let values = x32
-            .flatten_all()
-            .and_then(|x| x.to_vec1::<f32>())
-            .map_err(&f)?;
-        if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
-            return Err(MlmfError::input(
-                modality,
-                format!(
-                    "{side}: non-finite value {} at token {}",
-                    values[pos],
-                    (pos / w) % t
-                ),
-            )
-            .at_index(pos / (w * t)));
-        }
+        let x32 = x.to_dtype(DType::F32).map_err(ce("attention input"))?;
+        check_finite(&x32, modality, &format!("{side}: "))?;
         Ok((b, t))
-    }
-
-    /// A `[B, T]` 0/1 mask as float32 `[B, T]`.
-    fn check_mask(
-        mask: &Tensor,
-        b: usize,
-        t: usize,
-        side: &str,
-        modality: Modality,
-    ) -> Result<Tensor> {
-        if mask.dims() != [b, t] {
-            return Err(MlmfError::input(
-                modality,
-                format!(
-                    "{side}: expected a mask of shape [{b}, {t}], got {:?}",
-                    mask.dims()
-                ),
-            ));
-        }
-        let m = mask.to_dtype(DType::F32).map_err(ce("attention mask"))?;
-        let vals = m
-            .flatten_all()
-            .and_then(|m| m.to_vec1::<f32>())
-            .map_err(ce("attention mask"))?;
-        if let Some(pos) = vals.iter().position(|&v| v != 0.0 && v != 1.0) {
-            return Err(MlmfError::input(
-                modality,
-                format!(
-                    "{side}: mask values must be 0 or 1, got {} at position {}",
-                    vals[pos],
-                    pos % t
-                ),
-            )
-            .at_index(pos / t));
-        }
-        Ok(m)
     }
 
     /// `[B, T, H*hd]` -> `[B, H, T, hd]`.
@@ -431,10 +371,10 @@ impl CrossModalAttention {
             ));
         }
         let qm = query_mask
-            .map(|m| Self::check_mask(m, b, tq, "query_mask", self.query_modality))
+            .map(|m| check_mask(m, b, tq, "query_mask: ", self.query_modality))
             .transpose()?;
         let km = kv_mask
-            .map(|m| Self::check_mask(m, b, tk, "kv_mask", self.kv_modality))
+            .map(|m| check_mask(m, b, tk, "kv_mask: ", self.kv_modality))
             .transpose()?;
         let f = ce("cross-modal attention");
         let query = query.to_dtype(DType::F32).map_err(&f)?;
@@ -744,6 +684,72 @@ impl CrossModalAttention {
         let a = Tensor::from_vec(a, dims.as_slice(), dev).map_err(f)?;
         Ok((l, a))
     }
+}
+
+/// Errors if the float32 `x` `[B, T, D]` holds a NaN or an infinity, naming the input
+/// row and token. One reduction on the usual path; the values are copied out only to
+/// locate a non-finite one (a finite sum that overflows finds none and passes).
+/// `prefix` starts the message (e.g. `"key_value: "`).
+pub(crate) fn check_finite(x: &Tensor, modality: Modality, prefix: &str) -> Result<()> {
+    let f = ce("input check");
+    let total = x.sum_all().and_then(|s| s.to_scalar::<f32>()).map_err(&f)?;
+    if total.is_finite() {
+        return Ok(());
+    }
+    let (_, t, d) = x.dims3().map_err(&f)?;
+    let values = x
+        .flatten_all()
+        .and_then(|x| x.to_vec1::<f32>())
+        .map_err(&f)?;
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(pos) => Err(MlmfError::input(
+            modality,
+            format!(
+                "{prefix}non-finite value {} at token {}",
+                values[pos],
+                (pos / d) % t
+            ),
+        )
+        .at_index(pos / (d * t))),
+        None => Ok(()),
+    }
+}
+
+/// A `[B, T]` mask of 0/1 as float32 `[B, T]`; `prefix` starts error messages.
+pub(crate) fn check_mask(
+    mask: &Tensor,
+    b: usize,
+    t: usize,
+    prefix: &str,
+    modality: Modality,
+) -> Result<Tensor> {
+    if mask.dims() != [b, t] {
+        return Err(MlmfError::input(
+            modality,
+            format!(
+                "{prefix}expected a mask of shape [{b}, {t}], got {:?}",
+                mask.dims()
+            ),
+        ));
+    }
+    let f = ce("mask");
+    let m = mask.to_dtype(DType::F32).map_err(&f)?;
+    let vals = m
+        .flatten_all()
+        .and_then(|m| m.to_vec1::<f32>())
+        .map_err(f)?;
+    if let Some(pos) = vals.iter().position(|&v| v != 0.0 && v != 1.0) {
+        return Err(MlmfError::input(
+            modality,
+            format!(
+                "{prefix}mask values must be 0 or 1, got {} at token {}",
+                vals[pos],
+                pos % t
+            ),
+        )
+        .at_index(pos / t));
+    }
+    Ok(m)
 }
 
 /// `output` `[B, Tq, D]` with the rows of masked queries (`qm` `[B, Tq]`) and of

@@ -219,7 +219,17 @@ impl LayerNorm {
             .map_err(&f)?
             .contiguous()
             .map_err(&f)?;
-        let y = candle_nn::ops::layer_norm(&x32, &self.weight, &self.bias, self.eps).map_err(&f)?;
+        let y = match crate::encoders::cpu::layer_norm_forward(
+            &x32,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )? {
+            Some(y) => y,
+            None => {
+                candle_nn::ops::layer_norm(&x32, &self.weight, &self.bias, self.eps).map_err(&f)?
+            }
+        };
         y.to_dtype(dtype).map_err(f)
     }
 }

@@ -6,7 +6,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::config::fusion::{GateKind, MlpKind, NormKind};
-use crate::encoders::layers::{ce, Activation, Linear};
+use crate::encoders::layers::{self, ce, Activation, Linear};
 use crate::error::{MlmfError, Result};
 
 use super::params::{Init, Params};
@@ -21,13 +21,10 @@ fn vector(t: &Tensor, what: &str) -> Result<usize> {
     }
 }
 
-/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension.
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over the last dimension (the
+/// encoders' LayerNorm).
 #[derive(Debug, Clone)]
-pub struct LayerNorm {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
-    pub(crate) eps: f32,
-}
+pub struct LayerNorm(pub(crate) layers::LayerNorm);
 
 impl LayerNorm {
     pub const EPS: f32 = 1e-5;
@@ -44,21 +41,15 @@ impl LayerNorm {
             ));
         }
         let f = ce("layer norm");
-        Ok(Self {
+        Ok(Self(layers::LayerNorm {
             weight: weight.to_dtype(DType::F32).map_err(&f)?,
             bias: bias.to_dtype(DType::F32).map_err(f)?,
             eps,
-        })
+        }))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) =
-            crate::encoders::cpu::layer_norm_forward(x, &self.weight, &self.bias, self.eps)?
-        {
-            return Ok(y);
-        }
-        let x = x.contiguous().map_err(ce("layer norm"))?;
-        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps).map_err(ce("layer norm"))
+        self.0.forward(x)
     }
 }
 

@@ -12,9 +12,7 @@ use crate::config::fusion::LayerStackOptions;
 use crate::config::fusion::{MlpKind, NormKind};
 use crate::config::CrossModalAttentionConfig;
 use crate::encoders::cpu;
-use crate::encoders::layers::{
-    self, ce, padding_bias, Activation, EncoderLayer, Linear, SelfAttention,
-};
+use crate::encoders::layers::{ce, padding_bias, Activation, EncoderLayer, Linear, SelfAttention};
 use crate::error::Result;
 use crate::modality::Modality;
 
@@ -65,11 +63,6 @@ impl JointLayer {
             return None;
         };
         let [q, k, v, o] = self.attn.projections();
-        let ln = |n: &super::blocks::LayerNorm| layers::LayerNorm {
-            weight: n.weight.clone(),
-            bias: n.bias.clone(),
-            eps: n.eps,
-        };
         Some(EncoderLayer {
             attn: SelfAttention::from_parts(
                 q.clone(),
@@ -79,8 +72,8 @@ impl JointLayer {
                 dim,
                 self.attn.heads().0,
             ),
-            norm1: ln(n1),
-            norm2: ln(n2),
+            norm1: n1.0.clone(),
+            norm2: n2.0.clone(),
             fc1: self.mlp.first.clone(),
             fc2: self.mlp.last.clone(),
             act: Activation::Gelu,

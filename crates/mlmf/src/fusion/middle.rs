@@ -32,7 +32,7 @@ impl FusionLayer {
         match (&self.norm_mlp, &self.mlp.up, &self.mlp_gate) {
             (Norm::Layer(n), None, Gate::None) => cpu::mlp_residual(
                 x,
-                (&n.weight, &n.bias, n.eps),
+                (&n.0.weight, &n.0.bias, n.0.eps),
                 &self.mlp.first,
                 &self.mlp.last,
                 Activation::Gelu,

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::attention::{check_finite, check_mask};
 use crate::config::FusionStrategy;
 use crate::encoders::layers::{ce, Linear, MASKED};
 use crate::error::{MlmfError, Result};
@@ -492,26 +493,8 @@ fn prepare_one(m: Modality, width: usize, input: &ModalityInput) -> Result<Prepa
     if !x.dtype().is_float() {
         return Err(bad(format!("expected a float array, got {:?}", x.dtype())));
     }
-    let f = ce("fusion input");
-    let tokens = tokens.to_dtype(DType::F32).map_err(&f)?;
-    let total = tokens
-        .sum_all()
-        .and_then(|s| s.to_scalar::<f32>())
-        .map_err(&f)?;
-    if !total.is_finite() {
-        let values = tokens
-            .flatten_all()
-            .and_then(|v| v.to_vec1::<f32>())
-            .map_err(&f)?;
-        if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
-            return Err(bad(format!(
-                "non-finite value {} at token {}",
-                values[pos],
-                (pos / d) % t
-            ))
-            .at_index(pos / (d * t)));
-        }
-    }
+    let tokens = tokens.to_dtype(DType::F32).map_err(ce("fusion input"))?;
+    check_finite(&tokens, m, "")?;
     let mask = match &input.mask {
         None => None,
         Some(_) if pooled_form => {
@@ -520,28 +503,7 @@ fn prepare_one(m: Modality, width: usize, input: &ModalityInput) -> Result<Prepa
                     .into(),
             ))
         }
-        Some(mask) => {
-            if mask.dims() != [b, t] {
-                return Err(bad(format!(
-                    "expected a mask of shape [{b}, {t}], got {:?}",
-                    mask.dims()
-                )));
-            }
-            let mask = mask.to_dtype(DType::F32).map_err(&f)?;
-            let vals = mask
-                .flatten_all()
-                .and_then(|v| v.to_vec1::<f32>())
-                .map_err(&f)?;
-            if let Some(pos) = vals.iter().position(|&v| v != 0.0 && v != 1.0) {
-                return Err(bad(format!(
-                    "mask values must be 0 or 1, got {} at token {}",
-                    vals[pos],
-                    pos % t
-                ))
-                .at_index(pos / t));
-            }
-            Some(mask)
-        }
+        Some(mask) => Some(check_mask(mask, b, t, "", m)?),
     };
     Ok(Prepared {
         tokens,

@@ -184,7 +184,6 @@ impl PyFusion {
         }
         let parsed: FusionStrategy = serde_json::from_str(&options)
             .map_err(|e| MlmfError::config("fusion", e.to_string()))?;
-        let untrained = weights.is_none() && !matches!(parsed, FusionStrategy::Custom(_));
         let settings = FusionSettings {
             weights,
             seed,
@@ -199,7 +198,7 @@ impl PyFusion {
                 &candle_core::Device::Cpu,
             )
         })?;
-        if untrained {
+        if inner.is_untrained() {
             py.import("warnings")?.call_method1(
                 "warn",
                 (format!(
