@@ -419,29 +419,35 @@ fn linear(
 /// Layer norm of each `d`-wide row of `x` into `out`.
 fn layer_norm(x: &[f32], d: usize, (w, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
     let rows_per_task = (16384 / d).max(1);
-    out.par_chunks_mut(rows_per_task * d)
-        .zip(x.par_chunks(rows_per_task * d))
-        .for_each(|(out, x)| {
-            for (o, r) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                let mean = sum(r) / d as f32;
-                let mut sq = [0f32; 8];
-                let chunks = r.chunks_exact(8);
-                let mut tail = 0f32;
-                for v in chunks.remainder() {
-                    tail += (v - mean) * (v - mean);
-                }
-                for c in chunks {
-                    for (a, v) in sq.iter_mut().zip(c) {
-                        *a += (v - mean) * (v - mean);
-                    }
-                }
-                let var = (sq.iter().sum::<f32>() + tail) / d as f32;
-                let rstd = 1.0 / (var + eps).sqrt();
-                for (((o, v), w), b) in o.iter_mut().zip(r).zip(w).zip(b) {
-                    *o = ((v - mean) * rstd).mul_add(*w, *b);
+    let rows = |out: &mut [f32], x: &[f32]| {
+        for (o, r) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            let mean = sum(r) / d as f32;
+            let mut sq = [0f32; 8];
+            let chunks = r.chunks_exact(8);
+            let mut tail = 0f32;
+            for v in chunks.remainder() {
+                tail += (v - mean) * (v - mean);
+            }
+            for c in chunks {
+                for (a, v) in sq.iter_mut().zip(c) {
+                    *a += (v - mean) * (v - mean);
                 }
             }
-        });
+            let var = (sq.iter().sum::<f32>() + tail) / d as f32;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (((o, v), w), b) in o.iter_mut().zip(r).zip(w).zip(b) {
+                *o = ((v - mean) * rstd).mul_add(*w, *b);
+            }
+        }
+    };
+    // A few rows (pooled embeddings) cost less than waking the pool.
+    if x.len() <= 4 * rows_per_task * d {
+        rows(out, x);
+    } else {
+        out.par_chunks_mut(rows_per_task * d)
+            .zip(x.par_chunks(rows_per_task * d))
+            .for_each(|(out, x)| rows(out, x));
+    }
 }
 
 /// An additive attention bias `[Bb, Hb, Qb, Tk]`, each of `Bb`, `Hb`, `Qb` either 1
@@ -976,6 +982,107 @@ pub(crate) fn project(x: &Tensor, lins: &[&Linear]) -> Result<Option<(Vec<f32>, 
     let mut out = vec![0f32; m * n];
     linear(xs, m, k, &parts, &mut out, n, false, None);
     Ok(Some((out, n)))
+}
+
+/// How the bias enters [`stacked_linear`].
+pub(crate) enum StackBias<'a> {
+    None,
+    /// `[N]`, added once to every row.
+    Shared(&'a Tensor),
+    /// `[M, N]`: modality `m`'s bias, scaled like its product.
+    PerModality(&'a Tensor),
+}
+
+/// `y[b] = sum_m s[b, m] (x_m[b] W_m^T) + bias` as one matrix product: the inputs,
+/// each row scaled by `s[b, m]`, side by side (a missing modality's slot is zero) times
+/// `lin`, the modalities' `W_m^T` stacked along the input dimension (`[sum D_m, N]`,
+/// no bias of its own). `scale` is `[B, M]` row-major (1 everywhere when `None`); a
+/// missing modality contributes nothing, its bias included.
+/// Returns `[B, N]`; `None` when an input or the map is not a float32 CPU tensor.
+pub(crate) fn stacked_linear(
+    lin: &Linear,
+    x: &[Option<&Tensor>],
+    widths: &[usize],
+    batch: usize,
+    scale: Option<&[f32]>,
+    bias: StackBias<'_>,
+) -> Result<Option<Tensor>> {
+    let bias_t = match bias {
+        StackBias::None => None,
+        StackBias::Shared(t) | StackBias::PerModality(t) => Some(t),
+    };
+    if !lin.runs_here()
+        || !x.iter().flatten().all(|t| is_plain_f32(t))
+        || bias_t.is_some_and(|t| !is_plain_f32(t))
+    {
+        return Ok(None);
+    }
+    let k: usize = widths.iter().sum();
+    let n = lin.out_dim()?;
+    let mods = widths.len();
+    if x.len() != mods || scale.is_some_and(|s| s.len() != batch * mods) {
+        return Err(MlmfError::Internal("stacked linear: shapes".into()));
+    }
+    let s = |b: usize, m: usize| scale.map_or(1.0, |s| s[b * mods + m]);
+    // The scaled inputs side by side.
+    let mut z = vec![0f32; batch * k];
+    let mut off = 0;
+    for (m, (xm, &d)) in x.iter().zip(widths).enumerate() {
+        if let Some(t) = xm {
+            let g = t.storage_and_layout();
+            let xs = slice(&g.0, g.1)
+                .filter(|v| v.len() == batch * d)
+                .ok_or_else(|| MlmfError::Internal("stacked linear: input".into()))?;
+            for (b, (zr, xr)) in z.chunks_exact_mut(k).zip(xs.chunks_exact(d)).enumerate() {
+                let f = s(b, m);
+                for (zv, xv) in zr[off..off + d].iter_mut().zip(xr) {
+                    *zv = f * xv;
+                }
+            }
+        }
+        off += d;
+    }
+    // The bias term first, then the product accumulates onto it.
+    let mut y = vec![0f32; batch * n];
+    if let Some(t) = bias_t {
+        let g = t.storage_and_layout();
+        let bv = slice(&g.0, g.1).ok_or_else(|| MlmfError::Internal("stacked bias".into()))?;
+        for (b, row) in y.chunks_exact_mut(n).enumerate() {
+            match bias {
+                StackBias::PerModality(_) => {
+                    for (m, bm) in bv.chunks_exact(n).enumerate() {
+                        let f = s(b, m);
+                        if x[m].is_some() && f != 0.0 {
+                            row.iter_mut().zip(bm).for_each(|(r, v)| *r += f * v);
+                        }
+                    }
+                }
+                _ => row.copy_from_slice(&bv[..n]),
+            }
+        }
+    }
+    {
+        let g = lin.weight.storage_and_layout();
+        let w = slice(&g.0, g.1).ok_or_else(|| MlmfError::Internal("stacked weight".into()))?;
+        linear(&z, batch, k, &[Lin { w, b: None }], &mut y, n, true, None);
+    }
+    Tensor::from_vec(y, (batch, n), &candle_core::Device::Cpu)
+        .map(Some)
+        .map_err(ce("stacked linear"))
+}
+
+/// `tanh(x)` for a float32 CPU tensor (to about 1e-7); `None` elsewhere.
+pub(crate) fn tanh_forward(x: &Tensor) -> Result<Option<Tensor>> {
+    if !is_plain_f32(x) {
+        return Ok(None);
+    }
+    let f = ce("tanh");
+    let mut v: Vec<f32> = x.flatten_all().and_then(|x| x.to_vec1()).map_err(&f)?;
+    v.par_chunks_mut(1 << 16)
+        .for_each(|c| c.iter_mut().for_each(|x| *x = tanh(*x)));
+    Tensor::from_vec(v, x.dims(), &candle_core::Device::Cpu)
+        .map(Some)
+        .map_err(f)
 }
 
 /// `act(x)` for a float32 CPU tensor; `None` elsewhere.

@@ -2,20 +2,17 @@
 //! weighted by a softmax over modalities, scored from the concatenation of all of them.
 
 use super::params::Params;
-use super::{
-    project_present, projections, softmax_present, weighted_sum, FusionComponent, FusionInputs,
-    FusionOutput, SplitLinear,
-};
+use super::{softmax_present, FusionComponent, FusionInputs, FusionOutput, Stacked};
 use crate::encoders::layers::{ce, Linear};
 use crate::error::Result;
 use crate::modality::Modality;
 
 pub(crate) struct AttentionFusion {
     /// `score` (`sum D -> M`) or `score.fc1` (`sum D -> attention_dim`).
-    score: SplitLinear,
+    score: Stacked,
     /// `score.fc2` (`attention_dim -> M`) after a tanh, with `attention_dim`.
     fc2: Option<Linear>,
-    proj: Vec<Linear>,
+    proj: Stacked,
 }
 
 impl AttentionFusion {
@@ -28,16 +25,16 @@ impl AttentionFusion {
         let widths: Vec<usize> = dims.iter().map(|(_, d)| *d).collect();
         let m = dims.len();
         let (score, fc2) = match attention_dim {
-            None => (SplitLinear::take(p, "score", &widths, m, true)?, None),
+            None => (Stacked::concat(p, "score", &widths, m, true)?, None),
             Some(a) => (
-                SplitLinear::take(p, "score.fc1", &widths, a, true)?,
+                Stacked::concat(p, "score.fc1", &widths, a, true)?,
                 Some(p.linear("score.fc2", a, m, true)?),
             ),
         };
         Ok(Self {
             score,
             fc2,
-            proj: projections(p, "proj", dims, out_dim)?,
+            proj: Stacked::per_modality(p, "proj", dims, out_dim)?,
         })
     }
 }
@@ -45,12 +42,16 @@ impl AttentionFusion {
 impl FusionComponent for AttentionFusion {
     fn fuse(&self, inputs: &FusionInputs, _return_attention: bool) -> Result<FusionOutput> {
         let pooled = inputs.pooled()?;
-        let mut s = self.score.forward(&pooled)?;
+        let mut s = self.score.forward(&pooled, None)?;
         if let Some(fc2) = &self.fc2 {
-            s = fc2.forward(&s.tanh().map_err(ce("attention fusion"))?)?;
+            let t = match crate::encoders::cpu::tanh_forward(&s)? {
+                Some(t) => t,
+                None => s.tanh().map_err(ce("attention fusion"))?,
+            };
+            s = fc2.forward(&t)?;
         }
         let w = softmax_present(&s, &inputs.presence()?)?;
-        let fused = weighted_sum(&w, &project_present(&self.proj, &pooled)?)?;
+        let fused = self.proj.forward(&pooled, Some(&w))?;
         Ok(FusionOutput {
             fused,
             gates: Some(w),

@@ -2,26 +2,23 @@
 //! each computed from every modality's embedding.
 
 use super::params::Params;
-use super::{
-    project_present, projections, weighted_sum, FusionComponent, FusionInputs, FusionOutput,
-    SplitLinear,
-};
-use crate::encoders::layers::{ce, Linear};
+use super::{FusionComponent, FusionInputs, FusionOutput, Stacked};
+use crate::encoders::layers::ce;
 use crate::error::Result;
 use crate::modality::Modality;
 
 pub(crate) struct Gated {
     /// `gate`: `sum D -> M`.
-    gate: SplitLinear,
-    proj: Vec<Linear>,
+    gate: Stacked,
+    proj: Stacked,
 }
 
 impl Gated {
     pub(crate) fn new(p: &mut Params, dims: &[(Modality, usize)], out_dim: usize) -> Result<Self> {
         let widths: Vec<usize> = dims.iter().map(|(_, d)| *d).collect();
         Ok(Self {
-            gate: SplitLinear::take(p, "gate", &widths, dims.len(), true)?,
-            proj: projections(p, "proj", dims, out_dim)?,
+            gate: Stacked::concat(p, "gate", &widths, dims.len(), true)?,
+            proj: Stacked::per_modality(p, "proj", dims, out_dim)?,
         })
     }
 }
@@ -29,12 +26,12 @@ impl Gated {
 impl FusionComponent for Gated {
     fn fuse(&self, inputs: &FusionInputs, _return_attention: bool) -> Result<FusionOutput> {
         let pooled = inputs.pooled()?;
-        let g = self.gate.forward(&pooled)?;
+        let g = self.gate.forward(&pooled, None)?;
         let presence = inputs.presence()?;
         let g = candle_nn::ops::sigmoid(&g)
             .and_then(|g| g.broadcast_mul(&presence))
             .map_err(ce("gated fusion"))?;
-        let fused = weighted_sum(&g, &project_present(&self.proj, &pooled)?)?;
+        let fused = self.proj.forward(&pooled, Some(&g))?;
         Ok(FusionOutput {
             fused,
             gates: Some(g),

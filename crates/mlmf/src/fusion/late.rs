@@ -5,24 +5,21 @@ use candle_core::Tensor;
 
 use super::blocks::LayerNorm;
 use super::params::{Init, Params};
-use super::{
-    mean_present, project_present, projections, softmax_present, weighted_sum, FusionComponent,
-    FusionInputs, FusionOutput, SplitLinear,
-};
+use super::{mean_weights, softmax_present, FusionComponent, FusionInputs, FusionOutput, Stacked};
 use crate::config::fusion::LateMode;
-use crate::encoders::layers::{ce, Linear};
+use crate::encoders::layers::ce;
 use crate::error::Result;
 use crate::modality::Modality;
 
 pub(crate) enum Late {
     /// `proj(cat_m p_m)`.
-    Concat(SplitLinear),
+    Concat(Stacked),
     /// `mean_m proj.m(p_m)`.
-    Mean(Vec<Linear>),
+    Mean(Stacked),
     /// `sum_m softmax(modality_logits)_m proj.m(p_m)`.
-    Weighted(Vec<Linear>, Tensor),
+    Weighted(Stacked, Tensor),
     /// `mean_m head.m(norm.m(p_m))`.
-    Logits(Vec<(LayerNorm, Linear)>),
+    Logits(Vec<LayerNorm>, Stacked),
 }
 
 impl Late {
@@ -35,24 +32,25 @@ impl Late {
         Ok(match mode {
             LateMode::Concat => {
                 let widths: Vec<usize> = dims.iter().map(|(_, d)| *d).collect();
-                Self::Concat(SplitLinear::take(p, "proj", &widths, out_dim, true)?)
+                Self::Concat(Stacked::concat(p, "proj", &widths, out_dim, true)?)
             }
-            LateMode::Mean => Self::Mean(projections(p, "proj", dims, out_dim)?),
+            LateMode::Mean => Self::Mean(Stacked::per_modality(p, "proj", dims, out_dim)?),
             LateMode::Weighted => {
-                let proj = projections(p, "proj", dims, out_dim)?;
+                let proj = Stacked::per_modality(p, "proj", dims, out_dim)?;
                 let logits = p.tensor("modality_logits", &[dims.len()], Init::Zeros)?;
                 Self::Weighted(proj, logits)
             }
-            LateMode::Logits => Self::Logits(
-                dims.iter()
+            LateMode::Logits => {
+                let norms = dims
+                    .iter()
                     .map(|(m, d)| {
                         let w = p.tensor(&format!("norm.{m}.weight"), &[*d], Init::Ones)?;
                         let b = p.tensor(&format!("norm.{m}.bias"), &[*d], Init::Zeros)?;
-                        let norm = LayerNorm::new(w, b, LayerNorm::EPS)?;
-                        Ok((norm, p.linear(&format!("head.{m}"), *d, out_dim, true)?))
+                        LayerNorm::new(w, b, LayerNorm::EPS)
                     })
-                    .collect::<Result<_>>()?,
-            ),
+                    .collect::<Result<_>>()?;
+                Self::Logits(norms, Stacked::per_modality(p, "head", dims, out_dim)?)
+            }
         })
     }
 }
@@ -61,8 +59,8 @@ impl FusionComponent for Late {
     fn fuse(&self, inputs: &FusionInputs, _return_attention: bool) -> Result<FusionOutput> {
         let pooled = inputs.pooled()?;
         let (fused, gates) = match self {
-            Self::Concat(proj) => (proj.forward(&pooled)?, None),
-            Self::Mean(proj) => (mean_present(&project_present(proj, &pooled)?)?, None),
+            Self::Concat(proj) => (proj.forward(&pooled, None)?, None),
+            Self::Mean(proj) => (proj.forward(&pooled, Some(&mean_weights(inputs)?))?, None),
             Self::Weighted(proj, logits) => {
                 let f = ce("late fusion");
                 let scores = logits
@@ -71,20 +69,15 @@ impl FusionComponent for Late {
                     .and_then(|l| l.contiguous())
                     .map_err(f)?;
                 let w = softmax_present(&scores, &inputs.presence()?)?;
-                let fused = weighted_sum(&w, &project_present(proj, &pooled)?)?;
-                (fused, Some(w))
+                (proj.forward(&pooled, Some(&w))?, Some(w))
             }
-            Self::Logits(heads) => {
-                let logits = heads
+            Self::Logits(norms, heads) => {
+                let normed = norms
                     .iter()
                     .zip(&pooled)
-                    .map(|((norm, head), x)| {
-                        x.as_ref()
-                            .map(|x| head.forward(&norm.forward(x)?))
-                            .transpose()
-                    })
+                    .map(|(norm, x)| x.as_ref().map(|x| norm.forward(x)).transpose())
                     .collect::<Result<Vec<_>>>()?;
-                (mean_present(&logits)?, None)
+                (heads.forward(&normed, Some(&mean_weights(inputs)?))?, None)
             }
         };
         Ok(FusionOutput {

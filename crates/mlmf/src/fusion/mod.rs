@@ -22,10 +22,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::attention::{check_finite, check_mask};
 use crate::config::FusionStrategy;
+use crate::encoders::cpu::{self, StackBias};
 use crate::encoders::layers::{ce, Linear, MASKED};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
@@ -527,51 +528,141 @@ pub(crate) fn masked_mean(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     sum.broadcast_div(&count).map_err(f)
 }
 
-/// One linear map over a concatenation of modalities. A missing modality's slot is
-/// filled with zeros, which contributes exactly nothing: `cat_m(x_m) W^T + b` is
-/// `sum_{m present} x_m W_m^T + b`, computed as one matrix product.
+/// Linear maps over the modalities' pooled inputs, evaluated as one matrix product.
+///
+/// Two forms share it:
+/// - *concat*: one map `name` over the concatenation, `cat_m(x_m) W^T + b`. A missing
+///   modality's slot is zero, which contributes exactly nothing.
+/// - *per modality*: a map `name.{m}` per modality, combined with per-row weights
+///   `s[b, m]`: `sum_m s[b, m] (x_m W_m^T + b_m)`. That is
+///   `cat_m(s[:, m] x_m) [W_1 .. W_M]^T + s B`, so the inputs are scaled, laid side by
+///   side, and multiplied once by the weights stacked along the input dimension;
+///   `s[b, m] = 0` for a missing modality.
 #[derive(Debug, Clone)]
-pub(crate) struct SplitLinear {
+pub(crate) struct Stacked {
+    /// `[out, sum D_m]`, no bias.
     lin: Linear,
+    /// `[out]` (concat) or `[M, out]` (per modality).
+    bias: Option<Tensor>,
+    per_modality: bool,
     widths: Vec<usize>,
 }
 
-impl SplitLinear {
-    pub(crate) fn take(
+impl Stacked {
+    /// One map over the concatenation: `name.weight` `[out, sum D_m]`, `name.bias`.
+    pub(crate) fn concat(
         p: &mut Params,
         name: &str,
         widths: &[usize],
         out_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        let total = widths.iter().sum();
+        let (w, b) = p.linear_parts(name, widths.iter().sum(), out_dim, bias)?;
         Ok(Self {
-            lin: p.linear(name, total, out_dim, bias)?,
+            lin: Linear::from_parts(w, None)?,
+            bias: b,
+            per_modality: false,
             widths: widths.to_vec(),
         })
     }
 
-    /// `x` holds the `[B, D_m]` input of each modality, `None` where missing.
-    pub(crate) fn forward(&self, x: &[Option<Tensor>]) -> Result<Tensor> {
-        let f = ce("split linear");
+    /// A map per modality, `name.{m}.weight` `[out, D_m]` and `name.{m}.bias`.
+    pub(crate) fn per_modality(
+        p: &mut Params,
+        name: &str,
+        dims: &[(Modality, usize)],
+        out_dim: usize,
+    ) -> Result<Self> {
+        let f = ce("stacked projections");
+        let mut ws = Vec::with_capacity(dims.len());
+        let mut bs = Vec::with_capacity(dims.len());
+        for (m, d) in dims {
+            let (w, b) = p.linear_parts(&format!("{name}.{m}"), *d, out_dim, true)?;
+            ws.push(w);
+            bs.push(b.ok_or_else(|| MlmfError::Internal("projection without bias".into()))?);
+        }
+        Ok(Self {
+            lin: Linear::from_parts(Tensor::cat(&ws, 1).map_err(&f)?, None)?,
+            bias: Some(Tensor::stack(&bs, 0).map_err(f)?),
+            per_modality: true,
+            widths: dims.iter().map(|(_, d)| *d).collect(),
+        })
+    }
+
+    /// `x` holds each modality's `[B, D_m]` input (`None` where missing); `scale` is
+    /// `s` `[B, M]` (per modality; `None`: 1 for every modality).
+    pub(crate) fn forward(&self, x: &[Option<Tensor>], scale: Option<&Tensor>) -> Result<Tensor> {
+        let f = ce("stacked linear");
         let first = x
             .iter()
             .flatten()
             .next()
-            .ok_or_else(|| MlmfError::Internal("split linear: no input".into()))?;
+            .ok_or_else(|| MlmfError::Internal("stacked linear: no input".into()))?;
         let b = first.dim(0).map_err(&f)?;
+        let host_scale: Option<Vec<f32>> = scale
+            .map(|s| s.flatten_all().and_then(|s| s.to_vec1()))
+            .transpose()
+            .map_err(&f)?;
+        let refs: Vec<Option<&Tensor>> = x.iter().map(Option::as_ref).collect();
+        let bias = match (&self.bias, self.per_modality) {
+            (None, _) => StackBias::None,
+            (Some(t), false) => StackBias::Shared(t),
+            (Some(t), true) => StackBias::PerModality(t),
+        };
+        if let Some(y) = cpu::stacked_linear(
+            &self.lin,
+            &refs,
+            &self.widths,
+            b,
+            host_scale.as_deref(),
+            bias,
+        )? {
+            return Ok(y);
+        }
+        // Elsewhere (a GPU): the same formula in tensor ops.
         let parts = x
             .iter()
             .zip(&self.widths)
-            .map(|(x, &d)| match x {
-                Some(x) => Ok(x.clone()),
-                None => Tensor::zeros((b, d), DType::F32, first.device()),
+            .enumerate()
+            .map(|(m, (x, &d))| match (x, scale) {
+                (Some(x), Some(s)) => s.narrow(1, m, 1).and_then(|s| x.broadcast_mul(&s)),
+                (Some(x), None) => Ok(x.clone()),
+                (None, _) => Tensor::zeros((b, d), DType::F32, first.device()),
             })
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(&f)?;
-        let cat = Tensor::cat(&parts, 1).map_err(f)?;
-        self.lin.forward(&cat)
+        let y = self.lin.forward(&Tensor::cat(&parts, 1).map_err(&f)?)?;
+        match &self.bias {
+            None => Ok(y),
+            Some(bias) if self.per_modality => {
+                // s B over the present modalities only.
+                let presence: Vec<f32> =
+                    x.iter().map(|x| f32::from(u8::from(x.is_some()))).collect();
+                let m = presence.len();
+                let mut s = Tensor::from_vec(presence, (1, m), first.device()).map_err(&f)?;
+                s = match scale {
+                    Some(scale) => scale.broadcast_mul(&s),
+                    None => s.broadcast_as((b, m)).and_then(|s| s.contiguous()),
+                }
+                .map_err(&f)?;
+                s.matmul(bias).and_then(|sb| y + sb)
+            }
+            Some(bias) => y.broadcast_add(bias),
+        }
+        .map_err(f)
     }
+}
+
+/// `[B, M]`: 1 / (number present) for the present modalities, 0 for missing ones.
+pub(crate) fn mean_weights(inputs: &FusionInputs) -> Result<Tensor> {
+    let f = ce("modality mean");
+    let presence = inputs.presence()?;
+    let n = inputs.present().count().max(1);
+    (presence / n as f64)
+        .and_then(|p| p.unsqueeze(0))
+        .and_then(|p| p.broadcast_as((inputs.batch, inputs.modalities.len())))
+        .and_then(|p| p.contiguous())
+        .map_err(f)
 }
 
 /// Softmax over the present modalities of `scores` `[B, M]`; missing ones get 0.
@@ -586,25 +677,6 @@ pub(crate) fn softmax_present(scores: &Tensor, presence: &Tensor) -> Result<Tens
         .and_then(|s| candle_nn::ops::softmax_last_dim(&s))
         .and_then(|w| w.broadcast_mul(presence))
         .map_err(f)
-}
-
-/// `sum_m w[:, m] * y_m` over the present `y_m` `[B, out]`; `w` is `[B, M]`.
-pub(crate) fn weighted_sum(w: &Tensor, y: &[Option<Tensor>]) -> Result<Tensor> {
-    let f = ce("weighted sum");
-    let mut acc: Option<Tensor> = None;
-    for (m, y) in y.iter().enumerate() {
-        if let Some(y) = y {
-            let term = w
-                .narrow(D::Minus1, m, 1)
-                .and_then(|wm| y.broadcast_mul(&wm))
-                .map_err(&f)?;
-            acc = Some(match acc {
-                None => term,
-                Some(a) => (a + term).map_err(&f)?,
-            });
-        }
-    }
-    acc.ok_or_else(|| MlmfError::Internal("weighted sum: no input".into()))
 }
 
 /// The mean of the present `y_m`.
@@ -631,17 +703,6 @@ pub(crate) fn projections(
 ) -> Result<Vec<Linear>> {
     dims.iter()
         .map(|(m, d)| p.linear(&format!("{name}.{m}"), *d, out_dim, true))
-        .collect()
-}
-
-/// `proj_m(x_m)` for the present modalities.
-pub(crate) fn project_present(
-    proj: &[Linear],
-    x: &[Option<Tensor>],
-) -> Result<Vec<Option<Tensor>>> {
-    proj.iter()
-        .zip(x)
-        .map(|(l, x)| x.as_ref().map(|x| l.forward(x)).transpose())
         .collect()
 }
 
