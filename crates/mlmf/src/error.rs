@@ -66,6 +66,10 @@ pub enum MlmfError {
     Device { device: String, message: String },
 
     /// A bug: an internal invariant did not hold (also what a caught panic becomes).
+    /// A cache cannot do what was asked (e.g. an unusable disk tier).
+    #[error("{cache} cache: {message}")]
+    Cache { cache: String, message: String },
+
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -120,6 +124,66 @@ impl MlmfError {
     /// Attaches the position of the failing input in its batch, for errors raised by
     /// code that handles one item and does not know where it sits.
     /// An index already set is kept (the innermost caller knows best).
+    /// An equal error for one more receiver: a failure several waiting callers share
+    /// (a computation the cache ran once for all of them). The I/O source becomes
+    /// text.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::Config { path, message } => Self::config(path.clone(), message.clone()),
+            Self::ConfigFile { path, message } => Self::ConfigFile {
+                path: path.clone(),
+                message: message.clone(),
+            },
+            Self::Input {
+                modality,
+                index,
+                message,
+            } => Self::Input {
+                modality: *modality,
+                index: *index,
+                message: message.clone(),
+            },
+            Self::Decode {
+                modality,
+                index,
+                message,
+            } => Self::Decode {
+                modality: *modality,
+                index: *index,
+                message: message.clone(),
+            },
+            Self::Io {
+                modality,
+                index,
+                path,
+                source,
+            } => Self::Io {
+                modality: *modality,
+                index: *index,
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Self::ModelLoad {
+                what,
+                path,
+                message,
+            } => Self::model_load(what.clone(), path.clone(), message.clone()),
+            Self::MissingModality { modality, message } => Self::MissingModality {
+                modality: *modality,
+                message: message.clone(),
+            },
+            Self::Device { device, message } => Self::Device {
+                device: device.clone(),
+                message: message.clone(),
+            },
+            Self::Cache { cache, message } => Self::Cache {
+                cache: cache.clone(),
+                message: message.clone(),
+            },
+            Self::Internal(m) => Self::Internal(m.clone()),
+        }
+    }
+
     pub fn at_index(mut self, i: usize) -> Self {
         if let Self::Input { index, .. } | Self::Decode { index, .. } | Self::Io { index, .. } =
             &mut self

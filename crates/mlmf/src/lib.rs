@@ -6,6 +6,7 @@
 //! `python` feature.
 
 pub mod attention;
+pub mod cache;
 pub mod config;
 pub mod device;
 pub mod encoders;

@@ -5,7 +5,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use std::collections::BTreeMap;
+
 use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
 
 /// A number of bytes, written in configs as an integer or as `"512 MiB"`, `"2GB"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -90,6 +93,9 @@ pub struct CacheConfig {
     pub enabled: bool,
     /// Total memory all in-memory caches may hold.
     pub max_memory: ByteSize,
+    /// Per-modality cache settings (policy, budget); a modality not listed
+    /// gets the defaults.
+    pub modalities: BTreeMap<Modality, ModalityCacheConfig>,
 }
 
 impl Default for CacheConfig {
@@ -97,6 +103,7 @@ impl Default for CacheConfig {
         Self {
             enabled: true,
             max_memory: ByteSize(512 << 20),
+            modalities: BTreeMap::new(),
         }
     }
 }
@@ -110,7 +117,96 @@ impl CacheConfig {
                 "an enabled cache needs a budget above 0 bytes (or set enabled = false)",
             ));
         }
+        for (m, c) in &self.modalities {
+            c.validate()
+                .map_err(|e| e.under(&format!("modalities.{m}")))?;
+        }
         Ok(())
+    }
+
+    /// The settings of `modality`'s cache (the defaults when not listed).
+    pub fn modality(&self, modality: Modality) -> ModalityCacheConfig {
+        self.modalities.get(&modality).cloned().unwrap_or_default()
+    }
+}
+
+/// Which entries a full cache drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Least recently used.
+    #[default]
+    Lru,
+    /// TinyLFU: admission and eviction by estimated frequency.
+    Lfu,
+    /// LRU, and every entry expires `ttl_seconds` after it was written.
+    Ttl,
+    /// LRU, and an entry expires `ttl_seconds` after it was last read or written.
+    Tti,
+}
+
+/// An eviction policy with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CachePolicy {
+    Lru,
+    Lfu,
+    Ttl { seconds: f64 },
+    Tti { seconds: f64 },
+}
+
+/// One modality's cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModalityCacheConfig {
+    pub policy: PolicyKind,
+    /// Seconds for `ttl` / `tti`.
+    pub ttl_seconds: Option<f64>,
+    /// This modality's own budget (`None`: `cache.max_memory`).
+    pub max_memory: Option<ByteSize>,
+}
+
+impl Default for ModalityCacheConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::Lru,
+            ttl_seconds: None,
+            max_memory: None,
+        }
+    }
+}
+
+impl ModalityCacheConfig {
+    pub fn validate(&self) -> Result<()> {
+        match (self.policy, self.ttl_seconds) {
+            (PolicyKind::Ttl | PolicyKind::Tti, None) => Err(MlmfError::config(
+                "ttl_seconds",
+                "policies `ttl` and `tti` need ttl_seconds (a number of seconds > 0)",
+            )),
+            (_, Some(t)) if !(t.is_finite() && t > 0.0) => Err(MlmfError::config(
+                "ttl_seconds",
+                format!("expected a number of seconds > 0, got {t}"),
+            )),
+            (PolicyKind::Lru | PolicyKind::Lfu, Some(_)) => Err(MlmfError::config(
+                "ttl_seconds",
+                "only used with policy `ttl` or `tti`",
+            )),
+            _ if self.max_memory.is_some_and(|b| b.0 == 0) => Err(MlmfError::config(
+                "max_memory",
+                "a cache budget must be above 0 bytes",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The policy with its parameters (after [`validate`](Self::validate)).
+    pub fn policy(&self) -> CachePolicy {
+        let seconds = self.ttl_seconds.unwrap_or(f64::MAX);
+        match self.policy {
+            PolicyKind::Lru => CachePolicy::Lru,
+            PolicyKind::Lfu => CachePolicy::Lfu,
+            PolicyKind::Ttl => CachePolicy::Ttl { seconds },
+            PolicyKind::Tti => CachePolicy::Tti { seconds },
+        }
     }
 }
 
@@ -128,5 +224,54 @@ mod tests {
         assert!("5 parsecs".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize(512 << 20).to_string(), "512 MiB");
         assert_eq!(ByteSize(1000).to_string(), "1000 B");
+    }
+
+    #[test]
+    fn modality_cache_settings_are_checked() {
+        let ok = ModalityCacheConfig {
+            policy: PolicyKind::Ttl,
+            ttl_seconds: Some(2.5),
+            ..Default::default()
+        };
+        assert_eq!(ok.policy(), CachePolicy::Ttl { seconds: 2.5 });
+        ok.validate().unwrap();
+        for (bad, field) in [
+            (
+                ModalityCacheConfig {
+                    policy: PolicyKind::Tti,
+                    ..Default::default()
+                },
+                "ttl_seconds",
+            ),
+            (
+                ModalityCacheConfig {
+                    ttl_seconds: Some(3.0),
+                    ..Default::default()
+                },
+                "ttl_seconds",
+            ),
+            (
+                ModalityCacheConfig {
+                    policy: PolicyKind::Ttl,
+                    ttl_seconds: Some(-1.0),
+                    ..Default::default()
+                },
+                "ttl_seconds",
+            ),
+            (
+                ModalityCacheConfig {
+                    max_memory: Some(ByteSize(0)),
+                    ..Default::default()
+                },
+                "max_memory",
+            ),
+        ] {
+            let cfg = CacheConfig {
+                modalities: [(Modality::Image, bad)].into(),
+                ..Default::default()
+            };
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("modalities.image.{field}")), "{e}");
+        }
     }
 }

@@ -31,7 +31,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use attention::CrossModalAttentionConfig;
-pub use cache::{ByteSize, CacheConfig};
+pub use cache::{ByteSize, CacheConfig, CachePolicy, ModalityCacheConfig, PolicyKind};
 pub use distributed::{DistributedConfig, ShardingStrategy};
 pub use fusion::FusionStrategy;
 pub use modality::{ModalityConfig, PreprocessingConfig};

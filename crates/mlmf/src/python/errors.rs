@@ -132,6 +132,7 @@ fn class_for(err: &MlmfError) -> &'static str {
         MlmfError::ModelLoad { .. } => "ModelLoadError",
         MlmfError::MissingModality { .. } => "MissingModalityError",
         MlmfError::Device { .. } => "DeviceError",
+        MlmfError::Cache { .. } => "CacheError",
         MlmfError::Internal(_) => "InternalError",
     }
 }
