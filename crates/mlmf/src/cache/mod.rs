@@ -128,24 +128,6 @@ impl Weighted for Tensor {
     }
 }
 
-impl<T: Weighted> Weighted for Vec<T> {
-    fn bytes(&self) -> u64 {
-        self.iter().map(Weighted::bytes).sum()
-    }
-}
-
-impl<T: Weighted> Weighted for Option<T> {
-    fn bytes(&self) -> u64 {
-        self.as_ref().map_or(0, Weighted::bytes)
-    }
-}
-
-impl<T: Weighted + ?Sized> Weighted for Arc<T> {
-    fn bytes(&self) -> u64 {
-        (**self).bytes()
-    }
-}
-
 /// What a cache has done since it was made (or its counters were reset).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct CacheStats {

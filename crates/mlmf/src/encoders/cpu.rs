@@ -1071,31 +1071,32 @@ pub(crate) fn stacked_linear(
         .map_err(ce("stacked linear"))
 }
 
-/// `tanh(x)` for a float32 CPU tensor (to about 1e-7); `None` elsewhere.
-pub(crate) fn tanh_forward(x: &Tensor) -> Result<Option<Tensor>> {
+/// `f` applied in place to chunks of a copy of a float32 CPU tensor, in parallel;
+/// `None` elsewhere.
+fn elementwise(
+    x: &Tensor,
+    what: &'static str,
+    f: impl Fn(&mut [f32]) + Send + Sync,
+) -> Result<Option<Tensor>> {
     if !is_plain_f32(x) {
         return Ok(None);
     }
-    let f = ce("tanh");
-    let mut v: Vec<f32> = x.flatten_all().and_then(|x| x.to_vec1()).map_err(&f)?;
-    v.par_chunks_mut(1 << 16)
-        .for_each(|c| c.iter_mut().for_each(|x| *x = tanh(*x)));
+    let err = ce(what);
+    let mut v: Vec<f32> = x.flatten_all().and_then(|x| x.to_vec1()).map_err(&err)?;
+    v.par_chunks_mut(16384).for_each(f);
     Tensor::from_vec(v, x.dims(), &candle_core::Device::Cpu)
         .map(Some)
-        .map_err(f)
+        .map_err(err)
+}
+
+/// `tanh(x)` for a float32 CPU tensor (to about 1e-7); `None` elsewhere.
+pub(crate) fn tanh_forward(x: &Tensor) -> Result<Option<Tensor>> {
+    elementwise(x, "tanh", |c| c.iter_mut().for_each(|v| *v = tanh(*v)))
 }
 
 /// `act(x)` for a float32 CPU tensor; `None` elsewhere.
 pub(crate) fn activation_forward(act: Activation, x: &Tensor) -> Result<Option<Tensor>> {
-    if !is_plain_f32(x) {
-        return Ok(None);
-    }
-    let f = ce("activation");
-    let mut v: Vec<f32> = x.flatten_all().and_then(|x| x.to_vec1()).map_err(&f)?;
-    v.par_chunks_mut(16384).for_each(|c| act.apply_slice(c));
-    Tensor::from_vec(v, x.dims(), &candle_core::Device::Cpu)
-        .map(Some)
-        .map_err(f)
+    elementwise(x, "activation", |c| act.apply_slice(c))
 }
 
 /// `W^T` of a float32 CPU matrix `W` `[r, c]`, contiguous `[c, r]`; `None` for other
