@@ -91,7 +91,7 @@ fn main() -> mlmf::Result<()> {
     for m in [Modality::Text, Modality::Image] {
         config.modalities.insert(m, ModalityConfig::default());
     }
-    config.fusion = FusionStrategy::Middle(LayerStackOptions {
+    config.fusion.strategy = FusionStrategy::Middle(LayerStackOptions {
         num_layers: 2,
         num_heads: 8,
         mlp: MlpKind::Swiglu,
@@ -103,7 +103,7 @@ fn main() -> mlmf::Result<()> {
     println!(
         "config: modalities {:?}, fusion `{}`, {} attention heads",
         config.enabled_modalities(),
-        config.fusion.name(),
+        config.fusion.strategy.name(),
         config.cross_modal_attention.num_heads
     );
 
@@ -155,7 +155,7 @@ fn main() -> mlmf::Result<()> {
 
     // 3. Fuse both modalities with the configured strategy.
     let fusion = Fusion::new(
-        &config.fusion,
+        &config.fusion.strategy,
         &[(Modality::Text, td), (Modality::Image, id)],
         512,
         &FusionSettings::default(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import struct
 import subprocess
 import sys
 
@@ -20,17 +22,29 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"mlmf {mlmf.__version__}"
 
 
-def test_demo_reports_every_modality(capsys):
-    assert cli.main(["demo"]) == 0
+def test_demo_runs_the_model_and_shows_cache_hits(capsys, tmp_path):
+    png = tmp_path / "attention.png"
+    assert cli.main(["demo", "--heatmap", str(png)]) == 0
     out = capsys.readouterr().out
     for line in (
-        "pixel_values    float32[8, 3, 224, 224]",
-        "input_features  float32[1, 80, 3000]",
-        "pixel_values    float32[1, 8, 3, 224, 224]",
-        "input_ids       int64[4,",
-        "All four modalities preprocessed.",
+        "[embeddings]",
+        "fused  float32[3, 128]",
+        "[fusion weights per item]",
+        "[text->image attention] item 0:",
+        f"heatmap written to {png}",
+        "same call again",
+        "identical results: True",
+        "(from the fusion cache)",
     ):
         assert line in out, out
+    # The second call: every item of every modality a cache hit, nothing encoded.
+    again = out[out.index("same call again") :]
+    for m in ("text", "image", "audio", "video"):
+        assert re.search(rf"\n  {m}\s+3\s+3\s+0\s", again), again
+    # A PNG of the default size (800 x 600 pixels).
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", head[16:24]) == (800, 600)
 
 
 def test_console_script_runs_as_module():

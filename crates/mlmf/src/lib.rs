@@ -12,14 +12,18 @@ pub mod device;
 pub mod encoders;
 pub mod error;
 pub mod fusion;
+pub mod loader;
 pub mod modality;
+pub mod model;
 pub mod preprocess;
 
 #[cfg(feature = "python")]
 mod python;
 
 pub use error::{MlmfError, Result};
+pub use loader::MultiModalLoader;
 pub use modality::Modality;
+pub use model::{MultiModalInput, MultiModalModel, MultiModalOutput};
 
 /// The crate version, shared with the Python package.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -46,7 +46,21 @@ fn every_config_field_is_documented() {
     ] {
         keys(&v, &mut names);
     }
-    names.extend(["attention_dim", "name", "modality_assignments"].map(String::from));
+    names.extend(
+        [
+            "attention_dim",
+            "name",
+            "modality_assignments",
+            "out_dim",
+            "weights",
+            "seed",
+            "required",
+            "inputs",
+            "pairs",
+            "dtype",
+        ]
+        .map(String::from),
+    );
     let doc = doc();
     let missing: Vec<_> = names
         .iter()

@@ -20,6 +20,10 @@ use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use serde::Serialize;
 
+mod flight;
+
+pub use flight::{Claim, Flight, Flights, Leader};
+
 use crate::config::{CacheConfig, CachePolicy};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
@@ -69,6 +73,18 @@ impl ContentKey {
         let mut h = Self::hasher(b"bytes\0", modality, model_id, fp);
         h.update(&(bytes.len() as u64).to_le_bytes());
         h.update(bytes);
+        Self(*h.finalize().as_bytes())
+    }
+
+    /// The key of an item given in parts (a header such as dtype and shape, then the
+    /// data); each part is length-prefixed, so parts cannot run into each other.
+    pub fn of_parts(modality: Modality, model_id: &str, fp: &Fingerprint, parts: &[&[u8]]) -> Self {
+        let mut h = Self::hasher(b"parts\0", modality, model_id, fp);
+        h.update(&(parts.len() as u64).to_le_bytes());
+        for p in parts {
+            h.update(&(p.len() as u64).to_le_bytes());
+            h.update(p);
+        }
         Self(*h.finalize().as_bytes())
     }
 
@@ -252,6 +268,12 @@ impl<V: Weighted + Clone + Send + Sync + 'static> ByteCache<V> {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         v
+    }
+
+    /// The value for `key` without counting a hit or a miss (a second look within one
+    /// request that was already counted).
+    pub fn peek(&self, key: &ContentKey) -> Option<V> {
+        self.inner.get(key)
     }
 
     /// Stores `value`; `false` (and nothing stored) when it alone exceeds the budget.

@@ -174,3 +174,40 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_global_budget_is_split_without_overspending() {
+    use crate::config::{ByteSize, CacheConfig, ModalityCacheConfig};
+    let mut c = CacheConfig {
+        max_memory: ByteSize(1600),
+        ..CacheConfig::default()
+    };
+    let ms = [Modality::Text, Modality::Image, Modality::Audio];
+    let (each, side) = c.split(&ms, 2);
+    assert_eq!(side, 100);
+    assert_eq!(each, vec![466, 466, 466]);
+    assert!(each.iter().sum::<u64>() + 2 * side <= 1600);
+    c.modalities.insert(
+        Modality::Image,
+        ModalityCacheConfig {
+            max_memory: Some(ByteSize(1000)),
+            ..ModalityCacheConfig::default()
+        },
+    );
+    let (each, side) = c.split(&ms, 1);
+    assert_eq!(each[1], 1000);
+    assert!(each.iter().sum::<u64>() + side <= 1600, "{each:?} {side}");
+    // Own budgets above the total are refused by validation, naming the field.
+    c.modalities.insert(
+        Modality::Text,
+        ModalityCacheConfig {
+            max_memory: Some(ByteSize(1000)),
+            ..ModalityCacheConfig::default()
+        },
+    );
+    let err = c.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("modalities") && err.contains("max_memory"),
+        "{err}"
+    );
+}

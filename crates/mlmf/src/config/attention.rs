@@ -1,8 +1,64 @@
 //! [`CrossModalAttentionConfig`]: the shape of the cross-modal attention layers.
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
+
+/// A cross-modal attention map a model computes: the query modality's tokens attend
+/// over the key modality's. Written `"text->image"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttentionPair {
+    pub query: Modality,
+    pub key: Modality,
+}
+
+impl fmt::Display for AttentionPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}->{}", self.query, self.key)
+    }
+}
+
+impl FromStr for AttentionPair {
+    type Err = MlmfError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            MlmfError::config(
+                "pairs",
+                format!("{s:?} is not a pair: expected \"query->key\", e.g. \"text->image\""),
+            )
+        };
+        let (q, k) = s.split_once("->").ok_or_else(bad)?;
+        let query: Modality = q.trim().parse().map_err(|_| bad())?;
+        let key: Modality = k.trim().parse().map_err(|_| bad())?;
+        if query == key {
+            return Err(MlmfError::config(
+                "pairs",
+                format!("{s:?} pairs a modality with itself: expected two different ones"),
+            ));
+        }
+        Ok(Self { query, key })
+    }
+}
+
+impl Serialize for AttentionPair {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for AttentionPair {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(|e: MlmfError| serde::de::Error::custom(e.to_string()))
+    }
+}
 
 /// Multi-head cross-modal attention settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +102,17 @@ pub struct CrossModalAttentionConfig {
     pub adaptive_max_temperature: f32,
     /// Sparsity of a row whose distribution is a spike; a uniform row keeps every key.
     pub adaptive_max_sparsity: f64,
+    /// The attention maps a `MultiModalModel` computes between encoder token states
+    /// (one layer per pair, `"text->image"`), returned when a call asks for attention.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pairs: Vec<AttentionPair>,
+    /// A folder of trained layers for `pairs`, one `{query}-{key}.safetensors` each;
+    /// `None` = seeded, untrained layers. A relative path is taken from the config
+    /// file's folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<PathBuf>,
+    /// Seed of the untrained layers (each pair offsets it by its position).
+    pub seed: u64,
 }
 
 impl Default for CrossModalAttentionConfig {
@@ -69,6 +136,9 @@ impl Default for CrossModalAttentionConfig {
             adaptive_min_temperature: 0.5,
             adaptive_max_temperature: 2.0,
             adaptive_max_sparsity: 0.5,
+            pairs: Vec::new(),
+            weights: None,
+            seed: 0,
         }
     }
 }
@@ -166,6 +236,17 @@ impl CrossModalAttentionConfig {
             return Err(MlmfError::config(
                 "adaptive",
                 "adaptive attention chooses its own sparsity; unset top_k and sparsity_ratio",
+            ));
+        }
+        if let Some((i, p)) = self
+            .pairs
+            .iter()
+            .enumerate()
+            .find(|(i, p)| self.pairs[..*i].contains(p))
+        {
+            return Err(MlmfError::config(
+                format!("pairs.{i}"),
+                format!("`{p}` is listed twice"),
             ));
         }
         Ok(())

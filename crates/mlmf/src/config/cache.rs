@@ -121,7 +121,45 @@ impl CacheConfig {
             c.validate()
                 .map_err(|e| e.under(&format!("modalities.{m}")))?;
         }
+        let own: u64 = self
+            .modalities
+            .values()
+            .filter_map(|c| c.max_memory.map(|b| b.0))
+            .sum();
+        if self.enabled && own > self.max_memory.0 {
+            return Err(MlmfError::config(
+                "modalities",
+                format!(
+                    "the modalities' own budgets add up to {}, more than max_memory ({}); \
+                     raise max_memory or lower them",
+                    ByteSize(own),
+                    self.max_memory
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// How `max_memory` is shared by a model's caches: a modality with its own
+    /// `max_memory` gets that; of the rest, each of the `side_caches` (fusion results,
+    /// attention maps: small rows) gets a sixteenth, and the modalities without a budget
+    /// share what remains equally. Returns the budget per modality and per side cache.
+    pub fn split(&self, modalities: &[Modality], side_caches: usize) -> (Vec<u64>, u64) {
+        let own: Vec<Option<u64>> = modalities
+            .iter()
+            .map(|m| self.modality(*m).max_memory.map(|b| b.0))
+            .collect();
+        let fixed: u64 = own.iter().flatten().sum();
+        let rest = self.max_memory.0.saturating_sub(fixed);
+        let shared = own.iter().filter(|b| b.is_none()).count() as u64;
+        let side = if shared == 0 && side_caches > 0 {
+            rest / side_caches as u64
+        } else {
+            rest / 16
+        };
+        let left = rest.saturating_sub(side * side_caches as u64);
+        let each = left.checked_div(shared).unwrap_or(0);
+        (own.iter().map(|b| b.unwrap_or(each)).collect(), side)
     }
 
     /// The settings of `modality`'s cache (the defaults when not listed).

@@ -1,8 +1,84 @@
 //! [`FusionStrategy`]: how per-modality embeddings become one (docs/fusion.md).
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MlmfError, Result};
+use crate::modality::Modality;
+
+/// The `[fusion]` section of a model config: the strategy with its options, and the
+/// settings of the layer a `MultiModalModel` builds from it.
+///
+/// ```toml
+/// [fusion]
+/// strategy = "attention"   # the strategy's options sit beside it
+/// attention_dim = 256
+/// out_dim = 512            # width of the fused embedding
+/// weights = "fusion.safetensors"
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct FusionConfig {
+    #[serde(flatten)]
+    pub strategy: FusionStrategy,
+    /// Width of the fused embedding; `None` = the widest fusion input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_dim: Option<usize>,
+    /// Trained weights (safetensors, the names docs/fusion.md lists); `None` = a seeded,
+    /// untrained initialisation. A relative path is taken from the config file's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<PathBuf>,
+    /// Seed of the untrained initialisation.
+    #[serde(default)]
+    pub seed: u64,
+    /// Modalities every call must include (else `MissingModalityError`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub required: Vec<Modality>,
+    /// What each modality hands the fusion: `pooled` embeddings or `tokens`; `None` =
+    /// `tokens` for `early` and `middle`, `pooled` for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<FusionLevel>,
+}
+
+/// Which encoder output a fusion takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FusionLevel {
+    /// The encoder's pooled embedding `[B, D']` (its projection, when it has one).
+    Pooled,
+    /// The token states `[B, T, D]` with their mask.
+    Tokens,
+}
+
+impl FusionConfig {
+    /// The fusion input level in effect.
+    pub fn level(&self) -> FusionLevel {
+        self.inputs.unwrap_or(match self.strategy {
+            FusionStrategy::Early(_) | FusionStrategy::Middle(_) => FusionLevel::Tokens,
+            _ => FusionLevel::Pooled,
+        })
+    }
+
+    /// Checks value ranges; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        self.strategy.validate()?;
+        if self.out_dim == Some(0) {
+            return Err(MlmfError::config("out_dim", "must be at least 1"));
+        }
+        if let Some(r) = self
+            .required
+            .iter()
+            .enumerate()
+            .find(|(i, r)| self.required[..*i].contains(r))
+        {
+            return Err(MlmfError::config(
+                "required",
+                format!("`{}` is listed twice", r.1),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Fusion strategies. In a config file the variant is the `strategy` key and its
 /// options sit beside it: `{ strategy = "early", num_layers = 2 }`.

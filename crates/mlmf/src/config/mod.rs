@@ -23,20 +23,21 @@ mod attention;
 mod cache;
 mod distributed;
 pub mod fusion;
-mod modality;
+pub(crate) mod modality;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use attention::CrossModalAttentionConfig;
+pub use attention::{AttentionPair, CrossModalAttentionConfig};
 pub use cache::{ByteSize, CacheConfig, CachePolicy, ModalityCacheConfig, PolicyKind};
 pub use distributed::{DistributedConfig, ShardingStrategy};
-pub use fusion::FusionStrategy;
+pub use fusion::{FusionConfig, FusionLevel, FusionStrategy};
 pub use modality::{ModalityConfig, PreprocessingConfig};
 
 use crate::device::DeviceSpec;
+use crate::encoders::Precision;
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 
@@ -47,7 +48,7 @@ pub struct MultiModalConfig {
     /// Per-modality settings, keyed by modality name (`text`, `image`, `custom:3`).
     pub modalities: BTreeMap<Modality, ModalityConfig>,
     /// How modality embeddings are combined.
-    pub fusion: FusionStrategy,
+    pub fusion: FusionConfig,
     /// The cross-modal attention inside the fusion stage.
     pub cross_modal_attention: CrossModalAttentionConfig,
     /// Caching of encodings.
@@ -56,6 +57,8 @@ pub struct MultiModalConfig {
     pub distributed: Option<DistributedConfig>,
     /// Where encoders run.
     pub device: DeviceSpec,
+    /// The precision encoders run in: `float32`, `float16` or `bfloat16`.
+    pub dtype: Precision,
 }
 
 /// File formats a config can be read from.
@@ -106,6 +109,17 @@ impl MultiModalConfig {
             for m in config.modalities.values_mut() {
                 if let Some(model) = m.model.as_mut().filter(|p| p.is_relative()) {
                     *model = dir.join(&*model);
+                }
+            }
+            for p in [
+                config.fusion.weights.as_mut(),
+                config.cross_modal_attention.weights.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
                 }
             }
         }
@@ -231,7 +245,7 @@ modality_assignments = { text = ["text-node"] }
         assert_eq!(a, b);
         assert_eq!(a, c);
         assert_eq!(
-            a.fusion,
+            a.fusion.strategy,
             FusionStrategy::Attention(fusion::AttentionFusionOptions {
                 attention_dim: Some(256)
             })
@@ -252,6 +266,32 @@ modality_assignments = { text = ["text-node"] }
         }
         let err = MultiModalConfig::from_file(dir.join("c.ini")).unwrap_err();
         assert!(err.to_string().contains("expected .toml"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn fusion_settings_sit_beside_the_strategy() {
+        let c = MultiModalConfig::from_str_as(
+            "dtype = \"bf16\"\n[fusion]\nstrategy = \"early\"\nnum_layers = 2\nout_dim = 64\n\
+             weights = \"f.safetensors\"\nrequired = [\"image\"]\n\
+             [cross_modal_attention]\npairs = [\"text->image\"]\n",
+            ConfigFormat::Toml,
+        )
+        .unwrap();
+        assert_eq!(c.dtype, Precision::BF16);
+        assert_eq!(c.fusion.out_dim, Some(64));
+        assert_eq!(c.fusion.required, vec![Modality::Image]);
+        assert_eq!(c.fusion.level(), FusionLevel::Tokens);
+        assert!(matches!(c.fusion.strategy, FusionStrategy::Early(ref o) if o.num_layers == 2));
+        assert_eq!(c.cross_modal_attention.pairs[0].to_string(), "text->image");
+        let dir = std::env::temp_dir().join(format!("mlmf-fusion-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("m.toml");
+        c.to_file(&p).unwrap();
+        let back = MultiModalConfig::from_file(&p).unwrap();
+        // Relative weights paths are taken from the file's folder.
+        assert_eq!(back.fusion.weights, Some(dir.join("f.safetensors")));
+        assert_eq!(back.fusion.strategy, c.fusion.strategy);
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -299,6 +339,27 @@ modality_assignments = { text = ["text-node"] }
             ),
             ("[cache]\nmax_memory = \"12 parsecs\"\n", "cache.max_memory"),
             ("[fusion]\nstrategy = \"quantum\"\n", "fusion"),
+            (
+                "[fusion]\nstrategy = \"late\"\nout_dim = 0\n",
+                "fusion.out_dim",
+            ),
+            (
+                "[fusion]\nstrategy = \"early\"\nnum_layer = 2\n",
+                "num_layer",
+            ),
+            (
+                "[fusion]\nstrategy = \"late\"\nrequired = [\"text\", \"text\"]\n",
+                "fusion.required",
+            ),
+            ("dtype = \"float8\"\n", "dtype"),
+            (
+                "[cross_modal_attention]\npairs = [\"text->text\"]\n",
+                "cross_modal_attention",
+            ),
+            (
+                "[cross_modal_attention]\npairs = [\"text->image\", \"text->image\"]\n",
+                "cross_modal_attention.pairs.1",
+            ),
             ("[modalities.smell]\n", "modalities"),
             (
                 "[modalities.image.preprocessing]\nsize = 0\n",

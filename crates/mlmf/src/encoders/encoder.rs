@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use crate::config::modality::overlay;
+use crate::config::PreprocessingConfig;
 use crate::device::DeviceSpec;
 use crate::encoders::layers::{ce, masked_mean};
 use crate::encoders::registry::{self, LoadRequest};
@@ -34,6 +36,17 @@ pub struct EncoderOptions {
     pub video_pooling: VideoPooling,
     /// Frame sampling when `modality` is video (default: 8 frames, uniform).
     pub video: Option<VideoProcessorConfig>,
+    /// Processor keys laid over the checkpoint's own settings (a config's
+    /// `modalities.<m>.preprocessing`); for video, the sampler keys.
+    pub preprocessing: PreprocessingConfig,
+}
+
+/// A batch after the processor, before the encoder.
+#[derive(Debug, Clone)]
+pub struct Preprocessed {
+    pub input: EncoderInput,
+    /// For audio: how many 30 s chunks (rows of `input`) each clip became.
+    pub num_chunks: Option<Vec<usize>>,
 }
 
 /// Raw inputs of one modality.
@@ -106,7 +119,13 @@ impl Encoder {
         } else {
             Arc::from(model)
         };
-        let prep = Arc::new(load_processor(dir, model.processor(), options));
+        let prep = load_processor(dir, model.processor(), options);
+        if !options.preprocessing.is_empty() {
+            if let Err(why) = &prep {
+                return Err(MlmfError::config("preprocessing", why.clone()));
+            }
+        }
+        let prep = Arc::new(prep);
         Ok(Self {
             model,
             prep,
@@ -164,17 +183,76 @@ impl Encoder {
     /// chunks comes back as one row per input: the chunks' positions one after another,
     /// padded to the longest input, and pooled over all of its real positions.
     pub fn encode_raw(&self, inputs: &RawInputs) -> Result<EncoderOutput> {
+        self.encode_preprocessed(&self.preprocess(inputs)?)
+    }
+
+    /// Runs only the processor on raw inputs.
+    pub fn preprocess(&self, inputs: &RawInputs) -> Result<Preprocessed> {
+        let plain = |input| Preprocessed {
+            input,
+            num_chunks: None,
+        };
         match inputs {
-            RawInputs::Text(texts) => self.encode_texts(texts),
-            RawInputs::Image(images) => {
-                let refs: Vec<ImageRef<'_>> = images.iter().map(ImageRef::from).collect();
-                self.encode_images(&refs)
-            }
-            RawInputs::Audio(clips) => {
-                let refs: Vec<AudioRef<'_>> = clips.iter().map(AudioRef::from).collect();
-                self.encode_audio(&refs)
-            }
-            RawInputs::Video(videos) => self.encode_videos(videos),
+            RawInputs::Text(texts) => match self.prep_for(Modality::Text, texts.len())? {
+                Prep::Text(p) => Ok(plain(EncoderInput::Text(p.encode(texts)?))),
+                _ => Err(mismatch()),
+            },
+            RawInputs::Image(images) => match self.prep_for(Modality::Image, images.len())? {
+                Prep::Image(p) => {
+                    let refs: Vec<ImageRef<'_>> = images.iter().map(ImageRef::from).collect();
+                    Ok(plain(EncoderInput::Image(p.process_refs(&refs)?)))
+                }
+                _ => Err(mismatch()),
+            },
+            RawInputs::Audio(clips) => match self.prep_for(Modality::Audio, clips.len())? {
+                Prep::Audio(p) => {
+                    let refs: Vec<AudioRef<'_>> = clips.iter().map(AudioRef::from).collect();
+                    let feats = p.process_refs(&refs)?;
+                    Ok(Preprocessed {
+                        input: EncoderInput::Audio {
+                            features: feats.input_features,
+                            valid_frames: Some(feats.valid_frames),
+                        },
+                        num_chunks: Some(feats.num_chunks),
+                    })
+                }
+                _ => Err(mismatch()),
+            },
+            RawInputs::Video(videos) => match self.prep_for(Modality::Video, videos.len())? {
+                Prep::Video(p) => Ok(plain(EncoderInput::Video(video_pixels(p, videos)?))),
+                _ => Err(mismatch()),
+            },
+        }
+    }
+
+    /// Encodes what [`preprocess`](Self::preprocess) produced: one row per input (audio
+    /// chunks joined back together).
+    pub fn encode_preprocessed(&self, pre: &Preprocessed) -> Result<EncoderOutput> {
+        let out = self.encode(&pre.input)?;
+        match &pre.num_chunks {
+            Some(n) if n.iter().any(|&c| c != 1) => join_chunks(out, n),
+            _ => Ok(out),
+        }
+    }
+
+    /// The processor's settings as JSON (`null` without a processor): what a cache
+    /// fingerprints so that other settings give other keys.
+    pub fn processor_settings(&self) -> serde_json::Value {
+        let value = match self.prep.as_ref() {
+            Ok(Prep::Text(p)) => serde_json::to_value(p.config()),
+            Ok(Prep::Image(p)) => serde_json::to_value(p.config()),
+            Ok(Prep::Audio(p)) => serde_json::to_value(p.config()),
+            Ok(Prep::Video(p)) => serde_json::to_value((p.config(), p.image().config())),
+            Err(_) => Ok(serde_json::Value::Null),
+        };
+        value.unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The video processor, for a video encoder that has one.
+    pub fn video_processor(&self) -> Option<&VideoProcessor> {
+        match self.prep.as_ref() {
+            Ok(Prep::Video(p)) => Some(p),
+            _ => None,
         }
     }
 
@@ -242,23 +320,24 @@ impl Encoder {
     /// Samples frames, preprocesses and encodes videos.
     pub fn encode_videos(&self, videos: &[VideoInput]) -> Result<EncoderOutput> {
         match self.prep_for(Modality::Video, videos.len())? {
-            Prep::Video(p) => {
-                let batch = p.process(videos)?;
-                let px = batch
-                    .pixel_values
-                    .into_dimensionality::<ndarray::Ix5>()
-                    .map_err(|_| {
-                        MlmfError::input(
-                            Modality::Video,
-                            "temporal windows from the video processor are not supported by \
-                             the encoder; sample frames and use video_pooling=\"window:N\"",
-                        )
-                    })?;
-                self.encode(&EncoderInput::Video(px))
-            }
+            Prep::Video(p) => self.encode(&EncoderInput::Video(video_pixels(p, videos)?)),
             _ => Err(mismatch()),
         }
     }
+}
+
+/// Frames `[B, T, 3, H, W]` of sampled videos (temporal windows are refused).
+fn video_pixels(p: &VideoProcessor, videos: &[VideoInput]) -> Result<ndarray::Array5<f32>> {
+    p.process(videos)?
+        .pixel_values
+        .into_dimensionality::<ndarray::Ix5>()
+        .map_err(|_| {
+            MlmfError::input(
+                Modality::Video,
+                "temporal windows from the video processor are not supported by the encoder; \
+                 sample frames and use video_pooling=\"window:N\"",
+            )
+        })
 }
 
 fn mismatch() -> MlmfError {
@@ -300,12 +379,15 @@ fn join_chunks(out: EncoderOutput, num_chunks: &[usize]) -> Result<EncoderOutput
     })
 }
 
-/// The processor for `kind` from the checkpoint's files, or why there is none.
+/// The processor for `kind` from the checkpoint's files with `options.preprocessing`
+/// laid over them, or why there is none.
 fn load_processor(
     dir: &Path,
     kind: ProcessorKind,
     options: &EncoderOptions,
 ) -> std::result::Result<Prep, String> {
+    let over = &options.preprocessing;
+    let hf = |p: &ImageProcessor| serde_json::to_value(p.config()).map_err(|e| e.to_string());
     let prep = match kind {
         ProcessorKind::Text {
             max_length,
@@ -320,13 +402,39 @@ fn load_processor(
                 },
                 ..TextProcessorConfig::default()
             };
+            let cfg = overlay(&cfg, &over.0).map_err(|e| e.to_string())?;
             TextProcessor::from_pretrained(dir, cfg).map(Prep::Text)
         }
-        ProcessorKind::Image { .. } => ImageProcessor::from_pretrained(dir).map(Prep::Image),
-        ProcessorKind::Video { .. } => ImageProcessor::from_pretrained(dir).and_then(|image| {
-            VideoProcessor::new(options.video.clone().unwrap_or_default(), image).map(Prep::Video)
-        }),
-        ProcessorKind::Audio { .. } => AudioProcessor::from_pretrained(dir).map(Prep::Audio),
+        ProcessorKind::Image { .. } => {
+            let base = ImageProcessor::from_pretrained(dir).map_err(|e| e.to_string())?;
+            if over.is_empty() {
+                Ok(Prep::Image(base))
+            } else {
+                over.image(Some(&hf(&base)?))
+                    .and_then(ImageProcessor::new)
+                    .map(Prep::Image)
+            }
+        }
+        ProcessorKind::Video { .. } => {
+            let video = if over.is_empty() {
+                options.video.clone().unwrap_or_default()
+            } else {
+                over.video().map_err(|e| e.to_string())?
+            };
+            ImageProcessor::from_pretrained(dir)
+                .and_then(|image| VideoProcessor::new(video, image).map(Prep::Video))
+        }
+        ProcessorKind::Audio { .. } => {
+            let base = AudioProcessor::from_pretrained(dir).map_err(|e| e.to_string())?;
+            if over.is_empty() {
+                Ok(Prep::Audio(base))
+            } else {
+                let json = serde_json::to_value(base.config()).map_err(|e| e.to_string())?;
+                over.audio(Some(&json))
+                    .and_then(AudioProcessor::new)
+                    .map(Prep::Audio)
+            }
+        }
     };
     prep.map_err(|e| e.to_string())
 }

@@ -31,6 +31,7 @@ use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
 use ndarray::{Array3, Array4, Array5};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
@@ -73,6 +74,23 @@ impl FromStr for Precision {
                 format!("unknown dtype {s:?}: expected float32, float16 or bfloat16"),
             )),
         }
+    }
+}
+
+impl Serialize for Precision {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Precision {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "unknown dtype {s:?}: expected float32, float16 or bfloat16"
+            ))
+        })
     }
 }
 

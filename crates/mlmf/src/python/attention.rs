@@ -138,6 +138,7 @@ impl PyCrossModalAttention {
             adaptive_min_temperature,
             adaptive_max_temperature,
             adaptive_max_sparsity,
+            ..CrossModalAttentionConfig::default()
         };
         let kv_dim = kv_dim.unwrap_or(dim);
         let mut inner = match &weights {

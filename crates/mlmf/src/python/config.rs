@@ -94,12 +94,15 @@ impl PyModality {
 #[derive(Clone)]
 pub(crate) struct PyMultiModalConfig(pub(crate) MultiModalConfig);
 
-fn to_py<'py>(py: Python<'py>, value: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn to_py<'py>(
+    py: Python<'py>,
+    value: &serde_json::Value,
+) -> PyResult<Bound<'py, PyAny>> {
     py.import("json")?
         .call_method1("loads", (value.to_string(),))
 }
 
-fn from_py(obj: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
+pub(crate) fn from_py(obj: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
     let text: String = obj
         .py()
         .import("json")?

@@ -278,6 +278,7 @@ impl PyEncoder {
                 sampler: crate::preprocess::video::FrameSampler::Uniform { num_frames },
                 ..Default::default()
             }),
+            preprocessing: Default::default(),
         };
         let dir = path.clone();
         let inner = detached(py, move || Encoder::from_pretrained(&dir, &options))?;

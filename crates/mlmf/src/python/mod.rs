@@ -10,6 +10,7 @@ mod config;
 mod encoders;
 mod errors;
 mod fusion;
+mod model;
 mod preprocess;
 
 use pyo3::prelude::*;
@@ -55,6 +56,7 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     encoders::register(m)?;
     attention::register(m)?;
     fusion::register(m)?;
+    model::register(m)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())
 }

@@ -227,14 +227,10 @@ fn kwargs_json(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<serde_json::Map<S
     }
 }
 
-fn json_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
-    py.import("json")?.call_method1("loads", (v.to_string(),))
-}
-
 /// A processor config as Python data (its Hugging Face keys).
 fn config_to_py<'py, T: serde::Serialize>(py: Python<'py>, cfg: &T) -> PyResult<Bound<'py, PyAny>> {
     let v = serde_json::to_value(cfg).map_err(|e| MlmfError::Internal(e.to_string()))?;
-    json_to_py(py, &v)
+    super::config::to_py(py, &v)
 }
 
 /// A processor config as JSON text, for pickling.
@@ -585,7 +581,7 @@ const MAX_CHANNELS: usize = 64;
 
 /// Refuses shapes other than `[samples]` and `[channels, samples]` (at most
 /// `MAX_CHANNELS` channels).
-fn check_samples_shape(shape: &[usize]) -> Result<(), MlmfError> {
+pub(crate) fn check_samples_shape(shape: &[usize]) -> Result<(), MlmfError> {
     match shape.len() {
         1 => Ok(()),
         2 if shape[0] <= MAX_CHANNELS => Ok(()),
@@ -809,7 +805,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// Samples frames from videos and runs each through an image processor.
 #[pyclass(name = "VideoProcessor", module = "mlmf._mlmf", frozen)]
 pub(crate) struct PyVideoProcessor {
-    inner: VideoProcessor,
+    pub(crate) inner: VideoProcessor,
 }
 
 /// Whether encoded bytes are something the core decodes itself (GIF, WebP).
@@ -955,97 +951,7 @@ impl PyVideoProcessor {
     ) -> PyResult<Bound<'py, PyDict>> {
         let py = slf.py();
         let this = slf.get();
-        let list = items(videos);
-        if list.is_empty() {
-            return Err(MlmfError::input(
-                Modality::Video,
-                "empty batch: expected at least one video",
-            )
-            .into());
-        }
-        let expected = "a path (GIF, WebP, frame directory or container file), GIF/WebP bytes or a uint8 array [T, H, W, C]";
-        let mut inputs = Vec::with_capacity(list.len());
-        for (i, obj) in list.iter().enumerate() {
-            let container = |src: &Bound<'py, PyAny>| -> PyResult<VideoInput> {
-                let read = py.import("mlmf.video")?.getattr("read_sampled")?;
-                let (frames, indices, total, vfps): (
-                    PyReadonlyArrayDyn<'py, u8>,
-                    Vec<usize>,
-                    usize,
-                    Option<f64>,
-                ) = read.call1((src, slf, i))?.extract()?;
-                let data = frames
-                    .as_array()
-                    .to_owned()
-                    .into_dimensionality()
-                    .map_err(|e| MlmfError::Internal(e.to_string()))?;
-                Ok(VideoInput::Sparse {
-                    data,
-                    indices,
-                    total,
-                    fps: vfps,
-                })
-            };
-            // A decoded video array: sample first and copy only the sampled frames (a
-            // minute of 640x480 frames is gigabytes; eight of them are 7 MB).
-            // (Empty or odd-channel arrays take the general path, which explains the
-            // shape problem.)
-            let usable = |a: &Bound<'py, PyArray4<u8>>| {
-                let s = a.shape();
-                s[..3].iter().all(|&n| n > 0) && matches!(s[3], 1 | 3 | 4)
-            };
-            if let Some(arr) = obj.cast::<PyArray4<u8>>().ok().filter(|a| usable(a)) {
-                let ro = arr.readonly();
-                let view = ro.as_array();
-                let total = view.dim().0;
-                let plan = this
-                    .inner
-                    .sample_indices(total, fps.or(this.inner.config().default_fps))
-                    .map_err(|e| e.at_index(i))?;
-                let mut wanted: Vec<usize> = plan.into_iter().flatten().collect();
-                wanted.sort_unstable();
-                wanted.dedup();
-                let data = view.select(ndarray::Axis(0), &wanted);
-                inputs.push(VideoInput::Sparse {
-                    data,
-                    indices: wanted,
-                    total,
-                    fps,
-                });
-                continue;
-            }
-            let input = match raw_item(obj, Modality::Video, i, expected)? {
-                RawItem::U8(a) => VideoInput::from_array(a, fps).map_err(|e| e.at_index(i))?,
-                RawItem::F32(a) => {
-                    return Err(MlmfError::input(
-                        Modality::Video,
-                        format!(
-                            "got a float32 array of shape {:?}: expected {expected}",
-                            a.shape()
-                        ),
-                    )
-                    .at_index(i)
-                    .into())
-                }
-                RawItem::Source(Source::Bytes(b)) if !core_decodes(&b) => {
-                    container(&PyBytes::new(py, &b).into_any())?
-                }
-                RawItem::Source(Source::Path(p))
-                    if !p.is_dir()
-                        && !matches!(
-                            p.extension()
-                                .and_then(|e| e.to_str())
-                                .map(str::to_ascii_lowercase)
-                                .as_deref(),
-                            Some("gif" | "webp")
-                        ) =>
-                {
-                    container(obj)?
-                }
-                RawItem::Source(s) => VideoInput::Source(s),
-            };
-            inputs.push(input);
-        }
+        let inputs = video_inputs(slf, videos, fps)?;
         let batch = detached(py, || this.inner.process(&inputs))?;
         let out = PyDict::new(py);
         out.set_item("pixel_values", batch.pixel_values.into_pyarray(py))?;
@@ -1089,6 +995,109 @@ impl PyVideoProcessor {
             (video, image),
         ))
     }
+}
+
+/// Videos of a call as owned inputs: GIF/WebP files and bytes, frame directories and
+/// uint8 arrays for the core; container files and bytes through PyAV
+/// (`mlmf.video.read_sampled`), decoding only the frames `slf`'s sampler picks. Arrays
+/// are sampled before they are copied.
+pub(crate) fn video_inputs<'py>(
+    slf: &Bound<'py, PyVideoProcessor>,
+    videos: &Bound<'py, PyAny>,
+    fps: Option<f64>,
+) -> PyResult<Vec<VideoInput>> {
+    let py = slf.py();
+    let this = slf.get();
+    let list = items(videos);
+    if list.is_empty() {
+        return Err(
+            MlmfError::input(Modality::Video, "empty batch: expected at least one video").into(),
+        );
+    }
+    let expected = "a path (GIF, WebP, frame directory or container file), GIF/WebP bytes or a uint8 array [T, H, W, C]";
+    let mut inputs = Vec::with_capacity(list.len());
+    for (i, obj) in list.iter().enumerate() {
+        let container = |src: &Bound<'py, PyAny>| -> PyResult<VideoInput> {
+            let read = py.import("mlmf.video")?.getattr("read_sampled")?;
+            let (frames, indices, total, vfps): (
+                PyReadonlyArrayDyn<'py, u8>,
+                Vec<usize>,
+                usize,
+                Option<f64>,
+            ) = read.call1((src, slf, i))?.extract()?;
+            let data = frames
+                .as_array()
+                .to_owned()
+                .into_dimensionality()
+                .map_err(|e| MlmfError::Internal(e.to_string()))?;
+            Ok(VideoInput::Sparse {
+                data,
+                indices,
+                total,
+                fps: vfps,
+            })
+        };
+        // A decoded video array: sample first and copy only the sampled frames (a
+        // minute of 640x480 frames is gigabytes; eight of them are 7 MB).
+        // (Empty or odd-channel arrays take the general path, which explains the
+        // shape problem.)
+        let usable = |a: &Bound<'py, PyArray4<u8>>| {
+            let s = a.shape();
+            s[..3].iter().all(|&n| n > 0) && matches!(s[3], 1 | 3 | 4)
+        };
+        if let Some(arr) = obj.cast::<PyArray4<u8>>().ok().filter(|a| usable(a)) {
+            let ro = arr.readonly();
+            let view = ro.as_array();
+            let total = view.dim().0;
+            let plan = this
+                .inner
+                .sample_indices(total, fps.or(this.inner.config().default_fps))
+                .map_err(|e| e.at_index(i))?;
+            let mut wanted: Vec<usize> = plan.into_iter().flatten().collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            let data = view.select(ndarray::Axis(0), &wanted);
+            inputs.push(VideoInput::Sparse {
+                data,
+                indices: wanted,
+                total,
+                fps,
+            });
+            continue;
+        }
+        let input = match raw_item(obj, Modality::Video, i, expected)? {
+            RawItem::U8(a) => VideoInput::from_array(a, fps).map_err(|e| e.at_index(i))?,
+            RawItem::F32(a) => {
+                return Err(MlmfError::input(
+                    Modality::Video,
+                    format!(
+                        "got a float32 array of shape {:?}: expected {expected}",
+                        a.shape()
+                    ),
+                )
+                .at_index(i)
+                .into())
+            }
+            RawItem::Source(Source::Bytes(b)) if !core_decodes(&b) => {
+                container(&PyBytes::new(py, &b).into_any())?
+            }
+            RawItem::Source(Source::Path(p))
+                if !p.is_dir()
+                    && !matches!(
+                        p.extension()
+                            .and_then(|e| e.to_str())
+                            .map(str::to_ascii_lowercase)
+                            .as_deref(),
+                        Some("gif" | "webp")
+                    ) =>
+            {
+                container(obj)?
+            }
+            RawItem::Source(s) => VideoInput::Source(s),
+        };
+        inputs.push(input);
+    }
+    Ok(inputs)
 }
 
 /// The processors a config describes, as `{modality name: processor}`.

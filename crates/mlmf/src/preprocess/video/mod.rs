@@ -159,6 +159,7 @@ pub struct VideoBatch {
 }
 
 /// Samples, decodes and preprocesses videos.
+#[derive(Clone)]
 pub struct VideoProcessor {
     cfg: VideoProcessorConfig,
     image: ImageProcessor,

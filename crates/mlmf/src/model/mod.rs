@@ -1,0 +1,1070 @@
+//! [`MultiModalModel`]: processors, encoders, fusion, cross-modal attention and the
+//! content-keyed caches behind one `infer` call (docs/model.md).
+//!
+//! A call carries raw inputs of any subset of the model's modalities, `B` items each
+//! (row `i` of every modality belongs to the same multimodal item). Per modality, each
+//! item gets a [`ContentKey`]; items found in the modality's cache are not processed
+//! again, and the rest are preprocessed and encoded as one batch, concurrently with
+//! the other modalities. Items another call is computing right now are waited for,
+//! not computed twice. The per-item encodings are then stacked (token states padded to
+//! the longest item) and fused; fused rows and attention maps are cached too, keyed by
+//! the items' keys and the layer settings.
+
+mod keys;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::attention::CrossModalAttention;
+use crate::cache::{ByteCache, ContentKey, Fingerprint, Flights, Weighted};
+use crate::config::{AttentionPair, FusionLevel, MultiModalConfig};
+use crate::encoders::layers::ce;
+use crate::encoders::{Encoder, EncoderOutput, RawInputs};
+use crate::error::{MlmfError, Result};
+use crate::fusion::{Fusion, ModalityInput};
+use crate::modality::Modality;
+
+pub use stats::{CallModality, CallStats, LatencySummary, ModalityStats, ModelStats};
+use stats::{Latency, ModalityCounters};
+
+/// One item's encoding, as cached: its pooled vector and its real token states.
+#[derive(Debug, Clone)]
+pub struct ItemEncoding {
+    /// `[D']`.
+    pub pooled: Tensor,
+    /// `[T_i, D]`: the item's positions up to its last real one.
+    pub hidden: Tensor,
+    /// `[T_i]` u8, 1 for real positions.
+    pub mask: Tensor,
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+impl Weighted for ItemEncoding {
+    fn bytes(&self) -> u64 {
+        tensor_bytes(&self.pooled) + tensor_bytes(&self.hidden) + tensor_bytes(&self.mask)
+    }
+}
+
+/// One cached fused row.
+#[derive(Debug, Clone)]
+struct FusedRow {
+    /// `[out_dim]`.
+    fused: Tensor,
+    /// `[M]`, for strategies with per-modality weights.
+    gates: Option<Tensor>,
+}
+
+impl Weighted for FusedRow {
+    fn bytes(&self) -> u64 {
+        tensor_bytes(&self.fused) + self.gates.as_ref().map_or(0, tensor_bytes)
+    }
+}
+
+/// One cached attention map `[H, Tq_i, Tk_i]`.
+#[derive(Debug, Clone)]
+struct AttentionRow(Tensor);
+
+impl Weighted for AttentionRow {
+    fn bytes(&self) -> u64 {
+        tensor_bytes(&self.0)
+    }
+}
+
+/// What a call passes to [`MultiModalModel::infer`].
+#[derive(Debug, Clone, Default)]
+pub struct MultiModalInput {
+    /// Raw inputs per modality; every modality carries the same number of items.
+    pub inputs: BTreeMap<Modality, RawInputs>,
+    /// Caller-chosen ids per modality (one per item), used as cache keys instead of the
+    /// content; an id must change when its item does.
+    pub ids: BTreeMap<Modality, Vec<String>>,
+    /// Compute the cross-modal attention maps (and the fusion's own, for `early` and
+    /// `middle`).
+    pub return_attention: bool,
+}
+
+impl MultiModalInput {
+    /// An input with `items` for `modality` added.
+    pub fn with(mut self, items: RawInputs) -> Self {
+        self.inputs.insert(keys::modality(&items), items);
+        self
+    }
+}
+
+/// Token states of one modality in an output.
+#[derive(Debug, Clone)]
+pub struct TokenStates {
+    /// `[B, T, D]`, zero past each item's last real position.
+    pub hidden_states: Tensor,
+    /// `[B, T]` u8.
+    pub mask: Tensor,
+}
+
+/// What [`MultiModalModel::infer`] returns.
+#[derive(Debug, Clone)]
+pub struct MultiModalOutput {
+    /// Pooled embeddings `[B, D']` per modality present in the call.
+    pub embeddings: BTreeMap<Modality, Tensor>,
+    /// Token states per modality present in the call.
+    pub tokens: BTreeMap<Modality, TokenStates>,
+    /// The fused embedding `[B, out_dim]`.
+    pub fused: Tensor,
+    /// `[B, M]` per-modality fusion weights (the fusion's modality order), for the
+    /// strategies that have them.
+    pub gates: Option<Tensor>,
+    /// Attention maps `[B, H, Tq, Tk]` by name: `"text->image"` for the configured
+    /// pairs, `fusion/layers.{i}...` for the fusion's own; empty unless asked for.
+    pub attention: Vec<(String, Tensor)>,
+    /// Modalities whose inputs were ignored because they are disabled.
+    pub skipped: Vec<Modality>,
+    /// What this call did.
+    pub stats: CallStats,
+}
+
+/// One modality of a model.
+struct Slot {
+    modality: Modality,
+    encoder: Encoder,
+    enabled: AtomicBool,
+    model_id: String,
+    fingerprint: Fingerprint,
+    cache: Option<ByteCache<ItemEncoding>>,
+    flights: Flights<ItemEncoding>,
+    counters: ModalityCounters,
+}
+
+/// A cross-modal attention layer between two modalities' token states.
+struct PairLayer {
+    pair: AttentionPair,
+    layer: CrossModalAttention,
+    fingerprint: Fingerprint,
+}
+
+struct Inner {
+    config: MultiModalConfig,
+    slots: Vec<Slot>,
+    fusion: Fusion,
+    level: FusionLevel,
+    fusion_fingerprint: Fingerprint,
+    fusion_cache: Option<ByteCache<FusedRow>>,
+    pairs: Vec<PairLayer>,
+    attention_cache: Option<ByteCache<AttentionRow>>,
+    calls: AtomicU64,
+    fuse_latency: Latency,
+    attention_latency: Latency,
+    total_latency: Latency,
+}
+
+/// A loaded multimodal model; cheap to clone (clones share everything, caches
+/// included) and safe to call from many threads at once.
+#[derive(Clone)]
+pub struct MultiModalModel {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MultiModalModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultiModalModel")
+            .field("modalities", &self.modalities())
+            .field("fusion", &self.inner.fusion)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts [`crate::loader::MultiModalLoader`] hands over.
+pub(crate) struct Parts {
+    pub config: MultiModalConfig,
+    pub encoders: Vec<Encoder>,
+    pub device: Device,
+}
+
+/// A cache that is not a modality's (fusion results, attention maps), LRU.
+fn side_cache<V: Weighted + Clone + Send + Sync + 'static>(
+    name: &str,
+    config: &MultiModalConfig,
+    budget: u64,
+) -> Option<ByteCache<V>> {
+    config
+        .cache
+        .enabled
+        .then(|| ByteCache::new(name, crate::config::CachePolicy::Lru, budget))
+}
+
+impl MultiModalModel {
+    /// Builds the model from loaded encoders: fusion, attention layers, caches.
+    pub(crate) fn assemble(parts: Parts) -> Result<Self> {
+        let Parts {
+            config,
+            encoders,
+            device,
+        } = parts;
+        let fcfg = &config.fusion;
+        let level = fcfg.level();
+        let dims: Vec<(Modality, usize)> = encoders
+            .iter()
+            .map(|e| {
+                let m = e.model();
+                let width = match level {
+                    FusionLevel::Pooled => m.output_dim(),
+                    FusionLevel::Tokens => m.hidden_size(),
+                };
+                (e.modality(), width)
+            })
+            .collect();
+        let out_dim = fcfg
+            .out_dim
+            .unwrap_or_else(|| dims.iter().map(|d| d.1).max().unwrap_or(1));
+        let fusion = Fusion::new(
+            &fcfg.strategy,
+            &dims,
+            out_dim,
+            &crate::fusion::FusionSettings {
+                weights: fcfg.weights.clone(),
+                seed: fcfg.seed,
+                required: fcfg.required.clone(),
+            },
+            &device,
+        )
+        .map_err(|e| e.under("fusion"))?;
+        let fusion_fingerprint = Fingerprint::of(&(
+            &config.fusion,
+            &dims,
+            out_dim,
+            file_identity(fcfg.weights.as_deref()),
+        ))?;
+
+        let mut pairs = Vec::new();
+        let acfg = &config.cross_modal_attention;
+        for (i, pair) in acfg.pairs.iter().enumerate() {
+            let width = |m: Modality| {
+                encoders
+                    .iter()
+                    .find(|e| e.modality() == m)
+                    .map(|e| e.model().hidden_size())
+                    .ok_or_else(|| {
+                        MlmfError::config(
+                            format!("cross_modal_attention.pairs.{i}"),
+                            format!("`{pair}` names `{m}`, which the model does not have"),
+                        )
+                    })
+            };
+            let (dq, dk) = (width(pair.query)?, width(pair.key)?);
+            let mut layer = match &acfg.weights {
+                Some(dir) => {
+                    let path = dir.join(format!("{}-{}.safetensors", pair.query, pair.key));
+                    CrossModalAttention::load(&path, dq, dk, acfg, &device)?
+                }
+                None => CrossModalAttention::new(dq, dk, acfg, acfg.seed + i as u64, &device)?,
+            };
+            layer.query_modality = pair.query;
+            layer.kv_modality = pair.key;
+            let weights = acfg
+                .weights
+                .as_ref()
+                .map(|d| d.join(format!("{}-{}.safetensors", pair.query, pair.key)));
+            let fingerprint =
+                Fingerprint::of(&(pair, acfg, i, dq, dk, file_identity(weights.as_deref())))?;
+            pairs.push(PairLayer {
+                pair: *pair,
+                layer,
+                fingerprint,
+            });
+        }
+
+        let order: Vec<Modality> = encoders.iter().map(Encoder::modality).collect();
+        let side_caches = if pairs.is_empty() { 1 } else { 2 };
+        let (budgets, side_budget) = config.cache.split(&order, side_caches);
+        let slots = encoders
+            .into_iter()
+            .zip(budgets)
+            .map(|(encoder, budget)| {
+                let modality = encoder.modality();
+                let m = encoder.model();
+                let dir = std::fs::canonicalize(encoder.dir())
+                    .unwrap_or_else(|_| encoder.dir().to_path_buf());
+                let model_id = format!(
+                    "{}:{}:{:?}:{}",
+                    m.model_type(),
+                    dir.display(),
+                    m.dtype(),
+                    config.device
+                );
+                let fingerprint = Fingerprint::of(&(
+                    encoder.processor_settings(),
+                    file_identity(Some(&dir.join("config.json"))),
+                ))?;
+                let enabled = config.modalities.get(&modality).is_none_or(|c| c.enabled);
+                Ok(Slot {
+                    modality,
+                    encoder,
+                    enabled: AtomicBool::new(enabled),
+                    model_id,
+                    fingerprint,
+                    cache: config.cache.enabled.then(|| {
+                        let policy = config.cache.modality(modality).policy();
+                        ByteCache::new(&modality.to_string(), policy, budget)
+                    }),
+                    flights: Flights::default(),
+                    counters: ModalityCounters::default(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                fusion_cache: side_cache("fusion", &config, side_budget),
+                attention_cache: if pairs.is_empty() {
+                    None
+                } else {
+                    side_cache("attention", &config, side_budget)
+                },
+                config,
+                slots,
+                fusion,
+                level,
+                fusion_fingerprint,
+                pairs,
+                calls: AtomicU64::new(0),
+                fuse_latency: Latency::default(),
+                attention_latency: Latency::default(),
+                total_latency: Latency::default(),
+            }),
+        })
+    }
+
+    /// The configuration the model was loaded from (checkpoint paths filled in).
+    pub fn config(&self) -> &MultiModalConfig {
+        &self.inner.config
+    }
+
+    /// The model's modalities, in order.
+    pub fn modalities(&self) -> Vec<Modality> {
+        self.inner.slots.iter().map(|s| s.modality).collect()
+    }
+
+    /// The modalities currently enabled.
+    pub fn enabled_modalities(&self) -> Vec<Modality> {
+        self.inner
+            .slots
+            .iter()
+            .filter(|s| s.enabled.load(Ordering::Relaxed))
+            .map(|s| s.modality)
+            .collect()
+    }
+
+    fn slot(&self, m: Modality) -> Result<&Slot> {
+        self.inner
+            .slots
+            .iter()
+            .find(|s| s.modality == m)
+            .ok_or_else(|| {
+                MlmfError::input(
+                    m,
+                    format!(
+                        "this model has no {m} modality (it has: {})",
+                        names(&self.modalities())
+                    ),
+                )
+            })
+    }
+
+    /// Switches a modality on or off without reloading: while off, its inputs are
+    /// ignored (and listed in the output's `skipped`).
+    pub fn set_enabled(&self, modality: Modality, enabled: bool) -> Result<()> {
+        self.slot(modality)?
+            .enabled
+            .store(enabled, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The encoder of `modality`.
+    pub fn encoder(&self, modality: Modality) -> Result<&Encoder> {
+        Ok(&self.slot(modality)?.encoder)
+    }
+
+    /// The fusion layer.
+    pub fn fusion(&self) -> &Fusion {
+        &self.inner.fusion
+    }
+
+    /// Which encoder output the fusion takes.
+    pub fn fusion_level(&self) -> FusionLevel {
+        self.inner.level
+    }
+
+    /// The configured attention pairs, and whether each layer is untrained.
+    pub fn attention_pairs(&self) -> Vec<(AttentionPair, bool)> {
+        self.inner
+            .pairs
+            .iter()
+            .map(|p| (p.pair, p.layer.is_untrained()))
+            .collect()
+    }
+
+    /// Drops every cached entry (statistics are kept).
+    pub fn clear_cache(&self) {
+        for s in &self.inner.slots {
+            if let Some(c) = &s.cache {
+                c.clear();
+            }
+        }
+        if let Some(c) = &self.inner.fusion_cache {
+            c.clear();
+        }
+        if let Some(c) = &self.inner.attention_cache {
+            c.clear();
+        }
+    }
+
+    /// Counters, latency percentiles and cache statistics.
+    pub fn stats(&self) -> ModelStats {
+        let i = &self.inner;
+        let mut cached_bytes = 0;
+        let modalities = i
+            .slots
+            .iter()
+            .map(|s| {
+                let cache = s.cache.as_ref().map(ByteCache::stats);
+                cached_bytes += cache.as_ref().map_or(0, |c| c.bytes);
+                let c = &s.counters;
+                (
+                    s.modality.to_string(),
+                    ModalityStats {
+                        enabled: s.enabled.load(Ordering::Relaxed),
+                        calls: c.calls.load(Ordering::Relaxed),
+                        items: c.items.load(Ordering::Relaxed),
+                        encoded: c.encoded.load(Ordering::Relaxed),
+                        preprocess: c.preprocess.summary(),
+                        encode: c.encode.summary(),
+                        cache,
+                    },
+                )
+            })
+            .collect();
+        let fusion_cache = i.fusion_cache.as_ref().map(ByteCache::stats);
+        let attention_cache = i.attention_cache.as_ref().map(ByteCache::stats);
+        cached_bytes += fusion_cache.as_ref().map_or(0, |c| c.bytes);
+        cached_bytes += attention_cache.as_ref().map_or(0, |c| c.bytes);
+        ModelStats {
+            calls: i.calls.load(Ordering::Relaxed),
+            modalities,
+            fuse: i.fuse_latency.summary(),
+            attention: i.attention_latency.summary(),
+            total: i.total_latency.summary(),
+            fusion_cache,
+            attention_cache,
+            cached_bytes,
+        }
+    }
+
+    /// Zeroes every counter and latency window (cached entries stay).
+    pub fn reset_stats(&self) {
+        let i = &self.inner;
+        i.calls.store(0, Ordering::Relaxed);
+        for s in &i.slots {
+            s.counters.reset();
+            if let Some(c) = &s.cache {
+                c.reset_stats();
+            }
+        }
+        for l in [&i.fuse_latency, &i.attention_latency, &i.total_latency] {
+            l.reset();
+        }
+        for c in [&i.fusion_cache].into_iter().flatten() {
+            c.reset_stats();
+        }
+        if let Some(c) = &i.attention_cache {
+            c.reset_stats();
+        }
+    }
+
+    /// Runs the whole pipeline on `input`; see the module docs.
+    pub fn infer(&self, input: MultiModalInput) -> Result<MultiModalOutput> {
+        let start = Instant::now();
+        let MultiModalInput {
+            inputs,
+            mut ids,
+            return_attention,
+        } = input;
+        // Check the call's shape before any work.
+        let mut skipped = Vec::new();
+        let mut work: Vec<(&Slot, RawInputs, Option<Vec<String>>)> = Vec::new();
+        let mut batch: Option<(usize, Modality)> = None;
+        for (m, items) in inputs {
+            if keys::modality(&items) != m {
+                return Err(MlmfError::input(
+                    m,
+                    format!("given {} inputs", keys::modality(&items)),
+                ));
+            }
+            let slot = self.slot(m)?;
+            let n = keys::len(&items);
+            if n == 0 {
+                return Err(MlmfError::input(
+                    m,
+                    "expected at least one item, got an empty batch",
+                ));
+            }
+            match batch {
+                Some((b, m0)) if b != n => {
+                    return Err(MlmfError::input(
+                        m,
+                        format!(
+                            "{n} items, but {m0} has {b}: every modality of a call needs one \
+                             item per row"
+                        ),
+                    ))
+                }
+                _ => batch = Some((n, m)),
+            }
+            let item_ids = ids.remove(&m);
+            if let Some(v) = &item_ids {
+                if v.len() != n {
+                    return Err(MlmfError::input(
+                        m,
+                        format!("{} ids for {n} items: expected one id per item", v.len()),
+                    ));
+                }
+            }
+            if !slot.enabled.load(Ordering::Relaxed) {
+                skipped.push(m);
+                continue;
+            }
+            work.push((slot, items, item_ids));
+        }
+        if let Some(m) = ids.keys().next() {
+            return Err(MlmfError::input(
+                *m,
+                "ids were given for a modality with no inputs",
+            ));
+        }
+        if work.is_empty() {
+            let modality = skipped
+                .first()
+                .copied()
+                .unwrap_or_else(|| self.inner.slots[0].modality);
+            return Err(MlmfError::MissingModality {
+                modality,
+                message: if skipped.is_empty() {
+                    format!(
+                        "no inputs were given; the model takes {}",
+                        names(&self.modalities())
+                    )
+                } else {
+                    format!(
+                        "every modality given is disabled ({}); enable one with set_enabled",
+                        names(&skipped)
+                    )
+                },
+            });
+        }
+        self.inner.calls.fetch_add(1, Ordering::Relaxed);
+
+        // Encode every modality, concurrently when there are several.
+        let results: Vec<Result<Encoded>> = if work.len() == 1 {
+            let (slot, items, ids) = work
+                .pop()
+                .ok_or_else(|| MlmfError::Internal("no work".into()))?;
+            vec![encode_modality(slot, items, ids)]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = work
+                    .into_iter()
+                    .map(|(slot, items, ids)| {
+                        s.spawn(move || {
+                            crate::error::catch_panic("encoding panicked", || {
+                                encode_modality(slot, items, ids)
+                            })
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(MlmfError::Internal("an encoding thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        let encoded: Vec<Encoded> = results.into_iter().collect::<Result<_>>()?;
+
+        let mut stats = CallStats::default();
+        let mut embeddings = BTreeMap::new();
+        let mut tokens = BTreeMap::new();
+        let mut row_keys: BTreeMap<Modality, Vec<ContentKey>> = BTreeMap::new();
+        for e in encoded {
+            stats
+                .modalities
+                .insert(e.modality.to_string(), e.stats.clone());
+            let (pooled, states) = stack_items(&e.items)?;
+            embeddings.insert(e.modality, pooled);
+            tokens.insert(e.modality, states);
+            row_keys.insert(e.modality, e.keys);
+        }
+
+        let t = Instant::now();
+        let (fused, gates, fusion_cached, mut attention) =
+            self.fuse(&embeddings, &tokens, &row_keys, return_attention)?;
+        let fuse_time = t.elapsed();
+        self.inner.fuse_latency.record(fuse_time);
+        stats.fuse_ms = ms(fuse_time);
+        stats.fusion_cached = fusion_cached;
+
+        if return_attention && !self.inner.pairs.is_empty() {
+            let t = Instant::now();
+            let mut maps = self.pair_attention(&tokens, &row_keys)?;
+            maps.append(&mut attention);
+            attention = maps;
+            let took = t.elapsed();
+            self.inner.attention_latency.record(took);
+            stats.attention_ms = ms(took);
+        }
+        let total = start.elapsed();
+        self.inner.total_latency.record(total);
+        stats.total_ms = ms(total);
+        Ok(MultiModalOutput {
+            embeddings,
+            tokens,
+            fused,
+            gates,
+            attention,
+            skipped,
+            stats,
+        })
+    }
+
+    /// The fused rows: from the fusion cache when every row is there, else one fusion
+    /// call over the batch (whose rows are then cached).
+    #[allow(clippy::type_complexity)]
+    fn fuse(
+        &self,
+        embeddings: &BTreeMap<Modality, Tensor>,
+        tokens: &BTreeMap<Modality, TokenStates>,
+        row_keys: &BTreeMap<Modality, Vec<ContentKey>>,
+        return_attention: bool,
+    ) -> Result<(Tensor, Option<Tensor>, bool, Vec<(String, Tensor)>)> {
+        let i = &self.inner;
+        let rows = row_keys.values().next().map_or(0, Vec::len);
+        let fusion_keys: Vec<ContentKey> = (0..rows)
+            .map(|r| {
+                let per: Vec<ContentKey> = i
+                    .fusion
+                    .modalities()
+                    .iter()
+                    .map(|(m, _)| row_keys.get(m).map_or(ContentKey([0; 32]), |k| k[r]))
+                    .collect();
+                ContentKey::combine(&per, &i.fusion_fingerprint)
+            })
+            .collect();
+        // The fusion's own attention maps are not cached: a call asking for them runs it.
+        let fusion_attends = matches!(
+            i.fusion.strategy(),
+            crate::config::FusionStrategy::Early(_) | crate::config::FusionStrategy::Middle(_)
+        );
+        if let Some(cache) = i
+            .fusion_cache
+            .as_ref()
+            .filter(|_| !(return_attention && fusion_attends))
+        {
+            // Every row is looked up (and counted), then used only if all are there.
+            let looked: Vec<Option<FusedRow>> = fusion_keys.iter().map(|k| cache.get(k)).collect();
+            if let Some(hits) = looked.into_iter().collect::<Option<Vec<_>>>() {
+                let fused =
+                    Tensor::stack(&hits.iter().map(|h| h.fused.clone()).collect::<Vec<_>>(), 0)
+                        .map_err(ce("fused rows"))?;
+                let gates = hits
+                    .iter()
+                    .map(|h| h.gates.clone())
+                    .collect::<Option<Vec<_>>>()
+                    .map(|g| Tensor::stack(&g, 0))
+                    .transpose()
+                    .map_err(ce("gate rows"))?;
+                return Ok((fused, gates, true, Vec::new()));
+            }
+        }
+        let inputs: Vec<(Modality, ModalityInput)> = match i.level {
+            FusionLevel::Pooled => embeddings
+                .iter()
+                .map(|(m, t)| (*m, ModalityInput::pooled(t.clone())))
+                .collect(),
+            FusionLevel::Tokens => tokens
+                .iter()
+                .map(|(m, t)| {
+                    (
+                        *m,
+                        ModalityInput::tokens(t.hidden_states.clone(), Some(t.mask.clone())),
+                    )
+                })
+                .collect(),
+        };
+        let out = i.fusion.forward(&inputs, return_attention)?;
+        if let Some(cache) = &i.fusion_cache {
+            for (r, key) in fusion_keys.into_iter().enumerate() {
+                let f = ce("caching fused rows");
+                let row = FusedRow {
+                    fused: out.fused.get(r).and_then(|t| t.copy()).map_err(&f)?,
+                    gates: out
+                        .gates
+                        .as_ref()
+                        .map(|g| g.get(r).and_then(|t| t.copy()))
+                        .transpose()
+                        .map_err(&f)?,
+                };
+                cache.insert(key, row);
+            }
+        }
+        let attention = out
+            .attention
+            .into_iter()
+            .map(|(name, t)| (format!("fusion/{name}"), t))
+            .collect();
+        Ok((out.fused, out.gates, false, attention))
+    }
+
+    /// The configured attention maps between the modalities present.
+    fn pair_attention(
+        &self,
+        tokens: &BTreeMap<Modality, TokenStates>,
+        row_keys: &BTreeMap<Modality, Vec<ContentKey>>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for p in &self.inner.pairs {
+            let (Some(q), Some(k)) = (tokens.get(&p.pair.query), tokens.get(&p.pair.key)) else {
+                continue;
+            };
+            let (qk, kk) = (&row_keys[&p.pair.query], &row_keys[&p.pair.key]);
+            let keys: Vec<ContentKey> = qk
+                .iter()
+                .zip(kk)
+                .map(|(a, b)| ContentKey::combine(&[*a, *b], &p.fingerprint))
+                .collect();
+            let f = ce("attention maps");
+            let (_, tq) = q.mask.dims2().map_err(&f)?;
+            let (_, tk) = k.mask.dims2().map_err(&f)?;
+            if let Some(cache) = &self.inner.attention_cache {
+                let looked: Vec<Option<AttentionRow>> = keys.iter().map(|k| cache.get(k)).collect();
+                if let Some(hits) = looked.into_iter().collect::<Option<Vec<_>>>() {
+                    let rows = hits
+                        .iter()
+                        .map(|h| {
+                            let (_, a, b) = h.0.dims3()?;
+                            h.0.pad_with_zeros(1, 0, tq - a)?
+                                .pad_with_zeros(2, 0, tk - b)
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()
+                        .map_err(&f)?;
+                    out.push((p.pair.to_string(), Tensor::stack(&rows, 0).map_err(&f)?));
+                    continue;
+                }
+            }
+            let res = p.layer.forward(
+                &q.hidden_states,
+                &k.hidden_states,
+                Some(&q.mask),
+                Some(&k.mask),
+                true,
+            )?;
+            let weights = res
+                .weights
+                .ok_or_else(|| MlmfError::Internal("attention weights missing".into()))?;
+            if let Some(cache) = &self.inner.attention_cache {
+                let ql = real_lengths(&q.mask)?;
+                let kl = real_lengths(&k.mask)?;
+                for (r, key) in keys.into_iter().enumerate() {
+                    let row = weights
+                        .get(r)
+                        .and_then(|w| w.narrow(1, 0, ql[r]))
+                        .and_then(|w| w.narrow(2, 0, kl[r]))
+                        .and_then(|w| w.copy())
+                        .map_err(&f)?;
+                    cache.insert(key, AttentionRow(row));
+                }
+            }
+            out.push((p.pair.to_string(), weights));
+        }
+        Ok(out)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn names(ms: &[Modality]) -> String {
+    ms.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A file's length and modification time, so that replacing it changes the keys
+/// derived from its settings.
+fn file_identity(path: Option<&std::path::Path>) -> Option<(u64, u128)> {
+    let meta = std::fs::metadata(path?).ok()?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Some((meta.len(), mtime))
+}
+
+/// One modality's per-item encodings in call order.
+struct Encoded {
+    modality: Modality,
+    keys: Vec<ContentKey>,
+    items: Vec<ItemEncoding>,
+    stats: CallModality,
+}
+
+/// Keys, cache lookups, single flight, then one preprocess + encode batch of the
+/// items nobody has.
+fn encode_modality(slot: &Slot, mut items: RawInputs, ids: Option<Vec<String>>) -> Result<Encoded> {
+    let m = slot.modality;
+    let n = keys::len(&items);
+    let c = &slot.counters;
+    c.calls.fetch_add(1, Ordering::Relaxed);
+    c.items.fetch_add(n as u64, Ordering::Relaxed);
+    let space = keys::KeySpace {
+        modality: m,
+        model_id: &slot.model_id,
+        fingerprint: &slot.fingerprint,
+    };
+    let content = keys::content_keys(&space, &mut items)?;
+    let keys: Vec<ContentKey> = match ids {
+        Some(ids) => ids.iter().map(|id| space.id(id)).collect(),
+        None => content,
+    };
+    let mut stats = CallModality {
+        items: n,
+        ..CallModality::default()
+    };
+    let mut found: Vec<Option<ItemEncoding>> = vec![None; n];
+
+    let Some(cache) = &slot.cache else {
+        let (encs, pre, enc) = run_encoder(slot, &items, None)?;
+        stats.encoded = n;
+        stats.preprocess_ms = ms(pre);
+        stats.encode_ms = ms(enc);
+        return Ok(Encoded {
+            modality: m,
+            keys,
+            items: encs,
+            stats,
+        });
+    };
+
+    // Distinct keys in first-seen order, and where each item's key sits among them.
+    let mut distinct: Vec<ContentKey> = Vec::new();
+    let mut slot_of: Vec<usize> = Vec::with_capacity(n);
+    let mut first_item: Vec<usize> = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        match distinct.iter().position(|d| d == k) {
+            Some(j) => slot_of.push(j),
+            None => {
+                slot_of.push(distinct.len());
+                distinct.push(*k);
+                first_item.push(i);
+            }
+        }
+    }
+    let mut values: Vec<Option<ItemEncoding>> = distinct.iter().map(|k| cache.get(k)).collect();
+    let missing: Vec<usize> = (0..distinct.len())
+        .filter(|&j| values[j].is_none())
+        .collect();
+    stats.hits = n - slot_of.iter().filter(|&&j| values[j].is_none()).count();
+    if !missing.is_empty() {
+        let missing_keys: Vec<ContentKey> = missing.iter().map(|&j| distinct[j]).collect();
+        let claim = slot.flights.claim(&missing_keys);
+        // A call that finished between the lookup and the claim left its result in
+        // the cache: take it instead of computing again.
+        let mut todo: Vec<usize> = Vec::new();
+        for p in claim.leader.positions() {
+            let j = missing[p];
+            match cache.peek(&distinct[j]) {
+                Some(v) => values[j] = Some(v),
+                None => todo.push(p),
+            }
+        }
+        if !todo.is_empty() {
+            let positions: Vec<usize> = todo.iter().map(|&p| first_item[missing[p]]).collect();
+            match run_encoder(slot, &items, Some(&positions)) {
+                Ok((encs, pre, enc)) => {
+                    stats.encoded = todo.len();
+                    stats.preprocess_ms = ms(pre);
+                    stats.encode_ms = ms(enc);
+                    for (&p, e) in todo.iter().zip(&encs) {
+                        cache.insert(missing_keys[p], e.clone());
+                        values[missing[p]] = Some(e.clone());
+                    }
+                    let led = &values;
+                    claim.leader.finish(|p| {
+                        led[missing[p]]
+                            .clone()
+                            .ok_or_else(|| MlmfError::Internal("a led item has no value".into()))
+                    });
+                }
+                Err(e) => {
+                    claim.leader.fail(&e);
+                    return Err(e);
+                }
+            }
+        } else {
+            let led = &values;
+            claim.leader.finish(|p| {
+                led[missing[p]]
+                    .clone()
+                    .ok_or_else(|| MlmfError::Internal("a led item has no value".into()))
+            });
+        }
+        for (p, flight) in claim.waits {
+            let j = missing[p];
+            values[j] = Some(flight.wait()?);
+            stats.shared += slot_of.iter().filter(|&&s| s == j).count();
+        }
+    }
+    for (i, j) in slot_of.iter().enumerate() {
+        found[i] = values[*j].clone();
+    }
+    let items = found
+        .into_iter()
+        .map(|v| v.ok_or_else(|| MlmfError::Internal(format!("{m} item without a value"))))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Encoded {
+        modality: m,
+        keys,
+        items,
+        stats,
+    })
+}
+
+/// Preprocesses and encodes the items at `positions` (all when `None`); returns their
+/// encodings and the two stage times.
+fn run_encoder(
+    slot: &Slot,
+    items: &RawInputs,
+    positions: Option<&[usize]>,
+) -> Result<(Vec<ItemEncoding>, Duration, Duration)> {
+    let n = keys::len(items);
+    let selected;
+    let batch = match positions {
+        Some(p) if p.len() != n || p.iter().enumerate().any(|(i, &q)| i != q) => {
+            selected = keys::select(items, p);
+            &selected
+        }
+        _ => items,
+    };
+    // Point an item error at the item's index in the call, not in the sub-batch.
+    let at = |mut e: MlmfError| {
+        if let (
+            MlmfError::Input { index, .. }
+            | MlmfError::Decode { index, .. }
+            | MlmfError::Io { index, .. },
+            Some(p),
+        ) = (&mut e, positions)
+        {
+            if let Some(i) = index.as_mut() {
+                if let Some(&q) = p.get(*i) {
+                    *i = q;
+                }
+            }
+        }
+        e
+    };
+    let c = &slot.counters;
+    let t = Instant::now();
+    let pre = slot.encoder.preprocess(batch).map_err(at)?;
+    let t_pre = t.elapsed();
+    c.preprocess.record(t_pre);
+    let t = Instant::now();
+    let out = slot.encoder.encode_preprocessed(&pre).map_err(at)?;
+    let encs = split_items(&out)?;
+    let t_enc = t.elapsed();
+    c.encode.record(t_enc);
+    c.encoded.fetch_add(encs.len() as u64, Ordering::Relaxed);
+    Ok((encs, t_pre, t_enc))
+}
+
+/// Per row: the position after the last real one (at least 1).
+fn real_lengths(mask: &Tensor) -> Result<Vec<usize>> {
+    let rows = mask
+        .to_dtype(DType::U8)
+        .and_then(|m| m.to_vec2::<u8>())
+        .map_err(ce("mask"))?;
+    Ok(rows
+        .iter()
+        .map(|r| r.iter().rposition(|&v| v != 0).map_or(1, |p| p + 1))
+        .collect())
+}
+
+/// A batch output as per-item encodings with their own storage.
+fn split_items(out: &EncoderOutput) -> Result<Vec<ItemEncoding>> {
+    let f = ce("splitting a batch into items");
+    let lengths = real_lengths(&out.mask)?;
+    let mask = out.mask.to_dtype(DType::U8).map_err(&f)?;
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(r, &len)| {
+            Ok(ItemEncoding {
+                pooled: out.pooled.get(r).and_then(|t| t.copy()).map_err(&f)?,
+                hidden: out
+                    .hidden_states
+                    .get(r)
+                    .and_then(|t| t.narrow(0, 0, len))
+                    .and_then(|t| t.copy())
+                    .map_err(&f)?,
+                mask: mask
+                    .get(r)
+                    .and_then(|t| t.narrow(0, 0, len))
+                    .and_then(|t| t.copy())
+                    .map_err(&f)?,
+            })
+        })
+        .collect()
+}
+
+/// Items back into a batch: pooled `[B, D']`, token states padded with zeros.
+fn stack_items(items: &[ItemEncoding]) -> Result<(Tensor, TokenStates)> {
+    let f = ce("stacking items");
+    let pooled = Tensor::stack(
+        &items.iter().map(|e| e.pooled.clone()).collect::<Vec<_>>(),
+        0,
+    )
+    .map_err(&f)?;
+    let longest = items
+        .iter()
+        .map(|e| e.mask.dim(0))
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map_err(&f)?
+        .into_iter()
+        .max()
+        .unwrap_or(1);
+    let mut hidden = Vec::with_capacity(items.len());
+    let mut masks = Vec::with_capacity(items.len());
+    for e in items {
+        let t = e.mask.dim(0).map_err(&f)?;
+        hidden.push(e.hidden.pad_with_zeros(0, 0, longest - t).map_err(&f)?);
+        masks.push(e.mask.pad_with_zeros(0, 0, longest - t).map_err(&f)?);
+    }
+    Ok((
+        pooled,
+        TokenStates {
+            hidden_states: Tensor::stack(&hidden, 0).map_err(&f)?,
+            mask: Tensor::stack(&masks, 0).map_err(&f)?,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests;
