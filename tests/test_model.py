@@ -255,6 +255,16 @@ seed = 3
         )
 
 
+def test_paths_in_a_config_dict() -> None:
+    cfg = {
+        "modalities": {"text": {"model": MODELS / "st_mean_norm"}},
+        "fusion": {"strategy": "late"},
+    }
+    assert load(cfg).infer(text=["x"]).embeddings["text"].shape == (1, 32)
+    with pytest.raises(mlmf.ConfigError):
+        mlmf.MultiModalModel.load({"modalities": object()})
+
+
 def test_loader_with_modality_paths() -> None:
     loader = (
         mlmf.MultiModalLoader({"fusion": {"strategy": "gated"}})
@@ -361,3 +371,32 @@ def test_pickle_round_trip() -> None:
     b = again.infer(text=TEXTS, image=IMAGES)
     np.testing.assert_array_equal(a.fused, b.fused)
     assert again.stats()["calls"] == 1
+
+
+def test_cache_budgets_change_at_run_time_by_priority() -> None:
+    cfg = config()
+    cfg["cache"] = {
+        "max_memory": "1 MiB",
+        "modalities": {"image": {"priority": 10}},
+    }
+    model = load(cfg)
+    before = model.cache_budgets()
+    assert set(before) == {"text", "image", "audio", "fusion", "attention"}
+    assert sum(before.values()) <= 1 << 20
+    model.infer(text=TEXTS, image=IMAGES, audio=AUDIO)
+    # Shrink to a tenth: text and audio (priority 0) give up their memory first.
+    model.set_cache_budget(100_000)
+    after = model.cache_budgets()
+    assert sum(after.values()) <= 100_000
+    assert after["image"] == before["image"] or after["text"] == after["audio"] == 0
+    assert after["text"] < before["text"] and after["audio"] < before["audio"]
+    stats = model.stats()
+    for m in ("text", "image", "audio"):
+        c = stats["modalities"][m]["cache"]
+        assert c["bytes"] <= c["budget"] == after[m]
+    # The image entries survived; a repeated image call is still served from the cache.
+    assert model.infer(image=IMAGES).stats["modalities"]["image"]["hits"] == 2
+    model.set_modality_budget("text", "2 KiB")
+    assert model.cache_budgets()["text"] == 2048
+    with pytest.raises(mlmf.ConfigError):
+        model.set_cache_budget("lots")

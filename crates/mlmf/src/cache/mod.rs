@@ -20,8 +20,10 @@ use moka::notification::RemovalCause;
 use moka::policy::EvictionPolicy;
 use serde::Serialize;
 
+mod disk;
 mod flight;
 
+pub use disk::{DiskStats, DiskTier};
 pub use flight::{Claim, Flight, Flights, Leader};
 
 use crate::config::{CacheConfig, CachePolicy};
@@ -188,8 +190,10 @@ struct Counters {
 #[derive(Clone)]
 pub struct ByteCache<V: Weighted + Clone + Send + Sync + 'static> {
     name: String,
-    inner: moka::sync::Cache<ContentKey, V>,
-    budget: u64,
+    policy: CachePolicy,
+    /// The moka cache; replaced by a new one when the budget changes.
+    inner: Arc<std::sync::RwLock<moka::sync::Cache<ContentKey, V>>>,
+    budget: Arc<AtomicU64>,
     counters: Arc<Counters>,
 }
 
@@ -206,7 +210,24 @@ impl<V: Weighted + Clone + Send + Sync + 'static> ByteCache<V> {
     /// A cache named `name` (used in messages and stats) with `budget` bytes.
     pub fn new(name: &str, policy: CachePolicy, budget: u64) -> Self {
         let counters = Arc::new(Counters::default());
-        let c = Arc::clone(&counters);
+        Self {
+            name: name.to_string(),
+            policy,
+            inner: Arc::new(std::sync::RwLock::new(Self::build(
+                policy,
+                budget,
+                Arc::clone(&counters),
+            ))),
+            budget: Arc::new(AtomicU64::new(budget)),
+            counters,
+        }
+    }
+
+    fn build(
+        policy: CachePolicy,
+        budget: u64,
+        c: Arc<Counters>,
+    ) -> moka::sync::Cache<ContentKey, V> {
         let mut b = moka::sync::Cache::builder()
             .max_capacity(budget)
             .weigher(|_k: &ContentKey, v: &V| u32::try_from(v.bytes()).unwrap_or(u32::MAX))
@@ -229,12 +250,30 @@ impl<V: Weighted + Clone + Send + Sync + 'static> ByteCache<V> {
                 .eviction_policy(EvictionPolicy::lru())
                 .time_to_idle(Duration::from_secs_f64(seconds)),
         };
-        Self {
-            name: name.to_string(),
-            inner: b.build(),
-            budget,
-            counters,
+        b.build()
+    }
+
+    /// The current moka cache (a cheap handle).
+    fn cache(&self) -> moka::sync::Cache<ContentKey, V> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes the budget at run time. moka caches have a fixed capacity, so the
+    /// entries move to a new cache of the new size, whose policy drops what no longer
+    /// fits (counted as evictions); `ttl` / `tti` clocks restart for the moved entries.
+    pub fn set_budget(&self, budget: u64) {
+        let mut slot = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let fresh = Self::build(self.policy, budget, Arc::clone(&self.counters));
+        self.budget.store(budget, Ordering::Relaxed);
+        for (k, v) in slot.iter() {
+            if self.fits(v.bytes()) {
+                fresh.insert(*k, v);
+            } else {
+                self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+            }
         }
+        fresh.run_pending_tasks();
+        *slot = fresh;
     }
 
     /// `modality`'s cache as `config` sets it: its policy, and its own budget or else
@@ -250,17 +289,17 @@ impl<V: Weighted + Clone + Send + Sync + 'static> ByteCache<V> {
     }
 
     pub fn budget(&self) -> u64 {
-        self.budget
+        self.budget.load(Ordering::Relaxed)
     }
 
     /// Whether a value of `bytes` can be stored at all (moka weighs entries in `u32`).
     fn fits(&self, bytes: u64) -> bool {
-        bytes <= self.budget && bytes <= u64::from(u32::MAX)
+        bytes <= self.budget() && bytes <= u64::from(u32::MAX)
     }
 
     /// The value for `key`, counting a hit or a miss.
     pub fn get(&self, key: &ContentKey) -> Option<V> {
-        let v = self.inner.get(key);
+        let v = self.cache().get(key);
         let counter = if v.is_some() {
             &self.counters.hits
         } else {
@@ -273,7 +312,7 @@ impl<V: Weighted + Clone + Send + Sync + 'static> ByteCache<V> {
     /// The value for `key` without counting a hit or a miss (a second look within one
     /// request that was already counted).
     pub fn peek(&self, key: &ContentKey) -> Option<V> {
-        self.inner.get(key)
+        self.cache().get(key)
     }
 
     /// Stores `value`; `false` (and nothing stored) when it alone exceeds the budget.
@@ -283,8 +322,9 @@ impl<V: Weighted + Clone + Send + Sync + 'static> ByteCache<V> {
             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        self.inner.insert(key, value);
-        self.inner.run_pending_tasks();
+        let c = self.cache();
+        c.insert(key, value);
+        c.run_pending_tasks();
         true
     }
 
@@ -296,13 +336,14 @@ impl<V: Weighted + Clone + Send + Sync + 'static> ByteCache<V> {
         key: ContentKey,
         f: impl FnOnce() -> Result<V>,
     ) -> Result<(V, bool)> {
-        if let Some(v) = self.inner.get(&key) {
+        let cache = self.cache();
+        if let Some(v) = cache.get(&key) {
             self.counters.hits.fetch_add(1, Ordering::Relaxed);
             return Ok((v, true));
         }
         let computed = std::sync::atomic::AtomicBool::new(false);
         let too_big = std::sync::Mutex::new(None);
-        let got = self.inner.try_get_with(key, || {
+        let got = cache.try_get_with(key, || {
             computed.store(true, Ordering::Relaxed);
             let v = f()?;
             if self.fits(v.bytes()) {
@@ -327,7 +368,7 @@ impl<V: Weighted + Clone + Send + Sync + 'static> ByteCache<V> {
         counter.fetch_add(1, Ordering::Relaxed);
         match got {
             Ok(v) => {
-                self.inner.run_pending_tasks();
+                cache.run_pending_tasks();
                 Ok((v, hit))
             }
             Err(e) => {
@@ -342,24 +383,28 @@ impl<V: Weighted + Clone + Send + Sync + 'static> ByteCache<V> {
 
     /// Removes one entry.
     pub fn remove(&self, key: &ContentKey) {
-        self.inner.invalidate(key);
-        self.inner.run_pending_tasks();
+        let c = self.cache();
+        c.invalidate(key);
+        c.run_pending_tasks();
     }
 
     /// Removes every entry.
     pub fn clear(&self) {
-        self.inner.invalidate_all();
-        self.inner.run_pending_tasks();
+        let c = self.cache();
+        c.invalidate_all();
+        c.run_pending_tasks();
     }
 
     /// Bytes held now.
     pub fn bytes(&self) -> u64 {
-        self.inner.run_pending_tasks();
-        self.inner.weighted_size()
+        let c = self.cache();
+        c.run_pending_tasks();
+        c.weighted_size()
     }
 
     pub fn stats(&self) -> CacheStats {
-        self.inner.run_pending_tasks();
+        let cache = self.cache();
+        cache.run_pending_tasks();
         let c = &self.counters;
         CacheStats {
             hits: c.hits.load(Ordering::Relaxed),
@@ -367,9 +412,9 @@ impl<V: Weighted + Clone + Send + Sync + 'static> ByteCache<V> {
             evictions: c.evictions.load(Ordering::Relaxed),
             expirations: c.expirations.load(Ordering::Relaxed),
             rejected: c.rejected.load(Ordering::Relaxed),
-            entries: self.inner.entry_count(),
-            bytes: self.inner.weighted_size(),
-            budget: self.budget,
+            entries: cache.entry_count(),
+            bytes: cache.weighted_size(),
+            budget: self.budget(),
         }
     }
 

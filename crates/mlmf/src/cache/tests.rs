@@ -211,3 +211,52 @@ fn the_global_budget_is_split_without_overspending() {
         "{err}"
     );
 }
+
+#[test]
+fn a_smaller_total_is_taken_from_low_priorities_first() {
+    use crate::config::{ByteSize, CacheConfig, ModalityCacheConfig};
+    let mut c = CacheConfig {
+        max_memory: ByteSize(1600),
+        ..CacheConfig::default()
+    };
+    c.modalities.insert(
+        Modality::Image,
+        ModalityCacheConfig {
+            priority: 5,
+            ..ModalityCacheConfig::default()
+        },
+    );
+    let ms = [Modality::Text, Modality::Image, Modality::Audio];
+    // Growing: every budget in proportion.
+    let (grown, side) = c.split_within(3200, &ms, 1);
+    assert_eq!(side, 200);
+    assert!(grown.iter().all(|&b| b >= 2 * 466), "{grown:?}");
+    assert!(grown.iter().sum::<u64>() + side <= 3200);
+    // Shrinking: text and audio (priority 0) give up memory before image.
+    let (small, side) = c.split_within(800, &ms, 1);
+    assert_eq!(side, 50);
+    assert!(small.iter().sum::<u64>() + side <= 800, "{small:?}");
+    assert_eq!(small[1], 500, "{small:?}");
+    assert_eq!(small[0], small[2]);
+    // Less than the high-priority cache alone: the others are empty first.
+    let (tiny, _) = c.split_within(400, &ms, 1);
+    assert_eq!((tiny[0], tiny[2]), (0, 0), "{tiny:?}");
+    assert!(tiny[1] > 0);
+}
+
+#[test]
+fn set_budget_keeps_what_fits() {
+    let c: ByteCache<Tensor> = ByteCache::new("t", CachePolicy::Lru, 4000);
+    for i in 0..8 {
+        c.insert(key(i), value(100)); // 400 bytes each
+    }
+    assert_eq!(c.stats().entries, 8);
+    c.set_budget(1000);
+    let s = c.stats();
+    assert_eq!(s.budget, 1000);
+    assert!(s.bytes <= 1000 && s.entries == 2, "{s:?}");
+    assert_eq!(s.evictions, 6);
+    c.set_budget(4000);
+    c.insert(key(20), value(100));
+    assert_eq!(c.stats().entries, 3);
+}

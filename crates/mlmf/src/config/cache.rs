@@ -96,6 +96,18 @@ pub struct CacheConfig {
     /// Per-modality cache settings (policy, budget); a modality not listed
     /// gets the defaults.
     pub modalities: BTreeMap<Modality, ModalityCacheConfig>,
+    /// The on-disk tier: encodings that survive restarts and are shared by the
+    /// processes of one machine; absent = memory only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskCacheConfig>,
+}
+
+/// `cache.disk`: where the on-disk tier lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCacheConfig {
+    /// The database file (created when missing); relative to the config file's folder.
+    pub path: std::path::PathBuf,
 }
 
 impl Default for CacheConfig {
@@ -104,6 +116,7 @@ impl Default for CacheConfig {
             enabled: true,
             max_memory: ByteSize(512 << 20),
             modalities: BTreeMap::new(),
+            disk: None,
         }
     }
 }
@@ -162,6 +175,66 @@ impl CacheConfig {
         (own.iter().map(|b| b.unwrap_or(each)).collect(), side)
     }
 
+    /// Budgets when the total is set to `total` at run time: the side caches scale with
+    /// the total; the modalities' budgets of [`split`](Self::split) grow in proportion
+    /// when there is more room, and when there is less, the lowest-priority modalities
+    /// give up memory first (equal priorities in proportion to their budgets).
+    pub fn split_within(
+        &self,
+        total: u64,
+        modalities: &[Modality],
+        side_caches: usize,
+    ) -> (Vec<u64>, u64) {
+        let (want, side_want) = self.split(modalities, side_caches);
+        let configured = self.max_memory.0.max(1);
+        let side = (side_want as u128 * total as u128 / configured as u128) as u64;
+        let avail = total.saturating_sub(side * side_caches as u64);
+        let want_sum: u64 = want.iter().sum();
+        if want_sum == 0 {
+            return (want, side);
+        }
+        if avail >= want_sum {
+            let grown = want
+                .iter()
+                .map(|&w| (w as u128 * avail as u128 / want_sum as u128) as u64)
+                .collect();
+            return (grown, side);
+        }
+        let mut budgets = want.clone();
+        let mut deficit = want_sum - avail;
+        let mut levels: Vec<i32> = modalities
+            .iter()
+            .map(|m| self.modality(*m).priority)
+            .collect();
+        levels.sort_unstable();
+        levels.dedup();
+        for level in levels {
+            if deficit == 0 {
+                break;
+            }
+            let members: Vec<usize> = (0..modalities.len())
+                .filter(|&i| self.modality(modalities[i]).priority == level)
+                .collect();
+            let group: u64 = members.iter().map(|&i| budgets[i]).sum();
+            let cut = deficit.min(group);
+            let mut taken = 0;
+            for (n, &i) in members.iter().enumerate() {
+                let share = if n + 1 == members.len() {
+                    cut - taken
+                } else {
+                    (cut as u128 * budgets[i] as u128)
+                        .checked_div(group as u128)
+                        .unwrap_or(0) as u64
+                };
+                let share = share.min(budgets[i]);
+                budgets[i] -= share;
+                taken += share;
+            }
+            deficit -= taken;
+        }
+        (budgets, side)
+    }
+
     /// The settings of `modality`'s cache (the defaults when not listed).
     pub fn modality(&self, modality: Modality) -> ModalityCacheConfig {
         self.modalities.get(&modality).cloned().unwrap_or_default()
@@ -199,8 +272,11 @@ pub struct ModalityCacheConfig {
     pub policy: PolicyKind,
     /// Seconds for `ttl` / `tti`.
     pub ttl_seconds: Option<f64>,
-    /// This modality's own budget (`None`: `cache.max_memory`).
+    /// This modality's own budget (`None`: a share of `cache.max_memory`).
     pub max_memory: Option<ByteSize>,
+    /// When the total budget shrinks at run time, caches of lower priority give up
+    /// their memory first.
+    pub priority: i32,
 }
 
 impl Default for ModalityCacheConfig {
@@ -209,6 +285,7 @@ impl Default for ModalityCacheConfig {
             policy: PolicyKind::Lru,
             ttl_seconds: None,
             max_memory: None,
+            priority: 0,
         }
     }
 }

@@ -31,7 +31,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use attention::{AttentionPair, CrossModalAttentionConfig};
-pub use cache::{ByteSize, CacheConfig, CachePolicy, ModalityCacheConfig, PolicyKind};
+pub use cache::{
+    ByteSize, CacheConfig, CachePolicy, DiskCacheConfig, ModalityCacheConfig, PolicyKind,
+};
 pub use distributed::{DistributedConfig, ShardingStrategy};
 pub use fusion::{FusionConfig, FusionLevel, FusionStrategy};
 pub use modality::{ModalityConfig, PreprocessingConfig};
@@ -114,6 +116,7 @@ impl MultiModalConfig {
             for p in [
                 config.fusion.weights.as_mut(),
                 config.cross_modal_attention.weights.as_mut(),
+                config.cache.disk.as_mut().map(|d| &mut d.path),
             ]
             .into_iter()
             .flatten()

@@ -426,6 +426,11 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
             ProcessorKind::Text {
                 max_length: None,
                 pad_to_max_length: false,
+                max_tokens: Some(if family.offset_positions() {
+                    max_positions - pad_id as usize - 1
+                } else {
+                    max_positions
+                }),
             },
         ),
         pooling,

@@ -226,6 +226,7 @@ fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipText> {
             ProcessorKind::Text {
                 max_length: None,
                 pad_to_max_length: false,
+                max_tokens: Some(max_positions),
             },
         ),
     })

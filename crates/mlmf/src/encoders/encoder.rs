@@ -392,6 +392,7 @@ fn load_processor(
         ProcessorKind::Text {
             max_length,
             pad_to_max_length,
+            max_tokens,
         } => {
             let cfg = TextProcessorConfig {
                 max_length: bert::sentence_max_length(dir).or(max_length),
@@ -403,7 +404,18 @@ fn load_processor(
                 ..TextProcessorConfig::default()
             };
             let cfg = overlay(&cfg, &over.0).map_err(|e| e.to_string())?;
-            TextProcessor::from_pretrained(dir, cfg).map(Prep::Text)
+            let tp = TextProcessor::from_pretrained(dir, cfg).map_err(|e| e.to_string())?;
+            // Truncate to what the model takes when the tokenizer allows more.
+            let limit = tp.config().max_length.or(tp.model_max_length());
+            match max_tokens.filter(|&n| limit.is_none_or(|l| l > n)) {
+                Some(n) => tp
+                    .with_config(TextProcessorConfig {
+                        max_length: Some(n),
+                        ..tp.config().clone()
+                    })
+                    .map(Prep::Text),
+                None => Ok(Prep::Text(tp)),
+            }
         }
         ProcessorKind::Image { .. } => {
             let base = ImageProcessor::from_pretrained(dir).map_err(|e| e.to_string())?;

@@ -177,6 +177,9 @@ pub enum ProcessorKind {
     Text {
         max_length: Option<usize>,
         pad_to_max_length: bool,
+        /// The most tokens the model takes (its position table); texts are truncated
+        /// to it even when the tokenizer allows more.
+        max_tokens: Option<usize>,
     },
     /// `ImageProcessor` at this `(height, width)`.
     Image { height: usize, width: usize },

@@ -180,6 +180,7 @@ fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<SiglipText> {
             ProcessorKind::Text {
                 max_length: Some(max_positions),
                 pad_to_max_length: true,
+                max_tokens: Some(max_positions),
             },
         ),
     })

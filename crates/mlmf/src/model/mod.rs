@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::attention::CrossModalAttention;
-use crate::cache::{ByteCache, ContentKey, Fingerprint, Flights, Weighted};
+use crate::cache::{ByteCache, ContentKey, DiskTier, Fingerprint, Flights, Weighted};
 use crate::config::{AttentionPair, FusionLevel, MultiModalConfig};
 use crate::encoders::layers::ce;
 use crate::encoders::{Encoder, EncoderOutput, RawInputs};
@@ -45,6 +45,27 @@ pub struct ItemEncoding {
 
 fn tensor_bytes(t: &Tensor) -> u64 {
     (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+impl ItemEncoding {
+    /// The tensors the disk tier stores: pooled, hidden, mask.
+    fn tensors(&self) -> Vec<Tensor> {
+        vec![self.pooled.clone(), self.hidden.clone(), self.mask.clone()]
+    }
+
+    fn from_tensors(mut t: Vec<Tensor>) -> Option<Self> {
+        if t.len() != 3 {
+            return None;
+        }
+        let mask = t.pop()?;
+        let hidden = t.pop()?;
+        let pooled = t.pop()?;
+        Some(Self {
+            pooled,
+            hidden,
+            mask,
+        })
+    }
 }
 
 impl Weighted for ItemEncoding {
@@ -137,6 +158,9 @@ struct Slot {
     model_id: String,
     fingerprint: Fingerprint,
     cache: Option<ByteCache<ItemEncoding>>,
+    /// The on-disk tier, shared by every modality (keys differ by modality).
+    disk: Option<Arc<DiskTier>>,
+    device: Device,
     flights: Flights<ItemEncoding>,
     counters: ModalityCounters,
 }
@@ -157,6 +181,7 @@ struct Inner {
     fusion_cache: Option<ByteCache<FusedRow>>,
     pairs: Vec<PairLayer>,
     attention_cache: Option<ByteCache<AttentionRow>>,
+    disk: Option<Arc<DiskTier>>,
     calls: AtomicU64,
     fuse_latency: Latency,
     attention_latency: Latency,
@@ -282,6 +307,13 @@ impl MultiModalModel {
         let order: Vec<Modality> = encoders.iter().map(Encoder::modality).collect();
         let side_caches = if pairs.is_empty() { 1 } else { 2 };
         let (budgets, side_budget) = config.cache.split(&order, side_caches);
+        let disk = match (&config.cache.disk, config.cache.enabled) {
+            (Some(d), true) => Some(Arc::new(DiskTier::open(&d.path).map_err(|e| match e {
+                MlmfError::Cache { message, .. } => MlmfError::config("cache.disk.path", message),
+                other => other,
+            })?)),
+            _ => None,
+        };
         let slots = encoders
             .into_iter()
             .zip(budgets)
@@ -312,6 +344,8 @@ impl MultiModalModel {
                         let policy = config.cache.modality(modality).policy();
                         ByteCache::new(&modality.to_string(), policy, budget)
                     }),
+                    disk: disk.clone(),
+                    device: device.clone(),
                     flights: Flights::default(),
                     counters: ModalityCounters::default(),
                 })
@@ -332,6 +366,7 @@ impl MultiModalModel {
                 level,
                 fusion_fingerprint,
                 pairs,
+                disk,
                 calls: AtomicU64::new(0),
                 fuse_latency: Latency::default(),
                 attention_latency: Latency::default(),
@@ -453,7 +488,9 @@ impl MultiModalModel {
         let attention_cache = i.attention_cache.as_ref().map(ByteCache::stats);
         cached_bytes += fusion_cache.as_ref().map_or(0, |c| c.bytes);
         cached_bytes += attention_cache.as_ref().map_or(0, |c| c.bytes);
+        let disk = i.disk.as_ref().map(|d| d.stats());
         ModelStats {
+            disk,
             calls: i.calls.load(Ordering::Relaxed),
             modalities,
             fuse: i.fuse_latency.summary(),
@@ -484,6 +521,78 @@ impl MultiModalModel {
         if let Some(c) = &i.attention_cache {
             c.reset_stats();
         }
+        if let Some(d) = &i.disk {
+            d.reset_stats();
+        }
+    }
+
+    /// Changes the total memory of the in-memory caches at run time (see
+    /// [`CacheConfig::split_within`](crate::config::CacheConfig::split_within): when it
+    /// shrinks, low-priority modalities give up memory first). Entries that no longer
+    /// fit are dropped now.
+    pub fn set_cache_budget(&self, total: u64) -> Result<()> {
+        let i = &self.inner;
+        if !i.config.cache.enabled {
+            return Err(MlmfError::Cache {
+                cache: "model".into(),
+                message: "caching is off (cache.enabled = false)".into(),
+            });
+        }
+        let order = self.modalities();
+        let sides = 1 + usize::from(i.attention_cache.is_some());
+        let (budgets, side) = i.config.cache.split_within(total, &order, sides);
+        for (s, b) in i.slots.iter().zip(budgets) {
+            if let Some(c) = &s.cache {
+                c.set_budget(b);
+            }
+        }
+        for c in [&i.fusion_cache].into_iter().flatten() {
+            c.set_budget(side);
+        }
+        if let Some(c) = &i.attention_cache {
+            c.set_budget(side);
+        }
+        Ok(())
+    }
+
+    /// Sets one modality's cache budget at run time, leaving the others as they are.
+    pub fn set_modality_budget(&self, modality: Modality, bytes: u64) -> Result<()> {
+        match &self.slot(modality)?.cache {
+            Some(c) => {
+                c.set_budget(bytes);
+                Ok(())
+            }
+            None => Err(MlmfError::Cache {
+                cache: modality.to_string(),
+                message: "caching is off (cache.enabled = false)".into(),
+            }),
+        }
+    }
+
+    /// The budget of every in-memory cache by name (modalities, `fusion`, `attention`).
+    pub fn cache_budgets(&self) -> BTreeMap<String, u64> {
+        let i = &self.inner;
+        let mut out: BTreeMap<String, u64> = i
+            .slots
+            .iter()
+            .filter_map(|s| {
+                s.cache
+                    .as_ref()
+                    .map(|c| (s.modality.to_string(), c.budget()))
+            })
+            .collect();
+        if let Some(c) = &i.fusion_cache {
+            out.insert("fusion".into(), c.budget());
+        }
+        if let Some(c) = &i.attention_cache {
+            out.insert("attention".into(), c.budget());
+        }
+        out
+    }
+
+    /// The on-disk tier, when configured.
+    pub fn disk_cache(&self) -> Option<&DiskTier> {
+        self.inner.disk.as_deref()
     }
 
     /// Runs the whole pipeline on `input`; see the module docs.
@@ -896,6 +1005,22 @@ fn encode_modality(slot: &Slot, mut items: RawInputs, ids: Option<Vec<String>>) 
                 None => todo.push(p),
             }
         }
+        if let Some(disk) = slot.disk.as_ref().filter(|_| !todo.is_empty()) {
+            let keys: Vec<ContentKey> = todo.iter().map(|&p| missing_keys[p]).collect();
+            let found = disk.get_many(&keys, &slot.device);
+            let mut rest = Vec::new();
+            for (&p, f) in todo.iter().zip(found) {
+                match f.and_then(ItemEncoding::from_tensors) {
+                    Some(e) => {
+                        cache.insert(missing_keys[p], e.clone());
+                        values[missing[p]] = Some(e);
+                        stats.disk_hits += slot_of.iter().filter(|&&s| s == missing[p]).count();
+                    }
+                    None => rest.push(p),
+                }
+            }
+            todo = rest;
+        }
         if !todo.is_empty() {
             let positions: Vec<usize> = todo.iter().map(|&p| first_item[missing[p]]).collect();
             match run_encoder(slot, &items, Some(&positions)) {
@@ -903,6 +1028,16 @@ fn encode_modality(slot: &Slot, mut items: RawInputs, ids: Option<Vec<String>>) 
                     stats.encoded = todo.len();
                     stats.preprocess_ms = ms(pre);
                     stats.encode_ms = ms(enc);
+                    if let Some(disk) = &slot.disk {
+                        let entries: Vec<(ContentKey, Vec<Tensor>)> = todo
+                            .iter()
+                            .zip(&encs)
+                            .map(|(&p, e)| (missing_keys[p], e.tensors()))
+                            .collect();
+                        // A failed write costs only the disk copy (counted in its
+                        // stats); the call goes on from memory.
+                        let _ = disk.put_many(&entries);
+                    }
                     for (&p, e) in todo.iter().zip(&encs) {
                         cache.insert(missing_keys[p], e.clone());
                         values[missing[p]] = Some(e.clone());

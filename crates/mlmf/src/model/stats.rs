@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::cache::CacheStats;
+use crate::cache::{CacheStats, DiskStats};
 
 /// How many recent samples a latency window keeps.
 const WINDOW: usize = 4096;
@@ -135,8 +135,10 @@ pub struct ModelStats {
     pub total: LatencySummary,
     pub fusion_cache: Option<CacheStats>,
     pub attention_cache: Option<CacheStats>,
-    /// Bytes held by every cache together.
+    /// Bytes held by every in-memory cache together.
     pub cached_bytes: u64,
+    /// The on-disk tier, when configured.
+    pub disk: Option<DiskStats>,
 }
 
 /// What one call did, in its output.
@@ -155,8 +157,10 @@ pub struct CallStats {
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct CallModality {
     pub items: usize,
-    /// Items served from the cache.
+    /// Items served from the in-memory cache.
     pub hits: usize,
+    /// Items read from the on-disk tier.
+    pub disk_hits: usize,
     /// Items this call waited for another call to compute.
     pub shared: usize,
     /// Items this call encoded.

@@ -434,3 +434,27 @@ fn load_async_on_tokio() {
         .unwrap();
     assert_eq!(model.modalities().len(), 3);
 }
+
+#[test]
+fn the_disk_tier_serves_a_fresh_model() {
+    let dir = std::env::temp_dir().join(format!("mlmf-model-disk-{}", std::process::id()));
+    let mut c = config();
+    c.cache.disk = Some(crate::config::DiskCacheConfig {
+        path: dir.join("cache.redb"),
+    });
+    let first = load(c.clone());
+    let a = first.infer(full_input()).unwrap();
+    assert_eq!(first.stats().disk.unwrap().writes, 7);
+    drop(first);
+    let second = load(c);
+    let b = second.infer(full_input()).unwrap();
+    for m in ["text", "image", "audio"] {
+        let s = &b.stats.modalities[m];
+        assert_eq!(s.encoded, 0, "{m}");
+        assert_eq!(s.disk_hits, 3, "{m}");
+    }
+    assert_eq!(max_diff(&a.fused, &b.fused), 0.0);
+    let (entries, bad) = second.disk_cache().unwrap().verify().unwrap();
+    assert_eq!((entries, bad), (7, 0));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -103,10 +103,14 @@ pub(crate) fn to_py<'py>(
 }
 
 pub(crate) fn from_py(obj: &Bound<'_, PyAny>) -> PyResult<serde_json::Value> {
-    let text: String = obj
-        .py()
+    let py = obj.py();
+    // Paths (pathlib.Path, os.PathLike) become strings.
+    let kwargs = pyo3::types::PyDict::new(py);
+    kwargs.set_item("default", py.import("os")?.getattr("fspath")?)?;
+    let text: String = py
         .import("json")?
-        .call_method1("dumps", (obj,))?
+        .call_method("dumps", (obj,), Some(&kwargs))
+        .map_err(|e| MlmfError::config("", format!("not a config: {e}")))?
         .extract()?;
     serde_json::from_str(&text).map_err(|e| MlmfError::config("", e.to_string()).into())
 }

@@ -648,6 +648,7 @@ fn register_encoder_py(
                     Modality::Text => ProcessorKind::Text {
                         max_length: None,
                         pad_to_max_length: false,
+                        max_tokens: None,
                     },
                     Modality::Image => ProcessorKind::Image {
                         height: 0,

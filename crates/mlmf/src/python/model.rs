@@ -21,6 +21,23 @@ use crate::model::{MultiModalInput, MultiModalModel, MultiModalOutput};
 use crate::preprocess::audio::AudioInput;
 use crate::preprocess::image::ImageInput;
 
+/// A byte count from an int or a string such as `"256 MiB"`.
+fn byte_size(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if let Ok(n) = obj.extract::<u64>() {
+        return Ok(n);
+    }
+    let s: String = obj.extract().map_err(|_| {
+        PyErr::from(MlmfError::config(
+            "budget",
+            "expected bytes as an int or a string like \"256 MiB\"",
+        ))
+    })?;
+    let b: crate::config::ByteSize = s
+        .parse()
+        .map_err(|e: MlmfError| PyErr::from(MlmfError::config("budget", e.to_string())))?;
+    Ok(b.0)
+}
+
 /// A config from a `MultiModalConfig`, a file path or a dict.
 fn config_arg(obj: &Bound<'_, PyAny>) -> PyResult<MultiModalConfig> {
     if let Ok(c) = obj.extract::<PyMultiModalConfig>() {
@@ -415,9 +432,58 @@ impl PyMultiModalModel {
         self.inner.reset_stats();
     }
 
-    /// Drops every cached entry.
-    fn clear_cache(&self) {
+    /// Drops every cached entry in memory; with `disk=True` the on-disk tier's too.
+    #[pyo3(signature = (*, disk=false))]
+    fn clear_cache(&self, py: Python<'_>, disk: bool) -> PyResult<()> {
         self.inner.clear_cache();
+        if disk {
+            let model = self.inner.clone();
+            detached(py, move || match model.disk_cache() {
+                Some(d) => d.clear(),
+                None => Ok(()),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Changes the total memory of the in-memory caches (bytes, or `"256 MiB"`); when it
+    /// shrinks, modalities of lower `cache.modalities.<m>.priority` give up memory
+    /// first. Entries that no longer fit are dropped now.
+    fn set_cache_budget(&self, total: &Bound<'_, PyAny>) -> PyResult<()> {
+        let bytes = byte_size(total)?;
+        Ok(self.inner.set_cache_budget(bytes)?)
+    }
+
+    /// Sets one modality's cache budget (bytes or `"64 MiB"`).
+    fn set_modality_budget(
+        &self,
+        modality: &Bound<'_, PyAny>,
+        bytes: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let m = modality_arg(modality)?;
+        Ok(self.inner.set_modality_budget(m, byte_size(bytes)?)?)
+    }
+
+    /// `{cache name: budget in bytes}` for every in-memory cache.
+    fn cache_budgets(&self) -> std::collections::BTreeMap<String, u64> {
+        self.inner.cache_budgets()
+    }
+
+    /// Reads every entry of the on-disk tier and checks it:
+    /// `{"entries": n, "corrupt": n}` (`None` without a disk tier).
+    fn check_disk_cache<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let model = self.inner.clone();
+        let counts = detached(py, move || {
+            model.disk_cache().map(|d| d.verify()).transpose()
+        })?;
+        counts
+            .map(|(entries, corrupt)| {
+                let d = PyDict::new(py);
+                d.set_item("entries", entries)?;
+                d.set_item("corrupt", corrupt)?;
+                Ok(d)
+            })
+            .transpose()
     }
 
     fn __repr__(&self) -> String {
