@@ -153,7 +153,9 @@ def demo(args: argparse.Namespace) -> int:
     avg = weights[0].mean(axis=0)
     mask = first.tokens["text"]["mask"][0].astype(bool)
     avg = avg[mask]
-    tp = mlmf.TextProcessor.from_pretrained(config["modalities"]["text"]["model"])
+    # The model truncates to its text tower's positions: label with the same limit.
+    width = int(first.tokens["text"]["mask"].shape[1])
+    tp = mlmf.TextProcessor.from_pretrained(config["modalities"]["text"]["model"], max_length=width)
     ids = tp([texts[0]])["input_ids"][0][: int(mask.sum())]
     labels = [tp.decode([int(i)], False) for i in ids]
     print(f"\n[text->image attention] item 0: {texts[0]!r}", file=out)
