@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import subprocess
@@ -80,3 +81,86 @@ def test_demo_without_the_models_extra(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "bundled tiny CLIP text tower (untrained)" in done.stdout
     assert "identical results: True" in done.stdout
+
+
+MODELS = FIXTURES / "encoders" / "models"
+
+
+def _config(tmp_path):
+    path = tmp_path / "mlmf.toml"
+    path.write_text(
+        f"""
+[modalities.text]
+model = "{MODELS / "st_mean_norm"}"
+[modalities.image]
+model = "{MODELS / "clip_tiny"}"
+[fusion]
+strategy = "attention"
+out_dim = 16
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_encode_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "out.npz"
+    image = str(FIXTURES / "image" / "inputs" / "rgb_640x480.png")
+    args = ["encode", "--config", str(_config(tmp_path)), "-o", str(out)]
+    args += ["--text", "a cat", "--text", "a dog", "--image", image, "--image", image]
+    assert cli.main(args) == 0
+    arrays = np.load(out)
+    assert arrays["embeddings_text"].shape == (2, 32)
+    assert arrays["embeddings_image"].shape == (2, 24)
+    assert arrays["fused"].shape == (2, 16)
+    np.testing.assert_array_equal(arrays["embeddings_image"][0], arrays["embeddings_image"][1])
+    assert "wrote" in capsys.readouterr().out
+    # Unequal counts are refused with a message.
+    bad = ["encode", "--config", str(_config(tmp_path)), "--text", "a", "--image", image]
+    bad += ["--image", image]
+    assert cli.main(bad) == 1
+    assert "same number of items" in capsys.readouterr().err
+
+
+def test_encode_an_input_list_with_mixed_rows(tmp_path, capsys):
+    image = FIXTURES / "image" / "inputs" / "rgb_640x480.png"
+    rows = [
+        {"id": "a", "text": "first", "image": str(image)},
+        {"id": "b", "text": "second", "image": str(image)},
+        {"id": "c", "text": "third only"},
+        {"id": "d", "text": "fourth", "image": str(image)},
+    ]
+    listing = tmp_path / "rows.jsonl"
+    listing.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out.npz"
+    args = ["encode", "--config", str(_config(tmp_path)), "--input-list", str(listing)]
+    assert cli.main([*args, "--batch-size", "2", "-o", str(out)]) == 0
+    arrays = np.load(out)
+    assert list(arrays["ids"]) == ["a", "b", "c", "d"]
+    assert arrays["fused"].shape == (4, 16) and not np.isnan(arrays["fused"]).any()
+    assert list(arrays["present_image"]) == [True, True, False, True]
+    assert np.isnan(arrays["embeddings_image"][2]).all()
+    # The progress line went to stderr.
+    assert "4/4" in capsys.readouterr().err
+    listing.write_text('{"txt": "x"}\n', encoding="utf-8")
+    assert cli.main([*args, "-o", str(out)]) == 1
+    assert "unknown keys" in capsys.readouterr().err
+
+
+def test_inspect(capsys):
+    assert cli.main(["inspect", str(MODELS / "clip_tiny")]) == 0
+    out = capsys.readouterr().out
+    assert "encoder        image: clip, hidden size 32, embedding width 24" in out
+    assert "encoder        text: clip" in out
+    assert cli.main(["inspect", "--json", str(MODELS / "whisper_tiny")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["encoders"]["audio"]["model_type"] == "whisper"
+    assert info["processors"]["audio"]["feature_size"] == 80
+    assert cli.main(["inspect", str(MODELS / "bin_only")]) == 1
+    assert "pickled" in capsys.readouterr().out
+
+
+def test_bench(capsys):
+    assert cli.main(["bench", "--rounds", "1", "--iterations", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "uncached call" in out and "cached call" in out and "speed-up" in out

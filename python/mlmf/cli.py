@@ -8,11 +8,18 @@
     heatmap PNG), timings, and a second call served from the cache.
 ``mlmf preprocess MODALITY INPUT...``
     run one modality's processor on files and save the arrays to an ``.npz``.
+``mlmf encode --config mlmf.toml --image a.jpg --text "..." -o out.npz``
+    embed inputs (or ``--input-list rows.jsonl``, with a progress bar) with a model.
+``mlmf inspect DIR``
+    what a checkpoint folder is, and which encoder and processor mlmf picks for it.
+``mlmf bench``
+    time the demo model: uncached and cached calls, per-modality stages.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -244,6 +251,269 @@ def preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+MODALITIES = ("text", "image", "audio", "video")
+
+
+class Progress:
+    """A progress line on stderr (tqdm when installed)."""
+
+    def __init__(self, total: int, unit: str = "rows", enabled: bool = True) -> None:
+        self.total, self.unit, self.done, self.enabled = total, unit, 0, enabled
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm  # type: ignore[import-untyped]
+
+                self.bar = tqdm(total=total, unit=unit, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        print(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+            f"{self.unit} ({rate:.1f}/s)",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+def _read_rows(args: argparse.Namespace) -> list[dict]:
+    """Rows of an encode job: one from the command line, or one per line of a JSONL
+    file (keys: text, image, audio, video, and an optional id)."""
+    if args.input_list:
+        rows = []
+        base = Path(args.input_list).resolve().parent
+        with open(args.input_list, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise mlmf.InputError(f"{args.input_list} line {n}: not JSON: {e}") from e
+                if not isinstance(row, dict):
+                    raise mlmf.InputError(f"{args.input_list} line {n}: expected an object")
+                unknown = set(row) - {*MODALITIES, "id"}
+                if unknown:
+                    raise mlmf.InputError(
+                        f"{args.input_list} line {n}: unknown keys {sorted(unknown)}; "
+                        f"expected {', '.join(MODALITIES)} and id"
+                    )
+                for m in ("image", "audio", "video"):
+                    if m in row and not Path(row[m]).is_absolute():
+                        row[m] = str(base / row[m])
+                rows.append(row)
+        return rows
+    given = {m: getattr(args, m) for m in MODALITIES if getattr(args, m)}
+    if not given:
+        raise mlmf.InputError(
+            "nothing to encode: give --text/--image/--audio/--video or --input-list"
+        )
+    counts = {len(v) for v in given.values()}
+    if len(counts) != 1:
+        raise mlmf.InputError(
+            "every modality needs the same number of items (row i of each belongs together), "
+            f"got {', '.join(f'{m}: {len(v)}' for m, v in given.items())}"
+        )
+    n = counts.pop()
+    return [{m: v[i] for m, v in given.items()} for i in range(n)]
+
+
+def encode(args: argparse.Namespace) -> int:
+    model = mlmf.MultiModalModel.load(args.config)
+    rows = _read_rows(args)
+    have = {m.name for m in model.modalities}
+    for i, row in enumerate(rows):
+        missing = set(row) - {"id"} - have
+        if missing:
+            raise mlmf.InputError(
+                f"row {i}: the model has no {', '.join(sorted(missing))} modality "
+                f"(it has {', '.join(sorted(have))})"
+            )
+    n = len(rows)
+    results: dict[str, np.ndarray] = {}
+    present: dict[str, np.ndarray] = {}
+    progress = Progress(n, enabled=not args.quiet)
+    i = 0
+    while i < n:
+        # A batch: consecutive rows carrying the same modalities.
+        keys = sorted(k for k in rows[i] if k != "id")
+        j = i
+        while j < n and j - i < args.batch_size and sorted(k for k in rows[j] if k != "id") == keys:
+            j += 1
+        batch = rows[i:j]
+        inputs = {m: [r[m] for r in batch] for m in keys}
+        ids = {m: [f"{r['id']}:{m}" for r in batch] for m in keys} if "id" in batch[0] else None
+        out = model.infer(**inputs, ids=ids)
+        arrays = {f"embeddings_{m}": e for m, e in out.embeddings.items()}
+        arrays["fused"] = out.fused
+        for m, g in (out.gates or {}).items():
+            arrays[f"gates_{m}"] = g
+        for name, a in arrays.items():
+            if name not in results:
+                results[name] = np.full((n, *a.shape[1:]), np.nan, dtype=np.float32)
+                present[name] = np.zeros(n, dtype=bool)
+            results[name][i:j] = a
+            present[name][i:j] = True
+        progress.update(j - i)
+        i = j
+    progress.close()
+    for name in list(results):
+        if name.startswith("embeddings_") and not present[name].all():
+            results[f"present_{name[len('embeddings_') :]}"] = present[name]
+    if any("id" in r for r in rows):
+        results["ids"] = np.array([str(r.get("id", "")) for r in rows])
+    np.savez(args.output, **results)
+    if not args.quiet:
+        for k, v in results.items():
+            print(f"{k}: {_describe(np.asarray(v)) if v.dtype.kind == 'f' else v.dtype}")
+        stats = model.stats()
+        hits = sum(s["cache"]["hits"] for s in stats["modalities"].values() if s["cache"])
+        print(f"{n} rows, {stats['calls']} calls, {hits} cache hits; wrote {args.output}")
+    return 0
+
+
+def _checkpoint_summary(path: Path) -> dict:
+    """What a checkpoint folder is and what mlmf makes of it."""
+    info: dict = {"path": str(path)}
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise mlmf.ModelLoadError(f"{path}: no config.json: not a Hugging Face checkpoint folder")
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    info["model_type"] = cfg.get("model_type")
+    info["architectures"] = cfg.get("architectures", [])
+    files = sorted(p.name for p in path.iterdir() if p.is_file())
+    weights = [f for f in files if f.endswith(".safetensors")]
+    info["weights"] = {f: (path / f).stat().st_size for f in weights}
+    info["pickled_weights"] = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    info["sentence_transformers"] = (path / "modules.json").is_file()
+    encoders = {}
+    for modality in (None, *MODALITIES[:3]):
+        try:
+            enc = mlmf.Encoder.from_pretrained(path, modality=modality)
+        except mlmf.MlmfError as e:
+            if modality is None:
+                info["error"] = str(e)
+            continue
+        encoders[enc.modality] = {
+            "model_type": enc.model_type,
+            "hidden_size": enc.hidden_size,
+            "output_dim": enc.output_dim,
+        }
+    info["encoders"] = encoders
+    processors = {}
+    if (path / "tokenizer.json").is_file():
+        tp = mlmf.TextProcessor.from_pretrained(path)
+        processors["text"] = {
+            "processor": "TextProcessor",
+            "vocab_size": tp.vocab_size,
+            "model_max_length": tp.model_max_length,
+        }
+    pre = path / "preprocessor_config.json"
+    if pre.is_file():
+        kind = json.loads(pre.read_text(encoding="utf-8"))
+        name = kind.get("image_processor_type") or kind.get("feature_extractor_type") or "?"
+        if "image" in encoders:
+            processors["image"] = {
+                "processor": "ImageProcessor",
+                "reference": name,
+                **mlmf.ImageProcessor.from_pretrained(path).config,
+            }
+        if "audio" in encoders:
+            processors["audio"] = {
+                "processor": "AudioProcessor",
+                "reference": name,
+                **mlmf.AudioProcessor.from_pretrained(path).config,
+            }
+    info["processors"] = processors
+    return info
+
+
+def inspect(args: argparse.Namespace) -> int:
+    info = _checkpoint_summary(Path(args.path))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0 if info["encoders"] else 1
+    print(f"{info['path']}")
+    arch = ", ".join(info["architectures"]) or "none listed"
+    print(f"  model_type     {info['model_type']} (architectures: {arch})")
+    total = sum(info["weights"].values())
+    print(f"  weights        {len(info['weights'])} safetensors file(s), {total / 2**20:.1f} MiB")
+    if info["pickled_weights"]:
+        names = ", ".join(info["pickled_weights"])
+        print(f"  refused        {names} (pickled; convert to safetensors)")
+    if info["sentence_transformers"]:
+        print("  layout         sentence-transformers (modules.json: pooling, normalisation)")
+    if not info["encoders"]:
+        print(f"  encoder        none: {info.get('error', 'not supported')}")
+        return 1
+    for m, e in info["encoders"].items():
+        print(
+            f"  encoder        {m}: {e['model_type']}, hidden size {e['hidden_size']}, "
+            f"embedding width {e['output_dim']}"
+        )
+    for m, p in info["processors"].items():
+        extra = {k: v for k, v in p.items() if k not in ("processor",)}
+        shown = ", ".join(f"{k}={v}" for k, v in list(extra.items())[:8])
+        print(f"  processor      {m}: {p['processor']} ({shown})")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Timings of the demo model on this machine: uncached and cached calls (no
+    competitor here: `make bench` runs the side-by-side comparisons)."""
+    config, _ = demo_config()
+    inputs = demo_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mlmf.MultiModalModel.load(config)
+    rate = inputs.pop("sampling_rate")
+    cold = []
+    for _ in range(args.rounds):
+        model.clear_cache()
+        t0 = time.perf_counter()
+        model.infer(**inputs, sampling_rate=rate)
+        cold.append(time.perf_counter() - t0)
+    model.infer(**inputs, sampling_rate=rate)
+    n = args.iterations
+    t0 = time.perf_counter()
+    for _ in range(n):
+        model.infer(**inputs, sampling_rate=rate)
+    warm = (time.perf_counter() - t0) / n
+    rows = len(inputs["text"])
+    stats = model.stats()
+    print(
+        f"mlmf {mlmf.__version__} bench: {model} on {rows} items per call, "
+        f"threads {os.environ.get('RAYON_NUM_THREADS', os.cpu_count())}"
+    )
+    print(
+        f"  uncached call  median {1e3 * float(np.median(cold)):.1f} ms over {args.rounds} rounds"
+    )
+    print(f"  cached call    {1e6 * warm:.0f} us ({n} calls)")
+    print(f"  speed-up       {float(np.median(cold)) / warm:.0f}x")
+    print("  per modality (uncached batches): preprocess p50 / encode p50 ms")
+    for m, s in stats["modalities"].items():
+        print(f"    {m:6s} {s['preprocess']['p50_ms']:8.2f} / {s['encode']['p50_ms']:8.2f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlmf", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"mlmf {mlmf.__version__}")
@@ -263,6 +533,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--num-frames", type=int, default=8, help="frames per video")
     p.add_argument("-o", "--output", default="preprocessed.npz")
     p.set_defaults(func=preprocess)
+    p = sub.add_parser("encode", help="embed inputs with a model config and save an .npz")
+    p.add_argument("--config", required=True, help="mlmf.toml / .yaml / .json")
+    for m in MODALITIES:
+        p.add_argument(f"--{m}", action="append", help=f"a {m} input (repeat for a batch)")
+    p.add_argument(
+        "--input-list", help="JSONL file, one row per line: {text, image, audio, video, id}"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="rows per call (default 16)")
+    p.add_argument("-o", "--output", default="embeddings.npz")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    p.set_defaults(func=encode)
+    p = sub.add_parser("inspect", help="what a checkpoint folder is and how mlmf loads it")
+    p.add_argument("path", help="checkpoint folder (config.json, *.safetensors, ...)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=inspect)
+    p = sub.add_parser("bench", help="time the model pipeline (uncached vs cached calls)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=200, help="cached calls to time")
+    p.set_defaults(func=bench)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
