@@ -304,18 +304,35 @@ def test_video_through_the_model() -> None:
 def test_many_threads_share_one_model() -> None:
     model = load()
     texts = [f"sentence number {i}" for i in range(20)]
-    want = {t: model.infer(text=[t]).embeddings["text"][0] for t in texts}
+    images = [np.full((30 + i, 40, 3), 20 * i, np.uint8) for i in range(6)]
+
+    def call(kind: int, i: int, j: int) -> mlmf.MultiModalOutput:
+        if kind == 0:
+            return model.infer(text=[texts[i]])
+        if kind == 1:
+            return model.infer(image=[images[j]])
+        return model.infer(text=[texts[i], texts[-1 - i]], image=[images[j], images[-1 - j]])
+
+    # Single-threaded results of every call, with a cold cache each time.
+    want = {}
+    for kind in range(3):
+        for i in range(len(texts)):
+            for j in range(len(images)):
+                model.clear_cache()
+                want[kind, i, j] = call(kind, i, j).fused
+    model.clear_cache()
     model.reset_stats()
     errors: list[BaseException] = []
 
     def work(seed: int) -> None:
         rng = np.random.default_rng(seed)
         try:
-            for _ in range(500):
-                t = texts[int(rng.integers(len(texts)))]
-                got = model.infer(text=[t]).embeddings["text"][0]
-                if not np.array_equal(got, want[t]):
-                    raise AssertionError(f"wrong embedding for {t!r}")
+            for n in range(500):
+                kind, i, j = int(rng.integers(3)), int(rng.integers(20)), int(rng.integers(6))
+                got = call(kind, i, j).fused
+                np.testing.assert_allclose(got, want[kind, i, j], rtol=0, atol=1e-6)
+                if n % 100 == 99:
+                    model.clear_cache()  # back to misses now and then
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -323,11 +340,33 @@ def test_many_threads_share_one_model() -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "deadlock: a thread did not finish"
     assert not errors, errors[0]
     stats = model.stats()
     assert stats["calls"] == 8 * 500
-    assert stats["modalities"]["text"]["encoded"] == 0
+    assert stats["modalities"]["text"]["encoded"] < stats["modalities"]["text"]["items"]
+
+
+def test_other_preprocessing_settings_miss(tmp_path: Path) -> None:
+    def model(max_length: int) -> mlmf.MultiModalModel:
+        text = {"model": str(MODELS / "st_mean_norm"), "preprocessing": {"max_length": max_length}}
+        return load(
+            {
+                "modalities": {"text": text},
+                "fusion": {"strategy": "late"},
+                "cache": {"disk": {"path": str(tmp_path / "c.redb")}},
+            }
+        )
+
+    long = ["a sentence that is longer than five tokens for sure"]
+    first = model(5).infer(text=long)
+    other = model(8).infer(text=long)
+    assert other.stats["modalities"]["text"]["disk_hits"] == 0
+    assert not np.array_equal(first.embeddings["text"], other.embeddings["text"])
+    same = model(5).infer(text=long)
+    assert same.stats["modalities"]["text"]["disk_hits"] == 1
+    np.testing.assert_array_equal(first.embeddings["text"], same.embeddings["text"])
 
 
 def test_concurrent_identical_calls_compute_once() -> None:
