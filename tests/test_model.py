@@ -439,3 +439,36 @@ def test_cache_budgets_change_at_run_time_by_priority() -> None:
     assert model.cache_budgets()["text"] == 2048
     with pytest.raises(mlmf.ConfigError):
         model.set_cache_budget("lots")
+
+
+def test_custom_modalities_take_embeddings() -> None:
+    cfg = config()
+    cfg["modalities"]["custom:3"] = {"dim": 6}
+    model = load(cfg)
+    assert model.encoders["custom:3"] == ("given", 6, 6)
+    emb = np.arange(12, dtype=np.float32).reshape(2, 6)
+    out = model.infer(text=TEXTS, custom_3=emb)
+    np.testing.assert_array_equal(out.embeddings["custom:3"], emb)
+    same = model.infer(text=TEXTS, embeddings={"custom:3": emb})
+    np.testing.assert_array_equal(out.fused, same.fused)
+    assert same.stats["fusion_cached"]
+    # Token states with a mask: pooled by the masked mean.
+    tokens = np.ones((2, 4, 6), np.float32)
+    tokens[:, 2:] = 100.0
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]])
+    got = model.infer(custom_3=(tokens, mask)).embeddings["custom:3"]
+    np.testing.assert_allclose(got[0], 1.0)
+    np.testing.assert_allclose(got[1], 34.0)
+    # Precomputed image embeddings bypass the image encoder.
+    pooled = model.infer(image=IMAGES).embeddings["image"]
+    again = model.infer(text=TEXTS, embeddings={"image": pooled})
+    np.testing.assert_array_equal(again.embeddings["image"], pooled)
+    with pytest.raises(mlmf.InputError, match="6 wide"):
+        model.infer(custom_3=np.zeros((2, 5), np.float32))
+    with pytest.raises(mlmf.ConfigError, match="custom_N"):
+        model.infer(text=TEXTS, colour=emb)
+    with pytest.raises(mlmf.InputError, match="ids were given"):
+        model.infer(text=TEXTS, custom_3=emb, ids={"custom:3": ["a", "b"]})
+    loader = mlmf.MultiModalLoader({"fusion": {"strategy": "late"}})
+    only = loader.with_given_modality(mlmf.Modality.custom(1), 4).load()
+    assert only.infer(custom_1=np.ones((3, 4), np.float32)).fused.shape == (3, 4)

@@ -7,7 +7,7 @@ use crate::config::MultiModalConfig;
 use crate::encoders::{Encoder, EncoderOptions, VideoPooling};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
-use crate::model::{MultiModalModel, Parts};
+use crate::model::{MultiModalModel, Parts, Producer};
 
 /// Loads a [`MultiModalModel`]: one encoder per configured modality (their checkpoints
 /// read concurrently), the fusion layer and the attention layers.
@@ -36,7 +36,17 @@ impl MultiModalLoader {
 
     /// Sets (or adds) the checkpoint directory of `modality`.
     pub fn with_modality_path(mut self, modality: Modality, dir: impl Into<PathBuf>) -> Self {
-        self.config.modalities.entry(modality).or_default().model = Some(dir.into());
+        let m = self.config.modalities.entry(modality).or_default();
+        m.model = Some(dir.into());
+        m.dim = None;
+        self
+    }
+
+    /// Adds a modality whose embeddings (`dim` wide) the caller passes to `infer`.
+    pub fn with_given_modality(mut self, modality: Modality, dim: usize) -> Self {
+        let m = self.config.modalities.entry(modality).or_default();
+        m.model = None;
+        m.dim = Some(dim);
         self
     }
 
@@ -63,35 +73,38 @@ impl MultiModalLoader {
             ));
         }
         let device = config.device.open()?;
-        let jobs: Vec<(Modality, EncoderOptions, PathBuf)> = config
-            .modalities
-            .iter()
-            .map(|(m, mc)| {
-                let at = format!("modalities.{m}");
-                if let Modality::Custom(_) = m {
-                    return Err(MlmfError::config(
-                        at,
-                        "custom modalities have no built-in processor; encode them yourself \
-                         and fuse with mlmf::fusion::Fusion",
-                    ));
-                }
-                let dir = mc.model.clone().ok_or_else(|| {
-                    MlmfError::config(
-                        format!("{at}.model"),
-                        "no checkpoint directory: set `model` or call with_modality_path",
-                    )
-                })?;
-                let options = EncoderOptions {
-                    modality: Some(*m),
-                    device: config.device,
-                    precision: config.dtype,
-                    video_pooling: self.video_pooling,
-                    video: None,
-                    preprocessing: mc.preprocessing.clone(),
-                };
-                Ok((*m, options, dir))
-            })
-            .collect::<Result<_>>()?;
+        let mut given = Vec::new();
+        let mut jobs: Vec<(Modality, EncoderOptions, PathBuf)> = Vec::new();
+        for (m, mc) in &config.modalities {
+            let at = format!("modalities.{m}");
+            if let (Some(dim), None) = (mc.dim, &mc.model) {
+                given.push(Producer::Given(*m, dim));
+                continue;
+            }
+            if let Modality::Custom(_) = m {
+                return Err(MlmfError::config(
+                    format!("{at}.dim"),
+                    "a custom modality has no built-in processor: set `dim`, the width of \
+                     the embeddings you pass to infer",
+                ));
+            }
+            let dir = mc.model.clone().ok_or_else(|| {
+                MlmfError::config(
+                    format!("{at}.model"),
+                    "no checkpoint directory: set `model` (or `dim` to pass embeddings \
+                     yourself), or call with_modality_path",
+                )
+            })?;
+            let options = EncoderOptions {
+                modality: Some(*m),
+                device: config.device,
+                precision: config.dtype,
+                video_pooling: self.video_pooling,
+                video: None,
+                preprocessing: mc.preprocessing.clone(),
+            };
+            jobs.push((*m, options, dir));
+        }
         let loaded: Vec<Result<Encoder>> = std::thread::scope(|s| {
             let handles: Vec<_> = jobs
                 .iter()
@@ -113,10 +126,14 @@ impl MultiModalLoader {
                 })
                 .collect()
         });
-        let encoders = loaded.into_iter().collect::<Result<Vec<_>>>()?;
+        let mut producers = loaded
+            .into_iter()
+            .map(|e| e.map(Producer::Encoder))
+            .collect::<Result<Vec<_>>>()?;
+        producers.extend(given);
         MultiModalModel::assemble(Parts {
             config,
-            encoders,
+            producers,
             device,
         })
     }

@@ -29,6 +29,7 @@ fn every_config_field_is_documented() {
             model: Some("m".into()),
             enabled: true,
             preprocessing: PreprocessingConfig::default(),
+            dim: Some(8),
         },
     );
     cfg.distributed = Some(Default::default());

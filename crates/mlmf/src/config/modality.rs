@@ -24,6 +24,10 @@ pub struct ModalityConfig {
     pub enabled: bool,
     /// Processor settings overriding the checkpoint's own.
     pub preprocessing: PreprocessingConfig,
+    /// For a modality without a checkpoint: the width of the embeddings a caller
+    /// passes to `infer` directly (`[B, dim]` or `[B, T, dim]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dim: Option<usize>,
 }
 
 impl Default for ModalityConfig {
@@ -32,6 +36,7 @@ impl Default for ModalityConfig {
             model: None,
             enabled: true,
             preprocessing: PreprocessingConfig::default(),
+            dim: None,
         }
     }
 }
@@ -39,6 +44,17 @@ impl Default for ModalityConfig {
 impl ModalityConfig {
     /// Checks the processor overrides against the modality's processor.
     pub fn validate(&self, modality: Modality) -> Result<()> {
+        match (self.dim, &self.model) {
+            (Some(0), _) => return Err(MlmfError::config("dim", "must be at least 1")),
+            (Some(_), Some(_)) => {
+                return Err(MlmfError::config(
+                    "dim",
+                    "set `model` (a checkpoint encodes raw inputs) or `dim` (embeddings are \
+                     given), not both",
+                ))
+            }
+            _ => {}
+        }
         self.preprocessing
             .validate(modality)
             .map_err(|e| e.under("preprocessing"))

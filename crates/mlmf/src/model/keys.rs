@@ -28,6 +28,11 @@ impl KeySpace<'_> {
         ContentKey::of_bytes(self.modality, self.model_id, self.fingerprint, bytes)
     }
 
+    /// The key of one item of given embeddings: its shape, values and mask.
+    pub fn given(&self, shape: &[usize], values: &[u8], mask: &[u8]) -> ContentKey {
+        self.parts(&[b"given", &shape_bytes(shape), values, mask])
+    }
+
     pub fn id(&self, id: &str) -> ContentKey {
         ContentKey::of_id(self.modality, self.model_id, self.fingerprint, id)
     }

@@ -107,6 +107,10 @@ pub struct MultiModalInput {
     /// Caller-chosen ids per modality (one per item), used as cache keys instead of the
     /// content; an id must change when its item does.
     pub ids: BTreeMap<Modality, Vec<String>>,
+    /// Embeddings given directly, per modality: `[B, D]` pooled or `[B, T, D]` tokens
+    /// with an optional `[B, T]` 0/1 mask. For modalities configured with `dim` (no
+    /// checkpoint), and to bypass an encoder with embeddings computed elsewhere.
+    pub embeddings: BTreeMap<Modality, ModalityInput>,
     /// Compute the cross-modal attention maps (and the fusion's own, for `early` and
     /// `middle`).
     pub return_attention: bool,
@@ -153,7 +157,10 @@ pub struct MultiModalOutput {
 /// One modality of a model.
 struct Slot {
     modality: Modality,
-    encoder: Encoder,
+    /// `None` for a modality whose embeddings the caller gives.
+    encoder: Option<Encoder>,
+    /// `(pooled width, token width)`.
+    widths: (usize, usize),
     enabled: AtomicBool,
     model_id: String,
     fingerprint: Fingerprint,
@@ -204,10 +211,36 @@ impl std::fmt::Debug for MultiModalModel {
     }
 }
 
+/// Where a modality's embeddings come from.
+#[derive(Debug, Clone)]
+pub(crate) enum Producer {
+    /// A checkpoint's encoder, on raw inputs.
+    Encoder(Encoder),
+    /// Embeddings the caller computes, this wide (`modalities.<m>.dim`).
+    Given(Modality, usize),
+}
+
+impl Producer {
+    fn modality(&self) -> Modality {
+        match self {
+            Self::Encoder(e) => e.modality(),
+            Self::Given(m, _) => *m,
+        }
+    }
+
+    /// `(pooled width, token width)`.
+    fn widths(&self) -> (usize, usize) {
+        match self {
+            Self::Encoder(e) => (e.model().output_dim(), e.model().hidden_size()),
+            Self::Given(_, d) => (*d, *d),
+        }
+    }
+}
+
 /// The parts [`crate::loader::MultiModalLoader`] hands over.
 pub(crate) struct Parts {
     pub config: MultiModalConfig,
-    pub encoders: Vec<Encoder>,
+    pub producers: Vec<Producer>,
     pub device: Device,
 }
 
@@ -228,20 +261,21 @@ impl MultiModalModel {
     pub(crate) fn assemble(parts: Parts) -> Result<Self> {
         let Parts {
             config,
-            encoders,
+            mut producers,
             device,
         } = parts;
+        producers.sort_by_key(Producer::modality);
         let fcfg = &config.fusion;
         let level = fcfg.level();
-        let dims: Vec<(Modality, usize)> = encoders
+        let dims: Vec<(Modality, usize)> = producers
             .iter()
-            .map(|e| {
-                let m = e.model();
+            .map(|p| {
+                let (pooled, tokens) = p.widths();
                 let width = match level {
-                    FusionLevel::Pooled => m.output_dim(),
-                    FusionLevel::Tokens => m.hidden_size(),
+                    FusionLevel::Pooled => pooled,
+                    FusionLevel::Tokens => tokens,
                 };
-                (e.modality(), width)
+                (p.modality(), width)
             })
             .collect();
         let out_dim = fcfg
@@ -270,10 +304,10 @@ impl MultiModalModel {
         let acfg = &config.cross_modal_attention;
         for (i, pair) in acfg.pairs.iter().enumerate() {
             let width = |m: Modality| {
-                encoders
+                producers
                     .iter()
-                    .find(|e| e.modality() == m)
-                    .map(|e| e.model().hidden_size())
+                    .find(|p| p.modality() == m)
+                    .map(|p| p.widths().1)
                     .ok_or_else(|| {
                         MlmfError::config(
                             format!("cross_modal_attention.pairs.{i}"),
@@ -304,7 +338,7 @@ impl MultiModalModel {
             });
         }
 
-        let order: Vec<Modality> = encoders.iter().map(Encoder::modality).collect();
+        let order: Vec<Modality> = producers.iter().map(Producer::modality).collect();
         let side_caches = if pairs.is_empty() { 1 } else { 2 };
         let (budgets, side_budget) = config.cache.split(&order, side_caches);
         let disk = match (&config.cache.disk, config.cache.enabled) {
@@ -314,29 +348,39 @@ impl MultiModalModel {
             })?)),
             _ => None,
         };
-        let slots = encoders
+        let slots = producers
             .into_iter()
             .zip(budgets)
-            .map(|(encoder, budget)| {
-                let modality = encoder.modality();
-                let m = encoder.model();
-                let dir = std::fs::canonicalize(encoder.dir())
-                    .unwrap_or_else(|_| encoder.dir().to_path_buf());
-                let model_id = format!(
-                    "{}:{}:{:?}:{}",
-                    m.model_type(),
-                    dir.display(),
-                    m.dtype(),
-                    config.device
-                );
-                let fingerprint = Fingerprint::of(&(
-                    encoder.processor_settings(),
-                    file_identity(Some(&dir.join("config.json"))),
-                ))?;
+            .map(|(producer, budget)| {
+                let modality = producer.modality();
+                let (model_id, fingerprint) = match &producer {
+                    Producer::Encoder(encoder) => {
+                        let m = encoder.model();
+                        let dir = std::fs::canonicalize(encoder.dir())
+                            .unwrap_or_else(|_| encoder.dir().to_path_buf());
+                        let id = format!(
+                            "{}:{}:{:?}:{}",
+                            m.model_type(),
+                            dir.display(),
+                            m.dtype(),
+                            config.device
+                        );
+                        let fp = Fingerprint::of(&(
+                            encoder.processor_settings(),
+                            file_identity(Some(&dir.join("config.json"))),
+                        ))?;
+                        (id, fp)
+                    }
+                    Producer::Given(_, d) => ("given".to_string(), Fingerprint::of(d)?),
+                };
                 let enabled = config.modalities.get(&modality).is_none_or(|c| c.enabled);
                 Ok(Slot {
                     modality,
-                    encoder,
+                    widths: producer.widths(),
+                    encoder: match producer {
+                        Producer::Encoder(e) => Some(e),
+                        Producer::Given(..) => None,
+                    },
                     enabled: AtomicBool::new(enabled),
                     model_id,
                     fingerprint,
@@ -420,9 +464,19 @@ impl MultiModalModel {
         Ok(())
     }
 
-    /// The encoder of `modality`.
+    /// The encoder of `modality` (an error for a modality whose embeddings are given).
     pub fn encoder(&self, modality: Modality) -> Result<&Encoder> {
-        Ok(&self.slot(modality)?.encoder)
+        self.slot(modality)?.encoder.as_ref().ok_or_else(|| {
+            MlmfError::input(
+                modality,
+                "this modality has no encoder: its embeddings are given to infer directly",
+            )
+        })
+    }
+
+    /// `(pooled width, token width)` of `modality`'s embeddings.
+    pub fn widths(&self, modality: Modality) -> Result<(usize, usize)> {
+        Ok(self.slot(modality)?.widths)
     }
 
     /// The fusion layer.
@@ -601,6 +655,7 @@ impl MultiModalModel {
         let MultiModalInput {
             inputs,
             mut ids,
+            embeddings: given,
             return_attention,
         } = input;
         // Check the call's shape before any work.
@@ -649,13 +704,41 @@ impl MultiModalModel {
             }
             work.push((slot, items, item_ids));
         }
+        let mut given_work: Vec<(&Slot, ModalityInput)> = Vec::new();
+        for (m, emb) in given {
+            let slot = self.slot(m)?;
+            if work.iter().any(|(s, _, _)| s.modality == m) || skipped.contains(&m) {
+                return Err(MlmfError::input(
+                    m,
+                    "given both as raw inputs and as embeddings: pass one",
+                ));
+            }
+            let n = emb.states.dims().first().copied().unwrap_or(0);
+            match batch {
+                Some((b, m0)) if b != n => {
+                    return Err(MlmfError::input(
+                        m,
+                        format!(
+                            "{n} items, but {m0} has {b}: every modality of a call needs one \
+                             item per row"
+                        ),
+                    ))
+                }
+                _ => batch = Some((n, m)),
+            }
+            if !slot.enabled.load(Ordering::Relaxed) {
+                skipped.push(m);
+                continue;
+            }
+            given_work.push((slot, emb));
+        }
         if let Some(m) = ids.keys().next() {
             return Err(MlmfError::input(
                 *m,
-                "ids were given for a modality with no inputs",
+                "ids were given for a modality with no raw inputs",
             ));
         }
-        if work.is_empty() {
+        if work.is_empty() && given_work.is_empty() {
             let modality = skipped
                 .first()
                 .copied()
@@ -678,7 +761,9 @@ impl MultiModalModel {
         self.inner.calls.fetch_add(1, Ordering::Relaxed);
 
         // Encode every modality, concurrently when there are several.
-        let results: Vec<Result<Encoded>> = if work.len() == 1 {
+        let results: Vec<Result<Encoded>> = if work.is_empty() {
+            Vec::new()
+        } else if work.len() == 1 {
             let (slot, items, ids) = work
                 .pop()
                 .ok_or_else(|| MlmfError::Internal("no work".into()))?;
@@ -705,7 +790,10 @@ impl MultiModalModel {
                     .collect()
             })
         };
-        let encoded: Vec<Encoded> = results.into_iter().collect::<Result<_>>()?;
+        let mut encoded: Vec<Encoded> = results.into_iter().collect::<Result<_>>()?;
+        for (slot, emb) in given_work {
+            encoded.push(given_items(slot, emb)?);
+        }
 
         let mut stats = CallStats::default();
         let mut embeddings = BTreeMap::new();
@@ -936,6 +1024,100 @@ struct Encoded {
     stats: CallModality,
 }
 
+/// Embeddings a call gives directly, checked and split into items; keyed by their
+/// bytes (for the fusion and attention caches).
+fn given_items(slot: &Slot, emb: ModalityInput) -> Result<Encoded> {
+    let m = slot.modality;
+    let f = ce("given embeddings");
+    let states = emb
+        .states
+        .to_dtype(DType::F32)
+        .and_then(|t| t.to_device(&slot.device))
+        .and_then(|t| t.contiguous())
+        .map_err(&f)?;
+    let (pooled_width, token_width) = slot.widths;
+    let dims = states.dims().to_vec();
+    let (b, t, width, want) = match dims[..] {
+        [b, d] => (b, 1, d, pooled_width),
+        [b, t, d] => (b, t, d, token_width),
+        _ => {
+            return Err(MlmfError::input(
+                m,
+                format!("expected embeddings [B, D] or [B, T, D], got shape {dims:?}"),
+            ))
+        }
+    };
+    if b == 0 || t == 0 {
+        return Err(MlmfError::input(
+            m,
+            format!("expected at least one item and one token, got shape {dims:?}"),
+        ));
+    }
+    if width != want {
+        return Err(MlmfError::input(
+            m,
+            format!("expected embeddings {want} wide, got shape {dims:?}"),
+        ));
+    }
+    let values = states
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(&f)?;
+    if let Some(p) = values.iter().position(|v| !v.is_finite()) {
+        return Err(
+            MlmfError::input(m, "embeddings contain NaN or infinity").at_index(p / (t * width))
+        );
+    }
+    let out = if dims.len() == 2 {
+        EncoderOutput {
+            hidden_states: states.unsqueeze(1).map_err(&f)?,
+            mask: Tensor::ones((b, 1), DType::U8, &slot.device).map_err(&f)?,
+            pooled: states,
+        }
+    } else {
+        let mask = match &emb.mask {
+            Some(mk) => crate::attention::check_mask(mk, b, t, "mask: ", m)?,
+            None => Tensor::ones((b, t), DType::F32, &slot.device).map_err(&f)?,
+        };
+        EncoderOutput {
+            pooled: crate::encoders::layers::masked_mean(&states, &mask)?,
+            mask: mask.to_dtype(DType::U8).map_err(&f)?,
+            hidden_states: states,
+        }
+    };
+    let items = split_items(&out)?;
+    let space = keys::KeySpace {
+        modality: m,
+        model_id: &slot.model_id,
+        fingerprint: &slot.fingerprint,
+    };
+    let row = t * width;
+    let keys = items
+        .iter()
+        .enumerate()
+        .map(|(r, e)| {
+            let mask: Vec<u8> = e.mask.to_vec1::<u8>().map_err(&f)?;
+            Ok(space.given(
+                &dims[1..],
+                bytemuck::cast_slice(&values[r * row..(r + 1) * row]),
+                &mask,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let c = &slot.counters;
+    c.calls.fetch_add(1, Ordering::Relaxed);
+    c.items.fetch_add(b as u64, Ordering::Relaxed);
+    Ok(Encoded {
+        modality: m,
+        keys,
+        items,
+        stats: CallModality {
+            items: b,
+            ..CallModality::default()
+        },
+    })
+}
+
 /// Keys, cache lookups, single flight, then one preprocess + encode batch of the
 /// items nobody has.
 fn encode_modality(slot: &Slot, mut items: RawInputs, ids: Option<Vec<String>>) -> Result<Encoded> {
@@ -1118,11 +1300,17 @@ fn run_encoder(
     };
     let c = &slot.counters;
     let t = Instant::now();
-    let pre = slot.encoder.preprocess(batch).map_err(at)?;
+    let encoder = slot.encoder.as_ref().ok_or_else(|| {
+        MlmfError::input(
+            slot.modality,
+            "this modality has no encoder: pass its embeddings (`embeddings=` / `**custom`)",
+        )
+    })?;
+    let pre = encoder.preprocess(batch).map_err(at)?;
     let t_pre = t.elapsed();
     c.preprocess.record(t_pre);
     let t = Instant::now();
-    let out = slot.encoder.encode_preprocessed(&pre).map_err(at)?;
+    let out = encoder.encode_preprocessed(&pre).map_err(at)?;
     let encs = split_items(&out)?;
     let t_enc = t.elapsed();
     c.encode.record(t_enc);

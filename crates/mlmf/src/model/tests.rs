@@ -194,11 +194,11 @@ fn an_item_cached_from_one_batch_matches_it_encoded_in_another() {
             c.cache.enabled = false;
             c
         },
-        encoders: model
+        producers: model
             .inner
             .slots
             .iter()
-            .map(|s| s.encoder.clone())
+            .filter_map(|s| s.encoder.clone().map(Producer::Encoder))
             .collect(),
         device: Device::Cpu,
     })
@@ -457,4 +457,77 @@ fn the_disk_tier_serves_a_fresh_model() {
     let (entries, bad) = second.disk_cache().unwrap().verify().unwrap();
     assert_eq!((entries, bad), (7, 0));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn given_embeddings_for_a_modality_without_a_checkpoint() {
+    let custom = Modality::Custom(3);
+    let model = MultiModalLoader::new(config())
+        .with_given_modality(custom, 6)
+        .load()
+        .unwrap();
+    assert!(model.encoder(custom).is_err());
+    let emb = Tensor::arange(0f32, 18.0, &Device::Cpu)
+        .unwrap()
+        .reshape((3, 6))
+        .unwrap();
+    let mut input = MultiModalInput::default().with(texts());
+    input
+        .embeddings
+        .insert(custom, ModalityInput::pooled(emb.clone()));
+    let out = model.infer(input.clone()).unwrap();
+    assert_eq!(max_diff(&out.embeddings[&custom], &emb), 0.0);
+    // By hand: the fusion on the text encoder's output and the given rows.
+    let text = model
+        .encoder(Modality::Text)
+        .unwrap()
+        .encode_raw(&texts())
+        .unwrap();
+    let f = model
+        .fusion()
+        .forward(
+            &[
+                (Modality::Text, ModalityInput::pooled(text.pooled)),
+                (custom, ModalityInput::pooled(emb.clone())),
+            ],
+            false,
+        )
+        .unwrap();
+    assert_eq!(max_diff(&out.fused, &f.fused), 0.0);
+    // Repeated: the fused rows come from the cache (keyed by the given bytes too).
+    assert!(model.infer(input).unwrap().stats.fusion_cached);
+    // Token-level embeddings are pooled by their masked mean.
+    let tokens = Tensor::ones((3, 4, 6), DType::F32, &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec([1f32, 1., 0., 0.].repeat(3), (3, 4), &Device::Cpu).unwrap();
+    let mut input = MultiModalInput::default();
+    input
+        .embeddings
+        .insert(custom, ModalityInput::tokens(tokens, Some(mask)));
+    let out = model.infer(input).unwrap();
+    assert_eq!(out.tokens[&custom].mask.dims(), &[3, 2]);
+    // Wrong width, wrong batch, both raw and given: typed errors naming the modality.
+    let mut bad = MultiModalInput::default().with(texts());
+    bad.embeddings.insert(
+        custom,
+        ModalityInput::pooled(Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap()),
+    );
+    let err = model.infer(bad).unwrap_err().to_string();
+    assert!(err.contains("custom:3") && err.contains("6 wide"), "{err}");
+    let mut bad = MultiModalInput::default().with(texts());
+    bad.embeddings.insert(
+        custom,
+        ModalityInput::pooled(Tensor::zeros((2, 6), DType::F32, &Device::Cpu).unwrap()),
+    );
+    assert!(model.infer(bad).is_err());
+    let mut bad = MultiModalInput::default().with(texts());
+    bad.embeddings.insert(
+        Modality::Text,
+        ModalityInput::pooled(Tensor::zeros((3, 32), DType::F32, &Device::Cpu).unwrap()),
+    );
+    assert!(model.infer(bad).unwrap_err().to_string().contains("both"));
+    // A custom modality with neither model nor dim is a config error.
+    let mut c = config();
+    c.modalities.insert(custom, ModalityConfig::default());
+    let err = MultiModalLoader::new(c).load().unwrap_err().to_string();
+    assert!(err.contains("modalities.custom:3.dim"), "{err}");
 }

@@ -97,6 +97,35 @@ impl PyFusionOutput {
 }
 
 /// `dims` as `[(modality, width)]`, from a dict (its order) or a list of pairs.
+/// One modality's embeddings from Python: an array `[B, D]` / `[B, T, D]`, or a
+/// `(tokens, mask)` pair.
+pub(crate) fn modality_input(m: Modality, v: &Bound<'_, PyAny>) -> PyResult<ModalityInput> {
+    let (states, mask) = match v.cast::<PyTuple>() {
+        Ok(t) if t.len() == 2 => (t.get_item(0)?, Some(t.get_item(1)?)),
+        Ok(_) => {
+            return Err(MlmfError::input(m, "expected an array or a (tokens, mask) pair").into())
+        }
+        Err(_) => (v.clone(), None),
+    };
+    let rank = states
+        .cast::<PyUntypedArray>()
+        .map(|a| a.ndim())
+        .unwrap_or(0);
+    if !matches!(rank, 2 | 3) {
+        return Err(MlmfError::input(
+            m,
+            "expected a NumPy array [batch, width] or [batch, tokens, width]",
+        )
+        .into());
+    }
+    let states = float_tensor(&states, m, rank, "states")?;
+    let mask = mask
+        .filter(|m| !m.is_none())
+        .map(|mk| float_tensor(&mk, m, 2, "mask"))
+        .transpose()?;
+    Ok(ModalityInput { states, mask })
+}
+
 fn dims_arg(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(Modality, usize)>> {
     let bad = || {
         PyErr::from(MlmfError::config(
@@ -221,32 +250,7 @@ impl PyFusion {
         let mut items = Vec::with_capacity(inputs.len());
         for (k, v) in inputs.iter() {
             let m = modality_arg(&k)?;
-            let (states, mask) = match v.cast::<PyTuple>() {
-                Ok(t) if t.len() == 2 => (t.get_item(0)?, Some(t.get_item(1)?)),
-                Ok(_) => {
-                    return Err(
-                        MlmfError::input(m, "expected an array or a (tokens, mask) pair").into(),
-                    )
-                }
-                Err(_) => (v.clone(), None),
-            };
-            let rank = states
-                .cast::<PyUntypedArray>()
-                .map(|a| a.ndim())
-                .unwrap_or(0);
-            if !matches!(rank, 2 | 3) {
-                return Err(MlmfError::input(
-                    m,
-                    "expected a NumPy array [batch, width] or [batch, tokens, width]",
-                )
-                .into());
-            }
-            let states = float_tensor(&states, m, rank, "states")?;
-            let mask = mask
-                .filter(|m| !m.is_none())
-                .map(|mk| float_tensor(&mk, m, 2, "mask"))
-                .transpose()?;
-            items.push((m, ModalityInput { states, mask }));
+            items.push((m, modality_input(m, &v)?));
         }
         let custom = matches!(self.inner.strategy(), FusionStrategy::Custom(_));
         let out = if custom {

@@ -11,6 +11,7 @@ use super::arrays::{batch, items, Item, RawItem};
 use super::attention::host_array;
 use super::config::{from_py, modality_arg, to_py, PyModality, PyMultiModalConfig};
 use super::detached;
+use super::fusion::modality_input;
 use super::preprocess::{check_samples_shape, str_list, video_inputs, PyVideoProcessor};
 use crate::config::MultiModalConfig;
 use crate::encoders::RawInputs;
@@ -84,6 +85,18 @@ impl PyMultiModalLoader {
     ) -> PyResult<PyRefMut<'py, Self>> {
         let m = modality_arg(modality)?;
         slf.inner = slf.inner.clone().with_modality_path(m, path);
+        Ok(slf)
+    }
+
+    /// Adds a modality without a checkpoint whose embeddings (`dim` wide) the caller
+    /// passes to `infer` (`custom_N=array` or `embeddings={...}`).
+    fn with_given_modality<'py>(
+        mut slf: PyRefMut<'py, Self>,
+        modality: &Bound<'py, PyAny>,
+        dim: usize,
+    ) -> PyResult<PyRefMut<'py, Self>> {
+        let m = modality_arg(modality)?;
+        slf.inner = slf.inner.clone().with_given_modality(m, dim);
         Ok(slf)
     }
 
@@ -284,8 +297,8 @@ impl PyMultiModalModel {
     /// `return_attention`: compute the attention maps; `return_tokens`: include the
     /// token states.
     #[pyo3(signature = (text=None, image=None, audio=None, video=None, *, ids=None,
-                        return_attention=false, return_tokens=false, sampling_rate=None,
-                        fps=None))]
+                        embeddings=None, return_attention=false, return_tokens=false,
+                        sampling_rate=None, fps=None, **custom))]
     #[allow(clippy::too_many_arguments)]
     fn infer(
         &self,
@@ -295,10 +308,12 @@ impl PyMultiModalModel {
         audio: Option<&Bound<'_, PyAny>>,
         video: Option<&Bound<'_, PyAny>>,
         ids: Option<&Bound<'_, PyDict>>,
+        embeddings: Option<&Bound<'_, PyDict>>,
         return_attention: bool,
         return_tokens: bool,
         sampling_rate: Option<u32>,
         fps: Option<f64>,
+        custom: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyMultiModalOutput> {
         let mut input = MultiModalInput {
             return_attention,
@@ -316,6 +331,37 @@ impl PyMultiModalModel {
                 let raw = self.raw_inputs(m, obj, sampling_rate, fps)?;
                 input.inputs.insert(m, raw);
             }
+        }
+        let mut given: Vec<(Modality, Bound<'_, PyAny>)> = Vec::new();
+        if let Some(e) = embeddings {
+            for (k, v) in e.iter() {
+                given.push((modality_arg(&k)?, v));
+            }
+        }
+        if let Some(kw) = custom {
+            for (k, v) in kw.iter() {
+                let name: String = k.extract()?;
+                let m = name
+                    .strip_prefix("custom_")
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .map(Modality::Custom)
+                    .ok_or_else(|| {
+                        PyErr::from(MlmfError::config(
+                            name.clone(),
+                            "unexpected keyword: infer takes text, image, audio, video, \
+                             embeddings={modality: array}, and custom_N=array for a custom \
+                             modality N",
+                        ))
+                    })?;
+                given.push((m, v));
+            }
+        }
+        for (m, v) in given {
+            self.inner.widths(m)?;
+            if input.embeddings.contains_key(&m) {
+                return Err(MlmfError::input(m, "embeddings given twice").into());
+            }
+            input.embeddings.insert(m, modality_input(m, &v)?);
         }
         if let Some(ids) = ids {
             for (k, v) in ids.iter() {
@@ -397,18 +443,20 @@ impl PyMultiModalModel {
         self.inner.fusion().out_dim()
     }
 
-    /// `{modality: (model_type, hidden_size, output_dim)}`.
+    /// `{modality: (model_type, hidden_size, output_dim)}`; a modality whose
+    /// embeddings are given has model_type `"given"`.
     #[getter]
     fn encoders(&self) -> PyResult<std::collections::BTreeMap<String, (String, usize, usize)>> {
         self.inner
             .modalities()
             .into_iter()
             .map(|m| {
-                let e = self.inner.encoder(m)?.model();
-                Ok((
-                    m.to_string(),
-                    (e.model_type().to_string(), e.hidden_size(), e.output_dim()),
-                ))
+                let (pooled, tokens) = self.inner.widths(m)?;
+                let kind = match self.inner.encoder(m) {
+                    Ok(e) => e.model().model_type().to_string(),
+                    Err(_) => "given".to_string(),
+                };
+                Ok((m.to_string(), (kind, tokens, pooled)))
             })
             .collect::<Result<_, MlmfError>>()
             .map_err(PyErr::from)
