@@ -114,6 +114,9 @@ pub struct MultiModalInput {
     /// Compute the cross-modal attention maps (and the fusion's own, for `early` and
     /// `middle`).
     pub return_attention: bool,
+    /// Return every modality's token states (they are assembled anyway when the
+    /// fusion or an attention map needs them).
+    pub return_tokens: bool,
 }
 
 impl MultiModalInput {
@@ -138,7 +141,8 @@ pub struct TokenStates {
 pub struct MultiModalOutput {
     /// Pooled embeddings `[B, D']` per modality present in the call.
     pub embeddings: BTreeMap<Modality, Tensor>,
-    /// Token states per modality present in the call.
+    /// Token states per modality present in the call, when asked for (or needed by
+    /// the fusion or an attention map); else empty.
     pub tokens: BTreeMap<Modality, TokenStates>,
     /// The fused embedding `[B, out_dim]`.
     pub fused: Tensor,
@@ -657,6 +661,7 @@ impl MultiModalModel {
             mut ids,
             embeddings: given,
             return_attention,
+            return_tokens,
         } = input;
         // Check the call's shape before any work.
         let mut skipped = Vec::new();
@@ -799,13 +804,17 @@ impl MultiModalModel {
         let mut embeddings = BTreeMap::new();
         let mut tokens = BTreeMap::new();
         let mut row_keys: BTreeMap<Modality, Vec<ContentKey>> = BTreeMap::new();
+        let need_tokens = return_tokens
+            || self.inner.level == FusionLevel::Tokens
+            || (return_attention && !self.inner.pairs.is_empty());
         for e in encoded {
             stats
                 .modalities
                 .insert(e.modality.to_string(), e.stats.clone());
-            let (pooled, states) = stack_items(&e.items)?;
-            embeddings.insert(e.modality, pooled);
-            tokens.insert(e.modality, states);
+            embeddings.insert(e.modality, stack_pooled(&e.items)?);
+            if need_tokens {
+                tokens.insert(e.modality, stack_tokens(&e.items)?);
+            }
             row_keys.insert(e.modality, e.keys);
         }
 
@@ -1357,36 +1366,41 @@ fn split_items(out: &EncoderOutput) -> Result<Vec<ItemEncoding>> {
         .collect()
 }
 
-/// Items back into a batch: pooled `[B, D']`, token states padded with zeros.
-fn stack_items(items: &[ItemEncoding]) -> Result<(Tensor, TokenStates)> {
-    let f = ce("stacking items");
-    let pooled = Tensor::stack(
+/// Pooled vectors of items back into a batch `[B, D']`.
+fn stack_pooled(items: &[ItemEncoding]) -> Result<Tensor> {
+    Tensor::stack(
         &items.iter().map(|e| e.pooled.clone()).collect::<Vec<_>>(),
         0,
     )
-    .map_err(&f)?;
-    let longest = items
+    .map_err(ce("stacking items"))
+}
+
+/// Token states of items back into a batch, padded with zeros to the longest.
+fn stack_tokens(items: &[ItemEncoding]) -> Result<TokenStates> {
+    let f = ce("stacking items");
+    let lengths = items
         .iter()
         .map(|e| e.mask.dim(0))
         .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(&f)?
-        .into_iter()
-        .max()
-        .unwrap_or(1);
+        .map_err(&f)?;
+    let longest = lengths.iter().copied().max().unwrap_or(1);
+    let pad = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+        if n == longest {
+            Ok(t.clone())
+        } else {
+            t.pad_with_zeros(0, 0, longest - n)
+        }
+    };
     let mut hidden = Vec::with_capacity(items.len());
     let mut masks = Vec::with_capacity(items.len());
-    for e in items {
-        let t = e.mask.dim(0).map_err(&f)?;
-        hidden.push(e.hidden.pad_with_zeros(0, 0, longest - t).map_err(&f)?);
-        masks.push(e.mask.pad_with_zeros(0, 0, longest - t).map_err(&f)?);
+    for (e, &n) in items.iter().zip(&lengths) {
+        hidden.push(pad(&e.hidden, n).map_err(&f)?);
+        masks.push(pad(&e.mask, n).map_err(&f)?);
     }
-    Ok((
-        pooled,
-        TokenStates {
-            hidden_states: Tensor::stack(&hidden, 0).map_err(&f)?,
-            mask: Tensor::stack(&masks, 0).map_err(&f)?,
-        },
-    ))
+    Ok(TokenStates {
+        hidden_states: Tensor::stack(&hidden, 0).map_err(&f)?,
+        mask: Tensor::stack(&masks, 0).map_err(&f)?,
+    })
 }
 
 #[cfg(test)]

@@ -499,7 +499,10 @@ fn given_embeddings_for_a_modality_without_a_checkpoint() {
     // Token-level embeddings are pooled by their masked mean.
     let tokens = Tensor::ones((3, 4, 6), DType::F32, &Device::Cpu).unwrap();
     let mask = Tensor::from_vec([1f32, 1., 0., 0.].repeat(3), (3, 4), &Device::Cpu).unwrap();
-    let mut input = MultiModalInput::default();
+    let mut input = MultiModalInput {
+        return_tokens: true,
+        ..MultiModalInput::default()
+    };
     input
         .embeddings
         .insert(custom, ModalityInput::tokens(tokens, Some(mask)));

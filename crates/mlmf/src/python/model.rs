@@ -317,6 +317,7 @@ impl PyMultiModalModel {
     ) -> PyResult<PyMultiModalOutput> {
         let mut input = MultiModalInput {
             return_attention,
+            return_tokens,
             ..MultiModalInput::default()
         };
         for (m, obj) in [
