@@ -35,7 +35,7 @@ import preprocess as pp  # noqa: E402
 THREADS = pp.THREADS
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
+import functools  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -202,16 +202,11 @@ class Suite:
             traceback.print_exc()
             self.notes.append(f"no rows: building the layers failed: {type(exc).__name__}: {exc}")
             return []
-        rows: list[Row] = []
-        for key, label, tq, tk in WORKLOADS:
-            if only and key not in only:
-                continue
-            try:
-                rows.extend(self.rows_for(key, label, tq, tk, mha, att))
-            except Exception as exc:  # one workload failing skips its rows, not the run
-                traceback.print_exc()
-                self.notes.append(f"`{key}` rows skipped: {type(exc).__name__}: {exc}")
-        return rows
+        builders = [
+            (key, functools.partial(self.rows_for, key, label, tq, tk, mha, att))
+            for key, label, tq, tk in WORKLOADS
+        ]
+        return pp.build_rows(builders, only, self.notes)
 
 
 # --------------------------------------------------------------------------- report
@@ -310,17 +305,9 @@ def section(
     args: argparse.Namespace,
     notes: list[str],
 ) -> str:
-    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     rounds = ", ".join(dict.fromkeys(f"{r.workload.split(', ')[-1]} {r.rounds}" for r in rows))
     counts = ", ".join(f"{label} {gflop(tq, tk):.2f}" for _, label, tq, tk in WORKLOADS)
-    parts = [
-        BEGIN,
-        "## Cross-modal attention",
-        "",
-        f"Written by `benchmarks/attention.py` on {when}"
-        + (" — **quick smoke run, not representative**" if args.quick else "")
-        + ".",
-        "",
+    method = [
         "Method: one attention layer in fp32 on the CPU, batch "
         f"{BATCH}, {HEADS} heads, query and key/value width {DIM} (head width "
         f"{DIM // HEADS}), no masks. `torch.nn.MultiheadAttention({DIM}, {HEADS}, "
@@ -343,30 +330,24 @@ def section(
         "attention matmuls (q kᵀ, w v) counted, multiply-adds as two operations, softmax "
         f"left out (GFLOP per call: {counts}). *max abs diff* compares mlmf's output (and "
         "weights) with torch's.",
-        "",
-        "Environment:",
-        "",
-        *[f"- {k}: {v}" for k, v in env.items()],
-        "",
-        table(lines).rstrip("\n"),
-        "",
-        "Notes:",
-        "",
-        f"- Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row.",
-        "- torch.nn.MultiheadAttention takes its fused fast path only for self-attention "
+    ]
+    notes = [  # the fixed notes, then the run's
+        f"Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row.",
+        "torch.nn.MultiheadAttention takes its fused fast path only for self-attention "
         "(query, key and value the same tensor); cross-attention goes through "
         "`F.multi_head_attention_forward`, which projects the query and the shared "
         "key/value tensor in two matmuls and then, with `need_weights=False`, calls "
         "`scaled_dot_product_attention`, and with `need_weights=True` materialises the "
         "weights with `baddbmm` + softmax + `bmm`. That is the eager path measured here.",
-        "- `[torch 1 thread]` lines run the same module with `torch.set_num_threads(1)`: "
+        "`[torch 1 thread]` lines run the same module with `torch.set_num_threads(1)`: "
         "on a busy two-core machine torch's two-thread OpenMP pool can spend much of its "
         "time waiting for a descheduled worker, which inflates the ratio over two-thread "
         "eager. On a quiet machine two-thread eager is the faster, binding one.",
-        *[f"- {n}" for n in notes],
+        *notes,
     ]
-    parts.append(END)
-    return "\n".join(parts) + "\n"
+    return pp.section_text(
+        "Cross-modal attention", "attention.py", args.quick, method, env, table(lines), notes
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -402,20 +383,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = suite.build(only)
         lines, spreads = pp.time_rows(rows, args.min_time, suite.notes, lines_for, spread)
 
-    if spreads:
-        suite.notes.append(
-            "Per-round spread, min–max ms/call (the table shows medians): " + "; ".join(spreads)
-        )
     env = environment(load_at_start)
-    busy = pp.busy_note(load_at_start, "torch's OpenMP, mlmf's rayon")
-    if busy:
-        suite.notes.append(busy)
-    suite.notes.append(f"Whole run (building, timing): {time.perf_counter() - started:.0f} s.")
-    print(table(lines))
-    for n in suite.notes:
-        print(f"note: {n}")
-    pp.write_section(args.out, section(lines, rows, env, args, suite.notes), BEGIN, END)
-    print(f"wrote {args.out}")
+    pp.closing_notes(suite.notes, rows, spreads, load_at_start, started, spread_unit="ms/call")
+    text = section(lines, rows, env, args, suite.notes)
+    pp.report(args.out, BEGIN, END, text, table(lines), suite.notes)
     return 0 if lines else 1
 
 

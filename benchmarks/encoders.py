@@ -35,7 +35,6 @@ import preprocess as pp  # noqa: E402
 THREADS = pp.THREADS
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
 import statistics  # noqa: E402
@@ -96,6 +95,19 @@ def _save(model: Any, path: Path) -> None:
     params = inspect.signature(model.save_pretrained).parameters
     kwargs = {"safe_serialization": True} if "safe_serialization" in params else {}
     model.save_pretrained(str(path), **kwargs)
+
+
+def build_clip_vit_b32(path: Path) -> Any:
+    """A random-initialised CLIP ViT-B/32 image tower,
+    `CLIPVisionModelWithProjection(CLIPVisionConfig())` from seed SEED, saved as a
+    safetensors checkpoint into the folder `path`; returns the model in eval mode."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(SEED)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig()).eval()
+    _save(model, path)
+    return model
 
 
 def _ort_session(path: Path) -> Any:
@@ -219,14 +231,11 @@ class Suite:
 
     def clip_rows(self) -> list[Row]:
         import torch
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         import mlmf
 
-        torch.manual_seed(SEED)
-        model = CLIPVisionModelWithProjection(CLIPVisionConfig()).eval()
         path = self.dir / "clip_vit_b32"
-        _save(model, path)
+        model = build_clip_vit_b32(path)
         enc = mlmf.Encoder.from_pretrained(path, modality="image")
 
         class Tower(torch.nn.Module):
@@ -418,21 +427,7 @@ class Suite:
             ("whisper", self.whisper_row),
             ("minilm", self.minilm_row),
         ]
-        rows: list[Row] = []
-        for name, build in builders:
-            if only and name not in only:
-                continue
-            print(f"building: {name}", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            try:
-                made = build()
-            except Exception as exc:  # a missing API or library skips the row, not the run
-                traceback.print_exc()
-                self.notes.append(f"`{name}` rows skipped: {type(exc).__name__}: {exc}")
-                continue
-            print(f"  built in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-            rows.extend(made if isinstance(made, list) else [made])
-        return rows
+        return pp.build_rows(builders, only, self.notes, progress=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -620,17 +615,9 @@ def section(
     exporters: dict[str, str],
     png: bool,
 ) -> str:
-    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     rounds = ", ".join(f"{r.key} {r.rounds}" for r in rows)
     used = sorted(set(exporters.values()))
-    parts = [
-        BEGIN,
-        "## Encoders",
-        "",
-        f"Written by `benchmarks/encoders.py` on {when}"
-        + (" — **quick smoke run, not representative**" if args.quick else "")
-        + ".",
-        "",
+    method = [
         "Method: full-size models in fp32 on the CPU, the same inputs and the same weights "
         "for the three contenders, in one process. The CLIP ViT-B/32 image tower "
         "(`CLIPVisionModelWithProjection(CLIPVisionConfig())`) and the Whisper-base encoder "
@@ -655,34 +642,27 @@ def section(
         "time / mlmf time. Effective GFLOP/s = GFLOP per item (CLIP B/32 8.82, Whisper-base "
         "30 s 87.4, MiniLM 128 tokens 2.87) / time per item. *max abs diff* compares mlmf's "
         "hidden states and pooled vectors with the competitor's.",
-        "",
-        "Environment:",
-        "",
-        *[f"- {k}: {v}" for k, v in env.items()],
-        "",
-        table(lines).rstrip("\n"),
-        "",
-        "Notes:",
-        "",
-        f"- Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row. "
+    ]
+    notes = [  # the fixed notes, then the run's
+        f"Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row. "
         "ONNX Runtime is reported for reference, without a target.",
-        "- `[torch 1 thread]` lines run the same eager module with "
+        "`[torch 1 thread]` lines run the same eager module with "
         "`torch.set_num_threads(1)`: on a busy two-core machine torch's two-thread OpenMP "
         "pool can spend much of its time waiting for a descheduled worker, which inflates "
         "the ratio over two-thread eager. A row meets the target only when both lines "
         "reach 1x; on a quiet machine two-thread eager is the faster, binding one.",
-        "- For scale, earlier measurements of the competitors on an idle machine of the same "
+        "For scale, earlier measurements of the competitors on an idle machine of the same "
         "kind (torch 2.15, onnxruntime 1.32, one run each): PyTorch eager 77–98 ms (CLIP "
         "batch 1), 53–60 ms/item (CLIP batch 8), 511–1344 ms (Whisper), 18 ms/item "
         "(MiniLM); ONNX Runtime 36 ms, 25–27 ms/item, 262–275 ms, 8.5 ms/item.",
-        "- The random weights make the hidden states of CLIP and Whisper larger than a "
+        "The random weights make the hidden states of CLIP and Whisper larger than a "
         "trained model's; the diffs are absolute, in the models' own units.",
-        *[f"- {n}" for n in notes],
+        *notes,
     ]
-    if png:
-        parts += ["", f"![Encoder throughput]({PLOT_NAME})"]
-    parts.append(END)
-    return "\n".join(parts) + "\n"
+    image = f"![Encoder throughput]({PLOT_NAME})" if png else ""
+    return pp.section_text(
+        "Encoders", "encoders.py", args.quick, method, env, table(lines), notes, image
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -714,28 +694,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = suite.build(only)
         lines, spreads = pp.time_rows(rows, args.min_time, suite.notes, lines_for, spread)
 
-    if spreads:
-        suite.notes.append(
-            "Per-round spread, min–max ms/item (the table shows medians): " + "; ".join(spreads)
-        )
     env = environment(load_at_start)
-    busy = pp.busy_note(load_at_start, "torch's OpenMP, ONNX Runtime's, mlmf's rayon")
-    if busy:
-        suite.notes.append(busy)
-    suite.notes.append(
-        f"Whole run (building, exporting, timing): {time.perf_counter() - started:.0f} s."
-    )
+    pools = "torch's OpenMP, ONNX Runtime's, mlmf's rayon"
+    stages = "building, exporting, timing"
+    pp.closing_notes(suite.notes, rows, spreads, load_at_start, started, "ms/item", pools, stages)
     png = plot(lines, args.out.parent / PLOT_NAME) if lines else False
-    print(table(lines))
-    for n in suite.notes:
-        print(f"note: {n}")
-    pp.write_section(
-        args.out,
-        section(lines, rows, env, args, suite.notes, suite.exporters, png),
-        BEGIN,
-        END,
-    )
-    print(f"wrote {args.out}" + (f" and {args.out.parent / PLOT_NAME}" if png else ""))
+    text = section(lines, rows, env, args, suite.notes, suite.exporters, png)
+    plot_path = args.out.parent / PLOT_NAME if png else None
+    pp.report(args.out, BEGIN, END, text, table(lines), suite.notes, plot_path)
     return 0 if lines else 1
 
 

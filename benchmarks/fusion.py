@@ -38,12 +38,11 @@ import preprocess as pp  # noqa: E402
 THREADS = pp.THREADS
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Callable, Optional  # noqa: E402
@@ -684,16 +683,13 @@ class Suite:
         )
 
     def build(self, only: Optional[list[str]]) -> list[Row]:
-        rows: list[Row] = []
-        for index, case in enumerate(CASES):
-            if only and case.key not in only:
-                continue
-            try:
-                rows.append(self.row_for(index, case))
-            except Exception as exc:  # one workload failing skips its row, not the run
-                traceback.print_exc()
-                self.notes.append(f"`{case.label}` row skipped: {type(exc).__name__}: {exc}")
-        return rows
+        # Named by label (the skip note's name), picked by key.
+        builders = [
+            (case.label, functools.partial(self.row_for, index, case))
+            for index, case in enumerate(CASES)
+            if not only or case.key in only
+        ]
+        return pp.build_rows(builders, None, self.notes, skipped="row skipped")
 
 
 # --------------------------------------------------------------------------- report
@@ -791,20 +787,12 @@ def section(
     args: argparse.Namespace,
     notes: list[str],
 ) -> str:
-    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     rounds = ", ".join(
         dict.fromkeys(
             f"{'token' if r.key in ('early', 'middle') else 'pooled'} rows {r.rounds}" for r in rows
         )
     )
-    parts = [
-        BEGIN,
-        "## Fusion",
-        "",
-        f"Written by `benchmarks/fusion.py` on {when}"
-        + (" — **quick smoke run, not representative**" if args.quick else "")
-        + ".",
-        "",
+    method = [
         "Method: one `mlmf.Fusion` layer per row against a PyTorch eager module computing "
         "the same formulas (docs/fusion.md), fp32 on the CPU, fused width "
         f"{OUT_DIM}. Pooled rows: standard-normal embeddings of text (384), image (768) "
@@ -853,29 +841,21 @@ def section(
         "padding as a boolean `attn_mask`), the tanh gates as `nn.Parameter`s, and a gelu "
         "MLP (`nn.Linear`, `F.gelu`, `nn.Linear`); a shared final `nn.LayerNorm`, the "
         "masked mean per modality and the mean over modalities.",
-        "",
-        "Environment:",
-        "",
-        *[f"- {k}: {v}" for k, v in env.items()],
-        "",
-        table(lines).rstrip("\n"),
-        "",
-        "Notes:",
-        "",
-        f"- Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row.",
-        "- The pooled rows are small: about 0.11 GFLOP of projections per call (0.16 with "
+    ]
+    notes = [  # the fixed notes, then the run's
+        f"Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row.",
+        "The pooled rows are small: about 0.11 GFLOP of projections per call (0.16 with "
         "attention_dim 256), multiply-adds counted as two operations.",
-        "- Padded text positions: mlmf gives padded queries an attention output of 0, "
+        "Padded text positions: mlmf gives padded queries an attention output of 0, "
         "torch computes them; they are excluded from every key set and from the masked "
         "means, so `fused` does not depend on them.",
-        "- `[torch 1 thread]` lines run the same module with `torch.set_num_threads(1)`: "
+        "`[torch 1 thread]` lines run the same module with `torch.set_num_threads(1)`: "
         "on a busy two-core machine torch's two-thread OpenMP pool can spend much of its "
         "time waiting for a descheduled worker, which inflates the ratio over two-thread "
         "eager. On a quiet machine two-thread eager is the faster, binding one.",
-        *[f"- {n}" for n in notes],
+        *notes,
     ]
-    parts.append(END)
-    return "\n".join(parts) + "\n"
+    return pp.section_text("Fusion", "fusion.py", args.quick, method, env, table(lines), notes)
 
 
 # --------------------------------------------------------------------------- main
@@ -905,26 +885,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = suite.build(only)
         lines, spreads = pp.time_rows(rows, args.min_time, suite.notes, lines_for, spread)
 
-    large = [r.workload for r in rows if r.max_diff and max(r.max_diff) > DIFF_NOTE]
-    if large:
-        suite.notes.append(
-            f"max abs diff above {DIFF_NOTE:g} (mlmf and the torch module disagree): "
-            + "; ".join(large)
-        )
-    if spreads:
-        suite.notes.append(
-            "Per-round spread, min–max time/call (the table shows medians): " + "; ".join(spreads)
-        )
     env = environment(load_at_start)
-    busy = pp.busy_note(load_at_start, "torch's OpenMP, mlmf's rayon")
-    if busy:
-        suite.notes.append(busy)
-    suite.notes.append(f"Whole run (building, timing): {time.perf_counter() - started:.0f} s.")
-    print(table(lines))
-    for n in suite.notes:
-        print(f"note: {n}")
-    pp.write_section(args.out, section(lines, rows, env, args, suite.notes), BEGIN, END)
-    print(f"wrote {args.out}")
+    disagree = "mlmf and the torch module disagree"
+    pp.closing_notes(
+        suite.notes, rows, spreads, load_at_start, started, diff_note=DIFF_NOTE, disagree=disagree
+    )
+    text = section(lines, rows, env, args, suite.notes)
+    pp.report(args.out, BEGIN, END, text, table(lines), suite.notes)
     return 0 if lines else 1
 
 

@@ -201,9 +201,9 @@ def _jpeg_note() -> str:
     import mlmf
 
     if getattr(mlmf, "JPEG_DECODER", "") == "libjpeg-turbo":
-        return "- JPEG rows: mlmf and Pillow both decode with libjpeg-turbo (identical pixels)."
+        return "JPEG rows: mlmf and Pillow both decode with libjpeg-turbo (identical pixels)."
     return (
-        "- JPEG rows: this mlmf build decodes with zune-jpeg, Pillow with libjpeg-turbo; "
+        "JPEG rows: this mlmf build decodes with zune-jpeg, Pillow with libjpeg-turbo; "
         "they differ by a few 8-bit levels, so the diff is not zero."
     )
 
@@ -226,6 +226,36 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- rows
+
+
+def build_rows(
+    builders: list[tuple[str, Callable[[], Any]]],
+    only: Optional[list[str]],
+    notes: list[str],
+    progress: bool = False,
+    skipped: str = "rows skipped",
+) -> list[Any]:
+    """Calls each `(name, build)` of `builders` whose name is in `only` (all when None)
+    and collects what it returns (a row or a list of rows). A builder that raises is
+    noted as "`name` rows skipped: ..." (`skipped` words it) and the run goes on;
+    `progress` prints each build and its time to stderr."""
+    rows: list[Any] = []
+    for name, build in builders:
+        if only and name not in only:
+            continue
+        if progress:
+            print(f"building: {name}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            made = build()
+        except Exception as exc:  # a missing API or library skips the row, not the run
+            traceback.print_exc()
+            notes.append(f"`{name}` {skipped}: {type(exc).__name__}: {exc}")
+            continue
+        if progress:
+            print(f"  built in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        rows.extend(made if isinstance(made, list) else [made])
+    return rows
 
 
 class Suite:
@@ -570,17 +600,7 @@ class Suite:
             ("tokenizer", self.tokenizer_row),
             ("video", self.video_row),
         ]
-        rows: list[Row] = []
-        for name, build in builders:
-            if only and name not in only:
-                continue
-            try:
-                made = build()
-            except Exception as exc:  # a missing API or library skips the row, not the run
-                traceback.print_exc()
-                self.notes.append(f"`{name}` rows skipped: {type(exc).__name__}: {exc}")
-                continue
-            rows.extend(made if isinstance(made, list) else [made])
+        rows: list[Row] = build_rows(builders, only, self.notes)
         for row in rows:
             # Targets are against torch-backed competitors: time those single-threaded too.
             row.competitors = [
@@ -764,15 +784,7 @@ def plot(lines: list[Line], path: Path) -> bool:
 def section(
     lines: list[Line], env: dict[str, str], args: argparse.Namespace, notes: list[str], png: bool
 ) -> str:
-    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    parts = [
-        BEGIN,
-        "## Preprocessing",
-        "",
-        f"Written by `benchmarks/preprocess.py` on {when}"
-        + (" — **quick smoke run, not representative**" if args.quick else "")
-        + ".",
-        "",
+    method = [
         "Method: the same decoded inputs (synthetic, numpy-generated photo-like images, "
         "speech-like audio and English-like sentences) go to mlmf and to the competitor, in "
         f"one process, fp32 outputs. Each contender is warmed up, then contenders alternate "
@@ -781,44 +793,76 @@ def section(
         f"{args.min_time:g} s. Figures are medians over the rounds. Speed-up = competitor "
         "time / mlmf time. *max abs diff* compares mlmf's output with the competitor's "
         "(pixel values in normalised units, log-mel units, ids).",
+    ]
+    notes = [  # the fixed notes, then the run's
+        f"Targets: image preprocessing ≥ {IMAGE_TARGET:g}x faster than transformers' "
+        f"torchvision backend; Whisper log-mel ≥ {AUDIO_TARGET:g}x faster than "
+        "WhisperFeatureExtractor on its default path (torch STFT when torch is installed).",
+        "The PIL backend is the one mlmf matches exactly; the torchvision backend differs "
+        "from it by about one 8-bit level. The PIL backend and Pillow run single-threaded; "
+        "mlmf and torch use the two threads.",
+        "WhisperFeatureExtractor's numpy path is selected by a subclass that routes its "
+        "torch STFT method to the numpy one (transformers has no switch for it).",
+        _jpeg_note(),
+        "Resampling: mlmf and scipy's resample_poly use different anti-alias filters.",
+        "`[torch 1 thread]` lines run the same torch-backed competitor with "
+        "`torch.set_num_threads(1)`: on a busy two-core machine torch's two-thread OpenMP "
+        "pool can spend most of its time waiting for a descheduled worker, which inflates "
+        "the two-thread speed-ups. Judge a target by both lines.",
+        "NumPy's OpenBLAS pool runs with one thread (`OPENBLAS_NUM_THREADS=1`): its idle "
+        "workers spin after each BLAS call (the PIL backend's numpy code makes some; they "
+        "show in profiles) and would take a core from whichever contender runs next. No "
+        "measured work uses BLAS threads.",
+        "Batch-1 rows split one item into blocks that the calling thread starts on at "
+        "once while idle pool threads join as they wake. Waking a sleeping worker costs "
+        "about 0.1 ms on this machine; when the whole call was handed to the pool instead, "
+        "CLIP batch-1 calls took 0.26 ms rather than 0.15 ms whenever the workers had gone "
+        "to sleep between calls.",
+        *notes,
+    ]
+    image = f"![Preprocessing speed-ups]({PLOT_NAME})" if png else ""
+    return section_text(
+        "Preprocessing", "preprocess.py", args.quick, method, env, table(lines), notes, image
+    )
+
+
+def section_text(
+    title: str,
+    script: str,
+    quick: bool,
+    method: list[str],
+    env: dict[str, str],
+    table_text: str,
+    notes: list[str],
+    image: str = "",
+) -> str:
+    """The text of a script's section of the report (write_section adds the markers):
+    the `title`, which script (`benchmarks/<script>`) wrote it and when (`quick`: a
+    smoke run), the `method` lines, the environment, the table, the `notes` (a bullet
+    each) and an `image` line."""
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    parts = [
+        f"## {title}",
+        "",
+        f"Written by `benchmarks/{script}` on {when}"
+        + (" — **quick smoke run, not representative**" if quick else "")
+        + ".",
+        "",
+        *method,
         "",
         "Environment:",
         "",
         *[f"- {k}: {v}" for k, v in env.items()],
         "",
-        table(lines).rstrip("\n"),
+        table_text.rstrip("\n"),
         "",
         "Notes:",
         "",
-        f"- Targets: image preprocessing ≥ {IMAGE_TARGET:g}x faster than transformers' "
-        f"torchvision backend; Whisper log-mel ≥ {AUDIO_TARGET:g}x faster than "
-        "WhisperFeatureExtractor on its default path (torch STFT when torch is installed).",
-        "- The PIL backend is the one mlmf matches exactly; the torchvision backend differs "
-        "from it by about one 8-bit level. The PIL backend and Pillow run single-threaded; "
-        "mlmf and torch use the two threads.",
-        "- WhisperFeatureExtractor's numpy path is selected by a subclass that routes its "
-        "torch STFT method to the numpy one (transformers has no switch for it).",
-        _jpeg_note(),
-        "- Resampling: mlmf and scipy's resample_poly use different anti-alias filters.",
-        "- `[torch 1 thread]` lines run the same torch-backed competitor with "
-        "`torch.set_num_threads(1)`: on a busy two-core machine torch's two-thread OpenMP "
-        "pool can spend most of its time waiting for a descheduled worker, which inflates "
-        "the two-thread speed-ups. Judge a target by both lines.",
-        "- NumPy's OpenBLAS pool runs with one thread (`OPENBLAS_NUM_THREADS=1`): its idle "
-        "workers spin after each BLAS call (the PIL backend's numpy code makes some; they "
-        "show in profiles) and would take a core from whichever contender runs next. No "
-        "measured work uses BLAS threads.",
-        "- Batch-1 rows split one item into blocks that the calling thread starts on at "
-        "once while idle pool threads join as they wake. Waking a sleeping worker costs "
-        "about 0.1 ms on this machine; when the whole call was handed to the pool instead, "
-        "CLIP batch-1 calls took 0.26 ms rather than 0.15 ms whenever the workers had gone "
-        "to sleep between calls.",
         *[f"- {n}" for n in notes],
     ]
-    if png:
-        parts += ["", f"![Preprocessing speed-ups]({PLOT_NAME})"]
-    parts.append(END)
-    return "\n".join(parts) + "\n"
+    if image:
+        parts += ["", image]
+    return "\n".join(parts)
 
 
 def busy_note(load_at_start: str, pools: str) -> Optional[str]:
@@ -861,9 +905,41 @@ def time_rows(
     return lines, spreads
 
 
-def write_section(out: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replaces the section of `out` between the markers `begin` and `end` (each script
-    owns one), leaving the rest alone."""
+def closing_notes(
+    notes: list[str],
+    rows: list[Any],
+    spreads: list[str],
+    load_at_start: str,
+    started: float,
+    spread_unit: str = "time/call",
+    pools: str = "torch's OpenMP, mlmf's rayon",
+    stages: str = "building, timing",
+    diff_note: Optional[float] = None,
+    disagree: str = "the outputs disagree",
+) -> None:
+    """Appends the notes that end a timed run to `notes`: the rows whose `max_diff`
+    exceeds `diff_note` (when given; `disagree` says who disagrees), the per-round
+    `spreads` (min–max `spread_unit`), the busy note (see busy_note; `pools`) and the
+    time since `started` (`stages` names what it covers)."""
+    if diff_note is not None:
+        large = [r.workload for r in rows if r.max_diff and max(r.max_diff) > diff_note]
+        if large:
+            notes.append(f"max abs diff above {diff_note:g} ({disagree}): " + "; ".join(large))
+    if spreads:
+        notes.append(
+            f"Per-round spread, min–max {spread_unit} (the table shows medians): "
+            + "; ".join(spreads)
+        )
+    busy = busy_note(load_at_start, pools)
+    if busy:
+        notes.append(busy)
+    notes.append(f"Whole run ({stages}): {time.perf_counter() - started:.0f} s.")
+
+
+def write_section(out: Path, body: str, begin: str = BEGIN, end: str = END) -> None:
+    """Writes `body` between the markers `begin` and `end` of `out` (each script owns
+    one such section), replacing what was there and leaving the rest alone."""
+    text = "\n".join([begin, body, end]) + "\n"
     if out.exists():
         current = out.read_text()
         start, stop = current.find(begin), current.find(end)
@@ -880,6 +956,25 @@ def write_section(out: Path, text: str, begin: str = BEGIN, end: str = END) -> N
             "process on a shared machine: read the ratios, not the absolute times.\n\n" + text
         )
     out.write_text(current)
+
+
+def report(
+    out: Path,
+    begin: str,
+    end: str,
+    body: str,
+    table_text: str,
+    notes: list[str],
+    png: Optional[Path] = None,
+) -> None:
+    """Prints the table and the notes, writes `body` as the section of `out` between
+    `begin` and `end` (see write_section) and says what was written (`png`: the plot,
+    when one was written)."""
+    print(table_text)
+    for n in notes:
+        print(f"note: {n}")
+    write_section(out, body, begin, end)
+    print(f"wrote {out}" + (f" and {png}" if png else ""))
 
 
 # --------------------------------------------------------------------------- main
@@ -928,11 +1023,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "before quoting them."
         )
     png = plot(lines, args.out.parent / PLOT_NAME) if lines else False
-    print(table(lines))
-    for n in suite.notes:
-        print(f"note: {n}")
-    write_section(args.out, section(lines, env, args, suite.notes, png))
-    print(f"wrote {args.out}" + (f" and {args.out.parent / PLOT_NAME}" if png else ""))
+    text = section(lines, env, args, suite.notes, png)
+    plot_path = args.out.parent / PLOT_NAME if png else None
+    report(args.out, BEGIN, END, text, table(lines), suite.notes, plot_path)
     return 0 if lines else 1
 
 
