@@ -277,27 +277,6 @@ def table(lines: list[Line]) -> str:
     return head + body
 
 
-def environment(load_at_start: str) -> dict[str, str]:
-    env = pp.environment(load_at_start)
-    env["Threads"] = (
-        f"{THREADS} (torch.set_num_threads, interop 1, RAYON_NUM_THREADS, OMP_NUM_THREADS, "
-        "MKL_NUM_THREADS; OpenBLAS 1)"
-    )
-    for name in ("torchvision", "transformers", "tokenizers", "Pillow", "scipy"):
-        env.pop(name, None)
-    try:
-        env["safetensors"] = __import__("safetensors").__version__
-    except Exception:
-        env["safetensors"] = "not installed"
-    try:
-        import torch
-
-        env["torch CPU capability"] = torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        pass
-    return env
-
-
 def section(
     lines: list[Line],
     rows: list[Row],
@@ -383,7 +362,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = suite.build(only)
         lines, spreads = pp.time_rows(rows, args.min_time, suite.notes, lines_for, spread)
 
-    env = environment(load_at_start)
+    env = pp.torch_environment(load_at_start)
     pp.closing_notes(suite.notes, rows, spreads, load_at_start, started, spread_unit="ms/call")
     text = section(lines, rows, env, args, suite.notes)
     pp.report(args.out, BEGIN, END, text, table(lines), suite.notes)

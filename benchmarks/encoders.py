@@ -79,18 +79,6 @@ class Row:
     failed: dict[str, str] = field(default_factory=dict)  # competitor name -> reason
 
 
-def _np(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
-
-
-def _diff(a: np.ndarray, b: np.ndarray) -> str:
-    if a.shape != b.shape:
-        return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    return f"{float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))):.2g}"
-
-
 def _save(model: Any, path: Path) -> None:
     params = inspect.signature(model.save_pretrained).parameters
     kwargs = {"safe_serialization": True} if "safe_serialization" in params else {}
@@ -460,10 +448,9 @@ def compare(row: Row, competitor: pp.Contender) -> str:
     try:
         ours = row.mlmf.fn()
         theirs = competitor.fn()
-        pooled_c, hidden_c = _np(theirs[0]), _np(theirs[1])
         return (
-            f"{_diff(np.asarray(ours.hidden_states), hidden_c)} / "
-            f"{_diff(np.asarray(ours.pooled), pooled_c)}"
+            f"{pp.max_abs_diff(ours.hidden_states, theirs[1])} / "
+            f"{pp.max_abs_diff(ours.pooled, theirs[0])}"
         )
     except Exception as exc:  # informative only
         return f"n/a ({type(exc).__name__})"
@@ -544,36 +531,19 @@ def table(lines: list[Line]) -> str:
 
 
 def environment(load_at_start: str) -> dict[str, str]:
-    env = pp.environment(load_at_start)
-    env["Threads"] = (
+    threads = (
         f"{THREADS} (torch.set_num_threads, ONNX Runtime intra_op_num_threads "
         "(inter_op 1, sequential), RAYON_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS; "
         "OpenBLAS 1)"
     )
-    for name in ("torchvision", "tokenizers", "Pillow", "scipy"):
-        env.pop(name, None)
-    for name, module in (("onnxruntime", "onnxruntime"), ("onnx", "onnx")):
-        try:
-            env[name] = __import__(module).__version__
-        except Exception:
-            env[name] = "not installed"
-    try:
-        import torch
-
-        env["torch CPU capability"] = torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        pass
-    return env
+    drop = ("torchvision", "tokenizers", "Pillow", "scipy")
+    packages = (("onnxruntime", "onnxruntime"), ("onnx", "onnx"))
+    return pp.torch_environment(load_at_start, threads, drop, packages)
 
 
 def plot(lines: list[Line], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
+    plt = pp.pyplot()
+    if plt is None:
         return False
     workloads = list(dict.fromkeys(ln.workload for ln in lines))
     names = ["mlmf", *dict.fromkeys(ln.competitor for ln in lines)]
@@ -599,10 +569,7 @@ def plot(lines: list[Line], path: Path) -> bool:
     ax.set_title("Encoder throughput: mlmf, PyTorch eager and ONNX Runtime (same run)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_xlim(0, max(max(v) for v in values.values()) * 1.15)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pp.save_figure(fig, path)
     return True
 
 

@@ -568,20 +568,6 @@ class Row:
     max_diff: list[float] = field(default_factory=list)
 
 
-def _np(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _diff(a: Any, b: Any) -> tuple[str, float]:
-    a, b = _np(a), _np(b)
-    if a.shape != b.shape:
-        return f"shape {tuple(a.shape)} vs {tuple(b.shape)}", math.inf
-    d = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-    return f"{d:.2g}", d
-
-
 def make_inputs(case: Case) -> dict[str, Any]:
     """numpy inputs in dims order: [B, D] pooled, or (tokens, mask) / tokens for the token
     rows (text padded: row lengths drawn in [8, 77], row 0 full; image without a mask)."""
@@ -649,10 +635,11 @@ class Suite:
 
         def compare(ours: Any, theirs: Any) -> str:
             if has_gates:
-                (cf, df), (cg, dg) = _diff(ours.fused, theirs[0]), _diff(ours.gates, theirs[1])
+                cf, df = pp.abs_diff(ours.fused, theirs[0])
+                cg, dg = pp.abs_diff(ours.gates, theirs[1])
                 max_diff.append(max(df, dg))
                 return f"{cf} / {cg}"
-            cell, d = _diff(ours.fused, theirs)
+            cell, d = pp.abs_diff(ours.fused, theirs)
             max_diff.append(d)
             return cell
 
@@ -761,25 +748,6 @@ def table(lines: list[Line]) -> str:
     return head + body
 
 
-def environment(load_at_start: str) -> dict[str, str]:
-    env = pp.environment(load_at_start)
-    env["Threads"] = (
-        f"{THREADS} (torch.set_num_threads, interop 1, RAYON_NUM_THREADS, OMP_NUM_THREADS, "
-        "MKL_NUM_THREADS; OpenBLAS 1)"
-    )
-    for name in ("torchvision", "transformers", "tokenizers", "Pillow", "scipy"):
-        env.pop(name, None)
-    try:
-        env["safetensors"] = __import__("safetensors").__version__
-    except Exception:
-        env["safetensors"] = "not installed"
-    try:
-        env["torch CPU capability"] = torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        pass
-    return env
-
-
 def section(
     lines: list[Line],
     rows: list[Row],
@@ -885,7 +853,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows = suite.build(only)
         lines, spreads = pp.time_rows(rows, args.min_time, suite.notes, lines_for, spread)
 
-    env = environment(load_at_start)
+    env = pp.torch_environment(load_at_start)
     disagree = "mlmf and the torch module disagree"
     pp.closing_notes(
         suite.notes, rows, spreads, load_at_start, started, diff_note=DIFF_NOTE, disagree=disagree

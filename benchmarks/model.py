@@ -45,16 +45,12 @@ import preprocess as pp  # noqa: E402
 THREADS = pp.THREADS
 
 import argparse  # noqa: E402
-import math  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 import warnings  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Callable, Optional  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 BEGIN = "<!-- model:begin -->"
 END = "<!-- model:end -->"
@@ -76,7 +72,7 @@ SHORT_TEXT = "A red house by the sea at sunset."
 class Row:
     """One workload: mlmf and its competitors (none for the overhead rows).
 
-    `measure` times `mlmf` and `competitors` (pp.Contender: name, fn, times);
+    `pp.measure` times `mlmf` and `competitors` (pp.Contender: name, fn, times);
     `compare(mlmf_result, competitor_result)` returns the diff cell. `calls`: a fixed
     number of calls per timed sample (else as many as make one last `min_time`).
     """
@@ -90,20 +86,6 @@ class Row:
     compare: Optional[Callable[[Any, Any], str]] = None
     calls: Optional[int] = None
     max_diff: list[float] = field(default_factory=list)
-
-
-def _np(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _diff(a: Any, b: Any) -> tuple[str, float]:
-    a, b = _np(a), _np(b)
-    if a.shape != b.shape:
-        return f"shape {tuple(a.shape)} vs {tuple(b.shape)}", math.inf
-    d = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-    return f"{d:.2g}", d
 
 
 def write_jpegs(folder: Path, count: int) -> list[str]:
@@ -235,7 +217,7 @@ class Suite:
             max_diff: list[float] = []
 
             def compare(a: Any, b: Any, max_diff: list[float] = max_diff) -> str:
-                cell, d = _diff(a, b)
+                cell, d = pp.abs_diff(a, b)
                 max_diff.append(d)
                 return cell
 
@@ -282,7 +264,7 @@ class Suite:
         max_diff: list[float] = []
 
         def compare(a: Any, b: Any) -> str:
-            cell, d = _diff(a, b)
+            cell, d = pp.abs_diff(a, b)
             max_diff.append(d)
             return cell
 
@@ -365,43 +347,6 @@ class Suite:
             ("cached_call_overhead", self.overhead_rows),
         ]
         return pp.build_rows(builders, only, self.notes, progress=True)
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def measure(row: Row, min_time: float) -> None:
-    """pp.measure, or for a row with fixed `calls`, the same alternation with that many
-    calls per timed sample."""
-    if row.calls is None:
-        pp.measure(row, row.rounds, min_time)
-        return
-    contenders = [*row.competitors, row.mlmf]
-    for c in contenders:
-        c.fn()
-    for r in range(row.rounds):
-        order = contenders if r % 2 == 0 else list(reversed(contenders))
-        for c in order:
-            c.times.append(pp._sample(c.fn, row.calls))
-
-
-def time_rows(rows: list[Row], min_time: float, notes: list[str]) -> tuple[list[Line], list[str]]:
-    """As pp.time_rows, with `measure` above."""
-    lines: list[Line] = []
-    spreads: list[str] = []
-    for row in rows:
-        print(f"timing: {row.workload} ({row.rounds} rounds)", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        try:
-            measure(row, min_time)
-        except Exception as exc:
-            traceback.print_exc()
-            notes.append(f"{row.workload}: failed: {type(exc).__name__}: {exc}")
-            continue
-        lines.extend(lines_for(row))
-        spreads.append(spread(row))
-        print(f"  timed in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return lines, spreads
 
 
 # --------------------------------------------------------------------------- report
@@ -497,21 +442,13 @@ def table(lines: list[Line]) -> str:
 def environment(load_at_start: str) -> dict[str, str]:
     import mlmf
 
-    env = pp.environment(load_at_start)
-    env["Threads"] = (
-        f"{THREADS} (torch.set_num_threads, interop 1, RAYON_NUM_THREADS, OMP_NUM_THREADS, "
-        "MKL_NUM_THREADS; OpenBLAS 1); Pillow and the PIL backend are single-threaded"
+    return pp.torch_environment(
+        load_at_start,
+        threads=pp.TORCH_THREADS + "; Pillow and the PIL backend are single-threaded",
+        drop=("torchvision", "tokenizers", "scipy"),
+        packages=(),
+        extra={"mlmf JPEG decoder": str(getattr(mlmf, "JPEG_DECODER", "unknown"))},
     )
-    for name in ("torchvision", "tokenizers", "scipy"):
-        env.pop(name, None)
-    env["mlmf JPEG decoder"] = str(getattr(mlmf, "JPEG_DECODER", "unknown"))
-    try:
-        import torch
-
-        env["torch CPU capability"] = torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        pass
-    return env
 
 
 def section(
@@ -609,7 +546,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mlmf-bench-model-") as tmp:
         suite = Suite(Path(tmp), args.quick, args.rounds)
         rows = suite.build(only)
-        lines, spreads = time_rows(rows, args.min_time, suite.notes)
+        lines, spreads = pp.time_rows(rows, args.min_time, suite.notes, lines_for, spread)
 
     env = environment(load_at_start)
     pp.closing_notes(suite.notes, rows, spreads, load_at_start, started, diff_note=DIFF_NOTE)

@@ -166,16 +166,22 @@ def _sample(fn: Callable[[], Any], calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def measure(row: Row, rounds: int, min_time: float) -> None:
+def measure(row: Row, rounds: int, min_time: float, calls: Optional[int] = None) -> None:
+    """Warms up `row.mlmf` and `row.competitors`, then times them in alternating order
+    for `rounds` rounds, appending seconds per call to each contender's `times`. A timed
+    sample repeats the call until it lasts at least `min_time`, or `calls` times when
+    given."""
     contenders = [*row.competitors, row.mlmf]
     for c in contenders:
         c.fn()  # warm-up: lazy initialisation, caches, thread pools
-    calls = {id(c): _calls_per_sample(c.fn, min_time) for c in contenders}
+    per_sample = {
+        id(c): calls if calls is not None else _calls_per_sample(c.fn, min_time) for c in contenders
+    }
     for r in range(rounds):
         # Alternate the order so that neither side always runs on a warmer machine.
         order = contenders if r % 2 == 0 else list(reversed(contenders))
         for c in order:
-            c.times.append(_sample(c.fn, calls[id(c)]))
+            c.times.append(_sample(c.fn, per_sample[id(c)]))
 
 
 def torch_one_thread(c: Contender) -> Contender:
@@ -208,13 +214,20 @@ def _jpeg_note() -> str:
     )
 
 
-def max_abs_diff(a: Any, b: Any) -> str:
+def abs_diff(a: Any, b: Any) -> tuple[str, float]:
+    """The largest |a - b| (arrays, tensors or processor outputs) as a table cell and as
+    a number; a shape mismatch is said in the cell and counts as infinite."""
     a = _to_numpy(a)
     b = _to_numpy(b)
     if a.shape != b.shape:
-        return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        return f"shape {tuple(a.shape)} vs {tuple(b.shape)}", math.inf
     d = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
-    return f"{d:.2g}"
+    return f"{d:.2g}", d
+
+
+def max_abs_diff(a: Any, b: Any) -> str:
+    """The cell of :func:`abs_diff`."""
+    return abs_diff(a, b)[0]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -715,24 +728,68 @@ def environment(load_at_start: str) -> dict[str, str]:
     )
     env["Load average (1 min) at start / end"] = f"{load_at_start} / {load_average()}"
     env["Python"] = platform.python_version()
-    for name, module in (
-        ("mlmf", "mlmf"),
-        ("numpy", "numpy"),
-        ("torch", "torch"),
-        ("torchvision", "torchvision"),
-        ("transformers", "transformers"),
-        ("tokenizers", "tokenizers"),
-        ("Pillow", "PIL"),
-        ("scipy", "scipy"),
-    ):
+    add_versions(
+        env,
+        (
+            ("mlmf", "mlmf"),
+            ("numpy", "numpy"),
+            ("torch", "torch"),
+            ("torchvision", "torchvision"),
+            ("transformers", "transformers"),
+            ("tokenizers", "tokenizers"),
+            ("Pillow", "PIL"),
+            ("scipy", "scipy"),
+        ),
+    )
+    return env
+
+
+def add_versions(env: dict[str, str], packages: tuple[tuple[str, str], ...]) -> None:
+    """Adds `name: version` to `env` for each `(name, module)` of `packages` ("not
+    installed" when the module does not import)."""
+    for name, module in packages:
         try:
             env[name] = __import__(module).__version__
         except Exception:
             env[name] = "not installed"
+
+
+# The thread settings of the scripts that also pin torch's interop pool to one thread.
+TORCH_THREADS = (
+    f"{THREADS} (torch.set_num_threads, interop 1, RAYON_NUM_THREADS, OMP_NUM_THREADS, "
+    "MKL_NUM_THREADS; OpenBLAS 1)"
+)
+
+
+def torch_environment(
+    load_at_start: str,
+    threads: str = TORCH_THREADS,
+    drop: tuple[str, ...] = ("torchvision", "transformers", "tokenizers", "Pillow", "scipy"),
+    packages: tuple[tuple[str, str], ...] = (("safetensors", "safetensors"),),
+    extra: Optional[dict[str, str]] = None,
+) -> dict[str, str]:
+    """The environment of a torch-backed script: :func:`environment` with the `threads`
+    line, without the versions of `drop`, with those of `packages` (see add_versions)
+    and the `extra` entries added, and torch's CPU capability last. The defaults are
+    those of attention.py and fusion.py."""
+    env = environment(load_at_start)
+    env["Threads"] = threads
+    for name in drop:
+        env.pop(name, None)
+    add_versions(env, packages)
+    env.update(extra or {})
+    try:
+        import torch
+
+        env["torch CPU capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        pass
     return env
 
 
-def plot(lines: list[Line], path: Path) -> bool:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (said on stderr) when matplotlib is
+    not installed."""
     try:
         import matplotlib
 
@@ -740,6 +797,23 @@ def plot(lines: list[Line], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return None
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lays out `fig`, writes it to `path` (120 dpi; the folder is created) and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(lines: list[Line], path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     labels = [f"{ln.workload}\nvs {ln.competitor}" for ln in lines][::-1]
     values = [ln.speedup for ln in lines][::-1]
@@ -774,10 +848,7 @@ def plot(lines: list[Line], path: Path) -> bool:
         fontsize=9,
     )
     ax.set_xlim(min(values + [0.5]) / 2.0, max(values + [AUDIO_TARGET]) * 2.5)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -886,15 +957,17 @@ def time_rows(
     lines_for: Callable[[Any], list[Any]],
     spread: Callable[[Any], str],
 ) -> tuple[list[Any], list[str]]:
-    """Times each row (``row.rounds`` rounds, see :func:`measure`), printing progress;
-    a row that fails is noted and skipped. Returns the table lines and per-row spreads."""
+    """Times each row (``row.rounds`` rounds, see :func:`measure`; a row with a `calls`
+    attribute that is not None gets that many calls per timed sample), printing
+    progress; a row that fails is noted and skipped. Returns the table lines and
+    per-row spreads."""
     lines: list[Any] = []
     spreads: list[str] = []
     for row in rows:
         print(f"timing: {row.workload} ({row.rounds} rounds)", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
-            measure(row, row.rounds, min_time)
+            measure(row, row.rounds, min_time, getattr(row, "calls", None))
         except Exception as exc:
             traceback.print_exc()
             notes.append(f"{row.workload}: failed: {type(exc).__name__}: {exc}")
