@@ -7,7 +7,7 @@ VENV   ?= .venv
 REFVENV ?= .venv-ref
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-EXTRAS ?= test,video,viz
+EXTRAS ?= test,video,viz,ray
 # Everyone gets the same thread count in tests and benchmarks.
 export RAYON_NUM_THREADS ?= 2
 

@@ -44,6 +44,7 @@ fn every_config_field_is_documented() {
         serde_json::to_value(mlmf::config::fusion::LayerStackOptions::default()).unwrap(),
         serde_json::to_value(mlmf::config::fusion::LateOptions::default()).unwrap(),
         serde_json::to_value(mlmf::config::ModalityCacheConfig::default()).unwrap(),
+        serde_json::to_value(mlmf::config::ModalityAssignment::default()).unwrap(),
     ] {
         keys(&v, &mut names);
     }

@@ -34,7 +34,7 @@ pub use attention::{AttentionPair, CrossModalAttentionConfig};
 pub use cache::{
     ByteSize, CacheConfig, CachePolicy, DiskCacheConfig, ModalityCacheConfig, PolicyKind,
 };
-pub use distributed::{DistributedConfig, ShardingStrategy};
+pub use distributed::{DistributedConfig, ModalityAssignment, ShardingStrategy};
 pub use fusion::{FusionConfig, FusionLevel, FusionStrategy};
 pub use modality::{ModalityConfig, PreprocessingConfig};
 

@@ -1,0 +1,206 @@
+"""mlmf.distributed on a Ray cluster simulated on this machine (ray.cluster_utils):
+placement by node labels, equality with the local model, misconfiguration, and a
+node killed while requests are in flight."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+import mlmf  # noqa: E402
+from mlmf.distributed import DistributedModel  # noqa: E402
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+
+MODELS = Path(__file__).parent / "fixtures" / "encoders" / "models"
+DATA = Path(mlmf.__file__).parent / "data"
+FAST_HEALTH = {
+    "health_check_period_ms": 500,
+    "health_check_failure_threshold": 3,
+    "health_check_timeout_ms": 500,
+    "health_check_initial_delay_ms": 0,
+}
+NODE = dict(num_cpus=1, memory=2 * 2**30, object_store_memory=100 * 2**20)
+
+
+def start_cluster(modalities=("text", "image", "audio")) -> tuple[Cluster, dict]:
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args=dict(
+            num_cpus=0,
+            include_dashboard=False,
+            object_store_memory=100 * 2**20,
+            _system_config=FAST_HEALTH,
+        ),
+    )
+    nodes = {}
+    for m in modalities:
+        # Audio is placed by a custom resource (the fallback), the others by label.
+        if m == "audio":
+            nodes[m] = cluster.add_node(**NODE, resources={"audio-node": 1})
+        else:
+            nodes[m] = cluster.add_node(**NODE, labels={"modality": m})
+    ray.init(address=cluster.address)
+    return cluster, nodes
+
+
+def config(**distributed) -> dict:
+    return {
+        "modalities": {
+            "text": {"model": str(MODELS / "st_mean_norm")},
+            "image": {"model": str(MODELS / "clip_tiny")},
+            "audio": {"model": str(MODELS / "whisper_tiny")},
+        },
+        "fusion": {"strategy": "attention", "attention_dim": 8, "out_dim": 16},
+        "cross_modal_attention": {"num_heads": 2, "pairs": ["text->image"]},
+        "distributed": {
+            "sharding": {
+                "strategy": "modality_specific",
+                "modality_assignments": {
+                    "text": ["modality=text"],
+                    "image": ["modality=image"],
+                    "audio": ["audio-node"],
+                },
+            },
+            "start_timeout_s": 30,
+            **distributed,
+        },
+    }
+
+
+def local(cfg: dict) -> mlmf.MultiModalModel:
+    plain = {k: v for k, v in cfg.items() if k != "distributed"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mlmf.MultiModalModel.load(plain)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c, nodes = start_cluster()
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+TEXTS = ["a red house on a hill", "a rising whistle"]
+IMAGES = [str(DATA / "sample.jpg"), np.full((40, 30, 3), 90, np.uint8)]
+AUDIO = [str(DATA / "sample.flac"), np.sin(np.arange(8000, dtype=np.float32) / 9)]
+
+
+def test_replicas_run_on_their_nodes_and_match_the_local_model(cluster) -> None:
+    _, nodes = cluster
+    cfg = config()
+    model = DistributedModel.load(cfg)
+    for m, node in nodes.items():
+        assert model.node_ids[m] == [node.node_id], m
+    got = model.infer(
+        text=TEXTS, image=IMAGES, audio=AUDIO, sampling_rate=16000, return_attention=True
+    )
+    want = local(cfg).infer(
+        text=TEXTS, image=IMAGES, audio=AUDIO, sampling_rate=16000, return_attention=True
+    )
+    for m in ("text", "image", "audio"):
+        np.testing.assert_array_equal(got.embeddings[m], want.embeddings[m])
+        np.testing.assert_array_equal(got.gates[m], want.gates[m])
+    np.testing.assert_array_equal(got.fused, want.fused)
+    np.testing.assert_array_equal(got.attention["text->image"], want.attention["text->image"])
+    # A second call is served by the replicas' caches.
+    again = model.infer(text=TEXTS, image=IMAGES)
+    assert again.stats["modalities"]["image"]["hits"] == 2
+    model.shutdown()
+
+
+def test_many_requests_come_back_in_order_with_backpressure(cluster) -> None:
+    cfg = config()
+    cfg["distributed"]["sharding"]["modality_assignments"]["text"] = {
+        "selectors": ["modality=text"],
+        "replicas": 2,
+        "num_cpus": 0.5,
+        "max_in_flight": 1,
+    }
+    model = DistributedModel.load(cfg)
+    reqs = [
+        {"text": [f"sentence {i}"], "image": [np.full((20, 20, 3), i, np.uint8)]} for i in range(30)
+    ]
+    outs = model.infer_batch(reqs)
+    ref = local(cfg)
+    for r, o in zip(reqs, outs):
+        np.testing.assert_array_equal(o.fused, ref.infer(**r).fused)
+    assert model.peak_in_flight["text"] <= 1
+    counts = [s["calls"] for s in model.stats()["text"]]
+    assert len(counts) == 2 and all(c > 0 for c in counts), counts  # both replicas worked
+    model.shutdown()
+
+
+def test_misconfiguration_fails_fast(cluster) -> None:
+    cfg = config()
+    cfg["distributed"]["sharding"]["modality_assignments"]["image"] = ["modality=gpu"]
+    t0 = time.monotonic()
+    with pytest.raises(mlmf.DistributedError, match="image: no alive node matches"):
+        DistributedModel.load(cfg)
+    assert time.monotonic() - t0 < 10
+    cfg = config()
+    del cfg["distributed"]["sharding"]["modality_assignments"]["audio"]
+    with pytest.raises(mlmf.ConfigError, match="audio"):
+        DistributedModel.load(cfg)
+    model = DistributedModel.load(config())
+    with pytest.raises(mlmf.InputError, match="no video modality"):
+        model.infer(video=[str(DATA / "sample.gif")])
+    # A worker's error arrives as the mlmf error it was.
+    with pytest.raises(mlmf.DecodeError):
+        model.infer(image=[b"not an image"])
+    model.shutdown()
+
+
+def test_a_killed_node_loses_no_request() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster, nodes = start_cluster(("text", "image"))
+    try:
+        cfg = config()
+        del cfg["modalities"]["audio"]
+        del cfg["distributed"]["sharding"]["modality_assignments"]["audio"]
+        cfg["distributed"]["max_retries"] = 5
+        model = DistributedModel.load(cfg)
+        rng = np.random.default_rng(0)
+        reqs = [
+            {
+                "text": [f"request {i}"],
+                "image": [rng.integers(0, 255, (160, 120, 3), dtype=np.uint8)],
+            }
+            for i in range(200)
+        ]
+        killed = threading.Event()
+
+        def kill_at(done: int) -> None:
+            if done >= 40 and not killed.is_set():
+                killed.set()
+                cluster.remove_node(nodes["image"], allow_graceful=False)
+                cluster.add_node(**NODE, labels={"modality": "image"})
+
+        outs = model.infer_batch(reqs, progress=kill_at, timeout=240)
+        assert killed.is_set()
+        assert len(outs) == 200
+        ref = local(cfg)
+        for r, o in zip(reqs, outs):
+            want = ref.infer(**r)
+            np.testing.assert_array_equal(o.embeddings["image"], want.embeddings["image"])
+            np.testing.assert_array_equal(o.fused, want.fused)
+        # The image replica restarted on the replacement node.
+        new = model.refresh_nodes()["image"]
+        assert new != [nodes["image"].node_id]
+        assert new[0] in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
