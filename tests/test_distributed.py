@@ -163,6 +163,43 @@ def test_misconfiguration_fails_fast(cluster) -> None:
     model.shutdown()
 
 
+def test_ray_data_batch_job_writes_parquet_and_resumes(cluster, tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    from mlmf.distributed.batch import read_output, run_batch
+
+    cfg = config()
+    del cfg["modalities"]["audio"]
+    del cfg["distributed"]["sharding"]["modality_assignments"]["audio"]
+    images = [
+        str(DATA / "sample.jpg"),
+        str(Path(__file__).parent / "fixtures" / "image" / "inputs" / "rgb_640x480.png"),
+    ]
+    rows = [
+        {"id": f"row-{i}", "text": f"row number {i}", **({"image": images[i % 2]} if i % 5 else {})}
+        for i in range(500)
+    ]
+    out = tmp_path / "embeddings"
+    # An interrupted run: two files written, and a half-written one left behind.
+    first = run_batch(cfg, rows, out, chunk_rows=100, max_chunks=2)
+    assert first == {"rows": 500, "skipped": 0, "written": 200}
+    (out / ".part-000009.parquet.tmp-1").write_bytes(b"PAR1 truncated")
+    again = run_batch(cfg, rows, out, chunk_rows=100)
+    assert again == {"rows": 500, "skipped": 200, "written": 300}
+    assert run_batch(cfg, rows, out)["written"] == 0
+    got = read_output(out)
+    assert sorted(got["id"]) == sorted(r["id"] for r in rows)
+    assert got["fused"].shape == (500, 16)
+    ref = local(cfg)
+    by_id = {r["id"]: r for r in rows}
+    for i in range(0, 500, 23):
+        r = by_id[got["id"][i]]
+        want = ref.infer(text=[r["text"]], image=[r["image"]] if "image" in r else None)
+        np.testing.assert_allclose(got["fused"][i], want.fused[0], atol=1e-5)
+        assert np.isnan(got["emb_image"][i]).all() == ("image" not in r)
+    with pytest.raises(mlmf.InputError, match="id"):
+        run_batch(cfg, [{"text": "no id"}], tmp_path / "x")
+
+
 def test_a_killed_node_loses_no_request() -> None:
     if ray.is_initialized():
         ray.shutdown()

@@ -116,6 +116,53 @@ class _Part:
     result: Optional[dict] = None
 
 
+def build_fusion(config: dict, infos: dict[str, dict]) -> tuple[Any, list, list[str], str]:
+    """The fusion and attention layers a local ``MultiModalModel`` with this config
+    builds, from the encoders' widths (``infos[m]``: ``hidden_size``, ``output_dim``):
+    ``(fusion, [(query, key, layer)], modality order, input level)``."""
+    fcfg = dict(config.get("fusion") or {"strategy": "gated"})
+    strategy = fcfg.pop("strategy")
+    out_dim = fcfg.pop("out_dim", None)
+    weights = fcfg.pop("weights", None)
+    seed = int(fcfg.pop("seed", 0))
+    required = fcfg.pop("required", None)
+    level = fcfg.pop("inputs", None) or ("tokens" if strategy in ("early", "middle") else "pooled")
+    width = "hidden_size" if level == "tokens" else "output_dim"
+    # The local model's order (text, image, audio, video, custom:N): the seeded
+    # initialisation and the weight names depend on it.
+    order = sorted(infos, key=_canonical)
+    dims = {m: infos[m][width] for m in order}
+    acfg = dict(config.get("cross_modal_attention") or {})
+    pair_names = acfg.pop("pairs", [])
+    att_weights = acfg.pop("weights", None)
+    att_seed = int(acfg.pop("seed", 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fusion = mlmf.Fusion(
+            strategy,
+            dims,
+            out_dim or max(dims.values()),
+            weights=weights,
+            seed=seed,
+            required=required,
+            **fcfg,
+        )
+        pairs = []
+        for i, pair in enumerate(pair_names):
+            q, k = (s.strip() for s in pair.split("->"))
+            layer = mlmf.CrossModalAttention(
+                infos[q]["hidden_size"],
+                kv_dim=infos[k]["hidden_size"],
+                weights=(Path(att_weights) / f"{q}-{k}.safetensors") if att_weights else None,
+                seed=att_seed + i,
+                query_modality=q,
+                kv_modality=k,
+                **acfg,
+            )
+            pairs.append((q, k, layer))
+    return fusion, pairs, order, level
+
+
 def _read_items(modality: str, items: Any, send_bytes: bool) -> list:
     """A modality's items as they travel: texts as str, files as their bytes (or paths),
     arrays as NumPy arrays."""
@@ -161,49 +208,7 @@ class DistributedModel:
         dist = config.get("distributed") or {}
         self.max_retries = int(dist.get("max_retries", 3))
         self.send_file_bytes = bool(dist.get("send_file_bytes", True))
-        fcfg = dict(config.get("fusion") or {"strategy": "gated"})
-        strategy = fcfg.pop("strategy")
-        out_dim = fcfg.pop("out_dim", None)
-        weights = fcfg.pop("weights", None)
-        seed = int(fcfg.pop("seed", 0))
-        required = fcfg.pop("required", None)
-        level = fcfg.pop("inputs", None) or (
-            "tokens" if strategy in ("early", "middle") else "pooled"
-        )
-        self.level = level
-        width = "hidden_size" if level == "tokens" else "output_dim"
-        # The local model's order (text, image, audio, video, custom:N): the seeded
-        # initialisation and the weight names depend on it.
-        self.order = sorted(infos, key=_canonical)
-        dims = {m: infos[m][width] for m in self.order}
-        acfg = dict(config.get("cross_modal_attention") or {})
-        pairs = acfg.pop("pairs", [])
-        att_weights = acfg.pop("weights", None)
-        att_seed = int(acfg.pop("seed", 0))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.fusion = mlmf.Fusion(
-                strategy,
-                dims,
-                out_dim or max(dims.values()),
-                weights=weights,
-                seed=seed,
-                required=required,
-                **fcfg,
-            )
-            self.pairs = []
-            for i, pair in enumerate(pairs):
-                q, k = (s.strip() for s in pair.split("->"))
-                layer = mlmf.CrossModalAttention(
-                    infos[q]["hidden_size"],
-                    kv_dim=infos[k]["hidden_size"],
-                    weights=(Path(att_weights) / f"{q}-{k}.safetensors") if att_weights else None,
-                    seed=att_seed + i,
-                    query_modality=q,
-                    kv_modality=k,
-                    **acfg,
-                )
-                self.pairs.append((q, k, layer))
+        self.fusion, self.pairs, self.order, self.level = build_fusion(config, infos)
 
     # ------------------------------------------------------------------ loading
 
