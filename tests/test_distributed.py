@@ -104,6 +104,8 @@ def test_replicas_run_on_their_nodes_and_match_the_local_model(cluster) -> None:
     model = DistributedModel.load(cfg)
     for m, node in nodes.items():
         assert model.node_ids[m] == [node.node_id], m
+        # CPU replicas run as many encoder threads as they have CPUs.
+        assert model.encoders[m]["threads"] == "1", m
     got = model.infer(
         text=TEXTS, image=IMAGES, audio=AUDIO, sampling_rate=16000, return_attention=True
     )
@@ -128,6 +130,11 @@ def test_many_requests_come_back_in_order_with_backpressure(cluster) -> None:
         "replicas": 2,
         "num_cpus": 0.5,
         "max_in_flight": 1,
+    }
+    cfg["distributed"]["sharding"]["modality_assignments"]["image"] = {
+        "selectors": ["modality=image"],
+        "num_cpus": 1,
+        "memory": "256 MiB",
     }
     model = DistributedModel.load(cfg)
     reqs = [
