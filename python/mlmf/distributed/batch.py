@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 import mlmf
-from mlmf.distributed.model import MODALITIES, _canonical, _ray, build_fusion
+from mlmf.distributed.model import MODALITIES, _canonical, _ray, build_fusion, worker_config
 from mlmf.distributed.placement import plans
 
 CHUNK_PREFIX = "part-"
@@ -182,13 +182,7 @@ def run_batch(
         m = plan.modality
         if m not in used:
             continue
-        worker_cfg = {
-            "modalities": {m: cfg["modalities"][m]},
-            "fusion": {"strategy": "late"},
-            "cache": cfg.get("cache", {}),
-            "device": "cuda" if plan.num_gpus > 0 and mlmf.CUDA_COMPILED else "cpu",
-            "dtype": cfg.get("dtype", "float32"),
-        }
+        worker_cfg = worker_config(cfg, plan)
         placement = plan.placements[0] if plan.placements else {}
         ds = ds.map_batches(
             _EncodeStage,

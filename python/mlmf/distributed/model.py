@@ -116,6 +116,21 @@ class _Part:
     result: Optional[dict] = None
 
 
+def worker_config(config: dict, plan: Plan) -> dict:
+    """The config of one replica: its modality alone (a placeholder fusion), the cache
+    settings, and ``cuda`` when it has a GPU and mlmf was built with CUDA."""
+    device = config.get("device", "cpu")
+    if plan.num_gpus > 0 and mlmf.CUDA_COMPILED:
+        device = "cuda"
+    return {
+        "modalities": {plan.modality: config["modalities"][plan.modality]},
+        "fusion": {"strategy": "late"},
+        "cache": config.get("cache", {}),
+        "device": device,
+        "dtype": config.get("dtype", "float32"),
+    }
+
+
 def build_fusion(config: dict, infos: dict[str, dict]) -> tuple[Any, list, list[str], str]:
     """The fusion and attention layers a local ``MultiModalModel`` with this config
     builds, from the encoders' widths (``infos[m]``: ``hidden_size``, ``output_dim``):
@@ -238,16 +253,7 @@ class DistributedModel:
         replicas: dict[str, list[_Replica]] = {}
         for plan in plans(cfg, ray):
             m = plan.modality
-            device = cfg.get("device", "cpu")
-            if plan.num_gpus > 0 and mlmf.CUDA_COMPILED:
-                device = "cuda"
-            worker_cfg = {
-                "modalities": {m: cfg["modalities"][m]},
-                "fusion": {"strategy": "late"},
-                "cache": cfg.get("cache", {}),
-                "device": device,
-                "dtype": cfg.get("dtype", "float32"),
-            }
+            worker_cfg = worker_config(cfg, plan)
             threads = str(max(1, int(plan.num_cpus or 1)))
             replicas[m] = []
             for i, placement in enumerate(plan.placements):

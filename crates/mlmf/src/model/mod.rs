@@ -682,18 +682,7 @@ impl MultiModalModel {
                     "expected at least one item, got an empty batch",
                 ));
             }
-            match batch {
-                Some((b, m0)) if b != n => {
-                    return Err(MlmfError::input(
-                        m,
-                        format!(
-                            "{n} items, but {m0} has {b}: every modality of a call needs one \
-                             item per row"
-                        ),
-                    ))
-                }
-                _ => batch = Some((n, m)),
-            }
+            same_batch(&mut batch, m, n)?;
             let item_ids = ids.remove(&m);
             if let Some(v) = &item_ids {
                 if v.len() != n {
@@ -719,18 +708,7 @@ impl MultiModalModel {
                 ));
             }
             let n = emb.states.dims().first().copied().unwrap_or(0);
-            match batch {
-                Some((b, m0)) if b != n => {
-                    return Err(MlmfError::input(
-                        m,
-                        format!(
-                            "{n} items, but {m0} has {b}: every modality of a call needs one \
-                             item per row"
-                        ),
-                    ))
-                }
-                _ => batch = Some((n, m)),
-            }
+            same_batch(&mut batch, m, n)?;
             if !slot.enabled.load(Ordering::Relaxed) {
                 skipped.push(m);
                 continue;
@@ -999,6 +977,21 @@ impl MultiModalModel {
             out.push((p.pair.to_string(), weights));
         }
         Ok(out)
+    }
+}
+
+/// Checks that modality `m` carries as many items (`n`) as the modalities before it.
+fn same_batch(batch: &mut Option<(usize, Modality)>, m: Modality, n: usize) -> Result<()> {
+    match *batch {
+        Some((b, m0)) if b != n => Err(MlmfError::input(
+            m,
+            format!("{n} items, but {m0} has {b}: every modality of a call needs one item per row"),
+        )),
+        Some(_) => Ok(()),
+        None => {
+            *batch = Some((n, m));
+            Ok(())
+        }
     }
 }
 
