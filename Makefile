@@ -75,6 +75,7 @@ bench: develop ## run benchmarks against the reference libraries; writes docs/be
 	$(PY) benchmarks/attention.py --out docs/benchmarks.md
 	$(PY) benchmarks/fusion.py --out docs/benchmarks.md
 	$(PY) benchmarks/model.py --out docs/benchmarks.md
+	$(PY) benchmarks/distributed.py --out docs/benchmarks.md
 
 .PHONY: fixtures
 fixtures: ## regenerate tests/fixtures with the reference libraries (.venv-ref)
