@@ -437,11 +437,10 @@ def section(
         "with Ray's own processes (raylets, GCS, object stores), where separate machines "
         "would give each replica its own node. About 2x is the most this machine can show; "
         "the per-round spreads below show how much single rounds moved.",
-        "`max_in_flight` > 1 lets that many calls run in one replica at once, each on its "
-        "own actor thread; with one rayon thread per call they run in parallel, so such a "
-        "replica can use more cores than its `num_cpus` reservation (the 1-replica, "
-        "`max_in_flight = 4` line). The scaling ratio is taken between the "
-        "`max_in_flight = 1` lines, where each replica uses the one core it reserves.",
+        "A replica encodes one call at a time; `max_in_flight` > 1 queues the next "
+        "calls on it with their inputs already sent (the 1-replica, `max_in_flight = 4` "
+        "line shows what that pipelining gains). The scaling ratio is taken between the "
+        "`max_in_flight = 1` lines.",
         "The capacity model column is what docs/distributed.md predicts from the measured "
         "encode time alone (throughput per modality = replicas / encode time, one encoder "
         "call at a time per replica); the gap to the measured requests/s is the per-request "

@@ -150,6 +150,17 @@ def test_many_requests_come_back_in_order_with_backpressure(cluster) -> None:
     model.shutdown()
 
 
+def test_replicated_strategy_places_every_modality_anywhere(cluster) -> None:
+    cfg = config()
+    cfg["distributed"] = {"sharding": {"strategy": "replicated", "replicas": 1}}
+    model = DistributedModel.load(cfg)
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert all(ids[0] in alive for ids in model.node_ids.values())
+    got = model.infer(text=TEXTS, image=IMAGES)
+    np.testing.assert_array_equal(got.fused, local(cfg).infer(text=TEXTS, image=IMAGES).fused)
+    model.shutdown()
+
+
 def test_misconfiguration_fails_fast(cluster) -> None:
     cfg = config()
     cfg["distributed"]["sharding"]["modality_assignments"]["image"] = ["modality=gpu"]

@@ -262,7 +262,9 @@ class DistributedModel:
                     "num_gpus": plan.num_gpus,
                     "max_restarts": -1,
                     "max_task_retries": max_retries,
-                    "max_concurrency": plan.max_in_flight,
+                    # One encode at a time: a replica uses the CPUs it asked for;
+                    # up to max_in_flight requests wait in its queue.
+                    "max_concurrency": 1,
                     "runtime_env": {"env_vars": {"RAYON_NUM_THREADS": threads}},
                     **placement,
                 }
@@ -277,8 +279,9 @@ class DistributedModel:
             left = max(0.1, deadline - time.monotonic())
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=left)
             if pending:
-                for r in rs:
-                    ray.kill(r.handle)
+                for started in replicas.values():
+                    for r in started:
+                        ray.kill(r.handle)
                 raise mlmf.DistributedError(
                     f"{m}: {len(pending)} of {len(refs)} replicas did not start within "
                     f"{timeout:g} s (no node with free resources matching "

@@ -107,7 +107,12 @@ impl MultiModalConfig {
             },
             other => other,
         })?;
-        if let Some(dir) = path.parent() {
+        // Relative paths in the file are taken from its folder, made absolute so that
+        // they mean the same wherever the config travels (other processes, nodes).
+        let folder = path
+            .parent()
+            .map(|d| std::path::absolute(d).unwrap_or(d.to_path_buf()));
+        if let Some(dir) = folder.as_deref() {
             for m in config.modalities.values_mut() {
                 if let Some(model) = m.model.as_mut().filter(|p| p.is_relative()) {
                     *model = dir.join(&*model);
