@@ -259,3 +259,37 @@ def test_a_killed_node_loses_no_request() -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_gpu_replicas_ask_for_gpus_and_run_on_cuda_when_built_with_it(monkeypatch) -> None:
+    # Placement and device choice only (this machine has no GPU to start an actor on).
+    from mlmf.distributed.model import worker_config
+    from mlmf.distributed.placement import plans
+
+    cfg = config()
+    cfg["distributed"]["sharding"]["modality_assignments"]["image"] = {
+        "selectors": ["gpu-node"],
+        "num_gpus": 0.5,
+        "replicas": 2,
+    }
+    nodes = [
+        {"Alive": True, "NodeID": "a" * 8, "Labels": {"modality": "text"}, "Resources": {}},
+        {"Alive": True, "NodeID": "b" * 8, "Labels": {}, "Resources": {"gpu-node": 1, "GPU": 1}},
+        {"Alive": True, "NodeID": "c" * 8, "Labels": {}, "Resources": {"audio-node": 1}},
+    ]
+
+    class FakeRay:
+        @staticmethod
+        def nodes():
+            return nodes
+
+    dict_cfg = mlmf.MultiModalConfig.from_dict(cfg).to_dict()
+    image = next(p for p in plans(dict_cfg, FakeRay) if p.modality == "image")
+    assert image.num_gpus == 0.5 and image.replicas == 2
+    assert image.placements == [{"resources": {"gpu-node": 0.01}}] * 2
+    monkeypatch.setattr(mlmf, "CUDA_COMPILED", True)
+    assert worker_config(dict_cfg, image)["device"] == "cuda"
+    text = next(p for p in plans(dict_cfg, FakeRay) if p.modality == "text")
+    assert worker_config(dict_cfg, text)["device"] == "cpu"
+    monkeypatch.setattr(mlmf, "CUDA_COMPILED", False)
+    assert worker_config(dict_cfg, image)["device"] == "cpu"
