@@ -44,7 +44,6 @@ import preprocess as pp  # noqa: E402
 THREADS = pp.THREADS
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -66,7 +65,8 @@ BATCH_REQUESTS = 50  # requests per infer_batch call in the overhead group
 IMAGE_SIDE = 224
 SEQUENTIAL = 4  # one-at-a-time requests per round that measure the replica's encode time
 # Simulated nodes: one CPU each, bounded memory and object store (see docs/distributed.md).
-NODE = dict(num_cpus=1, memory=3 * 2**30, object_store_memory=100 * 2**20)
+# Memory of each simulated node (a 224x224 CLIP ViT-B/32 replica fits in 3 GiB).
+NODE_MEMORY = 3 * 2**30
 
 
 def _quiet_load(loader: Any, config: Any) -> Any:
@@ -81,20 +81,14 @@ def _quiet_load(loader: Any, config: Any) -> Any:
 
 def start_cluster() -> Any:
     """Head (no CPUs), one text node and two image nodes, one CPU each; connects."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Each simulated node's memory monitor would see the whole machine's memory.
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    import ray
-    from ray.cluster_utils import Cluster
+    from mlmf.distributed.local import simulated_cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args=dict(num_cpus=0, include_dashboard=False, object_store_memory=100 * 2**20),
+    labels = ["text", "image", "image"]
+    cluster, _ = simulated_cluster(
+        [{"labels": {"modality": m}} for m in labels],
+        node_memory=NODE_MEMORY,
+        logging_level="warning",
     )
-    cluster.add_node(**NODE, labels={"modality": "text"})
-    cluster.add_node(**NODE, labels={"modality": "image"})
-    cluster.add_node(**NODE, labels={"modality": "image"})
-    ray.init(address=cluster.address, logging_level="warning")
     return cluster
 
 

@@ -25,7 +25,6 @@ replica's statistics and shuts the replicas down.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -39,9 +38,6 @@ import mlmf
 DATA = Path(mlmf.__file__).resolve().parent / "data"
 MODELS = DATA / "models"
 REQUESTS = 50
-# Each simulated node: one CPU, a bounded share of the memory and a small object store
-# (an unbounded node claims most of the machine).
-NODE = dict(num_cpus=1, memory=2 * 2**30, object_store_memory=100 * 2**20)
 
 
 def default_config() -> dict:
@@ -75,23 +71,6 @@ def default_config() -> dict:
             "start_timeout_s": 60,
         },
     }
-
-
-def start_simulated_cluster() -> Any:
-    """A head node with no CPUs (it runs no replica) and one 1-CPU node per modality."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Every simulated node's memory monitor would see the whole machine's memory.
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args=dict(num_cpus=0, include_dashboard=False, object_store_memory=100 * 2**20),
-    )
-    cluster.add_node(**NODE, labels={"modality": "text"})
-    cluster.add_node(**NODE, labels={"modality": "image"})
-    cluster.add_node(**NODE, resources={"audio-node": 1})
-    return cluster
 
 
 def local_config(config: Any) -> Any:
@@ -173,8 +152,17 @@ def tour(args: argparse.Namespace) -> None:
         print(f"connected to the Ray cluster at {args.address}")
     else:
         t0 = time.perf_counter()
-        cluster = start_simulated_cluster()
-        ray.init(address=cluster.address, logging_level="warning")
+        from mlmf.distributed.local import simulated_cluster
+
+        # A head with no CPUs (it runs no replica) and one 1-CPU node per modality.
+        cluster, _ = simulated_cluster(
+            [
+                {"labels": {"modality": "text"}},
+                {"labels": {"modality": "image"}},
+                {"resources": {"audio-node": 1}},
+            ],
+            logging_level="warning",
+        )
         print(
             f"simulated cluster: head + text, image and audio nodes "
             f"({time.perf_counter() - t0:.1f} s)"

@@ -4,54 +4,38 @@ node killed while requests are in flight."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 import mlmf  # noqa: E402
 from mlmf.distributed import DistributedModel  # noqa: E402
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+from mlmf.distributed.local import (  # noqa: E402
+    FAST_HEALTH_CHECKS,
+    node_args,
+    simulated_cluster,
+)
 
 MODELS = Path(__file__).parent / "fixtures" / "encoders" / "models"
 DATA = Path(mlmf.__file__).parent / "data"
-FAST_HEALTH = {
-    "health_check_period_ms": 500,
-    "health_check_failure_threshold": 3,
-    "health_check_timeout_ms": 500,
-    "health_check_initial_delay_ms": 0,
-}
-NODE = dict(num_cpus=1, memory=2 * 2**30, object_store_memory=100 * 2**20)
+NODE = node_args()
 
 
-def start_cluster(modalities=("text", "image", "audio")) -> tuple[Cluster, dict]:
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args=dict(
-            num_cpus=0,
-            include_dashboard=False,
-            object_store_memory=100 * 2**20,
-            _system_config=FAST_HEALTH,
-        ),
-    )
-    nodes = {}
-    for m in modalities:
-        # Audio is placed by a custom resource (the fallback), the others by label.
-        if m == "audio":
-            nodes[m] = cluster.add_node(**NODE, resources={"audio-node": 1})
-        else:
-            nodes[m] = cluster.add_node(**NODE, labels={"modality": m})
-    ray.init(address=cluster.address)
-    return cluster, nodes
+def start_cluster(modalities=("text", "image", "audio")) -> tuple[Any, dict]:
+    # Audio is placed by a custom resource (the fallback), the others by label.
+    specs = [
+        {"resources": {"audio-node": 1}} if m == "audio" else {"labels": {"modality": m}}
+        for m in modalities
+    ]
+    cluster, added = simulated_cluster(specs, system_config=FAST_HEALTH_CHECKS)
+    return cluster, dict(zip(modalities, added))
 
 
 def config(**distributed) -> dict:

@@ -15,7 +15,14 @@ from typing import Any, Optional, Union
 import numpy as np
 
 import mlmf
-from mlmf.distributed.model import MODALITIES, _canonical, _ray, build_fusion, worker_config
+from mlmf.distributed.model import (
+    MODALITIES,
+    _canonical,
+    _ray,
+    build_fusion,
+    config_dict,
+    worker_config,
+)
 from mlmf.distributed.placement import plans
 
 CHUNK_PREFIX = "part-"
@@ -137,11 +144,7 @@ def run_batch(
     ``max_chunks`` stops after writing that many files (for tests and trial runs).
     Returns ``{"rows": total, "skipped": already written, "written": now}``."""
     ray = _ray()
-    if isinstance(config, dict):
-        config = mlmf.MultiModalConfig.from_dict(config)
-    elif not isinstance(config, mlmf.MultiModalConfig):
-        config = mlmf.MultiModalConfig.from_file(config)
-    cfg = config.to_dict()
+    cfg = config_dict(config)
     if not ray.is_initialized():
         ray.init(address="auto")
     import ray.data

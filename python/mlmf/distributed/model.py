@@ -116,6 +116,15 @@ class _Part:
     result: Optional[dict] = None
 
 
+def config_dict(config: Union[mlmf.MultiModalConfig, str, os.PathLike, dict]) -> dict:
+    """A config (object, file path or dict), validated, as plain data."""
+    if isinstance(config, dict):
+        config = mlmf.MultiModalConfig.from_dict(config)
+    elif not isinstance(config, mlmf.MultiModalConfig):
+        config = mlmf.MultiModalConfig.from_file(config)
+    return config.to_dict()
+
+
 def worker_config(config: dict, plan: Plan) -> dict:
     """The config of one replica: its modality alone (a placeholder fusion), the cache
     settings, and ``cuda`` when it has a GPU and mlmf was built with CUDA."""
@@ -239,11 +248,7 @@ class DistributedModel:
         connection of this process (``ray.init`` first), else connects to ``address``
         (default: ``auto``)."""
         ray = _ray()
-        if isinstance(config, dict):
-            config = mlmf.MultiModalConfig.from_dict(config)
-        elif not isinstance(config, mlmf.MultiModalConfig):
-            config = mlmf.MultiModalConfig.from_file(config)
-        cfg = config.to_dict()
+        cfg = config_dict(config)
         if not ray.is_initialized():
             ray.init(address=address or "auto")
         dist = cfg.get("distributed") or {}

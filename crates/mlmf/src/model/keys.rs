@@ -9,6 +9,7 @@ use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 use crate::preprocess::audio::AudioInput;
 use crate::preprocess::image::ImageInput;
+use crate::preprocess::video::frames::list_frame_files;
 use crate::preprocess::video::VideoInput;
 use crate::preprocess::Source;
 
@@ -67,22 +68,10 @@ fn source_key(space: &KeySpace<'_>, src: &Source) -> ContentKey {
     }
 }
 
-/// Keys of a frame directory: every regular file's name and bytes, in name order.
+/// Keys of a frame directory: the name and bytes of every frame file the video
+/// processor reads from it, in its order.
 fn dir_key(space: &KeySpace<'_>, index: usize, dir: &Path) -> Result<ContentKey> {
-    let err = |e: std::io::Error| {
-        MlmfError::input(
-            space.modality,
-            format!("cannot list the frame directory {}: {e}", dir.display()),
-        )
-        .at_index(index)
-    };
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(err)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
+    let files = list_frame_files(dir).map_err(|e| e.at_index(index))?;
     let mut h = blake3::Hasher::new();
     for f in &files {
         let name = f.file_name().map(|n| n.to_string_lossy().into_owned());
