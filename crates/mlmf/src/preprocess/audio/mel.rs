@@ -10,10 +10,11 @@
 //! The FFT is planned once per processor; frames are processed in blocks shared between
 //! the calling thread and the pool, each thread with its own scratch buffers. Two real
 //! frames share one complex FFT (one as the real part, the next as the imaginary part;
-//! see `split_pair`), which costs about half of two real FFTs. Each mel filter covers a
+//! see `split_pairs`), which costs about half of two real FFTs. Each mel filter covers a
 //! few adjacent bins only, so the projection stores one contiguous run of weights per
-//! filter and runs it on eight frames at a time (one SIMD lane per frame); the
-//! logarithm runs on each block while it is in cache.
+//! filter and runs it on eight frames at a time (one SIMD lane per frame). A block's mel
+//! energies collect in a small per-thread tile where the logarithm runs while they are
+//! in cache; each output row then receives the block's values in one store.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +29,7 @@ use crate::preprocess::share::share_with_pool;
 /// Frames per parallel task: large enough to amortise task overhead, small enough to
 /// spread a single 30 s chunk (3000 frames) over many threads.
 const FRAMES_PER_TASK: usize = 64;
+const _: () = assert!(FRAMES_PER_TASK.is_multiple_of(LANES));
 /// Frames projected together; each filter weight multiplies one frame per lane.
 const LANES: usize = 8;
 /// Floor applied to mel energies before the logarithm (transformers' `clamp(min=1e-10)`).
@@ -141,7 +143,7 @@ pub(crate) struct LogMel {
     padding_value: f32,
     window: Vec<f32>,
     /// Complex FFT of length `n_fft`; each call transforms two real frames packed as
-    /// one complex signal (see [`split_pair`]).
+    /// one complex signal (see [`split_pairs`]).
     fft: Arc<dyn Fft<f32>>,
     filters: Vec<SparseFilter>,
 }
@@ -156,6 +158,9 @@ struct Scratch {
     fft_scratch: Vec<Complex<f32>>,
     /// Power spectra of `LANES` frames, bin-major: `power[bin * LANES + lane]`.
     power: Vec<f32>,
+    /// Mel energies, then their logarithms, of one block: `n_mels` rows of
+    /// `FRAMES_PER_TASK` values.
+    tile: Vec<f32>,
 }
 
 impl LogMel {
@@ -234,6 +239,7 @@ impl LogMel {
                     .max(self.fft.get_outofplace_scratch_len())
             ],
             power: vec![0.0; (self.n_fft / 2 + 1) * LANES],
+            tile: vec![0.0; self.n_mels * FRAMES_PER_TASK],
         }
     }
 
@@ -407,22 +413,20 @@ impl LogMel {
                 &mut s.spectra,
                 &mut s.fft_scratch,
             );
-            for (p, z) in s.spectra.chunks_exact(self.n_fft).enumerate() {
-                split_pair(z, &mut s.power, 2 * p);
-            }
+            split_pairs(&s.spectra, self.n_fft, &mut s.power);
         }
         computed
     }
 
     /// Mel energies (clamped at 1e-10) of a frame made only of `padding_value`.
     fn constant_frame_into(&self, chunk: &Chunk<'_>, s: &mut Scratch, dst: &mut [f32]) {
-        if let Some(z) = s.pairs.get_mut(..self.n_fft) {
-            for (c, &w) in z.iter_mut().zip(&self.window) {
-                *c = Complex::new(chunk.padding_value * w, 0.0);
-            }
-            self.fft.process_with_scratch(z, &mut s.fft_scratch);
-            split_pair(z, &mut s.power, 0);
+        s.pairs.fill(Complex::new(0.0, 0.0));
+        for (c, &w) in s.pairs.iter_mut().zip(&self.window) {
+            *c = Complex::new(chunk.padding_value * w, 0.0);
         }
+        self.fft
+            .process_outofplace_with_scratch(&mut s.pairs, &mut s.spectra, &mut s.fft_scratch);
+        split_pairs(&s.spectra, self.n_fft, &mut s.power);
         let mut acc = [0.0f32; LANES];
         for (m, d) in dst.iter_mut().enumerate() {
             self.project(&s.power, m, &mut acc);
@@ -464,10 +468,7 @@ impl LogMel {
             // Lanes past `lanes` (end of the block) hold zeros and are ignored.
             let all = computed[..lanes].iter().all(|&c| c);
             let none = !computed[..lanes].iter().any(|&c| c);
-            for (m, mut row) in block.outer_iter_mut().enumerate() {
-                let row = row.as_slice_mut().ok_or_else(|| {
-                    MlmfError::Internal("log-mel block rows are not contiguous".into())
-                })?;
+            for (m, row) in s.tile.chunks_exact_mut(FRAMES_PER_TASK).enumerate() {
                 let mut vals = [constant[m]; LANES];
                 if !none {
                     let mut acc = [0.0f32; LANES];
@@ -481,24 +482,33 @@ impl LogMel {
                 for (mx, &v) in max.iter_mut().zip(&vals).take(lanes) {
                     *mx = if v > *mx { v } else { *mx };
                 }
-                // A fixed-size copy for whole groups: a variable-length one becomes a
-                // call to memcpy per row.
-                if let Some(dst) = row.get_mut(group..group + LANES) {
-                    dst.copy_from_slice(&vals);
-                } else if let Some(dst) = row.get_mut(group..group + lanes) {
-                    dst.copy_from_slice(&vals[..lanes]);
+                // Tile rows hold whole groups (`FRAMES_PER_TASK` is a multiple of
+                // `LANES`): a fixed-size store, the lanes past `lanes` being ignored.
+                if let Some(dst) = row
+                    .get_mut(group..group + LANES)
+                    .and_then(|d| <&mut [f32; LANES]>::try_from(d).ok())
+                {
+                    *dst = vals;
                 }
             }
             group += lanes;
         }
-        // The logarithm while the block is still in cache, over whole rows so that it
-        // runs as a vector loop.
-        for mut row in block.outer_iter_mut() {
-            if let Some(row) = row.as_slice_mut() {
-                for v in row.iter_mut() {
-                    *v = log10(*v);
-                }
+        // The logarithm on the tile, over whole rows so that it runs as a vector loop,
+        // then each row of the block written once (rows of the output lie a page or more
+        // apart; storing a few values at a time into each costs TLB misses).
+        for (mut dst, src) in block
+            .outer_iter_mut()
+            .zip(s.tile.chunks_exact_mut(FRAMES_PER_TASK))
+        {
+            let (Some(dst), Some(src)) = (dst.as_slice_mut(), src.get_mut(..count)) else {
+                return Err(MlmfError::Internal(
+                    "log-mel block rows are not contiguous".into(),
+                ));
+            };
+            for v in src.iter_mut() {
+                *v = log10(*v);
             }
+            dst.copy_from_slice(src);
         }
         Ok(max
             .iter()
@@ -506,8 +516,9 @@ impl LogMel {
     }
 }
 
-/// Power spectra of the two real frames packed in `z` (the FFT of `a + i b`) into lanes
-/// `lane` and `lane + 1` of `power` (`power[bin * LANES + lane]`, bins `0..=n / 2`).
+/// Power spectra of the `LANES` real frames packed in pairs in `spectra` (pair `p`, the
+/// FFT of `frame_2p + i frame_2p+1`, at `spectra[p * n..(p + 1) * n]`) into `power`
+/// (`power[bin * LANES + lane]`, bins `0..=n / 2`).
 ///
 /// With `Z = A + iB` and `A`, `B` the spectra of real signals (so `A[n-k] = conj(A[k])`,
 /// likewise `B`): `conj(Z[n-k]) = A[k] - iB[k]`, hence `A[k] = (Z[k] + conj(Z[n-k])) / 2`
@@ -515,28 +526,35 @@ impl LogMel {
 /// division by `i` drops out and the halving becomes an exact factor 1/4. Bin 0 (and
 /// `n / 2` for even `n`) pairs with itself: `A = Re Z`, `B = Im Z`, which the same
 /// formula gives.
-fn split_pair(z: &[Complex<f32>], power: &mut [f32], lane: usize) {
-    #[inline(always)]
-    fn store(c: Complex<f32>, d: Complex<f32>, bin: &mut [f32], lane: usize) {
-        let (ar, ai) = (c.re + d.re, c.im - d.im);
-        let (br, bi) = (c.re - d.re, c.im + d.im);
-        if let Some([pa, pb]) = bin.get_mut(lane..lane + 2) {
-            *pa = 0.25 * (ar * ar + ai * ai);
-            *pb = 0.25 * (br * br + bi * bi);
-        }
-    }
-    let n = z.len();
-    let mut bins = power.chunks_exact_mut(LANES);
-    if let (Some(&z0), Some(bin)) = (z.first(), bins.next()) {
-        store(z0, z0, bin, lane);
-    }
-    // Bins 1..=n/2 meet Z[n-1] down to Z[n - n/2] (for even n the last bin, n/2, meets
-    // itself). Plain slice iterators keep this loop branch-free.
-    let (Some(low), Some(high)) = (z.get(1..=n / 2), z.get(n - n / 2..)) else {
+///
+/// In vector form, for the pairs' values `c = Z[k]` and `d = Z[n-k]` laid out as
+/// `[re, im]` per pair: with `s = c + d` and `t = c - d`, `|A|^2 = s.re^2 + t.im^2` and
+/// `|B|^2 = t.re^2 + s.im^2`, so the eight lanes of a bin are `(s^2 + swap(t^2)) / 4`,
+/// `swap` exchanging the two values of each pair: one vector expression per bin.
+fn split_pairs(spectra: &[Complex<f32>], n: usize, power: &mut [f32]) {
+    const PAIRS: usize = LANES / 2;
+    let Some(spectra) = spectra.get(..n * PAIRS) else {
         return;
     };
-    for ((&c, &d), bin) in low.iter().zip(high.iter().rev()).zip(bins) {
-        store(c, d, bin, lane);
+    let pairs: [&[Complex<f32>]; PAIRS] = std::array::from_fn(|p| &spectra[p * n..(p + 1) * n]);
+    for (k, bin) in power.chunks_exact_mut(LANES).take(n / 2 + 1).enumerate() {
+        let j = if k == 0 { 0 } else { n - k };
+        let (mut c, mut d) = ([0.0f32; LANES], [0.0f32; LANES]);
+        for (p, z) in pairs.iter().enumerate() {
+            if let (Some(&zk), Some(&zj)) = (z.get(k), z.get(j)) {
+                (c[2 * p], c[2 * p + 1]) = (zk.re, zk.im);
+                (d[2 * p], d[2 * p + 1]) = (zj.re, zj.im);
+            }
+        }
+        let mut s = [0.0f32; LANES];
+        let mut t = [0.0f32; LANES];
+        for l in 0..LANES {
+            s[l] = c[l] + d[l];
+            t[l] = c[l] - d[l];
+        }
+        for l in 0..LANES {
+            bin[l] = 0.25 * (s[l] * s[l] + t[l ^ 1] * t[l ^ 1]);
+        }
     }
 }
 
@@ -790,34 +808,33 @@ mod tests {
 
     #[test]
     fn paired_fft_equals_two_real_ffts() {
-        // Even and odd lengths; lane pairs at both ends of the power layout.
-        for (n, lane) in [(400, 0), (400, 6), (17, 2), (2, 4)] {
-            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() + 0.1).collect();
-            let b: Vec<f32> = (0..n).map(|i| ((i * i) % 7) as f32 - 3.0).collect();
-            let mut z: Vec<Complex<f32>> = a
-                .iter()
-                .zip(&b)
-                .map(|(&u, &v)| Complex::new(u, v))
+        // Even and odd lengths; every lane of the power layout.
+        for n in [400, 17, 2] {
+            let frames: Vec<Vec<f32>> = (0..LANES)
+                .map(|l| {
+                    (0..n)
+                        .map(|i| ((i * (l + 2) * 37 % 101) as f32 * 0.37).sin() + 0.1 * l as f32)
+                        .collect()
+                })
                 .collect();
-            FftPlanner::<f32>::new().plan_fft_forward(n).process(&mut z);
-            let mut power = vec![f32::NAN; (n / 2 + 1) * LANES];
-            split_pair(&z, &mut power, lane);
-            for (k, (pa, pb)) in dft_power(&a).into_iter().zip(dft_power(&b)).enumerate() {
-                let (ga, gb) = (power[k * LANES + lane], power[k * LANES + lane + 1]);
-                let scale = 1e-5 * (1.0 + pa.max(pb));
-                assert!(
-                    (f64::from(ga) - pa).abs() < scale,
-                    "n {n} bin {k}: {ga} vs {pa}"
-                );
-                assert!(
-                    (f64::from(gb) - pb).abs() < scale,
-                    "n {n} bin {k}: {gb} vs {pb}"
-                );
+            let mut z: Vec<Complex<f32>> = frames
+                .chunks_exact(2)
+                .flat_map(|ab| ab[0].iter().zip(&ab[1]).map(|(&u, &v)| Complex::new(u, v)))
+                .collect();
+            let fft = FftPlanner::<f32>::new().plan_fft_forward(n);
+            for pair in z.chunks_exact_mut(n) {
+                fft.process(pair);
             }
-            // Only the two lanes are written.
-            for (k, bin) in power.chunks_exact(LANES).enumerate() {
-                for (l, v) in bin.iter().enumerate() {
-                    assert_eq!(v.is_nan(), l != lane && l != lane + 1, "bin {k} lane {l}");
+            let mut power = vec![f32::NAN; (n / 2 + 1) * LANES];
+            split_pairs(&z, n, &mut power);
+            for (lane, frame) in frames.iter().enumerate() {
+                for (k, p) in dft_power(frame).into_iter().enumerate() {
+                    let got = power[k * LANES + lane];
+                    let scale = 1e-5 * (1.0 + p);
+                    assert!(
+                        (f64::from(got) - p).abs() < scale,
+                        "n {n} lane {lane} bin {k}: {got} vs {p}"
+                    );
                 }
             }
         }
