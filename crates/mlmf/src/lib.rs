@@ -15,6 +15,7 @@ pub mod fusion;
 pub mod loader;
 pub mod modality;
 pub mod model;
+mod pool;
 pub mod preprocess;
 
 #[cfg(feature = "python")]

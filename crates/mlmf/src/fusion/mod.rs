@@ -442,7 +442,13 @@ impl Fusion {
         return_attention: bool,
     ) -> Result<FusionOutput> {
         let prepared = self.prepare(inputs)?;
-        let out = self.component.fuse(&prepared, return_attention)?;
+        // Built-in strategies run with the pool kept awake (see `pool`); a custom
+        // component may call back into Python, so it runs on the caller's thread.
+        let out = if matches!(self.strategy, FusionStrategy::Custom(_)) {
+            self.component.fuse(&prepared, return_attention)?
+        } else {
+            crate::pool::with_awake_pool(|| self.component.fuse(&prepared, return_attention))?
+        };
         let want = [prepared.batch, self.out_dim];
         if out.fused.dims() != want {
             let (_, m, _) = prepared
