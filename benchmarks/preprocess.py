@@ -894,10 +894,10 @@ def section(
         "alone ran them in 0.76 ms on one core of this machine, measured in a standalone "
         "loop on a quiet host. That is 0.38 ms on two cores, while the reference's whole "
         "batch-1 call took 3.99 ms in the quietest run recorded here (2026-11-23; on a "
-        "busy host both sides slow down about alike). 10x would leave 0.02 ms for windowing, power "
-        "spectra, mel projection, logarithms and waking the second worker (about 0.1 ms), "
-        "so on this machine the batch-1 target is out of reach of a float32 FFT of this "
-        "speed. At batch 8 the pool stays awake and the target is met.",
+        "busy host both sides slow down about alike). 10x would leave 0.02 ms for "
+        "windowing, power spectra, mel projection, logarithms and waking the second worker "
+        "(about 0.1 ms), so on this machine the batch-1 target is out of reach of a float32 "
+        "FFT of this speed. At batch 8 the pool stays awake and the target is met.",
         *notes,
     ]
     image = f"![Preprocessing speed-ups]({PLOT_NAME})" if png else ""
