@@ -443,8 +443,17 @@ impl Fusion {
     ) -> Result<FusionOutput> {
         let prepared = self.prepare(inputs)?;
         // Built-in strategies run with the pool kept awake (see `pool`); a custom
-        // component may call back into Python, so it runs on the caller's thread.
-        let out = if matches!(self.strategy, FusionStrategy::Custom(_)) {
+        // component may call back into Python, so it runs on the caller's thread. So
+        // does a call too small for any of its products to go parallel (a few pooled
+        // rows): entering the pool would cost more than the call.
+        let inline = matches!(self.strategy, FusionStrategy::Custom(_))
+            || prepared
+                .present()
+                .map(|(_, _, p)| p.tokens.elem_count())
+                .sum::<usize>()
+                .saturating_mul(self.out_dim)
+                < crate::encoders::cpu::PARALLEL_MIN_MACS;
+        let out = if inline {
             self.component.fuse(&prepared, return_attention)?
         } else {
             crate::pool::with_awake_pool(|| self.component.fuse(&prepared, return_attention))?
