@@ -345,6 +345,14 @@ fn linear(
     } else {
         rayon::current_num_threads().max(1)
     };
+    if threads > 1 && m <= SPLIT_K_MAX_ROWS && k >= total {
+        let split = SplitK {
+            widths: &widths,
+            threads,
+        };
+        linear_split_k(x, m, k, parts, dst, dst_rs, accumulate, act, split);
+        return;
+    }
     let col_blocks = threads.min(total.div_ceil(64)).max(1);
     let width = total.div_ceil(col_blocks).next_multiple_of(16);
     let row_blocks = if col_blocks < threads && m >= 64 {
@@ -352,10 +360,6 @@ fn linear(
     } else {
         1
     };
-    if threads > 1 && m <= SPLIT_K_MAX_ROWS && k >= total {
-        linear_split_k(x, m, k, parts, dst, dst_rs, accumulate, act, threads);
-        return;
-    }
     let height = m.div_ceil(row_blocks);
     // Tasks: (rows, part, columns within the part, destination column).
     let mut tasks = Vec::new();
@@ -428,7 +432,14 @@ pub(crate) const PARALLEL_MIN_MACS: usize = 1 << 20;
 /// least the output width): pooled embeddings through a wide projection.
 const SPLIT_K_MAX_ROWS: usize = 128;
 
-/// [`linear`] with the inner dimension split between `threads` tasks. A column split
+/// What [`linear`] has worked out for [`linear_split_k`]: each part's output width and
+/// the number of tasks.
+struct SplitK<'a> {
+    widths: &'a [usize],
+    threads: usize,
+}
+
+/// [`linear`] with the inner dimension split between `split.threads` tasks. A column split
 /// makes every task pack the whole of `x`, which for a few long rows (64 x 1664 into
 /// 512 columns) costs more than adding up the partial products: here each task packs
 /// only its share of `x` and reads only its rows of the weights. The first task
@@ -444,9 +455,8 @@ fn linear_split_k(
     dst_rs: usize,
     accumulate: bool,
     act: Option<Activation>,
-    threads: usize,
+    SplitK { widths, threads }: SplitK<'_>,
 ) {
-    let widths: Vec<usize> = parts.iter().map(|p| p.w.len() / k).collect();
     let total: usize = widths.iter().sum();
     let chunk = k.div_ceil(threads.max(1));
     let spans: Vec<std::ops::Range<usize>> = (0..k)
@@ -469,7 +479,7 @@ fn linear_split_k(
         .collect();
     jobs.par_iter().for_each(|(span, d, rs, acc)| {
         let mut col = 0;
-        for (part, &w) in parts.iter().zip(&widths) {
+        for (part, &w) in parts.iter().zip(widths) {
             // SAFETY: each job writes its own matrix (`dst` or one `partial` slice),
             // `m x total` with row stride `rs`, in bounds by `linear`'s assertion and
             // the size of `partial`; `x` and the weights are read only, at rows and
@@ -502,7 +512,7 @@ fn linear_split_k(
             }
         }
         let mut col = 0;
-        for (part, &w) in parts.iter().zip(&widths) {
+        for (part, &w) in parts.iter().zip(widths) {
             if let Some(b) = part.b {
                 for (v, b) in row[col..col + w].iter_mut().zip(b) {
                     *v += b;
