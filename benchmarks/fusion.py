@@ -5,7 +5,8 @@ widths: text 384 (all-MiniLM-L6-v2), image 768 (ViT-B/16), audio 512, fused widt
 `late` (concat, mean, weighted, logits), `attention` (with and without
 `attention_dim`) and `gated` fuse pooled embeddings of the three modalities, batch 64;
 `early` and `middle` (gate none and tanh) fuse 77 padded text tokens with 197 image
-tokens, 2 layers, 8 heads, batch 8. The PyTorch contenders are float32
+tokens, 2 layers, 8 heads, batch 8; `early` and `middle` (gate none) run once more with
+every text token real, where mlmf has no padded token to skip. The PyTorch contenders are float32
 `torch.nn.Module`s written for speed (nn.Linear, nn.LayerNorm, batched matmuls,
 F.scaled_dot_product_attention) that compute the formulas of docs/fusion.md; the
 `early` row adds a stack of nn.TransformerEncoderLayer for reference. Both sides load
@@ -85,6 +86,7 @@ class Case:
     options: dict[str, Any]
     tokens: bool  # token inputs (early, middle) rather than pooled ones
     rounds: int  # default timed rounds
+    padded: bool = True  # token rows: text padded to TEXT_TOKENS (else every token real)
 
     @property
     def dims(self) -> dict[str, int]:
@@ -97,6 +99,7 @@ class Case:
 
 _POOLED = "pooled text 384 + image 768 + audio 512"
 _TOKENS = f"text {TEXT_TOKENS} tok (padded) + image {IMAGE_TOKENS} tok"
+_UNPADDED = f"text {TEXT_TOKENS} tok (all real, all-ones mask) + image {IMAGE_TOKENS} tok"
 _LAYERS = f"{LAYERS} layers, {HEADS} heads, gelu MLP"
 CASES = (
     Case("late", "late concat", "late", {"mode": "concat"}, False, 9),
@@ -131,6 +134,25 @@ CASES = (
         {"num_layers": LAYERS, "num_heads": HEADS, "mlp": "gelu", "gate": "tanh"},
         True,
         7,
+    ),
+    # The same layers with every text token real: nothing for mlmf to skip.
+    Case(
+        "early",
+        f"early, {_LAYERS}, unpadded text",
+        "early",
+        {"num_layers": LAYERS, "num_heads": HEADS, "mlp": "gelu"},
+        True,
+        7,
+        padded=False,
+    ),
+    Case(
+        "middle",
+        f"middle, gate none, {_LAYERS}, unpadded text",
+        "middle",
+        {"num_layers": LAYERS, "num_heads": HEADS, "mlp": "gelu", "gate": "none"},
+        True,
+        7,
+        padded=False,
     ),
 )
 GROUPS = tuple(dict.fromkeys(c.key for c in CASES))
@@ -568,9 +590,17 @@ class Row:
     max_diff: list[float] = field(default_factory=list)
 
 
+def case_inputs(case: Case) -> str:
+    """The inputs part of a row's workload."""
+    if not case.tokens:
+        return _POOLED
+    return _TOKENS if case.padded else _UNPADDED
+
+
 def make_inputs(case: Case) -> dict[str, Any]:
     """numpy inputs in dims order: [B, D] pooled, or (tokens, mask) / tokens for the token
-    rows (text padded: row lengths drawn in [8, 77], row 0 full; image without a mask)."""
+    rows (text padded: row lengths drawn in [8, 77], row 0 full, or all 77 real with an
+    all-ones mask; image without a mask)."""
     rng = np.random.default_rng(SEED + 1)
     out: dict[str, Any] = {}
     for m, d in case.dims.items():
@@ -580,6 +610,8 @@ def make_inputs(case: Case) -> dict[str, Any]:
             x = rng.standard_normal((case.batch, TEXT_TOKENS, d), dtype=np.float32)
             lengths = rng.integers(8, TEXT_TOKENS + 1, size=case.batch)
             lengths[0] = TEXT_TOKENS
+            if not case.padded:
+                lengths[:] = TEXT_TOKENS
             mask = (np.arange(TEXT_TOKENS)[None, :] < lengths[:, None]).astype(np.int64)
             out[m] = (x, mask)
         else:
@@ -661,7 +693,7 @@ class Suite:
             competitors.append(pp.Contender(TORCH_ENCODER_LAYER, torch_fn(stock)))
         return Row(
             key=case.key,
-            workload=f"{case.label}; {_TOKENS if case.tokens else _POOLED}, batch {case.batch}",
+            workload=f"{case.label}; {case_inputs(case)}, batch {case.batch}",
             rounds=self._rounds(case.rounds),
             mlmf=pp.Contender("mlmf", lambda: fus(inputs)),
             competitors=competitors,
@@ -814,9 +846,11 @@ def section(
         f"Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row.",
         "The pooled rows are small: about 0.11 GFLOP of projections per call (0.16 with "
         "attention_dim 256), multiply-adds counted as two operations.",
-        "Padded text positions: mlmf gives padded queries an attention output of 0, "
-        "torch computes them; they are excluded from every key set and from the masked "
-        "means, so `fused` does not depend on them.",
+        "Padded text positions are excluded from every key set and from the masked "
+        "means, so `fused` does not depend on them. mlmf's `early` and `middle` drop them "
+        "before the first layer and run on the real tokens only (docs/fusion.md, packed "
+        "rows); the torch modules compute them. The *unpadded text* rows (every text token "
+        "real) show the two without that difference.",
         "`[torch 1 thread]` lines run the same module with `torch.set_num_threads(1)`: "
         "on a busy two-core machine torch's two-thread OpenMP pool can spend much of its "
         "time waiting for a descheduled worker, which inflates the ratio over two-thread "

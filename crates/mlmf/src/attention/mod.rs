@@ -298,6 +298,24 @@ impl CrossModalAttention {
         (self.heads, self.kv_heads, self.head_dim)
     }
 
+    /// Whether no variant is on: softmax attention of the projections with the
+    /// temperature, nothing else (the float32 CPU kernels' case).
+    pub(crate) fn is_plain(&self) -> bool {
+        let c = &self.cfg;
+        !(c.qk_norm
+            || c.rope_base.is_some()
+            || c.softcap.is_some()
+            || c.sliding_window.is_some()
+            || c.top_k.is_some()
+            || c.sparsity_ratio.is_some()
+            || c.adaptive)
+    }
+
+    /// The logit scale, `1 / (temperature * sqrt(head_dim))`.
+    pub(crate) fn scale(&self) -> f64 {
+        self.scale
+    }
+
     /// `q_proj`, `k_proj`, `v_proj`, `out_proj`.
     pub(crate) fn projections(&self) -> [&Linear; 4] {
         [&self.q, &self.k, &self.v, &self.o]
@@ -482,16 +500,7 @@ impl CrossModalAttention {
         return_weights: bool,
         (b, tq, tk): (usize, usize, usize),
     ) -> Result<Option<AttentionOutput>> {
-        let c = &self.cfg;
-        if !query.device().is_cpu()
-            || c.qk_norm
-            || c.rope_base.is_some()
-            || c.softcap.is_some()
-            || c.sliding_window.is_some()
-            || c.top_k.is_some()
-            || c.sparsity_ratio.is_some()
-            || c.adaptive
-        {
+        if !query.device().is_cpu() || !self.is_plain() {
             return Ok(None);
         }
         let f = ce("cross-modal attention");

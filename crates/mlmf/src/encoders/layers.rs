@@ -132,6 +132,21 @@ impl Linear {
         })
     }
 
+    /// `s * (x W^T + b)` as one map: the weight and bias multiplied by `s`.
+    pub fn scaled(&self, s: f32) -> Result<Self> {
+        let f = ce("linear");
+        Ok(Self {
+            weight: (&self.weight * f64::from(s)).map_err(&f)?,
+            bias: self
+                .bias
+                .as_ref()
+                .map(|b| b * f64::from(s))
+                .transpose()
+                .map_err(f)?,
+            transposed: self.transposed,
+        })
+    }
+
     /// The weight as PyTorch stores it, `[out, in]`.
     pub fn weight_out_in(&self) -> Result<Tensor> {
         if self.transposed {

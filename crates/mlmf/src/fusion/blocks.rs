@@ -186,8 +186,13 @@ impl TanhGate {
         Self { alpha }
     }
 
+    /// `tanh(alpha)`, the factor the gate multiplies by.
+    pub fn factor(&self) -> f32 {
+        self.alpha.tanh()
+    }
+
     pub fn forward(&self, y: &Tensor) -> Result<Tensor> {
-        (y * f64::from(self.alpha.tanh())).map_err(ce("tanh gate"))
+        (y * f64::from(self.factor())).map_err(ce("tanh gate"))
     }
 }
 

@@ -12,7 +12,7 @@ use crate::config::fusion::LayerStackOptions;
 use crate::config::fusion::{MlpKind, NormKind};
 use crate::config::CrossModalAttentionConfig;
 use crate::encoders::cpu;
-use crate::encoders::layers::{ce, padding_bias, Activation, EncoderLayer, Linear, SelfAttention};
+use crate::encoders::layers::{ce, Activation, EncoderLayer, Linear, SelfAttention};
 use crate::error::Result;
 use crate::modality::Modality;
 
@@ -170,6 +170,27 @@ pub(crate) fn concat_tokens(
 impl FusionComponent for Early {
     fn fuse(&self, inputs: &FusionInputs, return_attention: bool) -> Result<FusionOutput> {
         let f = ce("early fusion");
+        // The packed CPU path (see `cpu::packed`): padded tokens dropped before the
+        // layers; taken when no attention weights are asked for.
+        if let (Some(fast), false, Norm::Layer(norm)) = (&self.fast, return_attention, &self.norm) {
+            let xs: Vec<_> = inputs
+                .values
+                .iter()
+                .map(|v| v.as_ref().map(|p| (&p.tokens, p.mask.as_ref())))
+                .collect();
+            let packed =
+                cpu::packed::early_stack(&xs, &self.proj, &self.type_embedding, fast, &norm.0)?;
+            if let Some(fused) = packed {
+                let d = fused.len() / inputs.batch.max(1);
+                let fused =
+                    Tensor::from_vec(fused, (inputs.batch, d), &inputs.device).map_err(&f)?;
+                return Ok(FusionOutput {
+                    fused,
+                    gates: None,
+                    attention: Vec::new(),
+                });
+            }
+        }
         let mut seqs = Vec::new();
         for (i, _, x) in inputs.present() {
             let t = self.type_embedding.get(i).map_err(&f)?;
@@ -183,20 +204,6 @@ impl FusionComponent for Early {
             seqs.iter().map(|(x, m)| (x, m.as_ref())).collect();
         let (mut x, mask) = concat_tokens(&parts)?;
         let mut attention = Vec::new();
-        // The fused CPU kernels: padded query rows attend like real ones there (the
-        // general path zeroes them), which changes only rows the masked mean skips;
-        // taken when no attention weights are asked for.
-        if let (Some(fast), false) = (&self.fast, return_attention) {
-            let bias = mask.as_ref().map(padding_bias).transpose()?;
-            if let Some(y) = cpu::run_layers(fast, &x, &bias)? {
-                let fused = masked_mean(&self.norm.forward(&y)?, mask.as_ref())?;
-                return Ok(FusionOutput {
-                    fused,
-                    gates: None,
-                    attention,
-                });
-            }
-        }
         for (i, layer) in self.layers.iter().enumerate() {
             let h = layer.norm1.forward(&x)?;
             let a = layer

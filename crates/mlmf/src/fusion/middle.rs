@@ -23,9 +23,59 @@ struct FusionLayer {
     norm_mlp: Norm,
     mlp: Mlp,
     mlp_gate: Gate,
+    /// `out_proj` and `fc2` with the residual gates folded in (`tanh(alpha) W`,
+    /// `tanh(alpha) b`; the maps themselves without a gate), for the packed CPU path;
+    /// `None` when the layer is not LayerNorm + GELU + no/tanh gates + plain attention.
+    folded: Option<(Linear, Linear)>,
 }
 
 impl FusionLayer {
+    fn fold(&mut self) -> Result<()> {
+        let factor = |g: &Gate| match g {
+            Gate::None => Some(None),
+            Gate::Tanh(t) => Some(Some(t.factor())),
+            Gate::Sigmoid(_) => None,
+        };
+        let plain = matches!(
+            (&self.norm_q, &self.norm_kv, &self.norm_mlp, &self.mlp.up),
+            (Norm::Layer(_), Norm::Layer(_), Norm::Layer(_), None)
+        ) && self.attn.is_plain()
+            && self.attn.heads().0 == self.attn.heads().1;
+        let (Some(a), Some(m), true) = (factor(&self.attn_gate), factor(&self.mlp_gate), plain)
+        else {
+            return Ok(());
+        };
+        let scale = |lin: &Linear, s: Option<f32>| match s {
+            None => Ok(lin.clone()),
+            Some(s) => lin.scaled(s),
+        };
+        self.folded = Some((
+            scale(self.attn.projections()[3], a)?,
+            scale(&self.mlp.last, m)?,
+        ));
+        Ok(())
+    }
+
+    /// The layer as the packed CPU path takes it.
+    fn cross_block(&self) -> Option<cpu::packed::CrossBlock<'_>> {
+        let (Norm::Layer(norm_q), Norm::Layer(norm_kv), Norm::Layer(norm_mlp), Some((o, fc2))) =
+            (&self.norm_q, &self.norm_kv, &self.norm_mlp, &self.folded)
+        else {
+            return None;
+        };
+        let [q, k, v, _] = self.attn.projections();
+        Some(cpu::packed::CrossBlock {
+            norm_q: &norm_q.0,
+            norm_kv: &norm_kv.0,
+            attn: [q, k, v, o],
+            heads: self.attn.heads().0,
+            scale: self.attn.scale() as f32,
+            norm_mlp: &norm_mlp.0,
+            fc1: &self.mlp.first,
+            fc2,
+        })
+    }
+
     /// `x + mlp(norm_mlp(x))` on the fused float32 CPU kernels (LayerNorm, GELU, no
     /// gate); `None` otherwise.
     fn fast_mlp(&self, x: &candle_core::Tensor) -> Result<Option<candle_core::Tensor>> {
@@ -63,7 +113,7 @@ impl Middle {
                 dims.iter()
                     .map(|(m, _)| {
                         let n = format!("layers.{i}.{m}");
-                        Ok(FusionLayer {
+                        let mut l = FusionLayer {
                             norm_q: Norm::take(p, &format!("{n}.norm_q"), o.norm, out_dim)?,
                             norm_kv: Norm::take(p, &format!("{n}.norm_kv"), o.norm, out_dim)?,
                             attn: take_attention(p, &format!("{n}.attn"), out_dim, o.num_heads)?,
@@ -71,7 +121,10 @@ impl Middle {
                             norm_mlp: Norm::take(p, &format!("{n}.norm_mlp"), o.norm, out_dim)?,
                             mlp: Mlp::take(p, &format!("{n}.mlp"), o.mlp, out_dim, hidden)?,
                             mlp_gate: Gate::take(p, &format!("{n}.mlp_gate"), o.gate, out_dim)?,
-                        })
+                            folded: None,
+                        };
+                        l.fold()?;
+                        Ok(l)
                     })
                     .collect::<Result<Vec<_>>>()
             })
@@ -81,8 +134,61 @@ impl Middle {
     }
 }
 
+impl Middle {
+    /// The packed float32 CPU path (see [`cpu::packed`]): padded tokens dropped, gates
+    /// folded into the weights; `None` when a layer or input does not fit it.
+    fn fuse_packed(&self, inputs: &FusionInputs) -> Result<Option<FusionOutput>> {
+        let Norm::Layer(norm) = &self.norm else {
+            return Ok(None);
+        };
+        let Some(blocks) = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .map(FusionLayer::cross_block)
+                    .collect::<Option<Vec<_>>>()
+            })
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        let xs: Vec<_> = inputs
+            .values
+            .iter()
+            .map(|v| v.as_ref().map(|p| (&p.tokens, p.mask.as_ref())))
+            .collect();
+        let Some(pools) = cpu::packed::middle_stack(&xs, &self.proj, &blocks, &norm.0)? else {
+            return Ok(None);
+        };
+        let pools: Vec<&Vec<f32>> = pools.iter().flatten().collect();
+        let mut fused = pools
+            .first()
+            .map(|p| (*p).clone())
+            .ok_or_else(|| crate::MlmfError::Internal("middle fusion: no input".into()))?;
+        for p in &pools[1..] {
+            fused.iter_mut().zip(p.iter()).for_each(|(a, b)| *a += b);
+        }
+        let inv = 1.0 / pools.len() as f32;
+        fused.iter_mut().for_each(|a| *a *= inv);
+        let d = fused.len() / inputs.batch.max(1);
+        let fused = candle_core::Tensor::from_vec(fused, (inputs.batch, d), &inputs.device)
+            .map_err(ce("middle fusion"))?;
+        Ok(Some(FusionOutput {
+            fused,
+            gates: None,
+            attention: Vec::new(),
+        }))
+    }
+}
+
 impl FusionComponent for Middle {
     fn fuse(&self, inputs: &FusionInputs, return_attention: bool) -> Result<FusionOutput> {
+        if !return_attention {
+            if let Some(out) = self.fuse_packed(inputs)? {
+                return Ok(out);
+            }
+        }
         let f = ce("middle fusion");
         let m_all = inputs.modalities.len();
         let mut xs: Vec<Option<candle_core::Tensor>> = vec![None; m_all];
