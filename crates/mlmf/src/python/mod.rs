@@ -28,14 +28,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`, mimalloc v2).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// How long freed memory stays committed for reuse, in ms (mimalloc's default: 10).
-const PURGE_DELAY_MS: std::os::raw::c_long = 1000;
+const PURGE_DELAY_MS: std::os::raw::c_long = 10_000;
 
-/// Keeps freed memory for a second instead of mimalloc's 10 ms, unless
+/// Keeps freed memory for ten seconds instead of mimalloc's 10 ms, unless
 /// `MIMALLOC_PURGE_DELAY` says otherwise. A call that frees its buffers and is followed
-/// by other work for more than 10 ms (the next request, another model) would otherwise
-/// page-fault all of its memory in again: a `middle` fusion call (~50 MB of buffers)
-/// took about 10% longer when alternated with other work. An idle process still returns
-/// the memory one second later.
+/// by other work (the next request, another model, or later steps of the same call)
+/// would otherwise page-fault all of that memory in again. Measured on a `middle`
+/// fusion call (~50 MB of buffers, ~170 ms): alternated with other work, its median
+/// rose by about 10% at 10 ms; after 1.1 s of other work, its first call spent 200 ms
+/// of system time faulting pages back in at a 1 s delay, and none at 10 s. An idle
+/// process still returns the memory ten seconds later.
 fn set_purge_delay() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets an allocator option (an atomic store inside mimalloc).

@@ -19,17 +19,17 @@ use crate::error::{MlmfError, Result};
 
 /// The real rows of a batch, packed: `data` is `[offsets[B], width]`.
 #[derive(Debug, Clone)]
-pub(crate) struct Packed {
-    pub(crate) data: Vec<f32>,
-    pub(crate) width: usize,
+struct Packed {
+    data: Vec<f32>,
+    width: usize,
     /// `B + 1` row offsets, from 0.
-    pub(crate) offsets: Vec<usize>,
+    offsets: Vec<usize>,
 }
 
 impl Packed {
     /// The rows of `x` `[B, T, D]` whose `mask` `[B, T]` entry is non-zero (all rows
     /// without a mask); `None` when `x` is not a float32 CPU tensor.
-    pub(crate) fn gather(x: &Tensor, mask: Option<&Tensor>) -> Result<Option<Self>> {
+    fn gather(x: &Tensor, mask: Option<&Tensor>) -> Result<Option<Self>> {
         if !is_plain_f32(x) {
             return Ok(None);
         }
@@ -63,11 +63,11 @@ impl Packed {
         }))
     }
 
-    pub(crate) fn rows(&self) -> usize {
+    fn rows(&self) -> usize {
         self.offsets.last().copied().unwrap_or(0)
     }
 
-    pub(crate) fn items(&self) -> usize {
+    fn items(&self) -> usize {
         self.offsets.len() - 1
     }
 
@@ -76,7 +76,7 @@ impl Packed {
     }
 
     /// Per item, the rows of each part in turn (the parts share batch size and width).
-    pub(crate) fn interleave(parts: &[&Packed]) -> Self {
+    fn interleave(parts: &[&Packed]) -> Self {
         let width = parts.first().map_or(0, |p| p.width);
         let items = parts.first().map_or(0, |p| p.items());
         let total: usize = parts.iter().map(|p| p.rows()).sum();
@@ -97,7 +97,7 @@ impl Packed {
     }
 
     /// `[B, width]`: the mean of each item's rows, 0 for an item with none.
-    pub(crate) fn mean_rows(&self) -> Vec<f32> {
+    fn mean_rows(&self) -> Vec<f32> {
         let d = self.width;
         let mut out = vec![0f32; self.items() * d];
         for (i, o) in out.chunks_exact_mut(d.max(1)).enumerate() {
@@ -336,7 +336,15 @@ pub(crate) fn middle_stack(
                     .collect();
                 if !others.is_empty() {
                     // y = x + o(attend(q(norm_q(x)), kv(norm_kv(others))))
-                    let c = Packed::interleave(&others);
+                    // One other modality is its own context; several are joined.
+                    let joined;
+                    let c = match others[..] {
+                        [one] => one,
+                        _ => {
+                            joined = Packed::interleave(&others);
+                            &joined
+                        }
+                    };
                     let crows = c.rows();
                     h.resize(rows * d, 0.0);
                     layer_norm(&x.data, d, nq, l.norm_q.eps, &mut h);
