@@ -25,7 +25,8 @@ use crate::error::{catch_panic, Result};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e`, mimalloc v2).
+/// mimalloc's `mi_option_purge_delay`: its position in `mi_option_e`, the same in the
+/// v2 and v3 headers libmimalloc-sys builds (it does not export the constant).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// How long freed memory stays committed for reuse, in ms (mimalloc's default: 10).
 const PURGE_DELAY_MS: std::os::raw::c_long = 10_000;
