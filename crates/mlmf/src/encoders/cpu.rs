@@ -325,6 +325,7 @@ fn view<'g>(s: &[Option<&'g [f32]>]) -> Option<LayerView<'g>> {
 /// `dst[:, col..col + n] (+)= act(x W^T + b)` for `x` `[m, k]` and each part's `W^T`
 /// `[k, n_i]`; the parts' outputs lie side by side from column 0 of `dst` (row stride
 /// `dst_rs`). With `accumulate` the product is added to `dst` (no activation then).
+/// No rows (a packed modality with no real token) is nothing to do.
 #[allow(clippy::too_many_arguments)]
 fn linear(
     x: &[f32],
@@ -337,6 +338,9 @@ fn linear(
     act: Option<Activation>,
 ) {
     debug_assert!(!(accumulate && act.is_some()));
+    if m == 0 {
+        return;
+    }
     let widths: Vec<usize> = parts.iter().map(|p| p.w.len() / k).collect();
     let total: usize = widths.iter().sum();
     debug_assert!(x.len() >= m * k && dst.len() >= (m.max(1) - 1) * dst_rs + total);

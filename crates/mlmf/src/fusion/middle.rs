@@ -132,9 +132,7 @@ impl Middle {
         let norm = Norm::take(p, "norm", o.norm, out_dim)?;
         Ok(Self { proj, layers, norm })
     }
-}
 
-impl Middle {
     /// The packed float32 CPU path (see [`cpu::packed`]): padded tokens dropped, gates
     /// folded into the weights; `None` when a layer or input does not fit it.
     fn fuse_packed(&self, inputs: &FusionInputs) -> Result<Option<FusionOutput>> {
@@ -161,21 +159,17 @@ impl Middle {
         let Some(pools) = cpu::packed::middle_stack(&xs, &self.proj, &blocks, &norm.0)? else {
             return Ok(None);
         };
-        let pools: Vec<&Vec<f32>> = pools.iter().flatten().collect();
-        let mut fused = pools
-            .first()
-            .map(|p| (*p).clone())
-            .ok_or_else(|| crate::MlmfError::Internal("middle fusion: no input".into()))?;
-        for p in &pools[1..] {
-            fused.iter_mut().zip(p.iter()).for_each(|(a, b)| *a += b);
-        }
-        let inv = 1.0 / pools.len() as f32;
-        fused.iter_mut().for_each(|a| *a *= inv);
-        let d = fused.len() / inputs.batch.max(1);
-        let fused = candle_core::Tensor::from_vec(fused, (inputs.batch, d), &inputs.device)
-            .map_err(ce("middle fusion"))?;
+        let d = norm.0.weight.elem_count();
+        let pools = pools
+            .into_iter()
+            .map(|p| {
+                p.map(|p| candle_core::Tensor::from_vec(p, (inputs.batch, d), &inputs.device))
+                    .transpose()
+                    .map_err(ce("middle fusion"))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Some(FusionOutput {
-            fused,
+            fused: mean_present(&pools)?,
             gates: None,
             attention: Vec::new(),
         }))

@@ -152,23 +152,6 @@ fn take_norm<'a>(s: &mut impl Iterator<Item = &'a [f32]>) -> Option<(&'a [f32], 
     Some((s.next()?, s.next()?))
 }
 
-/// [`linear`], skipping a product with no rows (a modality with no real token).
-#[allow(clippy::too_many_arguments)]
-fn affine(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    parts: &[Lin<'_>],
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    act: Option<Activation>,
-) {
-    if m > 0 {
-        linear(x, m, k, parts, dst, dst_rs, accumulate, act);
-    }
-}
-
 /// Attention over packed rows. Item `i`'s queries are rows `q_off[i]..q_off[i + 1]`
 /// of `q` (row stride `q_rs`, head `h` at columns `h * dh..`), its keys and values
 /// rows `k_off[i]..k_off[i + 1]` of `kv` at columns `k_col + h * dh` and
@@ -305,7 +288,7 @@ pub(crate) fn middle_stack(
             let x = xs[m].as_mut()?;
             let k = x.width;
             let mut y = vec![0f32; x.rows() * d];
-            affine(&x.data, x.rows(), k, &[lin], &mut y, d, false, None);
+            linear(&x.data, x.rows(), k, &[lin], &mut y, d, false, None);
             x.data = y;
             x.width = d;
         }
@@ -349,11 +332,11 @@ pub(crate) fn middle_stack(
                     h.resize(rows * d, 0.0);
                     layer_norm(&x.data, d, nq, l.norm_q.eps, &mut h);
                     q.resize(rows * d, 0.0);
-                    affine(&h, rows, d, &[wq], &mut q, d, false, None);
+                    linear(&h, rows, d, &[wq], &mut q, d, false, None);
                     h.resize(crows.max(rows) * d, 0.0);
                     layer_norm(&c.data, d, nkv, l.norm_kv.eps, &mut h[..crows * d]);
                     kv.resize(crows * 2 * d, 0.0);
-                    affine(&h, crows, d, &[wk, wv], &mut kv, 2 * d, false, None);
+                    linear(&h, crows, d, &[wk, wv], &mut kv, 2 * d, false, None);
                     ctx.resize(rows * d, 0.0);
                     packed_attention(
                         (&q, d),
@@ -369,7 +352,7 @@ pub(crate) fn middle_stack(
                         // An item whose other modalities have no real token gets no
                         // attention output (not even out_proj's bias).
                         h.resize(rows * d, 0.0);
-                        affine(&ctx, rows, d, &[wo], &mut h, d, false, None);
+                        linear(&ctx, rows, d, &[wo], &mut h, d, false, None);
                         for i in (0..x.items()).filter(|&i| !keyless(i)) {
                             let r = x.offsets[i] * d..x.offsets[i + 1] * d;
                             for (y, a) in y.data[r.clone()].iter_mut().zip(&h[r]) {
@@ -377,7 +360,7 @@ pub(crate) fn middle_stack(
                             }
                         }
                     } else {
-                        affine(&ctx, rows, d, &[wo], &mut y.data, d, true, None);
+                        linear(&ctx, rows, d, &[wo], &mut y.data, d, true, None);
                     }
                 }
                 // y += fc2(gelu(fc1(norm_mlp(y))))
@@ -385,7 +368,7 @@ pub(crate) fn middle_stack(
                 h.resize(rows * d, 0.0);
                 layer_norm(&y.data, d, nmlp, l.norm_mlp.eps, &mut h[..rows * d]);
                 u.resize(rows * hidden, 0.0);
-                affine(
+                linear(
                     &h,
                     rows,
                     d,
@@ -395,7 +378,7 @@ pub(crate) fn middle_stack(
                     false,
                     Some(Activation::Gelu),
                 );
-                affine(&u, rows, hidden, &[fc2], &mut y.data, d, true, None);
+                linear(&u, rows, hidden, &[fc2], &mut y.data, d, true, None);
             }
             xs = next;
         }
@@ -471,7 +454,7 @@ pub(crate) fn early_stack(
         for (m, x) in &parts {
             let lin = take_linear(&proj[*m], &mut rest)?;
             let mut y = vec![0f32; x.rows() * d];
-            affine(&x.data, x.rows(), x.width, &[lin], &mut y, d, false, None);
+            linear(&x.data, x.rows(), x.width, &[lin], &mut y, d, false, None);
             let t = types.get(m * d..(m + 1) * d)?;
             for r in y.chunks_exact_mut(d) {
                 for (v, t) in r.iter_mut().zip(t) {
@@ -504,7 +487,7 @@ pub(crate) fn early_stack(
             let w = view(&slots)?;
             let inter = w.fc1.w.len() / d;
             layer_norm(&x.data, d, w.norm1, l.norm1.eps, &mut h);
-            affine(&h, n, d, &[w.q, w.k, w.v], &mut qkv, 3 * d, false, None);
+            linear(&h, n, d, &[w.q, w.k, w.v], &mut qkv, 3 * d, false, None);
             let heads = l.attn.heads;
             packed_attention(
                 (&qkv, 3 * d),
@@ -515,11 +498,11 @@ pub(crate) fn early_stack(
                 l.attn.scale as f32,
                 &mut ctx,
             );
-            affine(&ctx, n, d, &[w.o], &mut x.data, d, true, None);
+            linear(&ctx, n, d, &[w.o], &mut x.data, d, true, None);
             layer_norm(&x.data, d, w.norm2, l.norm2.eps, &mut h);
             u.resize(n * inter, 0.0);
-            affine(&h, n, d, &[w.fc1], &mut u, inter, false, Some(l.act));
-            affine(&u, n, inter, &[w.fc2], &mut x.data, d, true, None);
+            linear(&h, n, d, &[w.fc1], &mut u, inter, false, Some(l.act));
+            linear(&u, n, inter, &[w.fc2], &mut x.data, d, true, None);
         }
         let fin = take_norm(&mut rest)?;
         layer_norm(&x.data, d, fin, norm.eps, &mut h);
