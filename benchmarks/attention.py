@@ -19,37 +19,25 @@ environment as mlmf)::
 
 The script owns the section between `<!-- attention:begin -->` and
 `<!-- attention:end -->` of the output file (created if missing). It writes no plot.
+The harness (threads, timing, report) is harness.py.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
-# The shared helpers (timing, environment, sections) live in preprocess.py. Importing
-# it first also sets the thread variables (RAYON_NUM_THREADS, OMP_NUM_THREADS,
-# MKL_NUM_THREADS = 2; OpenBLAS 1) before anything below can start a thread pool.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import preprocess as pp  # noqa: E402
+import harness  # first: sets the thread variables before numpy or torch can start a pool
+import numpy as np
+import synthetic
 
-THREADS = pp.THREADS
-
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Callable, Optional  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-BEGIN = "<!-- attention:begin -->"
-END = "<!-- attention:end -->"
 TARGET = 1.0  # mlmf at least as fast as PyTorch eager
 TORCH = "PyTorch eager"
-SEED = 0
+SEED = synthetic.SEED
 BATCH = 8
 HEADS = 8
 DIM = 512  # query width, key/value width and inner width (8 heads of 64)
@@ -70,26 +58,6 @@ def gflop(tq: int, tk: int, batch: int = BATCH, dim: int = DIM, kv_dim: int = DI
     out_proj = 2 * batch * tq * inner * dim
     attention = 2 * (2 * batch * tq * tk * inner)  # summed over heads: H * hd = inner
     return (q_proj + kv_proj + out_proj + attention) / 1e9
-
-
-# --------------------------------------------------------------------------- rows
-
-
-@dataclass
-class Row:
-    """One workload in one mode: mlmf and its competitors on the same inputs.
-
-    `pp.measure` times `mlmf` and `competitors` (pp.Contender: name, fn, times).
-    `compare(mlmf_result, competitor_result)` returns the diff cell.
-    """
-
-    key: str
-    workload: str
-    gflop: float  # per call
-    rounds: int
-    mlmf: pp.Contender
-    competitors: list[pp.Contender]
-    compare: Callable[[Any, Any], str]
 
 
 def build_layers(path: Path) -> tuple[Any, Any]:
@@ -124,19 +92,27 @@ def build_layers(path: Path) -> tuple[Any, Any]:
     return mha, att
 
 
-class Suite:
+@dataclass
+class Row(harness.Row):
+    gflop: float = 0.0  # per call
+
+
+class Attention(harness.Suite):
     """Builds the layers, the inputs and the rows."""
 
-    def __init__(self, workdir: Path, quick: bool, rounds: Optional[int]) -> None:
-        self.dir = workdir
-        self.quick = quick
-        self.rounds = rounds
-        self.notes: list[str] = []
-
-    def _rounds(self, default: int) -> int:
-        if self.rounds is not None:
-            return self.rounds
-        return 2 if self.quick else default
+    name = "attention"
+    groups = tuple(k for k, *_ in WORKLOADS)
+    rounds_help = "timed rounds for every row (default: 9 output only, 7 with weights)"
+    closing = {"spread_unit": "ms/call"}
+    columns = (
+        harness.WORKLOAD,
+        harness.COMPETITOR,
+        *harness.time_columns("ms/call", harness.fmt_ms),
+        harness.RATIO,
+        *harness.gflops_columns(lambda ln: ln.row.gflop),
+        harness.met_column("Target (no slower than PyTorch eager)"),
+        harness.diff_column("max abs diff (output / weights)"),
+    )
 
     def rows_for(self, key: str, label: str, tq: int, tk: int, mha: Any, att: Any) -> list[Row]:
         import torch
@@ -156,11 +132,8 @@ class Suite:
             with torch.inference_mode():
                 return mha(q_t, kv_t, kv_t, need_weights=True, average_attn_weights=False)
 
-        def compare_plain(ours: Any, theirs: Any) -> str:
-            return pp.max_abs_diff(ours, theirs)
-
         def compare_weights(ours: Any, theirs: Any) -> str:
-            return f"{pp.max_abs_diff(ours[0], theirs[0])} / {pp.max_abs_diff(ours[1], theirs[1])}"
+            return harness.abs_diffs((ours[0], theirs[0]), (ours[1], theirs[1]))
 
         rows = []
         for mode, mlmf_fn, torch_fn, compare, rounds in (
@@ -168,7 +141,7 @@ class Suite:
                 "output only",
                 lambda: att(query, kv, return_weights=False),
                 torch_plain,
-                compare_plain,
+                harness.max_abs_diff,
                 9,
             ),
             (
@@ -179,20 +152,20 @@ class Suite:
                 7,
             ),
         ):
-            eager = pp.Contender(TORCH, torch_fn, target=TARGET)
-            rows.append(
-                Row(
-                    key=key,
-                    workload=f"{label}, batch {BATCH}, {mode}",
-                    gflop=gflop(tq, tk),
-                    rounds=self._rounds(rounds),
-                    mlmf=pp.Contender("mlmf", mlmf_fn),
-                    # The same module with one torch thread: on a busy two-core machine
-                    # torch's OpenMP pool can lose much of its time to a descheduled worker.
-                    competitors=[eager, pp.torch_one_thread(eager)],
-                    compare=compare,
-                )
+            row = Row(
+                key=key,
+                workload=f"{label}, batch {BATCH}, {mode}",
+                rounds=self.rounds_for(rounds),
+                mlmf=harness.Contender("mlmf", mlmf_fn),
+                # The same module with one torch thread: on a busy two-core machine
+                # torch's OpenMP pool can lose much of its time to a descheduled worker.
+                competitors=harness.with_one_thread(
+                    [harness.Contender(TORCH, torch_fn, target=TARGET)]
+                ),
+                compare=compare,
+                gflop=gflop(tq, tk),
             )
+            rows.append(row)
         return rows
 
     def build(self, only: Optional[list[str]]) -> list[Row]:
@@ -206,168 +179,64 @@ class Suite:
             (key, functools.partial(self.rows_for, key, label, tq, tk, mha, att))
             for key, label, tq, tk in WORKLOADS
         ]
-        return pp.build_rows(builders, only, self.notes)
+        return self.build_rows(builders, only)
 
+    # report --------------------------------------------------------------------
 
-# --------------------------------------------------------------------------- report
+    def spread(self, row: Row) -> str:
+        return harness.spread(row, harness.fmt_ms)
 
-
-@dataclass
-class Line:
-    workload: str
-    competitor: str
-    comp_ms: float
-    mlmf_ms: float
-    gflop: float
-    diff: str
-    is_target: bool
-
-    @property
-    def ratio(self) -> float:
-        return self.comp_ms / self.mlmf_ms
-
-    @property
-    def met(self) -> str:
-        if not self.is_target:
-            return "—"
-        return "met" if self.ratio >= TARGET else "not met"
-
-
-def lines_for(row: Row) -> list[Line]:
-    mlmf_ms = 1e3 * statistics.median(row.mlmf.times)
-    return [
-        Line(
-            workload=row.workload,
-            competitor=c.name,
-            comp_ms=1e3 * statistics.median(c.times),
-            mlmf_ms=mlmf_ms,
-            gflop=row.gflop,
-            diff=pp.diff_cell(row, c) if c.check else "—",
-            is_target=c.target is not None,
+    def section(
+        self, lines: list[harness.Line], rows: list[Any], env: dict[str, str], png: bool
+    ) -> str:
+        rounds = ", ".join(dict.fromkeys(f"{r.workload.split(', ')[-1]} {r.rounds}" for r in rows))
+        min_time = self.args.min_time
+        counts = ", ".join(f"{label} {gflop(tq, tk):.2f}" for _, label, tq, tk in WORKLOADS)
+        method = [
+            "Method: one attention layer in fp32 on the CPU, batch "
+            f"{BATCH}, {HEADS} heads, query and key/value width {DIM} (head width "
+            f"{DIM // HEADS}), no masks. `torch.nn.MultiheadAttention({DIM}, {HEADS}, "
+            f"batch_first=True)` is built from seed {SEED}, its two biases filled with seeded "
+            "uniform values in ±0.1 (it initialises them to zero), and its projections are "
+            "saved to a safetensors file (`q_proj`/`k_proj`/`v_proj` from the row blocks of "
+            "`in_proj_weight` and `in_proj_bias`, `out_proj` as is) that "
+            f"`mlmf.CrossModalAttention({DIM}, {HEADS}, {DIM}, weights=...)` loads. Inputs: "
+            "standard-normal queries and keys/values (numpy, fixed seeds); torch gets the "
+            "same arrays via `torch.from_numpy`, with the key/value tensor passed as both key "
+            "and value, and runs under `torch.inference_mode()`. *output only*: mlmf "
+            "`return_weights=False` against torch `need_weights=False`; *+ per-head weights*: "
+            "mlmf `return_weights=True` against torch `need_weights=True, "
+            "average_attn_weights=False`, both returning `[B, H, Tq, Tk]` weights. Each "
+            "contender is warmed up, then the contenders alternate for several rounds "
+            f"({rounds}; order reversed every other round); each timed sample repeats the call "
+            f"until it lasts at least {min_time:g} s. Figures are medians over the rounds, "
+            "per call (the whole batch). Ratio = competitor time / mlmf time. Effective "
+            "GFLOP/s = GFLOP per call / time per call, with the four projections and the two "
+            "attention matmuls (q kᵀ, w v) counted, multiply-adds as two operations, softmax "
+            f"left out (GFLOP per call: {counts}). *max abs diff* compares mlmf's output (and "
+            "weights) with torch's.",
+        ]
+        notes = [  # the fixed notes, then the run's
+            f"Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row.",
+            "torch.nn.MultiheadAttention takes its fused fast path only for self-attention "
+            "(query, key and value the same tensor); cross-attention goes through "
+            "`F.multi_head_attention_forward`, which projects the query and the shared "
+            "key/value tensor in two matmuls and then, with `need_weights=False`, calls "
+            "`scaled_dot_product_attention`, and with `need_weights=True` materialises the "
+            "weights with `baddbmm` + softmax + `bmm`. That is the eager path measured here.",
+            harness.one_thread_note("module"),
+            *self.notes,
+        ]
+        return harness.section_text(
+            "Cross-modal attention",
+            "attention.py",
+            self.quick,
+            method,
+            env,
+            self.table(lines),
+            notes,
         )
-        for c in row.competitors
-    ]
-
-
-def spread(row: Row) -> str:
-    def one(c: pp.Contender) -> str:
-        lo, hi = (1e3 * f(c.times) for f in (min, max))
-        return f"{c.name} {pp._ms(lo)}–{pp._ms(hi)}"
-
-    return f"{row.workload}: " + ", ".join(one(c) for c in [row.mlmf, *row.competitors])
-
-
-def _gflops(ms: float, gflop: float) -> str:
-    return f"{gflop / (ms / 1e3):.0f}"
-
-
-def table(lines: list[Line]) -> str:
-    head = (
-        "| Workload | Competitor | Competitor ms/call | mlmf ms/call "
-        "| Ratio (competitor / mlmf; > 1: mlmf faster) | mlmf GFLOP/s | Competitor GFLOP/s "
-        "| Target (no slower than PyTorch eager) | max abs diff (output / weights) |\n"
-        "|---|---|---:|---:|---:|---:|---:|---|---|\n"
-    )
-    body = "".join(
-        f"| {ln.workload} | {ln.competitor} | {pp._ms(ln.comp_ms)} | {pp._ms(ln.mlmf_ms)} "
-        f"| **{ln.ratio:.2f}x** | {_gflops(ln.mlmf_ms, ln.gflop)} "
-        f"| {_gflops(ln.comp_ms, ln.gflop)} | {ln.met} | {ln.diff} |\n"
-        for ln in lines
-    )
-    return head + body
-
-
-def section(
-    lines: list[Line],
-    rows: list[Row],
-    env: dict[str, str],
-    args: argparse.Namespace,
-    notes: list[str],
-) -> str:
-    rounds = ", ".join(dict.fromkeys(f"{r.workload.split(', ')[-1]} {r.rounds}" for r in rows))
-    counts = ", ".join(f"{label} {gflop(tq, tk):.2f}" for _, label, tq, tk in WORKLOADS)
-    method = [
-        "Method: one attention layer in fp32 on the CPU, batch "
-        f"{BATCH}, {HEADS} heads, query and key/value width {DIM} (head width "
-        f"{DIM // HEADS}), no masks. `torch.nn.MultiheadAttention({DIM}, {HEADS}, "
-        f"batch_first=True)` is built from seed {SEED}, its two biases filled with seeded "
-        "uniform values in ±0.1 (it initialises them to zero), and its projections are "
-        "saved to a safetensors file (`q_proj`/`k_proj`/`v_proj` from the row blocks of "
-        "`in_proj_weight` and `in_proj_bias`, `out_proj` as is) that "
-        f"`mlmf.CrossModalAttention({DIM}, {HEADS}, {DIM}, weights=...)` loads. Inputs: "
-        "standard-normal queries and keys/values (numpy, fixed seeds); torch gets the "
-        "same arrays via `torch.from_numpy`, with the key/value tensor passed as both key "
-        "and value, and runs under `torch.inference_mode()`. *output only*: mlmf "
-        "`return_weights=False` against torch `need_weights=False`; *+ per-head weights*: "
-        "mlmf `return_weights=True` against torch `need_weights=True, "
-        "average_attn_weights=False`, both returning `[B, H, Tq, Tk]` weights. Each "
-        "contender is warmed up, then the contenders alternate for several rounds "
-        f"({rounds}; order reversed every other round); each timed sample repeats the call "
-        f"until it lasts at least {args.min_time:g} s. Figures are medians over the rounds, "
-        "per call (the whole batch). Ratio = competitor time / mlmf time. Effective "
-        "GFLOP/s = GFLOP per call / time per call, with the four projections and the two "
-        "attention matmuls (q kᵀ, w v) counted, multiply-adds as two operations, softmax "
-        f"left out (GFLOP per call: {counts}). *max abs diff* compares mlmf's output (and "
-        "weights) with torch's.",
-    ]
-    notes = [  # the fixed notes, then the run's
-        f"Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row.",
-        "torch.nn.MultiheadAttention takes its fused fast path only for self-attention "
-        "(query, key and value the same tensor); cross-attention goes through "
-        "`F.multi_head_attention_forward`, which projects the query and the shared "
-        "key/value tensor in two matmuls and then, with `need_weights=False`, calls "
-        "`scaled_dot_product_attention`, and with `need_weights=True` materialises the "
-        "weights with `baddbmm` + softmax + `bmm`. That is the eager path measured here.",
-        "`[torch 1 thread]` lines run the same module with `torch.set_num_threads(1)`: "
-        "on a busy two-core machine torch's two-thread OpenMP pool can spend much of its "
-        "time waiting for a descheduled worker, which inflates the ratio over two-thread "
-        "eager. On a quiet machine two-thread eager is the faster, binding one.",
-        *notes,
-    ]
-    return pp.section_text(
-        "Cross-modal attention", "attention.py", args.quick, method, env, table(lines), notes
-    )
-
-
-# --------------------------------------------------------------------------- main
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="timed rounds for every row (default: 9 output only, 7 with weights)",
-    )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, short samples")
-    parser.add_argument(
-        "--only",
-        default=None,
-        help="comma-separated subset: " + ",".join(k for k, *_ in WORKLOADS),
-    )
-    args = parser.parse_args(argv)
-    args.min_time = 0.05 if args.quick else 0.5
-
-    import torch
-
-    torch.set_num_threads(THREADS)
-    torch.set_num_interop_threads(1)
-    load_at_start = pp.load_average()
-    started = time.perf_counter()
-    only = [s.strip() for s in args.only.split(",")] if args.only else None
-    with tempfile.TemporaryDirectory(prefix="mlmf-bench-attention-") as tmp:
-        suite = Suite(Path(tmp), args.quick, args.rounds)
-        rows = suite.build(only)
-        lines, spreads = pp.time_rows(rows, args.min_time, suite.notes, lines_for, spread)
-
-    env = pp.torch_environment(load_at_start)
-    pp.closing_notes(suite.notes, rows, spreads, load_at_start, started, spread_unit="ms/call")
-    text = section(lines, rows, env, args, suite.notes)
-    pp.report(args.out, BEGIN, END, text, table(lines), suite.notes)
-    return 0 if lines else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(Attention.main())

@@ -15,7 +15,7 @@ and two 1-CPU nodes labelled `modality=image`):
   image modality (1 CPU, one encoder thread each, one per image node) working on one
   request at a time (`max_in_flight = 1`), and 1 replica with the default
   `max_in_flight = 4`; requests/s and the ratio. The checkpoint is a random-initialised
-  CLIP ViT-B/32 image tower (benchmarks/encoders.py's `build_clip_vit_b32`), built in
+  CLIP ViT-B/32 image tower (benchmarks/synthetic.py's `build_clip_vit_b32`), built in
   this interpreter when torch and transformers import, else with `--ref-python`
   (default `.venv-ref/bin/python` when it exists); without either the bundled tiny CLIP
   is used and the report says so.
@@ -27,36 +27,29 @@ the `ray` extra)::
 
 The script owns the section between `<!-- distributed:begin -->` and
 `<!-- distributed:end -->` of the output file (created if missing). It writes no plot.
+The harness (threads, timing, report) is harness.py.
 """
 
 from __future__ import annotations
 
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
-# The shared helpers (timing, environment, sections) live in preprocess.py. Importing it
-# first also sets the thread variables (RAYON_NUM_THREADS, OMP_NUM_THREADS,
-# MKL_NUM_THREADS = 2; OpenBLAS 1) before anything below can start a thread pool; the
-# replicas get RAYON_NUM_THREADS from their num_cpus instead.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import preprocess as pp  # noqa: E402
+# First: sets the thread variables (RAYON_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS
+# = 2; OpenBLAS 1) before numpy or mlmf can start a pool; the replicas get
+# RAYON_NUM_THREADS from their num_cpus instead.
+import harness
+import numpy as np
+import synthetic
 
-THREADS = pp.THREADS
-
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Optional  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-BEGIN = "<!-- distributed:begin -->"
-END = "<!-- distributed:end -->"
+NAME = "distributed"
 GROUPS = ("overhead", "throughput")
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -67,13 +60,6 @@ SEQUENTIAL = 4  # one-at-a-time requests per round that measure the replica's en
 # Simulated nodes: one CPU each, bounded memory and object store (see docs/distributed.md).
 # Memory of each simulated node (a 224x224 CLIP ViT-B/32 replica fits in 3 GiB).
 NODE_MEMORY = 3 * 2**30
-
-
-def _quiet_load(loader: Any, config: Any) -> Any:
-    """`loader(config)` without the untrained-fusion warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return loader(config)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -103,9 +89,7 @@ def clip_checkpoint(folder: Path, ref_python: Optional[str], notes: list[str]) -
     path = folder / "clip_vit_b32"
     processor = Path(mlmf.__file__).resolve().parent / "data" / "clip_processor"
     try:
-        import encoders  # torch and transformers are imported inside the builder
-
-        encoders.build_clip_vit_b32(path)
+        synthetic.build_clip_vit_b32(path)  # imports torch and transformers
         how = "built in this interpreter"
     except ImportError:
         if not ref_python:
@@ -119,7 +103,7 @@ def clip_checkpoint(folder: Path, ref_python: Optional[str], notes: list[str]) -
             return tiny, "bundled tiny CLIP (image tower, untrained)"
         code = (
             "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-            "import encoders; encoders.build_clip_vit_b32(Path(sys.argv[2]))"
+            "import synthetic; synthetic.build_clip_vit_b32(Path(sys.argv[2]))"
         )
         subprocess.run(
             [ref_python, "-c", code, str(BENCH), str(path)],
@@ -147,15 +131,12 @@ def tiny_paths() -> tuple[Path, Path]:
 
 
 @dataclass
-class OverheadRow:
+class OverheadRow(harness.Row):
     """Local model (`mlmf`, the baseline) and the distributed paths, timed alternately by
-    pp.measure; `items[name]` is the requests one call of that contender makes."""
+    harness.measure; `requests[name]` is the requests one call of the contender whose
+    name starts with `name` makes (else 1)."""
 
-    workload: str
-    rounds: int
-    mlmf: pp.Contender
-    competitors: list[pp.Contender]
-    items: dict[str, int]
+    requests: dict[str, int] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)
 
 
@@ -171,8 +152,8 @@ def overhead_row(quick: bool, rounds: int) -> tuple[OverheadRow, Any]:
         },
         "fusion": {"strategy": "attention", "out_dim": 64},
     }
-    local = _quiet_load(mlmf.MultiModalModel.load, config)
-    dist = _quiet_load(
+    local = harness.quietly(mlmf.MultiModalModel.load, config)
+    dist = harness.quietly(
         DistributedModel.load,
         {
             **config,
@@ -206,45 +187,40 @@ def overhead_row(quick: bool, rounds: int) -> tuple[OverheadRow, Any]:
     row = OverheadRow(
         workload="1 sentence + sample.jpg (tiny CLIP for both), attention fusion, caches warm",
         rounds=rounds,
-        mlmf=pp.Contender("local MultiModalModel.infer", lambda: local.infer(**request)),
+        mlmf=harness.Contender("local MultiModalModel.infer", lambda: local.infer(**request)),
         competitors=[
-            pp.Contender("DistributedModel.infer", lambda: dist.infer(**request)),
-            pp.Contender(
+            harness.Contender("DistributedModel.infer", lambda: dist.infer(**request)),
+            harness.Contender(
                 f"DistributedModel.infer_batch, {BATCH_REQUESTS} requests per call",
                 lambda: dist.infer_batch(batch),
             ),
         ],
-        items={"DistributedModel.infer_batch": BATCH_REQUESTS},
+        requests={"DistributedModel.infer_batch": BATCH_REQUESTS},
         checks=checks,
     )
     return row, dist
 
 
 def overhead_table(row: OverheadRow) -> str:
-    def per_request(c: pp.Contender) -> float:
-        n = next((v for k, v in row.items.items() if c.name.startswith(k)), 1)
-        return 1e3 * statistics.median(c.times) / n
+    def per_request(c: harness.Contender) -> float:
+        n = next((v for k, v in row.requests.items() if c.name.startswith(k)), 1)
+        return harness.median_ms(c) / n
 
     base = per_request(row.mlmf)
     head = (
-        "| Workload | Path | ms/request | Difference vs local (ms/request) | "
-        "Ratio (path / local) |\n|---|---|---:|---:|---:|\n"
+        "Workload",
+        "Path",
+        "ms/request",
+        "Difference vs local (ms/request)",
+        "Ratio (path / local)",
     )
-    body = f"| {row.workload} | {row.mlmf.name} | {base:.3f} | — | — |\n"
+    cells = [(row.workload, row.mlmf.name, f"{base:.3f}", "—", "—")]
     for c in row.competitors:
         ms = per_request(c)
-        body += (
-            f"| {row.workload} | {c.name} | {ms:.3f} | {ms - base:+.3f} | **{ms / base:.1f}x** |\n"
+        cells.append(
+            (row.workload, c.name, f"{ms:.3f}", f"{ms - base:+.3f}", f"**{ms / base:.1f}x**")
         )
-    return head + body
-
-
-def overhead_spread(row: OverheadRow) -> str:
-    parts = []
-    for c in [row.mlmf, *row.competitors]:
-        lo, hi = (1e3 * f(c.times) for f in (min, max))
-        parts.append(f"{c.name} {lo:.3f}–{hi:.3f} ms/call")
-    return "overhead: " + ", ".join(parts)
+    return harness.markdown_table(head, "llrrr", cells)
 
 
 # --------------------------------------------------------------------------- throughput
@@ -292,8 +268,7 @@ def throughput_rows(
     results = [Throughput(n, k) for n, k in CONFIGS]
     seed = 1000
     for r in range(rounds):
-        # Alternate the order so that no configuration always runs on a warmer machine.
-        for t in results if r % 2 == 0 else results[::-1]:
+        for t in harness.in_round_order(results, r):
             config = {
                 "modalities": {"image": {"model": str(checkpoint)}},
                 "fusion": {"strategy": "late"},
@@ -317,7 +292,7 @@ def throughput_rows(
                 file=sys.stderr,
                 flush=True,
             )
-            model = _quiet_load(DistributedModel.load, config)
+            model = harness.quietly(DistributedModel.load, config)
             try:
                 t.nodes = sorted(model.node_ids["image"])
                 # Warm-up: each replica's first few calls are slower (allocations).
@@ -349,48 +324,56 @@ def throughput_rows(
 
 def throughput_table(rows: list[Throughput], label: str, requests: int) -> str:
     head = (
-        "| Workload | Image replicas | max_in_flight | Requests/s | Ratio vs 1 replica "
-        "(max_in_flight 1) | Replica encode ms/request (one at a time, median) "
-        "| Capacity model: replicas × 1000 / encode ms | Driver CPU ms/request |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "Workload",
+        "Image replicas",
+        "max_in_flight",
+        "Requests/s",
+        "Ratio vs 1 replica (max_in_flight 1)",
+        "Replica encode ms/request (one at a time, median)",
+        "Capacity model: replicas × 1000 / encode ms",
+        "Driver CPU ms/request",
     )
     base = rows[0].rate
     workload = (
         f"{requests} image requests, unique random {IMAGE_SIDE}x{IMAGE_SIDE} uint8 arrays, "
         f"{label}, cache cold"
     )
-    body = "".join(
-        f"| {workload} | {t.replicas} | {t.in_flight} | {t.rate:.2f} "
-        f"| **{t.rate / base:.2f}x** | {t.encode:.1f} | {t.replicas * 1e3 / t.encode:.2f} "
-        f"| {statistics.median(t.driver_cpu_ms):.2f} |\n"
+    cells = (
+        (
+            workload,
+            str(t.replicas),
+            str(t.in_flight),
+            f"{t.rate:.2f}",
+            f"**{t.rate / base:.2f}x**",
+            f"{t.encode:.1f}",
+            f"{t.replicas * 1e3 / t.encode:.2f}",
+            f"{statistics.median(t.driver_cpu_ms):.2f}",
+        )
         for t in rows
     )
-    return head + body
+    return harness.markdown_table(head, "lrrrrrrr", cells)
 
 
 # --------------------------------------------------------------------------- report
 
 
 def environment(load_at_start: str) -> dict[str, str]:
-    env = pp.environment(load_at_start)
-    env["Threads"] = (
+    threads = (
         "driver: RAYON_NUM_THREADS=2 (local model, fusion); each replica: "
         "RAYON_NUM_THREADS=1 (from its num_cpus = 1)"
     )
-    for name in ("torch", "torchvision", "transformers", "tokenizers", "Pillow", "scipy"):
-        env.pop(name, None)
-    pp.add_versions(env, (("ray", "ray"),))
-    env["Cluster"] = (
+    cluster = (
         "simulated on this machine (ray.cluster_utils): head with 0 CPUs, one 1-CPU node "
         "labelled modality=text, two 1-CPU nodes labelled modality=image"
     )
-    return env
+    extra = {"Cluster": cluster}
+    return harness.environment(load_at_start, ("ray",), threads, extra, torch_capability=False)
 
 
 def section(
     tables: list[str],
     env: dict[str, str],
-    args: argparse.Namespace,
+    args: Any,
     notes: list[str],
     label: str,
 ) -> str:
@@ -443,7 +426,7 @@ def section(
         f"({IMAGE_SIDE * IMAGE_SIDE * 3:,} bytes) and a pooled float32 row back (4 bytes × "
         "the projection width).",
     ]
-    return pp.section_text(
+    return harness.section_text(
         "Distributed (DistributedModel on Ray)",
         "distributed.py",
         args.quick,
@@ -457,44 +440,37 @@ def section(
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="timed rounds for every group (default: overhead 7, throughput 3)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 2 rounds, short samples, 12 requests"
-    )
-    parser.add_argument("--only", default=None, help="comma-separated subset: " + ",".join(GROUPS))
+def _ref_python(parser: Any) -> None:
     parser.add_argument(
         "--ref-python",
         default=None,
         help="interpreter with torch and transformers to build the CLIP ViT-B/32 checkpoint "
         "in when this one has neither (default: .venv-ref/bin/python when it exists)",
     )
-    args = parser.parse_args(argv)
-    args.min_time = 0.05 if args.quick else 0.5
-    args.overhead_rounds = args.rounds or (2 if args.quick else 7)
-    args.throughput_rounds = args.rounds or (1 if args.quick else 3)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = harness.parse_args(
+        __doc__,
+        argv,
+        GROUPS,
+        rounds_help="timed rounds for every group (default: overhead 7, throughput 3)",
+        quick_help="smoke run: 2 rounds, short samples, 12 requests",
+        add=_ref_python,
+    )
+    args.overhead_rounds = harness.pick_rounds(args, 7)
+    args.throughput_rounds = harness.pick_rounds(args, 3, quick=1)
     args.requests = 12 if args.quick else 40
     if args.ref_python is None and (ROOT / ".venv-ref" / "bin" / "python").exists():
         args.ref_python = str(ROOT / ".venv-ref" / "bin" / "python")
-    only = [s.strip() for s in args.only.split(",")] if args.only else list(GROUPS)
-    unknown = sorted(set(only) - set(GROUPS))
-    if unknown:
-        parser.error(f"unknown rows {', '.join(unknown)} (choose from {', '.join(GROUPS)})")
+    only = args.only or list(GROUPS)
     try:
         import ray
     except ImportError:
         print("benchmarks/distributed.py needs Ray: pip install 'mlmf[ray]'", file=sys.stderr)
         return 1
 
-    load_at_start = pp.load_average()
-    started = time.perf_counter()
+    start = harness.Start()
     notes: list[str] = []
     tables: list[str] = []
     spreads: list[str] = []
@@ -511,23 +487,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                 row, dist = overhead_row(args.quick, args.overhead_rounds)
                 print(f"timing: overhead ({row.rounds} rounds)", file=sys.stderr, flush=True)
                 try:
-                    pp.measure(row, row.rounds, args.min_time)  # type: ignore[arg-type]
+                    harness.measure(row, row.rounds, args.min_time)
                 finally:
                     dist.shutdown()
                 tables.append(overhead_table(row))
-                spreads.append(overhead_spread(row))
+                spreads.append(
+                    harness.spread(row, "{:.3f}".format, label="overhead", unit=" ms/call")
+                )
                 notes.extend(row.checks)
                 notes.append(
                     "The local cached call also takes the fused row from the fusion cache; "
                     "the driver of a DistributedModel runs the fusion on every call."
                 )
             if checkpoint is not None:
-                print(
-                    f"timing: throughput ({args.throughput_rounds} rounds)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                rows = throughput_rows(checkpoint, args.requests, args.throughput_rounds, notes)
+                rounds = args.throughput_rounds
+                print(f"timing: throughput ({rounds} rounds)", file=sys.stderr, flush=True)
+                rows = throughput_rows(checkpoint, args.requests, rounds, notes)
                 tables.append(throughput_table(rows, label, args.requests))
                 spreads.append(
                     "throughput: "
@@ -541,19 +516,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             ray.shutdown()
             cluster.shutdown()
 
-    env = environment(load_at_start)
-    pp.closing_notes(
+    env = environment(start.load)
+    harness.closing_notes(
         notes,
         [],
         spreads,
-        load_at_start,
-        started,
+        start,
         spread_unit="per group",
         pools="mlmf's rayon in the driver and the replicas",
         stages="building, cluster start, timing",
     )
     text = section(tables, env, args, notes, label)
-    pp.report(args.out, BEGIN, END, text, "\n\n".join(tables), notes)
+    harness.report(args.out, NAME, text, "\n\n".join(tables), notes)
     return 0 if tables else 1
 
 

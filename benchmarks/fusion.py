@@ -22,43 +22,29 @@ environment as mlmf)::
     python benchmarks/fusion.py --out docs/benchmarks.md [--rounds 7] [--quick]
 
 The script owns the section between `<!-- fusion:begin -->` and `<!-- fusion:end -->`
-of the output file (created if missing). It writes no plot.
+of the output file (created if missing). It writes no plot. The harness (threads,
+timing, report) is harness.py.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
-# The shared helpers (timing, environment, sections) live in preprocess.py. Importing
-# it first also sets the thread variables (RAYON_NUM_THREADS, OMP_NUM_THREADS,
-# MKL_NUM_THREADS = 2; OpenBLAS 1) before anything below can start a thread pool.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import preprocess as pp  # noqa: E402
+import harness  # first: sets the thread variables before numpy or torch can start a pool
+import numpy as np
+import synthetic
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-THREADS = pp.THREADS
-
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Callable, Optional  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-BEGIN = "<!-- fusion:begin -->"
-END = "<!-- fusion:end -->"
 TARGET = 1.0  # mlmf at least as fast as PyTorch eager
 TORCH = "PyTorch eager"
 TORCH_ENCODER_LAYER = "PyTorch eager, nn.TransformerEncoderLayer"
-SEED = 0
+SEED = synthetic.SEED
 OUT_DIM = 512
 LAYER_NORM_EPS = 1e-5
 # A max abs diff above this gets a note (the outputs are O(1)).
@@ -250,16 +236,24 @@ class LateLogits(nn.Module):
         return total / len(self.names)
 
 
-class Scorer(nn.Module):
-    """The attention fusion's two-layer scorer: fc2(tanh(fc1(x)))."""
+class TwoLayer(nn.Module):
+    """fc2(act(fc1(x))): the attention fusion's scorer with tanh (attention_dim), and
+    the layers' MLP with exact GELU (hidden width 4 x dim)."""
 
-    def __init__(self, n_in: int, hidden: int, n_out: int) -> None:
+    def __init__(
+        self, n_in: int, hidden: int, n_out: int, act: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
         super().__init__()
         self.fc1 = nn.Linear(n_in, hidden)
         self.fc2 = nn.Linear(hidden, n_out)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def mlp(dim: int) -> TwoLayer:
+    return TwoLayer(dim, 4 * dim, dim, F.gelu)
 
 
 class AttentionFusion(nn.Module):
@@ -270,7 +264,9 @@ class AttentionFusion(nn.Module):
         self.names = list(dims)
         total, n = sum(dims.values()), len(dims)
         self.score = (
-            nn.Linear(total, n) if attention_dim is None else Scorer(total, attention_dim, n)
+            nn.Linear(total, n)
+            if attention_dim is None
+            else TwoLayer(total, attention_dim, n, torch.tanh)
         )
         self.proj = _projections(dims, out)
 
@@ -318,18 +314,6 @@ class CrossAttention(nn.Module):
         return self.out_proj(a.transpose(1, 2).reshape(b, tq, d))
 
 
-class Mlp(nn.Module):
-    """fc2(gelu(fc1(x))), exact GELU."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class EarlyLayer(nn.Module):
     """A pre-norm transformer layer: x + attn(norm1(x)), then x + mlp(norm2(x)); the
     self-attention is CrossAttention with the sequence as queries and context."""
@@ -339,7 +323,7 @@ class EarlyLayer(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = CrossAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = mlp(dim)
 
     def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
         h = self.norm1(x)
@@ -439,7 +423,7 @@ class MiddleBlock(nn.Module):
         self.norm_kv = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = CrossAttention(dim, num_heads)
         self.norm_mlp = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = mlp(dim)
         assert gate in ("none", "tanh"), gate
         self.tanh = gate == "tanh"
         if self.tanh:
@@ -573,23 +557,6 @@ def draw_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, tor
 # --------------------------------------------------------------------------- rows
 
 
-@dataclass
-class Row:
-    """One workload: mlmf and its competitors on the same inputs.
-
-    `pp.measure` times `mlmf` and `competitors` (pp.Contender: name, fn, times).
-    `compare(mlmf_result, competitor_result)` returns the diff cell.
-    """
-
-    key: str
-    workload: str
-    rounds: int
-    mlmf: pp.Contender
-    competitors: list[pp.Contender]
-    compare: Callable[[Any, Any], str]
-    max_diff: list[float] = field(default_factory=list)
-
-
 def case_inputs(case: Case) -> str:
     """The inputs part of a row's workload."""
     if not case.tokens:
@@ -619,29 +586,30 @@ def make_inputs(case: Case) -> dict[str, Any]:
     return out
 
 
-class Suite:
+class Fusion(harness.Suite):
     """Builds the layers, the inputs and the rows."""
 
-    def __init__(self, workdir: Path, quick: bool, rounds: Optional[int]) -> None:
-        self.dir = workdir
-        self.quick = quick
-        self.rounds = rounds
-        self.notes: list[str] = []
+    name = "fusion"
+    groups = GROUPS
+    rounds_help = "timed rounds for every row (default: 9 pooled rows, 7 token rows)"
+    closing = {"diff_note": DIFF_NOTE, "disagree": "mlmf and the torch module disagree"}
+    columns = (
+        harness.WORKLOAD,
+        harness.COMPETITOR,
+        *harness.time_columns("time/call", harness.fmt_time),
+        harness.RATIO,
+        harness.met_column("Target (no slower than PyTorch eager)", "**not met**"),
+        harness.diff_column("max abs diff (fused / gates)"),
+    )
 
-    def _rounds(self, default: int) -> int:
-        if self.rounds is not None:
-            return self.rounds
-        return 2 if self.quick else default
-
-    def row_for(self, index: int, case: Case) -> Row:
+    def row_for(self, index: int, case: Case) -> harness.Row:
         from safetensors.torch import load_file, save_file
 
         import mlmf
 
-        # The tensor names and shapes come from mlmf; the values from torch (SEED + index).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the untrained warning
-            names = mlmf.Fusion(case.strategy, case.dims, OUT_DIM, **case.options)
+        # The tensor names and shapes come from mlmf (an untrained layer, its warning
+        # silenced); the values from torch (SEED + index).
+        names = harness.quietly(mlmf.Fusion, case.strategy, case.dims, OUT_DIM, **case.options)
         path = self.dir / f"fusion_{index}.safetensors"
         save_file(draw_weights(names.tensor_shapes(), SEED + index), str(path))
         fus = mlmf.Fusion(case.strategy, case.dims, OUT_DIM, weights=str(path), **case.options)
@@ -667,13 +635,9 @@ class Suite:
 
         def compare(ours: Any, theirs: Any) -> str:
             if has_gates:
-                cf, df = pp.abs_diff(ours.fused, theirs[0])
-                cg, dg = pp.abs_diff(ours.gates, theirs[1])
-                max_diff.append(max(df, dg))
-                return f"{cf} / {cg}"
-            cell, d = pp.abs_diff(ours.fused, theirs)
-            max_diff.append(d)
-            return cell
+                pairs = ((ours.fused, theirs[0]), (ours.gates, theirs[1]))
+                return harness.abs_diffs(*pairs, record=max_diff)
+            return harness.abs_diffs((ours.fused, theirs), record=max_diff)
 
         def torch_fn(mod: nn.Module) -> Callable[[], Any]:
             def run() -> Any:
@@ -682,220 +646,111 @@ class Suite:
 
             return run
 
-        eager = pp.Contender(TORCH, torch_fn(module), target=TARGET)
-        # The same module with one torch thread: on a busy two-core machine torch's
+        # The module also runs with one torch thread: on a busy two-core machine torch's
         # OpenMP pool can lose much of its time to a descheduled worker.
-        competitors = [eager, pp.torch_one_thread(eager)]
+        competitors = [harness.Contender(TORCH, torch_fn(module), target=TARGET)]
         if case.strategy == "early":
             # The stock layer, for reference (no target): its fused fast path handles the
             # padding mask without scaled_dot_product_attention.
             stock = torch_module(case, load_file(str(path)), encoder_layer=True)
-            competitors.append(pp.Contender(TORCH_ENCODER_LAYER, torch_fn(stock)))
-        return Row(
+            competitors.append(harness.Contender(TORCH_ENCODER_LAYER, torch_fn(stock)))
+        return harness.Row(
             key=case.key,
             workload=f"{case.label}; {case_inputs(case)}, batch {case.batch}",
-            rounds=self._rounds(case.rounds),
-            mlmf=pp.Contender("mlmf", lambda: fus(inputs)),
-            competitors=competitors,
+            rounds=self.rounds_for(case.rounds),
+            mlmf=harness.Contender("mlmf", lambda: fus(inputs)),
+            competitors=harness.with_one_thread(competitors),
             compare=compare,
             max_diff=max_diff,
         )
 
-    def build(self, only: Optional[list[str]]) -> list[Row]:
+    def build(self, only: Optional[list[str]]) -> list[harness.Row]:
         # Named by label (the skip note's name), picked by key.
         builders = [
             (case.label, functools.partial(self.row_for, index, case))
             for index, case in enumerate(CASES)
             if not only or case.key in only
         ]
-        return pp.build_rows(builders, None, self.notes, skipped="row skipped")
+        return self.build_rows(builders, None, skipped="row skipped")
 
+    # report --------------------------------------------------------------------
 
-# --------------------------------------------------------------------------- report
-
-
-@dataclass
-class Line:
-    workload: str
-    competitor: str
-    comp_ms: float
-    mlmf_ms: float
-    diff: str
-    is_target: bool
-
-    @property
-    def ratio(self) -> float:
-        return self.comp_ms / self.mlmf_ms
-
-    @property
-    def met(self) -> str:
-        if not self.is_target:
-            return "—"
-        return "met" if self.ratio >= TARGET else "**not met**"
-
-
-def lines_for(row: Row) -> list[Line]:
-    mlmf_ms = 1e3 * statistics.median(row.mlmf.times)
-    return [
-        Line(
-            workload=row.workload,
-            competitor=c.name,
-            comp_ms=1e3 * statistics.median(c.times),
-            mlmf_ms=mlmf_ms,
-            diff=pp.diff_cell(row, c) if c.check else "—",
-            is_target=c.target is not None,
+    def section(
+        self, lines: list[harness.Line], rows: list[Any], env: dict[str, str], png: bool
+    ) -> str:
+        min_time = self.args.min_time
+        rounds = ", ".join(
+            dict.fromkeys(
+                f"{'token' if r.key in ('early', 'middle') else 'pooled'} rows {r.rounds}"
+                for r in rows
+            )
         )
-        for c in row.competitors
-    ]
-
-
-def _time(ms: float) -> str:
-    """Per-call time: µs below 1 ms, else ms."""
-    if ms < 1:
-        us = 1e3 * ms
-        return f"{us:.1f} µs" if us < 10 else f"{us:.0f} µs"
-    return f"{pp._ms(ms)} ms"
-
-
-def spread(row: Row) -> str:
-    def one(c: pp.Contender) -> str:
-        lo, hi = (1e3 * f(c.times) for f in (min, max))
-        return f"{c.name} {_time(lo)}–{_time(hi)}"
-
-    return f"{row.workload}: " + ", ".join(one(c) for c in [row.mlmf, *row.competitors])
-
-
-def table(lines: list[Line]) -> str:
-    head = (
-        "| Workload | Competitor | Competitor time/call | mlmf time/call "
-        "| Ratio (competitor / mlmf; > 1: mlmf faster) "
-        "| Target (no slower than PyTorch eager) | max abs diff (fused / gates) |\n"
-        "|---|---|---:|---:|---:|---|---|\n"
-    )
-    body = "".join(
-        f"| {ln.workload} | {ln.competitor} | {_time(ln.comp_ms)} | {_time(ln.mlmf_ms)} "
-        f"| **{ln.ratio:.2f}x** | {ln.met} | {ln.diff} |\n"
-        for ln in lines
-    )
-    return head + body
-
-
-def section(
-    lines: list[Line],
-    rows: list[Row],
-    env: dict[str, str],
-    args: argparse.Namespace,
-    notes: list[str],
-) -> str:
-    rounds = ", ".join(
-        dict.fromkeys(
-            f"{'token' if r.key in ('early', 'middle') else 'pooled'} rows {r.rounds}" for r in rows
+        method = [
+            "Method: one `mlmf.Fusion` layer per row against a PyTorch eager module computing "
+            "the same formulas (docs/fusion.md), fp32 on the CPU, fused width "
+            f"{OUT_DIM}. Pooled rows: standard-normal embeddings of text (384), image (768) "
+            f"and audio (512), batch {POOLED_BATCH}. Token rows: {TEXT_TOKENS} text tokens "
+            f"(384 wide, padded: row lengths drawn in [8, {TEXT_TOKENS}], an int64 0/1 mask) "
+            f"and {IMAGE_TOKENS} image tokens (768 wide, no mask), batch {TOKEN_BATCH}, "
+            f"{LAYERS} layers of {HEADS} heads, gelu MLP of width {4 * OUT_DIM}, LayerNorm. "
+            "Weights: mlmf names every tensor (`tensor_shapes()`); each is drawn in torch "
+            f"from seed {SEED} + row index (linear layers uniform in ±1/sqrt(in), biases "
+            "included; norm weights 1 + 0.1 N(0,1), norm biases 0.1 N(0,1); type_embedding "
+            "0.2 N(0,1); modality_logits N(0,1); tanh gates 0.5 + 0.2 N(0,1), so the gates "
+            "matter), saved to a safetensors file that `mlmf.Fusion(..., weights=...)` loads "
+            "and the torch module reads with `safetensors.torch.load_file` "
+            "(`load_state_dict(strict=True)`). torch gets the same arrays via "
+            "`torch.from_numpy` and runs under `torch.inference_mode()` in eval mode. Each "
+            "contender is warmed up, then the contenders alternate for several rounds "
+            f"({rounds}; order reversed every other round); each timed sample repeats the call "
+            f"until it lasts at least {min_time:g} s. Figures are medians over the rounds, "
+            "per call (the whole batch). Ratio = competitor time / mlmf time. *max abs diff* "
+            "compares mlmf's `fused` (and `gates` where the strategy has them) with torch's.",
+            "",
+            "PyTorch modules (float32 `torch.nn.Module`s, one per strategy):",
+            "",
+            f"- late concat: one `nn.Linear({sum(POOLED_DIMS.values())}, {OUT_DIM})` over "
+            "`torch.cat` of the inputs; late "
+            "mean: an `nn.Linear` per modality, summed and divided by the count; late "
+            "weighted: the same projections combined with `softmax(modality_logits)` by one "
+            "`torch.bmm`; late logits: `nn.LayerNorm` + `nn.Linear` head per modality, averaged.",
+            "- attention: `nn.Linear` scorer (or `fc1` → tanh → `fc2` with attention_dim) on "
+            "the concatenation, softmax over modalities, then the weighted sum of the "
+            "per-modality `nn.Linear` projections by one `torch.bmm`; gated: the same with "
+            "`sigmoid` gates.",
+            "- early: per-modality `nn.Linear` + type embedding, `torch.cat` into one sequence, "
+            f"{LAYERS} pre-norm layers (`nn.LayerNorm`, self-attention with `nn.Linear` "
+            "q/k/v/out around `F.scaled_dot_product_attention` and the padding as a boolean "
+            "`attn_mask`, `nn.LayerNorm`, gelu MLP), final `nn.LayerNorm`, masked mean by "
+            "`torch.bmm`. The *nn.TransformerEncoderLayer* line (no target, for reference) "
+            f"runs the same weights through {LAYERS} × `nn.TransformerEncoderLayer(512, "
+            f"{HEADS}, 2048, dropout=0, activation='gelu', batch_first=True, norm_first=True)` "
+            "with `src_key_padding_mask`, which in eval mode under inference mode takes "
+            "torch's fused encoder-layer fast path; mlmf's `layers.{i}.attn.{q,k,v}_proj` are "
+            "concatenated into `in_proj_weight`/`in_proj_bias`, `mlp.fc1`/`fc2` become "
+            "`linear1`/`linear2`.",
+            "- middle: per layer and modality a block of `nn.LayerNorm`s, a cross-attention "
+            "(`nn.Linear` q/k/v/out around `F.scaled_dot_product_attention`, the context's "
+            "padding as a boolean `attn_mask`), the tanh gates as `nn.Parameter`s, and a gelu "
+            "MLP (`nn.Linear`, `F.gelu`, `nn.Linear`); a shared final `nn.LayerNorm`, the "
+            "masked mean per modality and the mean over modalities.",
+        ]
+        notes = [  # the fixed notes, then the run's
+            f"Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row.",
+            "The pooled rows are small: about 0.11 GFLOP of projections per call (0.16 with "
+            "attention_dim 256), multiply-adds counted as two operations.",
+            "Padded text positions are excluded from every key set and from the masked "
+            "means, so `fused` does not depend on them. mlmf's `early` and `middle` drop them "
+            "before the first layer and run on the real tokens only (docs/fusion.md, packed "
+            "rows); the torch modules compute them. The *unpadded text* rows (every text token "
+            "real) show the two without that difference.",
+            harness.one_thread_note("module"),
+            *self.notes,
+        ]
+        return harness.section_text(
+            "Fusion", "fusion.py", self.quick, method, env, self.table(lines), notes
         )
-    )
-    method = [
-        "Method: one `mlmf.Fusion` layer per row against a PyTorch eager module computing "
-        "the same formulas (docs/fusion.md), fp32 on the CPU, fused width "
-        f"{OUT_DIM}. Pooled rows: standard-normal embeddings of text (384), image (768) "
-        f"and audio (512), batch {POOLED_BATCH}. Token rows: {TEXT_TOKENS} text tokens "
-        f"(384 wide, padded: row lengths drawn in [8, {TEXT_TOKENS}], an int64 0/1 mask) "
-        f"and {IMAGE_TOKENS} image tokens (768 wide, no mask), batch {TOKEN_BATCH}, "
-        f"{LAYERS} layers of {HEADS} heads, gelu MLP of width {4 * OUT_DIM}, LayerNorm. "
-        "Weights: mlmf names every tensor (`tensor_shapes()`); each is drawn in torch "
-        f"from seed {SEED} + row index (linear layers uniform in ±1/sqrt(in), biases "
-        "included; norm weights 1 + 0.1 N(0,1), norm biases 0.1 N(0,1); type_embedding "
-        "0.2 N(0,1); modality_logits N(0,1); tanh gates 0.5 + 0.2 N(0,1), so the gates "
-        "matter), saved to a safetensors file that `mlmf.Fusion(..., weights=...)` loads "
-        "and the torch module reads with `safetensors.torch.load_file` "
-        "(`load_state_dict(strict=True)`). torch gets the same arrays via "
-        "`torch.from_numpy` and runs under `torch.inference_mode()` in eval mode. Each "
-        "contender is warmed up, then the contenders alternate for several rounds "
-        f"({rounds}; order reversed every other round); each timed sample repeats the call "
-        f"until it lasts at least {args.min_time:g} s. Figures are medians over the rounds, "
-        "per call (the whole batch). Ratio = competitor time / mlmf time. *max abs diff* "
-        "compares mlmf's `fused` (and `gates` where the strategy has them) with torch's.",
-        "",
-        "PyTorch modules (float32 `torch.nn.Module`s, one per strategy):",
-        "",
-        f"- late concat: one `nn.Linear({sum(POOLED_DIMS.values())}, {OUT_DIM})` over "
-        "`torch.cat` of the inputs; late "
-        "mean: an `nn.Linear` per modality, summed and divided by the count; late "
-        "weighted: the same projections combined with `softmax(modality_logits)` by one "
-        "`torch.bmm`; late logits: `nn.LayerNorm` + `nn.Linear` head per modality, averaged.",
-        "- attention: `nn.Linear` scorer (or `fc1` → tanh → `fc2` with attention_dim) on "
-        "the concatenation, softmax over modalities, then the weighted sum of the "
-        "per-modality `nn.Linear` projections by one `torch.bmm`; gated: the same with "
-        "`sigmoid` gates.",
-        "- early: per-modality `nn.Linear` + type embedding, `torch.cat` into one sequence, "
-        f"{LAYERS} pre-norm layers (`nn.LayerNorm`, self-attention with `nn.Linear` "
-        "q/k/v/out around `F.scaled_dot_product_attention` and the padding as a boolean "
-        "`attn_mask`, `nn.LayerNorm`, gelu MLP), final `nn.LayerNorm`, masked mean by "
-        "`torch.bmm`. The *nn.TransformerEncoderLayer* line (no target, for reference) "
-        f"runs the same weights through {LAYERS} × `nn.TransformerEncoderLayer(512, "
-        f"{HEADS}, 2048, dropout=0, activation='gelu', batch_first=True, norm_first=True)` "
-        "with `src_key_padding_mask`, which in eval mode under inference mode takes "
-        "torch's fused encoder-layer fast path; mlmf's `layers.{i}.attn.{q,k,v}_proj` are "
-        "concatenated into `in_proj_weight`/`in_proj_bias`, `mlp.fc1`/`fc2` become "
-        "`linear1`/`linear2`.",
-        "- middle: per layer and modality a block of `nn.LayerNorm`s, a cross-attention "
-        "(`nn.Linear` q/k/v/out around `F.scaled_dot_product_attention`, the context's "
-        "padding as a boolean `attn_mask`), the tanh gates as `nn.Parameter`s, and a gelu "
-        "MLP (`nn.Linear`, `F.gelu`, `nn.Linear`); a shared final `nn.LayerNorm`, the "
-        "masked mean per modality and the mean over modalities.",
-    ]
-    notes = [  # the fixed notes, then the run's
-        f"Target: mlmf no slower than PyTorch eager (ratio ≥ {TARGET:g}x) on every row.",
-        "The pooled rows are small: about 0.11 GFLOP of projections per call (0.16 with "
-        "attention_dim 256), multiply-adds counted as two operations.",
-        "Padded text positions are excluded from every key set and from the masked "
-        "means, so `fused` does not depend on them. mlmf's `early` and `middle` drop them "
-        "before the first layer and run on the real tokens only (docs/fusion.md, packed "
-        "rows); the torch modules compute them. The *unpadded text* rows (every text token "
-        "real) show the two without that difference.",
-        "`[torch 1 thread]` lines run the same module with `torch.set_num_threads(1)`: "
-        "on a busy two-core machine torch's two-thread OpenMP pool can spend much of its "
-        "time waiting for a descheduled worker, which inflates the ratio over two-thread "
-        "eager. On a quiet machine two-thread eager is the faster, binding one.",
-        *notes,
-    ]
-    return pp.section_text("Fusion", "fusion.py", args.quick, method, env, table(lines), notes)
-
-
-# --------------------------------------------------------------------------- main
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="timed rounds for every row (default: 9 pooled rows, 7 token rows)",
-    )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, short samples")
-    parser.add_argument("--only", default=None, help="comma-separated subset: " + ",".join(GROUPS))
-    args = parser.parse_args(argv)
-    args.min_time = 0.05 if args.quick else 0.5
-
-    torch.set_num_threads(THREADS)
-    torch.set_num_interop_threads(1)
-    load_at_start = pp.load_average()
-    started = time.perf_counter()
-    only = [s.strip() for s in args.only.split(",")] if args.only else None
-    with tempfile.TemporaryDirectory(prefix="mlmf-bench-fusion-") as tmp:
-        suite = Suite(Path(tmp), args.quick, args.rounds)
-        rows = suite.build(only)
-        lines, spreads = pp.time_rows(rows, args.min_time, suite.notes, lines_for, spread)
-
-    env = pp.torch_environment(load_at_start)
-    disagree = "mlmf and the torch module disagree"
-    pp.closing_notes(
-        suite.notes, rows, spreads, load_at_start, started, diff_note=DIFF_NOTE, disagree=disagree
-    )
-    text = section(lines, rows, env, args, suite.notes)
-    pp.report(args.out, BEGIN, END, text, table(lines), suite.notes)
-    return 0 if lines else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(Fusion.main())

@@ -25,39 +25,23 @@ environment as mlmf)::
     python benchmarks/model.py --out docs/benchmarks.md [--rounds 7] [--quick]
 
 The script owns the section between `<!-- model:begin -->` and `<!-- model:end -->` of
-the output file (created if missing). It writes no plot.
+the output file (created if missing). It writes no plot. The harness (threads, timing,
+report) is harness.py.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any, Callable, Optional
 
-# The shared helpers (inputs, timing, environment, sections) live in preprocess.py;
-# encoders.py builds the random-initialised CLIP ViT-B/32 checkpoint. Importing them
-# first (encoders.py imports preprocess.py first) also sets the thread variables
-# (RAYON_NUM_THREADS, OMP_NUM_THREADS, MKL_NUM_THREADS = 2; OpenBLAS 1) before anything
-# below can start a thread pool.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import encoders  # noqa: E402
-import preprocess as pp  # noqa: E402
+import harness  # first: sets the thread variables before torch or mlmf can start a pool
+import synthetic
 
-THREADS = pp.THREADS
-
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Callable, Optional  # noqa: E402
-
-BEGIN = "<!-- model:begin -->"
-END = "<!-- model:end -->"
 JPEG_TARGET = 2.0  # mlmf at least 2x faster than transformers from JPEG files
 CACHE_TARGET = 100.0  # a cache hit at least 100x faster than a miss
 TRANSFORMERS = "transformers (PIL backend)"
-SEED = encoders.SEED
+SEED = synthetic.SEED
 IMAGE_BATCH = 8
 IMAGE_SIZE = (480, 640)  # height, width
 JPEG_QUALITY = 90
@@ -79,10 +63,10 @@ def _roof_note() -> str:
         pass
     if not mhz:
         return "Float32 peak of this CPU unknown (no clock rate in /proc/cpuinfo)."
-    peak = THREADS * 32 * mhz / 1e3
+    peak = harness.THREADS * 32 * mhz / 1e3
     floor = CLIP_GFLOP / peak * 1e3
     return (
-        f"Compute floor: the ViT-B/32 forward is {CLIP_GFLOP} GFLOP per image; {THREADS} "
+        f"Compute floor: the ViT-B/32 forward is {CLIP_GFLOP} GFLOP per image; {harness.THREADS} "
         f"AVX2 cores at {mhz:.0f} MHz peak at {peak:.0f} GFLOP/s in float32 (2 FMA units x "
         f"8 lanes x 2 flops per cycle each), so the forward alone takes at least "
         f"{floor:.0f} ms per image. The 2x target needs the whole pipeline in half of "
@@ -97,26 +81,6 @@ GROUPS = ("jpeg_to_clip", "cache_hit_vs_miss", "cached_call_overhead")
 SHORT_TEXT = "A red house by the sea at sunset."
 
 
-@dataclass
-class Row:
-    """One workload: mlmf and its competitors (none for the overhead rows).
-
-    `pp.measure` times `mlmf` and `competitors` (pp.Contender: name, fn, times);
-    `compare(mlmf_result, competitor_result)` returns the diff cell. `calls`: a fixed
-    number of calls per timed sample (else as many as make one last `min_time`).
-    """
-
-    key: str
-    workload: str
-    items: int
-    rounds: int
-    mlmf: pp.Contender
-    competitors: list[pp.Contender]
-    compare: Optional[Callable[[Any, Any], str]] = None
-    calls: Optional[int] = None
-    max_diff: list[float] = field(default_factory=list)
-
-
 def write_jpegs(folder: Path, count: int) -> list[str]:
     """`count` photo-like 640x480 JPEG files (quality 90, seeds 300...) in `folder`."""
     from PIL import Image
@@ -124,7 +88,7 @@ def write_jpegs(folder: Path, count: int) -> list[str]:
     paths = []
     for i in range(count):
         path = folder / f"photo_{i}.jpg"
-        Image.fromarray(pp.photo(*IMAGE_SIZE, seed=300 + i)).save(
+        Image.fromarray(synthetic.photo(*IMAGE_SIZE, seed=300 + i)).save(
             path, format="JPEG", quality=JPEG_QUALITY
         )
         paths.append(str(path))
@@ -135,9 +99,7 @@ def _load(config: dict[str, Any]) -> Any:
     """mlmf.MultiModalModel.load(config) without the untrained-fusion warning."""
     import mlmf
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return mlmf.MultiModalModel.load(config)
+    return harness.quietly(mlmf.MultiModalModel.load, config)
 
 
 def _check(model: Any, inputs: dict[str, Any], want: dict[str, Any], what: str) -> Any:
@@ -156,22 +118,31 @@ def _check(model: Any, inputs: dict[str, Any], want: dict[str, Any], what: str) 
     return out
 
 
-class Suite:
+class Model(harness.Suite):
     """Builds the checkpoints, the inputs, the models and the rows."""
 
-    def __init__(self, workdir: Path, quick: bool, rounds: Optional[int]) -> None:
-        self.dir = workdir
-        self.quick = quick
-        self.rounds = rounds
-        self.notes: list[str] = []
+    name = "model"
+    groups = GROUPS
+    rounds_help = "timed rounds for every row (default: 9 for the fast rows, 7 for the slow ones)"
+    quick_help = "smoke run: 2 rounds, short samples, 200 calls"
+    closing = {"diff_note": DIFF_NOTE}
+    columns = (
+        harness.WORKLOAD,
+        ("mlmf", "l", lambda ln: ln.row.mlmf.name),
+        harness.COMPETITOR,
+        ("Competitor time/call", "r", lambda ln: _per_call(ln.comp_ms, ln.row.items)),
+        ("mlmf time/call", "r", lambda ln: _per_call(ln.mlmf_ms, ln.row.items)),
+        (harness.RATIO[0], "r", lambda ln: harness.fmt_ratio(ln.ratio, whole_from=100)),
+        ("Target", "l", lambda ln: harness.fmt_target(ln.target)),
+        harness.met_column(not_met="**not met**"),
+        harness.diff_column(),
+    )
+
+    def __init__(self, args: Any, workdir: Path) -> None:
+        super().__init__(args, workdir)
         self._clip: Optional[tuple[Any, Path]] = None
         self._paths: Optional[list[str]] = None
         self.text_label = ""
-
-    def _rounds(self, default: int) -> int:
-        if self.rounds is not None:
-            return self.rounds
-        return 2 if self.quick else default
 
     # inputs --------------------------------------------------------------------
 
@@ -182,7 +153,7 @@ class Suite:
             from transformers import CLIPImageProcessorPil
 
             path = self.dir / "clip_vit_b32"
-            model = encoders.build_clip_vit_b32(path)
+            model = synthetic.build_clip_vit_b32(path)
             # The openai CLIP preprocessing (shortest edge 224 bicubic, centre crop 224,
             # CLIP mean/std), which both sides read from the checkpoint.
             CLIPImageProcessorPil().save_pretrained(str(path))
@@ -212,7 +183,7 @@ class Suite:
 
     # rows ----------------------------------------------------------------------
 
-    def jpeg_rows(self) -> list[Row]:
+    def jpeg_rows(self) -> list[harness.Row]:
         import torch
         from PIL import Image
         from transformers import CLIPImageProcessorPil
@@ -246,28 +217,27 @@ class Suite:
             max_diff: list[float] = []
 
             def compare(a: Any, b: Any, max_diff: list[float] = max_diff) -> str:
-                cell, d = pp.abs_diff(a, b)
-                max_diff.append(d)
-                return cell
+                return harness.abs_diffs((a, b), record=max_diff)
 
-            eager = pp.Contender(TRANSFORMERS, theirs, target=JPEG_TARGET)
             rows.append(
-                Row(
+                harness.Row(
                     key="jpeg_to_clip",
                     workload=f"JPEG files 640x480 -> CLIP ViT-B/32 image embeddings, batch {batch}",
                     items=batch,
-                    rounds=self._rounds(rounds),
-                    mlmf=pp.Contender("mlmf", ours),
-                    # The same pipeline with one torch thread (Pillow and the PIL backend
-                    # are single-threaded either way).
-                    competitors=[eager, pp.torch_one_thread(eager)],
+                    rounds=self.rounds_for(rounds),
+                    mlmf=harness.Contender("mlmf", ours),
+                    # The pipeline also runs with one torch thread (Pillow and the PIL
+                    # backend are single-threaded either way).
+                    competitors=harness.with_one_thread(
+                        [harness.Contender(TRANSFORMERS, theirs, target=JPEG_TARGET)]
+                    ),
                     compare=compare,
                     max_diff=max_diff,
                 )
             )
         return rows
 
-    def cache_row(self) -> Row:
+    def cache_row(self) -> harness.Row:
         _, path = self.clip()
         paths = self.paths()
         model = _load(
@@ -293,18 +263,16 @@ class Suite:
         max_diff: list[float] = []
 
         def compare(a: Any, b: Any) -> str:
-            cell, d = pp.abs_diff(a, b)
-            max_diff.append(d)
-            return cell
+            return harness.abs_diffs((a, b), record=max_diff)
 
-        return Row(
+        return harness.Row(
             key="cache_hit_vs_miss",
             workload=f"cache miss vs hit: JPEG files -> CLIP ViT-B/32, batch {n}",
             items=n,
-            rounds=self._rounds(7),
-            mlmf=pp.Contender("mlmf, cache hit", hit),
+            rounds=self.rounds_for(7),
+            mlmf=harness.Contender("mlmf, cache hit", hit),
             competitors=[
-                pp.Contender(
+                harness.Contender(
                     "mlmf, cache miss (clear_cache() before each call)", miss, target=CACHE_TARGET
                 )
             ],
@@ -312,7 +280,7 @@ class Suite:
             max_diff=max_diff,
         )
 
-    def overhead_rows(self) -> list[Row]:
+    def overhead_rows(self) -> list[harness.Row]:
         text_path = self.text_model()
         calls = 200 if self.quick else OVERHEAD_CALLS
         rows = []
@@ -324,13 +292,13 @@ class Suite:
         _check(text_only, short, {"text": {"encoded": 1}}, "text miss")
         _check(text_only, short, {"text": {"hits": 1, "encoded": 0}, "fusion_cached": True}, "hit")
         rows.append(
-            Row(
+            harness.Row(
                 key="cached_call_overhead",
                 workload=f"fully cached call, text only ({self.text_label}), batch 1 "
                 "(one short sentence)",
                 items=1,
-                rounds=self._rounds(9),
-                mlmf=pp.Contender("mlmf", lambda: text_only.infer(**short)),
+                rounds=self.rounds_for(9),
+                mlmf=harness.Contender("mlmf", lambda: text_only.infer(**short)),
                 competitors=[],
                 calls=calls,
             )
@@ -346,7 +314,7 @@ class Suite:
                 "fusion": {"strategy": "attention"},
             }
         )
-        inputs = {"text": pp.sentences(IMAGE_BATCH, seed=60), "image": self.paths()}
+        inputs = {"text": synthetic.sentences(IMAGE_BATCH, seed=60), "image": self.paths()}
         n = IMAGE_BATCH
         _check(both, inputs, {"text": {"encoded": n}, "image": {"encoded": n}}, "miss")
         _check(
@@ -356,234 +324,113 @@ class Suite:
             "hit",
         )
         rows.append(
-            Row(
+            harness.Row(
                 key="cached_call_overhead",
                 workload=f"fully cached call, text ({self.text_label}) + image (CLIP ViT-B/32 "
                 f"JPEG files), attention fusion, batch {n}",
                 items=n,
-                rounds=self._rounds(9),
-                mlmf=pp.Contender("mlmf", lambda: both.infer(**inputs)),
+                rounds=self.rounds_for(9),
+                mlmf=harness.Contender("mlmf", lambda: both.infer(**inputs)),
                 competitors=[],
                 calls=calls,
             )
         )
         return rows
 
-    def build(self, only: Optional[list[str]]) -> list[Row]:
+    def build(self, only: Optional[list[str]]) -> list[harness.Row]:
         builders: list[tuple[str, Callable[[], Any]]] = [
             ("jpeg_to_clip", self.jpeg_rows),
             ("cache_hit_vs_miss", self.cache_row),
             ("cached_call_overhead", self.overhead_rows),
         ]
-        return pp.build_rows(builders, only, self.notes, progress=True)
+        return self.build_rows(builders, only, progress=True)
 
+    # report --------------------------------------------------------------------
 
-# --------------------------------------------------------------------------- report
+    def environment(self, load_at_start: str) -> dict[str, str]:
+        import mlmf
 
-
-@dataclass
-class Line:
-    workload: str
-    contender: str  # mlmf's contender
-    competitor: str  # "—" for the overhead rows
-    comp_ms: Optional[float]
-    mlmf_ms: float
-    items: int
-    target: Optional[float]
-    diff: str
-
-    @property
-    def ratio(self) -> Optional[float]:
-        return None if self.comp_ms is None else self.comp_ms / self.mlmf_ms
-
-    @property
-    def met(self) -> str:
-        if self.target is None or self.ratio is None:
-            return "—"
-        return "met" if self.ratio >= self.target else "**not met**"
-
-
-def lines_for(row: Row) -> list[Line]:
-    mlmf_ms = 1e3 * statistics.median(row.mlmf.times)
-    if not row.competitors:
-        return [
-            Line(row.workload, row.mlmf.name, "—", None, mlmf_ms, row.items, None, "—"),
-        ]
-    return [
-        Line(
-            workload=row.workload,
-            contender=row.mlmf.name,
-            competitor=c.name,
-            comp_ms=1e3 * statistics.median(c.times),
-            mlmf_ms=mlmf_ms,
-            items=row.items,
-            target=c.target,
-            diff=pp.diff_cell(row, c) if row.compare is not None and c.check else "—",
+        return harness.environment(
+            load_at_start,
+            ("torch", "transformers", "Pillow"),
+            threads=f"{harness.TORCH_THREADS}; {harness.PIL_SINGLE}",
+            extra={"mlmf JPEG decoder": str(getattr(mlmf, "JPEG_DECODER", "unknown"))},
         )
-        for c in row.competitors
-    ]
+
+    def section(
+        self, lines: list[harness.Line], rows: list[Any], env: dict[str, str], png: bool
+    ) -> str:
+        min_time = self.args.min_time
+        rounds = ", ".join(dict.fromkeys(f"{r.key} {r.rounds}" for r in rows))
+        calls = sorted({r.calls for r in rows if r.calls})
+        method = [
+            "Method: `mlmf.MultiModalModel` end to end, fp32 on the CPU, loaded from config "
+            "dicts. The image checkpoint is a random-initialised full-size CLIP ViT-B/32 "
+            f"(`CLIPVisionModelWithProjection(CLIPVisionConfig())`, seed {SEED}, the same "
+            "checkpoint as the encoder rows) saved as safetensors with the openai CLIP "
+            "`preprocessor_config.json` (shortest edge 224 bicubic, centre crop 224, CLIP "
+            f"mean/std); the images are {IMAGE_BATCH} photo-like 640x480 JPEG files (numpy, "
+            f"fixed seeds; Pillow quality {JPEG_QUALITY}) in a temporary folder. Rows:",
+            "",
+            "- *JPEG files → CLIP embeddings*: mlmf is a model with only an image modality, "
+            "`late` fusion and `cache: {enabled: false}` (every call decodes and encodes; "
+            "checked with `out.stats`), timed on `model.infer(image=paths)."
+            'embeddings["image"]`. *transformers (PIL backend)*: '
+            '`PIL.Image.open(p).convert("RGB")` for '
+            "each file, the checkpoint's own `CLIPImageProcessorPil.from_pretrained` "
+            '(`return_tensors="pt"`), then `CLIPVisionModelWithProjection(pixel_values)'
+            ".image_embeds` under `torch.inference_mode()`. *max abs diff* compares the two "
+            "embeddings.",
+            "- *cache miss vs hit*: the same model with the cache on (defaults). The miss "
+            "calls `model.clear_cache()` and then `infer` on the 8 files (all 8 encoded); the "
+            "hit repeats the call with the cache full (8 hits, the fused rows from the fusion "
+            "cache). Both read the 8 files and key them by content on every call. Ratio = miss "
+            "time / hit time; *max abs diff* compares the hit's embeddings with the miss's.",
+            f"- *fully cached call*: µs per `infer` call served entirely from the caches, "
+            f"{calls[0] if calls else OVERHEAD_CALLS} calls per timed sample: text only (one "
+            "short sentence, `late` fusion), and text (8 English-like sentences) + image "
+            "(the 8 JPEG files) with `attention` fusion. Each call keys every item by content "
+            "(files read and hashed), looks them up, stacks the cached vectors and takes the "
+            "fused rows from the fusion cache. No competitor.",
+            "",
+            "Each contender is warmed up, then the contenders of a row alternate for several "
+            f"rounds ({rounds}; order reversed every other round); each timed sample repeats "
+            f"the call until it lasts at least {min_time:g} s (the cached-call rows: a "
+            "fixed number of calls). Figures are medians over the rounds, per call (whole "
+            "batch), with the time per item for batches. Ratio = competitor time / mlmf time.",
+        ]
+        notes = [  # the fixed notes, then the run's
+            f"Targets: JPEG files → CLIP embeddings ≥ {JPEG_TARGET:g}x faster than "
+            f"transformers; a cache hit ≥ {CACHE_TARGET:g}x faster than a miss.",
+            "The mlmf call also runs the model's fusion (a 512 → 512 projection of the one "
+            "modality, seeded, untrained) and keeps per-call statistics; transformers stops at "
+            "`image_embeds`.",
+            harness.one_thread_note(
+                "transformers pipeline",
+                effect="the ratio over the two-thread line",
+                advice="Judge the target by both lines.",
+            ),
+            harness.jpeg_note(),
+            _roof_note(),
+            *self.notes,
+        ]
+        return harness.section_text(
+            "Whole model (MultiModalModel)",
+            "model.py",
+            self.quick,
+            method,
+            env,
+            self.table(lines),
+            notes,
+        )
 
 
-def _time(ms: float) -> str:
-    """Per-call time: µs below 1 ms, else ms."""
-    if ms < 1:
-        us = 1e3 * ms
-        return f"{us:.1f} µs" if us < 10 else f"{us:.0f} µs"
-    return f"{pp._ms(ms)} ms"
-
-
-def _call(ms: Optional[float], items: int) -> str:
+def _per_call(ms: Optional[float], items: int) -> str:
+    """The time per call, and per item for batches."""
     if ms is None:
         return "—"
-    return _time(ms) + (f" ({_time(ms / items)}/item)" if items > 1 else "")
-
-
-def _ratio(r: Optional[float]) -> str:
-    if r is None:
-        return "—"
-    return f"**{r:.0f}x**" if r >= 100 else f"**{r:.2f}x**"
-
-
-def spread(row: Row) -> str:
-    def one(c: pp.Contender) -> str:
-        lo, hi = (1e3 * f(c.times) for f in (min, max))
-        return f"{c.name} {_time(lo)}–{_time(hi)}"
-
-    return f"{row.workload}: " + ", ".join(one(c) for c in [row.mlmf, *row.competitors])
-
-
-def table(lines: list[Line]) -> str:
-    head = (
-        "| Workload | mlmf | Competitor | Competitor time/call | mlmf time/call "
-        "| Ratio (competitor / mlmf; > 1: mlmf faster) | Target | Met | max abs diff |\n"
-        "|---|---|---|---:|---:|---:|---|---|---|\n"
-    )
-    body = "".join(
-        f"| {ln.workload} | {ln.contender} | {ln.competitor} | {_call(ln.comp_ms, ln.items)} "
-        f"| {_call(ln.mlmf_ms, ln.items)} "
-        f"| {_ratio(ln.ratio)} "
-        f"| {f'≥ {ln.target:g}x' if ln.target else '—'} | {ln.met} | {ln.diff} |\n"
-        for ln in lines
-    )
-    return head + body
-
-
-def environment(load_at_start: str) -> dict[str, str]:
-    import mlmf
-
-    return pp.torch_environment(
-        load_at_start,
-        threads=pp.TORCH_THREADS + "; Pillow and the PIL backend are single-threaded",
-        drop=("torchvision", "tokenizers", "scipy"),
-        packages=(),
-        extra={"mlmf JPEG decoder": str(getattr(mlmf, "JPEG_DECODER", "unknown"))},
-    )
-
-
-def section(
-    lines: list[Line],
-    rows: list[Row],
-    env: dict[str, str],
-    args: argparse.Namespace,
-    notes: list[str],
-) -> str:
-    rounds = ", ".join(dict.fromkeys(f"{r.key} {r.rounds}" for r in rows))
-    calls = sorted({r.calls for r in rows if r.calls})
-    method = [
-        "Method: `mlmf.MultiModalModel` end to end, fp32 on the CPU, loaded from config "
-        "dicts. The image checkpoint is a random-initialised full-size CLIP ViT-B/32 "
-        f"(`CLIPVisionModelWithProjection(CLIPVisionConfig())`, seed {SEED}, the same "
-        "checkpoint as the encoder rows) saved as safetensors with the openai CLIP "
-        "`preprocessor_config.json` (shortest edge 224 bicubic, centre crop 224, CLIP "
-        f"mean/std); the images are {IMAGE_BATCH} photo-like 640x480 JPEG files (numpy, "
-        f"fixed seeds; Pillow quality {JPEG_QUALITY}) in a temporary folder. Rows:",
-        "",
-        "- *JPEG files → CLIP embeddings*: mlmf is a model with only an image modality, "
-        "`late` fusion and `cache: {enabled: false}` (every call decodes and encodes; "
-        "checked with `out.stats`), timed on `model.infer(image=paths)."
-        'embeddings["image"]`. *transformers (PIL backend)*: '
-        '`PIL.Image.open(p).convert("RGB")` for '
-        "each file, the checkpoint's own `CLIPImageProcessorPil.from_pretrained` "
-        '(`return_tensors="pt"`), then `CLIPVisionModelWithProjection(pixel_values)'
-        ".image_embeds` under `torch.inference_mode()`. *max abs diff* compares the two "
-        "embeddings.",
-        "- *cache miss vs hit*: the same model with the cache on (defaults). The miss "
-        "calls `model.clear_cache()` and then `infer` on the 8 files (all 8 encoded); the "
-        "hit repeats the call with the cache full (8 hits, the fused rows from the fusion "
-        "cache). Both read the 8 files and key them by content on every call. Ratio = miss "
-        "time / hit time; *max abs diff* compares the hit's embeddings with the miss's.",
-        f"- *fully cached call*: µs per `infer` call served entirely from the caches, "
-        f"{calls[0] if calls else OVERHEAD_CALLS} calls per timed sample: text only (one "
-        "short sentence, `late` fusion), and text (8 English-like sentences) + image "
-        "(the 8 JPEG files) with `attention` fusion. Each call keys every item by content "
-        "(files read and hashed), looks them up, stacks the cached vectors and takes the "
-        "fused rows from the fusion cache. No competitor.",
-        "",
-        "Each contender is warmed up, then the contenders of a row alternate for several "
-        f"rounds ({rounds}; order reversed every other round); each timed sample repeats "
-        f"the call until it lasts at least {args.min_time:g} s (the cached-call rows: a "
-        "fixed number of calls). Figures are medians over the rounds, per call (whole "
-        "batch), with the time per item for batches. Ratio = competitor time / mlmf time.",
-    ]
-    notes = [  # the fixed notes, then the run's
-        f"Targets: JPEG files → CLIP embeddings ≥ {JPEG_TARGET:g}x faster than "
-        f"transformers; a cache hit ≥ {CACHE_TARGET:g}x faster than a miss.",
-        "The mlmf call also runs the model's fusion (a 512 → 512 projection of the one "
-        "modality, seeded, untrained) and keeps per-call statistics; transformers stops at "
-        "`image_embeds`.",
-        "`[torch 1 thread]` lines run the same transformers pipeline with "
-        "`torch.set_num_threads(1)`: on a busy two-core machine torch's two-thread OpenMP "
-        "pool can spend much of its time waiting for a descheduled worker, which inflates "
-        "the ratio over the two-thread line. Judge the target by both lines.",
-        pp._jpeg_note(),
-        _roof_note(),
-        *notes,
-    ]
-    return pp.section_text(
-        "Whole model (MultiModalModel)", "model.py", args.quick, method, env, table(lines), notes
-    )
-
-
-# --------------------------------------------------------------------------- main
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="timed rounds for every row (default: 9 for the fast rows, 7 for the slow ones)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 2 rounds, short samples, 200 calls"
-    )
-    parser.add_argument("--only", default=None, help="comma-separated subset: " + ",".join(GROUPS))
-    args = parser.parse_args(argv)
-    args.min_time = 0.05 if args.quick else 0.5
-
-    import torch
-
-    torch.set_num_threads(THREADS)
-    torch.set_num_interop_threads(1)
-    load_at_start = pp.load_average()
-    started = time.perf_counter()
-    only = [s.strip() for s in args.only.split(",")] if args.only else None
-    unknown = sorted(set(only or []) - set(GROUPS))
-    if unknown:
-        parser.error(f"unknown rows {', '.join(unknown)} (choose from {', '.join(GROUPS)})")
-    with tempfile.TemporaryDirectory(prefix="mlmf-bench-model-") as tmp:
-        suite = Suite(Path(tmp), args.quick, args.rounds)
-        rows = suite.build(only)
-        lines, spreads = pp.time_rows(rows, args.min_time, suite.notes, lines_for, spread)
-
-    env = environment(load_at_start)
-    pp.closing_notes(suite.notes, rows, spreads, load_at_start, started, diff_note=DIFF_NOTE)
-    text = section(lines, rows, env, args, suite.notes)
-    pp.report(args.out, BEGIN, END, text, table(lines), suite.notes)
-    return 0 if lines else 1
+    return harness.fmt_time(ms) + (f" ({harness.fmt_time(ms / items)}/item)" if items > 1 else "")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(Model.main())
