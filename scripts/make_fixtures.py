@@ -2052,6 +2052,10 @@ def make_fusion(out: Path) -> None:
     _area_module("fixtures_fusion").make_fusion(out)
 
 
+def make_train(out: Path) -> None:
+    _area_module("fixtures_train").make_train(out)
+
+
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
@@ -2064,6 +2068,7 @@ AREAS: dict[str, Callable[[Path], None]] = {
     "encoders": make_encoders,
     "attention": make_attention,
     "fusion": make_fusion,
+    "train": make_train,
 }
 
 

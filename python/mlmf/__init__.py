@@ -11,6 +11,7 @@ from mlmf._mlmf import (
     CacheError,
     ConfigError,
     CrossModalAttention,
+    DataError,
     DecodeError,
     DeviceError,
     DistributedError,
@@ -30,6 +31,7 @@ from mlmf._mlmf import (
     MultiModalModel,
     MultiModalOutput,
     TextProcessor,
+    TrainError,
     VideoProcessor,
     __version__,
     decode_image,
@@ -45,9 +47,16 @@ from mlmf._mlmf import (
     supported_model_types,
 )
 from mlmf.attention import BidirectionalCrossAttention, head_entropy, top_attended
+from mlmf.train import Classify, Contrastive, Regress, Trainer
 
 __all__ = [
     "BidirectionalCrossAttention",
+    "Classify",
+    "Contrastive",
+    "DataError",
+    "Regress",
+    "TrainError",
+    "Trainer",
     "CUDA_COMPILED",
     "JPEG_DECODER",
     "AudioProcessor",

@@ -10,6 +10,11 @@
     run one modality's processor on files and save the arrays to an ``.npz``.
 ``mlmf encode --config mlmf.toml --image a.jpg --text "..." -o out.npz``
     embed inputs (or ``--input-list rows.jsonl``, with a progress bar) with a model.
+``mlmf train mlmf.toml --data train.jsonl --val val.jsonl --out runs/exp1``
+    train the fusion, attention pairs and adapters (the config's ``[train]`` table), with
+    a progress bar; ``--resume`` continues a run.
+``mlmf eval runs/exp1 --data test.jsonl``
+    the metrics of a trained model (or of a config's untrained one) on data.
 ``mlmf inspect DIR``
     what a checkpoint folder is, and which encoder and processor mlmf picks for it.
 ``mlmf bench``
@@ -30,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import mlmf
+from mlmf._progress import Progress
 
 DATA = Path(__file__).resolve().parent / "data"
 MODELS = DATA / "models"
@@ -254,46 +260,6 @@ def preprocess(args: argparse.Namespace) -> int:
 MODALITIES = ("text", "image", "audio", "video")
 
 
-class Progress:
-    """A progress line on stderr (tqdm when installed)."""
-
-    def __init__(self, total: int, unit: str = "rows", enabled: bool = True) -> None:
-        self.total, self.unit, self.done, self.enabled = total, unit, 0, enabled
-        self.start = time.perf_counter()
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm  # type: ignore[import-untyped]
-
-                self.bar = tqdm(total=total, unit=unit, file=sys.stderr)
-            except ImportError:
-                pass
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        print(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-            f"{self.unit} ({rate:.1f}/s)",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(file=sys.stderr)
-
-
 def _read_rows(args: argparse.Namespace) -> list[dict]:
     """Rows of an encode job: one from the command line, or one per line of a JSONL
     file (keys: text, image, audio, video, and an optional id)."""
@@ -387,6 +353,51 @@ def encode(args: argparse.Namespace) -> int:
         stats = model.stats()
         hits = sum(s["cache"]["hits"] for s in stats["modalities"].values() if s["cache"])
         print(f"{n} rows, {stats['calls']} calls, {hits} cache hits; wrote {args.output}")
+    return 0
+
+
+def _print_metrics(metrics: dict, indent: str = "  ") -> None:
+    for k in sorted(metrics):
+        print(f"{indent}{k:28s} {metrics[k]:.4f}")
+
+
+def train(args: argparse.Namespace) -> int:
+    overrides = {
+        k: getattr(args, k)
+        for k in ("epochs", "batch_size", "lr", "seed")
+        if getattr(args, k) is not None
+    }
+    trainer = mlmf.Trainer(args.config, progress=not args.quiet, **overrides)
+    history = trainer.fit(args.data, val=args.val, out=args.out, resume=args.resume)
+    if args.quiet:
+        return 0
+    out = Path(args.out)
+    best = [h for h in history if h["best"]]
+    last = history[-1] if history else None
+    print(f"trained {len(history)} epoch(s); model written to {out}")
+    if best and best[-1]["val"]:
+        b = best[-1]
+        print(f"best epoch {b['epoch'] + 1} (validation):")
+        _print_metrics(b["val"])
+    elif last:
+        print(f"last epoch {last['epoch'] + 1}: train loss {last['train_loss']:.4f}")
+    for name in ("mlmf.toml", "history.json", "curves.png"):
+        if (out / name).exists():
+            print(f"  {out / name}")
+    print(f"load it with mlmf.MultiModalModel.load({str(out)!r})")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    trainer = mlmf.Trainer(args.model, progress=not args.quiet)
+    metrics = trainer.evaluate(args.data)
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{args.model} on {args.data}:")
+        _print_metrics(metrics)
     return 0
 
 
@@ -544,6 +555,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-o", "--output", default="embeddings.npz")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
     p.set_defaults(func=encode)
+    p = sub.add_parser("train", help="train a model's fusion, attention pairs and adapters")
+    p.add_argument("config", help="mlmf.toml / .yaml / .json with a [train] table")
+    p.add_argument("--data", required=True, help="training rows (JSONL) or run_batch Parquet")
+    p.add_argument("--val", help="validation rows (default: the config's val_fraction)")
+    p.add_argument("--out", required=True, help="folder for the trained model and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--batch-size", type=int, help="override train.batch_size")
+    p.add_argument("--lr", type=float, help="override train.lr")
+    p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or summary")
+    p.set_defaults(func=train)
+    p = sub.add_parser("eval", help="metrics of a trained model on data")
+    p.add_argument("model", help="a trained model's folder (or a config with a [train] table)")
+    p.add_argument("--data", required=True, help="rows (JSONL) or run_batch Parquet")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("-o", "--output", help="also write the metrics to this JSON file")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=evaluate)
     p = sub.add_parser("inspect", help="what a checkpoint folder is and how mlmf loads it")
     p.add_argument("path", help="checkpoint folder (config.json, *.safetensors, ...)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -561,6 +591,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except mlmf.MlmfError as e:
         print(f"mlmf: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        hint = (
+            " (the last checkpoint is kept: continue with --resume)"
+            if args.command == "train"
+            else ""
+        )
+        print(f"\nmlmf: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

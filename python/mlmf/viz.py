@@ -1,4 +1,4 @@
-"""Pictures of attention (needs the ``viz`` extra: matplotlib)."""
+"""Pictures of attention and training curves (needs the ``viz`` extra: matplotlib)."""
 
 from __future__ import annotations
 
@@ -58,4 +58,56 @@ def attention_heatmap(
     return out
 
 
-__all__ = ["attention_heatmap"]
+def training_curves(
+    history: Sequence[dict],
+    path: Union[str, os.PathLike[str]],
+    *,
+    size: tuple[int, int] = (1000, 420),
+    dpi: int = 100,
+) -> Path:
+    """Draws a training history (``Trainer.fit``'s, or ``history.json``) as a PNG: the
+    training and validation losses per epoch on the left, the validation metrics
+    (recall@1, accuracy, macro-F1, MSE) on the right."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("mlmf.viz needs matplotlib: pip install 'mlmf[viz]'") from exc
+    if not history:
+        raise ValueError("an empty history: nothing to draw")
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    if any("loss" in h["val"] for h in history):
+        left.plot(
+            epochs, [h["val"].get("loss", np.nan) for h in history], marker="o", label="val loss"
+        )
+    left.set_xlabel("epoch")
+    left.set_ylabel("loss")
+    left.legend()
+    names = sorted(
+        {
+            k
+            for h in history
+            for k in h["val"]
+            if k.endswith("R@1") or k in ("accuracy", "macro_f1", "mse")
+        }
+    )
+    for k in names:
+        right.plot(epochs, [h["val"].get(k, np.nan) for h in history], marker="o", label=k)
+    right.set_xlabel("epoch")
+    right.set_ylabel("validation metric")
+    if names:
+        right.legend(fontsize="small")
+    else:
+        right.text(0.5, 0.5, "no validation data", ha="center", va="center")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+__all__ = ["attention_heatmap", "training_curves"]

@@ -65,13 +65,43 @@ pub enum MlmfError {
     #[error("device `{device}` unavailable: {message}")]
     Device { device: String, message: String },
 
-    /// A bug: an internal invariant did not hold (also what a caught panic becomes).
+    /// A row of a dataset is malformed: a missing or unknown field, a label out of
+    /// range, a target of the wrong width. `origin` names the data (a file, `arrays`).
+    #[error("{origin}{}: {message}", fmt_row(.row, .id, .field))]
+    Data {
+        origin: String,
+        row: Option<usize>,
+        id: Option<String>,
+        field: Option<String>,
+        message: String,
+    },
+
+    /// Training cannot go on (a non-finite loss or gradient, nothing to train); the
+    /// last good checkpoint is kept.
+    #[error("training failed: {0}")]
+    Train(String),
+
     /// A cache cannot do what was asked (e.g. an unusable disk tier).
     #[error("{cache} cache: {message}")]
     Cache { cache: String, message: String },
 
+    /// A bug: an internal invariant did not hold (also what a caught panic becomes).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn fmt_row(row: &Option<usize>, id: &Option<String>, field: &Option<String>) -> String {
+    let mut s = String::new();
+    if let Some(r) = row {
+        s.push_str(&format!(" row {r}"));
+    }
+    if let Some(i) = id {
+        s.push_str(&format!(" (id {i:?})"));
+    }
+    if let Some(f) = field {
+        s.push_str(&format!(" field `{f}`"));
+    }
+    s
 }
 
 fn fmt_index(index: &Option<usize>) -> String {
@@ -95,6 +125,22 @@ impl MlmfError {
         Self::Input {
             modality,
             index: None,
+            message: message.into(),
+        }
+    }
+
+    /// An [`MlmfError::Data`] about `field` of `row` in `origin` (a file, `arrays`).
+    pub fn data(
+        origin: impl Into<String>,
+        row: Option<usize>,
+        field: Option<&str>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::Data {
+            origin: origin.into(),
+            row,
+            id: None,
+            field: field.map(str::to_string),
             message: message.into(),
         }
     }
@@ -180,6 +226,20 @@ impl MlmfError {
                 cache: cache.clone(),
                 message: message.clone(),
             },
+            Self::Data {
+                origin,
+                row,
+                id,
+                field,
+                message,
+            } => Self::Data {
+                origin: origin.clone(),
+                row: *row,
+                id: id.clone(),
+                field: field.clone(),
+                message: message.clone(),
+            },
+            Self::Train(m) => Self::Train(m.clone()),
             Self::Internal(m) => Self::Internal(m.clone()),
         }
     }

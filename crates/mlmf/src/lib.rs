@@ -5,6 +5,7 @@
 //! Everything here is plain Rust; the Python bindings live in `python/` behind the
 //! `python` feature.
 
+pub mod adapters;
 pub mod attention;
 pub mod cache;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod modality;
 pub mod model;
 mod pool;
 pub mod preprocess;
+pub mod train;
 
 #[cfg(feature = "python")]
 mod python;

@@ -19,6 +19,8 @@
 //! Without weights a layer initialises deterministically from a seed, as
 //! `torch.nn.Linear` does (uniform in `±1/sqrt(in)`), and reports itself untrained.
 
+pub(crate) mod select;
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -261,24 +263,35 @@ impl CrossModalAttention {
         )
     }
 
-    /// Writes the weights to `path` (safetensors, the names [`load`](Self::load) reads).
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut map: HashMap<String, Tensor> = HashMap::new();
+    /// The weights by the names [`load`](Self::load) reads, PyTorch's `[out, in]` layout.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
         for (name, lin) in [
             ("q_proj", &self.q),
             ("k_proj", &self.k),
             ("v_proj", &self.v),
             ("out_proj", &self.o),
         ] {
-            map.insert(format!("{name}.weight"), lin.weight_out_in()?);
+            out.push((format!("{name}.weight"), lin.weight_out_in()?));
             if let Some(b) = &lin.bias {
-                map.insert(format!("{name}.bias"), b.clone());
+                out.push((format!("{name}.bias"), b.clone()));
             }
         }
         if let Some((qn, kn)) = &self.qk_norm {
-            map.insert("q_norm.weight".into(), qn.clone());
-            map.insert("k_norm.weight".into(), kn.clone());
+            out.push(("q_norm.weight".into(), qn.clone()));
+            out.push(("k_norm.weight".into(), kn.clone()));
         }
+        Ok(out)
+    }
+
+    /// The layer's settings.
+    pub fn config(&self) -> &CrossModalAttentionConfig {
+        &self.cfg
+    }
+
+    /// Writes the weights to `path` (safetensors, the names [`load`](Self::load) reads).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let map: HashMap<String, Tensor> = self.named_tensors()?.into_iter().collect();
         candle_core::safetensors::save(&map, path).map_err(|e| {
             MlmfError::model_load(
                 "cross-modal attention weights",
@@ -580,29 +593,7 @@ impl CrossModalAttention {
                 *x = if real && near { 1.0 } else { 0.0 };
             }
             if let Some(lv) = &lv {
-                let l = &lv[r * tk..(r + 1) * tk];
-                kept.clear();
-                kept.extend(
-                    row.iter()
-                        .zip(l)
-                        .filter(|(x, _)| **x != 0.0)
-                        .map(|(_, &v)| v),
-                );
-                let n = kept.len();
-                let k = match (cfg.top_k, cfg.sparsity_ratio) {
-                    (Some(k), _) => k,
-                    (None, Some(ratio)) => (((1.0 - ratio) * n as f64).ceil() as usize).max(1),
-                    (None, None) => n,
-                };
-                if n > k {
-                    kept.sort_unstable_by(|x, y| y.total_cmp(x));
-                    let threshold = kept[k - 1];
-                    for (x, &v) in row.iter_mut().zip(l) {
-                        if v < threshold {
-                            *x = 0.0;
-                        }
-                    }
-                }
+                select::keep_largest(row, &lv[r * tk..(r + 1) * tk], cfg, &mut kept);
             }
         }
         Tensor::from_vec(a, (b, h, tq, tk), logits.device())
@@ -630,63 +621,9 @@ impl CrossModalAttention {
             Some(a) => a.flatten_all().and_then(|t| t.to_vec1()).map_err(&f)?,
             None => vec![1.0; l.len()],
         };
-        let target = f64::from(cfg.adaptive_target_std);
-        let (lo, hi) = (
-            f64::from(cfg.adaptive_min_temperature),
-            f64::from(cfg.adaptive_max_temperature),
-        );
         let mut kept: Vec<f64> = Vec::with_capacity(tk);
         for (row, ok) in l.chunks_exact_mut(tk).zip(a.chunks_exact_mut(tk)) {
-            kept.clear();
-            kept.extend(
-                row.iter()
-                    .zip(ok.iter())
-                    .filter(|(_, &o)| o != 0.0)
-                    .map(|(&v, _)| f64::from(v)),
-            );
-            let n = kept.len();
-            if n <= 1 {
-                continue;
-            }
-            let mean = kept.iter().sum::<f64>() / n as f64;
-            let std = (kept.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
-            let tau = (std / target).clamp(lo, hi);
-            kept.iter_mut().for_each(|v| *v /= tau);
-            let max = kept.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = kept.iter().map(|v| (v - max).exp()).sum();
-            let entropy: f64 = kept
-                .iter()
-                .map(|v| {
-                    let p = (v - max).exp() / z;
-                    if p > 0.0 {
-                        -p * p.ln()
-                    } else {
-                        0.0
-                    }
-                })
-                .sum();
-            let s = cfg.adaptive_max_sparsity * (1.0 - entropy / (n as f64).ln());
-            let k = (((1.0 - s) * n as f64).ceil() as usize).clamp(1, n);
-            for v in row.iter_mut() {
-                *v = (f64::from(*v) / tau) as f32;
-            }
-            if k < n {
-                // The threshold from the scaled float32 values themselves, so that the
-                // k-th largest is kept exactly.
-                let mut vals: Vec<f32> = row
-                    .iter()
-                    .zip(ok.iter())
-                    .filter(|(_, &o)| o != 0.0)
-                    .map(|(&v, _)| v)
-                    .collect();
-                vals.sort_unstable_by(|x, y| y.total_cmp(x));
-                let threshold = vals[k - 1];
-                for (v, o) in row.iter().zip(ok.iter_mut()) {
-                    if *v < threshold {
-                        *o = 0.0;
-                    }
-                }
-            }
+            select::adapt_row(row, ok, cfg, &mut kept);
         }
         let dev = logits.device();
         let l = Tensor::from_vec(l, dims.as_slice(), dev).map_err(&f)?;
@@ -763,7 +700,11 @@ pub(crate) fn check_mask(
 
 /// `output` `[B, Tq, D]` with the rows of masked queries (`qm` `[B, Tq]`) and of
 /// queries that see no key (`any` `[B, Tq|1, 1]`, 0 there) set to 0.
-fn zero_rows(output: Tensor, qm: Option<&Tensor>, any: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn zero_rows(
+    output: Tensor,
+    qm: Option<&Tensor>,
+    any: Option<&Tensor>,
+) -> Result<Tensor> {
     let f = ce("attention output");
     let mut output = output;
     if let Some(m) = qm {
@@ -777,7 +718,7 @@ fn zero_rows(output: Tensor, qm: Option<&Tensor>, any: Option<&Tensor>) -> Resul
 }
 
 /// RMSNorm over the last dimension: `x * w / sqrt(mean(x^2) + eps)`.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let f = ce("qk norm");
     let ms = x
         .sqr()
@@ -790,7 +731,7 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// Rotary embeddings ("rotate half") on `[B, H, T, hd]` at positions `0..T` divided by
 /// `scale`; angles computed in float64.
-fn rope(x: &Tensor, base: f64, scale: f64) -> Result<Tensor> {
+pub(crate) fn rope(x: &Tensor, base: f64, scale: f64) -> Result<Tensor> {
     let f = ce("rotary embedding");
     let (_, _, t, hd) = x.dims4().map_err(&f)?;
     let half = hd / 2;

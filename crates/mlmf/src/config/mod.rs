@@ -19,17 +19,20 @@
 //! [`MultiModalConfig::validate`] checks values, naming the full field path
 //! (`modalities.image.preprocessing.size`).
 
+mod adapters;
 mod attention;
 mod cache;
 mod distributed;
 pub mod fusion;
 pub(crate) mod modality;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use adapters::AdaptersConfig;
 pub use attention::{AttentionPair, CrossModalAttentionConfig};
 pub use cache::{
     ByteSize, CacheConfig, CachePolicy, DiskCacheConfig, ModalityCacheConfig, PolicyKind,
@@ -37,6 +40,7 @@ pub use cache::{
 pub use distributed::{DistributedConfig, ModalityAssignment, ShardingStrategy};
 pub use fusion::{FusionConfig, FusionLevel, FusionStrategy};
 pub use modality::{ModalityConfig, PreprocessingConfig};
+pub use train::TrainConfig;
 
 use crate::device::DeviceSpec;
 use crate::encoders::Precision;
@@ -53,6 +57,9 @@ pub struct MultiModalConfig {
     pub fusion: FusionConfig,
     /// The cross-modal attention inside the fusion stage.
     pub cross_modal_attention: CrossModalAttentionConfig,
+    /// Per-modality projection adapters in front of the fusion; absent = none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapters: Option<AdaptersConfig>,
     /// Caching of encodings.
     pub cache: CacheConfig,
     /// Spreading modalities over a Ray cluster; absent = one process.
@@ -61,6 +68,9 @@ pub struct MultiModalConfig {
     pub device: DeviceSpec,
     /// The precision encoders run in: `float32`, `float16` or `bfloat16`.
     pub dtype: Precision,
+    /// How `mlmf train` trains the model; inference ignores it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainConfig>,
 }
 
 /// File formats a config can be read from.
@@ -91,10 +101,24 @@ impl ConfigFormat {
 }
 
 impl MultiModalConfig {
-    /// Reads and validates a config file; the format follows the extension. Relative
-    /// `model` paths are taken relative to the file's directory.
+    /// Reads and validates a config file (or the `mlmf.toml` of a folder); the format
+    /// follows the extension. Relative paths are taken relative to the file's directory.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        // A folder is a trained model's: its config is `mlmf.toml`.
+        let owned;
+        let path = if path.is_dir() {
+            owned = path.join("mlmf.toml");
+            if !owned.is_file() {
+                return Err(MlmfError::ConfigFile {
+                    path: path.to_path_buf(),
+                    message: "a folder without mlmf.toml: expected a config file or a trained model's folder".into(),
+                });
+            }
+            owned.as_path()
+        } else {
+            path
+        };
         let format = ConfigFormat::from_path(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| MlmfError::ConfigFile {
             path: path.to_path_buf(),
@@ -121,6 +145,7 @@ impl MultiModalConfig {
             for p in [
                 config.fusion.weights.as_mut(),
                 config.cross_modal_attention.weights.as_mut(),
+                config.adapters.as_mut().and_then(|a| a.weights.as_mut()),
                 config.cache.disk.as_mut().map(|d| &mut d.path),
             ]
             .into_iter()
@@ -205,6 +230,12 @@ impl MultiModalConfig {
             .validate()
             .map_err(|e| e.under("cross_modal_attention"))?;
         self.cache.validate().map_err(|e| e.under("cache"))?;
+        if let Some(a) = &self.adapters {
+            a.validate().map_err(|e| e.under("adapters"))?;
+        }
+        if let Some(t) = &self.train {
+            t.validate().map_err(|e| e.under("train"))?;
+        }
         if let Some(d) = &self.distributed {
             d.validate(self).map_err(|e| e.under("distributed"))?;
         }

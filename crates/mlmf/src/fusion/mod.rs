@@ -16,7 +16,7 @@ mod early;
 mod gated;
 mod late;
 mod middle;
-mod params;
+pub(crate) mod params;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -366,6 +366,11 @@ impl Fusion {
             .iter()
             .map(|(n, t)| (n.clone(), t.dims().to_vec()))
             .collect()
+    }
+
+    /// The learned tensors by name, in creation order (PyTorch's layout).
+    pub fn named_tensors(&self) -> &[(String, Tensor)] {
+        &self.tensors
     }
 
     /// Writes the weights to `path` (safetensors, the names [`Fusion::new`] reads).

@@ -10,6 +10,7 @@
 //! the longest item) and fused; fused rows and attention maps are cached too, keyed by
 //! the items' keys and the layer settings.
 
+mod encode;
 mod keys;
 mod stats;
 
@@ -20,17 +21,21 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::adapters::Adapters;
 use crate::attention::CrossModalAttention;
 use crate::cache::{ByteCache, ContentKey, DiskTier, Fingerprint, Flights, Weighted};
 use crate::config::{AttentionPair, FusionLevel, MultiModalConfig};
 use crate::encoders::layers::ce;
-use crate::encoders::{Encoder, EncoderOutput, RawInputs};
+use crate::encoders::{Encoder, RawInputs};
 use crate::error::{MlmfError, Result};
 use crate::fusion::{Fusion, ModalityInput};
 use crate::modality::Modality;
 
 pub use stats::{CallModality, CallStats, LatencySummary, ModalityStats, ModelStats};
 use stats::{Latency, ModalityCounters};
+
+pub(crate) use encode::real_lengths;
+use encode::{encode_modality, given_items, stack_pooled, stack_tokens, Encoded};
 
 /// One item's encoding, as cached: its pooled vector and its real token states.
 #[derive(Debug, Clone)]
@@ -141,6 +146,10 @@ pub struct TokenStates {
 pub struct MultiModalOutput {
     /// Pooled embeddings `[B, D']` per modality present in the call.
     pub embeddings: BTreeMap<Modality, Tensor>,
+    /// `[B, adapters.dim]` per adapted modality present in the call: the adapter's
+    /// output on the fusion's input (token states are pooled by the masked mean after
+    /// the adapter); empty without adapters.
+    pub projected: BTreeMap<Modality, Tensor>,
     /// Token states per modality present in the call, when asked for (or needed by
     /// the fusion or an attention map); else empty.
     pub tokens: BTreeMap<Modality, TokenStates>,
@@ -187,6 +196,7 @@ struct Inner {
     config: MultiModalConfig,
     slots: Vec<Slot>,
     fusion: Fusion,
+    adapters: Option<Adapters>,
     level: FusionLevel,
     fusion_fingerprint: Fingerprint,
     fusion_cache: Option<ByteCache<FusedRow>>,
@@ -282,6 +292,20 @@ impl MultiModalModel {
                 (p.modality(), width)
             })
             .collect();
+        let adapters = config
+            .adapters
+            .as_ref()
+            .map(|a| Adapters::new(a, &dims, &device))
+            .transpose()
+            .map_err(|e| e.under("adapters"))?;
+        // Adapted modalities reach the fusion at the adapters' width.
+        let dims: Vec<(Modality, usize)> = dims
+            .into_iter()
+            .map(|(m, d)| match &adapters {
+                Some(a) if a.covers(m) => (m, a.dim()),
+                _ => (m, d),
+            })
+            .collect();
         let out_dim = fcfg
             .out_dim
             .unwrap_or_else(|| dims.iter().map(|d| d.1).max().unwrap_or(1));
@@ -302,6 +326,10 @@ impl MultiModalModel {
             &dims,
             out_dim,
             file_identity(fcfg.weights.as_deref()),
+            (
+                &config.adapters,
+                file_identity(config.adapters.as_ref().and_then(|a| a.weights.as_deref())),
+            ),
         ))?;
 
         let mut pairs = Vec::new();
@@ -411,6 +439,7 @@ impl MultiModalModel {
                 config,
                 slots,
                 fusion,
+                adapters,
                 level,
                 fusion_fingerprint,
                 pairs,
@@ -486,6 +515,36 @@ impl MultiModalModel {
     /// The fusion layer.
     pub fn fusion(&self) -> &Fusion {
         &self.inner.fusion
+    }
+
+    /// The projection adapters, when configured.
+    pub fn adapters(&self) -> Option<&Adapters> {
+        self.inner.adapters.as_ref()
+    }
+
+    /// The attention layer of every configured pair, in order.
+    pub fn attention_layers(&self) -> Vec<(AttentionPair, &CrossModalAttention)> {
+        self.inner
+            .pairs
+            .iter()
+            .map(|p| (p.pair, &p.layer))
+            .collect()
+    }
+
+    /// Encodes `items` of one modality through its cache (and the disk tier): items
+    /// seen before are not encoded again. One [`ItemEncoding`] per item, in order.
+    pub fn encode_items(&self, modality: Modality, items: RawInputs) -> Result<Vec<ItemEncoding>> {
+        if keys::modality(&items) != modality {
+            return Err(MlmfError::input(
+                modality,
+                format!("given {} inputs", keys::modality(&items)),
+            ));
+        }
+        if keys::len(&items) == 0 {
+            return Ok(Vec::new());
+        }
+        let slot = self.slot(modality)?;
+        Ok(encode_modality(slot, items, None)?.items)
     }
 
     /// Which encoder output the fusion takes.
@@ -797,8 +856,10 @@ impl MultiModalModel {
         }
 
         let t = Instant::now();
+        let inputs = self.fusion_inputs(&embeddings, &tokens)?;
+        let projected = self.projected(&inputs)?;
         let (fused, gates, fusion_cached, mut attention) =
-            self.fuse(&embeddings, &tokens, &row_keys, return_attention)?;
+            self.fuse(inputs, &row_keys, return_attention)?;
         let fuse_time = t.elapsed();
         self.inner.fuse_latency.record(fuse_time);
         stats.fuse_ms = ms(fuse_time);
@@ -818,6 +879,7 @@ impl MultiModalModel {
         stats.total_ms = ms(total);
         Ok(MultiModalOutput {
             embeddings,
+            projected,
             tokens,
             fused,
             gates,
@@ -827,13 +889,68 @@ impl MultiModalModel {
         })
     }
 
+    /// What the fusion takes, per modality present: pooled embeddings or token states
+    /// with their masks, through the adapters where configured.
+    fn fusion_inputs(
+        &self,
+        embeddings: &BTreeMap<Modality, Tensor>,
+        tokens: &BTreeMap<Modality, TokenStates>,
+    ) -> Result<Vec<(Modality, ModalityInput)>> {
+        let adapt = |m: Modality, x: &Tensor| match &self.inner.adapters {
+            Some(a) => a.forward(m, x),
+            None => Ok(x.clone()),
+        };
+        match self.inner.level {
+            FusionLevel::Pooled => embeddings
+                .iter()
+                .map(|(m, t)| Ok((*m, ModalityInput::pooled(adapt(*m, t)?))))
+                .collect(),
+            FusionLevel::Tokens => tokens
+                .iter()
+                .map(|(m, t)| {
+                    Ok((
+                        *m,
+                        ModalityInput::tokens(adapt(*m, &t.hidden_states)?, Some(t.mask.clone())),
+                    ))
+                })
+                .collect(),
+        }
+    }
+
+    /// The adapted modalities' fusion inputs as one vector per row `[B, dim]`.
+    fn projected(
+        &self,
+        inputs: &[(Modality, ModalityInput)],
+    ) -> Result<BTreeMap<Modality, Tensor>> {
+        let Some(a) = &self.inner.adapters else {
+            return Ok(BTreeMap::new());
+        };
+        inputs
+            .iter()
+            .filter(|(m, _)| a.covers(*m))
+            .map(|(m, x)| {
+                let v = match &x.mask {
+                    None if x.states.rank() == 2 => x.states.clone(),
+                    mask => {
+                        let mask = mask
+                            .as_ref()
+                            .map(|k| k.to_dtype(DType::F32))
+                            .transpose()
+                            .map_err(ce("projected embeddings"))?;
+                        crate::fusion::masked_mean(&x.states, mask.as_ref())?
+                    }
+                };
+                Ok((*m, v))
+            })
+            .collect()
+    }
+
     /// The fused rows: from the fusion cache when every row is there, else one fusion
     /// call over the batch (whose rows are then cached).
     #[allow(clippy::type_complexity)]
     fn fuse(
         &self,
-        embeddings: &BTreeMap<Modality, Tensor>,
-        tokens: &BTreeMap<Modality, TokenStates>,
+        inputs: Vec<(Modality, ModalityInput)>,
         row_keys: &BTreeMap<Modality, Vec<ContentKey>>,
         return_attention: bool,
     ) -> Result<(Tensor, Option<Tensor>, bool, Vec<(String, Tensor)>)> {
@@ -876,21 +993,6 @@ impl MultiModalModel {
                 return Ok((fused, gates, true, Vec::new()));
             }
         }
-        let inputs: Vec<(Modality, ModalityInput)> = match i.level {
-            FusionLevel::Pooled => embeddings
-                .iter()
-                .map(|(m, t)| (*m, ModalityInput::pooled(t.clone())))
-                .collect(),
-            FusionLevel::Tokens => tokens
-                .iter()
-                .map(|(m, t)| {
-                    (
-                        *m,
-                        ModalityInput::tokens(t.hidden_states.clone(), Some(t.mask.clone())),
-                    )
-                })
-                .collect(),
-        };
         let out = i.fusion.forward(&inputs, return_attention)?;
         if let Some(cache) = &i.fusion_cache {
             for (r, key) in fusion_keys.into_iter().enumerate() {
@@ -1016,384 +1118,6 @@ fn file_identity(path: Option<&std::path::Path>) -> Option<(u64, u128)> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
     Some((meta.len(), mtime))
-}
-
-/// One modality's per-item encodings in call order.
-struct Encoded {
-    modality: Modality,
-    keys: Vec<ContentKey>,
-    items: Vec<ItemEncoding>,
-    stats: CallModality,
-}
-
-/// Embeddings a call gives directly, checked and split into items; keyed by their
-/// bytes (for the fusion and attention caches).
-fn given_items(slot: &Slot, emb: ModalityInput) -> Result<Encoded> {
-    let m = slot.modality;
-    let f = ce("given embeddings");
-    let states = emb
-        .states
-        .to_dtype(DType::F32)
-        .and_then(|t| t.to_device(&slot.device))
-        .and_then(|t| t.contiguous())
-        .map_err(&f)?;
-    let (pooled_width, token_width) = slot.widths;
-    let dims = states.dims().to_vec();
-    let (b, t, width, want) = match dims[..] {
-        [b, d] => (b, 1, d, pooled_width),
-        [b, t, d] => (b, t, d, token_width),
-        _ => {
-            return Err(MlmfError::input(
-                m,
-                format!("expected embeddings [B, D] or [B, T, D], got shape {dims:?}"),
-            ))
-        }
-    };
-    if b == 0 || t == 0 {
-        return Err(MlmfError::input(
-            m,
-            format!("expected at least one item and one token, got shape {dims:?}"),
-        ));
-    }
-    if width != want {
-        return Err(MlmfError::input(
-            m,
-            format!("expected embeddings {want} wide, got shape {dims:?}"),
-        ));
-    }
-    let values = states
-        .flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(&f)?;
-    if let Some(p) = values.iter().position(|v| !v.is_finite()) {
-        return Err(
-            MlmfError::input(m, "embeddings contain NaN or infinity").at_index(p / (t * width))
-        );
-    }
-    let out = if dims.len() == 2 {
-        EncoderOutput {
-            hidden_states: states.unsqueeze(1).map_err(&f)?,
-            mask: Tensor::ones((b, 1), DType::U8, &slot.device).map_err(&f)?,
-            pooled: states,
-        }
-    } else {
-        let mask = match &emb.mask {
-            Some(mk) => crate::attention::check_mask(mk, b, t, "mask: ", m)?,
-            None => Tensor::ones((b, t), DType::F32, &slot.device).map_err(&f)?,
-        };
-        EncoderOutput {
-            pooled: crate::encoders::layers::masked_mean(&states, &mask)?,
-            mask: mask.to_dtype(DType::U8).map_err(&f)?,
-            hidden_states: states,
-        }
-    };
-    let items = split_items(&out)?;
-    let space = keys::KeySpace {
-        modality: m,
-        model_id: &slot.model_id,
-        fingerprint: &slot.fingerprint,
-    };
-    let row = t * width;
-    let keys = items
-        .iter()
-        .enumerate()
-        .map(|(r, e)| {
-            let mask: Vec<u8> = e.mask.to_vec1::<u8>().map_err(&f)?;
-            Ok(space.given(
-                &dims[1..],
-                bytemuck::cast_slice(&values[r * row..(r + 1) * row]),
-                &mask,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let c = &slot.counters;
-    c.calls.fetch_add(1, Ordering::Relaxed);
-    c.items.fetch_add(b as u64, Ordering::Relaxed);
-    Ok(Encoded {
-        modality: m,
-        keys,
-        items,
-        stats: CallModality {
-            items: b,
-            ..CallModality::default()
-        },
-    })
-}
-
-/// Keys, cache lookups, single flight, then one preprocess + encode batch of the
-/// items nobody has.
-fn encode_modality(slot: &Slot, mut items: RawInputs, ids: Option<Vec<String>>) -> Result<Encoded> {
-    let m = slot.modality;
-    let n = keys::len(&items);
-    let c = &slot.counters;
-    c.calls.fetch_add(1, Ordering::Relaxed);
-    c.items.fetch_add(n as u64, Ordering::Relaxed);
-    let space = keys::KeySpace {
-        modality: m,
-        model_id: &slot.model_id,
-        fingerprint: &slot.fingerprint,
-    };
-    let content = keys::content_keys(&space, &mut items)?;
-    let keys: Vec<ContentKey> = match ids {
-        Some(ids) => ids.iter().map(|id| space.id(id)).collect(),
-        None => content,
-    };
-    let mut stats = CallModality {
-        items: n,
-        ..CallModality::default()
-    };
-    let mut found: Vec<Option<ItemEncoding>> = vec![None; n];
-
-    let Some(cache) = &slot.cache else {
-        let (encs, pre, enc) = run_encoder(slot, &items, None)?;
-        stats.encoded = n;
-        stats.preprocess_ms = ms(pre);
-        stats.encode_ms = ms(enc);
-        return Ok(Encoded {
-            modality: m,
-            keys,
-            items: encs,
-            stats,
-        });
-    };
-
-    // Distinct keys in first-seen order, and where each item's key sits among them.
-    let mut distinct: Vec<ContentKey> = Vec::new();
-    let mut slot_of: Vec<usize> = Vec::with_capacity(n);
-    let mut first_item: Vec<usize> = Vec::new();
-    for (i, k) in keys.iter().enumerate() {
-        match distinct.iter().position(|d| d == k) {
-            Some(j) => slot_of.push(j),
-            None => {
-                slot_of.push(distinct.len());
-                distinct.push(*k);
-                first_item.push(i);
-            }
-        }
-    }
-    let mut values: Vec<Option<ItemEncoding>> = distinct.iter().map(|k| cache.get(k)).collect();
-    let missing: Vec<usize> = (0..distinct.len())
-        .filter(|&j| values[j].is_none())
-        .collect();
-    stats.hits = n - slot_of.iter().filter(|&&j| values[j].is_none()).count();
-    if !missing.is_empty() {
-        let missing_keys: Vec<ContentKey> = missing.iter().map(|&j| distinct[j]).collect();
-        let claim = slot.flights.claim(&missing_keys);
-        // A call that finished between the lookup and the claim left its result in
-        // the cache: take it instead of computing again.
-        let mut todo: Vec<usize> = Vec::new();
-        for p in claim.leader.positions() {
-            let j = missing[p];
-            match cache.peek(&distinct[j]) {
-                Some(v) => values[j] = Some(v),
-                None => todo.push(p),
-            }
-        }
-        if let Some(disk) = slot.disk.as_ref().filter(|_| !todo.is_empty()) {
-            let keys: Vec<ContentKey> = todo.iter().map(|&p| missing_keys[p]).collect();
-            let found = disk.get_many(&keys, &slot.device);
-            let mut rest = Vec::new();
-            for (&p, f) in todo.iter().zip(found) {
-                match f.and_then(ItemEncoding::from_tensors) {
-                    Some(e) => {
-                        cache.insert(missing_keys[p], e.clone());
-                        values[missing[p]] = Some(e);
-                        stats.disk_hits += slot_of.iter().filter(|&&s| s == missing[p]).count();
-                    }
-                    None => rest.push(p),
-                }
-            }
-            todo = rest;
-        }
-        if !todo.is_empty() {
-            let positions: Vec<usize> = todo.iter().map(|&p| first_item[missing[p]]).collect();
-            match run_encoder(slot, &items, Some(&positions)) {
-                Ok((encs, pre, enc)) => {
-                    stats.encoded = todo.len();
-                    stats.preprocess_ms = ms(pre);
-                    stats.encode_ms = ms(enc);
-                    if let Some(disk) = &slot.disk {
-                        let entries: Vec<(ContentKey, Vec<Tensor>)> = todo
-                            .iter()
-                            .zip(&encs)
-                            .map(|(&p, e)| (missing_keys[p], e.tensors()))
-                            .collect();
-                        // A failed write costs only the disk copy (counted in its
-                        // stats); the call goes on from memory.
-                        let _ = disk.put_many(&entries);
-                    }
-                    for (&p, e) in todo.iter().zip(&encs) {
-                        cache.insert(missing_keys[p], e.clone());
-                        values[missing[p]] = Some(e.clone());
-                    }
-                    let led = &values;
-                    claim.leader.finish(|p| {
-                        led[missing[p]]
-                            .clone()
-                            .ok_or_else(|| MlmfError::Internal("a led item has no value".into()))
-                    });
-                }
-                Err(e) => {
-                    claim.leader.fail(&e);
-                    return Err(e);
-                }
-            }
-        } else {
-            let led = &values;
-            claim.leader.finish(|p| {
-                led[missing[p]]
-                    .clone()
-                    .ok_or_else(|| MlmfError::Internal("a led item has no value".into()))
-            });
-        }
-        for (p, flight) in claim.waits {
-            let j = missing[p];
-            values[j] = Some(flight.wait()?);
-            stats.shared += slot_of.iter().filter(|&&s| s == j).count();
-        }
-    }
-    for (i, j) in slot_of.iter().enumerate() {
-        found[i] = values[*j].clone();
-    }
-    let items = found
-        .into_iter()
-        .map(|v| v.ok_or_else(|| MlmfError::Internal(format!("{m} item without a value"))))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Encoded {
-        modality: m,
-        keys,
-        items,
-        stats,
-    })
-}
-
-/// Preprocesses and encodes the items at `positions` (all when `None`); returns their
-/// encodings and the two stage times.
-fn run_encoder(
-    slot: &Slot,
-    items: &RawInputs,
-    positions: Option<&[usize]>,
-) -> Result<(Vec<ItemEncoding>, Duration, Duration)> {
-    let n = keys::len(items);
-    let selected;
-    let batch = match positions {
-        Some(p) if p.len() != n || p.iter().enumerate().any(|(i, &q)| i != q) => {
-            selected = keys::select(items, p);
-            &selected
-        }
-        _ => items,
-    };
-    // Point an item error at the item's index in the call, not in the sub-batch.
-    let at = |mut e: MlmfError| {
-        if let (
-            MlmfError::Input { index, .. }
-            | MlmfError::Decode { index, .. }
-            | MlmfError::Io { index, .. },
-            Some(p),
-        ) = (&mut e, positions)
-        {
-            if let Some(i) = index.as_mut() {
-                if let Some(&q) = p.get(*i) {
-                    *i = q;
-                }
-            }
-        }
-        e
-    };
-    let c = &slot.counters;
-    let t = Instant::now();
-    let encoder = slot.encoder.as_ref().ok_or_else(|| {
-        MlmfError::input(
-            slot.modality,
-            "this modality has no encoder: pass its embeddings (`embeddings=` / `**custom`)",
-        )
-    })?;
-    let pre = encoder.preprocess(batch).map_err(at)?;
-    let t_pre = t.elapsed();
-    c.preprocess.record(t_pre);
-    let t = Instant::now();
-    let out = encoder.encode_preprocessed(&pre).map_err(at)?;
-    let encs = split_items(&out)?;
-    let t_enc = t.elapsed();
-    c.encode.record(t_enc);
-    c.encoded.fetch_add(encs.len() as u64, Ordering::Relaxed);
-    Ok((encs, t_pre, t_enc))
-}
-
-/// Per row: the position after the last real one (at least 1).
-fn real_lengths(mask: &Tensor) -> Result<Vec<usize>> {
-    let rows = mask
-        .to_dtype(DType::U8)
-        .and_then(|m| m.to_vec2::<u8>())
-        .map_err(ce("mask"))?;
-    Ok(rows
-        .iter()
-        .map(|r| r.iter().rposition(|&v| v != 0).map_or(1, |p| p + 1))
-        .collect())
-}
-
-/// A batch output as per-item encodings with their own storage.
-fn split_items(out: &EncoderOutput) -> Result<Vec<ItemEncoding>> {
-    let f = ce("splitting a batch into items");
-    let lengths = real_lengths(&out.mask)?;
-    let mask = out.mask.to_dtype(DType::U8).map_err(&f)?;
-    lengths
-        .iter()
-        .enumerate()
-        .map(|(r, &len)| {
-            Ok(ItemEncoding {
-                pooled: out.pooled.get(r).and_then(|t| t.copy()).map_err(&f)?,
-                hidden: out
-                    .hidden_states
-                    .get(r)
-                    .and_then(|t| t.narrow(0, 0, len))
-                    .and_then(|t| t.copy())
-                    .map_err(&f)?,
-                mask: mask
-                    .get(r)
-                    .and_then(|t| t.narrow(0, 0, len))
-                    .and_then(|t| t.copy())
-                    .map_err(&f)?,
-            })
-        })
-        .collect()
-}
-
-/// Pooled vectors of items back into a batch `[B, D']`.
-fn stack_pooled(items: &[ItemEncoding]) -> Result<Tensor> {
-    Tensor::stack(
-        &items.iter().map(|e| e.pooled.clone()).collect::<Vec<_>>(),
-        0,
-    )
-    .map_err(ce("stacking items"))
-}
-
-/// Token states of items back into a batch, padded with zeros to the longest.
-fn stack_tokens(items: &[ItemEncoding]) -> Result<TokenStates> {
-    let f = ce("stacking items");
-    let lengths = items
-        .iter()
-        .map(|e| e.mask.dim(0))
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(&f)?;
-    let longest = lengths.iter().copied().max().unwrap_or(1);
-    let pad = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-        if n == longest {
-            Ok(t.clone())
-        } else {
-            t.pad_with_zeros(0, 0, longest - n)
-        }
-    };
-    let mut hidden = Vec::with_capacity(items.len());
-    let mut masks = Vec::with_capacity(items.len());
-    for (e, &n) in items.iter().zip(&lengths) {
-        hidden.push(pad(&e.hidden, n).map_err(&f)?);
-        masks.push(pad(&e.mask, n).map_err(&f)?);
-    }
-    Ok(TokenStates {
-        hidden_states: Tensor::stack(&hidden, 0).map_err(&f)?,
-        mask: Tensor::stack(&masks, 0).map_err(&f)?,
-    })
 }
 
 #[cfg(test)]

@@ -251,6 +251,24 @@ impl PyCrossModalAttention {
         self.cfg.temperature
     }
 
+    /// The constructor's keyword arguments as a dict (`dim`, `num_heads`, `kv_dim`,
+    /// `head_dim`, ... `adaptive_max_sparsity`): `CrossModalAttention(**config)` builds
+    /// the same layer.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let mut v =
+            serde_json::to_value(&self.cfg).map_err(|e| MlmfError::Internal(e.to_string()))?;
+        if let Some(o) = v.as_object_mut() {
+            for k in ["pairs", "weights", "seed"] {
+                o.remove(k);
+            }
+            let (dim, kv_dim) = self.inner.dims();
+            o.insert("dim".into(), dim.into());
+            o.insert("kv_dim".into(), kv_dim.into());
+        }
+        super::config::to_py(py, &v)
+    }
+
     fn __repr__(&self) -> String {
         let (h, kvh, hd) = self.inner.heads();
         let (d, kvd) = self.inner.dims();

@@ -4,12 +4,14 @@
 //! MlmfError
 //! ├── ConfigError          (+ ValueError)
 //! ├── InputError           (+ ValueError)
-//! │   └── DecodeError
+//! │   ├── DecodeError
+//! │   └── DataError        (a malformed dataset row)
 //! ├── ModelLoadError       (+ OSError)
 //! ├── MissingModalityError (+ KeyError)
 //! ├── DeviceError          (+ RuntimeError)
 //! ├── CacheError
 //! ├── DistributedError
+//! ├── TrainError           (+ RuntimeError)
 //! └── InternalError        (+ RuntimeError; also what a Rust panic becomes)
 //! ```
 //!
@@ -80,6 +82,18 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         std::slice::from_ref(&input),
         "Input bytes that cannot be decoded (corrupt, truncated or unsupported format).",
     )?;
+    let data = subclass(
+        py,
+        "DataError",
+        std::slice::from_ref(&input),
+        "A malformed dataset row; the message names the row (and id) and the field.",
+    )?;
+    let train = subclass(
+        py,
+        "TrainError",
+        &[base.clone(), builtin("RuntimeError")?],
+        "Training cannot go on (a non-finite loss or gradient); the last good checkpoint is kept.",
+    )?;
     let load = subclass(
         py,
         "ModelLoadError",
@@ -108,6 +122,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("ConfigError", config),
         ("InputError", input),
         ("DecodeError", decode),
+        ("DataError", data),
+        ("TrainError", train),
         ("ModelLoadError", load),
         ("MissingModalityError", missing),
         ("DeviceError", device),
@@ -133,6 +149,8 @@ fn class_for(err: &MlmfError) -> &'static str {
         MlmfError::MissingModality { .. } => "MissingModalityError",
         MlmfError::Device { .. } => "DeviceError",
         MlmfError::Cache { .. } => "CacheError",
+        MlmfError::Data { .. } => "DataError",
+        MlmfError::Train(_) => "TrainError",
         MlmfError::Internal(_) => "InternalError",
     }
 }

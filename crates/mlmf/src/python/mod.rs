@@ -12,6 +12,7 @@ mod errors;
 mod fusion;
 mod model;
 mod preprocess;
+mod train;
 
 use pyo3::prelude::*;
 
@@ -79,6 +80,7 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     attention::register(m)?;
     fusion::register(m)?;
     model::register(m)?;
+    train::register(m)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())
 }

@@ -115,7 +115,7 @@ impl PyMultiModalLoader {
 /// The whole pipeline: raw inputs in, embeddings, a fused embedding and attention out.
 #[pyclass(module = "mlmf._mlmf", name = "MultiModalModel", frozen)]
 pub(crate) struct PyMultiModalModel {
-    inner: MultiModalModel,
+    pub(crate) inner: MultiModalModel,
     video: OnceLock<Py<PyVideoProcessor>>,
 }
 
@@ -130,8 +130,9 @@ impl PyMultiModalModel {
             py.import("warnings")?.call_method1(
                 "warn",
                 (format!(
-                    "MultiModalModel: {} initialised from a seed, untrained (give trained \
-                     weights with fusion.weights / cross_modal_attention.weights)",
+                    "MultiModalModel: {} initialised from a seed, untrained (train them with \
+                     mlmf.Trainer / `mlmf train`, or give trained weights with fusion.weights / \
+                     cross_modal_attention.weights / adapters.weights)",
                     untrained.join(" and ")
                 ),),
             )?;
@@ -152,6 +153,9 @@ impl PyMultiModalModel {
                 parts.push(format!("the {pair} attention layer"));
             }
         }
+        if self.inner.adapters().is_some_and(|a| a.is_untrained()) {
+            parts.push("the adapters".to_string());
+        }
         parts
     }
 
@@ -171,7 +175,7 @@ impl PyMultiModalModel {
     }
 
     /// One modality's Python inputs as owned raw inputs.
-    fn raw_inputs(
+    pub(crate) fn raw_inputs(
         &self,
         m: Modality,
         obj: &Bound<'_, PyAny>,
@@ -282,7 +286,8 @@ fn samples(
 #[pymethods]
 impl PyMultiModalModel {
     /// Loads the model `config` describes: a `MultiModalConfig`, a config file path
-    /// (`.toml`, `.yaml`, `.json`) or a dict.
+    /// (`.toml`, `.yaml`, `.json`), a folder holding `mlmf.toml` (what training
+    /// writes) or a dict.
     #[staticmethod]
     fn load(py: Python<'_>, config: &Bound<'_, PyAny>) -> PyResult<Self> {
         let config = config_arg(config)?;
@@ -584,6 +589,10 @@ pub(crate) struct PyMultiModalOutput {
     /// `{modality: float32 [B, D]}` pooled embeddings.
     #[pyo3(get)]
     embeddings: Py<PyDict>,
+    /// `{modality: float32 [B, adapters.dim]}` the adapters' output per adapted
+    /// modality (comparable across modalities once trained); empty without adapters.
+    #[pyo3(get)]
+    projected: Py<PyDict>,
     /// float32 `[B, out_dim]`.
     #[pyo3(get)]
     fused: Py<PyAny>,
@@ -615,6 +624,10 @@ impl PyMultiModalOutput {
         let embeddings = PyDict::new(py);
         for (m, t) in &out.embeddings {
             embeddings.set_item(m.to_string(), host_array(py, t)?)?;
+        }
+        let projected = PyDict::new(py);
+        for (m, t) in &out.projected {
+            projected.set_item(m.to_string(), host_array(py, t)?)?;
         }
         let gates = match &out.gates {
             Some(g) => {
@@ -664,6 +677,7 @@ impl PyMultiModalOutput {
             serde_json::to_value(&out.stats).map_err(|e| MlmfError::Internal(e.to_string()))?;
         Ok(Self {
             embeddings: embeddings.unbind(),
+            projected: projected.unbind(),
             fused: host_array(py, &out.fused)?,
             gates,
             attention: attention.unbind(),
