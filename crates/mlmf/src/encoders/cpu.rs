@@ -53,7 +53,7 @@ impl Dst {
 /// Every pointer must address the whole strided extent of its matrix, and `dst` must
 /// not overlap `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
+pub(crate) unsafe fn gemm_into(
     m: usize,
     n: usize,
     k: usize,
@@ -108,7 +108,7 @@ unsafe fn gemm_into(
 /// `e^x` to about 2 ulp (Cephes' single-precision polynomial); inputs are clamped to
 /// the normal range, so very negative arguments give ~1e-38 instead of 0.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = n.mul_add(-0.693_359_4, x);
@@ -127,7 +127,7 @@ fn exp(x: f32) -> f32 {
 /// `erf(x)` as a rational minimax approximation `x P(x^2) / Q(x^2)` on [-4, 4] (erf is
 /// 1 to float precision beyond): no exp, one division.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+pub(crate) fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
     let mut p = -2.726_142_3e-10f32;

@@ -12,11 +12,15 @@
 //! decide which keys a row keeps; that choice, and adaptive attention's temperature,
 //! are computed from the logits' values and enter the graph as constants.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, D};
 
-use super::nn::{linear, masked_softmax, Lin};
+use super::nn::{linear, masked_softmax, rms_norm, Lin};
+use super::ops::scale_rows;
+use super::ops_attention::{attention_core, AttnCore};
 use super::vars::VarStore;
-use crate::attention::{rms_norm, rope, select};
+use crate::attention::{rope, select};
 use crate::config::CrossModalAttentionConfig;
 use crate::encoders::layers::ce;
 use crate::error::Result;
@@ -220,6 +224,85 @@ impl AttnNet {
         }))
     }
 
+    /// [`forward`](Self::forward) on the fused attention core (see `ops_attention`),
+    /// for layers whose key choice depends on padding alone; `None` otherwise.
+    fn forward_core(
+        &self,
+        query: &Tensor,
+        kv: &Tensor,
+        query_mask: Option<&Tensor>,
+        kv_mask: Option<&Tensor>,
+        (b, tq, tk): (usize, usize, usize),
+    ) -> Result<Option<Tensor>> {
+        let c = &self.cfg;
+        let plain = c.softcap.is_none()
+            && c.sliding_window.is_none()
+            && c.top_k.is_none()
+            && c.sparsity_ratio.is_none()
+            && !c.adaptive
+            && c.rope_base.is_none();
+        if !(plain && super::ops::serves(query)) {
+            return Ok(None);
+        }
+        let f = ce("attention");
+        let host = |m: Option<&Tensor>| -> Result<Option<Vec<f32>>> {
+            m.map(|m| m.flatten_all().and_then(|m| m.to_vec1::<f32>()))
+                .transpose()
+                .map_err(ce("attention mask"))
+        };
+        let (km, qm) = (host(kv_mask)?, host(query_mask)?);
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let normed = |x: Tensor, heads: usize, w: Option<&Tensor>| -> Result<Tensor> {
+            match w {
+                None => Ok(x),
+                Some(w) => {
+                    let (bb, t, _) = x.dims3().map_err(ce("qk norm"))?;
+                    let y = rms_norm(
+                        &x.reshape((bb, t, heads, hd)).map_err(ce("qk norm"))?,
+                        w,
+                        f64::from(self.cfg.qk_norm_eps),
+                    )?;
+                    y.reshape((bb, t, heads * hd)).map_err(ce("qk norm"))
+                }
+            }
+        };
+        let (qn, kn) = match &self.qk_norm {
+            Some((a, c)) => (Some(a), Some(c)),
+            None => (None, None),
+        };
+        let q = normed(self.q.forward(query)?, h, qn)?;
+        let k = normed(self.k.forward(kv)?, kvh, kn)?;
+        let v = self.v.forward(kv)?;
+        // Rows that read nothing: masked queries, and rows of a batch row without keys.
+        let keep: Vec<f32> = (0..b * tq)
+            .map(|r| {
+                let (bi, i) = (r / tq, r % tq);
+                let real = qm.as_ref().is_none_or(|m| m[bi * tq + i] != 0.0);
+                let any = km
+                    .as_ref()
+                    .is_none_or(|m| m[bi * tk..(bi + 1) * tk].iter().any(|&x| x != 0.0));
+                f32::from(u8::from(real && any))
+            })
+            .collect();
+        let core = AttnCore {
+            b,
+            tq,
+            tk,
+            heads: h,
+            kv_heads: kvh,
+            hd,
+            scale: self.scale as f32,
+            kmask: km.map(Arc::new),
+            qmask: qm.map(Arc::new),
+        };
+        let ctx = attention_core(core, &q, &k, &v).map_err(&f)?;
+        let out = self.o.forward(&ctx)?;
+        if keep.iter().all(|&k| k == 1.0) {
+            return Ok(Some(out));
+        }
+        scale_rows(&out, keep).map(Some).map_err(f)
+    }
+
     /// Query row `b` over key row `b`: `[B, Tq, dim]`; masked query rows and rows that
     /// see no key are 0.
     pub(crate) fn forward(
@@ -232,6 +315,9 @@ impl AttnNet {
         let f = ce("attention");
         let (b, tq, _) = query.dims3().map_err(&f)?;
         let tk = kv.dim(1).map_err(&f)?;
+        if let Some(out) = self.forward_core(query, kv, query_mask, kv_mask, (b, tq, tk))? {
+            return Ok(out);
+        }
         let (q, k, v) = self.project(query, kv)?;
         let logits = q
             .matmul(&k.t().and_then(|k| k.contiguous()).map_err(&f)?)

@@ -207,7 +207,7 @@ impl Mlp {
         let f = ce("mlp");
         let h = self.first.forward(x)?;
         let h = match &self.up {
-            None => h.gelu_erf().map_err(&f)?,
+            None => nn::gelu(&h)?,
             Some(up) => (h.silu().map_err(&f)? * up.forward(x)?).map_err(&f)?,
         };
         self.last.forward(&h)
@@ -545,9 +545,9 @@ impl FusionNet {
         for l in layers {
             let h = l.norm1.forward(&x)?;
             let a = l.attn.forward(&h, &h, Some(&mask), Some(&mask))?;
-            x = (x + a).map_err(&f)?;
+            x = super::ops::add(&x, &a).map_err(&f)?;
             let h = l.mlp.forward(&l.norm2.forward(&x)?)?;
-            x = (x + h).map_err(&f)?;
+            x = super::ops::add(&x, &h).map_err(&f)?;
         }
         nn::masked_mean(&norm.forward(&x)?, &mask)
     }
@@ -579,32 +579,25 @@ impl FusionNet {
                 let mut y = x.clone();
                 let others: Vec<usize> = present.iter().copied().filter(|&n| n != m).collect();
                 if !others.is_empty() {
-                    let c = Tensor::cat(
-                        &others
-                            .iter()
-                            .filter_map(|&n| xs[n].clone())
-                            .collect::<Vec<_>>(),
-                        1,
-                    )
-                    .map_err(&f)?;
-                    let cmask = Tensor::cat(
-                        &others
-                            .iter()
-                            .filter_map(|&n| masks[n].clone())
-                            .collect::<Vec<_>>(),
-                        1,
-                    )
-                    .map_err(&f)?;
+                    // One other modality is the context as it is (no copy).
+                    let join = |v: Vec<Tensor>| -> Result<Tensor> {
+                        match v.len() {
+                            1 => Ok(v[0].clone()),
+                            _ => Tensor::cat(&v, 1).map_err(ce("middle fusion")),
+                        }
+                    };
+                    let c = join(others.iter().filter_map(|&n| xs[n].clone()).collect())?;
+                    let cmask = join(others.iter().filter_map(|&n| masks[n].clone()).collect())?;
                     let a = l.attn.forward(
                         &l.norm_q.forward(x)?,
                         &l.norm_kv.forward(&c)?,
                         Some(mask),
                         Some(&cmask),
                     )?;
-                    y = (y + l.attn_gate.forward(x, &a)?).map_err(&f)?;
+                    y = super::ops::add(&y, &l.attn_gate.forward(x, &a)?).map_err(&f)?;
                 }
                 let h = l.mlp.forward(&l.norm_mlp.forward(&y)?)?;
-                y = (&y + l.mlp_gate.forward(&y, &h)?).map_err(&f)?;
+                y = super::ops::add(&y, &l.mlp_gate.forward(&y, &h)?).map_err(&f)?;
                 next[m] = Some(y);
             }
             xs = next;

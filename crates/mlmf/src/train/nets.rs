@@ -62,7 +62,7 @@ impl AdapterNet {
         match self.maps.iter().find(|(n, _, _)| *n == m) {
             None => Ok(x.clone()),
             Some((_, a, None)) => a.forward(x),
-            Some((_, a, Some(b))) => b.forward(&a.forward(x)?.gelu_erf().map_err(ce("adapter"))?),
+            Some((_, a, Some(b))) => b.forward(&super::nn::gelu(&a.forward(x)?)?),
         }
     }
 
@@ -417,7 +417,7 @@ impl Nets {
         &self,
         data: &Dataset,
         rows: &[usize],
-        allowed: &dyn Fn(Modality) -> bool,
+        allowed: &(dyn Fn(Modality) -> bool + Sync),
     ) -> Result<Vec<Option<ModIn>>> {
         self.fusion_dims
             .iter()
@@ -502,7 +502,7 @@ impl Nets {
         &self,
         data: &Dataset,
         rows: &[usize],
-        allowed: &dyn Fn(Modality) -> bool,
+        allowed: &(dyn Fn(Modality) -> bool + Sync),
         dropped: &[Modality],
     ) -> Result<Option<BatchLoss>> {
         let f = ce("training loss");

@@ -28,13 +28,16 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&1);
     let rows = x.elem_count() / k.max(1);
-    let y = x
-        .reshape((rows, k))
-        .and_then(|x| x.matmul(&w.t()?))
-        .map_err(&f)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b).map_err(&f)?,
-        None => y,
+    let x2 = x.reshape((rows, k)).map_err(&f)?;
+    let y = match super::ops::linear(&x2, w, b).map_err(&f)? {
+        Some(y) => y,
+        None => {
+            let y = x2.matmul(&w.t().map_err(&f)?).map_err(&f)?;
+            match b {
+                Some(b) => y.broadcast_add(b).map_err(&f)?,
+                None => y,
+            }
+        }
     };
     let mut out = dims;
     if let Some(last) = out.last_mut() {
@@ -46,6 +49,9 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
 /// LayerNorm over the last dimension (biased variance, as torch).
 pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let f = ce("layer norm");
+    if let Some(y) = super::ops::layer_norm(x, w, b, eps).map_err(&f)? {
+        return Ok(y);
+    }
     let mean = x.mean_keepdim(D::Minus1).map_err(&f)?;
     let xc = x.broadcast_sub(&mean).map_err(&f)?;
     let var = xc
@@ -62,6 +68,9 @@ pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * w`.
 pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let f = ce("rms norm");
+    if let Some(y) = super::ops::rms_norm(x, w, eps).map_err(&f)? {
+        return Ok(y);
+    }
     let ms = x
         .sqr()
         .and_then(|s| s.mean_keepdim(D::Minus1))
@@ -70,6 +79,15 @@ pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_div(&inv)
         .and_then(|y| y.broadcast_mul(w))
         .map_err(f)
+}
+
+/// The exact (erf) GELU.
+pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
+    let f = ce("gelu");
+    match super::ops::gelu(x).map_err(&f)? {
+        Some(y) => Ok(y),
+        None => x.gelu_erf().map_err(f),
+    }
 }
 
 /// `sigmoid(x)` with its backward pass.
@@ -90,35 +108,29 @@ pub(crate) fn masked_softmax(logits: &Tensor, allowed: Option<&Tensor>) -> Resul
         }
         None => logits.clone(),
     };
-    // The maximum only keeps exp() in range: softmax does not depend on it.
-    let max = l.max_keepdim(D::Minus1).map_err(&f)?.detach();
-    let e = l.broadcast_sub(&max).and_then(|d| d.exp()).map_err(&f)?;
-    let w = e
-        .sum_keepdim(D::Minus1)
-        .and_then(|s| e.broadcast_div(&s))
-        .map_err(&f)?;
+    let w = match super::ops::softmax(&l).map_err(&f)? {
+        Some(w) => w,
+        None => {
+            // The maximum only keeps exp() in range: softmax does not depend on it.
+            let max = l.max_keepdim(D::Minus1).map_err(&f)?.detach();
+            let e = l.broadcast_sub(&max).and_then(|d| d.exp()).map_err(&f)?;
+            e.sum_keepdim(D::Minus1)
+                .and_then(|s| e.broadcast_div(&s))
+                .map_err(&f)?
+        }
+    };
     match allowed {
         Some(a) => w.broadcast_mul(a).map_err(f),
         None => Ok(w),
     }
 }
 
-/// `log_softmax` over the last dimension.
-pub(crate) fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let f = ce("log softmax");
-    let max = x.max_keepdim(D::Minus1).map_err(&f)?.detach();
-    let d = x.broadcast_sub(&max).map_err(&f)?;
-    let lse = d
-        .exp()
-        .and_then(|e| e.sum_keepdim(D::Minus1))
-        .and_then(|s| s.log())
-        .map_err(&f)?;
-    d.broadcast_sub(&lse).map_err(f)
-}
-
 /// `sum_t mask_t x_t / max(1, sum_t mask_t)` over the tokens of `x` `[B, T, D]`.
 pub(crate) fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let f = ce("masked mean");
+    if let Some(y) = super::ops::masked_mean(x, mask).map_err(&f)? {
+        return Ok(y);
+    }
     let sum = mask
         .unsqueeze(2)
         .and_then(|m| x.broadcast_mul(&m))

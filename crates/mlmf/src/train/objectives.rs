@@ -7,10 +7,15 @@
 //!   diagonal and -1 elsewhere), `s` and `b` learnable;
 //! - classification: a linear head on the fused vector, mean cross-entropy;
 //! - regression: a linear head on the fused vector, mean squared error.
+//!
+//! Cross-entropy and the squared error are candle-nn's losses (`loss::cross_entropy`,
+//! `loss::mse`; InfoNCE is two cross-entropies). The sigmoid loss is written here with
+//! a stable softplus: candle-nn's `binary_cross_entropy_with_logit` takes
+//! `log(sigmoid(x))`, which overflows at the logits SigLIP starts from.
 
 use candle_core::{DType, Device, Tensor};
 
-use super::nn::{log_softmax, normalize, softplus, Lin};
+use super::nn::{normalize, softplus, Lin};
 use crate::config::train::ContrastiveLoss;
 use crate::encoders::layers::ce;
 use crate::error::Result;
@@ -43,7 +48,6 @@ pub(crate) fn contrastive(
 ) -> Result<Tensor> {
     let f = ce("contrastive loss");
     let n = sim.dim(0).map_err(&f)?;
-    let id = eye(n, sim.device())?;
     match kind {
         ContrastiveLoss::Infonce => {
             let scale = s
@@ -51,17 +55,17 @@ pub(crate) fn contrastive(
                 .and_then(|s| s.exp())
                 .map_err(&f)?;
             let logits = sim.broadcast_mul(&scale).map_err(&f)?;
-            let rows = (log_softmax(&logits)? * &id)
-                .and_then(|d| d.sum_all())
+            let diag = Tensor::arange(0u32, n as u32, sim.device()).map_err(&f)?;
+            let rows = candle_nn::loss::cross_entropy(&logits, &diag).map_err(&f)?;
+            let cols = logits
+                .t()
+                .and_then(|l| l.contiguous())
+                .and_then(|l| candle_nn::loss::cross_entropy(&l, &diag))
                 .map_err(&f)?;
-            let cols = (log_softmax(&logits.t().map_err(&f)?)? * &id)
-                .and_then(|d| d.sum_all())
-                .map_err(&f)?;
-            (rows + cols)
-                .and_then(|t| t.affine(-0.5 / n as f64, 0.0))
-                .map_err(f)
+            ((rows + cols).map_err(&f)? * 0.5).map_err(f)
         }
         ContrastiveLoss::Sigmoid => {
+            let id = eye(n, sim.device())?;
             let mut logits = sim.broadcast_mul(&s.exp().map_err(&f)?).map_err(&f)?;
             if let Some(b) = b {
                 logits = logits.broadcast_add(b).map_err(&f)?;
@@ -78,22 +82,12 @@ pub(crate) fn contrastive(
 
 /// Mean cross-entropy of `head(x)` against `labels` (`u32`, `[N]`).
 pub(crate) fn classify(x: &Tensor, head: &Lin, labels: &Tensor) -> Result<Tensor> {
-    let f = ce("classification loss");
-    let ls = log_softmax(&head.forward(x)?)?;
-    let n = labels.dim(0).map_err(&f)?;
-    ls.gather(&labels.reshape((n, 1)).map_err(&f)?, 1)
-        .and_then(|p| p.mean_all())
-        .and_then(|m| m.neg())
-        .map_err(f)
+    candle_nn::loss::cross_entropy(&head.forward(x)?, labels).map_err(ce("classification loss"))
 }
 
 /// Mean squared error of `head(x)` against `targets` `[N, K]`.
 pub(crate) fn regress(x: &Tensor, head: &Lin, targets: &Tensor) -> Result<Tensor> {
-    let f = ce("regression loss");
-    (head.forward(x)? - targets)
-        .and_then(|d| d.sqr())
-        .and_then(|d| d.mean_all())
-        .map_err(f)
+    candle_nn::loss::mse(&head.forward(x)?, targets).map_err(ce("regression loss"))
 }
 
 /// A labels tensor from host values.

@@ -15,7 +15,10 @@
 //! candle-nn's AdamW keeps its moments private, which would make an exact resume
 //! impossible: these moments are checkpointed with the weights.
 
+use super::par;
 use candle_core::{Tensor, Var};
+
+use super::ops::with_slice;
 
 use crate::config::train::ScheduleKind;
 use crate::encoders::layers::ce;
@@ -50,12 +53,15 @@ impl AdamW {
         }
     }
 
-    /// One update of `vars` with `grads` (host copies, `None` = no gradient this step)
-    /// at learning rate `lr`; `decays[i]` says whether tensor `i` is decayed.
+    /// One update of `vars` with `grads` (`None` = no gradient this step), the
+    /// gradients scaled by `scale` first (clipping), at learning rate `lr`;
+    /// `decays[i]` says whether tensor `i` is decayed. Large tensors are split between
+    /// threads.
     pub(crate) fn step(
         &mut self,
         vars: &[&Var],
-        grads: &[Option<Vec<f32>>],
+        grads: &[Option<Tensor>],
+        scale: f32,
         decays: &[bool],
         lr: f64,
     ) -> Result<()> {
@@ -63,44 +69,61 @@ impl AdamW {
         for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
             let Some(g) = grad else { continue };
             let st = &mut self.state[i];
+            let n = g.elem_count();
             if st.m.is_empty() {
-                st.m = vec![0.0; g.len()];
-                st.v = vec![0.0; g.len()];
+                st.m = vec![0.0; n];
+                st.v = vec![0.0; n];
             }
             st.step += 1;
             let t = st.step as i32;
-            let mut p: Vec<f32> = var
-                .as_tensor()
-                .flatten_all()
-                .and_then(|t| t.to_vec1())
-                .map_err(ce("optimiser"))?;
-            if p.len() != g.len() {
+            let lr32 = lr as f32;
+            let keep = if decays[i] && self.weight_decay != 0.0 {
+                Some(1.0 - lr32 * self.weight_decay as f32)
+            } else {
+                None
+            };
+            let step_size = (lr / (1.0 - self.beta1.powi(t))) as f32;
+            let bc2_sqrt = (1.0 - self.beta2.powi(t)).sqrt() as f32;
+            let eps = self.eps as f32;
+            let (m, v) = (&mut st.m, &mut st.v);
+            if m.len() != n {
                 return Err(MlmfError::Internal(
-                    "gradient and parameter sizes differ".into(),
+                    "gradient and moment sizes differ".into(),
                 ));
             }
-            let lr32 = lr as f32;
-            if decays[i] && self.weight_decay != 0.0 {
-                let keep = 1.0 - lr32 * self.weight_decay as f32;
-                p.iter_mut().for_each(|x| *x *= keep);
-            }
-            let bc1 = 1.0 - (self.beta1).powi(t);
-            let bc2 = 1.0 - (self.beta2).powi(t);
-            let step_size = (lr / bc1) as f32;
-            let bc2_sqrt = bc2.sqrt() as f32;
-            let eps = self.eps as f32;
-            for (((p, &g), m), v) in p
-                .iter_mut()
-                .zip(g)
-                .zip(st.m.iter_mut())
-                .zip(st.v.iter_mut())
-            {
-                // torch: exp_avg.lerp_(grad, 1 - beta1) = m + (1 - beta1) (g - m).
-                *m += (1.0 - b1) * (g - *m);
-                *v = *v * b2 + (1.0 - b2) * g * g;
-                let denom = v.sqrt() / bc2_sqrt + eps;
-                *p -= step_size * (*m / denom);
-            }
+            let p = with_slice(var.as_tensor(), |p| {
+                with_slice(g, |g| {
+                    let mut out = p.to_vec();
+                    let (mp, vp) = (Moment(m.as_mut_ptr()), Moment(v.as_mut_ptr()));
+                    par::chunks_mut(&mut out, CHUNK, |i, pc| {
+                        let gc = &g[i * CHUNK..][..pc.len()];
+                        // SAFETY: chunk i of the moments, as of `out`; disjoint per task.
+                        let (mc, vc) = unsafe {
+                            (
+                                std::slice::from_raw_parts_mut(mp.get().add(i * CHUNK), pc.len()),
+                                std::slice::from_raw_parts_mut(vp.get().add(i * CHUNK), pc.len()),
+                            )
+                        };
+                        for (((p, &g), m), v) in
+                            pc.iter_mut().zip(gc).zip(mc.iter_mut()).zip(vc.iter_mut())
+                        {
+                            // torch: clip_grad_norm_ scales the gradient in place.
+                            let g = g * scale;
+                            if let Some(k) = keep {
+                                *p *= k;
+                            }
+                            // torch: exp_avg.lerp_(grad, 1 - beta1) = m + (1 - beta1) (g - m).
+                            *m += (1.0 - b1) * (g - *m);
+                            *v = *v * b2 + (1.0 - b2) * g * g;
+                            let denom = v.sqrt() / bc2_sqrt + eps;
+                            *p -= step_size * (*m / denom);
+                        }
+                    });
+                    out
+                })
+            })
+            .and_then(|r| r)
+            .map_err(ce("optimiser"))?;
             let shape = var.as_tensor().dims().to_vec();
             let dev = var.as_tensor().device().clone();
             var.set(&Tensor::from_vec(p, shape, &dev).map_err(ce("optimiser"))?)
@@ -110,27 +133,56 @@ impl AdamW {
     }
 }
 
-/// Scales `grads` so that their global L2 norm is at most `max_norm` (PyTorch's
-/// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1); returns the
-/// norm before clipping.
-pub(crate) fn clip_grad_norm(grads: &mut [Option<Vec<f32>>], max_norm: Option<f64>) -> f64 {
-    let norm = grads
-        .iter()
-        .flatten()
-        .map(|g| g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
-        .sum::<f64>()
-        .sqrt();
-    if let Some(max) = max_norm {
-        let coef = max / (norm + 1e-6);
-        if coef < 1.0 {
-            let c = coef as f32;
-            grads
-                .iter_mut()
-                .flatten()
-                .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
-        }
+/// A moment buffer's pointer for the pool's threads (each task its own chunk).
+#[derive(Clone, Copy)]
+struct Moment(*mut f32);
+// SAFETY: tasks take disjoint chunks.
+unsafe impl Send for Moment {}
+unsafe impl Sync for Moment {}
+
+impl Moment {
+    fn get(self) -> *mut f32 {
+        self.0
     }
-    norm
+}
+
+/// Values per parallel task of the optimiser and the norm.
+const CHUNK: usize = 1 << 15;
+
+/// The global L2 norm of `grads`, and the first non-finite value with its tensor's
+/// index, if any.
+pub(crate) fn grad_norm(grads: &[Option<Tensor>]) -> Result<(f64, Option<(usize, f32)>)> {
+    let mut total = 0f64;
+    for (i, g) in grads.iter().enumerate() {
+        let Some(g) = g else { continue };
+        let (sq, bad) = with_slice(g, |g| {
+            par::map(g.len().div_ceil(CHUNK), |i| {
+                let c = &g[i * CHUNK..g.len().min((i + 1) * CHUNK)];
+                let bad = c.iter().copied().find(|x| !x.is_finite());
+                (
+                    c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>(),
+                    bad,
+                )
+            })
+            .into_iter()
+            .fold((0.0, None), |a, b| (a.0 + b.0, a.1.or(b.1)))
+        })
+        .map_err(ce("gradient norm"))?;
+        if let Some(b) = bad {
+            return Ok((f64::NAN, Some((i, b))));
+        }
+        total += sq;
+    }
+    Ok((total.sqrt(), None))
+}
+
+/// PyTorch's `clip_grad_norm_` factor for a global norm: `max_norm / (norm + 1e-6)`
+/// when that is below 1, else 1.
+pub(crate) fn clip_factor(norm: f64, max_norm: Option<f64>) -> f32 {
+    match max_norm {
+        Some(max) if max / (norm + 1e-6) < 1.0 => (max / (norm + 1e-6)) as f32,
+        _ => 1.0,
+    }
 }
 
 /// The learning rate of step `t` (0-based) of `total`: linear warmup from 0 over
@@ -173,19 +225,16 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_the_global_norm() {
-        let mut g = vec![Some(vec![3.0f32, 0.0]), None, Some(vec![0.0, 4.0])];
-        let n = clip_grad_norm(&mut g, Some(1.0));
-        assert!((n - 5.0).abs() < 1e-9);
-        let after: f64 = g
-            .iter()
-            .flatten()
-            .flat_map(|v| v.iter())
-            .map(|&x| f64::from(x).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        assert!((after - 1.0).abs() < 1e-5);
-        let mut small = vec![Some(vec![0.3f32])];
-        clip_grad_norm(&mut small, Some(1.0));
-        assert_eq!(small[0].as_ref().unwrap()[0], 0.3);
+        let t = |v: Vec<f32>| {
+            Some(Tensor::from_vec(v.clone(), v.len(), &candle_core::Device::Cpu).unwrap())
+        };
+        let g = vec![t(vec![3.0, 0.0]), None, t(vec![0.0, 4.0])];
+        let (n, bad) = grad_norm(&g).unwrap();
+        assert!((n - 5.0).abs() < 1e-9 && bad.is_none());
+        assert!((clip_factor(n, Some(1.0)) - 0.2).abs() < 1e-6);
+        assert_eq!(clip_factor(0.3, Some(1.0)), 1.0);
+        assert_eq!(clip_factor(10.0, None), 1.0);
+        let (_, bad) = grad_norm(&[t(vec![1.0, f32::NAN])]).unwrap();
+        assert_eq!(bad.map(|b| b.0), Some(0));
     }
 }

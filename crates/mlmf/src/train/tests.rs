@@ -187,8 +187,19 @@ fn check_grads(id: &str, vs: &VarStore, prefix: &str, out: &Tensor, t: &HashMap<
     }
 }
 
+/// Runs `check` on the fused CPU ops, then on the composed candle ops (what other
+/// devices run): both are held to the PyTorch references.
+fn both_paths(check: impl Fn()) {
+    check();
+    super::ops::composed(check);
+}
+
 #[test]
 fn fusion_forward_and_gradients_equal_pytorch_autograd() {
+    both_paths(fusion_cases);
+}
+
+fn fusion_cases() {
     let all = cases("fusion");
     assert!(all.len() >= 28, "{} fusion cases", all.len());
     for c in all {
@@ -312,6 +323,10 @@ fn attention_config(
 
 #[test]
 fn attention_forward_and_gradients_equal_pytorch_autograd() {
+    both_paths(attention_cases);
+}
+
+fn attention_cases() {
     for c in cases("attention") {
         let id = c["id"].as_str().unwrap();
         let t = load(c["file"].as_str().unwrap());
@@ -378,6 +393,10 @@ fn attention_training_forward_equals_the_inference_layer() {
 
 #[test]
 fn pair_scores_and_gradients_equal_pytorch_autograd() {
+    both_paths(pair_cases);
+}
+
+fn pair_cases() {
     for c in cases("pair_scores") {
         let id = c["id"].as_str().unwrap();
         let t = load(c["file"].as_str().unwrap());

@@ -11,13 +11,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, RunState};
 use super::data::{Dataset, DatasetBuilder, Layout};
-use super::nets::{check_label, check_target, Nets, ObjKind};
-use super::optim::{clip_grad_norm, learning_rate, AdamW};
+use super::nets::{check_label, check_target, BatchLoss, Nets, ObjKind};
+use super::optim::{clip_factor, grad_norm, learning_rate, AdamW};
 use super::rng::{Rng, Stream};
 use crate::config::train::metric_maximised;
 use crate::config::{MultiModalConfig, TrainConfig};
@@ -416,6 +416,8 @@ impl Trainer {
                     out.display()
                 )));
             }
+            // A fresh run starts its optimiser afresh (the weights stay where they are).
+            self.opt = AdamW::new(self.nets.vs.len(), cfg.betas, cfg.eps, cfg.weight_decay);
             (
                 RunState {
                     fingerprint: fingerprint.clone(),
@@ -445,6 +447,7 @@ impl Trainer {
                 let t = state.step;
                 let (stage_name, stage_mods) = self.stage(t);
                 let allowed = |m: Modality| stage_mods.as_ref().is_none_or(|s| s.contains(&m));
+                let allowed: &(dyn Fn(Modality) -> bool + Sync) = &allowed;
                 let present: Vec<Modality> = fusion_mods
                     .iter()
                     .copied()
@@ -453,7 +456,15 @@ impl Trainer {
                 let dropped = self.dropped(t, &present);
                 let lr = learning_rate(cfg.lr, t, warmup, total, cfg.schedule);
                 last_lr = lr;
-                if let Some(loss) = self.nets.batch_loss(train, rows, &allowed, &dropped)? {
+                let epoch = state.epoch;
+                let last_good = state.history.last().map_or(0, |h| h.step);
+                let nets = &self.nets;
+                let opt = &mut self.opt;
+                let (trainable, decays) = (&trainable, &decays);
+                let mut work = || -> Result<Option<BatchLoss>> {
+                    let Some(loss) = nets.batch_loss(train, rows, &allowed, &dropped)? else {
+                        return Ok(None);
+                    };
                     let value = f64::from(loss.total.to_scalar::<f32>().map_err(ce("loss"))?);
                     if !value.is_finite() {
                         let parts: Vec<String> = loss
@@ -462,40 +473,46 @@ impl Trainer {
                             .map(|(n, v, _)| format!("{n} = {v}"))
                             .collect();
                         return Err(MlmfError::Train(format!(
-                            "the loss is {value} at epoch {}, step {t} ({}); rows {}; the last checkpoint (step {}) is kept",
-                            state.epoch,
+                            "the loss is {value} at epoch {epoch}, step {t} ({}); rows {}; the last checkpoint (step {last_good}) is kept",
                             parts.join(", "),
                             describe_rows(train, rows),
-                            state.history.last().map_or(0, |h| h.step)
                         )));
                     }
                     let grads = loss.total.backward().map_err(ce("backward"))?;
-                    let mut host: Vec<Option<Vec<f32>>> = vec![None; self.nets.vs.len()];
-                    for &i in &trainable {
-                        let (name, v) = self
-                            .nets
+                    let mut found: Vec<Option<Tensor>> = vec![None; nets.vs.len()];
+                    for &i in trainable {
+                        let (_, v) = nets
                             .vs
                             .iter()
                             .nth(i)
                             .ok_or_else(|| MlmfError::Internal("var".into()))?;
-                        if let Some(g) = grads.get(v.as_tensor()) {
-                            let g: Vec<f32> = g
-                                .flatten_all()
-                                .and_then(|g| g.to_vec1())
-                                .map_err(ce("gradient"))?;
-                            if let Some(bad) = g.iter().find(|x| !x.is_finite()) {
-                                return Err(MlmfError::Train(format!(
-                                    "the gradient of `{name}` holds {bad} at epoch {}, step {t}; rows {}; the last checkpoint is kept",
-                                    state.epoch,
-                                    describe_rows(train, rows)
-                                )));
-                            }
-                            host[i] = Some(g);
-                        }
+                        found[i] = grads
+                            .get(v.as_tensor())
+                            .map(|g| g.contiguous())
+                            .transpose()
+                            .map_err(ce("gradient"))?;
                     }
-                    clip_grad_norm(&mut host, cfg.clip_grad_norm);
-                    let vars: Vec<&Var> = self.nets.vs.iter().map(|(_, v)| v).collect();
-                    self.opt.step(&vars, &host, &decays, lr)?;
+                    let (norm, bad) = grad_norm(&found)?;
+                    if let Some((i, bad)) = bad {
+                        let name = nets
+                            .vs
+                            .iter()
+                            .nth(i)
+                            .map(|(n, _)| n.clone())
+                            .unwrap_or_default();
+                        return Err(MlmfError::Train(format!(
+                            "the gradient of `{name}` holds {bad} at epoch {epoch}, step {t}; rows {}; the last checkpoint (step {last_good}) is kept",
+                            describe_rows(train, rows)
+                        )));
+                    }
+                    let scale = clip_factor(norm, cfg.clip_grad_norm);
+                    let vars: Vec<&Var> = nets.vs.iter().map(|(_, v)| v).collect();
+                    opt.step(&vars, &found, scale, decays, lr)?;
+                    Ok(Some(loss))
+                };
+                let done = work()?;
+                if let Some(loss) = done {
+                    let value = f64::from(loss.total.to_scalar::<f32>().map_err(ce("loss"))?);
                     state.loss_sum += value;
                     state.loss_count += 1;
                     for (n, v, _) in &loss.parts {

@@ -1,0 +1,881 @@
+//! Fused float32 CPU ops with their backward passes, for the hot spots of the
+//! training forward: linear maps (bias in the product, the three backward products
+//! straight to gemm), LayerNorm, RMSNorm, exact GELU and the row softmax. Composed
+//! from candle's elementwise ops each would allocate and walk its tensor ten to
+//! twenty times between forward and backward; here forward and backward are one pass
+//! over the rows each, split between threads. The math is the composed ops' (nn.rs),
+//! which still serve other devices and dtypes; tests hold the two equal.
+
+use super::par;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+use crate::encoders::cpu::{erf, exp, gemm_into};
+
+/// Rows per parallel task: enough work to amortise a task.
+fn rows_per_task(width: usize) -> usize {
+    (16_384 / width.max(1)).max(1)
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("fused op: non-contiguous input"),
+    }
+}
+
+/// Runs `f` on a float32 tensor's values: in place for a contiguous CPU tensor, else
+/// on a host copy.
+pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (st, l) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(c), Some((a, b))) = (&*st, l.contiguous_offsets()) {
+            return Ok(f(&c.as_slice::<f32>()?[a..b]));
+        }
+    }
+    let host = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&host))
+}
+
+/// A vector of `n` values that `fill` writes completely (no zeroing first).
+fn filled(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    fill(v.as_mut_ptr());
+    // SAFETY: `fill` wrote all `n` values through the pointer.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Sums `parts` (per-task partial vectors of length `n`).
+fn reduce(parts: Vec<Vec<f32>>, n: usize) -> Vec<f32> {
+    let mut acc = vec![0f32; n];
+    for p in parts {
+        acc.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    acc
+}
+
+/// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension.
+struct LayerNorm {
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// Mean and `1 / sqrt(var + eps)` of a row.
+    fn stats(&self, row: &[f32]) -> (f32, f32) {
+        let n = row.len() as f32;
+        let mean = row.iter().sum::<f32>() / n;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        (mean, 1.0 / (var + self.eps).sqrt())
+    }
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "mlmf-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        let c = d * rows_per_task(d);
+        par::chunks_mut(&mut y, c, |i, yc| {
+            let xc = &x[i * c..][..yc.len()];
+            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                let (mean, r) = self.stats(xr);
+                for (((o, &v), &wi), &bi) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                    *o = (v - mean) * r * wi + bi;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        with_slice(x, |xv| {
+            with_slice(w, |wv| with_slice(g, |gv| self.grads(x, xv, wv, gv)))
+        })???
+    }
+}
+
+impl LayerNorm {
+    #[allow(clippy::type_complexity)]
+    fn grads(
+        &self,
+        x: &Tensor,
+        xv: &[f32],
+        wv: &[f32],
+        gv: &[f32],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = wv.len();
+        let chunk = d * rows_per_task(d);
+        let mut dx = vec![0f32; xv.len()];
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = par::chunks_mut(&mut dx, chunk, |i, dxc| {
+            let (xc, gc) = (&xv[i * chunk..][..dxc.len()], &gv[i * chunk..][..dxc.len()]);
+            let mut dw = vec![0f32; d];
+            let mut db = vec![0f32; d];
+            let mut xhat = vec![0f32; d];
+            for ((dxr, xr), gr) in dxc
+                .chunks_exact_mut(d)
+                .zip(xc.chunks_exact(d))
+                .zip(gc.chunks_exact(d))
+            {
+                let (mean, r) = self.stats(xr);
+                let (mut s1, mut s2) = (0f32, 0f32);
+                for i in 0..d {
+                    xhat[i] = (xr[i] - mean) * r;
+                    let dxh = gr[i] * wv[i];
+                    s1 += dxh;
+                    s2 += dxh * xhat[i];
+                    dw[i] += gr[i] * xhat[i];
+                    db[i] += gr[i];
+                }
+                let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+                for i in 0..d {
+                    dxr[i] = r * (gr[i] * wv[i] - m1 - xhat[i] * m2);
+                }
+            }
+            (dw, db)
+        });
+        let (dws, dbs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(reduce(dws, d), d, dev)?),
+            Some(Tensor::from_vec(reduce(dbs, d), d, dev)?),
+        ))
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "mlmf-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        let c = d * rows_per_task(d);
+        par::chunks_mut(&mut y, c, |i, yc| {
+            let xc = &x[i * c..][..yc.len()];
+            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+                for ((o, &v), &wi) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = v * r * wi;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        with_slice(x, |xv| {
+            with_slice(w, |wv| with_slice(g, |gv| self.grads(x, xv, wv, gv)))
+        })???
+    }
+}
+
+impl RmsNorm {
+    fn grads(
+        &self,
+        x: &Tensor,
+        xv: &[f32],
+        wv: &[f32],
+        gv: &[f32],
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = wv.len();
+        let chunk = d * rows_per_task(d);
+        let mut dx = vec![0f32; xv.len()];
+        let dws: Vec<Vec<f32>> = par::chunks_mut(&mut dx, chunk, |i, dxc| {
+            let (xc, gc) = (&xv[i * chunk..][..dxc.len()], &gv[i * chunk..][..dxc.len()]);
+            let mut dw = vec![0f32; d];
+            for ((dxr, xr), gr) in dxc
+                .chunks_exact_mut(d)
+                .zip(xc.chunks_exact(d))
+                .zip(gc.chunks_exact(d))
+            {
+                let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+                let mut s = 0f32;
+                for i in 0..d {
+                    s += gr[i] * wv[i] * xr[i];
+                    dw[i] += gr[i] * xr[i] * r;
+                }
+                let k = s * r * r * r / d as f32;
+                for i in 0..d {
+                    dxr[i] = r * gr[i] * wv[i] - k * xr[i];
+                }
+            }
+            dw
+        });
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(reduce(dws, d), d, dev)?),
+        ))
+    }
+}
+
+/// `0.5 x (1 + erf(x / sqrt 2))` elementwise.
+struct Gelu;
+
+const CHUNK: usize = 16_384;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "mlmf-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        par::chunks_mut(&mut y, CHUNK, |i, yc| {
+            let xc = &x[i * CHUNK..][..yc.len()];
+            for (o, &v) in yc.iter_mut().zip(xc) {
+                *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        with_slice(x, |xv| with_slice(g, |gv| Self::grads(x, xv, gv)))??
+    }
+}
+
+impl Gelu {
+    fn grads(x: &Tensor, xv: &[f32], gv: &[f32]) -> candle_core::Result<Option<Tensor>> {
+        let mut dx = vec![0f32; xv.len()];
+        // d/dx = Phi(x) + x phi(x).
+        let c = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
+        par::chunks_mut(&mut dx, CHUNK, |i, dc| {
+            let (xc, gc) = (&xv[i * CHUNK..][..dc.len()], &gv[i * CHUNK..][..dc.len()]);
+            for ((o, &v), &gi) in dc.iter_mut().zip(xc).zip(gc) {
+                let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                *o = gi * (cdf + v * c * exp(-0.5 * v * v));
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Softmax over the last dimension.
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "mlmf-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        let chunk = d * rows_per_task(d);
+        par::chunks_mut(&mut y, chunk, |i, yc| {
+            let xc = &x[i * chunk..][..yc.len()];
+            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for (o, &v) in yr.iter_mut().zip(xr) {
+                    *o = exp(v - max);
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                yr.iter_mut().for_each(|o| *o *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        with_slice(res, |yv| with_slice(g, |gv| Self::grads(res, yv, gv)))??
+    }
+}
+
+impl Softmax {
+    fn grads(res: &Tensor, yv: &[f32], gv: &[f32]) -> candle_core::Result<Option<Tensor>> {
+        let d = res.dims().last().copied().unwrap_or(1).max(1);
+        let chunk = d * rows_per_task(d);
+        let mut dx = vec![0f32; yv.len()];
+        par::chunks_mut(&mut dx, chunk, |i, dc| {
+            let (yc, gc) = (&yv[i * chunk..][..dc.len()], &gv[i * chunk..][..dc.len()]);
+            for ((dr, yr), gr) in dc
+                .chunks_exact_mut(d)
+                .zip(yc.chunks_exact(d))
+                .zip(gc.chunks_exact(d))
+            {
+                let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+                for ((o, &y), &gi) in dr.iter_mut().zip(yr).zip(gr) {
+                    *o = y * (gi - dot);
+                }
+            }
+        });
+        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}
+
+/// `dst (m x n, row stride n) = lhs · rhs` (or `+=` with `accumulate`), operands given
+/// by row and column strides; the rows of `dst` split between the pool's threads.
+///
+/// # Safety
+/// Each pointer must address its whole strided matrix; `dst` must not overlap.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // Blocks of at least 32 rows, a few per thread for balance.
+    let blocks = if m * n * k < 1 << 18 {
+        1
+    } else {
+        (2 * par::threads()).min(m.div_ceil(32)).max(1)
+    };
+    let rows = m.div_ceil(blocks);
+    let (dst, lhs, rhs) = (SendPtr(dst), SendConst(lhs), SendConst(rhs));
+    par::for_ranges(blocks, |r| {
+        for blk in r {
+            let r0 = blk * rows;
+            let r1 = m.min(r0 + rows);
+            if r0 >= r1 {
+                continue;
+            }
+            // SAFETY: rows r0..r1 of dst and lhs; blocks are disjoint.
+            unsafe {
+                gemm_into(
+                    r1 - r0,
+                    n,
+                    k,
+                    dst.get().add(r0 * n),
+                    n,
+                    accumulate,
+                    lhs.get().add(r0 * lhs_rs),
+                    lhs_rs,
+                    lhs_cs,
+                    rhs.get(),
+                    rhs_rs,
+                    rhs_cs,
+                    1.0,
+                );
+            }
+        }
+    });
+}
+
+/// Raw pointers handed to the pool's threads (disjoint rows of one product).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+#[derive(Clone, Copy)]
+struct SendConst(*const f32);
+// SAFETY: see `matmul`: each task touches its own rows of `dst`, reads only otherwise.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+unsafe impl Send for SendConst {}
+unsafe impl Sync for SendConst {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl SendConst {
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
+
+/// `x [N, in] · w [out, in]^T (+ b [out])`.
+struct Linear {
+    bias: bool,
+}
+
+impl Linear {
+    fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize) -> Vec<f32> {
+        let inp = x.len().checked_div(rows).unwrap_or(0);
+        let n_out = w.len().checked_div(inp).unwrap_or(0);
+        let mut y = match b {
+            Some(b) => {
+                let mut y = vec![0f32; rows * n_out];
+                par::chunks_mut(&mut y, n_out.max(1) * rows_per_task(n_out), |_, c| {
+                    c.chunks_exact_mut(n_out.max(1))
+                        .for_each(|r| r.copy_from_slice(b))
+                });
+                y
+            }
+            None => Vec::new(),
+        };
+        // SAFETY: y is rows x n_out; x is rows x inp (row stride inp); w is n_out x inp,
+        // read as its transpose (stride 1 over inp, inp over n_out).
+        let product = |dst: *mut f32, acc: bool| unsafe {
+            matmul(
+                (rows, n_out, inp),
+                dst,
+                acc,
+                x.as_ptr(),
+                (inp, 1),
+                w.as_ptr(),
+                (1, inp),
+            );
+        };
+        if b.is_some() {
+            product(y.as_mut_ptr(), true);
+            y
+        } else if inp == 0 {
+            vec![0f32; rows * n_out]
+        } else {
+            y = filled(rows * n_out, |p| product(p, false));
+            y
+        }
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+        let (rows, inp) = x.dims2()?;
+        let n_out = w.dim(0)?;
+        let dev = x.device().clone();
+        // The input's gradient only where something upstream learns (not for data).
+        let want_dx = x.track_op();
+        with_slice(x, |xv| {
+            with_slice(w, |wv| {
+                with_slice(
+                    g,
+                    |gv| -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+                        // SAFETY: shapes as named: dx = g [rows, out] · w [out, inp];
+                        // dw = g^T · x; each output written completely (k >= 1).
+                        let dx = (want_dx && n_out > 0).then(|| {
+                            filled(rows * inp, |p| unsafe {
+                                matmul(
+                                    (rows, inp, n_out),
+                                    p,
+                                    false,
+                                    gv.as_ptr(),
+                                    (n_out, 1),
+                                    wv.as_ptr(),
+                                    (inp, 1),
+                                );
+                            })
+                        });
+                        let dw = if rows == 0 {
+                            vec![0f32; n_out * inp]
+                        } else {
+                            filled(n_out * inp, |p| unsafe {
+                                matmul(
+                                    (n_out, inp, rows),
+                                    p,
+                                    false,
+                                    gv.as_ptr(),
+                                    (1, n_out),
+                                    xv.as_ptr(),
+                                    (inp, 1),
+                                );
+                            })
+                        };
+                        let db = self.bias.then(|| Self::column_sums(gv, n_out));
+                        Ok((
+                            dx.map(|d| Tensor::from_vec(d, (rows, inp), &dev))
+                                .transpose()?,
+                            Tensor::from_vec(dw, (n_out, inp), &dev)?,
+                            db.map(|d| Tensor::from_vec(d, n_out, &dev)).transpose()?,
+                        ))
+                    },
+                )
+            })
+        })???
+    }
+
+    /// Sums of the columns of a row-major `[rows, n]` matrix.
+    fn column_sums(gv: &[f32], n_out: usize) -> Vec<f32> {
+        let chunk = n_out.max(1) * rows_per_task(n_out);
+        let parts: Vec<Vec<f32>> = par::map(gv.len().div_ceil(chunk), |i| {
+            let c = &gv[i * chunk..gv.len().min((i + 1) * chunk)];
+            let mut acc = vec![0f32; n_out];
+            for r in c.chunks_exact(n_out.max(1)) {
+                acc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+            }
+            acc
+        });
+        reduce(parts, n_out)
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "mlmf-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (rows, _) = l1.shape().dims2()?;
+        let n_out = l2.shape().dims2()?.0;
+        Ok((
+            CpuStorage::F32(Self::forward(x, w, Some(b), rows)),
+            Shape::from((rows, n_out)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.backward(x, w, g)?;
+        Ok((dx, Some(dw), db))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "mlmf-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (rows, _) = l1.shape().dims2()?;
+        let n_out = l2.shape().dims2()?.0;
+        Ok((
+            CpuStorage::F32(Self::forward(x, w, None, rows)),
+            Shape::from((rows, n_out)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.backward(x, w, g)?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// `x [N, in] · w^T + b` (2-D `x`), on the fused op when it serves.
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !fused(x) || x.rank() != 2 {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x
+            .apply_op3(&w, &b.contiguous()?, Linear { bias: true })
+            .map(Some),
+        None => x.apply_op2(&w, Linear { bias: false }).map(Some),
+    }
+}
+
+/// `sum_t mask_t x_t / max(1, sum_t mask_t)` over the tokens of `x` `[B, T, D]`, the
+/// `[B, T]` mask a constant.
+struct MaskedMean {
+    mask: std::sync::Arc<Vec<f32>>,
+    t: usize,
+}
+
+impl MaskedMean {
+    fn weights(&self, b: usize) -> (&[f32], f32) {
+        let m = &self.mask[b * self.t..(b + 1) * self.t];
+        (m, 1.0 / m.iter().sum::<f32>().max(1.0))
+    }
+}
+
+impl CustomOp1 for MaskedMean {
+    fn name(&self) -> &'static str {
+        "mlmf-masked-mean"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let (b, t, d) = l.shape().dims3()?;
+        let mut y = vec![0f32; b * d];
+        par::chunks_mut(&mut y, d.max(1), |bi, yr| {
+            let (m, inv) = self.weights(bi);
+            for (ti, &mt) in m.iter().enumerate() {
+                if mt != 0.0 {
+                    let xr = &x[(bi * t + ti) * d..][..d];
+                    yr.iter_mut().zip(xr).for_each(|(o, &v)| *o += mt * v);
+                }
+            }
+            yr.iter_mut().for_each(|o| *o *= inv);
+        });
+        Ok((CpuStorage::F32(y), Shape::from((b, d))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (b, t, d) = x.dims3()?;
+        let g = g.contiguous()?;
+        let dx = with_slice(&g, |g| {
+            let mut dx = vec![0f32; b * t * d];
+            par::chunks_mut(&mut dx, (t * d).max(1), |bi, dr| {
+                let (m, inv) = self.weights(bi);
+                let gr = &g[bi * d..(bi + 1) * d];
+                for (ti, &mt) in m.iter().enumerate() {
+                    if mt != 0.0 {
+                        let s = mt * inv;
+                        dr[ti * d..(ti + 1) * d]
+                            .iter_mut()
+                            .zip(gr)
+                            .for_each(|(o, &v)| *o = s * v);
+                    }
+                }
+            });
+            dx
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// The masked mean of `x` `[B, T, D]` over its tokens (`mask` `[B, T]`, a constant),
+/// on the fused op when it serves.
+pub(crate) fn masked_mean(x: &Tensor, mask: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !fused(x) || x.rank() != 3 || mask.track_op() {
+        return Ok(None);
+    }
+    let t = x.dim(1)?;
+    let m = mask
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    x.contiguous()?
+        .apply_op1(MaskedMean {
+            mask: std::sync::Arc::new(m),
+            t,
+        })
+        .map(Some)
+}
+
+/// `a + b` for two tensors of one shape.
+struct Add;
+
+impl CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "mlmf-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (slice(s1, l1)?, slice(s2, l2)?);
+        let mut y = vec![0f32; a.len()];
+        par::chunks_mut(&mut y, CHUNK, |i, yc| {
+            let (ac, bc) = (&a[i * CHUNK..][..yc.len()], &b[i * CHUNK..][..yc.len()]);
+            for ((o, &x), &z) in yc.iter_mut().zip(ac).zip(bc) {
+                *o = x + z;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            a.track_op().then(|| g.clone()),
+            b.track_op().then(|| g.clone()),
+        ))
+    }
+}
+
+/// Rows of `x` `[N, D]` (any leading shape) scaled by constant factors `[N]`.
+struct ScaleRows(std::sync::Arc<Vec<f32>>);
+
+impl ScaleRows {
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let d = x.len() / self.0.len().max(1);
+        let mut y = vec![0f32; x.len()];
+        let chunk = d.max(1) * rows_per_task(d);
+        par::chunks_mut(&mut y, chunk, |c, yc| {
+            let xc = &x[c * chunk..][..yc.len()];
+            let first = c * rows_per_task(d);
+            for (r, (yr, xr)) in yc
+                .chunks_exact_mut(d.max(1))
+                .zip(xc.chunks_exact(d.max(1)))
+                .enumerate()
+            {
+                let s = self.0[first + r];
+                yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * s);
+            }
+        });
+        y
+    }
+}
+
+impl CustomOp1 for ScaleRows {
+    fn name(&self) -> &'static str {
+        "mlmf-scale-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(self.apply(slice(s, l)?)), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        let dx = with_slice(&g, |g| self.apply(g))?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// `a + b` (same shapes) on the fused op when it serves.
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if fused(a) && a.dims() == b.dims() {
+        return a.contiguous()?.apply_op2(&b.contiguous()?, Add);
+    }
+    a + b
+}
+
+/// `x` `[..., D]` with row `r` (over the leading dimensions) multiplied by `factors[r]`.
+pub(crate) fn scale_rows(x: &Tensor, factors: Vec<f32>) -> candle_core::Result<Tensor> {
+    let d = x.dims().last().copied().unwrap_or(1);
+    if factors.len() * d != x.elem_count() {
+        candle_core::bail!("scale_rows: {} factors for {:?}", factors.len(), x.dims());
+    }
+    if fused(x) {
+        return x
+            .contiguous()?
+            .apply_op1(ScaleRows(std::sync::Arc::new(factors)));
+    }
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = 1;
+    }
+    x.broadcast_mul(&Tensor::from_vec(factors, shape, x.device())?)
+}
+
+thread_local! {
+    /// Tests switch the fused ops off on their thread to run the composed ops.
+    static COMPOSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the fused ops off on this thread (the composed candle ops instead).
+#[cfg(test)]
+pub(crate) fn composed<R>(f: impl FnOnce() -> R) -> R {
+    COMPOSED.with(|c| c.set(true));
+    let r = f();
+    COMPOSED.with(|c| c.set(false));
+    r
+}
+
+/// Whether the fused ops serve `x` (float32 on the CPU).
+pub(crate) fn serves(x: &Tensor) -> bool {
+    fused(x)
+}
+
+fn fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && !COMPOSED.with(|c| c.get())
+}
+
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    if !fused(x) {
+        return Ok(None);
+    }
+    x.contiguous()?
+        .apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            LayerNorm { eps: eps as f32 },
+        )
+        .map(Some)
+}
+
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Option<Tensor>> {
+    if !fused(x) {
+        return Ok(None);
+    }
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+        .map(Some)
+}
+
+pub(crate) fn gelu(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !fused(x) {
+        return Ok(None);
+    }
+    x.contiguous()?.apply_op1(Gelu).map(Some)
+}
+
+pub(crate) fn softmax(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !fused(x) {
+        return Ok(None);
+    }
+    x.contiguous()?.apply_op1(Softmax).map(Some)
+}

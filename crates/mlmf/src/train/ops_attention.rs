@@ -1,0 +1,334 @@
+//! The core of softmax attention as one float32 CPU op with its backward pass, for
+//! the training forward of plain attention (no soft-cap, window, key selection or
+//! adaptive temperature; QK-norm is applied to the inputs beforehand):
+//!
+//! ```text
+//! q [B, Tq, H, hd], k, v [B, Tk, Hkv, hd]          (the projections, heads in place)
+//! w = softmax over allowed keys of scale q k^T     (kv padding; query head h reads kv head h / (H / Hkv))
+//! ctx [B, Tq, H, hd] = w v                         (0 for masked query rows and rows with no key)
+//! ```
+//!
+//! Heads are read in place (no transposes); the weights are recomputed in the backward
+//! pass instead of kept. Work is split over (batch row, kv head) so that the key and
+//! value gradients of a group of query heads are summed by one task.
+
+use std::sync::Arc;
+
+use super::par;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::ops::with_slice;
+use crate::encoders::cpu::{exp, gemm_into};
+
+/// One (batch row, kv head) task's gradients: the row, the kv head, its query heads'
+/// `dq` rows, `dk` and `dv`.
+type HeadGrads = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Shapes, scale and masks of one attention call.
+#[derive(Clone)]
+pub(crate) struct AttnCore {
+    pub(crate) b: usize,
+    pub(crate) tq: usize,
+    pub(crate) tk: usize,
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) hd: usize,
+    pub(crate) scale: f32,
+    /// `[B, Tk]` 0/1: which keys exist.
+    pub(crate) kmask: Option<Arc<Vec<f32>>>,
+    /// `[B, Tq]` 0/1: which query rows exist.
+    pub(crate) qmask: Option<Arc<Vec<f32>>>,
+}
+
+impl AttnCore {
+    fn allowed(&self, b: usize, j: usize) -> bool {
+        self.kmask
+            .as_ref()
+            .is_none_or(|m| m[b * self.tk + j] != 0.0)
+    }
+
+    fn real_query(&self, b: usize, i: usize) -> bool {
+        self.qmask
+            .as_ref()
+            .is_none_or(|m| m[b * self.tq + i] != 0.0)
+    }
+
+    /// The weights of query head `h` of row `b`: `[Tq, Tk]`, 0 where not allowed.
+    fn weights(&self, q: &[f32], k: &[f32], b: usize, h: usize, w: &mut [f32]) {
+        let (hd, tq, tk) = (self.hd, self.tq, self.tk);
+        let kvh = h / (self.heads / self.kv_heads);
+        let (qs, ks) = (self.heads * hd, self.kv_heads * hd);
+        // SAFETY: w is tq x tk; q rows of head h (stride qs), k rows of head kvh
+        // (stride ks) read as k^T.
+        unsafe {
+            gemm_into(
+                tq,
+                tk,
+                hd,
+                w.as_mut_ptr(),
+                tk,
+                false,
+                q.as_ptr().add(b * tq * qs + h * hd),
+                qs,
+                1,
+                k.as_ptr().add(b * tk * ks + kvh * hd),
+                1,
+                ks,
+                self.scale,
+            );
+        }
+        for i in 0..tq {
+            let row = &mut w[i * tk..(i + 1) * tk];
+            if !self.real_query(b, i) {
+                row.fill(0.0);
+                continue;
+            }
+            let mut max = f32::NEG_INFINITY;
+            for (j, o) in row.iter_mut().enumerate() {
+                if self.allowed(b, j) {
+                    max = max.max(*o);
+                } else {
+                    *o = f32::NEG_INFINITY;
+                }
+            }
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            let mut sum = 0f32;
+            for o in row.iter_mut() {
+                *o = if *o == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    exp(*o - max)
+                };
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+
+    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let (hd, tq, tk, h_all) = (self.hd, self.tq, self.tk, self.heads);
+        let group = h_all / self.kv_heads;
+        let (qs, ks) = (h_all * hd, self.kv_heads * hd);
+        let mut ctx = vec![0f32; self.b * tq * qs];
+        // One task per batch row; its ctx rows are its own.
+        par::chunks_mut(&mut ctx, tq * qs, |b, out| {
+            let mut w = vec![0f32; tq * tk];
+            for h in 0..h_all {
+                self.weights(q, k, b, h, &mut w);
+                let kvh = h / group;
+                // SAFETY: out rows of head h (stride qs) = w [tq, tk] v_kvh [tk, hd].
+                unsafe {
+                    gemm_into(
+                        tq,
+                        hd,
+                        tk,
+                        out.as_mut_ptr().add(h * hd),
+                        qs,
+                        false,
+                        w.as_ptr(),
+                        tk,
+                        1,
+                        v.as_ptr().add(b * tk * ks + kvh * hd),
+                        ks,
+                        1,
+                        1.0,
+                    );
+                }
+            }
+        });
+        ctx
+    }
+
+    /// `(dq, dk, dv)` from the output gradient `g` `[B, Tq, H, hd]`.
+    fn backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        g: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (hd, tq, tk, h_all, kvh_all) = (self.hd, self.tq, self.tk, self.heads, self.kv_heads);
+        let group = h_all / kvh_all;
+        let (qs, ks) = (h_all * hd, kvh_all * hd);
+        // Per (b, kv head): dq rows of its query heads, dk and dv of the kv head.
+        let parts: Vec<HeadGrads> = par::map(self.b * kvh_all, |task| {
+            let (b, kvh) = (task / kvh_all, task % kvh_all);
+            let mut dq = vec![0f32; group * tq * hd];
+            let mut dk = vec![0f32; tk * hd];
+            let mut dv = vec![0f32; tk * hd];
+            let mut w = vec![0f32; tq * tk];
+            let mut dw = vec![0f32; tq * tk];
+            let (kp, vp) = (
+                // SAFETY (all products below): offsets stay inside the batch row's
+                // rows of this head; destinations are this task's own buffers.
+                unsafe { k.as_ptr().add(b * tk * ks + kvh * hd) },
+                unsafe { v.as_ptr().add(b * tk * ks + kvh * hd) },
+            );
+            for gh in 0..group {
+                let h = kvh * group + gh;
+                self.weights(q, k, b, h, &mut w);
+                let gp = unsafe { g.as_ptr().add(b * tq * qs + h * hd) };
+                let qp = unsafe { q.as_ptr().add(b * tq * qs + h * hd) };
+                unsafe {
+                    // dW = g v^T [tq, tk]; dV += w^T g [tk, hd].
+                    gemm_into(
+                        tq,
+                        tk,
+                        hd,
+                        dw.as_mut_ptr(),
+                        tk,
+                        false,
+                        gp,
+                        qs,
+                        1,
+                        vp,
+                        1,
+                        ks,
+                        1.0,
+                    );
+                    gemm_into(
+                        tk,
+                        hd,
+                        tq,
+                        dv.as_mut_ptr(),
+                        hd,
+                        true,
+                        w.as_ptr(),
+                        1,
+                        tk,
+                        gp,
+                        qs,
+                        1,
+                        1.0,
+                    );
+                }
+                // dLogits = w (dW - rowsum(w dW)) scale, in place in dw.
+                for (wr, dr) in w.chunks_exact(tk).zip(dw.chunks_exact_mut(tk)) {
+                    let dot: f32 = wr.iter().zip(dr.iter()).map(|(a, c)| a * c).sum();
+                    for (d, &wv) in dr.iter_mut().zip(wr) {
+                        *d = wv * (*d - dot) * self.scale;
+                    }
+                }
+                unsafe {
+                    // dq = dL k [tq, hd]; dK += dL^T q [tk, hd].
+                    gemm_into(
+                        tq,
+                        hd,
+                        tk,
+                        dq.as_mut_ptr().add(gh * tq * hd),
+                        hd,
+                        false,
+                        dw.as_ptr(),
+                        tk,
+                        1,
+                        kp,
+                        ks,
+                        1,
+                        1.0,
+                    );
+                    gemm_into(
+                        tk,
+                        hd,
+                        tq,
+                        dk.as_mut_ptr(),
+                        hd,
+                        true,
+                        dw.as_ptr(),
+                        1,
+                        tk,
+                        qp,
+                        qs,
+                        1,
+                        1.0,
+                    );
+                }
+            }
+            (b, kvh, dq, dk, dv)
+        });
+        let mut dq = vec![0f32; self.b * tq * qs];
+        let mut dk = vec![0f32; self.b * tk * ks];
+        let mut dv = vec![0f32; self.b * tk * ks];
+        for (b, kvh, pq, pk, pv) in parts {
+            for gh in 0..group {
+                let h = kvh * group + gh;
+                for i in 0..tq {
+                    dq[(b * tq + i) * qs + h * hd..][..hd]
+                        .copy_from_slice(&pq[(gh * tq + i) * hd..][..hd]);
+                }
+            }
+            for j in 0..tk {
+                dk[(b * tk + j) * ks + kvh * hd..][..hd].copy_from_slice(&pk[j * hd..(j + 1) * hd]);
+                dv[(b * tk + j) * ks + kvh * hd..][..hd].copy_from_slice(&pv[j * hd..(j + 1) * hd]);
+            }
+        }
+        (dq, dk, dv)
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => candle_core::bail!("attention core: non-contiguous input"),
+    }
+}
+
+impl CustomOp3 for AttnCore {
+    fn name(&self) -> &'static str {
+        "mlmf-attention-core"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let ctx = self.forward(q, k, v);
+        Ok((
+            CpuStorage::F32(ctx),
+            Shape::from((self.b, self.tq, self.heads * self.hd)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (dq, dk, dv) = with_slice(q, |q| {
+            with_slice(k, |k| {
+                with_slice(v, |v| with_slice(&g, |g| self.backward(q, k, v, g)))
+            })
+        })????;
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, k.shape(), dev)?),
+            Some(Tensor::from_vec(dv, v.shape(), dev)?),
+        ))
+    }
+}
+
+/// `ctx [B, Tq, H*hd]` of `q [B, Tq, H*hd]` over `k, v [B, Tk, Hkv*hd]`.
+pub(crate) fn attention_core(
+    core: AttnCore,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> candle_core::Result<Tensor> {
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, core)
+}
