@@ -74,6 +74,7 @@ bench: develop ## run benchmarks against the reference libraries; writes docs/be
 	$(PY) benchmarks/encoders.py --out docs/benchmarks.md
 	$(PY) benchmarks/attention.py --out docs/benchmarks.md
 	$(PY) benchmarks/fusion.py --out docs/benchmarks.md
+	$(PY) benchmarks/train.py --out docs/benchmarks.md
 	$(PY) benchmarks/model.py --out docs/benchmarks.md
 	$(PY) benchmarks/distributed.py --out docs/benchmarks.md
 
@@ -81,6 +82,10 @@ bench: develop ## run benchmarks against the reference libraries; writes docs/be
 fixtures: ## regenerate tests/fixtures with the reference libraries (.venv-ref)
 	test -x $(REFVENV)/bin/python || ($(PYTHON) -m venv $(REFVENV) && $(REFVENV)/bin/pip install -r scripts/requirements-ref.txt)
 	$(REFVENV)/bin/python scripts/make_fixtures.py
+
+.PHONY: demo-weights
+demo-weights: develop ## retrain the demo's fusion, adapters and attention (scripts/train_demo.py)
+	$(PY) scripts/train_demo.py --variant all
 
 .PHONY: clean
 clean: ## remove build outputs (keeps target/ for fast rebuilds; use cargo clean for that)

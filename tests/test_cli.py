@@ -36,8 +36,15 @@ def test_demo_runs_the_model_and_shows_cache_hits(capsys, tmp_path):
         "same call again",
         "identical results: True",
         "(from the fusion cache)",
+        "fusion, adapters and text->image attention: trained",
     ):
         assert line in out, out
+    # The shipped weights beat the untrained model and chance on held-out scenes.
+    r = re.search(r"recall@1: trained ([\d.]+), untrained ([\d.]+), chance ([\d.]+)", out)
+    assert r and float(r[1]) > max(float(r[2]), float(r[3])) + 0.1, out
+    for kind in ("colour", "shape"):
+        a = re.search(rf"{kind} words: trained ([\d.]+), untrained ([\d.]+)", out)
+        assert a and float(a[1]) > 1.5 > float(a[2]) > 0.5, out
     # The second call: every item of every modality a cache hit, nothing encoded.
     again = out[out.index("same call again") :]
     for m in ("text", "image", "audio", "video"):
@@ -79,7 +86,8 @@ def test_demo_without_the_models_extra(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "bundled tiny CLIP text tower (untrained)" in done.stdout
+    assert "bundled tiny CLIP text tower (random weights)" in done.stdout
+    assert "fusion, adapters and text->image attention: trained" in done.stdout
     assert "identical results: True" in done.stdout
 
 

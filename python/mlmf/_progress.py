@@ -19,7 +19,9 @@ class Progress:
         self.start = time.perf_counter()
         self.last = 0.0
         self.bar = None
-        if enabled:
+        # Not a terminal (a log file, CI): a plain line now and then instead of redraws.
+        self.tty = sys.stderr.isatty()
+        if enabled and self.tty:
             try:
                 from tqdm import tqdm  # type: ignore[import-untyped]
 
@@ -41,7 +43,8 @@ class Progress:
             self.bar.update(n)
             return
         now = time.perf_counter()
-        if now - self.last < 0.1 and self.done < self.total:
+        every = 0.1 if self.tty else 10.0
+        if now - self.last < every and self.done < self.total:
             return
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
@@ -49,18 +52,20 @@ class Progress:
         filled = int(width * self.done / max(self.total, 1))
         head = f"{self.desc}: " if self.desc else ""
         tail = f" {self.status}" if self.status else ""
-        print(
-            f"\r{head}[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-            f"{self.unit} ({rate:.1f}/s){tail}\033[K",
-            end="",
-            file=sys.stderr,
-            flush=True,
+        line = (
+            f"{head}[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+            f"{self.unit} ({rate:.1f}/s){tail}"
         )
+        if self.tty:
+            print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         elif self.enabled:
-            self.last = 0.0
+            self.last = -1e9
             self.update(0)
-            print(file=sys.stderr)
+            if self.tty:
+                print(file=sys.stderr)

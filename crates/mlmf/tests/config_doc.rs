@@ -33,6 +33,28 @@ fn every_config_field_is_documented() {
         },
     );
     cfg.distributed = Some(Default::default());
+    cfg.adapters = Some(mlmf::config::AdaptersConfig {
+        modalities: vec![mlmf::Modality::Text],
+        hidden: Some(8),
+        weights: Some("a.safetensors".into()),
+        ..Default::default()
+    });
+    cfg.train = Some(
+        serde_json::from_value(serde_json::json!({
+            "objectives": [
+                {"type": "contrastive", "between": ["text", "image"], "temperature": 0.1,
+                 "name": "n", "loss": "sigmoid", "bias": -5.0},
+                {"type": "contrastive", "pair": "text->image"},
+                {"type": "classify", "num_classes": 3},
+                {"type": "regress", "dim": 2}
+            ],
+            "warmup_steps": 3,
+            "stages": [{"name": "s", "modalities": ["text"], "steps": 2}],
+            "early_stopping": {"metric": "loss"},
+            "checkpoint_every": 5
+        }))
+        .unwrap(),
+    );
     let mut names = Vec::new();
     keys(&cfg.to_value(), &mut names);
     for v in [

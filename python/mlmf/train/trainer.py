@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -311,8 +312,10 @@ class Trainer:
                     msg += f"; val {vals}{mark}"
                 if bar is not None:
                     bar.note(msg)
+                    bar.last = -1e9  # show the epoch's line now
                     bar.update(0)
-                    print(file=__import__("sys").stderr)
+                    if bar.tty:
+                        print(file=sys.stderr)
 
         try:
             return self._core.fit(train, str(out), val, resume, on_event)
