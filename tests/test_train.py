@@ -339,3 +339,61 @@ def test_cli_eval_prints_the_metrics(tmp_path, capsys):
         == 1
     )
     assert "no such file" in capsys.readouterr().err
+
+
+def test_training_on_the_parquet_that_run_batch_writes(data, tmp_path):
+    pytest.importorskip("pyarrow")
+    from mlmf.distributed.batch import _write_chunk
+
+    train, _ = data
+    n = len(train["label"])
+    ids = [f"r{i}" for i in range(n)]
+    pooled = {m: train[m].mean(axis=1) for m in ("text", "image")}
+    out = tmp_path / "embeddings"
+    out.mkdir()
+    half = n // 2
+    for k, (a, b) in enumerate(((0, half), (half, n))):
+        _write_chunk(
+            out, k, {"id": np.array(ids[a:b]), **{f"emb_{m}": v[a:b] for m, v in pooled.items()}}
+        )
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"id": i, "text": "unused", "label": int(lab)}) + "\n"
+            for i, lab in zip(ids, train["label"])
+        )
+    )
+    arrays = mlmf.train.load_embeddings(out, rows=rows)
+    assert arrays["text"].shape == (n, 12) and len(arrays["label"]) == n
+    t = mlmf.Trainer(
+        {
+            "modalities": {"text": {"dim": 12}, "image": {"dim": 10}},
+            "fusion": {"strategy": "gated"},
+        },
+        objectives=[mlmf.Classify(num_classes=K)],
+        epochs=8,
+        batch_size=32,
+        lr=3e-3,
+        progress=False,
+    )
+    t.fit(arrays, out=tmp_path / "run")
+    assert t.evaluate(arrays)["accuracy"] > 0.6
+
+
+def test_the_same_weights_whatever_the_thread_count(tmp_path):
+    code = (
+        "import sys; sys.path.insert(0, {tests!r})\n"
+        "import mlmf\n"
+        "from test_train import synthetic, CONFIG, OBJECTIVES\n"
+        "mlmf.Trainer(dict(CONFIG), objectives=OBJECTIVES, epochs=2, batch_size=32,\n"
+        "             modality_dropout=0.3, progress=False).fit(synthetic(200), out={out!r})\n"
+    )
+    tests = str(Path(__file__).resolve().parent)
+    for threads in ("1", "3"):
+        env = dict(os.environ, RAYON_NUM_THREADS=threads)
+        env.pop("CANDLE_NUM_THREADS", None)
+        src = code.format(tests=tests, out=str(tmp_path / threads))
+        done = subprocess.run([sys.executable, "-c", src], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    for name in ("fusion.safetensors", "adapters.safetensors", "attention/text-image.safetensors"):
+        assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "3" / name).read_bytes()

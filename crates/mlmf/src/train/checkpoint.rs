@@ -5,7 +5,9 @@
 //! AdamW moments as `adam.m.{name}` / `adam.v.{name}`, the best weights so far as
 //! `best.{name}`) and `state.json` (counters, history, the run's fingerprint). A new
 //! checkpoint is written to `checkpoint.tmp/`, then swapped in with renames; a crash
-//! between the renames leaves `checkpoint.old/`, which loading falls back to.
+//! between the renames leaves `checkpoint.old/`, which loading falls back to. Files
+//! are not synced to the disk: a killed process loses nothing the page cache holds (a
+//! power cut may cost the last checkpoint).
 //! Other files of the output folder are written to a temporary name and renamed, so
 //! none is ever half written.
 
@@ -44,6 +46,9 @@ pub(crate) struct RunState {
     pub(crate) best: Option<f64>,
     pub(crate) bad_epochs: usize,
     pub(crate) stopped: bool,
+    /// The best weights are the current ones (then not stored twice).
+    #[serde(default)]
+    pub(crate) best_is_current: bool,
     pub(crate) history: Vec<EpochRecord>,
     /// Per tensor, the AdamW steps it has taken.
     pub(crate) adam_steps: Vec<u64>,
@@ -117,11 +122,6 @@ pub(crate) fn save(
     state.adam_steps = opt.state.iter().map(|m| m.step).collect();
     let json = serde_json::to_vec_pretty(&state).map_err(|e| io(&tmp, e))?;
     std::fs::write(tmp.join("state.json"), json).map_err(|e| io(&tmp, e))?;
-    for f in ["state.safetensors", "state.json"] {
-        if let Ok(file) = std::fs::File::open(tmp.join(f)) {
-            let _ = file.sync_all();
-        }
-    }
     let cur = dir(out, "checkpoint");
     let old = dir(out, "checkpoint.old");
     let _ = std::fs::remove_dir_all(&old);
@@ -192,6 +192,9 @@ pub(crate) fn load(
             v: host("v")?,
             step: state.adam_steps.get(i).copied().unwrap_or(0),
         };
+    }
+    if state.best_is_current {
+        best = vs.snapshot()?;
     }
     best.sort_by(|a, b| a.0.cmp(&b.0));
     Ok((state, if best.is_empty() { None } else { Some(best) }))

@@ -147,6 +147,9 @@ pub(crate) fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// has a finite gradient).
 pub(crate) fn normalize(x: &Tensor) -> Result<Tensor> {
     let f = ce("normalize");
+    if let Some(y) = super::ops::normalize(x).map_err(&f)? {
+        return Ok(y);
+    }
     let n = x
         .sqr()
         .and_then(|s| s.sum_keepdim(D::Minus1))

@@ -710,6 +710,79 @@ pub(crate) fn masked_mean(x: &Tensor, mask: &Tensor) -> candle_core::Result<Opti
         .map(Some)
 }
 
+/// Rows scaled to unit length: `x / sqrt(|x|^2 + 1e-12)` over the last dimension.
+struct Normalize;
+
+impl Normalize {
+    fn norm(row: &[f32]) -> f32 {
+        (row.iter().map(|v| v * v).sum::<f32>() + 1e-12).sqrt()
+    }
+}
+
+impl CustomOp1 for Normalize {
+    fn name(&self) -> &'static str {
+        "mlmf-normalize"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l)?;
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        let chunk = d * rows_per_task(d);
+        par::chunks_mut(&mut y, chunk, |i, yc| {
+            let xc = &x[i * chunk..][..yc.len()];
+            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                let inv = 1.0 / Self::norm(xr);
+                yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * inv);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = g.contiguous()?;
+        let d = x.dims().last().copied().unwrap_or(1).max(1);
+        let dx = with_slice(x, |xv| {
+            with_slice(res, |yv| {
+                with_slice(&g, |gv| {
+                    let mut dx = vec![0f32; xv.len()];
+                    let chunk = d * rows_per_task(d);
+                    par::chunks_mut(&mut dx, chunk, |i, dc| {
+                        let n = dc.len();
+                        let (xc, yc, gc) = (
+                            &xv[i * chunk..][..n],
+                            &yv[i * chunk..][..n],
+                            &gv[i * chunk..][..n],
+                        );
+                        for (((dr, xr), yr), gr) in dc
+                            .chunks_exact_mut(d)
+                            .zip(xc.chunks_exact(d))
+                            .zip(yc.chunks_exact(d))
+                            .zip(gc.chunks_exact(d))
+                        {
+                            let inv = 1.0 / Self::norm(xr);
+                            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                            for ((o, &y), &gi) in dr.iter_mut().zip(yr).zip(gr) {
+                                *o = (gi - y * dot) * inv;
+                            }
+                        }
+                    });
+                    dx
+                })
+            })
+        })???;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Unit-length rows on the fused op when it serves.
+pub(crate) fn normalize(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !fused(x) {
+        return Ok(None);
+    }
+    x.contiguous()?.apply_op1(Normalize).map(Some)
+}
+
 /// `a + b` for two tensors of one shape.
 struct Add;
 

@@ -422,6 +422,10 @@ fn var(t: &Tensor) -> Var {
 
 #[test]
 fn objective_losses_and_gradients_equal_pytorch_autograd() {
+    both_paths(objective_cases);
+}
+
+fn objective_cases() {
     for c in cases("objective") {
         let id = c["id"].as_str().unwrap();
         let t = load(c["file"].as_str().unwrap());

@@ -543,6 +543,7 @@ impl Trainer {
                 if cfg.checkpoint_every.is_some_and(|k| state.step % k == 0)
                     && state.in_epoch < batches.len()
                 {
+                    state.best_is_current = false;
                     checkpoint::save(
                         out,
                         &self.nets.vs,
@@ -620,11 +621,16 @@ impl Trainer {
                 self.write_model(out)?;
             }
             write_history(out, &state.history)?;
+            state.best_is_current = improved;
             checkpoint::save(
                 out,
                 &self.nets.vs,
                 &self.opt,
-                best_weights.as_deref(),
+                if improved {
+                    None
+                } else {
+                    best_weights.as_deref()
+                },
                 &state,
             )?;
             on_event(Event::Epoch(&record))?;
