@@ -51,6 +51,12 @@ test-rust: sysdeps ## Rust unit and integration tests
 test-python: ## pytest suites
 	$(PY) -m pytest -q tests
 
+.PHONY: test-torch
+test-torch: develop ## the mlmf.torch tests that need PyTorch, run with the reference venv's torch
+	test -x $(REFVENV)/bin/python || ($(PYTHON) -m venv $(REFVENV) && $(REFVENV)/bin/pip install -r scripts/requirements-ref.txt)
+	$(REFVENV)/bin/pip install --quiet pytest
+	PYTHONPATH=python $(REFVENV)/bin/python -m pytest -q tests/test_torch_interop.py
+
 .PHONY: lint
 lint: sysdeps ## cargo fmt --check, clippy -D warnings, ruff, stub check
 	cargo fmt --all -- --check

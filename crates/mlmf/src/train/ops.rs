@@ -16,7 +16,7 @@ fn rows_per_task(width: usize) -> usize {
     (16_384 / width.max(1)).max(1)
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let all = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&all[a..b]),
@@ -44,6 +44,33 @@ fn filled(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
     // SAFETY: `fill` wrote all `n` values through the pointer.
     unsafe { v.set_len(n) };
     v
+}
+
+/// `f(r, row r of a, row r of b, row r of the output)` over the `d`-wide rows (`b` may
+/// be empty), split between the pool's threads; the output has `a`'s length.
+fn map_rows(
+    a: &[f32],
+    b: &[f32],
+    d: usize,
+    f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let d = d.max(1);
+    let per = rows_per_task(d);
+    let mut y = vec![0f32; a.len()];
+    par::chunks_mut(&mut y, d * per, |i, yc| {
+        let n = yc.len();
+        let ac = &a[i * d * per..][..n];
+        for (k, (yr, ar)) in yc.chunks_exact_mut(d).zip(ac.chunks_exact(d)).enumerate() {
+            let r = i * per + k;
+            let br = if b.is_empty() {
+                &[][..]
+            } else {
+                &b[r * d..(r + 1) * d]
+            };
+            f(r, ar, br, yr);
+        }
+    });
+    y
 }
 
 /// Sums `parts` (per-task partial vectors of length `n`).
@@ -85,16 +112,10 @@ impl CustomOp3 for LayerNorm {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let d = w.len();
-        let mut y = vec![0f32; x.len()];
-        let c = d * rows_per_task(d);
-        par::chunks_mut(&mut y, c, |i, yc| {
-            let xc = &x[i * c..][..yc.len()];
-            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let (mean, r) = self.stats(xr);
-                for (((o, &v), &wi), &bi) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                    *o = (v - mean) * r * wi + bi;
-                }
+        let y = map_rows(x, &[], w.len(), |_, xr, _, yr| {
+            let (mean, r) = self.stats(xr);
+            for (((o, &v), &wi), &bi) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                *o = (v - mean) * r * wi + bi;
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -182,15 +203,10 @@ impl CustomOp2 for RmsNorm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
         let d = w.len();
-        let mut y = vec![0f32; x.len()];
-        let c = d * rows_per_task(d);
-        par::chunks_mut(&mut y, c, |i, yc| {
-            let xc = &x[i * c..][..yc.len()];
-            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
-                for ((o, &v), &wi) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = v * r * wi;
-                }
+        let y = map_rows(x, &[], d, |_, xr, _, yr| {
+            let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+            for ((o, &v), &wi) in yr.iter_mut().zip(xr).zip(w) {
+                *o = v * r * wi;
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -302,21 +318,16 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let d = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut y = vec![0f32; x.len()];
-        let chunk = d * rows_per_task(d);
-        par::chunks_mut(&mut y, chunk, |i, yc| {
-            let xc = &x[i * chunk..][..yc.len()];
-            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (o, &v) in yr.iter_mut().zip(xr) {
-                    *o = exp(v - max);
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                yr.iter_mut().for_each(|o| *o *= inv);
+        let d = l.dims().last().copied().unwrap_or(1);
+        let y = map_rows(x, &[], d, |_, xr, _, yr| {
+            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = exp(v - max);
+                sum += *o;
             }
+            let inv = 1.0 / sum;
+            yr.iter_mut().for_each(|o| *o *= inv);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -328,20 +339,11 @@ impl CustomOp1 for Softmax {
 
 impl Softmax {
     fn grads(res: &Tensor, yv: &[f32], gv: &[f32]) -> candle_core::Result<Option<Tensor>> {
-        let d = res.dims().last().copied().unwrap_or(1).max(1);
-        let chunk = d * rows_per_task(d);
-        let mut dx = vec![0f32; yv.len()];
-        par::chunks_mut(&mut dx, chunk, |i, dc| {
-            let (yc, gc) = (&yv[i * chunk..][..dc.len()], &gv[i * chunk..][..dc.len()]);
-            for ((dr, yr), gr) in dc
-                .chunks_exact_mut(d)
-                .zip(yc.chunks_exact(d))
-                .zip(gc.chunks_exact(d))
-            {
-                let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
-                for ((o, &y), &gi) in dr.iter_mut().zip(yr).zip(gr) {
-                    *o = y * (gi - dot);
-                }
+        let d = res.dims().last().copied().unwrap_or(1);
+        let dx = map_rows(yv, gv, d, |_, yr, gr, dr| {
+            let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+            for ((o, &y), &gi) in dr.iter_mut().zip(yr).zip(gr) {
+                *o = y * (gi - dot);
             }
         });
         Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
@@ -373,7 +375,11 @@ pub(crate) unsafe fn matmul(
         (2 * par::threads()).min(m.div_ceil(32)).max(1)
     };
     let rows = m.div_ceil(blocks);
-    let (dst, lhs, rhs) = (SendPtr(dst), SendConst(lhs), SendConst(rhs));
+    let (dst, lhs, rhs) = (
+        par::Shared(dst),
+        par::SharedConst(lhs),
+        par::SharedConst(rhs),
+    );
     par::for_ranges(blocks, |r| {
         for blk in r {
             let r0 = blk * rows;
@@ -401,29 +407,6 @@ pub(crate) unsafe fn matmul(
             }
         }
     });
-}
-
-/// Raw pointers handed to the pool's threads (disjoint rows of one product).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-#[derive(Clone, Copy)]
-struct SendConst(*const f32);
-// SAFETY: see `matmul`: each task touches its own rows of `dst`, reads only otherwise.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-unsafe impl Send for SendConst {}
-unsafe impl Sync for SendConst {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-impl SendConst {
-    fn get(self) -> *const f32 {
-        self.0
-    }
 }
 
 /// `x [N, in] · w [out, in]^T (+ b [out])`.
@@ -726,51 +709,28 @@ impl CustomOp1 for Normalize {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l)?;
-        let d = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut y = vec![0f32; x.len()];
-        let chunk = d * rows_per_task(d);
-        par::chunks_mut(&mut y, chunk, |i, yc| {
-            let xc = &x[i * chunk..][..yc.len()];
-            for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                let inv = 1.0 / Self::norm(xr);
-                yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * inv);
-            }
+        let d = l.dims().last().copied().unwrap_or(1);
+        let y = map_rows(x, &[], d, |_, xr, _, yr| {
+            let inv = 1.0 / Self::norm(xr);
+            yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * inv);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let g = g.contiguous()?;
         let d = x.dims().last().copied().unwrap_or(1).max(1);
         let dx = with_slice(x, |xv| {
-            with_slice(res, |yv| {
-                with_slice(&g, |gv| {
-                    let mut dx = vec![0f32; xv.len()];
-                    let chunk = d * rows_per_task(d);
-                    par::chunks_mut(&mut dx, chunk, |i, dc| {
-                        let n = dc.len();
-                        let (xc, yc, gc) = (
-                            &xv[i * chunk..][..n],
-                            &yv[i * chunk..][..n],
-                            &gv[i * chunk..][..n],
-                        );
-                        for (((dr, xr), yr), gr) in dc
-                            .chunks_exact_mut(d)
-                            .zip(xc.chunks_exact(d))
-                            .zip(yc.chunks_exact(d))
-                            .zip(gc.chunks_exact(d))
-                        {
-                            let inv = 1.0 / Self::norm(xr);
-                            let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                            for ((o, &y), &gi) in dr.iter_mut().zip(yr).zip(gr) {
-                                *o = (gi - y * dot) * inv;
-                            }
-                        }
-                    });
-                    dx
+            with_slice(&g, |gv| {
+                map_rows(xv, gv, d, |_, xr, gr, dr| {
+                    let inv = 1.0 / Self::norm(xr);
+                    let dot: f32 = xr.iter().zip(gr).map(|(a, b)| a * b).sum::<f32>() * inv;
+                    for ((o, &xv), &gi) in dr.iter_mut().zip(xr).zip(gr) {
+                        *o = (gi - xv * inv * dot) * inv;
+                    }
                 })
             })
-        })???;
+        })??;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -829,21 +789,10 @@ struct ScaleRows(std::sync::Arc<Vec<f32>>);
 impl ScaleRows {
     fn apply(&self, x: &[f32]) -> Vec<f32> {
         let d = x.len() / self.0.len().max(1);
-        let mut y = vec![0f32; x.len()];
-        let chunk = d.max(1) * rows_per_task(d);
-        par::chunks_mut(&mut y, chunk, |c, yc| {
-            let xc = &x[c * chunk..][..yc.len()];
-            let first = c * rows_per_task(d);
-            for (r, (yr, xr)) in yc
-                .chunks_exact_mut(d.max(1))
-                .zip(xc.chunks_exact(d.max(1)))
-                .enumerate()
-            {
-                let s = self.0[first + r];
-                yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * s);
-            }
-        });
-        y
+        map_rows(x, &[], d, |r, xr, _, yr| {
+            let s = self.0[r];
+            yr.iter_mut().zip(xr).for_each(|(o, &v)| *o = v * s);
+        })
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::par;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::ops::with_slice;
+use super::ops::{slice, with_slice};
 use crate::encoders::cpu::{exp, gemm_into};
 
 /// One (batch row, kv head) task's gradients: the row, the kv head, its query heads'
@@ -266,14 +266,6 @@ impl AttnCore {
             }
         }
         (dq, dk, dv)
-    }
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let all = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("attention core: non-contiguous input"),
     }
 }
 

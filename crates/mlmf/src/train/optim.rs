@@ -94,7 +94,7 @@ impl AdamW {
             let p = with_slice(var.as_tensor(), |p| {
                 with_slice(g, |g| {
                     let mut out = p.to_vec();
-                    let (mp, vp) = (Moment(m.as_mut_ptr()), Moment(v.as_mut_ptr()));
+                    let (mp, vp) = (par::Shared(m.as_mut_ptr()), par::Shared(v.as_mut_ptr()));
                     par::chunks_mut(&mut out, CHUNK, |i, pc| {
                         let gc = &g[i * CHUNK..][..pc.len()];
                         // SAFETY: chunk i of the moments, as of `out`; disjoint per task.
@@ -130,19 +130,6 @@ impl AdamW {
                 .map_err(ce("optimiser"))?;
         }
         Ok(())
-    }
-}
-
-/// A moment buffer's pointer for the pool's threads (each task its own chunk).
-#[derive(Clone, Copy)]
-struct Moment(*mut f32);
-// SAFETY: tasks take disjoint chunks.
-unsafe impl Send for Moment {}
-unsafe impl Sync for Moment {}
-
-impl Moment {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -48,15 +48,28 @@ pub(crate) fn map<R: Send>(n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
 
 /// A pointer that may cross to the pool's threads; each task writes a disjoint part.
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(crate) struct Shared(pub(crate) *mut f32);
 
-// SAFETY: only used to hand disjoint sub-slices of one buffer to tasks.
+/// A read-only pointer that may cross to the pool's threads.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedConst(pub(crate) *const f32);
+
+// SAFETY: only used to hand disjoint sub-slices of one buffer to tasks (or, for
+// `SharedConst`, to read one buffer nobody writes meanwhile).
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
+unsafe impl Send for SharedConst {}
+unsafe impl Sync for SharedConst {}
 
 impl Shared {
     /// The raw pointer (a method, so that closures capture the `Sync` wrapper).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl SharedConst {
+    pub(crate) fn get(self) -> *const f32 {
         self.0
     }
 }
