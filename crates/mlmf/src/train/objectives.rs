@@ -8,7 +8,8 @@
 //! - classification: a linear head on the fused vector, mean cross-entropy;
 //! - regression: a linear head on the fused vector, mean squared error.
 //!
-//! Cross-entropy and the squared error are candle-nn's losses (`loss::cross_entropy`,
+//! On float32 CPU tensors the three losses are fused ops (ops_loss.rs). Elsewhere,
+//! cross-entropy and the squared error are candle-nn's losses (`loss::cross_entropy`,
 //! `loss::mse`; InfoNCE is two cross-entropies). The sigmoid loss is written here with
 //! a stable softplus: candle-nn's `binary_cross_entropy_with_logit` takes
 //! `log(sigmoid(x))`, which overflows at the logits SigLIP starts from.
@@ -16,6 +17,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::nn::{normalize, softplus, Lin};
+use super::ops_loss;
 use crate::config::train::ContrastiveLoss;
 use crate::encoders::layers::ce;
 use crate::error::Result;
@@ -25,9 +27,12 @@ pub(crate) const MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092;
 
 /// Cosine similarities `[N, M]` between the rows of `a` and of `b`.
 pub(crate) fn cosine_matrix(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    normalize(a)?
-        .matmul(&normalize(b)?.t().map_err(ce("similarity"))?)
-        .map_err(ce("similarity"))
+    let f = ce("similarity");
+    let (a, b) = (normalize(a)?, normalize(b)?);
+    if let Some(s) = super::ops::linear(&a, &b, None).map_err(&f)? {
+        return Ok(s);
+    }
+    a.matmul(&b.t().map_err(&f)?).map_err(f)
 }
 
 fn eye(n: usize, dev: &Device) -> Result<Tensor> {
@@ -54,6 +59,9 @@ pub(crate) fn contrastive(
                 .minimum(MAX_LOGIT_SCALE)
                 .and_then(|s| s.exp())
                 .map_err(&f)?;
+            if let Some(l) = ops_loss::infonce(sim, &scale).map_err(&f)? {
+                return Ok(l);
+            }
             let logits = sim.broadcast_mul(&scale).map_err(&f)?;
             let diag = Tensor::arange(0u32, n as u32, sim.device()).map_err(&f)?;
             let rows = candle_nn::loss::cross_entropy(&logits, &diag).map_err(&f)?;
@@ -65,8 +73,12 @@ pub(crate) fn contrastive(
             ((rows + cols).map_err(&f)? * 0.5).map_err(f)
         }
         ContrastiveLoss::Sigmoid => {
+            let t = s.exp().map_err(&f)?;
+            if let Some(l) = ops_loss::sigmoid_loss(sim, &t, b).map_err(&f)? {
+                return Ok(l);
+            }
             let id = eye(n, sim.device())?;
-            let mut logits = sim.broadcast_mul(&s.exp().map_err(&f)?).map_err(&f)?;
+            let mut logits = sim.broadcast_mul(&t).map_err(&f)?;
             if let Some(b) = b {
                 logits = logits.broadcast_add(b).map_err(&f)?;
             }
@@ -82,7 +94,12 @@ pub(crate) fn contrastive(
 
 /// Mean cross-entropy of `head(x)` against `labels` (`u32`, `[N]`).
 pub(crate) fn classify(x: &Tensor, head: &Lin, labels: &Tensor) -> Result<Tensor> {
-    candle_nn::loss::cross_entropy(&head.forward(x)?, labels).map_err(ce("classification loss"))
+    let f = ce("classification loss");
+    let logits = head.forward(x)?;
+    if let Some(l) = ops_loss::cross_entropy(&logits, labels).map_err(&f)? {
+        return Ok(l);
+    }
+    candle_nn::loss::cross_entropy(&logits, labels).map_err(f)
 }
 
 /// Mean squared error of `head(x)` against `targets` `[N, K]`.

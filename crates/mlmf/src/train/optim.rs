@@ -16,9 +16,9 @@
 //! impossible: these moments are checkpointed with the weights.
 
 use super::par;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, Layout, Tensor, Var};
 
-use super::ops::with_slice;
+use super::ops::{slice, with_slice};
 
 use crate::config::train::ScheduleKind;
 use crate::encoders::layers::ce;
@@ -91,44 +91,85 @@ impl AdamW {
                     "gradient and moment sizes differ".into(),
                 ));
             }
-            let p = with_slice(var.as_tensor(), |p| {
-                with_slice(g, |g| {
-                    let mut out = p.to_vec();
-                    let (mp, vp) = (par::Shared(m.as_mut_ptr()), par::Shared(v.as_mut_ptr()));
-                    par::chunks_mut(&mut out, CHUNK, |i, pc| {
-                        let gc = &g[i * CHUNK..][..pc.len()];
-                        // SAFETY: chunk i of the moments, as of `out`; disjoint per task.
-                        let (mc, vc) = unsafe {
-                            (
-                                std::slice::from_raw_parts_mut(mp.get().add(i * CHUNK), pc.len()),
-                                std::slice::from_raw_parts_mut(vp.get().add(i * CHUNK), pc.len()),
-                            )
-                        };
-                        for (((p, &g), m), v) in
-                            pc.iter_mut().zip(gc).zip(mc.iter_mut()).zip(vc.iter_mut())
-                        {
-                            // torch: clip_grad_norm_ scales the gradient in place.
-                            let g = g * scale;
-                            if let Some(k) = keep {
-                                *p *= k;
-                            }
-                            // torch: exp_avg.lerp_(grad, 1 - beta1) = m + (1 - beta1) (g - m).
-                            *m += (1.0 - b1) * (g - *m);
-                            *v = *v * b2 + (1.0 - b2) * g * g;
-                            let denom = v.sqrt() / bc2_sqrt + eps;
-                            *p -= step_size * (*m / denom);
-                        }
-                    });
-                    out
-                })
-            })
-            .and_then(|r| r)
-            .map_err(ce("optimiser"))?;
-            let shape = var.as_tensor().dims().to_vec();
-            let dev = var.as_tensor().device().clone();
-            var.set(&Tensor::from_vec(p, shape, &dev).map_err(ce("optimiser"))?)
+            let update = Update {
+                m: par::Shared(m.as_mut_ptr()),
+                v: par::Shared(v.as_mut_ptr()),
+                n,
+                scale,
+                keep,
+                b1,
+                b2,
+                step_size,
+                bc2_sqrt,
+                eps,
+            };
+            var.as_tensor()
+                .inplace_op2(g, &update)
                 .map_err(ce("optimiser"))?;
         }
+        Ok(())
+    }
+}
+
+/// One tensor's AdamW update, in place on the weights (a candle in-place op, so the
+/// variable's storage is written once, with no copy of the weights per step).
+struct Update {
+    m: par::Shared,
+    v: par::Shared,
+    n: usize,
+    scale: f32,
+    keep: Option<f32>,
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+impl candle_core::InplaceOp2 for Update {
+    fn name(&self) -> &'static str {
+        "mlmf-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (CpuStorage::F32(all), Some((a, b))) = (s1, l1.contiguous_offsets()) else {
+            candle_core::bail!("optimiser: weights must be contiguous float32")
+        };
+        let (p, g) = (&mut all[a..b], slice(s2, l2)?);
+        if p.len() != self.n || g.len() != self.n {
+            candle_core::bail!("optimiser: weight, gradient and moment sizes differ")
+        }
+        let (b1, b2, scale) = (self.b1, self.b2, self.scale);
+        let (step_size, bc2_sqrt, eps) = (self.step_size, self.bc2_sqrt, self.eps);
+        let (mp, vp) = (self.m, self.v);
+        par::chunks_mut(p, CHUNK, |i, pc| {
+            let gc = &g[i * CHUNK..][..pc.len()];
+            // SAFETY: chunk i of the moments (`n` long, as the weights); disjoint per task.
+            let (mc, vc) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(mp.get().add(i * CHUNK), pc.len()),
+                    std::slice::from_raw_parts_mut(vp.get().add(i * CHUNK), pc.len()),
+                )
+            };
+            if let Some(k) = self.keep {
+                pc.iter_mut().for_each(|p| *p *= k);
+            }
+            for (((p, &g), m), v) in pc.iter_mut().zip(gc).zip(mc.iter_mut()).zip(vc.iter_mut()) {
+                // torch: clip_grad_norm_ scales the gradient in place.
+                let g = g * scale;
+                // torch: exp_avg.lerp_(grad, 1 - beta1) = m + (1 - beta1) (g - m).
+                *m += (1.0 - b1) * (g - *m);
+                *v = *v * b2 + (1.0 - b2) * g * g;
+                let denom = v.sqrt() / bc2_sqrt + eps;
+                *p -= step_size * (*m / denom);
+            }
+        });
         Ok(())
     }
 }
@@ -145,11 +186,14 @@ pub(crate) fn grad_norm(grads: &[Option<Tensor>]) -> Result<(f64, Option<(usize,
         let (sq, bad) = with_slice(g, |g| {
             par::map(g.len().div_ceil(CHUNK), |i| {
                 let c = &g[i * CHUNK..g.len().min((i + 1) * CHUNK)];
-                let bad = c.iter().copied().find(|x| !x.is_finite());
-                (
-                    c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>(),
-                    bad,
-                )
+                let sq = sum_of_squares(c);
+                // A non-finite value makes the sum non-finite: only then look for it.
+                let bad = if sq.is_finite() {
+                    None
+                } else {
+                    c.iter().copied().find(|x| !x.is_finite())
+                };
+                (sq, bad)
             })
             .into_iter()
             .fold((0.0, None), |a, b| (a.0 + b.0, a.1.or(b.1)))
@@ -161,6 +205,22 @@ pub(crate) fn grad_norm(grads: &[Option<Tensor>]) -> Result<(f64, Option<(usize,
         total += sq;
     }
     Ok((total.sqrt(), None))
+}
+
+/// The sum of the squares of `c` in float64, over eight interleaved partial sums
+/// (a fixed order, so the same for any thread count, and one the compiler vectorises).
+fn sum_of_squares(c: &[f32]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let mut it = c.chunks_exact(8);
+    for piece in &mut it {
+        for (l, &x) in lanes.iter_mut().zip(piece) {
+            *l += f64::from(x) * f64::from(x);
+        }
+    }
+    for (l, &x) in lanes.iter_mut().zip(it.remainder()) {
+        *l += f64::from(x) * f64::from(x);
+    }
+    lanes.iter().sum()
 }
 
 /// PyTorch's `clip_grad_norm_` factor for a global norm: `max_norm / (norm + 1e-6)`
