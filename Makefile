@@ -8,6 +8,10 @@ REFVENV ?= .venv-ref
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 EXTRAS ?= test,video,viz,ray
+# Wheels: the manylinux policy maturin checks the extension against (glibc symbol
+# versions, allowed system libraries). Built on glibc 2.36 the extension needs 2.34.
+WHEEL_POLICY ?= manylinux_2_34
+SMOKE_VENV ?= $(CURDIR)/target/wheel-smoke
 # Everyone gets the same thread count in tests and benchmarks.
 export RAYON_NUM_THREADS ?= 2
 
@@ -41,7 +45,7 @@ demo: develop ## set up and run the demo on the bundled sample media
 	$(VENV)/bin/mlmf demo
 
 .PHONY: test
-test: develop test-rust test-python ## set up and run every test (cargo test + pytest)
+test: develop test-rust test-python wheel-smoke ## set up and run every test (cargo test + pytest + the wheel)
 
 .PHONY: test-rust
 test-rust: sysdeps ## Rust unit and integration tests
@@ -50,6 +54,22 @@ test-rust: sysdeps ## Rust unit and integration tests
 .PHONY: test-python
 test-python: ## pytest suites
 	$(PY) -m pytest -q tests
+
+.PHONY: wheel
+wheel: sysdeps $(PY) ## build the abi3 manylinux wheel and the sdist into dist/ (maturin checks the policy)
+	$(PIP) install --quiet "maturin>=1.8,<2"
+	rm -rf dist
+	$(VENV)/bin/maturin build --release --strip --compatibility $(WHEEL_POLICY) --out dist
+	$(VENV)/bin/maturin sdist --out dist
+	@ls -l dist
+
+.PHONY: wheel-smoke
+wheel-smoke: wheel ## install only the wheel into a fresh venv: import, one infer, mlmf demo
+	rm -rf $(SMOKE_VENV)
+	$(PYTHON) -m venv $(SMOKE_VENV)
+	$(SMOKE_VENV)/bin/pip install --quiet dist/*.whl
+	cd $(SMOKE_VENV) && bin/python $(CURDIR)/scripts/smoke_wheel.py
+	cd $(SMOKE_VENV) && bin/mlmf demo --heatmap $(SMOKE_VENV)/demo-attention.png
 
 .PHONY: test-torch
 test-torch: develop ## the mlmf.torch tests that need PyTorch, run with the reference venv's torch
@@ -62,15 +82,15 @@ lint: sysdeps ## cargo fmt --check, clippy -D warnings, ruff, stub check
 	cargo fmt --all -- --check
 	cargo clippy --release --all-targets -- -D warnings
 	cargo clippy --release --all-targets --features python -- -D warnings
-	$(VENV)/bin/ruff check python tests benchmarks scripts examples
-	$(VENV)/bin/ruff format --check python tests benchmarks scripts examples
+	$(VENV)/bin/ruff check python tests benchmarks scripts examples build-backend
+	$(VENV)/bin/ruff format --check python tests benchmarks scripts examples build-backend
 	$(PY) -m mypy.stubtest mlmf._mlmf --allowlist .stubtest-allowlist
 
 .PHONY: fmt
 fmt: ## format Rust and Python sources
 	cargo fmt --all
-	$(VENV)/bin/ruff format python tests benchmarks scripts examples
-	$(VENV)/bin/ruff check --fix python tests benchmarks scripts examples
+	$(VENV)/bin/ruff format python tests benchmarks scripts examples build-backend
+	$(VENV)/bin/ruff check --fix python tests benchmarks scripts examples build-backend
 
 .PHONY: bench
 bench: develop ## run benchmarks against the reference libraries; writes docs/benchmarks.md

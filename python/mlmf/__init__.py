@@ -4,9 +4,13 @@ Raw text, images, audio and video go in; model-ready arrays (and, with encoders,
 embeddings) come out. See the README for a tour.
 """
 
+# Before the extension loads: refuse a CPU without the instructions it was built for.
+from mlmf import _cpu  # noqa: F401  (checks on import)
 from mlmf._mlmf import (
     CUDA_COMPILED,
     JPEG_DECODER,
+    JPEG_SIMD,
+    TARGET_FEATURES,
     AudioProcessor,
     CacheError,
     ConfigError,
@@ -59,6 +63,8 @@ __all__ = [
     "Trainer",
     "CUDA_COMPILED",
     "JPEG_DECODER",
+    "JPEG_SIMD",
+    "TARGET_FEATURES",
     "AudioProcessor",
     "CacheError",
     "ConfigError",

@@ -10,6 +10,8 @@ import numpy.typing as npt
 __version__: str
 CUDA_COMPILED: bool
 JPEG_DECODER: str
+JPEG_SIMD: bool
+TARGET_FEATURES: list[str]
 
 _Path = Union[str, PathLike[str]]
 _Media = Union[_Path, bytes, bytearray, memoryview, npt.NDArray[Any]]
@@ -156,6 +158,7 @@ class TextProcessor:
         padding: Union[str, bool, None] = None,
         truncation: bool = True,
         add_special_tokens: bool = True,
+        max_input_bytes: int = 65536,
     ) -> TextProcessor: ...
     def __call__(
         self,

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 import mlmf
+from mlmf._build import jpeg_decoder
 from mlmf._progress import Progress
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -257,6 +258,7 @@ def _checkpoint_summary(path: Path) -> dict:
     info["weights"] = {f: (path / f).stat().st_size for f in weights}
     info["pickled_weights"] = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     info["sentence_transformers"] = (path / "modules.json").is_file()
+    info["jpeg_decoder"] = jpeg_decoder()
     encoders = {}
     for modality in (None, *MODALITIES[:3]):
         try:
@@ -326,6 +328,8 @@ def inspect(args: argparse.Namespace) -> int:
         extra = {k: v for k, v in p.items() if k not in ("processor",)}
         shown = ", ".join(f"{k}={v}" for k, v in list(extra.items())[:8])
         print(f"  processor      {m}: {p['processor']} ({shown})")
+    if "image" in info["processors"] or "video" in info["processors"]:
+        print(f"  jpeg decoder   {info['jpeg_decoder']}")
     return 0
 
 

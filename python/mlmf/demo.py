@@ -23,6 +23,7 @@ import numpy as np
 
 import mlmf
 from mlmf import shapes
+from mlmf._build import jpeg_decoder
 
 DATA = Path(__file__).resolve().parent / "data"
 MODELS = DATA / "models"
@@ -190,8 +191,7 @@ def run(heatmap: Path, out: Any = sys.stdout) -> int:
     threads = os.environ.get("RAYON_NUM_THREADS", str(os.cpu_count()))
     print(f"mlmf {mlmf.__version__} demo — generated scenes (mlmf.shapes)", file=out)
     print(
-        f"threads: {threads}; CUDA compiled: {mlmf.CUDA_COMPILED}; "
-        f"JPEG decoder: {mlmf.JPEG_DECODER}",
+        f"threads: {threads}; CUDA compiled: {mlmf.CUDA_COMPILED}; JPEG decoder: {jpeg_decoder()}",
         file=out,
     )
     print(f"text encoder: {text_name}", file=out)

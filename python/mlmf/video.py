@@ -23,15 +23,75 @@ if TYPE_CHECKING:
 __all__ = ["read_sampled", "read_video"]
 
 
-def _import_av() -> Any:
+def _import_av(source: Any = None, index: int = 0) -> Any:
+    """PyAV, or an error that says why it is needed: an ``ImportError`` when ``source``
+    looks like a video container, a ``DecodeError`` when it is not a video at all."""
     try:
         import av
     except ImportError as e:
+        if source is not None:
+            container = _container_name(_head(source, index))
+            if container is None:
+                raise DecodeError(
+                    f"video input {index}: cannot decode: not an animated GIF or WebP and not "
+                    "a video container (MP4, MOV, WebM, MKV, AVI, FLV, MPEG, Ogg, ASF)"
+                ) from None
+            what = f"this {container} video"
+        else:
+            what = "container video"
         raise ImportError(
-            "mlmf.video.read_video decodes container video with PyAV, which is not installed: "
-            "pip install mlmf[video]"
+            f"mlmf decodes {what} with PyAV, which is not installed: pip install mlmf[video]"
         ) from e
     return av
+
+
+#: Leading bytes of the containers PyAV (FFmpeg) opens, as ``(offset, magic, name)``.
+_CONTAINERS = (
+    (4, b"ftyp", "MP4/MOV"),
+    (4, b"moov", "MOV"),
+    (4, b"mdat", "MOV"),
+    (4, b"wide", "MOV"),
+    (4, b"free", "MOV"),
+    (0, b"\x1a\x45\xdf\xa3", "Matroska/WebM"),
+    (0, b"FLV", "FLV"),
+    (0, b"OggS", "Ogg"),
+    (0, b"\x00\x00\x01\xba", "MPEG-PS"),
+    (0, b"\x00\x00\x01\xb3", "MPEG video"),
+    (0, b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "ASF/WMV"),
+)
+
+
+def _container_name(head: Optional[bytes]) -> Optional[str]:
+    """The container ``head`` (a file's first bytes) starts, or None; unknown (a
+    stream that cannot be peeked) counts as a container."""
+    if head is None:
+        return "container"
+    if head[:4] == b"RIFF" and head[8:12] in (b"AVI ", b"AVIX"):
+        return "AVI"
+    if len(head) > 188 and head[0] == 0x47 and head[188] == 0x47:
+        return "MPEG-TS"
+    for offset, magic, name in _CONTAINERS:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def _head(source: Any, index: int) -> Optional[bytes]:
+    """The first bytes of a video source (None for a stream that cannot seek back)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[:512])
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source, "rb") as f:
+                return f.read(512)
+        except OSError as e:
+            raise DecodeError(f"video input {index}: cannot read {os.fspath(source)}: {e}") from e
+    if hasattr(source, "read") and getattr(source, "seekable", lambda: False)():
+        pos = source.tell()
+        head = source.read(512)
+        source.seek(pos)
+        return bytes(head)
+    return None
 
 
 def _count_frames(container: Any, stream: Any) -> int:
@@ -49,7 +109,7 @@ def _count_frames(container: Any, stream: Any) -> int:
 
 
 def _open(source: Union[str, os.PathLike[str], bytes, BinaryIO], index: int) -> Any:
-    av = _import_av()
+    av = _import_av(source, index)
     src: Any = source
     if isinstance(source, (bytes, bytearray, memoryview)):
         src = io.BytesIO(bytes(source))
@@ -73,7 +133,7 @@ def read_sampled(
     (``None`` when the container does not say). ``index`` is the input's position in its
     batch, for error messages.
     """
-    av = _import_av()
+    av = _import_av(source, index)
     import numpy as np
 
     with _open(source, index) as container:

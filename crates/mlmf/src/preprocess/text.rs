@@ -22,6 +22,8 @@ use tokenizers::{
 
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
+pub use crate::preprocess::text_limit::DEFAULT_MAX_INPUT_BYTES;
+use crate::preprocess::text_limit::{cut_point, splits_at_spaces};
 use crate::preprocess::Processor;
 
 /// transformers treats a `model_max_length` at or above this as "no limit".
@@ -68,6 +70,9 @@ pub struct TextProcessorConfig {
     pub truncation: bool,
     /// Add the tokenizer's special tokens (`[CLS] ... [SEP]`, `<|startoftext|> ...`).
     pub add_special_tokens: bool,
+    /// Longest text (UTF-8 bytes) tokenised whole; a longer one is cut before
+    /// tokenising when that gives the same ids, else refused (`text_limit.rs`).
+    pub max_input_bytes: usize,
 }
 
 impl Default for TextProcessorConfig {
@@ -77,6 +82,7 @@ impl Default for TextProcessorConfig {
             padding: Padding::Longest,
             truncation: true,
             add_special_tokens: true,
+            max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
         }
     }
 }
@@ -86,6 +92,9 @@ impl TextProcessorConfig {
     pub fn validate(&self) -> Result<()> {
         if self.max_length == Some(0) {
             return Err(MlmfError::config("max_length", "must be at least 1"));
+        }
+        if self.max_input_bytes == 0 {
+            return Err(MlmfError::config("max_input_bytes", "must be at least 1"));
         }
         Ok(())
     }
@@ -125,6 +134,8 @@ pub struct TextProcessor {
     pad: Option<(u32, String)>,
     meta: TokenizerMeta,
     source: PathBuf,
+    /// The pre-tokenizer splits at spaces: a long text may be cut before tokenising.
+    cuttable: bool,
 }
 
 impl std::fmt::Debug for TextProcessor {
@@ -200,6 +211,7 @@ impl TextProcessor {
         tokenizer
             .with_truncation(None)
             .map_err(|e| MlmfError::model_load("tokenizer", &source, e.to_string()))?;
+        let cuttable = splits_at_spaces(&tokenizer);
         let tokenizer = Arc::new(tokenizer);
         let (configured, pad_missing) = configure(&tokenizer, &config, &meta, pad.as_ref())?;
         Ok(Self {
@@ -210,6 +222,7 @@ impl TextProcessor {
             pad,
             meta,
             source,
+            cuttable,
         })
     }
 
@@ -253,8 +266,70 @@ impl TextProcessor {
 
     /// Tokenises a batch.
     pub fn encode<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<TextBatch> {
-        let inputs: Vec<EncodeInput> = texts.iter().map(|t| t.as_ref().into()).collect();
+        let inputs = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| self.bounded(i, t.as_ref()).map(EncodeInput::from))
+            .collect::<Result<Vec<_>>>()?;
         self.encode_inputs(inputs)
+    }
+
+    /// `text`, or the prefix of it that gives the same ids, within `max_input_bytes`
+    /// (see `text_limit.rs`); an `InputError` naming input `i` when neither fits.
+    fn bounded<'t>(&self, i: usize, text: &'t str) -> Result<&'t str> {
+        let limit = self.config.max_input_bytes;
+        if text.len() <= limit {
+            return Ok(text);
+        }
+        let refuse = |why: &str| {
+            MlmfError::input(
+                Modality::Text,
+                format!(
+                    "{} bytes of text, above max_input_bytes = {limit}: {why}; split the text \
+                     or raise max_input_bytes (tokenising a whole text takes about 1 s and \
+                     200 MB per MB)",
+                    text.len()
+                ),
+            )
+            .at_index(i)
+        };
+        let max_length = match self.truncation() {
+            Some((n, false)) => n,
+            Some((_, true)) => return Err(refuse("truncation from the left keeps its end")),
+            None => return Err(refuse("without truncation every token is kept")),
+        };
+        if !self.cuttable {
+            return Err(refuse(
+                "this tokenizer's pre-tokenizer does not split at spaces, so the text \
+                 cannot be cut before tokenising",
+            ));
+        }
+        // Words enough for `max_length` tokens, doubling until the prefix overflows.
+        let mut from = max_length.saturating_mul(16).max(256);
+        loop {
+            let Some(cut) = cut_point(text, from) else {
+                return Err(refuse(
+                    "found no space to cut it at before max_length tokens",
+                ));
+            };
+            let enc = self
+                .configured
+                .encode(&text[..cut], self.config.add_special_tokens)
+                .map_err(|e| MlmfError::input(Modality::Text, e.to_string()).at_index(i))?;
+            if !enc.get_overflowing().is_empty() {
+                return Ok(&text[..cut]);
+            }
+            from = cut.saturating_mul(2);
+        }
+    }
+
+    /// The truncation length and whether it cuts from the left, when truncating.
+    fn truncation(&self) -> Option<(usize, bool)> {
+        if !self.config.truncation {
+            return None;
+        }
+        let n = self.config.max_length.or(self.meta.model_max_length)?;
+        Some((n, self.meta.truncation_left))
     }
 
     /// Tokenises a batch of sentence pairs (`[CLS] a [SEP] b [SEP]` for BERT), as
@@ -274,11 +349,25 @@ impl TextProcessor {
                 ),
             ));
         }
-        let inputs: Vec<EncodeInput> = first
-            .iter()
-            .zip(second)
-            .map(|(a, b)| (a.as_ref(), b.as_ref()).into())
-            .collect();
+        let limit = self.config.max_input_bytes;
+        let mut inputs: Vec<EncodeInput> = Vec::with_capacity(first.len());
+        for (i, (a, b)) in first.iter().zip(second).enumerate() {
+            let (a, b) = (a.as_ref(), b.as_ref());
+            if a.len() > limit || b.len() > limit {
+                return Err(MlmfError::input(
+                    Modality::Text,
+                    format!(
+                        "a sentence pair of {} and {} bytes, above max_input_bytes = {limit}: \
+                         pairs are truncated by their lengths in tokens, so each is tokenised \
+                         whole; shorten them or raise max_input_bytes",
+                        a.len(),
+                        b.len()
+                    ),
+                )
+                .at_index(i));
+            }
+            inputs.push((a, b).into());
+        }
         self.encode_inputs(inputs)
     }
 

@@ -47,6 +47,19 @@ fn set_purge_delay() {
     }
 }
 
+/// The CPU features this build's code assumes, as build.rs found them, behind a marker
+/// that `python/mlmf/_cpu.py` finds in the library file before loading it.
+static TARGET_FEATURES_MARK: &str =
+    concat!("mlmf-target-features:", env!("MLMF_TARGET_FEATURES"), ";");
+
+fn target_features() -> Vec<&'static str> {
+    let (_, list) = TARGET_FEATURES_MARK.split_once(':').unwrap_or_default();
+    list.trim_end_matches(';')
+        .split(',')
+        .filter(|f| !f.is_empty())
+        .collect()
+}
+
 /// Runs `f` without the GIL; a panic inside becomes [`MlmfError::Internal`].
 pub(crate) fn detached<T, F>(py: Python<'_>, f: F) -> PyResult<T>
 where
@@ -73,6 +86,8 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", crate::VERSION)?;
     m.add("CUDA_COMPILED", crate::device::DeviceSpec::cuda_compiled())?;
     m.add("JPEG_DECODER", crate::preprocess::image::JPEG_DECODER)?;
+    m.add("JPEG_SIMD", crate::preprocess::image::JPEG_SIMD)?;
+    m.add("TARGET_FEATURES", target_features())?;
     errors::register(m)?;
     config::register(m)?;
     preprocess::register(m)?;

@@ -23,7 +23,9 @@ use crate::preprocess::audio::{self as aud, AudioProcessor, AudioProcessorConfig
 use crate::preprocess::image::{
     self as img, ImageProcessor, ImageProcessorConfig, ImageRef, Resample,
 };
-use crate::preprocess::text::{Padding, TextProcessor, TextProcessorConfig};
+use crate::preprocess::text::{
+    Padding, TextProcessor, TextProcessorConfig, DEFAULT_MAX_INPUT_BYTES,
+};
 use crate::preprocess::video::{
     FrameSampler, ShortVideo, VideoInput, VideoProcessor, VideoProcessorConfig,
 };
@@ -61,6 +63,7 @@ fn text_config(
     padding: &Bound<'_, PyAny>,
     truncation: bool,
     add_special_tokens: bool,
+    max_input_bytes: usize,
 ) -> PyResult<TextProcessorConfig> {
     let padding = if let Ok(b) = padding.extract::<bool>() {
         if b {
@@ -76,15 +79,19 @@ fn text_config(
         padding,
         truncation,
         add_special_tokens,
+        max_input_bytes,
     })
 }
+
+// The literal default in `from_pretrained`'s signature (what Python shows) is this one.
+const _: () = assert!(DEFAULT_MAX_INPUT_BYTES == 65536);
 
 #[pymethods]
 impl PyTextProcessor {
     /// Loads tokenizer.json (+ tokenizer_config.json) from a checkpoint directory or
     /// the tokenizer.json file itself.
     #[staticmethod]
-    #[pyo3(signature = (path, max_length=None, padding=None, truncation=true, add_special_tokens=true))]
+    #[pyo3(signature = (path, max_length=None, padding=None, truncation=true, add_special_tokens=true, max_input_bytes=65536))]
     fn from_pretrained(
         py: Python<'_>,
         path: PathBuf,
@@ -92,6 +99,7 @@ impl PyTextProcessor {
         padding: Option<&Bound<'_, PyAny>>,
         truncation: bool,
         add_special_tokens: bool,
+        max_input_bytes: usize,
     ) -> PyResult<Self> {
         let longest = "longest".into_pyobject(py)?.into_any();
         let config = text_config(
@@ -99,6 +107,7 @@ impl PyTextProcessor {
             padding.unwrap_or(&longest),
             truncation,
             add_special_tokens,
+            max_input_bytes,
         )?;
         let p = path.clone();
         let inner = detached(py, move || TextProcessor::from_pretrained(&p, config))?;
@@ -125,11 +134,12 @@ impl PyTextProcessor {
         let cfg = TextProcessorConfig {
             max_length: max_length.or(base.max_length),
             padding: match padding {
-                Some(p) => text_config(None, p, true, true)?.padding,
+                Some(p) => text_config(None, p, true, true, base.max_input_bytes)?.padding,
                 None => base.padding,
             },
             truncation: truncation.unwrap_or(base.truncation),
             add_special_tokens: add_special_tokens.unwrap_or(base.add_special_tokens),
+            max_input_bytes: base.max_input_bytes,
         };
         let proc = if &cfg == base {
             None
@@ -163,6 +173,7 @@ impl PyTextProcessor {
             ("padding", Some(format!("{:?}", c.padding).to_lowercase())),
             ("truncation", Some(c.truncation.to_string())),
             ("add_special_tokens", Some(c.add_special_tokens.to_string())),
+            ("max_input_bytes", Some(c.max_input_bytes.to_string())),
         ])
     }
 
@@ -202,6 +213,7 @@ impl PyTextProcessor {
             padding,
             c.truncation,
             c.add_special_tokens,
+            c.max_input_bytes,
         )
             .into_pyobject(py)?;
         Ok((ctor, args))

@@ -77,6 +77,10 @@ pub const JPEG_DECODER: &str = if cfg!(feature = "jpeg-turbo") {
 } else {
     "zune-jpeg"
 };
+
+/// Whether this build's libjpeg-turbo has its SIMD code (NASM was found when it was
+/// built); without it decoding is slower and the pixels the same. False for zune-jpeg.
+pub const JPEG_SIMD: bool = cfg!(mlmf_jpeg_simd);
 pub use patches::{extract_patches, qwen2vl_patches};
 pub use resize::{resize, Resample};
 

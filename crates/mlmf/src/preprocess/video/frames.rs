@@ -801,12 +801,16 @@ impl<'a> FrameSource<'a> {
                         None => Self::Still { bytes },
                     });
                 }
-                Err(input_err(format!(
-                    "expected an animated GIF or WebP, or a directory of frame images, got {}; \
-                     decode other containers with mlmf.video.read_video (PyAV) and pass the \
-                     frames as a uint8 [T, H, W, C] array",
-                    describe(&bytes)
-                )))
+                // Content, not the kind of argument, is wrong: a decode error.
+                Err(MlmfError::decode(
+                    Modality::Video,
+                    format!(
+                        "expected an animated GIF or WebP, or a directory of frame images, \
+                         got {}; decode other containers with mlmf.video.read_video (PyAV) \
+                         and pass the frames as a uint8 [T, H, W, C] array",
+                        describe(&bytes)
+                    ),
+                ))
             }
         }
     }
