@@ -67,7 +67,7 @@ wheel: sysdeps $(PY) ## build the abi3 manylinux wheel and the sdist into dist/ 
 wheel-smoke: wheel ## install only the wheel into a fresh venv: import, one infer, mlmf demo
 	rm -rf $(SMOKE_VENV)
 	$(PYTHON) -m venv $(SMOKE_VENV)
-	$(SMOKE_VENV)/bin/pip install --quiet dist/*.whl
+	$(SMOKE_VENV)/bin/pip install --quiet --only-binary=:all: dist/*.whl
 	cd $(SMOKE_VENV) && bin/python $(CURDIR)/scripts/smoke_wheel.py
 	cd $(SMOKE_VENV) && bin/mlmf demo --heatmap $(SMOKE_VENV)/demo-attention.png
 
