@@ -160,6 +160,12 @@ def test_inspect(capsys):
     out = capsys.readouterr().out
     assert "encoder        image: clip, hidden size 32, embedding width 24" in out
     assert "encoder        text: clip" in out
+    assert "aligned heads  logit_scale, text_projection.weight, visual_projection.weight" in out
+    assert "jpeg decoder   " in out
+    assert cli.main(["inspect", "--json", str(MODELS / "siglip_tiny")]) == 0
+    assert json.loads(capsys.readouterr().out)["aligned_heads"] == ["logit_scale", "logit_bias"]
+    assert cli.main(["inspect", str(MODELS / "bert_tiny")]) == 0
+    assert "aligned heads  none" in capsys.readouterr().out
     assert cli.main(["inspect", "--json", str(MODELS / "whisper_tiny")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["encoders"]["audio"]["model_type"] == "whisper"

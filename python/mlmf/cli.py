@@ -244,6 +244,29 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Tensors that make a dual encoder's towers comparable: the projection heads and the
+#: learned logit scale (and SigLIP's bias), as CLIPModel / SiglipModel store them.
+ALIGNED_HEADS = ("logit_scale", "logit_bias", "text_projection.weight", "visual_projection.weight")
+
+
+def _safetensors_names(file: Path) -> list[str]:
+    """Tensor names in a safetensors file's header (empty when it cannot be read)."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100 * 2**20:
+                return []
+            return [k for k in json.loads(f.read(n)) if k != "__metadata__"]
+    except (OSError, ValueError):
+        return []
+
+
+def _aligned_heads(path: Path, weights: list[str]) -> list[str]:
+    """Which of ALIGNED_HEADS the checkpoint's safetensors hold."""
+    names = {n for w in weights for n in _safetensors_names(path / w)}
+    return [h for h in ALIGNED_HEADS if h in names]
+
+
 def _checkpoint_summary(path: Path) -> dict:
     """What a checkpoint folder is and what mlmf makes of it."""
     info: dict = {"path": str(path)}
@@ -259,6 +282,7 @@ def _checkpoint_summary(path: Path) -> dict:
     info["pickled_weights"] = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     info["sentence_transformers"] = (path / "modules.json").is_file()
     info["jpeg_decoder"] = jpeg_decoder()
+    info["aligned_heads"] = _aligned_heads(path, weights)
     encoders = {}
     for modality in (None, *MODALITIES[:3]):
         try:
@@ -328,6 +352,11 @@ def inspect(args: argparse.Namespace) -> int:
         extra = {k: v for k, v in p.items() if k not in ("processor",)}
         shown = ", ".join(f"{k}={v}" for k, v in list(extra.items())[:8])
         print(f"  processor      {m}: {p['processor']} ({shown})")
+    heads = info["aligned_heads"]
+    if any(h.startswith("logit_") for h in heads):
+        print(f"  aligned heads  {', '.join(heads)} (the towers' vectors are comparable)")
+    else:
+        print("  aligned heads  none (no logit_scale: the towers are not trained together)")
     if "image" in info["processors"] or "video" in info["processors"]:
         print(f"  jpeg decoder   {info['jpeg_decoder']}")
     return 0
