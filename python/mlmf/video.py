@@ -108,8 +108,7 @@ def _count_frames(container: Any, stream: Any) -> int:
     return n
 
 
-def _open(source: Union[str, os.PathLike[str], bytes, BinaryIO], index: int) -> Any:
-    av = _import_av(source, index)
+def _open(av: Any, source: Union[str, os.PathLike[str], bytes, BinaryIO], index: int) -> Any:
     src: Any = source
     if isinstance(source, (bytes, bytearray, memoryview)):
         src = io.BytesIO(bytes(source))
@@ -136,7 +135,7 @@ def read_sampled(
     av = _import_av(source, index)
     import numpy as np
 
-    with _open(source, index) as container:
+    with _open(av, source, index) as container:
         if not container.streams.video:
             raise InputError(
                 f"video input {index}: the container has no video stream: expected a video file "

@@ -323,13 +323,11 @@ impl TextProcessor {
         }
     }
 
-    /// The truncation length and whether it cuts from the left, when truncating.
+    /// The truncation length and whether it cuts from the left, as configured.
     fn truncation(&self) -> Option<(usize, bool)> {
-        if !self.config.truncation {
-            return None;
-        }
-        let n = self.config.max_length.or(self.meta.model_max_length)?;
-        Some((n, self.meta.truncation_left))
+        self.configured
+            .get_truncation()
+            .map(|t| (t.max_length, t.direction == TruncationDirection::Left))
     }
 
     /// Tokenises a batch of sentence pairs (`[CLS] a [SEP] b [SEP]` for BERT), as

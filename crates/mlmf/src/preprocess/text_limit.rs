@@ -48,16 +48,20 @@ pub(crate) fn splits_at_spaces(tok: &Tokenizer) -> bool {
     })
 }
 
+/// Whether byte `i` of `text` is an ASCII space that follows a non-whitespace
+/// character. (An ASCII byte is never inside a multi-byte character: `i` is a char
+/// boundary.)
+fn is_cut(text: &str, i: usize) -> bool {
+    text.as_bytes()[i] == b' '
+        && !text[..i]
+            .chars()
+            .next_back()
+            .is_some_and(char::is_whitespace)
+}
+
 /// Byte offsets of the ASCII spaces of `text` that follow a non-whitespace character.
 fn spaces_after_words(text: &str) -> impl Iterator<Item = usize> + '_ {
-    let bytes = text.as_bytes();
-    (1..bytes.len()).filter(move |&i| {
-        bytes[i] == b' '
-            && !text[..i]
-                .chars()
-                .next_back()
-                .is_some_and(char::is_whitespace)
-    })
+    (1..text.len()).filter(move |&i| is_cut(text, i))
 }
 
 /// The first space at or after byte `from` that follows a word, within `SCAN_BYTES`.
@@ -67,15 +71,7 @@ pub(crate) fn cut_point(text: &str, from: usize) -> Option<usize> {
         return None;
     }
     let end = text.len().min(from.saturating_add(SCAN_BYTES));
-    let bytes = text.as_bytes();
-    // An ASCII byte is never inside a multi-byte character: `i` is a char boundary.
-    (from..end).find(|&i| {
-        bytes[i] == b' '
-            && !text[..i]
-                .chars()
-                .next_back()
-                .is_some_and(char::is_whitespace)
-    })
+    (from..end).find(|&i| is_cut(text, i))
 }
 
 #[cfg(test)]
