@@ -25,6 +25,15 @@ use crate::config::CrossModalAttentionConfig;
 use crate::encoders::layers::ce;
 use crate::error::Result;
 
+/// What the fused `middle` layer op needs of a plain attention layer.
+pub(crate) struct PlainParts<'a> {
+    /// The q, k, v and output projections.
+    pub(crate) lins: [&'a Lin; 4],
+    pub(crate) core: AttnCore,
+    /// Per query row: 0 where the row reads nothing (`None`: every row reads).
+    pub(crate) keep: Option<Vec<f32>>,
+}
+
 /// A cross-modal attention layer over trainable tensors.
 pub(crate) struct AttnNet {
     q: Lin,
@@ -224,6 +233,79 @@ impl AttnNet {
         }))
     }
 
+    /// Whether the layer's key choice depends on padding alone and the fused core
+    /// serves `query` (float32 on the CPU).
+    fn plain(&self, query: &Tensor) -> bool {
+        let c = &self.cfg;
+        c.softcap.is_none()
+            && c.sliding_window.is_none()
+            && c.top_k.is_none()
+            && c.sparsity_ratio.is_none()
+            && !c.adaptive
+            && c.rope_base.is_none()
+            && super::ops::serves(query)
+    }
+
+    /// The fused attention core of a `[B, Tq]` query over `[B, Tk]` keys with their
+    /// masks, and the per-query-row factor of the output (0 for rows that read
+    /// nothing: masked queries and batch rows without keys; `None`: all 1).
+    fn core(
+        &self,
+        query_mask: Option<&Tensor>,
+        kv_mask: Option<&Tensor>,
+        (b, tq, tk): (usize, usize, usize),
+    ) -> Result<(AttnCore, Option<Vec<f32>>)> {
+        let host = |m: Option<&Tensor>| -> Result<Option<Vec<f32>>> {
+            m.map(|m| m.flatten_all().and_then(|m| m.to_vec1::<f32>()))
+                .transpose()
+                .map_err(ce("attention mask"))
+        };
+        let (km, qm) = (host(kv_mask)?, host(query_mask)?);
+        let keep: Vec<f32> = (0..b * tq)
+            .map(|r| {
+                let (bi, i) = (r / tq, r % tq);
+                let real = qm.as_ref().is_none_or(|m| m[bi * tq + i] != 0.0);
+                let any = km
+                    .as_ref()
+                    .is_none_or(|m| m[bi * tk..(bi + 1) * tk].iter().any(|&x| x != 0.0));
+                f32::from(u8::from(real && any))
+            })
+            .collect();
+        let core = AttnCore {
+            b,
+            tq,
+            tk,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            hd: self.head_dim,
+            scale: self.scale as f32,
+            kmask: km.map(Arc::new),
+            qmask: qm.map(Arc::new),
+        };
+        let keep = (!keep.iter().all(|&k| k == 1.0)).then_some(keep);
+        Ok((core, keep))
+    }
+
+    /// The projections and core of a plain layer without QK-norm (what the fused
+    /// `middle` layer op runs), or `None`.
+    pub(crate) fn plain_parts(
+        &self,
+        query: &Tensor,
+        query_mask: Option<&Tensor>,
+        kv_mask: Option<&Tensor>,
+        (b, tq, tk): (usize, usize, usize),
+    ) -> Result<Option<PlainParts<'_>>> {
+        if self.qk_norm.is_some() || !self.plain(query) {
+            return Ok(None);
+        }
+        let (core, keep) = self.core(query_mask, kv_mask, (b, tq, tk))?;
+        Ok(Some(PlainParts {
+            lins: [&self.q, &self.k, &self.v, &self.o],
+            core,
+            keep,
+        }))
+    }
+
     /// [`forward`](Self::forward) on the fused attention core (see `ops_attention`),
     /// for layers whose key choice depends on padding alone; `None` otherwise.
     fn forward_core(
@@ -234,23 +316,11 @@ impl AttnNet {
         kv_mask: Option<&Tensor>,
         (b, tq, tk): (usize, usize, usize),
     ) -> Result<Option<Tensor>> {
-        let c = &self.cfg;
-        let plain = c.softcap.is_none()
-            && c.sliding_window.is_none()
-            && c.top_k.is_none()
-            && c.sparsity_ratio.is_none()
-            && !c.adaptive
-            && c.rope_base.is_none();
-        if !(plain && super::ops::serves(query)) {
+        if !self.plain(query) {
             return Ok(None);
         }
         let f = ce("attention");
-        let host = |m: Option<&Tensor>| -> Result<Option<Vec<f32>>> {
-            m.map(|m| m.flatten_all().and_then(|m| m.to_vec1::<f32>()))
-                .transpose()
-                .map_err(ce("attention mask"))
-        };
-        let (km, qm) = (host(kv_mask)?, host(query_mask)?);
+        let (core, keep) = self.core(query_mask, kv_mask, (b, tq, tk))?;
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let normed = |x: Tensor, heads: usize, w: Option<&Tensor>| -> Result<Tensor> {
             match w {
@@ -273,34 +343,12 @@ impl AttnNet {
         let q = normed(self.q.forward(query)?, h, qn)?;
         let k = normed(self.k.forward(kv)?, kvh, kn)?;
         let v = self.v.forward(kv)?;
-        // Rows that read nothing: masked queries, and rows of a batch row without keys.
-        let keep: Vec<f32> = (0..b * tq)
-            .map(|r| {
-                let (bi, i) = (r / tq, r % tq);
-                let real = qm.as_ref().is_none_or(|m| m[bi * tq + i] != 0.0);
-                let any = km
-                    .as_ref()
-                    .is_none_or(|m| m[bi * tk..(bi + 1) * tk].iter().any(|&x| x != 0.0));
-                f32::from(u8::from(real && any))
-            })
-            .collect();
-        let core = AttnCore {
-            b,
-            tq,
-            tk,
-            heads: h,
-            kv_heads: kvh,
-            hd,
-            scale: self.scale as f32,
-            kmask: km.map(Arc::new),
-            qmask: qm.map(Arc::new),
-        };
         let ctx = attention_core(core, &q, &k, &v).map_err(&f)?;
         let out = self.o.forward(&ctx)?;
-        if keep.iter().all(|&k| k == 1.0) {
-            return Ok(Some(out));
+        match keep {
+            None => Ok(Some(out)),
+            Some(keep) => scale_rows(&out, keep).map(Some).map_err(f),
         }
-        scale_rows(&out, keep).map(Some).map_err(f)
     }
 
     /// Query row `b` over key row `b`: `[B, Tq, dim]`; masked query rows and rows that

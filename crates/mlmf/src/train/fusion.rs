@@ -262,6 +262,58 @@ struct CrossLayer {
     mlp_gate: Gate,
 }
 
+impl CrossLayer {
+    /// The layer as one fused op (`ops_layer`) where it has that op's form: LayerNorms,
+    /// a GELU MLP with biases, no gates, plain attention, float32 on the CPU; `None`
+    /// otherwise.
+    fn fused(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        mask: &Tensor,
+        cmask: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let (Norm::Layer(qw, qb), Norm::Layer(kw, kb), Norm::Layer(mw, mb)) =
+            (&self.norm_q, &self.norm_kv, &self.norm_mlp)
+        else {
+            return Ok(None);
+        };
+        let (Gate::None, Gate::None, None) = (&self.attn_gate, &self.mlp_gate, &self.mlp.up) else {
+            return Ok(None);
+        };
+        let (Some(b1), Some(b2)) = (&self.mlp.first.b, &self.mlp.last.b) else {
+            return Ok(None);
+        };
+        let f = ce("middle fusion");
+        let (b, tq, _) = x.dims3().map_err(&f)?;
+        let tk = c.dim(1).map_err(&f)?;
+        let Some(parts) = self
+            .attn
+            .plain_parts(x, Some(mask), Some(cmask), (b, tq, tk))?
+        else {
+            return Ok(None);
+        };
+        let mut params = vec![qw.clone(), qb.clone(), kw.clone(), kb.clone()];
+        for l in parts.lins {
+            let Some(bias) = &l.b else { return Ok(None) };
+            params.extend([l.w.clone(), bias.clone()]);
+        }
+        params.extend([mw.clone(), mb.clone()]);
+        params.extend([self.mlp.first.w.clone(), b1.clone()]);
+        params.extend([self.mlp.last.w.clone(), b2.clone()]);
+        super::ops_layer::cross_layer(
+            params,
+            parts.core,
+            parts.keep,
+            InferenceLayerNorm::EPS,
+            x,
+            c,
+        )
+        .map(Some)
+        .map_err(f)
+    }
+}
+
 /// A built-in fusion strategy over trainable tensors.
 enum Net {
     LateConcat(Lin),
@@ -588,6 +640,10 @@ impl FusionNet {
                     };
                     let c = join(others.iter().filter_map(|&n| xs[n].clone()).collect())?;
                     let cmask = join(others.iter().filter_map(|&n| masks[n].clone()).collect())?;
+                    if let Some(y) = l.fused(x, &c, mask, &cmask)? {
+                        next[m] = Some(y);
+                        continue;
+                    }
                     let a = l.attn.forward(
                         &l.norm_q.forward(x)?,
                         &l.norm_kv.forward(&c)?,

@@ -21,6 +21,7 @@ mod nn;
 mod objectives;
 mod ops;
 mod ops_attention;
+mod ops_layer;
 mod ops_loss;
 mod optim;
 mod par;

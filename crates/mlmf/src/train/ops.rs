@@ -83,8 +83,8 @@ fn reduce(parts: Vec<Vec<f32>>, n: usize) -> Vec<f32> {
 }
 
 /// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension.
-struct LayerNorm {
-    eps: f32,
+pub(super) struct LayerNorm {
+    pub(super) eps: f32,
 }
 
 impl LayerNorm {
@@ -112,13 +112,7 @@ impl CustomOp3 for LayerNorm {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let y = map_rows(x, &[], w.len(), |_, xr, _, yr| {
-            let (mean, r) = self.stats(xr);
-            for (((o, &v), &wi), &bi) in yr.iter_mut().zip(xr).zip(w).zip(b) {
-                *o = (v - mean) * r * wi + bi;
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((CpuStorage::F32(self.forward(x, w, b)), l1.shape().clone()))
     }
 
     fn bwd(
@@ -136,6 +130,24 @@ impl CustomOp3 for LayerNorm {
 }
 
 impl LayerNorm {
+    pub(super) fn forward(&self, x: &[f32], w: &[f32], b: &[f32]) -> Vec<f32> {
+        let d = w.len().max(1);
+        let chunk = d * rows_per_task(d);
+        // SAFETY: every row of every chunk is written.
+        let (y, _) = unsafe {
+            par::filled(x.len(), chunk, |i, yc| {
+                let xc = &x[i * chunk..][..yc.len()];
+                for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                    let (mean, r) = self.stats(xr);
+                    for (((o, &v), &wi), &bi) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                        o.write((v - mean) * r * wi + bi);
+                    }
+                }
+            })
+        };
+        y
+    }
+
     #[allow(clippy::type_complexity)]
     fn grads(
         &self,
@@ -145,42 +157,56 @@ impl LayerNorm {
         gv: &[f32],
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = wv.len();
-        let chunk = d * rows_per_task(d);
-        let mut dx = vec![0f32; xv.len()];
-        let parts: Vec<(Vec<f32>, Vec<f32>)> = par::chunks_mut(&mut dx, chunk, |i, dxc| {
-            let (xc, gc) = (&xv[i * chunk..][..dxc.len()], &gv[i * chunk..][..dxc.len()]);
-            let mut dw = vec![0f32; d];
-            let mut db = vec![0f32; d];
-            let mut xhat = vec![0f32; d];
-            for ((dxr, xr), gr) in dxc
-                .chunks_exact_mut(d)
-                .zip(xc.chunks_exact(d))
-                .zip(gc.chunks_exact(d))
-            {
-                let (mean, r) = self.stats(xr);
-                let (mut s1, mut s2) = (0f32, 0f32);
-                for i in 0..d {
-                    xhat[i] = (xr[i] - mean) * r;
-                    let dxh = gr[i] * wv[i];
-                    s1 += dxh;
-                    s2 += dxh * xhat[i];
-                    dw[i] += gr[i] * xhat[i];
-                    db[i] += gr[i];
-                }
-                let (m1, m2) = (s1 / d as f32, s2 / d as f32);
-                for i in 0..d {
-                    dxr[i] = r * (gr[i] * wv[i] - m1 - xhat[i] * m2);
-                }
-            }
-            (dw, db)
-        });
-        let (dws, dbs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        let (dx, dw, db) = self.grads_host(xv, wv, gv);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
-            Some(Tensor::from_vec(reduce(dws, d), d, dev)?),
-            Some(Tensor::from_vec(reduce(dbs, d), d, dev)?),
+            Some(Tensor::from_vec(dw, d, dev)?),
+            Some(Tensor::from_vec(db, d, dev)?),
         ))
+    }
+
+    /// `(dx, dw, db)` for the output gradient `gv`.
+    pub(super) fn grads_host(
+        &self,
+        xv: &[f32],
+        wv: &[f32],
+        gv: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let d = wv.len();
+        let chunk = d * rows_per_task(d);
+        // SAFETY: every row of every chunk is written (the second loop over `i`).
+        let (dx, parts) = unsafe {
+            par::filled(xv.len(), chunk, |i, dxc| {
+                let (xc, gc) = (&xv[i * chunk..][..dxc.len()], &gv[i * chunk..][..dxc.len()]);
+                let mut dw = vec![0f32; d];
+                let mut db = vec![0f32; d];
+                let mut xhat = vec![0f32; d];
+                for ((dxr, xr), gr) in dxc
+                    .chunks_exact_mut(d)
+                    .zip(xc.chunks_exact(d))
+                    .zip(gc.chunks_exact(d))
+                {
+                    let (mean, r) = self.stats(xr);
+                    let (mut s1, mut s2) = (0f32, 0f32);
+                    for i in 0..d {
+                        xhat[i] = (xr[i] - mean) * r;
+                        let dxh = gr[i] * wv[i];
+                        s1 += dxh;
+                        s2 += dxh * xhat[i];
+                        dw[i] += gr[i] * xhat[i];
+                        db[i] += gr[i];
+                    }
+                    let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+                    for i in 0..d {
+                        dxr[i].write(r * (gr[i] * wv[i] - m1 - xhat[i] * m2));
+                    }
+                }
+                (dw, db)
+            })
+        };
+        let (dws, dbs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        (dx, reduce(dws, d), reduce(dbs, d))
     }
 }
 
@@ -266,7 +292,7 @@ impl RmsNorm {
 }
 
 /// `0.5 x (1 + erf(x / sqrt 2))` elementwise.
-struct Gelu;
+pub(super) struct Gelu;
 
 const CHUNK: usize = 16_384;
 
@@ -276,15 +302,10 @@ impl CustomOp1 for Gelu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l)?;
-        let mut y = vec![0f32; x.len()];
-        par::chunks_mut(&mut y, CHUNK, |i, yc| {
-            let xc = &x[i * CHUNK..][..yc.len()];
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((
+            CpuStorage::F32(Self::forward(slice(s, l)?)),
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -293,18 +314,42 @@ impl CustomOp1 for Gelu {
 }
 
 impl Gelu {
+    pub(super) fn forward(x: &[f32]) -> Vec<f32> {
+        // SAFETY: every element of every chunk is written.
+        let (y, _) = unsafe {
+            par::filled(x.len(), CHUNK, |i, yc| {
+                let xc = &x[i * CHUNK..][..yc.len()];
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    o.write(0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)));
+                }
+            })
+        };
+        y
+    }
+
     fn grads(x: &Tensor, xv: &[f32], gv: &[f32]) -> candle_core::Result<Option<Tensor>> {
-        let mut dx = vec![0f32; xv.len()];
+        Ok(Some(Tensor::from_vec(
+            Self::grads_host(xv, gv),
+            x.shape(),
+            x.device(),
+        )?))
+    }
+
+    /// The input's gradient for the output gradient `gv`.
+    pub(super) fn grads_host(xv: &[f32], gv: &[f32]) -> Vec<f32> {
         // d/dx = Phi(x) + x phi(x).
         let c = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
-        par::chunks_mut(&mut dx, CHUNK, |i, dc| {
-            let (xc, gc) = (&xv[i * CHUNK..][..dc.len()], &gv[i * CHUNK..][..dc.len()]);
-            for ((o, &v), &gi) in dc.iter_mut().zip(xc).zip(gc) {
-                let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-                *o = gi * (cdf + v * c * exp(-0.5 * v * v));
-            }
-        });
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        // SAFETY: every element of every chunk is written.
+        let (dx, _) = unsafe {
+            par::filled(xv.len(), CHUNK, |i, dc| {
+                let (xc, gc) = (&xv[i * CHUNK..][..dc.len()], &gv[i * CHUNK..][..dc.len()]);
+                for ((o, &v), &gi) in dc.iter_mut().zip(xc).zip(gc) {
+                    let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                    o.write(gi * (cdf + v * c * exp(-0.5 * v * v)));
+                }
+            })
+        };
+        dx
     }
 }
 
@@ -368,13 +413,20 @@ pub(crate) unsafe fn matmul(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    // Blocks of at least 32 rows, a few per thread for balance.
+    // One block per thread, split along the longer side of the output: every block
+    // packs all of the other operand, so splitting the short side (the output
+    // dimension of a weight gradient, 256 rows against 1024 columns) would pack the
+    // long one once per block. Measured on two cores, per shape: 256x1024x1600 went
+    // from 114 to 163 GFLOP/s, 1600x1024x256 from 155 to 186.
+    let (split_m, len) = if m >= n { (true, m) } else { (false, n) };
     let blocks = if m * n * k < 1 << 18 {
         1
     } else {
-        (2 * par::threads()).min(m.div_ceil(32)).max(1)
+        par::threads().min(len.div_ceil(32)).max(1)
     };
-    let rows = m.div_ceil(blocks);
+    // Whole micro-tiles (16 rows or 8 columns) per block where possible.
+    let step = if split_m { 16 } else { 8 };
+    let per = len.div_ceil(blocks).div_ceil(step) * step;
     let (dst, lhs, rhs) = (
         par::Shared(dst),
         par::SharedConst(lhs),
@@ -382,51 +434,76 @@ pub(crate) unsafe fn matmul(
     );
     par::for_ranges(blocks, |r| {
         for blk in r {
-            let r0 = blk * rows;
-            let r1 = m.min(r0 + rows);
-            if r0 >= r1 {
+            let a = blk * per;
+            let b = len.min(a + per);
+            if a >= b {
                 continue;
             }
-            // SAFETY: rows r0..r1 of dst and lhs; blocks are disjoint.
+            // SAFETY: rows (or columns) a..b of dst and of lhs (or rhs); blocks are
+            // disjoint.
             unsafe {
-                gemm_into(
-                    r1 - r0,
-                    n,
-                    k,
-                    dst.get().add(r0 * n),
-                    n,
-                    accumulate,
-                    lhs.get().add(r0 * lhs_rs),
-                    lhs_rs,
-                    lhs_cs,
-                    rhs.get(),
-                    rhs_rs,
-                    rhs_cs,
-                    1.0,
-                );
+                if split_m {
+                    gemm_into(
+                        b - a,
+                        n,
+                        k,
+                        dst.get().add(a * n),
+                        n,
+                        accumulate,
+                        lhs.get().add(a * lhs_rs),
+                        lhs_rs,
+                        lhs_cs,
+                        rhs.get(),
+                        rhs_rs,
+                        rhs_cs,
+                        1.0,
+                    );
+                } else {
+                    gemm_into(
+                        m,
+                        b - a,
+                        k,
+                        dst.get().add(a),
+                        n,
+                        accumulate,
+                        lhs.get(),
+                        lhs_rs,
+                        lhs_cs,
+                        rhs.get().add(a * rhs_cs),
+                        rhs_rs,
+                        rhs_cs,
+                        1.0,
+                    );
+                }
             }
         }
     });
 }
 
 /// `x [N, in] · w [out, in]^T (+ b [out])`.
-struct Linear {
-    bias: bool,
+pub(super) struct Linear {
+    pub(super) bias: bool,
 }
 
 impl Linear {
-    fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize) -> Vec<f32> {
+    pub(super) fn forward(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize) -> Vec<f32> {
         let inp = x.len().checked_div(rows).unwrap_or(0);
         let n_out = w.len().checked_div(inp).unwrap_or(0);
         let mut y = match b {
-            Some(b) => {
-                let mut y = vec![0f32; rows * n_out];
-                par::chunks_mut(&mut y, n_out.max(1) * rows_per_task(n_out), |_, c| {
-                    c.chunks_exact_mut(n_out.max(1))
-                        .for_each(|r| r.copy_from_slice(b))
-                });
+            Some(b) if n_out > 0 => {
+                // SAFETY: every row of every chunk gets the bias.
+                let (y, _) = unsafe {
+                    par::filled(rows * n_out, n_out * rows_per_task(n_out), |_, c| {
+                        for r in c.chunks_exact_mut(n_out) {
+                            r.iter_mut().zip(b).for_each(|(o, &v)| {
+                                o.write(v);
+                            });
+                        }
+                    })
+                };
                 y
             }
+            Some(_) => Vec::new(),
             None => Vec::new(),
         };
         // SAFETY: y is rows x n_out; x is rows x inp (row stride inp); w is n_out x inp,
@@ -464,52 +541,63 @@ impl Linear {
         let dev = x.device().clone();
         // The input's gradient only where something upstream learns (not for data).
         let want_dx = x.track_op();
-        with_slice(x, |xv| {
+        let (dx, dw, db) = with_slice(x, |xv| {
             with_slice(w, |wv| {
-                with_slice(
-                    g,
-                    |gv| -> candle_core::Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
-                        // SAFETY: shapes as named: dx = g [rows, out] · w [out, inp];
-                        // dw = g^T · x; each output written completely (k >= 1).
-                        let dx = (want_dx && n_out > 0).then(|| {
-                            filled(rows * inp, |p| unsafe {
-                                matmul(
-                                    (rows, inp, n_out),
-                                    p,
-                                    false,
-                                    gv.as_ptr(),
-                                    (n_out, 1),
-                                    wv.as_ptr(),
-                                    (inp, 1),
-                                );
-                            })
-                        });
-                        let dw = if rows == 0 {
-                            vec![0f32; n_out * inp]
-                        } else {
-                            filled(n_out * inp, |p| unsafe {
-                                matmul(
-                                    (n_out, inp, rows),
-                                    p,
-                                    false,
-                                    gv.as_ptr(),
-                                    (1, n_out),
-                                    xv.as_ptr(),
-                                    (inp, 1),
-                                );
-                            })
-                        };
-                        let db = self.bias.then(|| Self::column_sums(gv, n_out));
-                        Ok((
-                            dx.map(|d| Tensor::from_vec(d, (rows, inp), &dev))
-                                .transpose()?,
-                            Tensor::from_vec(dw, (n_out, inp), &dev)?,
-                            db.map(|d| Tensor::from_vec(d, n_out, &dev)).transpose()?,
-                        ))
-                    },
-                )
+                with_slice(g, |gv| self.grads_host(xv, wv, gv, rows, want_dx))
             })
-        })???
+        })???;
+        Ok((
+            dx.map(|d| Tensor::from_vec(d, (rows, inp), &dev))
+                .transpose()?,
+            Tensor::from_vec(dw, (n_out, inp), &dev)?,
+            db.map(|d| Tensor::from_vec(d, n_out, &dev)).transpose()?,
+        ))
+    }
+
+    /// `(dx, dw, db)` of `x [rows, in] · w [out, in]^T (+ b)` for the output gradient
+    /// `gv`: `dx` only when `want_dx`, `db` only with a bias.
+    pub(super) fn grads_host(
+        &self,
+        xv: &[f32],
+        wv: &[f32],
+        gv: &[f32],
+        rows: usize,
+        want_dx: bool,
+    ) -> (Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>) {
+        let inp = xv.len().checked_div(rows).unwrap_or(0);
+        let n_out = wv.len().checked_div(inp).unwrap_or(0);
+        // SAFETY: shapes as named: dx = g [rows, out] · w [out, inp]; dw = g^T · x;
+        // each output written completely (k >= 1).
+        let dx = (want_dx && n_out > 0).then(|| {
+            filled(rows * inp, |p| unsafe {
+                matmul(
+                    (rows, inp, n_out),
+                    p,
+                    false,
+                    gv.as_ptr(),
+                    (n_out, 1),
+                    wv.as_ptr(),
+                    (inp, 1),
+                );
+            })
+        });
+        let dw = if rows == 0 {
+            vec![0f32; n_out * inp]
+        } else {
+            filled(n_out * inp, |p| unsafe {
+                matmul(
+                    (n_out, inp, rows),
+                    p,
+                    false,
+                    gv.as_ptr(),
+                    (1, n_out),
+                    xv.as_ptr(),
+                    (inp, 1),
+                );
+            })
+        };
+        let db = self.bias.then(|| Self::column_sums(gv, n_out));
+        (dx, dw, db)
     }
 
     /// Sums of the columns of a row-major `[rows, n]` matrix.

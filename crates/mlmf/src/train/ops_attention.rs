@@ -109,7 +109,7 @@ impl AttnCore {
         }
     }
 
-    fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+    pub(super) fn forward(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
         let (hd, tq, tk, h_all) = (self.hd, self.tq, self.tk, self.heads);
         let group = h_all / self.kv_heads;
         let (qs, ks) = (h_all * hd, self.kv_heads * hd);
@@ -144,7 +144,7 @@ impl AttnCore {
     }
 
     /// `(dq, dk, dv)` from the output gradient `g` `[B, Tq, H, hd]`.
-    fn backward(
+    pub(super) fn backward(
         &self,
         q: &[f32],
         k: &[f32],

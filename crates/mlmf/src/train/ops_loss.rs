@@ -8,6 +8,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::ops::{serves, slice};
+use super::par;
 use crate::encoders::cpu::exp;
 
 /// `ln(sum_j exp(row_j))`, stable, accumulated in float64.
@@ -110,23 +111,57 @@ impl CustomOp2 for CrossEntropy {
 struct InfoNce;
 
 impl InfoNce {
-    /// Row and column log-sum-exps of `scale * sim`.
+    /// Rows of `[N, N]` per parallel task.
+    fn rows_per_task(n: usize) -> usize {
+        (16_384 / n.max(1)).max(1)
+    }
+
+    /// Row and column log-sum-exps of `scale * sim` (sums in float64; the split into
+    /// tasks is fixed by `n`, so the result does not depend on the thread count).
     fn lse(sim: &[f32], n: usize, scale: f32) -> (Vec<f32>, Vec<f32>) {
-        let rows = sim
-            .chunks_exact(n)
-            .map(|r| log_sum_exp(r.iter().map(|&v| scale * v)))
-            .collect();
-        let mut max = vec![f32::NEG_INFINITY; n];
-        for r in sim.chunks_exact(n) {
-            max.iter_mut()
-                .zip(r)
-                .for_each(|(m, &v)| *m = m.max(scale * v));
+        if n == 0 {
+            return (Vec::new(), Vec::new());
         }
-        let mut sum = vec![0f64; n];
-        for r in sim.chunks_exact(n) {
-            for ((s, &m), &v) in sum.iter_mut().zip(&max).zip(r) {
-                *s += exp(scale * v - m) as f64;
+        let per = Self::rows_per_task(n) * n;
+        let tasks = sim.len().div_ceil(per);
+        // Per task: its rows' log-sum-exps and its partial column maxima.
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = par::map(tasks, |i| {
+            let c = &sim[i * per..sim.len().min((i + 1) * per)];
+            let rows = c
+                .chunks_exact(n)
+                .map(|r| log_sum_exp(r.iter().map(|&v| scale * v)))
+                .collect();
+            let mut max = vec![f32::NEG_INFINITY; n];
+            for r in c.chunks_exact(n) {
+                max.iter_mut()
+                    .zip(r)
+                    .for_each(|(m, &v)| *m = m.max(scale * v));
             }
+            (rows, max)
+        });
+        let mut rows = Vec::with_capacity(n);
+        let mut max = vec![f32::NEG_INFINITY; n];
+        for (r, m) in &parts {
+            rows.extend_from_slice(r);
+            max.iter_mut().zip(m).for_each(|(a, &b)| *a = a.max(b));
+        }
+        let sums: Vec<Vec<f64>> = par::map(tasks, |i| {
+            let c = &sim[i * per..sim.len().min((i + 1) * per)];
+            let mut sum = vec![0f64; n];
+            let mut e = vec![0f32; n];
+            for r in c.chunks_exact(n) {
+                for ((o, &m), &v) in e.iter_mut().zip(&max).zip(r) {
+                    *o = exp(scale * v - m);
+                }
+                sum.iter_mut()
+                    .zip(&e)
+                    .for_each(|(s, &v)| *s += f64::from(v));
+            }
+            sum
+        });
+        let mut sum = vec![0f64; n];
+        for p in sums {
+            sum.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
         let cols = max
             .iter()
@@ -175,21 +210,30 @@ impl CustomOp2 for InfoNce {
         let t = upstream(&scale.flatten_all()?)?;
         let (rows, cols) = Self::lse(&s, n, t);
         let k = 0.5 * upstream(g)? / n.max(1) as f32;
-        // dL/dz with z = t * sim; dL/dsim = t dz, dL/dt = sum dz * sim.
+        // dL/dz with z = t * sim; dL/dsim = t dz, dL/dt = sum dz * sim. The diagonal's
+        // -2 is applied after each row's (vectorised) pass.
         let mut dsim = vec![0f32; n * n];
-        let mut dt = 0f64;
-        for (i, (r, out)) in s.chunks_exact(n).zip(dsim.chunks_exact_mut(n)).enumerate() {
-            for (j, ((o, &v), &lc)) in out.iter_mut().zip(r).zip(&cols).enumerate() {
-                let z = t * v;
-                let mut dz = exp(z - rows[i]) + exp(z - lc);
-                if i == j {
-                    dz -= 2.0;
+        let per = Self::rows_per_task(n);
+        let dts = par::chunks_mut(&mut dsim, per * n.max(1), |c, out| {
+            let mut dt = 0f64;
+            for (r, o) in out.chunks_exact_mut(n).enumerate() {
+                let i = c * per + r;
+                let (row, lr) = (&s[i * n..(i + 1) * n], rows[i]);
+                let mut acc = 0f32;
+                for ((o, &v), &lc) in o.iter_mut().zip(row).zip(&cols) {
+                    let z = t * v;
+                    let dz = k * (exp(z - lr) + exp(z - lc));
+                    acc += dz * v;
+                    *o = t * dz;
                 }
-                let dz = k * dz;
-                dt += (dz * v) as f64;
-                *o = t * dz;
+                let diag = 2.0 * k;
+                acc -= diag * row[i];
+                o[i] -= t * diag;
+                dt += f64::from(acc);
             }
-        }
+            dt
+        });
+        let dt: f64 = dts.iter().sum();
         let dsim = sim
             .track_op()
             .then(|| Tensor::from_vec(dsim, (n, n), sim.device()));

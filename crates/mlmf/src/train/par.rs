@@ -7,6 +7,7 @@
 //! ops ran on rayon's pool beside candle's). Work here never nests: a task never
 //! starts parallel work of its own.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -92,6 +93,36 @@ pub(crate) fn chunks_mut<R: Send>(
         let piece = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
         f(i, piece)
     })
+}
+
+/// A vector of `n` values written chunk by chunk by `f(i, chunk_i)` in parallel, with
+/// no zeroing first; `f`'s results in order.
+///
+/// # Safety
+/// `f` must write every element of every chunk it is given.
+pub(crate) unsafe fn filled<R: Send>(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<f32>]) -> R + Sync,
+) -> (Vec<f32>, Vec<R>) {
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    let chunk = chunk.max(1);
+    let base = Shared(v.as_mut_ptr());
+    let results = map(n.div_ceil(chunk), |i| {
+        let start = i * chunk;
+        let end = n.min(start + chunk);
+        // SAFETY: disjoint pieces of the vector's capacity, viewed as uninitialised.
+        let piece = unsafe {
+            std::slice::from_raw_parts_mut(
+                base.get().add(start).cast::<MaybeUninit<f32>>(),
+                end - start,
+            )
+        };
+        f(i, piece)
+    });
+    // SAFETY: `f` wrote all n values (the caller's promise).
+    unsafe { v.set_len(n) };
+    (v, results)
 }
 
 #[cfg(test)]

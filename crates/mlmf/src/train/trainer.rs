@@ -478,7 +478,7 @@ impl Trainer {
                             describe_rows(train, rows),
                         )));
                     }
-                    let grads = loss.total.backward().map_err(ce("backward"))?;
+                    let grads = super::ops_layer::backward(&loss.total).map_err(ce("backward"))?;
                     let mut found: Vec<Option<Tensor>> = vec![None; nets.vs.len()];
                     for &i in trainable {
                         let (_, v) = nets
