@@ -2056,6 +2056,10 @@ def make_train(out: Path) -> None:
     _area_module("fixtures_train").make_train(out)
 
 
+def make_aligned(out: Path) -> None:
+    _area_module("fixtures_aligned").make_aligned(out)
+
+
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
@@ -2069,6 +2073,7 @@ AREAS: dict[str, Callable[[Path], None]] = {
     "attention": make_attention,
     "fusion": make_fusion,
     "train": make_train,
+    "aligned": make_aligned,
 }
 
 

@@ -398,6 +398,70 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aligned_model(args: argparse.Namespace, other: str) -> mlmf.MultiModalModel:
+    """The model of --config, or one made for the aligned checkpoint --model."""
+    if bool(args.config) == bool(args.model):
+        raise mlmf.ConfigError(
+            "give exactly one of --config (a model config) or --model (a folder)"
+        )
+    if args.config:
+        return mlmf.MultiModalModel.load(args.config)
+    return mlmf.MultiModalModel.load(
+        {
+            "modalities": {"text": {"model": args.model}, other: {"model": args.model}},
+            "fusion": {"strategy": "late", "mode": "similarity"},
+        }
+    )
+
+
+def zero_shot(args: argparse.Namespace) -> int:
+    given = [(m, getattr(args, m)) for m in ("image", "audio", "video") if getattr(args, m)]
+    if len(given) != 1:
+        raise mlmf.InputError(
+            "zero-shot classifies the inputs of one modality: give --image, --audio or --video "
+            "(repeat it for several inputs)"
+        )
+    other, inputs = given[0]
+    labels = [x.strip() for group in args.labels for x in group.split(",") if x.strip()]
+    model = _aligned_model(args, other)
+    result = model.zero_shot(**{other: inputs}, labels=labels, template=args.template)
+    probs = result.probs
+    top = min(args.top, len(labels)) if args.top else len(labels)
+    rows = []
+    for i, src in enumerate(inputs):
+        order = np.argsort(-probs[i], kind="stable")[:top]
+        rows.append(
+            {
+                "input": src,
+                "best": result.best[i],
+                "labels": [labels[j] for j in order],
+                "probs": [float(probs[i, j]) for j in order],
+            }
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "family": result.family,
+                    "probabilities": result.probabilities,
+                    "template": args.template,
+                    "results": rows,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(
+        f"zero-shot with a {result.family} checkpoint ({result.probabilities} over "
+        f"{len(labels)} labels, template {args.template!r})"
+    )
+    for r in rows:
+        print(f"{r['input']}: {r['best']}")
+        for label, p in zip(r["labels"], r["probs"]):
+            print(f"  {p:7.4f}  {label}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlmf", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"mlmf {mlmf.__version__}")
@@ -451,6 +515,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("path", help="checkpoint folder (config.json, *.safetensors, ...)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=inspect)
+    p = sub.add_parser(
+        "zero-shot", help="classify images among text labels with an aligned checkpoint"
+    )
+    p.add_argument("--config", help="a model config whose text and image load one checkpoint")
+    p.add_argument(
+        "--model", help="an aligned checkpoint folder (CLIP, SigLIP) instead of --config"
+    )
+    for m in ("image", "audio", "video"):
+        p.add_argument(f"--{m}", action="append", help=f"a {m} input (repeat for several)")
+    p.add_argument(
+        "--labels",
+        action="append",
+        required=True,
+        help="comma-separated labels (repeatable), e.g. cat,dog",
+    )
+    p.add_argument(
+        "--template",
+        default="a photo of a {}.",
+        help="prompt each label is put into (default: %(default)r)",
+    )
+    p.add_argument("--top", type=int, default=5, help="labels shown per input (0: all)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=zero_shot)
     p = sub.add_parser("bench", help="time the model pipeline (uncached vs cached calls)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iterations", type=int, default=200, help="cached calls to time")

@@ -6,6 +6,7 @@
 //! `python` feature.
 
 pub mod adapters;
+pub mod aligned;
 pub mod attention;
 pub mod cache;
 pub mod config;

@@ -133,6 +133,10 @@ pub enum LateMode {
     Weighted,
     /// Per-modality classifier logits (LayerNorm + linear head), averaged.
     Logits,
+    /// For the towers of one aligned checkpoint (CLIP, SigLIP): the mean of the
+    /// L2-normalised pooled embeddings, in the checkpoint's own space (no weights);
+    /// `infer` also returns the checkpoint's similarity logits (docs/aligned.md).
+    Similarity,
 }
 
 /// Options of `late` fusion.

@@ -111,6 +111,20 @@ impl Checkpoint {
             .map(String::from)
     }
 
+    /// Loads tensor `name` as stored (any shape and dtype) on the CPU.
+    pub fn any_tensor(&self, name: &str) -> Result<Tensor> {
+        if !self.names.contains(name) {
+            return Err(MlmfError::model_load(
+                WHAT,
+                &self.dir,
+                format!("weight `{name}` is missing"),
+            ));
+        }
+        self.weights
+            .load(name, &Device::Cpu)
+            .map_err(|e| MlmfError::model_load(WHAT, &self.dir, format!("weight `{name}`: {e}")))
+    }
+
     /// Loads tensor `name`, checking its shape, converted to `dtype` on `device`.
     pub fn tensor(
         &self,

@@ -8,7 +8,7 @@ use super::params::{Init, Params};
 use super::{mean_weights, softmax_present, FusionComponent, FusionInputs, FusionOutput, Stacked};
 use crate::config::fusion::LateMode;
 use crate::encoders::layers::ce;
-use crate::error::Result;
+use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 
 pub(crate) enum Late {
@@ -20,6 +20,21 @@ pub(crate) enum Late {
     Weighted(Stacked, Tensor),
     /// `mean_m head.m(norm.m(p_m))`.
     Logits(Vec<LayerNorm>, Stacked),
+    /// `mean_m p_m / |p_m|`: aligned towers' vectors in their own space.
+    Similarity,
+}
+
+/// Rows of `x` `[B, D]` divided by their L2 norm (floored at 1e-12, so that a zero
+/// row stays 0).
+fn unit_rows(x: &Tensor) -> Result<Tensor> {
+    let f = ce("late similarity");
+    let n = x
+        .sqr()
+        .and_then(|s| s.sum_keepdim(1))
+        .and_then(|s| s.sqrt())
+        .and_then(|s| s.maximum(1e-12))
+        .map_err(&f)?;
+    x.broadcast_div(&n).map_err(f)
 }
 
 impl Late {
@@ -39,6 +54,19 @@ impl Late {
                 let proj = Stacked::per_modality(p, "proj", dims, out_dim)?;
                 let logits = p.tensor("modality_logits", &[dims.len()], Init::Zeros)?;
                 Self::Weighted(proj, logits)
+            }
+            LateMode::Similarity => {
+                if let Some((m, d)) = dims.iter().find(|(_, d)| *d != out_dim) {
+                    return Err(MlmfError::config(
+                        "out_dim",
+                        format!(
+                            "late mode `similarity` keeps the aligned towers' space: every \
+                             modality's pooled width must equal out_dim ({out_dim}), and {m}'s \
+                             is {d}"
+                        ),
+                    ));
+                }
+                Self::Similarity
             }
             LateMode::Logits => {
                 let norms = dims
@@ -70,6 +98,24 @@ impl FusionComponent for Late {
                     .map_err(f)?;
                 let w = softmax_present(&scores, &inputs.presence()?)?;
                 (proj.forward(&pooled, Some(&w))?, Some(w))
+            }
+            Self::Similarity => {
+                let w = mean_weights(inputs)?;
+                let f = ce("late similarity");
+                let mut acc: Option<Tensor> = None;
+                for (i, x) in pooled.iter().enumerate() {
+                    let Some(x) = x else { continue };
+                    let term = unit_rows(x)?
+                        .broadcast_mul(&w.narrow(1, i, 1).map_err(&f)?)
+                        .map_err(&f)?;
+                    acc = Some(match acc {
+                        None => term,
+                        Some(a) => (a + term).map_err(&f)?,
+                    });
+                }
+                let fused =
+                    acc.ok_or_else(|| MlmfError::Internal("late fusion without inputs".into()))?;
+                (fused, None)
             }
             Self::Logits(norms, heads) => {
                 let normed = norms

@@ -257,6 +257,7 @@ impl Fusion {
             Some(path) => Params::load(path, device)?,
             None => Params::seeded(settings.seed, device),
         };
+        let p_seeded = p.is_seeded();
         let component: Arc<dyn FusionComponent> = match strategy {
             FusionStrategy::Early(o) => Arc::new(early::Early::new(&mut p, dims, out_dim, o)?),
             FusionStrategy::Middle(o) => Arc::new(middle::Middle::new(&mut p, dims, out_dim, o)?),
@@ -299,8 +300,9 @@ impl Fusion {
                     .map(|f| f.named(strategy.clone()));
             }
         };
-        let untrained = p.is_seeded();
         let tensors = p.finish(&format!("this `{}` fusion", strategy.name()))?;
+        // A strategy without weights (late `similarity`) has nothing to train.
+        let untrained = p_seeded && !tensors.is_empty();
         Ok(Self {
             strategy: strategy.clone(),
             modalities: dims.to_vec(),

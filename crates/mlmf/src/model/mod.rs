@@ -10,6 +10,7 @@
 //! the longest item) and fused; fused rows and attention maps are cached too, keyed by
 //! the items' keys and the layer settings.
 
+mod aligned;
 mod encode;
 mod keys;
 mod stats;
@@ -163,6 +164,10 @@ pub struct MultiModalOutput {
     pub attention: Vec<(String, Tensor)>,
     /// Modalities whose inputs were ignored because they are disabled.
     pub skipped: Vec<Modality>,
+    /// With late `similarity` fusion, when the call has texts and the aligned
+    /// modality: the checkpoint's logits of every text row against every row of the
+    /// other modality.
+    pub similarity: Option<crate::aligned::Similarity>,
     /// What this call did.
     pub stats: CallStats,
 }
@@ -207,6 +212,8 @@ struct Inner {
     fuse_latency: Latency,
     attention_latency: Latency,
     total_latency: Latency,
+    /// The aligned heads late `similarity` fusion scores with (read at load).
+    aligned: std::sync::OnceLock<crate::aligned::AlignedHead>,
 }
 
 /// A loaded multimodal model; cheap to clone (clones share everything, caches
@@ -428,7 +435,7 @@ impl MultiModalModel {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
                 fusion_cache: side_cache("fusion", &config, side_budget),
                 attention_cache: if pairs.is_empty() {
@@ -448,8 +455,10 @@ impl MultiModalModel {
                 fuse_latency: Latency::default(),
                 attention_latency: Latency::default(),
                 total_latency: Latency::default(),
+                aligned: std::sync::OnceLock::new(),
             }),
-        })
+        }
+        .with_late_similarity()
     }
 
     /// The configuration the model was loaded from (checkpoint paths filled in).
@@ -874,6 +883,7 @@ impl MultiModalModel {
             self.inner.attention_latency.record(took);
             stats.attention_ms = ms(took);
         }
+        let similarity = self.late_similarity(&embeddings)?;
         let total = start.elapsed();
         self.inner.total_latency.record(total);
         stats.total_ms = ms(total);
@@ -885,6 +895,7 @@ impl MultiModalModel {
             gates,
             attention,
             skipped,
+            similarity,
             stats,
         })
     }

@@ -4,6 +4,7 @@
 //! then the work runs with the GIL released through [`detached`], which also turns a
 //! Rust panic into `mlmf.InternalError` instead of an abort.
 
+mod aligned;
 mod arrays;
 mod attention;
 mod config;
@@ -95,6 +96,7 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     attention::register(m)?;
     fusion::register(m)?;
     model::register(m)?;
+    aligned::register(m)?;
     train::register(m)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())

@@ -22,6 +22,41 @@ use crate::model::{MultiModalInput, MultiModalModel, MultiModalOutput};
 use crate::preprocess::audio::AudioInput;
 use crate::preprocess::image::ImageInput;
 
+/// The one non-text modality a similarity or zero-shot call was given.
+fn one_other<'a, 'py>(
+    image: Option<&'a Bound<'py, PyAny>>,
+    audio: Option<&'a Bound<'py, PyAny>>,
+    video: Option<&'a Bound<'py, PyAny>>,
+    call: &str,
+) -> PyResult<(Modality, &'a Bound<'py, PyAny>)> {
+    let given: Vec<(Modality, &Bound<'py, PyAny>)> = [
+        (Modality::Image, image),
+        (Modality::Audio, audio),
+        (Modality::Video, video),
+    ]
+    .into_iter()
+    .filter_map(|(m, o)| o.map(|o| (m, o)))
+    .collect();
+    match given.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(MlmfError::MissingModality {
+            modality: Modality::Image,
+            message: format!(
+                "{call} needs the inputs of one other modality: image=, audio= or video="
+            ),
+        }
+        .into()),
+        _ => Err(MlmfError::input(
+            given[1].0,
+            format!(
+                "{call} compares texts with one modality at a time: given {} and {}",
+                given[0].0, given[1].0
+            ),
+        )
+        .into()),
+    }
+}
+
 /// A byte count from an int or a string such as `"256 MiB"`.
 fn byte_size(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     if let Ok(n) = obj.extract::<u64>() {
@@ -403,6 +438,57 @@ impl PyMultiModalModel {
         loop_.call_method1("run_in_executor", (py.None(), call))
     }
 
+    /// Similarity logits of `text` against one other modality's inputs, from the
+    /// heads of the aligned checkpoint both towers load (CLIP, SigLIP): the
+    /// `logits_per_text` / `logits_per_image` of the checkpoint's own model.
+    #[pyo3(signature = (text, image=None, audio=None, video=None, *, sampling_rate=None,
+                        fps=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn similarity(
+        &self,
+        py: Python<'_>,
+        text: &Bound<'_, PyAny>,
+        image: Option<&Bound<'_, PyAny>>,
+        audio: Option<&Bound<'_, PyAny>>,
+        video: Option<&Bound<'_, PyAny>>,
+        sampling_rate: Option<u32>,
+        fps: Option<f64>,
+    ) -> PyResult<super::aligned::PySimilarity> {
+        let (m, obj) = one_other(image, audio, video, "similarity")?;
+        let texts = self.raw_inputs(Modality::Text, text, None, None)?;
+        let others = self.raw_inputs(m, obj, sampling_rate, fps)?;
+        let RawInputs::Text(texts) = texts else {
+            return Err(MlmfError::Internal("text inputs".into()).into());
+        };
+        let inner = detached(py, || self.inner.similarity(texts, others))?;
+        Ok(super::aligned::PySimilarity { inner })
+    }
+
+    /// Classifies each input of one modality among `labels` (each put into
+    /// `template`), with the probabilities the checkpoint's family uses: a softmax
+    /// over the labels for CLIP, a sigmoid per label for SigLIP.
+    #[pyo3(signature = (image=None, audio=None, video=None, *, labels,
+                        template="a photo of a {}.", sampling_rate=None, fps=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn zero_shot(
+        &self,
+        py: Python<'_>,
+        image: Option<&Bound<'_, PyAny>>,
+        audio: Option<&Bound<'_, PyAny>>,
+        video: Option<&Bound<'_, PyAny>>,
+        labels: &Bound<'_, PyAny>,
+        template: &str,
+        sampling_rate: Option<u32>,
+        fps: Option<f64>,
+    ) -> PyResult<super::aligned::PyZeroShot> {
+        let (m, obj) = one_other(image, audio, video, "zero_shot")?;
+        let labels = str_list(labels)?;
+        let inputs = self.raw_inputs(m, obj, sampling_rate, fps)?;
+        let template = template.to_string();
+        let inner = detached(py, || self.inner.zero_shot(inputs, &labels, &template))?;
+        Ok(super::aligned::PyZeroShot { inner })
+    }
+
     /// Switches a modality on or off without reloading; while off its inputs are
     /// ignored (and listed in the output's `skipped`).
     fn set_enabled(&self, modality: &Bound<'_, PyAny>, enabled: bool) -> PyResult<()> {
@@ -612,6 +698,10 @@ pub(crate) struct PyMultiModalOutput {
     /// What the call did: per modality items, cache hits, items encoded, stage times.
     #[pyo3(get)]
     stats: Py<PyAny>,
+    /// With late `similarity` fusion and texts plus the aligned modality in the call:
+    /// a `Similarity` of every text row against every row of that modality; else None.
+    #[pyo3(get)]
+    similarity: Py<PyAny>,
 }
 
 impl PyMultiModalOutput {
@@ -672,6 +762,10 @@ impl PyMultiModalOutput {
                 tokens.set_item(m.to_string(), d)?;
             }
         }
+        let similarity = match out.similarity.clone() {
+            Some(inner) => Py::new(py, super::aligned::PySimilarity { inner })?.into_any(),
+            None => py.None(),
+        };
         let skipped = PyList::new(py, out.skipped.iter().map(ToString::to_string))?;
         let stats =
             serde_json::to_value(&out.stats).map_err(|e| MlmfError::Internal(e.to_string()))?;
@@ -684,6 +778,7 @@ impl PyMultiModalOutput {
             tokens: tokens.unbind(),
             skipped: skipped.unbind(),
             stats: to_py(py, &stats)?.unbind(),
+            similarity,
         })
     }
 }

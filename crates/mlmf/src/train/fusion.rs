@@ -395,6 +395,14 @@ impl FusionNet {
                 LateMode::Weighted => {
                     Net::LateWeighted(per("proj")?, vs.get(&format!("{prefix}modality_logits"))?)
                 }
+                LateMode::Similarity => {
+                    return Err(MlmfError::config(
+                        "fusion.strategy",
+                        "late mode `similarity` has no weights to train: it is the aligned \
+                         checkpoint's own space; train another mode (concat, mean, weighted, \
+                         logits) or another strategy",
+                    ))
+                }
                 LateMode::Logits => Net::LateLogits(
                     dims.iter()
                         .map(|(m, _)| Norm::take(vs, &format!("{prefix}norm.{m}"), NormKind::Layer))
