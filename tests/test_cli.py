@@ -161,9 +161,12 @@ def test_inspect(capsys):
     assert "encoder        image: clip, hidden size 32, embedding width 24" in out
     assert "encoder        text: clip" in out
     assert "aligned heads  logit_scale, text_projection.weight, visual_projection.weight" in out
+    assert "similarity     text and image, zero-shot by softmax: mlmf zero-shot --model" in out
     assert "jpeg decoder   " in out
     assert cli.main(["inspect", "--json", str(MODELS / "siglip_tiny")]) == 0
-    assert json.loads(capsys.readouterr().out)["aligned_heads"] == ["logit_scale", "logit_bias"]
+    siglip = json.loads(capsys.readouterr().out)
+    assert siglip["aligned_heads"] == ["logit_scale", "logit_bias"]
+    assert siglip["similarity"] == {"towers": ["text", "image"], "probabilities": "sigmoid"}
     assert cli.main(["inspect", str(MODELS / "bert_tiny")]) == 0
     assert "aligned heads  none" in capsys.readouterr().out
     assert cli.main(["inspect", "--json", str(MODELS / "whisper_tiny")]) == 0

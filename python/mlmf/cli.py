@@ -283,6 +283,14 @@ def _checkpoint_summary(path: Path) -> dict:
     info["sentence_transformers"] = (path / "modules.json").is_file()
     info["jpeg_decoder"] = jpeg_decoder()
     info["aligned_heads"] = _aligned_heads(path, weights)
+    # What MultiModalModel.similarity / zero_shot do with them (docs/aligned.md).
+    probabilities = {"clip": "softmax", "siglip": "sigmoid"}.get(info.get("model_type") or "")
+    has_scale = "logit_scale" in info["aligned_heads"]
+    info["similarity"] = (
+        {"towers": ["text", "image"], "probabilities": probabilities}
+        if probabilities and has_scale
+        else None
+    )
     encoders = {}
     for modality in (None, *MODALITIES[:3]):
         try:
@@ -355,6 +363,13 @@ def inspect(args: argparse.Namespace) -> int:
     heads = info["aligned_heads"]
     if any(h.startswith("logit_") for h in heads):
         print(f"  aligned heads  {', '.join(heads)} (the towers' vectors are comparable)")
+    sim = info["similarity"]
+    if sim:
+        print(
+            f"  similarity     {' and '.join(sim['towers'])}, zero-shot by "
+            f"{sim['probabilities']}: mlmf zero-shot --model {info['path']} "
+            "--image FILE --labels a,b"
+        )
     else:
         print("  aligned heads  none (no logit_scale: the towers are not trained together)")
     if "image" in info["processors"] or "video" in info["processors"]:
