@@ -2060,6 +2060,10 @@ def make_aligned(out: Path) -> None:
     _area_module("fixtures_aligned").make_aligned(out)
 
 
+def make_zoo(out: Path) -> None:
+    _area_module("fixtures_zoo").make_zoo(out)
+
+
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
@@ -2074,6 +2078,7 @@ AREAS: dict[str, Callable[[Path], None]] = {
     "fusion": make_fusion,
     "train": make_train,
     "aligned": make_aligned,
+    "zoo": make_zoo,
 }
 
 

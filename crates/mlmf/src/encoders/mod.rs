@@ -8,7 +8,7 @@
 //!
 //! Supported: `bert` (and sentence-transformers directories around it), `clip`,
 //! `clip_vision_model`, `clip_text_model`, `siglip`, `siglip_vision_model`,
-//! `siglip_text_model`, `vit`, `whisper` (encoder only), and video as an image encoder
+//! `siglip_text_model`, `qwen3` (a text embedder), `vit`, `whisper` (encoder only), and video as an image encoder
 //! applied per frame ([`video::FrameEncoder`]).
 
 pub mod bert;
@@ -20,6 +20,7 @@ pub(crate) mod encoder;
 pub(crate) mod inputs;
 pub(crate) mod layers;
 pub(crate) mod patch;
+pub mod qwen3;
 pub mod registry;
 pub mod siglip;
 pub mod video;

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use candle_core::Device;
 
 use crate::encoders::checkpoint::Checkpoint;
-use crate::encoders::{bert, clip, siglip, vit, whisper, ModalityEncoder, Precision};
+use crate::encoders::{bert, clip, qwen3, siglip, vit, whisper, ModalityEncoder, Precision};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 
@@ -81,6 +81,7 @@ fn table() -> &'static RwLock<BTreeMap<String, EncoderFactory>> {
             Arc::new(siglip::load),
         );
         add(&["vit"], Arc::new(vit::load));
+        add(&["qwen3"], Arc::new(qwen3::load));
         add(&["whisper"], Arc::new(whisper::load));
         RwLock::new(t)
     })
@@ -122,6 +123,7 @@ fn model_type_of(ckpt: &Checkpoint) -> Result<String> {
         ("Siglip", "siglip"),
         ("ViT", "vit"),
         ("Whisper", "whisper"),
+        ("Qwen3", "qwen3"),
     ];
     for arch in ckpt.architectures() {
         if let Some((_, t)) = guesses.iter().find(|(p, _)| arch.starts_with(p)) {

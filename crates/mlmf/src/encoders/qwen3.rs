@@ -1,0 +1,358 @@
+//! Qwen3 as a text embedder (`model_type: qwen3`), as transformers' `Qwen3Model` used
+//! the Qwen3-Embedding way: a causal decoder whose last real token's final state,
+//! L2-normalised, is the text's embedding.
+//!
+//! Each layer: RMSNorm, grouped-query attention (`num_key_value_heads` key/value
+//! heads shared by `num_attention_heads / num_key_value_heads` query heads) with
+//! RMSNorm on every query and key head (QK-norm) and rotary positions (`rope_theta`,
+//! rotate-half layout), a residual; RMSNorm, a SwiGLU MLP
+//! (`down(silu(gate(x)) * up(x))`), a residual. A final RMSNorm gives `hidden_states`.
+//!
+//! Positions are `0..T` for every row whatever the padding, as transformers computes
+//! them when it is given no `position_ids`; keys are masked causally and at padding.
+//! The tokenizer's own `padding_side` is kept (Qwen3-Embedding pads on the left, so
+//! the last position is every row's last real token).
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::encoders::config::Cfg;
+use crate::encoders::inputs::{text_batch, text_mask};
+use crate::encoders::layers::{attention, ce, embed, l2_normalize, Linear, Weights, MASKED};
+use crate::encoders::registry::LoadRequest;
+use crate::encoders::{EncoderInfo, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind};
+use crate::error::Result;
+use crate::modality::Modality;
+
+/// `x / sqrt(mean(x²) + eps) * w` over the last dimension, in float32 (as
+/// `Qwen3RMSNorm`), back in `x`'s dtype.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(w: Weights<'_>, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get_f32(&format!("{name}.weight"), &[dim])?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let f = ce("rms norm");
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32).map_err(&f)?;
+        let ms = x
+            .sqr()
+            .and_then(|s| s.mean_keepdim(D::Minus1))
+            .map_err(&f)?;
+        let inv = (ms + self.eps)
+            .and_then(|v| v.sqrt())
+            .and_then(|v| v.recip())
+            .map_err(&f)?;
+        x.broadcast_mul(&inv)
+            .and_then(|y| y.broadcast_mul(&self.weight))
+            .and_then(|y| y.to_dtype(dtype))
+            .map_err(f)
+    }
+}
+
+struct Layer {
+    input_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A loaded Qwen3 text embedder.
+pub struct Qwen3 {
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rope_theta: f64,
+    vocab: usize,
+    max_positions: usize,
+    info: EncoderInfo,
+}
+
+/// Loads a Qwen3 checkpoint (`Qwen3Model`, or the base model inside a
+/// `Qwen3ForCausalLM` checkpoint) as a text embedder.
+pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
+    req.check_modality(&[Modality::Text])?;
+    let ckpt = req.checkpoint;
+    let cfg = Cfg::new(ckpt.config(), "");
+    let hidden = cfg.size("hidden_size", 1024)?;
+    let layers_n = cfg.size("num_hidden_layers", 28)?;
+    let heads = cfg.size("num_attention_heads", 16)?;
+    let kv_heads = cfg.size("num_key_value_heads", heads)?;
+    let head_dim = cfg.size("head_dim", hidden / heads.max(1))?;
+    let inter = cfg.size("intermediate_size", 3072)?;
+    let vocab = cfg.size("vocab_size", 151_669)?;
+    let max_positions = cfg.size("max_position_embeddings", 32_768)?;
+    let eps = cfg.positive("rms_norm_eps", 1e-6)?;
+    // transformers 5 writes `rope_parameters {rope_theta, rope_type}`; older configs a
+    // top-level `rope_theta` and `rope_scaling`.
+    let root = ckpt.config();
+    let params = root.get("rope_parameters").filter(|v| v.is_object());
+    let rope_theta = match params.and_then(|p| p.get("rope_theta")) {
+        Some(v) => v
+            .as_f64()
+            .filter(|t| *t > 0.0)
+            .ok_or_else(|| ckpt.error("rope_parameters.rope_theta must be a positive number"))?,
+        None => cfg.positive("rope_theta", 1_000_000.0)?,
+    };
+    if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(ckpt.error(format!(
+            "num_attention_heads ({heads}) must be a positive multiple of \
+             num_key_value_heads ({kv_heads})"
+        )));
+    }
+    if head_dim % 2 != 0 {
+        return Err(ckpt.error(format!(
+            "head_dim {head_dim} must be even (rotary positions)"
+        )));
+    }
+    let scaling = params.or_else(|| root.get("rope_scaling").filter(|v| !v.is_null()));
+    if let Some(s) = scaling {
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        if kind != "default" {
+            return Err(ckpt.error(format!(
+                "rope type {kind:?} is not supported (only the default rotary positions)"
+            )));
+        }
+    }
+    let sliding = cfg.boolean("use_sliding_window", false)?
+        || root
+            .get("layer_types")
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.iter().any(|t| t.as_str() != Some("full_attention")));
+    if sliding {
+        return Err(ckpt.error(
+            "sliding-window attention layers are not supported (every layer must be \
+             full_attention)",
+        ));
+    }
+    let bias = cfg.boolean("attention_bias", false)?;
+    let place = req.placement();
+    let prefix = ckpt
+        .find_prefix("embed_tokens.weight")
+        .ok_or_else(|| ckpt.error("weight `embed_tokens.weight` is missing"))?;
+    let w = Weights {
+        ckpt,
+        place: &place,
+    };
+    let p = |n: &str| format!("{prefix}{n}");
+    let layers = (0..layers_n)
+        .map(|i| {
+            let l = |n: &str| p(&format!("layers.{i}.{n}"));
+            Ok(Layer {
+                input_norm: RmsNorm::load(w, &l("input_layernorm"), hidden, eps)?,
+                q: Linear::load(w, &l("self_attn.q_proj"), hidden, heads * head_dim, bias)?,
+                k: Linear::load(w, &l("self_attn.k_proj"), hidden, kv_heads * head_dim, bias)?,
+                v: Linear::load(w, &l("self_attn.v_proj"), hidden, kv_heads * head_dim, bias)?,
+                o: Linear::load(w, &l("self_attn.o_proj"), heads * head_dim, hidden, bias)?,
+                q_norm: RmsNorm::load(w, &l("self_attn.q_norm"), head_dim, eps)?,
+                k_norm: RmsNorm::load(w, &l("self_attn.k_norm"), head_dim, eps)?,
+                post_norm: RmsNorm::load(w, &l("post_attention_layernorm"), hidden, eps)?,
+                gate: Linear::load(w, &l("mlp.gate_proj"), hidden, inter, false)?,
+                up: Linear::load(w, &l("mlp.up_proj"), hidden, inter, false)?,
+                down: Linear::load(w, &l("mlp.down_proj"), inter, hidden, false)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let processor = ProcessorKind::Text {
+        max_length: None,
+        pad_to_max_length: false,
+        max_tokens: Some(max_positions),
+    };
+    Ok(Box::new(Qwen3 {
+        embed_tokens: w.get(&p("embed_tokens.weight"), &[vocab, hidden])?,
+        layers,
+        norm: RmsNorm::load(w, &p("norm"), hidden, eps)?,
+        heads,
+        kv_heads,
+        head_dim,
+        rope_theta,
+        vocab,
+        max_positions,
+        info: place.info(Modality::Text, "qwen3", hidden, hidden, processor),
+    }))
+}
+
+/// `cos` and `sin` `[T, head_dim]` of positions `0..T` (the two halves repeat, as
+/// transformers' rotate-half layout), computed as transformers does: float32 inverse
+/// frequencies and products.
+fn rope_tables(t: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(t * head_dim);
+    let mut sin = Vec::with_capacity(t * head_dim);
+    for pos in 0..t {
+        for _ in 0..2 {
+            for &f in &inv {
+                let a = pos as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    }
+    let f = ce("rotary tables");
+    Ok((
+        Tensor::from_vec(cos, (t, head_dim), device).map_err(&f)?,
+        Tensor::from_vec(sin, (t, head_dim), device).map_err(f)?,
+    ))
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x` `[B, H, T, hd]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let f = ce("rotary embedding");
+    let hd = x.dim(D::Minus1).map_err(&f)?;
+    let half = hd / 2;
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32).map_err(&f)?;
+    let x1 = xf.narrow(D::Minus1, 0, half).map_err(&f)?;
+    let x2 = xf.narrow(D::Minus1, half, half).map_err(&f)?;
+    let rotated = Tensor::cat(&[&x2.neg().map_err(&f)?, &x1], D::Minus1).map_err(&f)?;
+    xf.broadcast_mul(cos)
+        .and_then(|a| rotated.broadcast_mul(sin).and_then(|b| a + b))
+        .and_then(|y| y.to_dtype(dtype))
+        .map_err(f)
+}
+
+impl Qwen3 {
+    /// `[B, T, n*hd]` -> `[B, n, T, hd]` with RMSNorm over each head.
+    fn heads_of(&self, x: &Tensor, n: usize, norm: &RmsNorm) -> Result<Tensor> {
+        let f = ce("qwen3 heads");
+        let (b, t, _) = x.dims3().map_err(&f)?;
+        let h = x
+            .reshape((b, t, n, self.head_dim))
+            .and_then(|h| h.transpose(1, 2))
+            .and_then(|h| h.contiguous())
+            .map_err(&f)?;
+        norm.forward(&h)
+    }
+
+    /// Key/value heads repeated for their query heads: `[B, kv, T, hd]` -> `[B, H, T, hd]`.
+    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
+        let group = self.heads / self.kv_heads;
+        if group == 1 {
+            return Ok(x);
+        }
+        let f = ce("grouped-query attention");
+        let (b, kv, t, hd) = x.dims4().map_err(&f)?;
+        x.unsqueeze(2)
+            .and_then(|x| x.broadcast_as((b, kv, group, t, hd)))
+            .and_then(|x| x.contiguous())
+            .and_then(|x| x.reshape((b, kv * group, t, hd)))
+            .map_err(f)
+    }
+
+    fn layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let f = ce("qwen3 layer");
+        let h = l.input_norm.forward(x)?;
+        let q = apply_rope(
+            &self.heads_of(&l.q.forward(&h)?, self.heads, &l.q_norm)?,
+            &rope.0,
+            &rope.1,
+        )?;
+        let k = apply_rope(
+            &self.heads_of(&l.k.forward(&h)?, self.kv_heads, &l.k_norm)?,
+            &rope.0,
+            &rope.1,
+        )?;
+        let (b, t, _) = h.dims3().map_err(&f)?;
+        let v =
+            l.v.forward(&h)?
+                .reshape((b, t, self.kv_heads, self.head_dim))
+                .and_then(|v| v.transpose(1, 2))
+                .and_then(|v| v.contiguous())
+                .map_err(&f)?;
+        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let ctx = attention(&q, &k, &v, scale, &Some(bias.clone()))?;
+        let ctx = ctx
+            .transpose(1, 2)
+            .and_then(|c| c.contiguous())
+            .and_then(|c| c.reshape((b, t, self.heads * self.head_dim)))
+            .map_err(&f)?;
+        let x = (x + l.o.forward(&ctx)?).map_err(&f)?;
+        let h = l.post_norm.forward(&x)?;
+        let g = l.gate.forward(&h)?.silu().map_err(&f)?;
+        let m = l.down.forward(&(g * l.up.forward(&h)?).map_err(&f)?)?;
+        (x + m).map_err(f)
+    }
+}
+
+impl ModalityEncoder for Qwen3 {
+    fn info(&self) -> &EncoderInfo {
+        &self.info
+    }
+
+    fn encode(&self, input: &EncoderInput) -> Result<EncoderOutput> {
+        let batch = text_batch(input, self.vocab, self.max_positions)?;
+        let (b, t) = batch.input_ids.dim();
+        let dev = &self.info.device;
+        let f = ce("qwen3");
+        let mask = text_mask(batch, dev)?;
+        let mut x = embed(&self.embed_tokens, &batch.input_ids, dev)?;
+        // Causal and padding masks, [B, 1, T, T]; a key is seen when both allow it.
+        let keys = mask
+            .to_dtype(DType::F32)
+            .and_then(|m| m.reshape((b, 1, 1, t)))
+            .map_err(&f)?;
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| f32::from(u8::from(j <= i))))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, t, t), dev).map_err(&f)?;
+        let bias = keys
+            .broadcast_mul(&causal)
+            .and_then(|a| a.affine(-f64::from(MASKED), f64::from(MASKED)))
+            .map_err(&f)?;
+        let rope = rope_tables(t, self.head_dim, self.rope_theta, dev)?;
+        for l in &self.layers {
+            x = self.layer(l, &x, &bias, &rope)?;
+        }
+        let hidden = self.norm.forward(&x)?;
+        // Each row's last real token (the last position under left padding).
+        let m: Vec<Vec<u8>> = mask.to_vec2().map_err(&f)?;
+        let last: Vec<u32> = m
+            .iter()
+            .map(|r| r.iter().rposition(|&v| v != 0).unwrap_or(t - 1) as u32)
+            .collect();
+        let idx = Tensor::from_vec(last, (b, 1, 1), dev)
+            .and_then(|i| i.broadcast_as((b, 1, self.info.hidden_size)))
+            .and_then(|i| i.contiguous())
+            .map_err(&f)?;
+        let pooled = hidden
+            .gather(&idx, 1)
+            .and_then(|p| p.squeeze(1))
+            .map_err(&f)?;
+        Ok(EncoderOutput {
+            pooled: l2_normalize(&pooled)?,
+            hidden_states: hidden,
+            mask,
+        })
+    }
+}
