@@ -55,6 +55,35 @@ WHISPER_BASE = {
     "decoder_ffn_dim": 2048,
     "num_mel_bins": 80,
 }
+# Qwen3-Embedding-0.6B's shape (random weights): a causal decoder used as an embedder.
+QWEN3_06B = {
+    "vocab_size": 151_669,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 32_768,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+QWEN3_TOKENS, QWEN3_BATCH = 64, 4
+
+
+def qwen3_gflop(c: dict, t: int) -> float:
+    """Forward GFLOP per item of `t` tokens: the projections, the SwiGLU MLP and the
+    two attention products of every layer (embedding lookups are free)."""
+    h, q = c["hidden_size"], c["num_attention_heads"] * c["head_dim"]
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    per_token = 2 * (h * q + 2 * h * kv + q * h + 3 * h * c["intermediate_size"])
+    attention = 2 * 2 * t * t * q  # scores and weighted values, all heads
+    return c["num_hidden_layers"] * (t * per_token + attention) / 1e9
+
+
+GFLOP["qwen3"] = qwen3_gflop(QWEN3_06B, QWEN3_TOKENS)
+
 MINILM_SHAPE = {
     "hidden_size": 384,
     "num_hidden_layers": 6,
@@ -121,7 +150,7 @@ class Encoders(harness.Suite):
     """Builds the checkpoints, the contenders and the rows."""
 
     name = "encoders"
-    groups = ("clip", "whisper", "minilm")
+    groups = ("clip", "whisper", "minilm", "qwen3")
     rounds_help = "timed rounds for every row (default: 9 for the fast rows, 7 for the slow ones)"
     plot_name = PLOT_NAME
     columns = (
@@ -352,11 +381,50 @@ class Encoders(harness.Suite):
         parts = (enc, mlmf_in, TextTower().eval(), torch_in, names)
         return self._row("minilm", f"{label}, 128 tokens, batch 8, per item", 8, 9, *parts)
 
+    def qwen3_row(self) -> Row:
+        import torch
+        from transformers import Qwen3Config, Qwen3Model
+
+        import mlmf
+
+        cfg = Qwen3Config(**QWEN3_06B)
+        path = self.dir / "qwen3_06b_random"
+        model = synthetic.random_checkpoint(Qwen3Model, cfg, path)
+        rng = np.random.default_rng(SEED)
+        ids = rng.integers(1000, 150_000, (QWEN3_BATCH, QWEN3_TOKENS), dtype=np.int64)
+        mask = np.ones_like(ids)
+        enc = mlmf.Encoder.from_pretrained(path, modality="text")
+
+        class TextTower(torch.nn.Module):
+            """Qwen3Model, then mlmf's pooled: the last token's state, L2-normalised
+            (Qwen3-Embedding's pooling; no padding here)."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model
+
+            def forward(
+                self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                hidden = self.m(input_ids=input_ids, attention_mask=attention_mask)
+                hidden = hidden.last_hidden_state
+                return torch.nn.functional.normalize(hidden[:, -1], p=2.0, dim=1), hidden
+
+        mlmf_in = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        torch_in = (torch.from_numpy(ids), torch.from_numpy(mask))
+        parts = (enc, mlmf_in, TextTower().eval(), torch_in, ["input_ids", "attention_mask"])
+        label = (
+            f"Qwen3-Embedding-0.6B shape (random weights), {QWEN3_TOKENS} tokens, "
+            f"batch {QWEN3_BATCH}, per item"
+        )
+        return self._row("qwen3", label, QWEN3_BATCH, 5, *parts)
+
     def build(self, only: Optional[list[str]]) -> list[Row]:
         builders: list[tuple[str, Callable[[], Any]]] = [
             ("clip", self.clip_rows),
             ("whisper", self.whisper_row),
             ("minilm", self.minilm_row),
+            ("qwen3", self.qwen3_row),
         ]
         return self.build_rows(builders, only, progress=True)
 
@@ -432,24 +500,29 @@ class Encoders(harness.Suite):
             "(`CLIPVisionModelWithProjection(CLIPVisionConfig())`) and the Whisper-base encoder "
             "(`WhisperModel(WhisperConfig(d_model=512, 6+6 layers, 8 heads, ffn 2048, 80 mel "
             "bins))`; mlmf loads the encoder only) are random-initialised (seed "
-            f"{SEED}) and saved as safetensors checkpoints at start; MiniLM is the real "
+            f"{SEED}) and saved as safetensors checkpoints at start, as is a Qwen3 decoder of "
+            "Qwen3-Embedding-0.6B's shape (`Qwen3Model`: hidden 1024, 28 layers, 16 query and "
+            "8 key/value heads of 128, SwiGLU 3072, vocabulary 151,669); MiniLM is the real "
             "all-MiniLM-L6-v2 checkpoint (a random stand-in when its package is missing; see the "
             "notes). Inputs: photo-like 640x480 images through mlmf's CLIP "
             "preprocessing, the log-mel of 30 s of speech-like audio, and 8 English-like texts "
-            "truncated to exactly 128 tokens (no padding). PyTorch eager runs the transformers "
+            "truncated to exactly 128 tokens (no padding), and for Qwen3 4 rows of 64 random "
+            "token ids (no padding). PyTorch eager runs the transformers "
             "module under `torch.inference_mode()`; ONNX Runtime runs the same module exported "
             "with `torch.onnx.export` (static shapes; "
             + (", ".join(used) if used else "no export succeeded")
             + "), CPU execution provider, all graph optimisations. Every contender returns the "
             "same two outputs as mlmf's `encode`: pooled (CLIP: `image_embeds`; Whisper: mean "
             "of the last hidden state over positions; MiniLM: sentence-transformers' mean "
-            "pooling + L2 normalisation, computed in torch on top of `BertModel`) and the last "
+            "pooling + L2 normalisation, computed in torch on top of `BertModel`; Qwen3: the "
+            "last token's state, L2-normalised, on top of `Qwen3Model`) and the last "
             "hidden state. Each contender is warmed up, then the contenders alternate for "
             f"several rounds ({rounds}; order reversed every other round); each timed sample "
             f"repeats the call until it lasts at least {min_time:g} s. Figures are "
             "medians over the rounds, per item (batch time / batch size). Ratio = competitor "
             "time / mlmf time. Effective GFLOP/s = GFLOP per item (CLIP B/32 8.82, Whisper-base "
-            "30 s 87.4, MiniLM 128 tokens 2.87) / time per item. *max abs diff* compares mlmf's "
+            f"30 s 87.4, MiniLM 128 tokens 2.87, Qwen3 {QWEN3_TOKENS} tokens "
+            f"{GFLOP['qwen3']:.1f}) / time per item. *max abs diff* compares mlmf's "
             "hidden states and pooled vectors with the competitor's.",
         ]
         notes = [  # the fixed notes, then the run's
