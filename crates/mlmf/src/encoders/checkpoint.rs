@@ -133,17 +133,7 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        if !self.names.contains(name) {
-            return Err(MlmfError::model_load(
-                WHAT,
-                &self.dir,
-                format!("weight `{name}` is missing"),
-            ));
-        }
-        let t = self
-            .weights
-            .load(name, &Device::Cpu)
-            .map_err(|e| MlmfError::model_load(WHAT, &self.dir, format!("weight `{name}`: {e}")))?;
+        let t = self.any_tensor(name)?;
         if t.dims() != shape {
             return Err(MlmfError::model_load(
                 WHAT,

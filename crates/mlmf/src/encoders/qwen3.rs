@@ -13,11 +13,13 @@
 //! The tokenizer's own `padding_side` is kept (Qwen3-Embedding pads on the left, so
 //! the last position is every row's last real token).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::encoders::config::Cfg;
 use crate::encoders::inputs::{text_batch, text_mask};
-use crate::encoders::layers::{attention, ce, embed, l2_normalize, Linear, Weights, MASKED};
+use crate::encoders::layers::{
+    attention, causal_bias, ce, embed, l2_normalize, padding_bias, Linear, Weights,
+};
 use crate::encoders::registry::LoadRequest;
 use crate::encoders::{EncoderInfo, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind};
 use crate::error::Result;
@@ -39,21 +41,12 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let f = ce("rms norm");
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32).map_err(&f)?;
-        let ms = x
-            .sqr()
-            .and_then(|s| s.mean_keepdim(D::Minus1))
-            .map_err(&f)?;
-        let inv = (ms + self.eps)
-            .and_then(|v| v.sqrt())
-            .and_then(|v| v.recip())
-            .map_err(&f)?;
-        x.broadcast_mul(&inv)
-            .and_then(|y| y.broadcast_mul(&self.weight))
+        x.to_dtype(DType::F32)
+            .and_then(|x| x.contiguous())
+            .and_then(|x| candle_nn::ops::rms_norm(&x, &self.weight, self.eps as f32))
             .and_then(|y| y.to_dtype(dtype))
-            .map_err(f)
+            .map_err(ce("rms norm"))
     }
 }
 
@@ -193,46 +186,38 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
     }))
 }
 
-/// `cos` and `sin` `[T, head_dim]` of positions `0..T` (the two halves repeat, as
-/// transformers' rotate-half layout), computed as transformers does: float32 inverse
-/// frequencies and products.
+/// `cos` and `sin` `[T, head_dim / 2]` of positions `0..T`, computed as transformers
+/// does: float32 inverse frequencies and products.
 fn rope_tables(t: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let inv: Vec<f32> = (0..half)
         .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
         .collect();
-    let mut cos = Vec::with_capacity(t * head_dim);
-    let mut sin = Vec::with_capacity(t * head_dim);
+    let mut cos = Vec::with_capacity(t * half);
+    let mut sin = Vec::with_capacity(t * half);
     for pos in 0..t {
-        for _ in 0..2 {
-            for &f in &inv {
-                let a = pos as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
+        for &f in &inv {
+            let a = pos as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
         }
     }
     let f = ce("rotary tables");
     Ok((
-        Tensor::from_vec(cos, (t, head_dim), device).map_err(&f)?,
-        Tensor::from_vec(sin, (t, head_dim), device).map_err(f)?,
+        Tensor::from_vec(cos, (t, half), device).map_err(&f)?,
+        Tensor::from_vec(sin, (t, half), device).map_err(f)?,
     ))
 }
 
-/// `x * cos + rotate_half(x) * sin` for `x` `[B, H, T, hd]`.
+/// `x * cos + rotate_half(x) * sin` for `x` `[B, H, T, hd]` (candle's rotate-half
+/// kernel, in float32).
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let f = ce("rotary embedding");
-    let hd = x.dim(D::Minus1).map_err(&f)?;
-    let half = hd / 2;
     let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32).map_err(&f)?;
-    let x1 = xf.narrow(D::Minus1, 0, half).map_err(&f)?;
-    let x2 = xf.narrow(D::Minus1, half, half).map_err(&f)?;
-    let rotated = Tensor::cat(&[&x2.neg().map_err(&f)?, &x1], D::Minus1).map_err(&f)?;
-    xf.broadcast_mul(cos)
-        .and_then(|a| rotated.broadcast_mul(sin).and_then(|b| a + b))
+    x.to_dtype(DType::F32)
+        .and_then(|x| x.contiguous())
+        .and_then(|x| candle_nn::rotary_emb::rope(&x, cos, sin))
         .and_then(|y| y.to_dtype(dtype))
-        .map_err(f)
+        .map_err(ce("rotary embedding"))
 }
 
 impl Qwen3 {
@@ -317,18 +302,9 @@ impl ModalityEncoder for Qwen3 {
         let f = ce("qwen3");
         let mask = text_mask(batch, dev)?;
         let mut x = embed(&self.embed_tokens, &batch.input_ids, dev)?;
-        // Causal and padding masks, [B, 1, T, T]; a key is seen when both allow it.
-        let keys = mask
-            .to_dtype(DType::F32)
-            .and_then(|m| m.reshape((b, 1, 1, t)))
-            .map_err(&f)?;
-        let causal: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| f32::from(u8::from(j <= i))))
-            .collect();
-        let causal = Tensor::from_vec(causal, (1, 1, t, t), dev).map_err(&f)?;
-        let bias = keys
-            .broadcast_mul(&causal)
-            .and_then(|a| a.affine(-f64::from(MASKED), f64::from(MASKED)))
+        // Padding and causal masks, [B, 1, T, T].
+        let bias = padding_bias(&mask)?
+            .broadcast_add(&causal_bias(t, dev)?)
             .map_err(&f)?;
         let rope = rope_tables(t, self.head_dim, self.rope_theta, dev)?;
         for l in &self.layers {

@@ -7,7 +7,7 @@ use super::blocks::LayerNorm;
 use super::params::{Init, Params};
 use super::{mean_weights, softmax_present, FusionComponent, FusionInputs, FusionOutput, Stacked};
 use crate::config::fusion::LateMode;
-use crate::encoders::layers::ce;
+use crate::encoders::layers::{ce, l2_normalize};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 
@@ -22,19 +22,6 @@ pub(crate) enum Late {
     Logits(Vec<LayerNorm>, Stacked),
     /// `mean_m p_m / |p_m|`: aligned towers' vectors in their own space.
     Similarity,
-}
-
-/// Rows of `x` `[B, D]` divided by their L2 norm (floored at 1e-12, so that a zero
-/// row stays 0).
-fn unit_rows(x: &Tensor) -> Result<Tensor> {
-    let f = ce("late similarity");
-    let n = x
-        .sqr()
-        .and_then(|s| s.sum_keepdim(1))
-        .and_then(|s| s.sqrt())
-        .and_then(|s| s.maximum(1e-12))
-        .map_err(&f)?;
-    x.broadcast_div(&n).map_err(f)
 }
 
 impl Late {
@@ -105,7 +92,7 @@ impl FusionComponent for Late {
                 let mut acc: Option<Tensor> = None;
                 for (i, x) in pooled.iter().enumerate() {
                     let Some(x) = x else { continue };
-                    let term = unit_rows(x)?
+                    let term = l2_normalize(x)?
                         .broadcast_mul(&w.narrow(1, i, 1).map_err(&f)?)
                         .map_err(&f)?;
                     acc = Some(match acc {

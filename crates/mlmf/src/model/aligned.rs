@@ -7,34 +7,14 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 use ndarray::Array2;
 
-use super::{keys, ItemEncoding, MultiModalModel};
+use super::encode::stack_pooled;
+use super::{keys, MultiModalModel};
 use crate::aligned::{self, AlignedHead, Similarity, ZeroShot};
 use crate::config::fusion::{FusionStrategy, LateMode};
 use crate::encoders::layers::ce;
 use crate::encoders::RawInputs;
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
-
-/// The pooled vectors of `items` as rows `[N, D]` (float32).
-fn pooled_rows(items: &[ItemEncoding], m: Modality) -> Result<Array2<f32>> {
-    let f = ce("pooled embeddings");
-    let rows = items
-        .iter()
-        .map(|e| {
-            e.pooled
-                .to_dtype(DType::F32)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(&f)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let d = rows.first().map_or(0, Vec::len);
-    if let Some(i) = rows.iter().position(|r| r.len() != d) {
-        return Err(MlmfError::input(m, format!("embedding {i} differs in width")).at_index(i));
-    }
-    let n = rows.len();
-    Array2::from_shape_vec((n, d), rows.concat()).map_err(|e| MlmfError::Internal(e.to_string()))
-}
 
 /// Whether the fusion is late fusion in `similarity` mode.
 fn late_similarity_mode(strategy: &FusionStrategy) -> bool {
@@ -109,6 +89,10 @@ impl MultiModalModel {
     /// The aligned heads of the checkpoint whose text tower the text modality loads and
     /// whose other tower `other` loads; an error naming what differs otherwise.
     pub fn aligned_head(&self, other: Modality) -> Result<AlignedHead> {
+        // A model has one text modality, so one aligned checkpoint: kept once found.
+        if let Some(h) = self.inner.aligned.get().filter(|h| h.other == other) {
+            return Ok(h.clone());
+        }
         if other == Modality::Text {
             return Err(MlmfError::input(
                 other,
@@ -140,7 +124,9 @@ impl MultiModalModel {
             ));
         }
         let head = AlignedHead::from_checkpoint(&td)?;
-        if head.other != other {
+        if head.other == other {
+            let _ = self.inner.aligned.set(head.clone());
+        } else {
             return Err(MlmfError::input(
                 other,
                 format!(
@@ -169,11 +155,10 @@ impl MultiModalModel {
                 format!("empty batch: expected at least one {m} input"),
             ));
         }
-        let t = pooled_rows(
+        let t = rows_of(&stack_pooled(
             &self.encode_items(Modality::Text, RawInputs::Text(texts))?,
-            Modality::Text,
-        )?;
-        let o = pooled_rows(&self.encode_items(m, others)?, m)?;
+        )?)?;
+        let o = rows_of(&stack_pooled(&self.encode_items(m, others)?)?)?;
         Ok(Similarity {
             other: m,
             logits_per_text: head.logits(&t, &o)?,

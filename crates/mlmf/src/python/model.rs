@@ -455,11 +455,8 @@ impl PyMultiModalModel {
         fps: Option<f64>,
     ) -> PyResult<super::aligned::PySimilarity> {
         let (m, obj) = one_other(image, audio, video, "similarity")?;
-        let texts = self.raw_inputs(Modality::Text, text, None, None)?;
+        let texts = str_list(text)?;
         let others = self.raw_inputs(m, obj, sampling_rate, fps)?;
-        let RawInputs::Text(texts) = texts else {
-            return Err(MlmfError::Internal("text inputs".into()).into());
-        };
         let inner = detached(py, || self.inner.similarity(texts, others))?;
         Ok(super::aligned::PySimilarity { inner })
     }
