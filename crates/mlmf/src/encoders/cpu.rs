@@ -184,7 +184,7 @@ impl Activation {
 /// Sum with eight independent accumulators (vectorises; order differs from a serial
 /// sum only in rounding).
 #[inline]
-fn sum(xs: &[f32]) -> f32 {
+pub(crate) fn sum(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = xs.chunks_exact(8);
     let tail: f32 = chunks.remainder().iter().sum();
@@ -196,8 +196,43 @@ fn sum(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `sum((x - c)^2)`, with eight independent accumulators.
 #[inline]
-fn max(xs: &[f32]) -> f32 {
+pub(crate) fn sum_sq_dev(xs: &[f32], c: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| (v - c) * (v - c)).sum();
+    for ch in chunks {
+        for (a, v) in acc.iter_mut().zip(ch) {
+            *a += (v - c) * (v - c);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `sum(a * b)` over the shorter of the two, with eight independent accumulators.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline]
+pub(crate) fn max(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = xs.chunks_exact(8);
     let tail = chunks
@@ -538,18 +573,7 @@ fn layer_norm(x: &[f32], d: usize, (w, b): (&[f32], &[f32]), eps: f32, out: &mut
     let rows = |out: &mut [f32], x: &[f32]| {
         for (o, r) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
             let mean = sum(r) / d as f32;
-            let mut sq = [0f32; 8];
-            let chunks = r.chunks_exact(8);
-            let mut tail = 0f32;
-            for v in chunks.remainder() {
-                tail += (v - mean) * (v - mean);
-            }
-            for c in chunks {
-                for (a, v) in sq.iter_mut().zip(c) {
-                    *a += (v - mean) * (v - mean);
-                }
-            }
-            let var = (sq.iter().sum::<f32>() + tail) / d as f32;
+            let var = sum_sq_dev(r, mean) / d as f32;
             let rstd = 1.0 / (var + eps).sqrt();
             for (((o, v), w), b) in o.iter_mut().zip(r).zip(w).zip(b) {
                 *o = ((v - mean) * rstd).mul_add(*w, *b);

@@ -466,11 +466,13 @@ impl Dataset {
         let longest = rows.iter().map(|&r| len(r)).max().unwrap_or(1).max(1);
         let w = t.width;
         let values = t.values();
-        let mut x = vec![0f32; rows.len() * longest * w];
+        // Each row's tokens, then zeros up to the longest (no zero-fill underneath).
+        let mut x = Vec::with_capacity(rows.len() * longest * w);
         let mut mask = vec![0f32; rows.len() * longest];
         for (i, &r) in rows.iter().enumerate() {
             let (s, n) = (t.offsets[r] as usize, len(r));
-            x[i * longest * w..][..n * w].copy_from_slice(&values[s * w..(s + n) * w]);
+            x.extend_from_slice(&values[s * w..(s + n) * w]);
+            x.resize((i + 1) * longest * w, 0.0);
             for (k, &mv) in t.mask[s..s + n].iter().enumerate() {
                 mask[i * longest + k] = f32::from(mv);
             }

@@ -9,7 +9,7 @@
 use super::par;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use crate::encoders::cpu::{erf, exp, gemm_into};
+use crate::encoders::cpu::{dot, erf, exp, gemm_into, max, sum, sum_sq_dev};
 
 /// Rows per parallel task: enough work to amortise a task.
 fn rows_per_task(width: usize) -> usize {
@@ -91,8 +91,8 @@ impl LayerNorm {
     /// Mean and `1 / sqrt(var + eps)` of a row.
     fn stats(&self, row: &[f32]) -> (f32, f32) {
         let n = row.len() as f32;
-        let mean = row.iter().sum::<f32>() / n;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let mean = sum(row) / n;
+        let var = sum_sq_dev(row, mean) / n;
         (mean, 1.0 / (var + self.eps).sqrt())
     }
 }
@@ -182,24 +182,30 @@ impl LayerNorm {
                 let mut dw = vec![0f32; d];
                 let mut db = vec![0f32; d];
                 let mut xhat = vec![0f32; d];
+                let mut gw = vec![0f32; d];
                 for ((dxr, xr), gr) in dxc
                     .chunks_exact_mut(d)
                     .zip(xc.chunks_exact(d))
                     .zip(gc.chunks_exact(d))
                 {
                     let (mean, r) = self.stats(xr);
-                    let (mut s1, mut s2) = (0f32, 0f32);
-                    for i in 0..d {
-                        xhat[i] = (xr[i] - mean) * r;
-                        let dxh = gr[i] * wv[i];
-                        s1 += dxh;
-                        s2 += dxh * xhat[i];
-                        dw[i] += gr[i] * xhat[i];
-                        db[i] += gr[i];
+                    for (((((xh, gwi), dwi), dbi), (&xi, &gi)), &wi) in xhat
+                        .iter_mut()
+                        .zip(gw.iter_mut())
+                        .zip(dw.iter_mut())
+                        .zip(db.iter_mut())
+                        .zip(xr.iter().zip(gr))
+                        .zip(wv)
+                    {
+                        *xh = (xi - mean) * r;
+                        *gwi = gi * wi;
+                        *dwi += gi * *xh;
+                        *dbi += gi;
                     }
-                    let (m1, m2) = (s1 / d as f32, s2 / d as f32);
-                    for i in 0..d {
-                        dxr[i].write(r * (gr[i] * wv[i] - m1 - xhat[i] * m2));
+                    // Sums with independent accumulators, so that they vectorise.
+                    let (m1, m2) = (sum(&gw) / d as f32, dot(&gw, &xhat) / d as f32);
+                    for ((o, &gwi), &xh) in dxr.iter_mut().zip(&gw).zip(&xhat) {
+                        o.write(r * (gwi - m1 - xh * m2));
                     }
                 }
                 (dw, db)
@@ -230,7 +236,7 @@ impl CustomOp2 for RmsNorm {
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
         let d = w.len();
         let y = map_rows(x, &[], d, |_, xr, _, yr| {
-            let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+            let r = 1.0 / (dot(xr, xr) / d as f32 + self.eps).sqrt();
             for ((o, &v), &wi) in yr.iter_mut().zip(xr).zip(w) {
                 *o = v * r * wi;
             }
@@ -265,20 +271,25 @@ impl RmsNorm {
         let dws: Vec<Vec<f32>> = par::chunks_mut(&mut dx, chunk, |i, dxc| {
             let (xc, gc) = (&xv[i * chunk..][..dxc.len()], &gv[i * chunk..][..dxc.len()]);
             let mut dw = vec![0f32; d];
+            let mut gw = vec![0f32; d];
             for ((dxr, xr), gr) in dxc
                 .chunks_exact_mut(d)
                 .zip(xc.chunks_exact(d))
                 .zip(gc.chunks_exact(d))
             {
-                let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
-                let mut s = 0f32;
-                for i in 0..d {
-                    s += gr[i] * wv[i] * xr[i];
-                    dw[i] += gr[i] * xr[i] * r;
+                let r = 1.0 / (dot(xr, xr) / d as f32 + self.eps).sqrt();
+                for (((gwi, dwi), (&gi, &xi)), &wi) in gw
+                    .iter_mut()
+                    .zip(dw.iter_mut())
+                    .zip(gr.iter().zip(xr))
+                    .zip(wv)
+                {
+                    *gwi = gi * wi;
+                    *dwi += gi * xi * r;
                 }
-                let k = s * r * r * r / d as f32;
-                for i in 0..d {
-                    dxr[i] = r * gr[i] * wv[i] - k * xr[i];
+                let k = dot(&gw, xr) * r * r * r / d as f32;
+                for ((o, &gwi), &xi) in dxr.iter_mut().zip(&gw).zip(xr) {
+                    *o = r * gwi - k * xi;
                 }
             }
             dw
@@ -365,13 +376,11 @@ impl CustomOp1 for Softmax {
         let x = slice(s, l)?;
         let d = l.dims().last().copied().unwrap_or(1);
         let y = map_rows(x, &[], d, |_, xr, _, yr| {
-            let max = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
+            let m = max(xr);
             for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = exp(v - max);
-                sum += *o;
+                *o = exp(v - m);
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / sum(yr);
             yr.iter_mut().for_each(|o| *o *= inv);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -386,9 +395,9 @@ impl Softmax {
     fn grads(res: &Tensor, yv: &[f32], gv: &[f32]) -> candle_core::Result<Option<Tensor>> {
         let d = res.dims().last().copied().unwrap_or(1);
         let dx = map_rows(yv, gv, d, |_, yr, gr, dr| {
-            let dot: f32 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+            let yg = dot(yr, gr);
             for ((o, &y), &gi) in dr.iter_mut().zip(yr).zip(gr) {
-                *o = y * (gi - dot);
+                *o = y * (gi - yg);
             }
         });
         Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
@@ -786,7 +795,7 @@ struct Normalize;
 
 impl Normalize {
     fn norm(row: &[f32]) -> f32 {
-        (row.iter().map(|v| v * v).sum::<f32>() + 1e-12).sqrt()
+        (dot(row, row) + 1e-12).sqrt()
     }
 }
 
@@ -812,9 +821,9 @@ impl CustomOp1 for Normalize {
             with_slice(&g, |gv| {
                 map_rows(xv, gv, d, |_, xr, gr, dr| {
                     let inv = 1.0 / Self::norm(xr);
-                    let dot: f32 = xr.iter().zip(gr).map(|(a, b)| a * b).sum::<f32>() * inv;
+                    let xg = dot(xr, gr) * inv;
                     for ((o, &xv), &gi) in dr.iter_mut().zip(xr).zip(gr) {
-                        *o = (gi - xv * inv * dot) * inv;
+                        *o = (gi - xv * inv * xg) * inv;
                     }
                 })
             })

@@ -18,11 +18,7 @@ use super::par;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::ops::{slice, with_slice};
-use crate::encoders::cpu::{exp, gemm_into};
-
-/// One (batch row, kv head) task's gradients: the row, the kv head, its query heads'
-/// `dq` rows, `dk` and `dv`.
-type HeadGrads = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
+use crate::encoders::cpu::{dot, exp, gemm_into, max, sum};
 
 /// Shapes, scale and masks of one attention call.
 #[derive(Clone)]
@@ -41,12 +37,6 @@ pub(crate) struct AttnCore {
 }
 
 impl AttnCore {
-    fn allowed(&self, b: usize, j: usize) -> bool {
-        self.kmask
-            .as_ref()
-            .is_none_or(|m| m[b * self.tk + j] != 0.0)
-    }
-
     fn real_query(&self, b: usize, i: usize) -> bool {
         self.qmask
             .as_ref()
@@ -83,28 +73,26 @@ impl AttnCore {
                 row.fill(0.0);
                 continue;
             }
-            let mut max = f32::NEG_INFINITY;
-            for (j, o) in row.iter_mut().enumerate() {
-                if self.allowed(b, j) {
-                    max = max.max(*o);
-                } else {
-                    *o = f32::NEG_INFINITY;
+            if let Some(m) = &self.kmask {
+                for (o, &k) in row.iter_mut().zip(&m[b * tk..(b + 1) * tk]) {
+                    if k == 0.0 {
+                        *o = f32::NEG_INFINITY;
+                    }
                 }
             }
-            if max == f32::NEG_INFINITY {
+            let m = max(row);
+            if m == f32::NEG_INFINITY {
                 row.fill(0.0);
                 continue;
             }
-            let mut sum = 0f32;
             for o in row.iter_mut() {
                 *o = if *o == f32::NEG_INFINITY {
                     0.0
                 } else {
-                    exp(*o - max)
+                    exp(*o - m)
                 };
-                sum += *o;
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / sum(row);
             row.iter_mut().for_each(|o| *o *= inv);
         }
     }
@@ -113,9 +101,10 @@ impl AttnCore {
         let (hd, tq, tk, h_all) = (self.hd, self.tq, self.tk, self.heads);
         let group = h_all / self.kv_heads;
         let (qs, ks) = (h_all * hd, self.kv_heads * hd);
-        let mut ctx = vec![0f32; self.b * tq * qs];
-        // One task per batch row; its ctx rows are its own.
-        par::chunks_mut(&mut ctx, tq * qs, |b, out| {
+        // One task per batch row; its ctx rows are its own, and every head's product
+        // writes all of its columns.
+        let row = |b: usize, out: &mut [std::mem::MaybeUninit<f32>]| {
+            let out = out.as_mut_ptr().cast::<f32>();
             let mut w = vec![0f32; tq * tk];
             for h in 0..h_all {
                 self.weights(q, k, b, h, &mut w);
@@ -126,7 +115,7 @@ impl AttnCore {
                         tq,
                         hd,
                         tk,
-                        out.as_mut_ptr().add(h * hd),
+                        out.add(h * hd),
                         qs,
                         false,
                         w.as_ptr(),
@@ -139,7 +128,9 @@ impl AttnCore {
                     );
                 }
             }
-        });
+        };
+        // SAFETY: each chunk is written completely (heads 0..H cover the row's width).
+        let (ctx, _) = unsafe { par::filled(self.b * tq * qs, tq * qs, row) };
         ctx
     }
 
@@ -154,116 +145,127 @@ impl AttnCore {
         let (hd, tq, tk, h_all, kvh_all) = (self.hd, self.tq, self.tk, self.heads, self.kv_heads);
         let group = h_all / kvh_all;
         let (qs, ks) = (h_all * hd, kvh_all * hd);
-        // Per (b, kv head): dq rows of its query heads, dk and dv of the kv head.
-        let parts: Vec<HeadGrads> = par::map(self.b * kvh_all, |task| {
-            let (b, kvh) = (task / kvh_all, task % kvh_all);
-            let mut dq = vec![0f32; group * tq * hd];
-            let mut dk = vec![0f32; tk * hd];
-            let mut dv = vec![0f32; tk * hd];
+        // Per (b, kv head): the dq rows of its query heads, and the dk and dv rows of
+        // the kv head, written in place (disjoint between tasks): dq by one product per
+        // query head, dk and dv by the group's first head and added to by the others.
+        let (nq, nk) = (self.b * tq * qs, self.b * tk * ks);
+        let mut dq: Vec<f32> = Vec::with_capacity(nq);
+        let mut dk: Vec<f32> = Vec::with_capacity(nk);
+        let mut dv: Vec<f32> = Vec::with_capacity(nk);
+        let (dqp, dkp, dvp) = (
+            par::Shared(dq.as_mut_ptr()),
+            par::Shared(dk.as_mut_ptr()),
+            par::Shared(dv.as_mut_ptr()),
+        );
+        par::for_ranges(self.b * kvh_all, |tasks| {
             let mut w = vec![0f32; tq * tk];
             let mut dw = vec![0f32; tq * tk];
-            let (kp, vp) = (
+            for task in tasks {
+                let (b, kvh) = (task / kvh_all, task % kvh_all);
                 // SAFETY (all products below): offsets stay inside the batch row's
-                // rows of this head; destinations are this task's own buffers.
-                unsafe { k.as_ptr().add(b * tk * ks + kvh * hd) },
-                unsafe { v.as_ptr().add(b * tk * ks + kvh * hd) },
-            );
-            for gh in 0..group {
-                let h = kvh * group + gh;
-                self.weights(q, k, b, h, &mut w);
-                let gp = unsafe { g.as_ptr().add(b * tq * qs + h * hd) };
-                let qp = unsafe { q.as_ptr().add(b * tq * qs + h * hd) };
-                unsafe {
-                    // dW = g v^T [tq, tk]; dV += w^T g [tk, hd].
-                    gemm_into(
-                        tq,
-                        tk,
-                        hd,
-                        dw.as_mut_ptr(),
-                        tk,
-                        false,
-                        gp,
-                        qs,
-                        1,
-                        vp,
-                        1,
-                        ks,
-                        1.0,
-                    );
-                    gemm_into(
-                        tk,
-                        hd,
-                        tq,
-                        dv.as_mut_ptr(),
-                        hd,
-                        true,
-                        w.as_ptr(),
-                        1,
-                        tk,
-                        gp,
-                        qs,
-                        1,
-                        1.0,
-                    );
-                }
-                // dLogits = w (dW - rowsum(w dW)) scale, in place in dw.
-                for (wr, dr) in w.chunks_exact(tk).zip(dw.chunks_exact_mut(tk)) {
-                    let dot: f32 = wr.iter().zip(dr.iter()).map(|(a, c)| a * c).sum();
-                    for (d, &wv) in dr.iter_mut().zip(wr) {
-                        *d = wv * (*d - dot) * self.scale;
+                // rows of this head; the destinations are this task's own rows and
+                // columns of dq, dk and dv.
+                let (kp, vp) = unsafe {
+                    (
+                        k.as_ptr().add(b * tk * ks + kvh * hd),
+                        v.as_ptr().add(b * tk * ks + kvh * hd),
+                    )
+                };
+                let (dkt, dvt) = unsafe {
+                    (
+                        dkp.get().add(b * tk * ks + kvh * hd),
+                        dvp.get().add(b * tk * ks + kvh * hd),
+                    )
+                };
+                for gh in 0..group {
+                    let h = kvh * group + gh;
+                    let first = gh == 0;
+                    self.weights(q, k, b, h, &mut w);
+                    let gp = unsafe { g.as_ptr().add(b * tq * qs + h * hd) };
+                    let qp = unsafe { q.as_ptr().add(b * tq * qs + h * hd) };
+                    unsafe {
+                        // dW = g v^T [tq, tk]; dV (+)= w^T g [tk, hd].
+                        gemm_into(
+                            tq,
+                            tk,
+                            hd,
+                            dw.as_mut_ptr(),
+                            tk,
+                            false,
+                            gp,
+                            qs,
+                            1,
+                            vp,
+                            1,
+                            ks,
+                            1.0,
+                        );
+                        gemm_into(
+                            tk,
+                            hd,
+                            tq,
+                            dvt,
+                            ks,
+                            !first,
+                            w.as_ptr(),
+                            1,
+                            tk,
+                            gp,
+                            qs,
+                            1,
+                            1.0,
+                        );
+                    }
+                    // dLogits = w (dW - rowsum(w dW)) scale, in place in dw.
+                    for (wr, dr) in w.chunks_exact(tk).zip(dw.chunks_exact_mut(tk)) {
+                        let wd = dot(wr, dr);
+                        for (d, &wv) in dr.iter_mut().zip(wr) {
+                            *d = wv * (*d - wd) * self.scale;
+                        }
+                    }
+                    unsafe {
+                        // dq = dL k [tq, hd]; dK (+)= dL^T q [tk, hd].
+                        gemm_into(
+                            tq,
+                            hd,
+                            tk,
+                            dqp.get().add(b * tq * qs + h * hd),
+                            qs,
+                            false,
+                            dw.as_ptr(),
+                            tk,
+                            1,
+                            kp,
+                            ks,
+                            1,
+                            1.0,
+                        );
+                        gemm_into(
+                            tk,
+                            hd,
+                            tq,
+                            dkt,
+                            ks,
+                            !first,
+                            dw.as_ptr(),
+                            1,
+                            tk,
+                            qp,
+                            qs,
+                            1,
+                            1.0,
+                        );
                     }
                 }
-                unsafe {
-                    // dq = dL k [tq, hd]; dK += dL^T q [tk, hd].
-                    gemm_into(
-                        tq,
-                        hd,
-                        tk,
-                        dq.as_mut_ptr().add(gh * tq * hd),
-                        hd,
-                        false,
-                        dw.as_ptr(),
-                        tk,
-                        1,
-                        kp,
-                        ks,
-                        1,
-                        1.0,
-                    );
-                    gemm_into(
-                        tk,
-                        hd,
-                        tq,
-                        dk.as_mut_ptr(),
-                        hd,
-                        true,
-                        dw.as_ptr(),
-                        1,
-                        tk,
-                        qp,
-                        qs,
-                        1,
-                        1.0,
-                    );
-                }
             }
-            (b, kvh, dq, dk, dv)
         });
-        let mut dq = vec![0f32; self.b * tq * qs];
-        let mut dk = vec![0f32; self.b * tk * ks];
-        let mut dv = vec![0f32; self.b * tk * ks];
-        for (b, kvh, pq, pk, pv) in parts {
-            for gh in 0..group {
-                let h = kvh * group + gh;
-                for i in 0..tq {
-                    dq[(b * tq + i) * qs + h * hd..][..hd]
-                        .copy_from_slice(&pq[(gh * tq + i) * hd..][..hd]);
-                }
-            }
-            for j in 0..tk {
-                dk[(b * tk + j) * ks + kvh * hd..][..hd].copy_from_slice(&pk[j * hd..(j + 1) * hd]);
-                dv[(b * tk + j) * ks + kvh * hd..][..hd].copy_from_slice(&pv[j * hd..(j + 1) * hd]);
-            }
+        // SAFETY: every (row, head) block of dq and every (row, kv head) block of dk and
+        // dv was written above (group >= 1; a product with an empty inner dimension
+        // writes zeros).
+        unsafe {
+            dq.set_len(nq);
+            dk.set_len(nk);
+            dv.set_len(nk);
         }
         (dq, dk, dv)
     }
