@@ -83,6 +83,19 @@ def qwen3_gflop(c: dict, t: int) -> float:
 
 
 GFLOP["qwen3"] = qwen3_gflop(QWEN3_06B, QWEN3_TOKENS)
+# VideoMAE-base's shape (`VideoMAEConfig()`, random weights): 16 frames of 224x224 in
+# tubelets of 2 x 16 x 16, 1568 tokens, 12 layers of width 768.
+VIDEOMAE_TOKENS = 8 * 14 * 14
+
+
+def vit_gflop(tokens: int, d: int, layers: int, mlp: int, patch_in: int) -> float:
+    """Forward GFLOP per item of a ViT stack: the patch projection, the four attention
+    projections and the MLP per token, and the two attention products per layer."""
+    per_layer = 2 * tokens * (4 * d * d + 2 * d * mlp) + 2 * 2 * tokens * tokens * d
+    return (2 * tokens * patch_in * d + layers * per_layer) / 1e9
+
+
+GFLOP["videomae"] = vit_gflop(VIDEOMAE_TOKENS, 768, 12, 3072, 3 * 2 * 16 * 16)
 
 MINILM_SHAPE = {
     "hidden_size": 384,
@@ -150,7 +163,7 @@ class Encoders(harness.Suite):
     """Builds the checkpoints, the contenders and the rows."""
 
     name = "encoders"
-    groups = ("clip", "whisper", "minilm", "qwen3")
+    groups = ("clip", "whisper", "minilm", "qwen3", "videomae")
     rounds_help = "timed rounds for every row (default: 9 for the fast rows, 7 for the slow ones)"
     plot_name = PLOT_NAME
     columns = (
@@ -419,12 +432,43 @@ class Encoders(harness.Suite):
         )
         return self._row("qwen3", label, QWEN3_BATCH, 5, *parts)
 
+    # video ---------------------------------------------------------------------
+
+    def videomae_row(self) -> Row:
+        import torch
+        from transformers import VideoMAEConfig, VideoMAEModel
+
+        import mlmf
+
+        path = self.dir / "videomae_base_random"
+        model = synthetic.random_checkpoint(VideoMAEModel, VideoMAEConfig(), path)
+        enc = mlmf.Encoder.from_pretrained(path, modality="video")
+
+        class VideoTower(torch.nn.Module):
+            """VideoMAEModel, and mlmf's pooled: the mean of the last hidden state."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model
+
+            def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                hidden = self.m(pixel_values=pixel_values).last_hidden_state
+                return hidden.mean(dim=1), hidden
+
+        ip = mlmf.ImageProcessor()
+        frames = [synthetic.photo(240, 320, seed=i) for i in range(16)]
+        pixels = np.ascontiguousarray(ip(frames)[None], dtype=np.float32)
+        workload = "VideoMAE-base shape (random weights), 16 frames 224x224, batch 1"
+        parts = (enc, pixels, VideoTower().eval(), (torch.from_numpy(pixels),), ["pixel_values"])
+        return self._row("videomae", workload, 1, 3, *parts)
+
     def build(self, only: Optional[list[str]]) -> list[Row]:
         builders: list[tuple[str, Callable[[], Any]]] = [
             ("clip", self.clip_rows),
             ("whisper", self.whisper_row),
             ("minilm", self.minilm_row),
             ("qwen3", self.qwen3_row),
+            ("videomae", self.videomae_row),
         ]
         return self.build_rows(builders, only, progress=True)
 
@@ -506,8 +550,10 @@ class Encoders(harness.Suite):
             "all-MiniLM-L6-v2 checkpoint (a random stand-in when its package is missing; see the "
             "notes). Inputs: photo-like 640x480 images through mlmf's CLIP "
             "preprocessing, the log-mel of 30 s of speech-like audio, and 8 English-like texts "
-            "truncated to exactly 128 tokens (no padding), and for Qwen3 4 rows of 64 random "
-            "token ids (no padding). PyTorch eager runs the transformers "
+            "truncated to exactly 128 tokens (no padding), for Qwen3 4 rows of 64 random "
+            "token ids (no padding), and for VideoMAE (`VideoMAEModel(VideoMAEConfig())`, "
+            "random weights, 1568 tokens) 16 photo-like frames through the CLIP preprocessing. "
+            "PyTorch eager runs the transformers "
             "module under `torch.inference_mode()`; ONNX Runtime runs the same module exported "
             "with `torch.onnx.export` (static shapes; "
             + (", ".join(used) if used else "no export succeeded")
@@ -515,14 +561,16 @@ class Encoders(harness.Suite):
             "same two outputs as mlmf's `encode`: pooled (CLIP: `image_embeds`; Whisper: mean "
             "of the last hidden state over positions; MiniLM: sentence-transformers' mean "
             "pooling + L2 normalisation, computed in torch on top of `BertModel`; Qwen3: the "
-            "last token's state, L2-normalised, on top of `Qwen3Model`) and the last "
+            "last token's state, L2-normalised, on top of `Qwen3Model`; VideoMAE: the mean of "
+            "the last hidden state) and the last "
             "hidden state. Each contender is warmed up, then the contenders alternate for "
             f"several rounds ({rounds}; order reversed every other round); each timed sample "
             f"repeats the call until it lasts at least {min_time:g} s. Figures are "
             "medians over the rounds, per item (batch time / batch size). Ratio = competitor "
             "time / mlmf time. Effective GFLOP/s = GFLOP per item (CLIP B/32 8.82, Whisper-base "
             f"30 s 87.4, MiniLM 128 tokens 2.87, Qwen3 {QWEN3_TOKENS} tokens "
-            f"{GFLOP['qwen3']:.1f}) / time per item. *max abs diff* compares mlmf's "
+            f"{GFLOP['qwen3']:.1f}, VideoMAE-base 16 frames {GFLOP['videomae']:.0f}) / time "
+            "per item. *max abs diff* compares mlmf's "
             "hidden states and pooled vectors with the competitor's.",
         ]
         notes = [  # the fixed notes, then the run's

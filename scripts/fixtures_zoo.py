@@ -13,6 +13,19 @@ Run through ``scripts/make_fixtures.py --only zoo``.  So far:
   longest, truncated at 40), ``Qwen3Model(input_ids, attention_mask)``, and the
   Qwen3-Embedding pooling: the last token's state (the last position under left
   padding), L2-normalised.
+- ``videomae_tiny`` / ``videomae_cls_tiny`` / ``videomae_norm_tiny``: VideoMAE at odd
+  shapes (30x30 frames cut into 6x6 patches, 6 frames in tubelets of 2: 75 tokens;
+  hidden 36, 3 heads, 3 layers, MLP 50), redrawn like Qwen3's.  ``videomae_tiny`` is a
+  ``VideoMAEModel`` with query/value biases and mean pooling; ``videomae_cls_tiny`` a
+  ``VideoMAEForVideoClassification`` (weights under ``videomae.``, an ``fc_norm``, no
+  query/value biases); ``videomae_norm_tiny`` a ``VideoMAEModel`` with
+  ``use_mean_pooling: false`` (a final layernorm, the first token pooled).  Their
+  preprocessor_config.json is a ``VideoMAEImageProcessor`` (shortest edge 34, bilinear,
+  centre crop 30, ImageNet mean/std).  Reference: ``VideoMAEImageProcessorPil`` on
+  CLIPS (uint8 frames [6, H, W, 3] of several sizes), then the model on its
+  pixel_values; pooled is the mean of ``last_hidden_state`` (through ``fc_norm`` for
+  the classification checkpoint) or its first token (``use_mean_pooling: false``), as
+  ``VideoMAEForVideoClassification`` reads them before its classifier.
 """
 
 from __future__ import annotations
@@ -120,6 +133,114 @@ def _qwen3(models: Path) -> dict:
     }
 
 
+VIDEO_SHAPES = [(40, 52), (45, 37), (30, 30)]
+
+
+def _clips() -> list[np.ndarray]:
+    rng = np.random.default_rng(SEED + 1)
+    clips = []
+    for h, w in VIDEO_SHAPES:
+        # A smooth moving gradient plus noise, so resizing has something to average.
+        t = np.arange(6)[:, None, None, None]
+        y = np.arange(h)[None, :, None, None]
+        x = np.arange(w)[None, None, :, None]
+        c = np.arange(3)[None, None, None, :]
+        base = 128 + 90 * np.sin((x + 3 * t) / 7.0 + c) * np.cos((y - 2 * t) / 5.0)
+        noise = rng.integers(-20, 21, size=(6, h, w, 3))
+        clips.append(np.clip(base + noise, 0, 255).astype(np.uint8))
+    return clips
+
+
+def _videomae(models: Path, clips: list[np.ndarray]) -> dict:
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification, VideoMAEModel
+    from transformers.models.videomae.image_processing_pil_videomae import (
+        VideoMAEImageProcessorPil,
+    )
+
+    variants = {
+        "videomae_tiny": (VideoMAEModel, {"qv_bias": True, "use_mean_pooling": True}),
+        "videomae_cls_tiny": (
+            VideoMAEForVideoClassification,
+            {"qv_bias": False, "use_mean_pooling": True, "num_labels": 5},
+        ),
+        "videomae_norm_tiny": (VideoMAEModel, {"qv_bias": True, "use_mean_pooling": False}),
+    }
+    proc_cfg = {
+        "image_processor_type": "VideoMAEImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": 34},
+        "resample": 2,
+        "do_center_crop": True,
+        "crop_size": {"height": 30, "width": 30},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    }
+    proc = VideoMAEImageProcessorPil(
+        **{k: v for k, v in proc_cfg.items() if k != "image_processor_type"}
+    )
+    pixels = proc(list(clips), return_tensors="np")["pixel_values"].astype(np.float32)
+    arrays = {"pixel_values": pixels}
+    for i, clip in enumerate(clips):
+        arrays[f"clip{i}"] = clip
+    cases = {}
+    for k, (name, (cls, extra)) in enumerate(variants.items()):
+        d = models / name
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = VideoMAEConfig(
+            image_size=30,
+            patch_size=6,
+            num_channels=3,
+            num_frames=6,
+            tubelet_size=2,
+            hidden_size=36,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            intermediate_size=50,
+            hidden_act="gelu",
+            **extra,
+        )
+        torch.manual_seed(SEED + 10 + k)
+        model = cls(cfg).eval()
+        _redraw(model, SEED + 10 + k)
+        model.save_pretrained(str(d), safe_serialization=True)
+        write_json(d / "preprocessor_config.json", proc_cfg)
+        model = cls.from_pretrained(str(d)).eval()
+        with torch.no_grad():
+            x = torch.from_numpy(pixels)
+            if cls is VideoMAEModel:
+                hidden = model(pixel_values=x).last_hidden_state
+                pooled = hidden.mean(1) if extra["use_mean_pooling"] else hidden[:, 0]
+            else:
+                hidden = model.videomae(pixel_values=x).last_hidden_state
+                pooled = model.fc_norm(hidden.mean(1))
+        arrays[f"{name}.hidden_states"] = hidden.numpy().astype(np.float32)
+        arrays[f"{name}.pooled"] = pooled.numpy().astype(np.float32)
+        cases[name] = {
+            "model": f"models/{name}",
+            "model_class": cls.__name__,
+            "seed": SEED + 10 + k,
+            "config": extra,
+            "pooled_is": (
+                "fc_norm(last_hidden_state.mean(1))"
+                if cls is not VideoMAEModel
+                else "last_hidden_state.mean(1)"
+                if extra["use_mean_pooling"]
+                else "last_hidden_state[:, 0] (after the final layernorm)"
+            ),
+        }
+    save_npz(models.parent / "videomae.npz", arrays)
+    return {
+        "arrays": "videomae.npz",
+        "clips": [f"clip{i}: uint8 [6, {h}, {w}, 3]" for i, (h, w) in enumerate(VIDEO_SHAPES)],
+        "processor": "VideoMAEImageProcessorPil(**preprocessor_config) on the clips",
+        "shapes": {k: list(v.shape) for k, v in arrays.items()},
+        "models": cases,
+    }
+
+
 def make_zoo(out: Path) -> None:
     import transformers
 
@@ -132,5 +253,6 @@ def make_zoo(out: Path) -> None:
             "torch_version": torch.__version__,
             "tolerance": 1e-4,
             "cases": {"qwen3_tiny": _qwen3(out / "models")},
+            "videomae": _videomae(out / "models", _clips()),
         },
     )

@@ -419,7 +419,7 @@ class Encoder:
         dtype: str = "float32",
         *,
         video_pooling: str = "mean",
-        num_frames: int = 8,
+        num_frames: Optional[int] = None,
     ) -> Encoder: ...
     def encode(self, inputs: Any, sampling_rate: Optional[int] = None) -> EncoderOutput: ...
     @property

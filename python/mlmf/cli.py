@@ -323,6 +323,15 @@ def _checkpoint_summary(path: Path) -> dict:
                 "reference": name,
                 **mlmf.ImageProcessor.from_pretrained(path).config,
             }
+        if "video" in encoders:
+            # A native video model (VideoMAE): its clip length is the sampler's default.
+            frames = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            processors["video"] = {
+                "processor": "VideoProcessor",
+                "reference": name,
+                "num_frames": frames.get("num_frames", 16),
+                **mlmf.ImageProcessor.from_pretrained(path).config,
+            }
         if "audio" in encoders:
             processors["audio"] = {
                 "processor": "AudioProcessor",

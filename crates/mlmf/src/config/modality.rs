@@ -123,7 +123,12 @@ impl PreprocessingConfig {
     /// The video sampler settings these keys describe (`sampler`, `default_fps`,
     /// `max_frames`, `short_video`).
     pub fn video(&self) -> Result<VideoProcessorConfig> {
-        let cfg = overlay(&VideoProcessorConfig::default(), &self.0)?;
+        self.video_over(&VideoProcessorConfig::default())
+    }
+
+    /// The video processor settings laid over `base` (a model's own defaults).
+    pub fn video_over(&self, base: &VideoProcessorConfig) -> Result<VideoProcessorConfig> {
+        let cfg = overlay(base, &self.0)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -13,15 +13,15 @@ use crate::device::DeviceSpec;
 use crate::encoders::layers::{ce, masked_mean};
 use crate::encoders::registry::{self, LoadRequest};
 use crate::encoders::{
-    bert, Checkpoint, EncoderInput, EncoderOutput, FrameEncoder, ModalityEncoder, Precision,
-    ProcessorKind, VideoPooling,
+    bert, videomae, Checkpoint, EncoderInput, EncoderOutput, FrameEncoder, ModalityEncoder,
+    Precision, ProcessorKind, VideoPooling,
 };
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 use crate::preprocess::audio::{AudioInput, AudioProcessor, AudioRef};
 use crate::preprocess::image::{ImageInput, ImageProcessor, ImageRef};
 use crate::preprocess::text::{Padding, TextProcessor, TextProcessorConfig};
-use crate::preprocess::video::{VideoInput, VideoProcessor, VideoProcessorConfig};
+use crate::preprocess::video::{FrameSampler, VideoInput, VideoProcessor, VideoProcessorConfig};
 
 /// How to load an [`Encoder`].
 #[derive(Debug, Clone, Default)]
@@ -90,7 +90,12 @@ impl Encoder {
         let dir = dir.as_ref();
         let ckpt = Checkpoint::open(dir)?;
         let device = options.device.open()?;
-        let video = options.modality == Some(Modality::Video);
+        // A native video model (VideoMAE) encodes clips itself; any other checkpoint
+        // asked for video loads its image tower, run per frame.
+        let native = ckpt
+            .model_type()
+            .is_some_and(|t| videomae::NATIVE_VIDEO.contains(&t));
+        let video = options.modality == Some(Modality::Video) && !native;
         let request = LoadRequest {
             checkpoint: &ckpt,
             modality: if video {
@@ -427,11 +432,16 @@ fn load_processor(
                     .map(Prep::Image)
             }
         }
-        ProcessorKind::Video { .. } => {
+        ProcessorKind::Video { frames, .. } => {
+            // A native video model's clip length is the sampler's default.
+            let mut base = VideoProcessorConfig::default();
+            if let Some(num_frames) = frames {
+                base.sampler = FrameSampler::Uniform { num_frames };
+            }
             let video = if over.is_empty() {
-                options.video.clone().unwrap_or_default()
+                options.video.clone().unwrap_or(base)
             } else {
-                over.video().map_err(|e| e.to_string())?
+                over.video_over(&base).map_err(|e| e.to_string())?
             };
             ImageProcessor::from_pretrained(dir)
                 .and_then(|image| VideoProcessor::new(video, image).map(Prep::Video))

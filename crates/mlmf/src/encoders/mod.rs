@@ -24,6 +24,7 @@ pub mod qwen3;
 pub mod registry;
 pub mod siglip;
 pub mod video;
+pub mod videomae;
 pub mod vit;
 pub mod whisper;
 
@@ -186,8 +187,13 @@ pub enum ProcessorKind {
     Image { height: usize, width: usize },
     /// `AudioProcessor` with this many mel bins and frames per chunk.
     Audio { n_mels: usize, frames: usize },
-    /// `VideoProcessor` whose frames are `(height, width)`.
-    Video { height: usize, width: usize },
+    /// `VideoProcessor` whose frames are `(height, width)`; `frames`: the clip length a
+    /// native video model takes (its default sampler), `None` for per-frame models.
+    Video {
+        height: usize,
+        width: usize,
+        frames: Option<usize>,
+    },
 }
 
 /// What an encoder is: its modality, widths, processor and placement.

@@ -9,7 +9,9 @@ use std::sync::{Arc, OnceLock, RwLock};
 use candle_core::Device;
 
 use crate::encoders::checkpoint::Checkpoint;
-use crate::encoders::{bert, clip, qwen3, siglip, vit, whisper, ModalityEncoder, Precision};
+use crate::encoders::{
+    bert, clip, qwen3, siglip, videomae, vit, whisper, ModalityEncoder, Precision,
+};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 
@@ -81,6 +83,7 @@ fn table() -> &'static RwLock<BTreeMap<String, EncoderFactory>> {
             Arc::new(siglip::load),
         );
         add(&["vit"], Arc::new(vit::load));
+        add(&["videomae"], Arc::new(videomae::load));
         add(&["qwen3"], Arc::new(qwen3::load));
         add(&["whisper"], Arc::new(whisper::load));
         RwLock::new(t)
@@ -122,6 +125,7 @@ fn model_type_of(ckpt: &Checkpoint) -> Result<String> {
         ("SiglipText", "siglip_text_model"),
         ("Siglip", "siglip"),
         ("ViT", "vit"),
+        ("VideoMAE", "videomae"),
         ("Whisper", "whisper"),
         ("Qwen3", "qwen3"),
     ];

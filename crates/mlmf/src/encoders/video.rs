@@ -84,7 +84,11 @@ impl FrameEncoder {
             modality: Modality::Video,
             hidden_size: img.output_dim,
             processor: match img.processor {
-                ProcessorKind::Image { height, width } => ProcessorKind::Video { height, width },
+                ProcessorKind::Image { height, width } => ProcessorKind::Video {
+                    height,
+                    width,
+                    frames: None,
+                },
                 other => other,
             },
             ..img.clone()

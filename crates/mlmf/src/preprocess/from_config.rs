@@ -4,20 +4,23 @@
 //! Each starts from its checkpoint's own settings (`modalities.<m>.model`: tokenizer.json
 //! for text, preprocessor_config.json for image and audio) or the defaults (CLIP,
 //! Whisper), and the `preprocessing` keys of the config are laid over them. Video frames
-//! go through the image modality's processor when one is configured, else through the
-//! video checkpoint's image settings, else CLIP's; the video `preprocessing` keys are
+//! of a native video checkpoint (VideoMAE) go through its own image settings, and its
+//! `num_frames` is the sampler's default; other video frames go through the image
+//! modality's processor when one is configured, else through the video checkpoint's
+//! image settings, else CLIP's; the video `preprocessing` keys are
 //! those of [`VideoProcessorConfig`] (`sampler`, `default_fps`, `max_frames`,
 //! `short_video`).
 
 use std::path::Path;
 
 use crate::config::{ModalityConfig, MultiModalConfig};
+use crate::encoders::videomae;
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 use crate::preprocess::audio::AudioProcessor;
 use crate::preprocess::image::ImageProcessor;
 use crate::preprocess::text::TextProcessor;
-use crate::preprocess::video::{VideoProcessor, VideoProcessorConfig};
+use crate::preprocess::video::{FrameSampler, VideoProcessor, VideoProcessorConfig};
 
 /// The processors of a config's enabled modalities.
 #[derive(Debug, Default)]
@@ -108,17 +111,24 @@ impl Preprocessors {
             .filter(|m| m.enabled)
         {
             let at = |e: MlmfError| e.under("modalities.video");
-            let frames = match (&out.image, model_dir(m)) {
-                (Some(image), _) => image.clone(),
-                (None, dir) => {
+            // A native video checkpoint (VideoMAE) brings its own frame settings and
+            // clip length; per-frame models share the image modality's processor.
+            let native = model_dir(m).and_then(videomae::native_frames);
+            let frames = match (native, &out.image, model_dir(m)) {
+                (None, Some(image), _) => image.clone(),
+                (_, _, dir) => {
                     let base = image_base(dir).map_err(|e| at(e.under("model")))?;
                     let empty = crate::config::PreprocessingConfig::default();
                     ImageProcessor::new(empty.image(base.as_ref())?)?
                 }
             };
+            let mut base = VideoProcessorConfig::default();
+            if let Some(num_frames) = native {
+                base.sampler = FrameSampler::Uniform { num_frames };
+            }
             let cfg: VideoProcessorConfig = m
                 .preprocessing
-                .video()
+                .video_over(&base)
                 .map_err(|e| at(e.under("preprocessing")))?;
             out.video = Some(VideoProcessor::new(cfg, frames).map_err(at)?);
         }

@@ -253,9 +253,10 @@ impl PyEncoder {
     /// tower of a dual checkpoint ("text" or "image" for CLIP/SigLIP) or "video" to run
     /// an image checkpoint per frame; `device` is "cpu" or "cuda[:N]"; `dtype` is
     /// "float32", "float16" or "bfloat16"; `video_pooling` is "mean" or "window:N";
-    /// `num_frames` is how many frames raw videos are sampled to.
+    /// `num_frames` is how many frames raw videos are sampled to (default: a native
+    /// video model's own clip length, else 8).
     #[staticmethod]
-    #[pyo3(signature = (path, modality=None, device="cpu", dtype="float32", *, video_pooling="mean", num_frames=8))]
+    #[pyo3(signature = (path, modality=None, device="cpu", dtype="float32", *, video_pooling="mean", num_frames=None))]
     fn from_pretrained(
         py: Python<'_>,
         path: PathBuf,
@@ -263,7 +264,7 @@ impl PyEncoder {
         device: &str,
         dtype: &str,
         video_pooling: &str,
-        num_frames: usize,
+        num_frames: Option<usize>,
     ) -> PyResult<Self> {
         let parsed = modality
             .filter(|m| !m.is_none())
@@ -274,14 +275,22 @@ impl PyEncoder {
             device: device.parse::<DeviceSpec>()?,
             precision: dtype.parse::<Precision>()?,
             video_pooling: video_pooling.parse::<VideoPooling>()?,
-            video: Some(crate::preprocess::video::VideoProcessorConfig {
-                sampler: crate::preprocess::video::FrameSampler::Uniform { num_frames },
-                ..Default::default()
-            }),
+            video: num_frames.map(
+                |num_frames| crate::preprocess::video::VideoProcessorConfig {
+                    sampler: crate::preprocess::video::FrameSampler::Uniform { num_frames },
+                    ..Default::default()
+                },
+            ),
             preprocessing: Default::default(),
         };
         let dir = path.clone();
         let inner = detached(py, move || Encoder::from_pretrained(&dir, &options))?;
+        let num_frames = num_frames.unwrap_or(match inner.model().processor() {
+            ProcessorKind::Video {
+                frames: Some(f), ..
+            } => f,
+            _ => 8,
+        });
         Ok(Self {
             inner,
             path,
@@ -514,7 +523,7 @@ impl PyEncoder {
             &device,
             &dtype,
             &video_pooling,
-            num_frames,
+            Some(num_frames),
         )
     }
 }
@@ -661,6 +670,7 @@ fn register_encoder_py(
                     Modality::Video => ProcessorKind::Video {
                         height: 0,
                         width: 0,
+                        frames: None,
                     },
                     Modality::Custom(_) => ProcessorKind::Image {
                         height: 0,
