@@ -200,21 +200,7 @@ impl AttnCore {
                             ks,
                             1.0,
                         );
-                        gemm_into(
-                            tk,
-                            hd,
-                            tq,
-                            dvt,
-                            ks,
-                            !first,
-                            w.as_ptr(),
-                            1,
-                            tk,
-                            gp,
-                            qs,
-                            1,
-                            1.0,
-                        );
+                        at_b(dvt, (tk, hd, tq), !first, &w, (gp, qs), ks);
                     }
                     // dLogits = w (dW - rowsum(w dW)) scale, in place in dw.
                     for (wr, dr) in w.chunks_exact(tk).zip(dw.chunks_exact_mut(tk)) {
@@ -240,21 +226,7 @@ impl AttnCore {
                             1,
                             1.0,
                         );
-                        gemm_into(
-                            tk,
-                            hd,
-                            tq,
-                            dkt,
-                            ks,
-                            !first,
-                            dw.as_ptr(),
-                            1,
-                            tk,
-                            qp,
-                            qs,
-                            1,
-                            1.0,
-                        );
+                        at_b(dkt, (tk, hd, tq), !first, &dw, (qp, qs), ks);
                     }
                 }
             }
@@ -269,6 +241,36 @@ impl AttnCore {
         }
         (dq, dk, dv)
     }
+}
+
+/// `dst [tk, hd] (+)= a^T b` for `a` `[tq, tk]` (contiguous) and `b` `[tq, hd]` (row
+/// stride `b_rs`); `dst` has row stride `dst_rs`; `+=` when `accumulate`.
+///
+/// # Safety
+/// `dst` and `b` must address their whole strided extents; `dst` must not overlap them.
+unsafe fn at_b(
+    dst: *mut f32,
+    (tk, hd, tq): (usize, usize, usize),
+    accumulate: bool,
+    a: &[f32],
+    (b, b_rs): (*const f32, usize),
+    dst_rs: usize,
+) {
+    gemm_into(
+        tk,
+        hd,
+        tq,
+        dst,
+        dst_rs,
+        accumulate,
+        a.as_ptr(),
+        1,
+        tk,
+        b,
+        b_rs,
+        1,
+        1.0,
+    );
 }
 
 impl CustomOp3 for AttnCore {
