@@ -227,6 +227,30 @@ def test_fusion_to_mlmf(mt: Any, item: tuple[str, dict], tmp_path: Path) -> None
     compare(again, fresh, list(DIMS), seed=19, what=fusion_id(item))
 
 
+def test_late_similarity_both_ways(mt: Any) -> None:
+    """The weightless `similarity` mode: the mean of unit vectors, the same in both."""
+    import torch
+
+    dims = {"text": OUT, "image": OUT, "audio": OUT}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fus = mlmf.Fusion("late", dims, OUT, mode="similarity")
+    module = mt.from_mlmf(fus)
+    assert module.mode == "similarity" and not list(module.parameters())
+    assert mt.to_mlmf(mt.Fusion("late", dims, OUT, mode="similarity")).strategy == "late"
+    rng = np.random.default_rng(23)
+    for names in (list(dims), ["text", "audio"], ["image"]):
+        inputs = {m: rng.standard_normal((3, OUT), dtype=np.float32) for m in names}
+        got = fus(inputs).fused
+        with torch.no_grad():
+            ref = module(to_torch(inputs)).fused.numpy()
+        close(got, ref, f"late similarity {names}")
+        units = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in inputs.values()]
+        close(got, np.mean(units, axis=0), f"late similarity {names} by hand")
+    with pytest.raises(ValueError, match="must equal out_dim"):
+        mt.Fusion("late", DIMS, OUT, mode="similarity")
+
+
 def test_load_mlmf_is_strict(mt: Any, tmp_path: Path) -> None:
     path = tmp_path / "gated.safetensors"
     mt.save_mlmf(mt.Fusion("gated", DIMS, OUT), path)

@@ -191,8 +191,9 @@ class FusionBase(nn.Module):
 
 
 class LateFusion(FusionBase):
-    """``late``: concat ``proj(cat p)``, mean, weighted (``modality_logits``) or logits
-    (per-modality LayerNorm + head, averaged)."""
+    """``late``: concat ``proj(cat p)``, mean, weighted (``modality_logits``), logits
+    (per-modality LayerNorm + head, averaged) or similarity (the mean of the unit
+    vectors, no weights: aligned towers' vectors kept in their own space)."""
 
     strategy = "late"
 
@@ -215,8 +216,17 @@ class LateFusion(FusionBase):
         elif mode == "logits":
             self.norm = nn.ModuleDict({m: make_norm(d, "layer") for m, d in self.dims.items()})
             self.head = self._linear_per_modality()
+        elif mode == "similarity":
+            wrong = {m: d for m, d in self.dims.items() if d != out_dim}
+            if wrong:
+                raise ValueError(
+                    "late mode 'similarity' keeps the aligned towers' space: every "
+                    f"modality's width must equal out_dim ({out_dim}), got {wrong}"
+                )
         else:
-            raise ValueError(f"mode must be concat, mean, weighted or logits, got {mode!r}")
+            raise ValueError(
+                f"mode must be concat, mean, weighted, logits or similarity, got {mode!r}"
+            )
 
     def forward(self, inputs: dict[str, Value], return_attention: bool = False) -> FusionOutput:
         p = self.pooled(self.prepare(inputs))
@@ -225,6 +235,9 @@ class LateFusion(FusionBase):
         if self.mode == "mean":
             fused = torch.stack([self.proj[m](p[m]) for m in self.names if m in p]).mean(0)
             return FusionOutput(fused, None, {})
+        if self.mode == "similarity":
+            units = [F.normalize(p[m], dim=-1) for m in self.names if m in p]
+            return FusionOutput(torch.stack(units).mean(0), None, {})
         if self.mode == "weighted":
             ref = next(iter(p.values()))
             present = self.present_flags(p, ref)
