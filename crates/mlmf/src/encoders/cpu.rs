@@ -928,10 +928,7 @@ pub(crate) fn run_layers(
     let inter = layers[0].fc1.out_dim()?;
     let bias = Bias::from_tensor(bias, b, layers[0].attn.heads, t)?;
     let mut x: Vec<f32> = x.flatten_all().and_then(|x| x.to_vec1()).map_err(&f)?;
-    let mut h = vec![0f32; m * d];
-    let mut qkv = vec![0f32; m * 3 * d];
-    let mut ctx = vec![0f32; m * d];
-    let mut u = vec![0f32; m * inter];
+    let [mut h, mut qkv, mut ctx, mut u] = stack_buffers([m * d, m * 3 * d, m * d, m * inter]);
     for layer in layers {
         let tensors = layer.tensors();
         let guards: Vec<Option<_>> = tensors
@@ -973,9 +970,47 @@ pub(crate) fn run_layers(
             layer_norm(&h, d, w.norm2, eps2, &mut x);
         }
     }
+    keep_stack_buffers([h, qkv, ctx, u]);
     Tensor::from_vec(x, (b, t, d), &candle_core::Device::Cpu)
         .map(Some)
         .map_err(f)
+}
+
+/// The work buffers of the last layer stack run, kept for the next (process-wide:
+/// calls from Python may run each on a thread of its own).
+static STACK: std::sync::Mutex<Option<[Vec<f32>; 4]>> = std::sync::Mutex::new(None);
+
+/// A layer stack's four work buffers (`h`, `qkv`, `ctx`, the MLP's `u`) of `lens`,
+/// reused from the previous stack run (the stack puts them back when it is done, up
+/// to [`KEEP_BYTES`]; a stack running beside another gets fresh ones). Long inputs need tens of MB (VideoMAE-base: 1568 tokens, 45 MB);
+/// fresh allocations that large come from the OS page by page on every call, and the
+/// kernel's zeroing of those pages took about 3% of a VideoMAE-base call. Every kernel
+/// writes all of a buffer before reading it, so the previous call's values do no harm.
+fn stack_buffers(lens: [usize; 4]) -> [Vec<f32>; 4] {
+    let mut bufs = STACK
+        .lock()
+        .ok()
+        .and_then(|mut s| s.take())
+        .unwrap_or_else(|| std::array::from_fn(|_| Vec::new()));
+    for (buf, n) in bufs.iter_mut().zip(lens) {
+        // Shrinking keeps the allocation; growing zero-fills only the new part.
+        buf.resize(n, 0.0);
+    }
+    bufs
+}
+
+/// The most buffer memory kept between stack runs (a larger batch frees its buffers
+/// as before).
+const KEEP_BYTES: usize = 256 << 20;
+
+/// Puts a stack's buffers back for the next run, unless they are large.
+fn keep_stack_buffers(bufs: [Vec<f32>; 4]) {
+    let bytes: usize = bufs.iter().map(|b| b.capacity() * 4).sum();
+    if bytes <= KEEP_BYTES {
+        if let Ok(mut s) = STACK.lock() {
+            *s = Some(bufs);
+        }
+    }
 }
 
 /// LayerNorm of a float32 CPU `x` `[.., D]` over its last dimension (rows in parallel);
