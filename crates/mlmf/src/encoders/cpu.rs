@@ -21,7 +21,8 @@
 //! - exp, erf and tanh are branch-free polynomials the compiler vectorises.
 //!
 //! Matrix products use the `gemm` crate's kernels (the ones candle's CPU backend calls)
-//! single-threaded inside each task. Buffers are allocated once per stack, not per op.
+//! single-threaded inside each task. Buffers are allocated once per stack, not per op,
+//! and kept for the next stack run.
 
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
