@@ -24,6 +24,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use ndarray::Array5;
 
+use crate::encoders::clip::first_token;
 use crate::encoders::config::Cfg;
 use crate::encoders::inputs::{full_mask, wrong_input};
 use crate::encoders::layers::{
@@ -293,10 +294,7 @@ impl ModalityEncoder for VideoMae {
                 None => mean,
             }
         } else {
-            hidden
-                .narrow(1, 0, 1)
-                .and_then(|h| h.squeeze(1))
-                .map_err(&f)?
+            first_token(&hidden)?
         };
         Ok(EncoderOutput {
             mask: full_mask(b, t, &self.info.device)?,

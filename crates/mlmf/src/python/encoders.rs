@@ -285,12 +285,14 @@ impl PyEncoder {
         };
         let dir = path.clone();
         let inner = detached(py, move || Encoder::from_pretrained(&dir, &options))?;
-        let num_frames = num_frames.unwrap_or(match inner.model().processor() {
-            ProcessorKind::Video {
-                frames: Some(f), ..
-            } => f,
-            _ => 8,
-        });
+        // The clip length the encoder's own processor settled on (a native video
+        // model's num_frames, else the sampler's default).
+        let num_frames = num_frames
+            .or_else(|| match inner.video_processor()?.config().sampler {
+                crate::preprocess::video::FrameSampler::Uniform { num_frames } => Some(num_frames),
+                _ => None,
+            })
+            .unwrap_or(8);
         Ok(Self {
             inner,
             path,
