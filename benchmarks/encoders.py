@@ -97,6 +97,32 @@ def vit_gflop(tokens: int, d: int, layers: int, mlp: int, patch_in: int) -> floa
 
 GFLOP["videomae"] = vit_gflop(VIDEOMAE_TOKENS, 768, 12, 3072, 3 * 2 * 16 * 16)
 
+# wav2vec 2.0 base (`Wav2Vec2Config()`, random weights) on 10 s of 16 kHz speech: the
+# feature encoder's convolutions, the positional convolution and 12 layers of width 768.
+W2V_SECONDS = 10
+W2V_CONVS = [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2
+
+
+def wav2vec2_gflop(samples: int) -> float:
+    """Forward GFLOP of wav2vec 2.0 base on `samples` samples: every convolution as a
+    matrix product over its windows, the projection, the grouped positional convolution
+    (128 taps, 16 groups of 48) and the transformer layers."""
+    macs, t, c_in = 0, samples, 1
+    for k, s in W2V_CONVS:
+        t = (t - k) // s + 1
+        macs += t * k * c_in * 512
+        c_in = 512
+    macs += t * 512 * 768 + t * 128 * 48 * 768
+    macs += 12 * (t * (4 * 768 * 768 + 2 * 768 * 3072) + 2 * t * t * 768)
+    return 2 * macs / 1e9
+
+
+GFLOP["wav2vec2"] = wav2vec2_gflop(W2V_SECONDS * 16_000)
+# AST base (`ASTConfig()`, random weights): 1024 frames of 128 mel bins cut into 16 x 16
+# patches every 10 bins and 10 frames, 12 x 101 patches and 2 leading tokens.
+AST_TOKENS = 12 * 101 + 2
+GFLOP["ast"] = vit_gflop(AST_TOKENS, 768, 12, 3072, 16 * 16)
+
 MINILM_SHAPE = {
     "hidden_size": 384,
     "num_hidden_layers": 6,
@@ -163,7 +189,7 @@ class Encoders(harness.Suite):
     """Builds the checkpoints, the contenders and the rows."""
 
     name = "encoders"
-    groups = ("clip", "whisper", "minilm", "qwen3", "videomae")
+    groups = ("clip", "whisper", "minilm", "qwen3", "videomae", "wav2vec2", "ast")
     rounds_help = "timed rounds for every row (default: 9 for the fast rows, 7 for the slow ones)"
     plot_name = PLOT_NAME
     columns = (
@@ -462,6 +488,67 @@ class Encoders(harness.Suite):
         parts = (enc, pixels, VideoTower().eval(), (torch.from_numpy(pixels),), ["pixel_values"])
         return self._row("videomae", workload, 1, 3, *parts)
 
+    # speech and audio --------------------------------------------------------
+
+    def wav2vec2_row(self) -> Row:
+        import torch
+        from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+        import mlmf
+
+        path = self.dir / "wav2vec2_base_random"
+        model = synthetic.random_checkpoint(Wav2Vec2Model, Wav2Vec2Config(), path)
+        enc = mlmf.Encoder.from_pretrained(path, modality="audio")
+
+        class SpeechTower(torch.nn.Module):
+            """Wav2Vec2Model, and mlmf's pooled: the mean of the last hidden state."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model
+
+            def forward(self, input_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                hidden = self.m(input_values=input_values).last_hidden_state
+                return hidden.mean(dim=1), hidden
+
+        samples = synthetic.speech_like(W2V_SECONDS, 16_000, seed=SEED)
+        x = ((samples - samples.mean()) / np.sqrt(samples.var() + 1e-7)).astype(np.float32)
+        mlmf_in = {"input_features": x[None, None], "valid_frames": [len(x)]}
+        workload = (
+            f"wav2vec 2.0 base shape (random weights; HuBERT base is the same network), "
+            f"{W2V_SECONDS} s of 16 kHz audio, batch 1"
+        )
+        parts = (enc, mlmf_in, SpeechTower().eval(), (torch.from_numpy(x[None]),), ["input_values"])
+        return self._row("wav2vec2", workload, 1, 5, *parts)
+
+    def ast_row(self) -> Row:
+        import torch
+        from transformers import ASTConfig, ASTModel
+
+        import mlmf
+
+        path = self.dir / "ast_base_random"
+        model = synthetic.random_checkpoint(ASTModel, ASTConfig(), path)
+        enc = mlmf.Encoder.from_pretrained(path, modality="audio")
+
+        class AudioTower(torch.nn.Module):
+            """ASTModel: its pooler output (the mean of the two leading tokens)."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model
+
+            def forward(self, input_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                out = self.m(input_values=input_values)
+                return out.pooler_output, out.last_hidden_state
+
+        rng = np.random.default_rng(SEED)
+        feats = rng.normal(0.0, 0.5, (1, 1024, 128)).astype(np.float32)
+        mlmf_in = np.ascontiguousarray(feats.transpose(0, 2, 1))
+        workload = "AST base shape (random weights), 1024 frames x 128 mel bins, batch 1"
+        parts = (enc, mlmf_in, AudioTower().eval(), (torch.from_numpy(feats),), ["input_values"])
+        return self._row("ast", workload, 1, 3, *parts)
+
     def build(self, only: Optional[list[str]]) -> list[Row]:
         builders: list[tuple[str, Callable[[], Any]]] = [
             ("clip", self.clip_rows),
@@ -469,6 +556,8 @@ class Encoders(harness.Suite):
             ("minilm", self.minilm_row),
             ("qwen3", self.qwen3_row),
             ("videomae", self.videomae_row),
+            ("wav2vec2", self.wav2vec2_row),
+            ("ast", self.ast_row),
         ]
         return self.build_rows(builders, only, progress=True)
 
@@ -552,7 +641,11 @@ class Encoders(harness.Suite):
             "preprocessing, the log-mel of 30 s of speech-like audio, and 8 English-like texts "
             "truncated to exactly 128 tokens (no padding), for Qwen3 4 rows of 64 random "
             "token ids (no padding), and for VideoMAE (`VideoMAEModel(VideoMAEConfig())`, "
-            "random weights, 1568 tokens) 16 photo-like frames through the CLIP preprocessing. "
+            "random weights, 1568 tokens) 16 photo-like frames through the CLIP preprocessing, "
+            f"for wav2vec 2.0 (`Wav2Vec2Model(Wav2Vec2Config())`, random weights) {W2V_SECONDS} "
+            "s of speech-like audio normalised as its feature extractor does, and for AST "
+            "(`ASTModel(ASTConfig())`, random weights, 1214 tokens) random filter banks of "
+            "1024 frames x 128 bins. "
             "PyTorch eager runs the transformers "
             "module under `torch.inference_mode()`; ONNX Runtime runs the same module exported "
             "with `torch.onnx.export` (static shapes; "
@@ -561,16 +654,18 @@ class Encoders(harness.Suite):
             "same two outputs as mlmf's `encode`: pooled (CLIP: `image_embeds`; Whisper: mean "
             "of the last hidden state over positions; MiniLM: sentence-transformers' mean "
             "pooling + L2 normalisation, computed in torch on top of `BertModel`; Qwen3: the "
-            "last token's state, L2-normalised, on top of `Qwen3Model`; VideoMAE: the mean of "
-            "the last hidden state) and the last "
+            "last token's state, L2-normalised, on top of `Qwen3Model`; VideoMAE and wav2vec "
+            "2.0: the mean of the last hidden state; AST: its pooler output, the mean of the "
+            "two leading tokens) and the last "
             "hidden state. Each contender is warmed up, then the contenders alternate for "
             f"several rounds ({rounds}; order reversed every other round); each timed sample "
             f"repeats the call until it lasts at least {min_time:g} s. Figures are "
             "medians over the rounds, per item (batch time / batch size). Ratio = competitor "
             "time / mlmf time. Effective GFLOP/s = GFLOP per item (CLIP B/32 8.82, Whisper-base "
             f"30 s 87.4, MiniLM 128 tokens 2.87, Qwen3 {QWEN3_TOKENS} tokens "
-            f"{GFLOP['qwen3']:.1f}, VideoMAE-base 16 frames {GFLOP['videomae']:.0f}) / time "
-            "per item. *max abs diff* compares mlmf's "
+            f"{GFLOP['qwen3']:.1f}, VideoMAE-base 16 frames {GFLOP['videomae']:.0f}, wav2vec "
+            f"2.0 base {W2V_SECONDS} s {GFLOP['wav2vec2']:.0f}, AST base {GFLOP['ast']:.0f}) / "
+            "time per item. *max abs diff* compares mlmf's "
             "hidden states and pooled vectors with the competitor's.",
         ]
         notes = [  # the fixed notes, then the run's

@@ -26,6 +26,7 @@ Run through ``scripts/make_fixtures.py --only zoo``.  So far:
   pixel_values; pooled is the mean of ``last_hidden_state`` (through ``fc_norm`` for
   the classification checkpoint) or its first token (``use_mean_pooling: false``), as
   ``VideoMAEForVideoClassification`` reads them before its classifier.
+- ``speech``: wav2vec2, HuBERT and AST checkpoints, ``speech.npz``; see fixtures_speech.py.
 """
 
 from __future__ import annotations
@@ -243,6 +244,7 @@ def _videomae(models: Path, clips: list[np.ndarray]) -> dict:
 
 def make_zoo(out: Path) -> None:
     import transformers
+    from fixtures_speech import make_speech  # imported here: it imports this module
 
     write_json(
         out / "expected.json",
@@ -254,5 +256,6 @@ def make_zoo(out: Path) -> None:
             "tolerance": 1e-4,
             "cases": {"qwen3_tiny": _qwen3(out / "models")},
             "videomae": _videomae(out / "models", _clips()),
+            "speech": make_speech(out / "models"),
         },
     )

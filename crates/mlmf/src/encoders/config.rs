@@ -95,6 +95,28 @@ impl<'a> Cfg<'a> {
         }
     }
 
+    /// A list of positive integers (`conv_dim`); every entry as [`Cfg::size`] checks.
+    pub fn sizes(&self, key: &str, default: &[usize]) -> Result<Vec<usize>> {
+        match self.get(key) {
+            None => Ok(default.to_vec()),
+            Some(v) => v
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .and_then(|a| {
+                    a.iter()
+                        .map(|x| x.as_u64().filter(|n| (1..=(1 << 24)).contains(n)))
+                        .map(|n| n.map(|n| n as usize))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| {
+                    MlmfError::config(
+                        self.field(key),
+                        format!("expected a non-empty list of integers >= 1, got {v}"),
+                    )
+                }),
+        }
+    }
+
     /// The dotted name of `key` for error messages.
     pub fn name(&self, key: &str) -> String {
         self.field(key)

@@ -13,8 +13,8 @@ use crate::device::DeviceSpec;
 use crate::encoders::layers::{ce, masked_mean};
 use crate::encoders::registry::{self, LoadRequest};
 use crate::encoders::{
-    bert, videomae, Checkpoint, EncoderInput, EncoderOutput, FrameEncoder, ModalityEncoder,
-    Precision, ProcessorKind, VideoPooling,
+    bert, videomae, Checkpoint, ChunkPooling, EncoderInput, EncoderOutput, FrameEncoder,
+    ModalityEncoder, Precision, ProcessorKind, VideoPooling,
 };
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
@@ -235,7 +235,7 @@ impl Encoder {
     pub fn encode_preprocessed(&self, pre: &Preprocessed) -> Result<EncoderOutput> {
         let out = self.encode(&pre.input)?;
         match &pre.num_chunks {
-            Some(n) if n.iter().any(|&c| c != 1) => join_chunks(out, n),
+            Some(n) if n.iter().any(|&c| c != 1) => join_chunks(out, n, self.model.chunk_pooling()),
             _ => Ok(out),
         }
     }
@@ -315,7 +315,7 @@ impl Encoder {
                 if feats.num_chunks.iter().all(|&n| n == 1) {
                     Ok(out)
                 } else {
-                    join_chunks(out, &feats.num_chunks)
+                    join_chunks(out, &feats.num_chunks, self.model.chunk_pooling())
                 }
             }
             _ => Err(mismatch()),
@@ -349,8 +349,13 @@ fn mismatch() -> MlmfError {
     MlmfError::Internal("processor and encoder modalities disagree".into())
 }
 
-/// Puts the chunks of each input back together along the token axis.
-fn join_chunks(out: EncoderOutput, num_chunks: &[usize]) -> Result<EncoderOutput> {
+/// Puts the chunks of each input back together along the token axis; pooled as
+/// `pooling` says.
+fn join_chunks(
+    out: EncoderOutput,
+    num_chunks: &[usize],
+    pooling: ChunkPooling,
+) -> Result<EncoderOutput> {
     let f = ce("joining audio chunks");
     let (_, t, d) = out.hidden_states.dims3().map_err(&f)?;
     let longest = num_chunks.iter().copied().max().unwrap_or(1) * t;
@@ -376,7 +381,27 @@ fn join_chunks(out: EncoderOutput, num_chunks: &[usize]) -> Result<EncoderOutput
     }
     let hidden = Tensor::cat(&hidden, 0).map_err(&f)?;
     let mask = Tensor::cat(&masks, 0).map_err(&f)?;
-    let pooled = masked_mean(&hidden, &mask)?;
+    let pooled = match pooling {
+        ChunkPooling::TokenMean => masked_mean(&hidden, &mask)?,
+        ChunkPooling::MeanOfChunks => {
+            let mut start = 0;
+            let rows = num_chunks
+                .iter()
+                .map(|&n| {
+                    let r = out
+                        .pooled
+                        .narrow(0, start, n)
+                        .and_then(|p| p.to_dtype(candle_core::DType::F32))
+                        .and_then(|p| p.mean_keepdim(0))
+                        .and_then(|p| p.to_dtype(out.pooled.dtype()));
+                    start += n;
+                    r
+                })
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(&f)?;
+            Tensor::cat(&rows, 0).map_err(&f)?
+        }
+    };
     Ok(EncoderOutput {
         hidden_states: hidden,
         mask,

@@ -8,9 +8,11 @@
 //!
 //! Supported: `bert` (and sentence-transformers directories around it), `clip`,
 //! `clip_vision_model`, `clip_text_model`, `siglip`, `siglip_vision_model`,
-//! `siglip_text_model`, `qwen3` (a text embedder), `vit`, `whisper` (encoder only), and video as an image encoder
-//! applied per frame ([`video::FrameEncoder`]).
+//! `siglip_text_model`, `qwen3` (a text embedder), `vit`, `videomae`, `whisper` (encoder
+//! only), `wav2vec2` and `hubert` (raw-waveform speech), `audio-spectrogram-transformer`,
+//! and video as an image encoder applied per frame ([`video::FrameEncoder`]).
 
+pub mod ast;
 pub mod bert;
 pub mod checkpoint;
 pub mod clip;
@@ -26,6 +28,7 @@ pub mod siglip;
 pub mod video;
 pub mod videomae;
 pub mod vit;
+pub mod wav2vec2;
 pub mod whisper;
 
 use std::fmt;
@@ -212,6 +215,18 @@ pub struct EncoderInfo {
     pub dtype: DType,
 }
 
+/// How the pooled vectors of a long clip's chunks become the clip's one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChunkPooling {
+    /// The mean over every real position of every chunk (for models whose pooled
+    /// vector is the mean of their positions: Whisper, wav2vec 2.0).
+    #[default]
+    TokenMean,
+    /// The mean of the chunks' own pooled vectors (models that pool leading tokens:
+    /// AST).
+    MeanOfChunks,
+}
+
 /// One modality's encoder: the extension point for new architectures. Implement it and
 /// register a factory with [`register_encoder`] to make `Encoder::from_pretrained` load
 /// your checkpoints.
@@ -256,5 +271,10 @@ pub trait ModalityEncoder: Send + Sync {
     /// The dtype of the weights and outputs.
     fn dtype(&self) -> DType {
         self.info().dtype
+    }
+
+    /// How a long audio clip's chunks are pooled into one vector.
+    fn chunk_pooling(&self) -> ChunkPooling {
+        ChunkPooling::TokenMean
     }
 }

@@ -10,7 +10,7 @@ use candle_core::Device;
 
 use crate::encoders::checkpoint::Checkpoint;
 use crate::encoders::{
-    bert, clip, qwen3, siglip, videomae, vit, whisper, ModalityEncoder, Precision,
+    ast, bert, clip, qwen3, siglip, videomae, vit, wav2vec2, whisper, ModalityEncoder, Precision,
 };
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
@@ -86,6 +86,8 @@ fn table() -> &'static RwLock<BTreeMap<String, EncoderFactory>> {
         add(&["videomae"], Arc::new(videomae::load));
         add(&["qwen3"], Arc::new(qwen3::load));
         add(&["whisper"], Arc::new(whisper::load));
+        add(&["wav2vec2", "hubert"], Arc::new(wav2vec2::load));
+        add(&["audio-spectrogram-transformer"], Arc::new(ast::load));
         RwLock::new(t)
     })
 }
@@ -127,6 +129,10 @@ fn model_type_of(ckpt: &Checkpoint) -> Result<String> {
         ("ViT", "vit"),
         ("VideoMAE", "videomae"),
         ("Whisper", "whisper"),
+        ("Wav2Vec2", "wav2vec2"),
+        ("Hubert", "hubert"),
+        ("ASTFor", "audio-spectrogram-transformer"),
+        ("ASTModel", "audio-spectrogram-transformer"),
         ("Qwen3", "qwen3"),
     ];
     for arch in ckpt.architectures() {

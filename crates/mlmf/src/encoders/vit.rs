@@ -20,7 +20,7 @@ use crate::error::Result;
 use crate::modality::Modality;
 
 /// ViT's layer tensor names (pre-norm), under `encoder.layer.`.
-const LAYER: LayerNames<'static> = LayerNames {
+pub(crate) const LAYER: LayerNames<'static> = LayerNames {
     attention: AttentionNames {
         q: "attention.attention.query",
         k: "attention.attention.key",

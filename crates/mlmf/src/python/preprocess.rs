@@ -613,7 +613,9 @@ pub(crate) fn check_samples_shape(shape: &[usize]) -> Result<(), MlmfError> {
     }
 }
 
-/// Whisper-style log-mel feature extraction from raw audio.
+/// Audio feature extraction from raw audio: Whisper log-mel chunks, or what the
+/// checkpoint's `feature_extractor_type` names (normalised waveforms for wav2vec 2.0 /
+/// HuBERT, Kaldi filter banks for AST).
 #[pyclass(name = "AudioProcessor", module = "mlmf._mlmf", frozen)]
 pub(crate) struct PyAudioProcessor {
     inner: AudioProcessor,
@@ -648,8 +650,10 @@ impl PyAudioProcessor {
         })
     }
 
-    /// Log-mel features of a batch: `{"input_features": float32 [N, n_mels, frames],
-    /// "num_chunks": int64 [B]}`. `sampling_rate` is the rate of array inputs.
+    /// Features of a batch: `{"input_features": float32 [N, n_mels, frames],
+    /// "num_chunks": int64 [B], "valid_frames": int64 [N]}` (log-mel or filter-bank
+    /// frames, or waveform samples `[N, 1, samples]`, that hold real audio per chunk).
+    /// `sampling_rate` is the rate of array inputs.
     #[pyo3(signature = (audios, sampling_rate=None))]
     fn __call__<'py>(
         &self,
@@ -664,6 +668,8 @@ impl PyAudioProcessor {
         out.set_item("input_features", feats.input_features.into_pyarray(py))?;
         let chunks: Vec<i64> = feats.num_chunks.iter().map(|&n| n as i64).collect();
         out.set_item("num_chunks", Array1::from(chunks).into_pyarray(py))?;
+        let valid: Vec<i64> = feats.valid_frames.iter().map(|&n| n as i64).collect();
+        out.set_item("valid_frames", Array1::from(valid).into_pyarray(py))?;
         Ok(out)
     }
 

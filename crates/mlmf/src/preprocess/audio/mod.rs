@@ -1,4 +1,8 @@
-//! Audio preprocessing: raw audio to Whisper log-mel features.
+//! Audio preprocessing: raw audio to the features an audio encoder takes — Whisper
+//! log-mel chunks by default, the normalised waveform for wav2vec 2.0 / HuBERT, or
+//! Kaldi filter banks for the Audio Spectrogram Transformer ([`AudioFeatureKind`], from
+//! the checkpoint's `feature_extractor_type`). The Whisper path is described here; the
+//! others differ only in what a chunk becomes (see [`kind`] and [`fbank`]).
 //!
 //! Input per item ([`AudioInput`]): an encoded file (path or bytes: WAV, FLAC, MP3, Ogg
 //! Vorbis) or float32 samples `[channels, samples]` with an optional sampling rate.
@@ -21,6 +25,8 @@
 //! option, 0 in released checkpoints) is not applied.
 
 mod decode;
+pub mod fbank;
+pub mod kind;
 mod mel;
 mod resample;
 
@@ -37,9 +43,11 @@ use crate::modality::Modality;
 use crate::preprocess::{Processor, Source};
 
 pub use decode::decode_audio;
+pub use kind::AudioFeatureKind;
 pub use mel::mel_filter_bank;
 pub use resample::resample;
 
+use fbank::Fbank;
 use mel::LogMel;
 use resample::{check_rate, MAX_SAMPLING_RATE, MIN_SAMPLING_RATE};
 
@@ -106,6 +114,11 @@ pub struct AudioProcessorConfig {
     pub stride_length_s: f64,
     /// Inputs longer than this many seconds are refused (`None`: no limit).
     pub max_duration_s: Option<f64>,
+    /// What a chunk becomes (Whisper log-mel unless the checkpoint's
+    /// `feature_extractor_type` says otherwise). Left out of the serialised settings
+    /// when it is the Whisper default.
+    #[serde(skip_serializing_if = "AudioFeatureKind::is_whisper")]
+    pub features: AudioFeatureKind,
 }
 
 impl Default for AudioProcessorConfig {
@@ -140,12 +153,15 @@ impl AudioProcessorConfig {
             padding_value: 0.0,
             stride_length_s: 0.0,
             max_duration_s: None,
+            features: AudioFeatureKind::WhisperLogMel,
         }
     }
 
-    /// Reads a parsed `preprocessor_config.json`. Unknown keys are ignored; a
-    /// `feature_extractor_type` other than `WhisperFeatureExtractor` is refused, since
-    /// other extractors compute different features. The result is validated.
+    /// Reads a parsed `preprocessor_config.json` (or these settings as serialised).
+    /// Unknown keys are ignored. `feature_extractor_type` picks the features:
+    /// `WhisperFeatureExtractor` (the default), `Wav2Vec2FeatureExtractor` or
+    /// `ASTFeatureExtractor` (its `num_mel_bins` becomes `feature_size`); any other is
+    /// refused, since it computes features mlmf does not. The result is validated.
     pub fn from_hf_json(v: &serde_json::Value) -> Result<Self> {
         let obj = v.as_object().ok_or_else(|| {
             MlmfError::config(
@@ -153,17 +169,18 @@ impl AudioProcessorConfig {
                 format!("expected a JSON object, got {v}"),
             )
         })?;
-        if let Some(kind) = obj.get("feature_extractor_type") {
-            if kind.as_str() != Some("WhisperFeatureExtractor") {
-                return Err(MlmfError::config(
-                    "feature_extractor_type",
-                    format!("expected \"WhisperFeatureExtractor\", got {kind}"),
-                ));
-            }
-        }
         let mut cfg = Self::whisper();
+        let mut fixed_bins = None;
+        if let Some(name) = obj.get("feature_extractor_type") {
+            (cfg.features, fixed_bins) = AudioFeatureKind::from_hf(name, obj)?;
+        } else if let Some(features) = obj.get("features") {
+            cfg.features = serde_json::from_value(features.clone())
+                .map_err(|e| MlmfError::config("features", format!("{e}, got {features}")))?;
+        }
         let uint = "a non-negative integer";
-        if let Some(x) = get_key(obj, "feature_size", uint)? {
+        if let Some(x) = fixed_bins {
+            cfg.feature_size = x;
+        } else if let Some(x) = get_key(obj, "feature_size", uint)? {
             cfg.feature_size = x;
         }
         if let Some(x) = get_key(obj, "sampling_rate", uint)? {
@@ -191,10 +208,17 @@ impl AudioProcessorConfig {
         Ok(cfg)
     }
 
-    /// Samples per chunk, `chunk_length * sampling_rate` (call after `validate`).
+    /// Samples per chunk (call after `validate`): `chunk_length * sampling_rate`, or
+    /// for filter banks the samples `max_length` frames span.
     fn n_samples(&self) -> usize {
-        self.chunk_length
-            .saturating_mul(self.sampling_rate as usize)
+        match self.features {
+            AudioFeatureKind::KaldiFbank { max_length, .. } => (max_length - 1)
+                .saturating_mul(self.hop_length)
+                .saturating_add(self.n_fft),
+            _ => self
+                .chunk_length
+                .saturating_mul(self.sampling_rate as usize),
+        }
     }
 
     /// Overlap per side in samples.
@@ -204,6 +228,7 @@ impl AudioProcessorConfig {
 
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<()> {
+        self.features.validate()?;
         if self.feature_size == 0 || self.feature_size > 1024 {
             return Err(MlmfError::config(
                 "feature_size",
@@ -231,7 +256,10 @@ impl AudioProcessorConfig {
         // One chunk must hold at least one FFT window; the product is also bounded so a
         // single chunk stays within a sane size (an hour at the highest rate).
         let n_samples = (self.chunk_length as u64) * u64::from(self.sampling_rate);
-        if self.chunk_length == 0 || n_samples < self.n_fft as u64 || self.chunk_length > 3600 {
+        let fbank = matches!(self.features, AudioFeatureKind::KaldiFbank { .. });
+        if !fbank
+            && (self.chunk_length == 0 || n_samples < self.n_fft as u64 || self.chunk_length > 3600)
+        {
             return Err(MlmfError::config(
                 "chunk_length",
                 format!(
@@ -292,13 +320,46 @@ pub struct AudioFeatures {
     pub valid_frames: Vec<usize>,
 }
 
-/// Whisper feature extractor: raw audio to log-mel chunks. Cheap to share across
-/// threads; the FFT plan and filter bank are built once in [`AudioProcessor::new`].
+/// Audio feature extractor: raw audio to feature chunks (Whisper log-mel, normalised
+/// waveform or Kaldi filter banks). Cheap to share across threads; FFT plans and filter
+/// banks are built once in [`AudioProcessor::new`].
 pub struct AudioProcessor {
     cfg: AudioProcessorConfig,
-    log_mel: LogMel,
+    extractor: Extractor,
     /// Distance between chunk starts in samples.
     step: usize,
+}
+
+/// What turns one chunk of samples into features.
+enum Extractor {
+    LogMel(LogMel),
+    /// Chunks of at most `n_samples` samples, padded to the batch's longest.
+    Waveform {
+        n_samples: usize,
+        normalise: bool,
+    },
+    Fbank(Fbank),
+}
+
+impl Extractor {
+    /// Samples a chunk holds at most.
+    fn n_samples(&self) -> usize {
+        match self {
+            Self::LogMel(m) => m.n_samples(),
+            Self::Waveform { n_samples, .. } => *n_samples,
+            Self::Fbank(f) => f.n_samples(),
+        }
+    }
+
+    /// The fewest samples the last chunk of a long input may hold (a shorter tail is
+    /// dropped): one analysis frame, except for Whisper, which pads any tail.
+    fn min_tail(&self, frame: usize) -> usize {
+        match self {
+            Self::LogMel(_) => 1,
+            Self::Waveform { .. } => frame,
+            Self::Fbank(f) => f.min_samples(),
+        }
+    }
 }
 
 impl std::fmt::Debug for AudioProcessor {
@@ -389,16 +450,39 @@ impl AudioProcessor {
     /// Validates `cfg`, plans the FFT and builds the mel filter bank.
     pub fn new(cfg: AudioProcessorConfig) -> Result<Self> {
         cfg.validate()?;
-        let log_mel = LogMel::new(
-            cfg.n_fft,
-            cfg.hop_length,
-            cfg.n_samples(),
-            cfg.feature_size,
-            cfg.sampling_rate,
-            cfg.padding_value,
-        );
+        let extractor = match &cfg.features {
+            AudioFeatureKind::WhisperLogMel => Extractor::LogMel(LogMel::new(
+                cfg.n_fft,
+                cfg.hop_length,
+                cfg.n_samples(),
+                cfg.feature_size,
+                cfg.sampling_rate,
+                cfg.padding_value,
+            )),
+            AudioFeatureKind::Waveform { do_normalize } => Extractor::Waveform {
+                n_samples: cfg.n_samples(),
+                normalise: *do_normalize,
+            },
+            AudioFeatureKind::KaldiFbank {
+                max_length,
+                do_normalize,
+                mean,
+                std,
+            } => Extractor::Fbank(Fbank::new(
+                cfg.n_fft,
+                cfg.hop_length,
+                cfg.feature_size,
+                *max_length,
+                cfg.sampling_rate,
+                do_normalize.then_some((*mean, *std)),
+            )),
+        };
         let step = cfg.n_samples() - 2 * cfg.stride_samples();
-        Ok(Self { cfg, log_mel, step })
+        Ok(Self {
+            cfg,
+            extractor,
+            step,
+        })
     }
 
     /// Reads `preprocessor_config.json` from a checkpoint directory (or that file itself).
@@ -489,18 +573,22 @@ impl AudioProcessor {
 
     /// Chunks a `len`-sample input is split into (at least 1).
     fn chunk_count(&self, len: usize) -> usize {
-        let n = self.log_mel.n_samples();
+        let n = self.extractor.n_samples();
         if len <= n {
-            1
-        } else {
-            1 + (len - n).div_ceil(self.step)
+            return 1;
         }
+        let mut count = 1 + (len - n).div_ceil(self.step);
+        let tail = self.extractor.min_tail(self.cfg.n_fft);
+        while count > 1 && len - (count - 1) * self.step < tail {
+            count -= 1;
+        }
+        count
     }
 
-    /// Samples of chunk `k` (possibly shorter than a chunk; `log_mel` pads it).
+    /// Samples of chunk `k` (possibly shorter than a chunk; the extractor pads it).
     fn chunk<'a>(&self, samples: &'a [f32], k: usize) -> &'a [f32] {
         let start = (k * self.step).min(samples.len());
-        let end = (start + self.log_mel.n_samples()).min(samples.len());
+        let end = (start + self.extractor.n_samples()).min(samples.len());
         &samples[start..end]
     }
 
@@ -531,18 +619,61 @@ impl AudioProcessor {
             .zip(&num_chunks)
             .flat_map(|(x, &n)| (0..n).map(move |k| self.chunk(x, k)))
             .collect();
-        let mut input_features =
-            Array3::<f32>::zeros((jobs.len(), self.log_mel.n_mels(), self.log_mel.n_frames()));
-        input_features
-            .axis_iter_mut(Axis(0))
-            .into_par_iter()
-            .zip(jobs.par_iter())
-            .try_for_each(|(out, samples)| self.log_mel.compute_into(samples, out))?;
-        let hop = self.cfg.hop_length;
-        let valid_frames = jobs
-            .iter()
-            .map(|x| x.len().div_ceil(hop).min(self.log_mel.n_frames()))
-            .collect();
+        let (input_features, valid_frames) = match &self.extractor {
+            Extractor::LogMel(m) => {
+                let mut feats = Array3::<f32>::zeros((jobs.len(), m.n_mels(), m.n_frames()));
+                feats
+                    .axis_iter_mut(Axis(0))
+                    .into_par_iter()
+                    .zip(jobs.par_iter())
+                    .try_for_each(|(out, samples)| m.compute_into(samples, out))?;
+                let hop = self.cfg.hop_length;
+                let valid = jobs
+                    .iter()
+                    .map(|x| x.len().div_ceil(hop).min(m.n_frames()))
+                    .collect();
+                (feats, valid)
+            }
+            Extractor::Waveform { normalise, .. } => {
+                let width = jobs.iter().map(|x| x.len()).max().unwrap_or(0);
+                let pad = self.cfg.padding_value;
+                let mut feats = Array3::<f32>::from_elem((jobs.len(), 1, width), pad);
+                feats
+                    .axis_iter_mut(Axis(0))
+                    .into_par_iter()
+                    .zip(jobs.par_iter())
+                    .for_each(|(mut out, samples)| {
+                        if let Some(row) = out.as_slice_mut() {
+                            let row = &mut row[..samples.len()];
+                            row.copy_from_slice(samples);
+                            if *normalise {
+                                kind::normalise_waveform(row);
+                            }
+                        }
+                    });
+                (feats, jobs.iter().map(|x| x.len()).collect())
+            }
+            Extractor::Fbank(f) => {
+                let mut feats = Array3::<f32>::zeros((jobs.len(), f.n_mels(), f.n_frames()));
+                feats
+                    .axis_iter_mut(Axis(0))
+                    .into_par_iter()
+                    .zip(jobs.par_iter())
+                    .enumerate()
+                    .try_for_each(|(i, (out, samples))| {
+                        f.compute_into(samples, out).map_err(|e| {
+                            // Name the input, not the chunk.
+                            let item = chunk_owner(&num_chunks, i);
+                            e.at_index(item)
+                        })
+                    })?;
+                let valid = jobs
+                    .iter()
+                    .map(|x| f.frames_of(x.len()).min(f.n_frames()))
+                    .collect();
+                (feats, valid)
+            }
+        };
         Ok(AudioFeatures {
             input_features,
             num_chunks,
@@ -559,10 +690,31 @@ impl AudioProcessor {
                 samples_at_rate[t]
             )));
         }
-        let mut out = Array2::zeros((self.log_mel.n_mels(), self.log_mel.n_frames()));
-        self.log_mel.compute_into(samples_at_rate, out.view_mut())?;
+        let Extractor::LogMel(m) = &self.extractor else {
+            return Err(MlmfError::config(
+                "features",
+                format!(
+                    "log_mel is Whisper's feature; this processor computes {}'s",
+                    self.cfg.features.extractor_type()
+                ),
+            ));
+        };
+        let mut out = Array2::zeros((m.n_mels(), m.n_frames()));
+        m.compute_into(samples_at_rate, out.view_mut())?;
         Ok(out)
     }
+}
+
+/// The input chunk `i` of a batch came from, given each input's chunk count.
+fn chunk_owner(num_chunks: &[usize], i: usize) -> usize {
+    let mut end = 0;
+    for (item, n) in num_chunks.iter().enumerate() {
+        end += n;
+        if i < end {
+            return item;
+        }
+    }
+    num_chunks.len().saturating_sub(1)
 }
 
 impl Processor for AudioProcessor {
@@ -816,7 +968,7 @@ mod tests {
             ),
             (serde_json::json!({"max_duration_s": 0.0}), "max_duration_s"),
             (
-                serde_json::json!({"feature_extractor_type": "Wav2Vec2FeatureExtractor"}),
+                serde_json::json!({"feature_extractor_type": "SeamlessM4TFeatureExtractor"}),
                 "feature_extractor_type",
             ),
         ];
