@@ -27,6 +27,8 @@ Run through ``scripts/make_fixtures.py --only zoo``.  So far:
   the classification checkpoint) or its first token (``use_mean_pooling: false``), as
   ``VideoMAEForVideoClassification`` reads them before its classifier.
 - ``speech``: wav2vec2, HuBERT and AST checkpoints, ``speech.npz``; see fixtures_speech.py.
+- ``siglip2``: a SigLIP 2 (NaFlex) ``Siglip2Model`` checkpoint, ``siglip2.npz`` and the
+  generated images in ``inputs/``; see fixtures_siglip2.py.
 """
 
 from __future__ import annotations
@@ -244,7 +246,8 @@ def _videomae(models: Path, clips: list[np.ndarray]) -> dict:
 
 def make_zoo(out: Path) -> None:
     import transformers
-    from fixtures_speech import make_speech  # imported here: it imports this module
+    from fixtures_siglip2 import make_siglip2  # imported here: they import this module
+    from fixtures_speech import make_speech
 
     write_json(
         out / "expected.json",
@@ -257,5 +260,6 @@ def make_zoo(out: Path) -> None:
             "cases": {"qwen3_tiny": _qwen3(out / "models")},
             "videomae": _videomae(out / "models", _clips()),
             "speech": make_speech(out / "models"),
+            "siglip2": make_siglip2(out / "models"),
         },
     )

@@ -284,7 +284,9 @@ def _checkpoint_summary(path: Path) -> dict:
     info["jpeg_decoder"] = jpeg_decoder()
     info["aligned_heads"] = _aligned_heads(path, weights)
     # What MultiModalModel.similarity / zero_shot do with them (docs/aligned.md).
-    probabilities = {"clip": "softmax", "siglip": "sigmoid"}.get(info.get("model_type") or "")
+    probabilities = {"clip": "softmax", "siglip": "sigmoid", "siglip2": "sigmoid"}.get(
+        info.get("model_type") or ""
+    )
     has_scale = "logit_scale" in info["aligned_heads"]
     info["similarity"] = (
         {"towers": ["text", "image"], "probabilities": probabilities}
@@ -317,7 +319,18 @@ def _checkpoint_summary(path: Path) -> dict:
     if pre.is_file():
         kind = json.loads(pre.read_text(encoding="utf-8"))
         name = kind.get("image_processor_type") or kind.get("feature_extractor_type") or "?"
-        if "image" in encoders:
+        naflex = name.lower().startswith("siglip2") or "max_num_patches" in kind
+        if "image" in encoders and naflex:
+            # Variable resolution: each image keeps its aspect ratio, cut into patches.
+            cfg = mlmf.PatchImageProcessor.from_pretrained(path).config
+            processors["image"] = {
+                "processor": "PatchImageProcessor",
+                "reference": name,
+                "patch_size": cfg["patch_size"],
+                "max_num_patches": cfg["max_num_patches"],
+                **cfg["image"],
+            }
+        elif "image" in encoders:
             processors["image"] = {
                 "processor": "ImageProcessor",
                 "reference": name,

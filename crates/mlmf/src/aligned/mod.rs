@@ -5,8 +5,9 @@
 //! - `clip` (`CLIPModel`): `logits_per_text = exp(logit_scale) * t̂ · îᵀ` over the
 //!   L2-normalised projected embeddings; zero-shot probabilities are a softmax over
 //!   the labels.
-//! - `siglip` (`SiglipModel`): `logits_per_text = exp(logit_scale) * t̂ · îᵀ +
-//!   logit_bias`; zero-shot probabilities are independent sigmoids.
+//! - `siglip` (`SiglipModel`) and `siglip2` (`Siglip2Model`): `logits_per_text =
+//!   exp(logit_scale) * t̂ · îᵀ + logit_bias`; zero-shot probabilities are independent
+//!   sigmoids.
 //!
 //! `logits_per_image` is the transpose of `logits_per_text` in both. The embeddings
 //! are the towers' pooled outputs, which mlmf's encoders already produce
@@ -26,7 +27,11 @@ const WHAT: &str = "aligned heads";
 
 /// The `model_type`s whose checkpoints carry aligned heads, with the modality their
 /// text tower is aligned with.
-pub const FAMILIES: &[(&str, Modality)] = &[("clip", Modality::Image), ("siglip", Modality::Image)];
+pub const FAMILIES: &[(&str, Modality)] = &[
+    ("clip", Modality::Image),
+    ("siglip", Modality::Image),
+    ("siglip2", Modality::Image),
+];
 
 /// How a family turns logits into zero-shot probabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +109,7 @@ impl AlignedHead {
         };
         let logit_scale = scalar(ckpt, "logit_scale")?;
         let (probabilities, logit_bias) = match family.as_str() {
-            "siglip" => (Probabilities::Sigmoid, Some(scalar(ckpt, "logit_bias")?)),
+            "siglip" | "siglip2" => (Probabilities::Sigmoid, Some(scalar(ckpt, "logit_bias")?)),
             _ => (Probabilities::Softmax, None),
         };
         Ok(Self {

@@ -105,6 +105,30 @@ impl PreprocessingConfig {
         Ok(cfg)
     }
 
+    /// The NaFlex patch processor settings: these keys (`patch_size`,
+    /// `max_num_patches`, or any per-image key such as `resample`) laid over `base`
+    /// (a patch processor's serialised settings).
+    pub fn patches(
+        &self,
+        base: &serde_json::Value,
+    ) -> Result<crate::preprocess::image::PatchProcessorConfig> {
+        use crate::preprocess::image::PatchProcessorConfig;
+        let mut flat = base.get("image").cloned().unwrap_or_default();
+        for k in ["patch_size", "max_num_patches"] {
+            if let Some(v) = base.get(k) {
+                flat[k] = v.clone();
+            }
+        }
+        flat["image_processor_type"] = "Siglip2ImageProcessor".into();
+        let mut known = flat.clone();
+        if let Some(o) = known.as_object_mut() {
+            o.remove("image_processor_type");
+        }
+        let mut merged = flat;
+        merge_known(&mut merged, &known, &self.0)?;
+        PatchProcessorConfig::from_hf_json(&merged)
+    }
+
     /// Lays these keys over the Hugging Face settings `base` and parses the result with
     /// `parse`; keys the processor does not have (the fields of `defaults`) are refused.
     fn over_hf<T: Serialize>(

@@ -19,7 +19,7 @@ use crate::encoders::{
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 use crate::preprocess::audio::{AudioInput, AudioProcessor, AudioRef};
-use crate::preprocess::image::{ImageInput, ImageProcessor, ImageRef};
+use crate::preprocess::image::{ImageInput, ImageProcessor, ImageRef, PatchProcessor};
 use crate::preprocess::text::{Padding, TextProcessor, TextProcessorConfig};
 use crate::preprocess::video::{FrameSampler, VideoInput, VideoProcessor, VideoProcessorConfig};
 
@@ -62,6 +62,7 @@ pub enum RawInputs {
 enum Prep {
     Text(TextProcessor),
     Image(ImageProcessor),
+    Patches(PatchProcessor),
     Audio(AudioProcessor),
     Video(VideoProcessor),
 }
@@ -207,6 +208,10 @@ impl Encoder {
                     let refs: Vec<ImageRef<'_>> = images.iter().map(ImageRef::from).collect();
                     Ok(plain(EncoderInput::Image(p.process_refs(&refs)?)))
                 }
+                Prep::Patches(p) => {
+                    let refs: Vec<ImageRef<'_>> = images.iter().map(ImageRef::from).collect();
+                    Ok(plain(patch_input(p, &refs)?))
+                }
                 _ => Err(mismatch()),
             },
             RawInputs::Audio(clips) => match self.prep_for(Modality::Audio, clips.len())? {
@@ -246,6 +251,7 @@ impl Encoder {
         let value = match self.prep.as_ref() {
             Ok(Prep::Text(p)) => serde_json::to_value(p.config()),
             Ok(Prep::Image(p)) => serde_json::to_value(p.config()),
+            Ok(Prep::Patches(p)) => serde_json::to_value(p.config()),
             Ok(Prep::Audio(p)) => serde_json::to_value(p.config()),
             Ok(Prep::Video(p)) => serde_json::to_value((p.config(), p.image().config())),
             Err(_) => Ok(serde_json::Value::Null),
@@ -299,6 +305,7 @@ impl Encoder {
     pub fn encode_images(&self, images: &[ImageRef<'_>]) -> Result<EncoderOutput> {
         match self.prep_for(Modality::Image, images.len())? {
             Prep::Image(p) => self.encode(&EncoderInput::Image(p.process_refs(images)?)),
+            Prep::Patches(p) => self.encode(&patch_input(p, images)?),
             _ => Err(mismatch()),
         }
     }
@@ -343,6 +350,25 @@ fn video_pixels(p: &VideoProcessor, videos: &[VideoInput]) -> Result<ndarray::Ar
                  sample frames and use video_pooling=\"window:N\"",
             )
         })
+}
+
+/// NaFlex patches of `images` as encoder input.
+fn patch_input(p: &PatchProcessor, images: &[ImageRef<'_>]) -> Result<EncoderInput> {
+    let batch = p.process_refs(images)?;
+    Ok(EncoderInput::Patches {
+        patches: batch.patches,
+        shapes: batch.shapes,
+    })
+}
+
+/// The patch processor, for a NaFlex image encoder that has one.
+impl Encoder {
+    pub fn patch_processor(&self) -> Option<&PatchProcessor> {
+        match self.prep.as_ref() {
+            Ok(Prep::Patches(p)) => Some(p),
+            _ => None,
+        }
+    }
 }
 
 fn mismatch() -> MlmfError {
@@ -455,6 +481,17 @@ fn load_processor(
                 over.image(Some(&hf(&base)?))
                     .and_then(ImageProcessor::new)
                     .map(Prep::Image)
+            }
+        }
+        ProcessorKind::Patches { .. } => {
+            let base = PatchProcessor::from_pretrained(dir).map_err(|e| e.to_string())?;
+            if over.is_empty() {
+                Ok(Prep::Patches(base))
+            } else {
+                let json = serde_json::to_value(base.config()).map_err(|e| e.to_string())?;
+                over.patches(&json)
+                    .and_then(PatchProcessor::new)
+                    .map(Prep::Patches)
             }
         }
         ProcessorKind::Video { frames, .. } => {

@@ -8,7 +8,8 @@
 //!
 //! Supported: `bert` (and sentence-transformers directories around it), `clip`,
 //! `clip_vision_model`, `clip_text_model`, `siglip`, `siglip_vision_model`,
-//! `siglip_text_model`, `qwen3` (a text embedder), `vit`, `videomae`, `whisper` (encoder
+//! `siglip_text_model`, `siglip2` (and its towers; NaFlex images), `qwen3` (a text
+//! embedder), `vit`, `videomae`, `whisper` (encoder
 //! only), `wav2vec2` and `hubert` (raw-waveform speech), `audio-spectrogram-transformer`,
 //! and video as an image encoder applied per frame ([`video::FrameEncoder`]).
 
@@ -25,6 +26,7 @@ pub(crate) mod patch;
 pub mod qwen3;
 pub mod registry;
 pub mod siglip;
+pub mod siglip2;
 pub mod video;
 pub mod videomae;
 pub mod vit;
@@ -124,6 +126,13 @@ pub enum EncoderInput {
     },
     /// Frames `[B, T, 3, H, W]` float32.
     Video(Array5<f32>),
+    /// Variable-resolution image patches (NaFlex, SigLIP 2): `[B, N, P * P * 3]`
+    /// float32, each image's patch grid `(rows, columns)`; the first `rows * columns`
+    /// patches of a row are real, the rest padding.
+    Patches {
+        patches: Array3<f32>,
+        shapes: Vec<(usize, usize)>,
+    },
 }
 
 impl EncoderInput {
@@ -131,7 +140,7 @@ impl EncoderInput {
     pub fn modality(&self) -> Modality {
         match self {
             Self::Text(_) => Modality::Text,
-            Self::Image(_) => Modality::Image,
+            Self::Image(_) | Self::Patches { .. } => Modality::Image,
             Self::Audio { .. } => Modality::Audio,
             Self::Video(_) => Modality::Video,
         }
@@ -144,6 +153,7 @@ impl EncoderInput {
             Self::Image(x) => x.shape()[0],
             Self::Audio { features, .. } => features.shape()[0],
             Self::Video(x) => x.shape()[0],
+            Self::Patches { patches, .. } => patches.shape()[0],
         }
     }
 
@@ -159,6 +169,7 @@ impl EncoderInput {
             Self::Image(x) => format!("image pixels {:?}", x.shape()),
             Self::Audio { features, .. } => format!("audio features {:?}", features.shape()),
             Self::Video(x) => format!("video frames {:?}", x.shape()),
+            Self::Patches { patches, .. } => format!("image patches {:?}", patches.shape()),
         }
     }
 }
@@ -188,6 +199,8 @@ pub enum ProcessorKind {
     },
     /// `ImageProcessor` at this `(height, width)`.
     Image { height: usize, width: usize },
+    /// `PatchProcessor` (NaFlex): `patch`-pixel patches, the grid chosen per image.
+    Patches { patch: usize },
     /// `AudioProcessor` with this many mel bins and frames per chunk.
     Audio { n_mels: usize, frames: usize },
     /// `VideoProcessor` whose frames are `(height, width)`; `frames`: the clip length a

@@ -10,7 +10,8 @@ use candle_core::Device;
 
 use crate::encoders::checkpoint::Checkpoint;
 use crate::encoders::{
-    ast, bert, clip, qwen3, siglip, videomae, vit, wav2vec2, whisper, ModalityEncoder, Precision,
+    ast, bert, clip, qwen3, siglip, siglip2, videomae, vit, wav2vec2, whisper, ModalityEncoder,
+    Precision,
 };
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
@@ -82,6 +83,10 @@ fn table() -> &'static RwLock<BTreeMap<String, EncoderFactory>> {
             &["siglip", "siglip_vision_model", "siglip_text_model"],
             Arc::new(siglip::load),
         );
+        add(
+            &["siglip2", "siglip2_vision_model", "siglip2_text_model"],
+            Arc::new(siglip2::load),
+        );
         add(&["vit"], Arc::new(vit::load));
         add(&["videomae"], Arc::new(videomae::load));
         add(&["qwen3"], Arc::new(qwen3::load));
@@ -123,6 +128,9 @@ fn model_type_of(ckpt: &Checkpoint) -> Result<String> {
         ("CLIPVision", "clip_vision_model"),
         ("CLIPText", "clip_text_model"),
         ("CLIP", "clip"),
+        ("Siglip2Vision", "siglip2_vision_model"),
+        ("Siglip2Text", "siglip2_text_model"),
+        ("Siglip2", "siglip2"),
         ("SiglipVision", "siglip_vision_model"),
         ("SiglipText", "siglip_text_model"),
         ("Siglip", "siglip"),

@@ -17,8 +17,8 @@ use candle_core::Tensor;
 use crate::encoders::clip::{embed_text, tower, tower_cfg, CLIP_LAYER};
 use crate::encoders::inputs::{full_mask, text_batch, text_mask};
 use crate::encoders::layers::{
-    ce, load_layers, masked_mean, padding_bias, run_layers, Activation, EncoderLayer, LayerNorm,
-    Linear, Placement, SelfAttention, Sizes, Weights,
+    ce, load_layers, masked_mean, padding_bias, run_layers, Activation, AttnBias, EncoderLayer,
+    LayerNorm, Linear, Placement, SelfAttention, Sizes, Weights,
 };
 use crate::encoders::patch::{Geometry, PatchEmbedding, PatchNames};
 use crate::encoders::registry::LoadRequest;
@@ -27,7 +27,7 @@ use crate::error::Result;
 use crate::modality::Modality;
 
 /// The attention-pooling head of the vision tower.
-struct PoolingHead {
+pub(crate) struct PoolingHead {
     probe: Tensor,
     attn: SelfAttention,
     norm: LayerNorm,
@@ -37,7 +37,7 @@ struct PoolingHead {
 }
 
 impl PoolingHead {
-    fn load(w: Weights<'_>, p: &str, s: &Sizes) -> Result<Self> {
+    pub(crate) fn load(w: Weights<'_>, p: &str, s: &Sizes) -> Result<Self> {
         let d = s.hidden;
         let f = ce("siglip head");
         // nn.MultiheadAttention keeps q, k and v stacked in one `[3D, D]` weight.
@@ -58,11 +58,12 @@ impl PoolingHead {
         })
     }
 
-    fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
+    /// The pooled vector `[B, D]` of `hidden` `[B, T, D]`; `bias` masks padded keys.
+    pub(crate) fn forward(&self, hidden: &Tensor, bias: &AttnBias) -> Result<Tensor> {
         let f = ce("siglip head");
         let b = hidden.dim(0).map_err(&f)?;
         let probe = self.probe.repeat((b, 1, 1)).map_err(&f)?;
-        let x = self.attn.attend(&probe, hidden, &None)?;
+        let x = self.attn.attend(&probe, hidden, bias)?;
         let h = self.fc1.forward(&self.norm.forward(&x)?)?;
         let h = self.fc2.forward(&self.act.forward(&h)?)?;
         (x + h).and_then(|y| y.squeeze(1)).map_err(f)
@@ -101,7 +102,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
 
 fn load_vision(req: &LoadRequest<'_>, model_type: &str) -> Result<SiglipVision> {
     let ckpt = req.checkpoint;
-    let cfg = tower_cfg(ckpt.config(), model_type == "siglip", "vision_config");
+    let cfg = tower_cfg(ckpt.config(), is_dual(model_type), "vision_config");
     let s = Sizes::read(cfg, (768, 12, 12, 3072, 1e-6, "gelu_pytorch_tanh"))?;
     let geometry = Geometry::read(cfg, 224, 16)?;
     let use_head = cfg.boolean("vision_use_head", true)?;
@@ -143,9 +144,16 @@ fn load_vision(req: &LoadRequest<'_>, model_type: &str) -> Result<SiglipVision> 
     })
 }
 
-fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<SiglipText> {
+/// Whether `model_type` names a dual checkpoint (towers under `*_config`), not one of
+/// its `*_text_model` / `*_vision_model` towers.
+pub(crate) fn is_dual(model_type: &str) -> bool {
+    !model_type.ends_with("_text_model") && !model_type.ends_with("_vision_model")
+}
+
+/// The text tower (SigLIP 2's is the same network).
+pub(crate) fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<SiglipText> {
     let ckpt = req.checkpoint;
-    let cfg = tower_cfg(ckpt.config(), model_type == "siglip", "text_config");
+    let cfg = tower_cfg(ckpt.config(), is_dual(model_type), "text_config");
     let s = Sizes::read(cfg, (768, 12, 12, 3072, 1e-6, "gelu_pytorch_tanh"))?;
     let vocab = cfg.size("vocab_size", 32000)?;
     let max_positions = cfg.size("max_position_embeddings", 64)?;
@@ -199,7 +207,7 @@ impl ModalityEncoder for SiglipVision {
         let (b, t, _) = hidden.dims3().map_err(ce("siglip vision"))?;
         let mask = full_mask(b, t, &self.info.device)?;
         let pooled = match &self.head {
-            Some(h) => h.forward(&hidden)?,
+            Some(h) => h.forward(&hidden, &None)?,
             None => masked_mean(&hidden, &mask)?,
         };
         Ok(EncoderOutput {

@@ -80,6 +80,16 @@ impl FrameEncoder {
             ));
         }
         let img = image.info();
+        if matches!(img.processor, ProcessorKind::Patches { .. }) {
+            return Err(MlmfError::input(
+                Modality::Video,
+                format!(
+                    "a {} image encoder takes variable-resolution patches; video runs an \
+                     image encoder of fixed input size per frame",
+                    image.model_type()
+                ),
+            ));
+        }
         let info = EncoderInfo {
             modality: Modality::Video,
             hidden_size: img.output_dim,

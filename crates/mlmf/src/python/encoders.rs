@@ -171,7 +171,7 @@ fn id_array(d: &Bound<'_, PyDict>, key: &str, required: bool) -> PyResult<Option
 }
 
 /// A float32 array of rank `rank` for `modality`, copied (preprocessed inputs).
-fn float_array(
+pub(crate) fn float_array(
     obj: &Bound<'_, PyAny>,
     modality: Modality,
     rank: usize,
@@ -205,7 +205,9 @@ fn float_array(
     Ok(v.to_owned())
 }
 
-fn dims<D: ndarray::Dimension>(a: ndarray::ArrayD<f32>) -> PyResult<ndarray::Array<f32, D>> {
+pub(crate) fn dims<D: ndarray::Dimension>(
+    a: ndarray::ArrayD<f32>,
+) -> PyResult<ndarray::Array<f32, D>> {
     a.into_dimensionality::<D>()
         .map_err(|e| MlmfError::Internal(e.to_string()).into())
 }
@@ -355,6 +357,9 @@ impl PyEncoder {
                 Ok(output_to_py(py, host))
             }
             Modality::Image => {
+                if let Ok(d) = inputs.cast::<PyDict>() {
+                    return self.run(py, super::patches::patches_from_dict(d)?);
+                }
                 if is_float_array(inputs) {
                     let px = float_array(
                         inputs,
@@ -561,6 +566,14 @@ impl CallableEncoder {
                     x.clone().into_pyarray(py).into_any(),
                     Array2::ones((x.shape()[0], x.shape()[1])),
                 ),
+                EncoderInput::Patches { patches, shapes } => {
+                    let d = PyDict::new(py);
+                    d.set_item("pixel_values", patches.clone().into_pyarray(py))?;
+                    let grid: Vec<[i64; 2]> =
+                        shapes.iter().map(|&(h, w)| [h as i64, w as i64]).collect();
+                    d.set_item("spatial_shapes", grid)?;
+                    (d.into_any(), Array2::ones((shapes.len(), 1)))
+                }
             };
             let out = self.func.bind(py).call1((arg,))?;
             let np = py.import("numpy")?;

@@ -12,6 +12,7 @@ mod encoders;
 mod errors;
 mod fusion;
 mod model;
+mod patches;
 mod preprocess;
 mod train;
 
@@ -92,6 +93,7 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     config::register(m)?;
     preprocess::register(m)?;
+    patches::register(m)?;
     encoders::register(m)?;
     attention::register(m)?;
     fusion::register(m)?;

@@ -223,7 +223,9 @@ impl PyTextProcessor {
 // ---------------------------------------------------------------- image
 
 /// Python kwargs -> a JSON object (via the json module, so nested dicts/lists work).
-fn kwargs_json(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<serde_json::Map<String, Value>> {
+pub(crate) fn kwargs_json(
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<serde_json::Map<String, Value>> {
     let Some(kw) = kwargs else {
         return Ok(serde_json::Map::new());
     };
@@ -240,18 +242,21 @@ fn kwargs_json(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<serde_json::Map<S
 }
 
 /// A processor config as Python data (its Hugging Face keys).
-fn config_to_py<'py, T: serde::Serialize>(py: Python<'py>, cfg: &T) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn config_to_py<'py, T: serde::Serialize>(
+    py: Python<'py>,
+    cfg: &T,
+) -> PyResult<Bound<'py, PyAny>> {
     let v = serde_json::to_value(cfg).map_err(|e| MlmfError::Internal(e.to_string()))?;
     super::config::to_py(py, &v)
 }
 
 /// A processor config as JSON text, for pickling.
-fn config_to_text<T: serde::Serialize>(cfg: &T) -> PyResult<String> {
+pub(crate) fn config_to_text<T: serde::Serialize>(cfg: &T) -> PyResult<String> {
     Ok(serde_json::to_string(cfg).map_err(|e| MlmfError::Internal(e.to_string()))?)
 }
 
 /// A processor config back from [`config_to_text`].
-fn config_from_text<T: serde::de::DeserializeOwned>(text: &str) -> PyResult<T> {
+pub(crate) fn config_from_text<T: serde::de::DeserializeOwned>(text: &str) -> PyResult<T> {
     Ok(serde_json::from_str(text)
         .map_err(|e| MlmfError::config("", format!("bad serialised processor: {e}")))?)
 }

@@ -19,6 +19,7 @@ pub(crate) mod decode;
 pub(crate) mod hpass;
 #[cfg(feature = "jpeg-turbo")]
 mod jpeg;
+pub mod naflex;
 pub(crate) mod patches;
 pub(crate) mod resize;
 
@@ -34,6 +35,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 pub use decode::decode_image;
+pub use naflex::{PatchBatch, PatchProcessor, PatchProcessorConfig};
 
 /// Resizes `height x width` interleaved RGB bytes to `out_w x out_h` exactly as Pillow's
 /// `Image.resize` does (see [`resize`]); `3 * out_w * out_h` bytes out. Too few bytes
