@@ -123,6 +123,11 @@ GFLOP["wav2vec2"] = wav2vec2_gflop(W2V_SECONDS * 16_000)
 AST_TOKENS = 12 * 101 + 2
 GFLOP["ast"] = vit_gflop(AST_TOKENS, 768, 12, 3072, 16 * 16)
 
+# SigLIP 2 base NaFlex image tower (`Siglip2VisionConfig()`, random weights): 256
+# patches of 16 x 16 x 3 (a 16 x 16 grid) per image, 12 layers of width 768.
+SIGLIP2_PATCHES, SIGLIP2_BATCH = 256, 4
+GFLOP["siglip2"] = vit_gflop(SIGLIP2_PATCHES, 768, 12, 3072, 16 * 16 * 3)
+
 MINILM_SHAPE = {
     "hidden_size": 384,
     "num_hidden_layers": 6,
@@ -189,7 +194,7 @@ class Encoders(harness.Suite):
     """Builds the checkpoints, the contenders and the rows."""
 
     name = "encoders"
-    groups = ("clip", "whisper", "minilm", "qwen3", "videomae", "wav2vec2", "ast")
+    groups = ("clip", "whisper", "minilm", "qwen3", "videomae", "wav2vec2", "ast", "siglip2")
     rounds_help = "timed rounds for every row (default: 9 for the fast rows, 7 for the slow ones)"
     plot_name = PLOT_NAME
     columns = (
@@ -488,6 +493,54 @@ class Encoders(harness.Suite):
         parts = (enc, pixels, VideoTower().eval(), (torch.from_numpy(pixels),), ["pixel_values"])
         return self._row("videomae", workload, 1, 3, *parts)
 
+    def siglip2_row(self) -> Row:
+        import torch
+        from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+        import mlmf
+
+        path = self.dir / "siglip2_base_random"
+        model = synthetic.random_checkpoint(Siglip2VisionModel, Siglip2VisionConfig(), path)
+        enc = mlmf.Encoder.from_pretrained(path, modality="image")
+        # Photos cut into a 16 x 16 grid by mlmf's NaFlex processor (no preprocessor file
+        # with the random checkpoint: SigLIP 2's defaults).
+        proc = mlmf.PatchImageProcessor(patch_size=16, max_num_patches=SIGLIP2_PATCHES)
+        photos = [synthetic.photo(256, 256, seed=60 + i) for i in range(SIGLIP2_BATCH)]
+        batch = proc(photos)
+        px = np.ascontiguousarray(batch["pixel_values"], dtype=np.float32)
+        grid = batch["spatial_shapes"]
+        if grid.tolist() != [[16, 16]] * SIGLIP2_BATCH:
+            raise RuntimeError(f"expected 16 x 16 grids, got {grid.tolist()}")
+
+        class ImageTower(torch.nn.Module):
+            """Siglip2VisionModel: its pooler output (the attention-pooling head)."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model
+
+            def forward(
+                self, pixel_values: torch.Tensor, mask: torch.Tensor, shapes: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                out = self.m(
+                    pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=shapes
+                )
+                return out.pooler_output, out.last_hidden_state
+
+        torch_in = (
+            torch.from_numpy(px),
+            torch.ones(px.shape[:2], dtype=torch.int64),
+            torch.from_numpy(grid),
+        )
+        mlmf_in = {"pixel_values": px, "spatial_shapes": grid}
+        names = ["pixel_values", "pixel_attention_mask", "spatial_shapes"]
+        workload = (
+            f"SigLIP 2 base NaFlex image tower shape (random weights), {SIGLIP2_PATCHES} "
+            f"patches (256x256 photos), batch {SIGLIP2_BATCH}, per item"
+        )
+        parts = (enc, mlmf_in, ImageTower().eval(), torch_in, names)
+        return self._row("siglip2", workload, SIGLIP2_BATCH, 5, *parts)
+
     # speech and audio --------------------------------------------------------
 
     def wav2vec2_row(self) -> Row:
@@ -558,6 +611,7 @@ class Encoders(harness.Suite):
             ("videomae", self.videomae_row),
             ("wav2vec2", self.wav2vec2_row),
             ("ast", self.ast_row),
+            ("siglip2", self.siglip2_row),
         ]
         return self.build_rows(builders, only, progress=True)
 
@@ -645,7 +699,9 @@ class Encoders(harness.Suite):
             f"for wav2vec 2.0 (`Wav2Vec2Model(Wav2Vec2Config())`, random weights) {W2V_SECONDS} "
             "s of speech-like audio normalised as its feature extractor does, and for AST "
             "(`ASTModel(ASTConfig())`, random weights, 1214 tokens) random filter banks of "
-            "1024 frames x 128 bins. "
+            "1024 frames x 128 bins, for SigLIP 2 (`Siglip2VisionModel(Siglip2VisionConfig())`, "
+            "random weights) 256x256 photos cut into 16x16 patch grids by mlmf's NaFlex "
+            "processor. "
             "PyTorch eager runs the transformers "
             "module under `torch.inference_mode()`; ONNX Runtime runs the same module exported "
             "with `torch.onnx.export` (static shapes; "
@@ -656,7 +712,7 @@ class Encoders(harness.Suite):
             "pooling + L2 normalisation, computed in torch on top of `BertModel`; Qwen3: the "
             "last token's state, L2-normalised, on top of `Qwen3Model`; VideoMAE and wav2vec "
             "2.0: the mean of the last hidden state; AST: its pooler output, the mean of the "
-            "two leading tokens) and the last "
+            "two leading tokens; SigLIP 2: its pooler output) and the last "
             "hidden state. Each contender is warmed up, then the contenders alternate for "
             f"several rounds ({rounds}; order reversed every other round); each timed sample "
             f"repeats the call until it lasts at least {min_time:g} s. Figures are "
@@ -664,7 +720,8 @@ class Encoders(harness.Suite):
             "time / mlmf time. Effective GFLOP/s = GFLOP per item (CLIP B/32 8.82, Whisper-base "
             f"30 s 87.4, MiniLM 128 tokens 2.87, Qwen3 {QWEN3_TOKENS} tokens "
             f"{GFLOP['qwen3']:.1f}, VideoMAE-base 16 frames {GFLOP['videomae']:.0f}, wav2vec "
-            f"2.0 base {W2V_SECONDS} s {GFLOP['wav2vec2']:.0f}, AST base {GFLOP['ast']:.0f}) / "
+            f"2.0 base {W2V_SECONDS} s {GFLOP['wav2vec2']:.0f}, AST base {GFLOP['ast']:.0f}, "
+            f"SigLIP 2 base 256 patches {GFLOP['siglip2']:.1f}) / "
             "time per item. *max abs diff* compares mlmf's "
             "hidden states and pooled vectors with the competitor's.",
         ]
