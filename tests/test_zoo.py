@@ -54,6 +54,43 @@ def test_qwen3_through_the_model_and_its_cache(ref):
     np.testing.assert_array_equal(again.embeddings["text"], out.embeddings["text"][::-1])
 
 
+INSTRUCTION = "Instruct: Given a web search query, retrieve relevant passages\nQuery: "
+
+
+def test_qwen3_instruction_prefix_for_queries(ref):
+    # The fixture's third text is a query written out with its instruction.
+    assert QWEN3["texts"][2] == INSTRUCTION + "shapes"
+    tp = mlmf.TextProcessor.from_pretrained(QWEN3_DIR, prefix=INSTRUCTION)
+    ids = tp(["shapes"])["input_ids"][0]
+    real = ref["attention_mask"][2].astype(bool)
+    np.testing.assert_array_equal(ids, ref["input_ids"][2][real])
+    import pickle
+
+    assert pickle.loads(pickle.dumps(tp))(["shapes"])["input_ids"][0].tolist() == ids.tolist()
+    with pytest.warns(UserWarning, match="untrained"):
+        query = mlmf.MultiModalModel.load(
+            {
+                "modalities": {
+                    "text": {
+                        "model": str(QWEN3_DIR),
+                        "preprocessing": {"prefix": INSTRUCTION},
+                    }
+                }
+            }
+        )
+    out = query.infer(text=["shapes"])
+    np.testing.assert_allclose(out.embeddings["text"][0], ref["pooled"][2], atol=TOL)
+    # Documents go through a model without the prefix: another embedding, another key.
+    with pytest.warns(UserWarning, match="untrained"):
+        plain = mlmf.MultiModalModel.load({"modalities": {"text": {"model": str(QWEN3_DIR)}}})
+    other = plain.infer(text=["shapes"]).embeddings["text"][0]
+    assert np.abs(other - out.embeddings["text"][0]).max() > 1e-3
+    with pytest.raises(mlmf.ConfigError, match="prefix"):
+        mlmf.MultiModalModel.load(
+            {"modalities": {"text": {"model": str(QWEN3_DIR), "preprocessing": {"prefix": 3}}}}
+        )
+
+
 def _copy(tmp_path, **config):
     d = tmp_path / "qwen3"
     shutil.copytree(QWEN3_DIR, d)

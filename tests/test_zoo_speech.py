@@ -136,8 +136,9 @@ def test_filter_banks_equal_the_reference(ref, tmp_path):
     assert out["num_chunks"].tolist() == [1, 1, 1]
     assert out["valid_frames"].tolist() == [18, 27, 6]
     for i in range(3):
+        # Measured identical; float64 logarithms may differ in the last bit elsewhere.
         np.testing.assert_allclose(
-            out["input_features"][i].T, ref[f"ast.features{i}"], atol=TOL, rtol=0
+            out["input_features"][i].T, ref[f"ast.features{i}"], atol=1e-6, rtol=0
         )
     # The raw filter banks, frame by frame: no normalisation and room for every frame.
     d = tmp_path / "raw"
@@ -148,7 +149,7 @@ def test_filter_banks_equal_the_reference(ref, tmp_path):
     raw = mlmf.AudioProcessor.from_pretrained(d)(waves(ref), sampling_rate=RATE)
     for i, frames in enumerate(CASE["processors"]["ast"]["fbank_frames"]):
         got = raw["input_features"][i, :, :frames].T
-        np.testing.assert_allclose(got, ref[f"ast.fbank{i}"], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got, ref[f"ast.fbank{i}"], atol=1e-5, rtol=0)
         assert not raw["input_features"][i, :, frames:].any()
 
 

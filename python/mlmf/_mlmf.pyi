@@ -220,6 +220,7 @@ class TextProcessor:
         truncation: bool = True,
         add_special_tokens: bool = True,
         max_input_bytes: int = 65536,
+        prefix: Optional[str] = None,
     ) -> TextProcessor: ...
     def __call__(
         self,

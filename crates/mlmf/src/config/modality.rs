@@ -76,7 +76,21 @@ impl PreprocessingConfig {
 
     /// The text processor settings these keys describe.
     pub fn text(&self) -> Result<TextProcessorConfig> {
-        overlay(&TextProcessorConfig::default(), &self.0)
+        self.text_over(&TextProcessorConfig::default())
+    }
+
+    /// These keys laid over the text settings `base`. `prefix`, left out of the
+    /// serialised settings while empty, is a key like the others.
+    pub fn text_over(&self, base: &TextProcessorConfig) -> Result<TextProcessorConfig> {
+        let mut known =
+            serde_json::to_value(base).map_err(|e| MlmfError::Internal(e.to_string()))?;
+        if known.get("prefix").is_none() {
+            known["prefix"] = "".into();
+        }
+        let mut value = known.clone();
+        merge_known(&mut value, &known, &self.0)?;
+        serde_path_to_error::deserialize(value)
+            .map_err(|e| MlmfError::config(e.path().to_string(), e.inner().to_string()))
     }
 
     /// The image processor settings: `base` (a checkpoint's preprocessor_config.json,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use crate::config::modality::overlay;
 use crate::config::PreprocessingConfig;
 use crate::device::DeviceSpec;
 use crate::encoders::layers::{ce, masked_mean};
@@ -459,7 +458,7 @@ fn load_processor(
                 },
                 ..TextProcessorConfig::default()
             };
-            let cfg = overlay(&cfg, &over.0).map_err(|e| e.to_string())?;
+            let cfg = over.text_over(&cfg).map_err(|e| e.to_string())?;
             let tp = TextProcessor::from_pretrained(dir, cfg).map_err(|e| e.to_string())?;
             // Truncate to what the model takes when the tokenizer allows more.
             let limit = tp.config().max_length.or(tp.model_max_length());

@@ -73,6 +73,12 @@ pub struct TextProcessorConfig {
     /// Longest text (UTF-8 bytes) tokenised whole; a longer one is cut before
     /// tokenising when that gives the same ids, else refused (`text_limit.rs`).
     pub max_input_bytes: usize,
+    /// Put before every text (not before the second text of a pair): an
+    /// instruction, as Qwen3-Embedding's queries take
+    /// (`"Instruct: {task}\nQuery:"`), or E5's `"query: "`. Empty by default, and
+    /// then left out of the serialised settings (cache keys stay as they were).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
 }
 
 impl Default for TextProcessorConfig {
@@ -83,6 +89,7 @@ impl Default for TextProcessorConfig {
             truncation: true,
             add_special_tokens: true,
             max_input_bytes: DEFAULT_MAX_INPUT_BYTES,
+            prefix: String::new(),
         }
     }
 }
@@ -266,6 +273,18 @@ impl TextProcessor {
 
     /// Tokenises a batch.
     pub fn encode<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<TextBatch> {
+        if !self.config.prefix.is_empty() {
+            let prefixed: Vec<String> = texts
+                .iter()
+                .map(|t| format!("{}{}", self.config.prefix, t.as_ref()))
+                .collect();
+            let inputs = prefixed
+                .iter()
+                .enumerate()
+                .map(|(i, t)| self.bounded(i, t).map(EncodeInput::from))
+                .collect::<Result<Vec<_>>>()?;
+            return self.encode_inputs(inputs);
+        }
         let inputs = texts
             .iter()
             .enumerate()
@@ -349,8 +368,12 @@ impl TextProcessor {
         }
         let limit = self.config.max_input_bytes;
         let mut inputs: Vec<EncodeInput> = Vec::with_capacity(first.len());
-        for (i, (a, b)) in first.iter().zip(second).enumerate() {
-            let (a, b) = (a.as_ref(), b.as_ref());
+        let firsts: Vec<String> = first
+            .iter()
+            .map(|a| format!("{}{}", self.config.prefix, a.as_ref()))
+            .collect();
+        for (i, (a, b)) in firsts.iter().zip(second).enumerate() {
+            let (a, b) = (a.as_str(), b.as_ref());
             if a.len() > limit || b.len() > limit {
                 return Err(MlmfError::input(
                     Modality::Text,

@@ -64,6 +64,7 @@ fn text_config(
     truncation: bool,
     add_special_tokens: bool,
     max_input_bytes: usize,
+    prefix: String,
 ) -> PyResult<TextProcessorConfig> {
     let padding = if let Ok(b) = padding.extract::<bool>() {
         if b {
@@ -80,6 +81,7 @@ fn text_config(
         truncation,
         add_special_tokens,
         max_input_bytes,
+        prefix,
     })
 }
 
@@ -91,7 +93,8 @@ impl PyTextProcessor {
     /// Loads tokenizer.json (+ tokenizer_config.json) from a checkpoint directory or
     /// the tokenizer.json file itself.
     #[staticmethod]
-    #[pyo3(signature = (path, max_length=None, padding=None, truncation=true, add_special_tokens=true, max_input_bytes=65536))]
+    #[pyo3(signature = (path, max_length=None, padding=None, truncation=true, add_special_tokens=true, max_input_bytes=65536, prefix=None))]
+    #[allow(clippy::too_many_arguments)]
     fn from_pretrained(
         py: Python<'_>,
         path: PathBuf,
@@ -100,6 +103,7 @@ impl PyTextProcessor {
         truncation: bool,
         add_special_tokens: bool,
         max_input_bytes: usize,
+        prefix: Option<String>,
     ) -> PyResult<Self> {
         let longest = "longest".into_pyobject(py)?.into_any();
         let config = text_config(
@@ -108,6 +112,7 @@ impl PyTextProcessor {
             truncation,
             add_special_tokens,
             max_input_bytes,
+            prefix.unwrap_or_default(),
         )?;
         let p = path.clone();
         let inner = detached(py, move || TextProcessor::from_pretrained(&p, config))?;
@@ -134,12 +139,15 @@ impl PyTextProcessor {
         let cfg = TextProcessorConfig {
             max_length: max_length.or(base.max_length),
             padding: match padding {
-                Some(p) => text_config(None, p, true, true, base.max_input_bytes)?.padding,
+                Some(p) => {
+                    text_config(None, p, true, true, base.max_input_bytes, String::new())?.padding
+                }
                 None => base.padding,
             },
             truncation: truncation.unwrap_or(base.truncation),
             add_special_tokens: add_special_tokens.unwrap_or(base.add_special_tokens),
             max_input_bytes: base.max_input_bytes,
+            prefix: base.prefix.clone(),
         };
         let proc = if &cfg == base {
             None
@@ -214,6 +222,7 @@ impl PyTextProcessor {
             c.truncation,
             c.add_special_tokens,
             c.max_input_bytes,
+            c.prefix.clone(),
         )
             .into_pyobject(py)?;
         Ok((ctor, args))
