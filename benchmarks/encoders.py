@@ -128,6 +128,27 @@ GFLOP["ast"] = vit_gflop(AST_TOKENS, 768, 12, 3072, 16 * 16)
 SIGLIP2_PATCHES, SIGLIP2_BATCH = 256, 4
 GFLOP["siglip2"] = vit_gflop(SIGLIP2_PATCHES, 768, 12, 3072, 16 * 16 * 3)
 
+
+# CLAP's HTSAT audio tower (`ClapConfig()`, random weights): 10 s at 48 kHz (1001
+# frames of 64 mel bins) as a 256x256 image, Swin stages of widths 96-768 over 64x64
+# to 8x8 patch grids in windows of 8x8.
+def htsat_gflop(spec: int = 256, patch: int = 4, embed: int = 96, window: int = 8) -> float:
+    """Forward GFLOP of the HTSAT tower and CLAP's projection: patch embedding,
+    windowed attention blocks (projections, MLP of 4x, attention products over
+    window² tokens), patch merging."""
+    g, d = spec // patch, embed
+    macs = g * g * patch * patch * embed
+    for s, depth in enumerate((2, 2, 6, 2)):
+        n, t = g * g, min(window, g) ** 2
+        macs += depth * (n * 12 * d * d + 2 * n * t * d)
+        if s < 3:
+            macs += (n // 4) * 4 * d * 2 * d
+            g, d = g // 2, 2 * d
+    return 2 * (macs + d * 512 + 512 * 512) / 1e9
+
+
+GFLOP["clap"] = htsat_gflop()
+
 MINILM_SHAPE = {
     "hidden_size": 384,
     "num_hidden_layers": 6,
@@ -194,7 +215,17 @@ class Encoders(harness.Suite):
     """Builds the checkpoints, the contenders and the rows."""
 
     name = "encoders"
-    groups = ("clip", "whisper", "minilm", "qwen3", "videomae", "wav2vec2", "ast", "siglip2")
+    groups = (
+        "clip",
+        "whisper",
+        "minilm",
+        "qwen3",
+        "videomae",
+        "wav2vec2",
+        "ast",
+        "clap",
+        "siglip2",
+    )
     rounds_help = "timed rounds for every row (default: 9 for the fast rows, 7 for the slow ones)"
     plot_name = PLOT_NAME
     columns = (
@@ -602,6 +633,43 @@ class Encoders(harness.Suite):
         parts = (enc, mlmf_in, AudioTower().eval(), (torch.from_numpy(feats),), ["input_values"])
         return self._row("ast", workload, 1, 3, *parts)
 
+    def clap_row(self) -> Row:
+        import torch
+        from transformers import ClapConfig, ClapModel
+
+        import mlmf
+
+        path = self.dir / "clap_htsat_random"
+        model = synthetic.random_checkpoint(ClapModel, ClapConfig(), path)
+        enc = mlmf.Encoder.from_pretrained(path, modality="audio")
+
+        class AudioTower(torch.nn.Module):
+            """ClapModel's audio tower and projection (unnormalised, as mlmf's pooled);
+            hidden states as mlmf lists them (bins, then time)."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model
+
+            def forward(
+                self, input_features: torch.Tensor, is_longer: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                out = self.m.audio_model(input_features=input_features, is_longer=is_longer)
+                h = out.last_hidden_state
+                hidden = h.reshape(h.shape[0], h.shape[1], -1).transpose(1, 2)
+                return self.m.audio_projection(out.pooler_output), hidden
+
+        rng = np.random.default_rng(SEED)
+        mel = rng.normal(-40.0, 15.0, (1, 1001, 64)).astype(np.float32)
+        mlmf_in = np.ascontiguousarray(mel.transpose(0, 2, 1))
+        torch_in = (torch.from_numpy(mel[:, None]), torch.zeros((1, 1), dtype=torch.bool))
+        workload = (
+            "CLAP HTSAT audio tower shape (random weights), 10 s at 48 kHz (1001 frames x "
+            "64 mel bins), batch 1"
+        )
+        parts = (enc, mlmf_in, AudioTower().eval(), torch_in, ["input_features", "is_longer"])
+        return self._row("clap", workload, 1, 5, *parts)
+
     def build(self, only: Optional[list[str]]) -> list[Row]:
         builders: list[tuple[str, Callable[[], Any]]] = [
             ("clip", self.clip_rows),
@@ -611,6 +679,7 @@ class Encoders(harness.Suite):
             ("videomae", self.videomae_row),
             ("wav2vec2", self.wav2vec2_row),
             ("ast", self.ast_row),
+            ("clap", self.clap_row),
             ("siglip2", self.siglip2_row),
         ]
         return self.build_rows(builders, only, progress=True)
@@ -699,7 +768,9 @@ class Encoders(harness.Suite):
             f"for wav2vec 2.0 (`Wav2Vec2Model(Wav2Vec2Config())`, random weights) {W2V_SECONDS} "
             "s of speech-like audio normalised as its feature extractor does, and for AST "
             "(`ASTModel(ASTConfig())`, random weights, 1214 tokens) random filter banks of "
-            "1024 frames x 128 bins, for SigLIP 2 (`Siglip2VisionModel(Siglip2VisionConfig())`, "
+            "1024 frames x 128 bins, for CLAP (`ClapModel(ClapConfig())`, random weights; the "
+            "HTSAT audio tower and its projection) random log-mel features of 1001 frames x "
+            "64 bins, for SigLIP 2 (`Siglip2VisionModel(Siglip2VisionConfig())`, "
             "random weights) 256x256 photos cut into 16x16 patch grids by mlmf's NaFlex "
             "processor. "
             "PyTorch eager runs the transformers "
@@ -712,7 +783,8 @@ class Encoders(harness.Suite):
             "pooling + L2 normalisation, computed in torch on top of `BertModel`; Qwen3: the "
             "last token's state, L2-normalised, on top of `Qwen3Model`; VideoMAE and wav2vec "
             "2.0: the mean of the last hidden state; AST: its pooler output, the mean of the "
-            "two leading tokens; SigLIP 2: its pooler output) and the last "
+            "two leading tokens; CLAP: the audio projection of the mean token, unnormalised; "
+            "SigLIP 2: its pooler output) and the last "
             "hidden state. Each contender is warmed up, then the contenders alternate for "
             f"several rounds ({rounds}; order reversed every other round); each timed sample "
             f"repeats the call until it lasts at least {min_time:g} s. Figures are "
@@ -721,7 +793,8 @@ class Encoders(harness.Suite):
             f"30 s 87.4, MiniLM 128 tokens 2.87, Qwen3 {QWEN3_TOKENS} tokens "
             f"{GFLOP['qwen3']:.1f}, VideoMAE-base 16 frames {GFLOP['videomae']:.0f}, wav2vec "
             f"2.0 base {W2V_SECONDS} s {GFLOP['wav2vec2']:.0f}, AST base {GFLOP['ast']:.0f}, "
-            f"SigLIP 2 base 256 patches {GFLOP['siglip2']:.1f}) / "
+            f"SigLIP 2 base 256 patches {GFLOP['siglip2']:.1f}, CLAP HTSAT "
+            f"{GFLOP['clap']:.1f}) / "
             "time per item. *max abs diff* compares mlmf's "
             "hidden states and pooled vectors with the competitor's.",
         ]

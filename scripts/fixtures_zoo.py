@@ -29,6 +29,8 @@ Run through ``scripts/make_fixtures.py --only zoo``.  So far:
 - ``speech``: wav2vec2, HuBERT and AST checkpoints, ``speech.npz``; see fixtures_speech.py.
 - ``siglip2``: a SigLIP 2 (NaFlex) ``Siglip2Model`` checkpoint, ``siglip2.npz`` and the
   generated images in ``inputs/``; see fixtures_siglip2.py.
+- ``clap``: two CLAP ``ClapModel`` checkpoints (RoBERTa text tower; HTSAT audio tower,
+  unfused and fused) and ``clap.npz``; see fixtures_clap.py.
 """
 
 from __future__ import annotations
@@ -246,7 +248,8 @@ def _videomae(models: Path, clips: list[np.ndarray]) -> dict:
 
 def make_zoo(out: Path) -> None:
     import transformers
-    from fixtures_siglip2 import make_siglip2  # imported here: they import this module
+    from fixtures_clap import make_clap  # imported here: they import this module
+    from fixtures_siglip2 import make_siglip2
     from fixtures_speech import make_speech
 
     write_json(
@@ -261,5 +264,6 @@ def make_zoo(out: Path) -> None:
             "videomae": _videomae(out / "models", _clips()),
             "speech": make_speech(out / "models"),
             "siglip2": make_siglip2(out / "models"),
+            "clap": make_clap(out / "models"),
         },
     )

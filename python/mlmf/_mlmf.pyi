@@ -93,6 +93,10 @@ class Similarity:
     @property
     def logits_per_image(self) -> npt.NDArray[np.float32]: ...
     @property
+    def logits_per_audio(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def logit_scale_other(self) -> Optional[float]: ...
+    @property
     def modality(self) -> Modality: ...
     @property
     def family(self) -> str: ...
@@ -180,7 +184,7 @@ class MultiModalModel:
         video: Any = None,
         *,
         labels: Any,
-        template: str = "a photo of a {}.",
+        template: Optional[str] = None,
         sampling_rate: Optional[int] = None,
         fps: Optional[float] = None,
     ) -> ZeroShot: ...

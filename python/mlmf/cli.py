@@ -246,7 +246,14 @@ def evaluate(args: argparse.Namespace) -> int:
 
 #: Tensors that make a dual encoder's towers comparable: the projection heads and the
 #: learned logit scale (and SigLIP's bias), as CLIPModel / SiglipModel store them.
-ALIGNED_HEADS = ("logit_scale", "logit_bias", "text_projection.weight", "visual_projection.weight")
+ALIGNED_HEADS = (
+    "logit_scale",
+    "logit_bias",
+    "logit_scale_t",
+    "logit_scale_a",
+    "text_projection.weight",
+    "visual_projection.weight",
+)
 
 
 def _safetensors_names(file: Path) -> list[str]:
@@ -284,12 +291,17 @@ def _checkpoint_summary(path: Path) -> dict:
     info["jpeg_decoder"] = jpeg_decoder()
     info["aligned_heads"] = _aligned_heads(path, weights)
     # What MultiModalModel.similarity / zero_shot do with them (docs/aligned.md).
-    probabilities = {"clip": "softmax", "siglip": "sigmoid", "siglip2": "sigmoid"}.get(
-        info.get("model_type") or ""
-    )
-    has_scale = "logit_scale" in info["aligned_heads"]
+    family = info.get("model_type") or ""
+    probabilities = {
+        "clip": "softmax",
+        "siglip": "sigmoid",
+        "siglip2": "sigmoid",
+        "clap": "softmax",
+    }.get(family)
+    other = "audio" if family == "clap" else "image"
+    has_scale = any(h.startswith("logit_scale") for h in info["aligned_heads"])
     info["similarity"] = (
-        {"towers": ["text", "image"], "probabilities": probabilities}
+        {"towers": ["text", other], "probabilities": probabilities}
         if probabilities and has_scale
         else None
     )
@@ -390,7 +402,7 @@ def inspect(args: argparse.Namespace) -> int:
         print(
             f"  similarity     {' and '.join(sim['towers'])}, zero-shot by "
             f"{sim['probabilities']}: mlmf zero-shot --model {info['path']} "
-            "--image FILE --labels a,b"
+            f"--{sim['towers'][1]} FILE --labels a,b"
         )
     else:
         print("  aligned heads  none (no logit_scale: the towers are not trained together)")
@@ -461,7 +473,16 @@ def zero_shot(args: argparse.Namespace) -> int:
     other, inputs = given[0]
     labels = [x.strip() for group in args.labels for x in group.split(",") if x.strip()]
     model = _aligned_model(args, other)
-    result = model.zero_shot(**{other: inputs}, labels=labels, template=args.template)
+    # MultiModalModel.zero_shot's own defaults, spelled out so they can be printed.
+    template = (
+        args.template
+        or {
+            "image": "a photo of a {}.",
+            "audio": "the sound of a {}.",
+            "video": "a video of a {}.",
+        }[other]
+    )
+    result = model.zero_shot(**{other: inputs}, labels=labels, template=template)
     probs = result.probs
     top = min(args.top, len(labels)) if args.top else len(labels)
     rows = []
@@ -481,7 +502,7 @@ def zero_shot(args: argparse.Namespace) -> int:
                 {
                     "family": result.family,
                     "probabilities": result.probabilities,
-                    "template": args.template,
+                    "template": template,
                     "results": rows,
                 },
                 indent=2,
@@ -490,7 +511,7 @@ def zero_shot(args: argparse.Namespace) -> int:
         return 0
     print(
         f"zero-shot with a {result.family} checkpoint ({result.probabilities} over "
-        f"{len(labels)} labels, template {args.template!r})"
+        f"{len(labels)} labels, template {template!r})"
     )
     for r in rows:
         print(f"{r['input']}: {r['best']}")
@@ -569,8 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--template",
-        default="a photo of a {}.",
-        help="prompt each label is put into (default: %(default)r)",
+        default=None,
+        help='prompt each label is put into (default: "a photo of a {}." for images, '
+        '"the sound of a {}." for audio, "a video of a {}." for video)',
     )
     p.add_argument("--top", type=int, default=5, help="labels shown per input (0: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -8,8 +8,11 @@
 //! - `siglip` (`SiglipModel`) and `siglip2` (`Siglip2Model`): `logits_per_text =
 //!   exp(logit_scale) * t̂ · îᵀ + logit_bias`; zero-shot probabilities are independent
 //!   sigmoids.
+//! - `clap` (`ClapModel`), text against audio: `logits_per_text =
+//!   exp(logit_scale_t) * t̂ · âᵀ` and `logits_per_audio = exp(logit_scale_a) * â · t̂ᵀ`
+//!   (two temperatures); zero-shot probabilities are a softmax over the labels.
 //!
-//! `logits_per_image` is the transpose of `logits_per_text` in both. The embeddings
+//! `logits_per_image` is the transpose of `logits_per_text` for CLIP and SigLIP. The embeddings
 //! are the towers' pooled outputs, which mlmf's encoders already produce
 //! (`get_text_features` / `get_image_features` for CLIP, the pooler outputs for
 //! SigLIP); [`crate::MultiModalModel::similarity`] and
@@ -31,6 +34,7 @@ pub const FAMILIES: &[(&str, Modality)] = &[
     ("clip", Modality::Image),
     ("siglip", Modality::Image),
     ("siglip2", Modality::Image),
+    ("clap", Modality::Audio),
 ];
 
 /// How a family turns logits into zero-shot probabilities.
@@ -63,6 +67,10 @@ pub struct AlignedHead {
     pub logit_scale: f32,
     /// Added to every score (SigLIP).
     pub logit_bias: Option<f32>,
+    /// CLAP's own temperature for the other way round (`logit_scale_a`:
+    /// `logits_per_audio = exp(logit_scale_a) * â · t̂ᵀ`); `None`: `logits_per_other`
+    /// is the transpose of `logits_per_text`.
+    pub logit_scale_other: Option<f32>,
     /// Where the heads were read.
     pub dir: PathBuf,
 }
@@ -107,7 +115,14 @@ impl AlignedHead {
                 ),
             ));
         };
-        let logit_scale = scalar(ckpt, "logit_scale")?;
+        let (logit_scale, logit_scale_other) = if family == "clap" {
+            (
+                scalar(ckpt, "logit_scale_t")?,
+                Some(scalar(ckpt, "logit_scale_a")?),
+            )
+        } else {
+            (scalar(ckpt, "logit_scale")?, None)
+        };
         let (probabilities, logit_bias) = match family.as_str() {
             "siglip" | "siglip2" => (Probabilities::Sigmoid, Some(scalar(ckpt, "logit_bias")?)),
             _ => (Probabilities::Softmax, None),
@@ -118,6 +133,7 @@ impl AlignedHead {
             probabilities,
             logit_scale,
             logit_bias,
+            logit_scale_other,
             dir: ckpt.dir().to_path_buf(),
         })
     }
@@ -207,9 +223,17 @@ pub struct Similarity {
 }
 
 impl Similarity {
-    /// `[others, texts]`: the transpose.
+    /// `[others, texts]`: the transpose, at the other tower's own temperature where
+    /// the family has one (CLAP's `logits_per_audio`).
     pub fn logits_per_other(&self) -> Array2<f32> {
-        self.logits_per_text.t().to_owned()
+        let t = self.logits_per_text.t().to_owned();
+        match self.head.logit_scale_other {
+            Some(a) => {
+                let ratio = (f64::from(a).exp() / f64::from(self.head.logit_scale).exp()) as f32;
+                t.mapv(|v| v * ratio)
+            }
+            None => t,
+        }
     }
 }
 
@@ -227,6 +251,17 @@ pub struct ZeroShot {
     /// Per input, the index of the label with the highest probability.
     pub best: Vec<usize>,
     pub head: AlignedHead,
+}
+
+/// The prompt template used when none is given: CLIP's "a photo of a {}." for
+/// images, "the sound of a {}." for audio (as CLAP is prompted), "a video of a {}."
+/// for video.
+pub fn default_template(other: Modality) -> &'static str {
+    match other {
+        Modality::Audio => "the sound of a {}.",
+        Modality::Video => "a video of a {}.",
+        _ => "a photo of a {}.",
+    }
 }
 
 /// The prompt for each label: `template` with `{}` replaced by the label.
@@ -287,6 +322,7 @@ mod tests {
             probabilities: p,
             logit_scale: scale,
             logit_bias: bias,
+            logit_scale_other: None,
             dir: PathBuf::new(),
         }
     }

@@ -305,11 +305,24 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
     req.check_modality(&[Modality::Text])?;
     let ckpt = req.checkpoint;
     let model_type = ckpt.model_type().unwrap_or("bert");
+    let cfg = Cfg::new(ckpt.config(), "");
+    Ok(Box::new(load_tower(req, cfg, model_type, None)?))
+}
+
+/// A BERT-family text tower of `model_type` with the sizes in `cfg`, its weights under
+/// `prefix` (found from the weight names when `None`): the text tower of a dual
+/// checkpoint (CLAP's RoBERTa) as well as a checkpoint of its own.
+pub(crate) fn load_tower(
+    req: &LoadRequest<'_>,
+    cfg: Cfg<'_>,
+    model_type: &str,
+    prefix: Option<&str>,
+) -> Result<Bert> {
+    let ckpt = req.checkpoint;
     let family = Family::MODEL_TYPES
         .iter()
         .find(|(t, _)| *t == model_type)
         .map_or(Family::Bert, |(_, f)| *f);
-    let cfg = Cfg::new(ckpt.config(), "");
     let sizes = if family == Family::DistilBert {
         Sizes {
             hidden: cfg.size("dim", 768)?,
@@ -363,9 +376,12 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
         }
     }
     let place = req.placement();
-    let prefix = ckpt
-        .find_prefix("embeddings.word_embeddings.weight")
-        .ok_or_else(|| ckpt.error("weight `embeddings.word_embeddings.weight` is missing"))?;
+    let prefix = match prefix {
+        Some(p) => p.to_string(),
+        None => ckpt
+            .find_prefix("embeddings.word_embeddings.weight")
+            .ok_or_else(|| ckpt.error("weight `embeddings.word_embeddings.weight` is missing"))?,
+    };
     let w = Weights {
         ckpt,
         place: &place,
@@ -400,7 +416,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
     } else {
         None
     };
-    Ok(Box::new(Bert {
+    Ok(Bert {
         family,
         word: w.get(&p("embeddings.word_embeddings.weight"), &[vocab, hidden])?,
         position: w.get(
@@ -434,7 +450,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
             },
         ),
         pooling,
-    }))
+    })
 }
 
 impl Bert {

@@ -11,15 +11,18 @@
 //! `siglip_text_model`, `siglip2` (and its towers; NaFlex images), `qwen3` (a text
 //! embedder), `vit`, `videomae`, `whisper` (encoder
 //! only), `wav2vec2` and `hubert` (raw-waveform speech), `audio-spectrogram-transformer`,
-//! and video as an image encoder applied per frame ([`video::FrameEncoder`]).
+//! `clap` (audio and text towers), and video as an image encoder applied per frame
+//! ([`video::FrameEncoder`]).
 
 pub mod ast;
 pub mod bert;
 pub mod checkpoint;
+pub mod clap;
 pub mod clip;
 pub(crate) mod config;
 pub(crate) mod cpu;
 pub(crate) mod encoder;
+pub(crate) mod htsat;
 pub(crate) mod inputs;
 pub(crate) mod layers;
 pub(crate) mod patch;

@@ -10,8 +10,8 @@ use candle_core::Device;
 
 use crate::encoders::checkpoint::Checkpoint;
 use crate::encoders::{
-    ast, bert, clip, qwen3, siglip, siglip2, videomae, vit, wav2vec2, whisper, ModalityEncoder,
-    Precision,
+    ast, bert, clap, clip, qwen3, siglip, siglip2, videomae, vit, wav2vec2, whisper,
+    ModalityEncoder, Precision,
 };
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
@@ -93,6 +93,7 @@ fn table() -> &'static RwLock<BTreeMap<String, EncoderFactory>> {
         add(&["whisper"], Arc::new(whisper::load));
         add(&["wav2vec2", "hubert"], Arc::new(wav2vec2::load));
         add(&["audio-spectrogram-transformer"], Arc::new(ast::load));
+        add(&["clap"], Arc::new(clap::load));
         RwLock::new(t)
     })
 }
@@ -125,6 +126,7 @@ fn model_type_of(ckpt: &Checkpoint) -> Result<String> {
         ("Roberta", "roberta"),
         ("DistilBert", "distilbert"),
         ("MPNet", "mpnet"),
+        ("ClapModel", "clap"),
         ("CLIPVision", "clip_vision_model"),
         ("CLIPText", "clip_text_model"),
         ("CLIP", "clip"),

@@ -51,6 +51,26 @@ impl PySimilarity {
         Ok(self.logits_per_other(py))
     }
 
+    /// `logits_per_other` when the other modality is audio (CLAP, at its
+    /// `logit_scale_a`).
+    #[getter]
+    fn logits_per_audio<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        if self.inner.other != crate::modality::Modality::Audio {
+            return Err(PyAttributeError::new_err(format!(
+                "these texts were compared with {}: use logits_per_other",
+                self.inner.other
+            )));
+        }
+        Ok(self.logits_per_other(py))
+    }
+
+    /// CLAP's temperature for `logits_per_audio` (`logit_scale_a`); `None` for
+    /// families with one temperature.
+    #[getter]
+    fn logit_scale_other(&self) -> Option<f32> {
+        self.inner.head.logit_scale_other
+    }
+
     /// The modality the texts were compared with.
     #[getter]
     fn modality(&self) -> PyModality {

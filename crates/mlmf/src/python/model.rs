@@ -462,10 +462,12 @@ impl PyMultiModalModel {
     }
 
     /// Classifies each input of one modality among `labels` (each put into
-    /// `template`), with the probabilities the checkpoint's family uses: a softmax
-    /// over the labels for CLIP, a sigmoid per label for SigLIP.
+    /// `template`; by default "a photo of a {}." for images, "the sound of a {}." for
+    /// audio, "a video of a {}." for video), with the probabilities the checkpoint's
+    /// family uses: a softmax over the labels for CLIP and CLAP, a sigmoid per label
+    /// for SigLIP.
     #[pyo3(signature = (image=None, audio=None, video=None, *, labels,
-                        template="a photo of a {}.", sampling_rate=None, fps=None))]
+                        template=None, sampling_rate=None, fps=None))]
     #[allow(clippy::too_many_arguments)]
     fn zero_shot(
         &self,
@@ -474,14 +476,14 @@ impl PyMultiModalModel {
         audio: Option<&Bound<'_, PyAny>>,
         video: Option<&Bound<'_, PyAny>>,
         labels: &Bound<'_, PyAny>,
-        template: &str,
+        template: Option<String>,
         sampling_rate: Option<u32>,
         fps: Option<f64>,
     ) -> PyResult<super::aligned::PyZeroShot> {
         let (m, obj) = one_other(image, audio, video, "zero_shot")?;
         let labels = str_list(labels)?;
         let inputs = self.raw_inputs(m, obj, sampling_rate, fps)?;
-        let template = template.to_string();
+        let template = template.unwrap_or_else(|| crate::aligned::default_template(m).to_string());
         let inner = detached(py, || self.inner.zero_shot(inputs, &labels, &template))?;
         Ok(super::aligned::PyZeroShot { inner })
     }

@@ -31,6 +31,29 @@ pub enum AudioFeatureKind {
         mean: f32,
         std: f32,
     },
+    /// CLAP's log-mel in dB (`ClapFeatureExtractor`): chunks of `chunk_length` seconds
+    /// (`max_length_s`) filled by `padding`, `n_fft` = `fft_window_size`, mel bins
+    /// between `frequency_min` and `frequency_max`, Slaney filters (`rand_trunc`) or
+    /// HTK filters (`fusion`).
+    ClapMel {
+        frequency_min: f64,
+        frequency_max: f64,
+        /// `fusion` checkpoints' HTK filters, else Slaney's.
+        htk: bool,
+        padding: ClapPadding,
+    },
+}
+
+/// How CLAP fills a chunk shorter than `max_length_s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClapPadding {
+    /// Whole copies of the clip, then zeros (`repeatpad`, the default).
+    Repeatpad,
+    /// Copies of the clip cut at the chunk's end (`repeat`).
+    Repeat,
+    /// Zeros (`pad`).
+    Pad,
 }
 
 impl AudioFeatureKind {
@@ -46,6 +69,7 @@ impl AudioFeatureKind {
             Self::WhisperLogMel => "WhisperFeatureExtractor",
             Self::Waveform { .. } => "Wav2Vec2FeatureExtractor",
             Self::KaldiFbank { .. } => "ASTFeatureExtractor",
+            Self::ClapMel { .. } => "ClapFeatureExtractor",
         }
     }
 
@@ -110,11 +134,49 @@ impl AudioFeatureKind {
                 };
                 Ok((kind, Some(size_key("num_mel_bins", 128)?)))
             }
+            Some("ClapFeatureExtractor") => {
+                let text = |key: &str, default: &str| -> Result<String> {
+                    match obj.get(key).filter(|v| !v.is_null()) {
+                        None => Ok(default.to_string()),
+                        Some(v) => v.as_str().map(str::to_string).ok_or_else(|| {
+                            MlmfError::config(key, format!("expected a string, got {v}"))
+                        }),
+                    }
+                };
+                let htk = match text("truncation", "fusion")?.as_str() {
+                    "fusion" => true,
+                    "rand_trunc" => false,
+                    other => {
+                        return Err(MlmfError::config(
+                            "truncation",
+                            format!("expected \"fusion\" or \"rand_trunc\", got {other:?}"),
+                        ))
+                    }
+                };
+                let padding = match text("padding", "repeatpad")?.as_str() {
+                    "repeatpad" => ClapPadding::Repeatpad,
+                    "repeat" => ClapPadding::Repeat,
+                    "pad" => ClapPadding::Pad,
+                    other => {
+                        return Err(MlmfError::config(
+                            "padding",
+                            format!("expected \"repeatpad\", \"repeat\" or \"pad\", got {other:?}"),
+                        ))
+                    }
+                };
+                let kind = Self::ClapMel {
+                    frequency_min: f64::from(num_key("frequency_min", 0.0)?),
+                    frequency_max: f64::from(num_key("frequency_max", 14_000.0)?),
+                    htk,
+                    padding,
+                };
+                Ok((kind, Some(size_key("feature_size", 64)?)))
+            }
             _ => Err(MlmfError::config(
                 field,
                 format!(
-                    "expected \"WhisperFeatureExtractor\", \"Wav2Vec2FeatureExtractor\" or \
-                     \"ASTFeatureExtractor\", got {name}"
+                    "expected \"WhisperFeatureExtractor\", \"Wav2Vec2FeatureExtractor\", \
+                     \"ASTFeatureExtractor\" or \"ClapFeatureExtractor\", got {name}"
                 ),
             )),
         }
@@ -122,6 +184,22 @@ impl AudioFeatureKind {
 
     /// Checks the kind's own settings.
     pub(crate) fn validate(&self) -> Result<()> {
+        if let Self::ClapMel {
+            frequency_min,
+            frequency_max,
+            ..
+        } = self
+        {
+            if !(*frequency_min >= 0.0 && frequency_min < frequency_max) {
+                return Err(MlmfError::config(
+                    "frequency_min",
+                    format!(
+                        "must be >= 0 and below frequency_max {frequency_max}, got \
+                         {frequency_min}"
+                    ),
+                ));
+            }
+        }
         if let Self::KaldiFbank {
             max_length, std, ..
         } = self

@@ -38,7 +38,7 @@ const MEL_FLOOR: f32 = 1e-10;
 const DYNAMIC_RANGE: f32 = 8.0;
 
 /// Slaney mel scale (Auditory Toolbox): linear below 1 kHz, logarithmic above.
-fn hertz_to_mel(freq: f64) -> f64 {
+pub(crate) fn hertz_to_mel(freq: f64) -> f64 {
     const MIN_LOG_HERTZ: f64 = 1000.0;
     const MIN_LOG_MEL: f64 = 15.0;
     let logstep = 27.0 / 6.4f64.ln();
@@ -50,7 +50,7 @@ fn hertz_to_mel(freq: f64) -> f64 {
 }
 
 /// Inverse of [`hertz_to_mel`].
-fn mel_to_hertz(mel: f64) -> f64 {
+pub(crate) fn mel_to_hertz(mel: f64) -> f64 {
     const MIN_LOG_HERTZ: f64 = 1000.0;
     const MIN_LOG_MEL: f64 = 15.0;
     let logstep = 6.4f64.ln() / 27.0;
@@ -62,7 +62,7 @@ fn mel_to_hertz(mel: f64) -> f64 {
 }
 
 /// `numpy.linspace(start, stop, n)`: `start + i * step`, the last point exactly `stop`.
-fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
+pub(crate) fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
     match n {
         0 => Vec::new(),
         1 => vec![start],

@@ -24,10 +24,11 @@
 //! than refused, multi-channel audio is averaged to mono, and dithering (a training-time
 //! option, 0 in released checkpoints) is not applied.
 
+pub mod clap;
 mod decode;
 pub mod fbank;
 pub mod kind;
-mod mel;
+pub(crate) mod mel;
 mod resample;
 
 use std::borrow::Cow;
@@ -47,6 +48,7 @@ pub use kind::AudioFeatureKind;
 pub use mel::mel_filter_bank;
 pub use resample::resample;
 
+use clap::ClapMel;
 use fbank::Fbank;
 use mel::LogMel;
 use resample::{check_rate, MAX_SAMPLING_RATE, MIN_SAMPLING_RATE};
@@ -195,6 +197,14 @@ impl AudioProcessorConfig {
         if let Some(x) = get_key(obj, "n_fft", uint)? {
             cfg.n_fft = x;
         }
+        if matches!(cfg.features, AudioFeatureKind::ClapMel { .. }) && fixed_bins.is_some() {
+            // ClapFeatureExtractor's own names, and its defaults (48 kHz, 10 s, hop 480,
+            // window 1024) where the file has none.
+            cfg.sampling_rate = get_key(obj, "sampling_rate", uint)?.unwrap_or(48_000);
+            cfg.hop_length = get_key(obj, "hop_length", uint)?.unwrap_or(480);
+            cfg.chunk_length = get_key(obj, "max_length_s", uint)?.unwrap_or(10);
+            cfg.n_fft = get_key(obj, "fft_window_size", uint)?.unwrap_or(1024);
+        }
         if let Some(x) = get_key(obj, "padding_value", "a number")? {
             cfg.padding_value = x;
         }
@@ -339,6 +349,7 @@ enum Extractor {
         normalise: bool,
     },
     Fbank(Fbank),
+    ClapMel(ClapMel),
 }
 
 impl Extractor {
@@ -348,6 +359,7 @@ impl Extractor {
             Self::LogMel(m) => m.n_samples(),
             Self::Waveform { n_samples, .. } => *n_samples,
             Self::Fbank(f) => f.n_samples(),
+            Self::ClapMel(c) => c.n_samples(),
         }
     }
 
@@ -355,7 +367,7 @@ impl Extractor {
     /// dropped): one analysis frame, except for Whisper, which pads any tail.
     fn min_tail(&self, frame: usize) -> usize {
         match self {
-            Self::LogMel(_) => 1,
+            Self::LogMel(_) | Self::ClapMel(_) => 1,
             Self::Waveform { .. } => frame,
             Self::Fbank(f) => f.min_samples(),
         }
@@ -475,6 +487,21 @@ impl AudioProcessor {
                 *max_length,
                 cfg.sampling_rate,
                 do_normalize.then_some((*mean, *std)),
+            )),
+            AudioFeatureKind::ClapMel {
+                frequency_min,
+                frequency_max,
+                htk,
+                padding,
+            } => Extractor::ClapMel(ClapMel::new(
+                cfg.n_fft,
+                cfg.hop_length,
+                cfg.n_samples(),
+                cfg.feature_size,
+                cfg.sampling_rate,
+                (*frequency_min, *frequency_max),
+                *htk,
+                *padding,
             )),
         };
         let step = cfg.n_samples() - 2 * cfg.stride_samples();
@@ -672,6 +699,15 @@ impl AudioProcessor {
                     .map(|x| f.frames_of(x.len()).min(f.n_frames()))
                     .collect();
                 (feats, valid)
+            }
+            Extractor::ClapMel(c) => {
+                let mut feats = Array3::<f32>::zeros((jobs.len(), c.n_mels(), c.n_frames()));
+                feats
+                    .axis_iter_mut(Axis(0))
+                    .into_par_iter()
+                    .zip(jobs.par_iter())
+                    .for_each(|(out, samples)| c.compute_into(samples, out));
+                (feats, vec![c.n_frames(); jobs.len()])
             }
         };
         Ok(AudioFeatures {
