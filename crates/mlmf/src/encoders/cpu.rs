@@ -601,12 +601,14 @@ fn layer_norm(x: &[f32], d: usize, (w, b): (&[f32], &[f32]), eps: f32, out: &mut
 }
 
 /// An additive attention bias `[Bb, Hb, Qb, Tk]`, each of `Bb`, `Hb`, `Qb` either 1
-/// (broadcast) or the full size.
-struct Bias {
+/// (broadcast) or the full size; batch rows repeat every `period` rows (windows of
+/// several images share one bias per window position).
+pub(crate) struct Bias {
     data: Vec<f32>,
     batch_stride: usize,
     head_stride: usize,
     row_stride: usize,
+    period: usize,
 }
 
 impl Bias {
@@ -636,10 +638,25 @@ impl Bias {
             batch_stride: stride(bb, hb * qb * tk),
             head_stride: stride(hb, qb * tk),
             row_stride: stride(qb, tk),
+            period: usize::MAX,
         }))
     }
 
+    /// A per-window bias `[windows, heads, t, t]`, repeated for every image of a batch
+    /// of `images x windows` rows.
+    pub(crate) fn per_window(data: Vec<f32>, windows: usize, heads: usize, t: usize) -> Self {
+        debug_assert_eq!(data.len(), windows * heads * t * t);
+        Self {
+            data,
+            batch_stride: heads * t * t,
+            head_stride: t * t,
+            row_stride: t,
+            period: windows.max(1),
+        }
+    }
+
     fn row(&self, batch: usize, head: usize, query: usize, t: usize) -> &[f32] {
+        let batch = batch % self.period;
         let at = batch * self.batch_stride + head * self.head_stride + query * self.row_stride;
         &self.data[at..at + t]
     }
@@ -1127,6 +1144,34 @@ pub(crate) fn linear_forward(lin: &Linear, x: &Tensor) -> Result<Option<Tensor>>
     Tensor::from_vec(out, dims, &candle_core::Device::Cpu)
         .map(Some)
         .map_err(ce("linear"))
+}
+
+/// Multi-head self-attention of float32 CPU `x` `[B, T, D]` through `q`, `k`, `v`
+/// (one product into a side-by-side buffer) with an additive `bias`, before the
+/// output projection: `[B, T, D]`. `None` when `x` or a map
+/// lives elsewhere (the caller runs the candle ops then). Used by layers that are not
+/// a plain [`EncoderLayer`] (windowed attention).
+pub(crate) fn self_attention(
+    x: &Tensor,
+    (q, k, v): (&Linear, &Linear, &Linear),
+    heads: usize,
+    scale: f64,
+    bias: Option<&Bias>,
+) -> Result<Option<Tensor>> {
+    let Ok((b, t, d)) = x.dims3() else {
+        return Ok(None);
+    };
+    let Some((qkv, n)) = project(x, &[q, k, v])? else {
+        return Ok(None);
+    };
+    if n != 3 * d || heads == 0 || !d.is_multiple_of(heads) {
+        return Ok(None);
+    }
+    let mut ctx = vec![0f32; b * t * d];
+    attention(&qkv, b, t, d, heads, scale as f32, bias, &mut ctx);
+    Tensor::from_vec(ctx, (b, t, d), &candle_core::Device::Cpu)
+        .map(Some)
+        .map_err(ce("attention"))
 }
 
 /// `x W_i^T + b_i` of a float32 CPU `x` `[.., K]` for several maps at once, side by

@@ -49,6 +49,8 @@ struct Block {
     heads: usize,
     /// `[windows, heads, T, T]`: relative-position bias plus the shift mask.
     bias: Tensor,
+    /// The same, for the float32 CPU attention kernel.
+    cpu_bias: crate::encoders::cpu::Bias,
     /// Token order of the rolled, window-partitioned grid, and its inverse.
     gather: Tensor,
     scatter: Tensor,
@@ -194,6 +196,7 @@ fn load_block(
         v: lin("attention.self.value", dim, dim)?,
         o: lin("attention.output.dense", dim, dim)?,
         heads,
+        cpu_bias: crate::encoders::cpu::Bias::per_window(bias.clone(), windows, heads, t),
         bias: Tensor::from_vec(bias, (windows, heads, t, t), dev).map_err(&f)?,
         gather: index(src, dev)?,
         scatter: index(inverse, dev)?,
@@ -217,19 +220,32 @@ impl Block {
             .index_select(&self.gather, 1)
             .and_then(|h| h.reshape((b * windows, t, c)))
             .map_err(&f)?;
-        let q = split_heads(&self.q.forward(&h)?, self.heads)?;
-        let k = split_heads(&self.k.forward(&h)?, self.heads)?;
-        let v = split_heads(&self.v.forward(&h)?, self.heads)?;
-        let bias = if b == 1 {
-            self.bias.clone()
-        } else {
-            self.bias.repeat((b, 1, 1, 1)).map_err(&f)?
-        };
         let scale = 1.0 / ((c / self.heads) as f64).sqrt();
-        let ctx = attention(&q, &k, &v, scale, &Some(bias))?;
+        let lins = (&self.q, &self.k, &self.v);
+        let fast = crate::encoders::cpu::self_attention(
+            &h,
+            lins,
+            self.heads,
+            scale,
+            Some(&self.cpu_bias),
+        )?;
+        let ctx = match fast {
+            Some(ctx) => ctx,
+            None => {
+                let bias = Some(if b == 1 {
+                    self.bias.clone()
+                } else {
+                    self.bias.repeat((b, 1, 1, 1)).map_err(&f)?
+                });
+                let q = split_heads(&self.q.forward(&h)?, self.heads)?;
+                let k = split_heads(&self.k.forward(&h)?, self.heads)?;
+                let v = split_heads(&self.v.forward(&h)?, self.heads)?;
+                merge_heads(&attention(&q, &k, &v, scale, &bias)?)?
+            }
+        };
         let out = self
             .o
-            .forward(&merge_heads(&ctx)?)?
+            .forward(&ctx)?
             .reshape((b, l, c))
             .and_then(|o| o.index_select(&self.scatter, 1))
             .map_err(&f)?;
