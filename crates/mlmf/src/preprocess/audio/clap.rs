@@ -21,14 +21,9 @@ use ndarray::ArrayViewMut2;
 use rustfft::num_complex::Complex;
 use rustfft::{Fft, FftPlanner};
 
+use crate::preprocess::audio::fbank::Filter;
 use crate::preprocess::audio::kind::ClapPadding;
 use crate::preprocess::audio::mel::{hertz_to_mel, linspace, mel_to_hertz};
-
-/// One mel filter as the run of FFT bins where its weight is non-zero.
-struct Filter {
-    first_bin: usize,
-    weights: Vec<f64>,
-}
 
 /// A frequency-scale conversion.
 type Scale = fn(f64) -> f64;
@@ -72,19 +67,7 @@ fn filters(
                     a.min(b).max(0.0) * norm
                 })
                 .collect();
-            match (
-                w.iter().position(|&x| x != 0.0),
-                w.iter().rposition(|&x| x != 0.0),
-            ) {
-                (Some(a), Some(b)) => Filter {
-                    first_bin: a,
-                    weights: w[a..=b].to_vec(),
-                },
-                _ => Filter {
-                    first_bin: 0,
-                    weights: Vec::new(),
-                },
-            }
+            Filter::sparse(&w)
         })
         .collect()
 }
@@ -188,13 +171,7 @@ impl ClapMel {
                 *p = re.hypot(im).powi(2);
             }
             for (m, f) in self.filters.iter().enumerate() {
-                let e: f64 = f
-                    .weights
-                    .iter()
-                    .zip(&power[f.first_bin..])
-                    .map(|(w, p)| w * p)
-                    .sum();
-                out[[m, t]] = (10.0 * e.max(1e-10).log10()) as f32;
+                out[[m, t]] = (10.0 * f.energy(&power).max(1e-10).log10()) as f32;
             }
         }
     }

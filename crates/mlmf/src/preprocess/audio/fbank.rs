@@ -32,9 +32,37 @@ const LOW_FREQ: f64 = 20.0;
 const MEL_FLOOR: f64 = 1.192_092_955_078_125e-7;
 
 /// One mel filter as the run of FFT bins where its weight is non-zero.
-struct Filter {
-    first_bin: usize,
-    weights: Vec<f64>,
+pub(crate) struct Filter {
+    pub(crate) first_bin: usize,
+    pub(crate) weights: Vec<f64>,
+}
+
+impl Filter {
+    /// The non-zero run of a filter given over every FFT bin.
+    pub(crate) fn sparse(w: &[f64]) -> Self {
+        match (
+            w.iter().position(|&x| x != 0.0),
+            w.iter().rposition(|&x| x != 0.0),
+        ) {
+            (Some(a), Some(b)) => Self {
+                first_bin: a,
+                weights: w[a..=b].to_vec(),
+            },
+            _ => Self {
+                first_bin: 0,
+                weights: Vec::new(),
+            },
+        }
+    }
+
+    /// The filter's energy over a power spectrum.
+    pub(crate) fn energy(&self, power: &[f64]) -> f64 {
+        self.weights
+            .iter()
+            .zip(&power[self.first_bin..])
+            .map(|(w, p)| w * p)
+            .sum()
+    }
 }
 
 /// Kaldi mel energy on frequency `f` Hz.
@@ -66,19 +94,7 @@ fn kaldi_bank(n_bins: usize, n_mels: usize, sampling_rate: u32) -> Vec<Filter> {
                     a.min(b).max(0.0)
                 })
                 .collect();
-            match (
-                w.iter().position(|&x| x != 0.0),
-                w.iter().rposition(|&x| x != 0.0),
-            ) {
-                (Some(a), Some(b)) => Filter {
-                    first_bin: a,
-                    weights: w[a..=b].to_vec(),
-                },
-                _ => Filter {
-                    first_bin: 0,
-                    weights: Vec::new(),
-                },
-            }
+            Filter::sparse(&w)
         })
         .collect()
 }
@@ -209,13 +225,7 @@ impl Fbank {
                 *p = re.hypot(im).powi(2);
             }
             for (m, f) in self.filters.iter().enumerate() {
-                let e: f64 = f
-                    .weights
-                    .iter()
-                    .zip(&power[f.first_bin..])
-                    .map(|(w, p)| w * p)
-                    .sum();
-                out[[m, t]] = norm(e.max(MEL_FLOOR).ln() as f32);
+                out[[m, t]] = norm(f.energy(&power).max(MEL_FLOOR).ln() as f32);
             }
         }
         let pad = norm(0.0);
