@@ -168,7 +168,9 @@ impl ClapMel {
             self.fft.process_with_scratch(&mut buf, &mut scratch);
             for (p, z) in power.iter_mut().zip(&buf) {
                 let (re, im) = (f64::from(z.re as f32), f64::from(z.im as f32));
-                *p = re.hypot(im).powi(2);
+                // Not `hypot`: it links a glibc 2.35 symbol, above the wheel's
+                // manylinux_2_34 floor.
+                *p = re * re + im * im;
             }
             for (m, f) in self.filters.iter().enumerate() {
                 out[[m, t]] = (10.0 * f.energy(&power).max(1e-10).log10()) as f32;

@@ -222,7 +222,9 @@ impl Fbank {
             for (p, z) in power.iter_mut().zip(&buf) {
                 // The reference keeps the spectrum as complex64.
                 let (re, im) = (f64::from(z.re as f32), f64::from(z.im as f32));
-                *p = re.hypot(im).powi(2);
+                // Not `hypot`: it links a glibc 2.35 symbol, above the wheel's
+                // manylinux_2_34 floor.
+                *p = re * re + im * im;
             }
             for (m, f) in self.filters.iter().enumerate() {
                 out[[m, t]] = norm(f.energy(&power).max(MEL_FLOOR).ln() as f32);
