@@ -360,16 +360,6 @@ fn patch_input(p: &PatchProcessor, images: &[ImageRef<'_>]) -> Result<EncoderInp
     })
 }
 
-/// The patch processor, for a NaFlex image encoder that has one.
-impl Encoder {
-    pub fn patch_processor(&self) -> Option<&PatchProcessor> {
-        match self.prep.as_ref() {
-            Ok(Prep::Patches(p)) => Some(p),
-            _ => None,
-        }
-    }
-}
-
 fn mismatch() -> MlmfError {
     MlmfError::Internal("processor and encoder modalities disagree".into())
 }

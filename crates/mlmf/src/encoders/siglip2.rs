@@ -200,18 +200,17 @@ impl Siglip2Vision {
         let mut rows = Vec::with_capacity(shapes.len() * n * d);
         let mut seen: Vec<((usize, usize), Vec<f32>)> = Vec::new();
         for &shape in shapes {
-            let resized = match seen.iter().find(|(s, _)| *s == shape) {
-                Some((_, r)) => r.clone(),
+            let at = match seen.iter().position(|(s, _)| *s == shape) {
+                Some(i) => i,
                 None => {
-                    let r = resize_table(&self.table, self.grid, d, shape);
-                    seen.push((shape, r.clone()));
-                    r
+                    seen.push((shape, resize_table(&self.table, self.grid, d, shape)));
+                    seen.len() - 1
                 }
             };
-            rows.extend_from_slice(&resized);
-            let first = resized[..d].to_vec();
+            let resized = &seen[at].1;
+            rows.extend_from_slice(resized);
             for _ in shape.0 * shape.1..n {
-                rows.extend_from_slice(&first);
+                rows.extend_from_slice(&resized[..d]);
             }
         }
         Tensor::from_vec(rows, (shapes.len(), n, d), &self.place.device)
