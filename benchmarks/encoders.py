@@ -96,6 +96,11 @@ def vit_gflop(tokens: int, d: int, layers: int, mlp: int, patch_in: int) -> floa
 
 
 GFLOP["videomae"] = vit_gflop(VIDEOMAE_TOKENS, 768, 12, 3072, 3 * 2 * 16 * 16)
+# X-CLIP base/32 (`XCLIPConfig()`): 8 frames through a ViT-B/32 whose layers attend over
+# 50 tokens plus one cross-frame message token (the frame-level message attention and
+# the one-layer frame integration transformer are below 0.1 GFLOP).
+XCLIP_FRAMES = 8
+GFLOP["xclip"] = XCLIP_FRAMES * vit_gflop(51, 768, 12, 3072, 3 * 32 * 32)
 
 # wav2vec 2.0 base (`Wav2Vec2Config()`, random weights) on 10 s of 16 kHz speech: the
 # feature encoder's convolutions, the positional convolution and 12 layers of width 768.
@@ -225,6 +230,7 @@ class Encoders(harness.Suite):
         "ast",
         "clap",
         "siglip2",
+        "xclip",
     )
     rounds_help = "timed rounds for every row (default: 9 for the fast rows, 7 for the slow ones)"
     plot_name = PLOT_NAME
@@ -524,6 +530,40 @@ class Encoders(harness.Suite):
         parts = (enc, pixels, VideoTower().eval(), (torch.from_numpy(pixels),), ["pixel_values"])
         return self._row("videomae", workload, 1, 3, *parts)
 
+    def xclip_row(self) -> Row:
+        import torch
+        from transformers import XCLIPConfig, XCLIPModel
+
+        import mlmf
+
+        path = self.dir / "xclip_base_random"
+        model = synthetic.random_checkpoint(XCLIPModel, XCLIPConfig(), path)
+        enc = mlmf.Encoder.from_pretrained(path, modality="video")
+
+        class VideoTower(torch.nn.Module):
+            """XCLIPModel's video side as its forward computes it: pooled is
+            `get_video_features`, hidden the patch features its prompt generator reads."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model
+
+            def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                b, t = pixel_values.shape[:2]
+                v = self.m.vision_model(pixel_values=pixel_values.flatten(0, 1))
+                frames = self.m.visual_projection(v.pooler_output).view(b, t, -1)
+                pooled = self.m.mit(frames).pooler_output
+                feats = self.m.prompts_visual_layernorm(v.last_hidden_state[:, 1:])
+                feats = feats @ self.m.prompts_visual_projection
+                return pooled, feats.view(b, t, -1, pooled.shape[-1]).mean(1)
+
+        ip = mlmf.ImageProcessor()
+        frames = [synthetic.photo(240, 320, seed=i) for i in range(XCLIP_FRAMES)]
+        pixels = np.ascontiguousarray(ip(frames)[None], dtype=np.float32)
+        workload = f"X-CLIP base/32 shape (random weights), {XCLIP_FRAMES} frames 224x224, batch 1"
+        parts = (enc, pixels, VideoTower().eval(), (torch.from_numpy(pixels),), ["pixel_values"])
+        return self._row("xclip", workload, 1, 5, *parts)
+
     def siglip2_row(self) -> Row:
         import torch
         from transformers import Siglip2VisionConfig, Siglip2VisionModel
@@ -681,6 +721,7 @@ class Encoders(harness.Suite):
             ("ast", self.ast_row),
             ("clap", self.clap_row),
             ("siglip2", self.siglip2_row),
+            ("xclip", self.xclip_row),
         ]
         return self.build_rows(builders, only, progress=True)
 
@@ -772,7 +813,8 @@ class Encoders(harness.Suite):
             "HTSAT audio tower and its projection) random log-mel features of 1001 frames x "
             "64 bins, for SigLIP 2 (`Siglip2VisionModel(Siglip2VisionConfig())`, "
             "random weights) 256x256 photos cut into 16x16 patch grids by mlmf's NaFlex "
-            "processor. "
+            "processor, for X-CLIP (`XCLIPModel(XCLIPConfig())`, random weights, base/32 "
+            f"shape) {XCLIP_FRAMES} photo-like frames through the CLIP preprocessing. "
             "PyTorch eager runs the transformers "
             "module under `torch.inference_mode()`; ONNX Runtime runs the same module exported "
             "with `torch.onnx.export` (static shapes; "
@@ -784,8 +826,9 @@ class Encoders(harness.Suite):
             "last token's state, L2-normalised, on top of `Qwen3Model`; VideoMAE and wav2vec "
             "2.0: the mean of the last hidden state; AST: its pooler output, the mean of the "
             "two leading tokens; CLAP: the audio projection of the mean token, unnormalised; "
-            "SigLIP 2: its pooler output) and the last "
-            "hidden state. Each contender is warmed up, then the contenders alternate for "
+            "SigLIP 2: its pooler output; X-CLIP: `get_video_features`) and the last "
+            "hidden state (X-CLIP: the patch features its prompt generator reads). Each "
+            "contender is warmed up, then the contenders alternate for "
             f"several rounds ({rounds}; order reversed every other round); each timed sample "
             f"repeats the call until it lasts at least {min_time:g} s. Figures are "
             "medians over the rounds, per item (batch time / batch size). Ratio = competitor "
@@ -794,7 +837,8 @@ class Encoders(harness.Suite):
             f"{GFLOP['qwen3']:.1f}, VideoMAE-base 16 frames {GFLOP['videomae']:.0f}, wav2vec "
             f"2.0 base {W2V_SECONDS} s {GFLOP['wav2vec2']:.0f}, AST base {GFLOP['ast']:.0f}, "
             f"SigLIP 2 base 256 patches {GFLOP['siglip2']:.1f}, CLAP HTSAT "
-            f"{GFLOP['clap']:.1f}) / "
+            f"{GFLOP['clap']:.1f}, X-CLIP base/32 {XCLIP_FRAMES} frames "
+            f"{GFLOP['xclip']:.0f}) / "
             "time per item. *max abs diff* compares mlmf's "
             "hidden states and pooled vectors with the competitor's.",
         ]

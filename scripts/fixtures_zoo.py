@@ -31,6 +31,9 @@ Run through ``scripts/make_fixtures.py --only zoo``.  So far:
   generated images in ``inputs/``; see fixtures_siglip2.py.
 - ``clap``: two CLAP ``ClapModel`` checkpoints (RoBERTa text tower; HTSAT audio tower,
   unfused and fused) and ``clap.npz``; see fixtures_clap.py.
+- ``xclip``: an X-CLIP ``XCLIPModel`` checkpoint (CLIP text tower; video tower with
+  cross-frame message tokens, the multi-frame integration transformer and the
+  video-specific prompt generator) and ``xclip.npz``; see fixtures_xclip.py.
 """
 
 from __future__ import annotations
@@ -251,6 +254,7 @@ def make_zoo(out: Path) -> None:
     from fixtures_clap import make_clap  # imported here: they import this module
     from fixtures_siglip2 import make_siglip2
     from fixtures_speech import make_speech
+    from fixtures_xclip import make_xclip
 
     write_json(
         out / "expected.json",
@@ -265,5 +269,6 @@ def make_zoo(out: Path) -> None:
             "speech": make_speech(out / "models"),
             "siglip2": make_siglip2(out / "models"),
             "clap": make_clap(out / "models"),
+            "xclip": make_xclip(out / "models"),
         },
     )

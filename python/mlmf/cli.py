@@ -253,6 +253,7 @@ ALIGNED_HEADS = (
     "logit_scale_a",
     "text_projection.weight",
     "visual_projection.weight",
+    "prompts_generator.alpha",
 )
 
 
@@ -297,8 +298,9 @@ def _checkpoint_summary(path: Path) -> dict:
         "siglip": "sigmoid",
         "siglip2": "sigmoid",
         "clap": "softmax",
+        "xclip": "softmax",
     }.get(family)
-    other = "audio" if family == "clap" else "image"
+    other = {"clap": "audio", "xclip": "video"}.get(family, "image")
     has_scale = any(h.startswith("logit_scale") for h in info["aligned_heads"])
     info["similarity"] = (
         {"towers": ["text", other], "probabilities": probabilities}
@@ -349,12 +351,17 @@ def _checkpoint_summary(path: Path) -> dict:
                 **mlmf.ImageProcessor.from_pretrained(path).config,
             }
         if "video" in encoders:
-            # A native video model (VideoMAE): its clip length is the sampler's default.
+            # A native video model (VideoMAE, X-CLIP): its clip length is the sampler's
+            # default.
             frames = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            if family == "xclip":
+                num_frames = frames.get("vision_config", {}).get("num_frames", 8)
+            else:
+                num_frames = frames.get("num_frames", 16)
             processors["video"] = {
                 "processor": "VideoProcessor",
                 "reference": name,
-                "num_frames": frames.get("num_frames", 16),
+                "num_frames": num_frames,
                 **mlmf.ImageProcessor.from_pretrained(path).config,
             }
         if "audio" in encoders:

@@ -12,15 +12,26 @@
 //!   exp(logit_scale_t) * t̂ · âᵀ` and `logits_per_audio = exp(logit_scale_a) * â · t̂ᵀ`
 //!   (two temperatures); zero-shot probabilities are a softmax over the labels.
 //!
+//! - `xclip` (`XCLIPModel`), text against video: each text vector is first moved
+//!   towards the video it is compared with by the checkpoint's prompt generator
+//!   ([`prompts`]), then `logits_per_video[b, k] = exp(logit_scale) * v̂_b · t̂_{b,k}`;
+//!   zero-shot probabilities are a softmax over the labels.
+//!
 //! `logits_per_image` is the transpose of `logits_per_text` for CLIP and SigLIP. The embeddings
 //! are the towers' pooled outputs, which mlmf's encoders already produce
 //! (`get_text_features` / `get_image_features` for CLIP, the pooler outputs for
 //! SigLIP); [`crate::MultiModalModel::similarity`] and
 //! [`crate::MultiModalModel::zero_shot`] run the towers through the model's caches.
 
-use std::path::{Path, PathBuf};
+pub mod prompts;
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Tensor;
 use ndarray::Array2;
+
+pub use prompts::PromptGenerator;
 
 use crate::encoders::checkpoint::Checkpoint;
 use crate::error::{MlmfError, Result};
@@ -35,6 +46,7 @@ pub const FAMILIES: &[(&str, Modality)] = &[
     ("siglip", Modality::Image),
     ("siglip2", Modality::Image),
     ("clap", Modality::Audio),
+    ("xclip", Modality::Video),
 ];
 
 /// How a family turns logits into zero-shot probabilities.
@@ -56,7 +68,7 @@ impl Probabilities {
 }
 
 /// A checkpoint's aligned heads.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct AlignedHead {
     /// The checkpoint's `model_type`.
     pub family: String,
@@ -71,6 +83,9 @@ pub struct AlignedHead {
     /// `logits_per_audio = exp(logit_scale_a) * â · t̂ᵀ`); `None`: `logits_per_other`
     /// is the transpose of `logits_per_text`.
     pub logit_scale_other: Option<f32>,
+    /// X-CLIP's prompt generator: texts are moved towards each video before scoring,
+    /// which needs the video's patch features (its tower's `hidden_states`).
+    pub prompts: Option<Arc<PromptGenerator>>,
     /// Where the heads were read.
     pub dir: PathBuf,
 }
@@ -127,6 +142,11 @@ impl AlignedHead {
             "siglip" | "siglip2" => (Probabilities::Sigmoid, Some(scalar(ckpt, "logit_bias")?)),
             _ => (Probabilities::Softmax, None),
         };
+        let prompts = if family == "xclip" {
+            Some(Arc::new(PromptGenerator::load(ckpt)?))
+        } else {
+            None
+        };
         Ok(Self {
             family,
             other,
@@ -134,13 +154,26 @@ impl AlignedHead {
             logit_scale,
             logit_bias,
             logit_scale_other,
+            prompts,
             dir: ckpt.dir().to_path_buf(),
         })
     }
 
+    /// Whether scoring needs the other modality's token states (X-CLIP).
+    pub fn needs_tokens(&self) -> bool {
+        self.prompts.is_some()
+    }
+
     /// `logits_per_text` `[Nt, No]` of text embeddings `[Nt, D]` against the other
-    /// modality's `[No, D]`, as the family's model computes it.
-    pub fn logits(&self, text: &Array2<f32>, other: &Array2<f32>) -> Result<Array2<f32>> {
+    /// modality's `[No, D]`, as the family's model computes it. `other_tokens`
+    /// `[No, N, D]`: the other tower's `hidden_states`, which X-CLIP's prompts read
+    /// (ignored by the other families).
+    pub fn logits(
+        &self,
+        text: &Array2<f32>,
+        other: &Array2<f32>,
+        other_tokens: Option<&Tensor>,
+    ) -> Result<Array2<f32>> {
         if text.ncols() != other.ncols() {
             return Err(MlmfError::input(
                 self.other,
@@ -152,6 +185,19 @@ impl AlignedHead {
                     text.ncols()
                 ),
             ));
+        }
+        if let Some(gen) = &self.prompts {
+            let Some(tokens) = other_tokens else {
+                return Err(MlmfError::input(
+                    self.other,
+                    format!(
+                        "a `{}` checkpoint scores each text against each video's own prompts: \
+                         expected the {} tower's hidden_states with its embeddings",
+                        self.family, self.other
+                    ),
+                ));
+            };
+            return self.prompted_logits(gen, text, other, tokens);
         }
         let (t, o) = (normalized(text), normalized(other));
         let scale = self.logit_scale.exp();
@@ -168,6 +214,56 @@ impl AlignedHead {
                     Some(b) => v + b,
                     None => v,
                 };
+            }
+        }
+        Ok(out)
+    }
+
+    /// X-CLIP: per video, the texts through the prompt generator, then scaled cosines.
+    fn prompted_logits(
+        &self,
+        gen: &PromptGenerator,
+        text: &Array2<f32>,
+        other: &Array2<f32>,
+        tokens: &Tensor,
+    ) -> Result<Array2<f32>> {
+        let f = crate::encoders::layers::ce("xclip logits");
+        let rows = tokens.dim(0).map_err(&f)?;
+        if rows != other.nrows() {
+            return Err(MlmfError::input(
+                self.other,
+                format!(
+                    "{} {} embeddings but token states for {rows}",
+                    other.nrows(),
+                    self.other
+                ),
+            ));
+        }
+        let (nt, d) = text.dim();
+        let t = Tensor::from_slice(
+            text.as_standard_layout().as_slice().unwrap_or(&[]),
+            (nt, d),
+            &candle_core::Device::Cpu,
+        )
+        .map_err(&f)?;
+        // [No, Nt, D]: each video's own text vectors.
+        let per_video: Vec<Vec<Vec<f32>>> = gen.prompted(&t, tokens)?.to_vec3().map_err(&f)?;
+        let o = normalized(other);
+        let scale = self.logit_scale.exp();
+        let mut out = Array2::<f32>::zeros((nt, o.nrows()));
+        for (j, (texts, v)) in per_video.iter().zip(o.rows()).enumerate() {
+            for (i, tv) in texts.iter().enumerate() {
+                let norm = tv
+                    .iter()
+                    .map(|&a| f64::from(a) * f64::from(a))
+                    .sum::<f64>()
+                    .sqrt();
+                let dot: f64 = tv
+                    .iter()
+                    .zip(v.iter())
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+                out[(i, j)] = (dot / norm) as f32 * scale;
             }
         }
         Ok(out)
@@ -323,6 +419,7 @@ mod tests {
             logit_scale: scale,
             logit_bias: bias,
             logit_scale_other: None,
+            prompts: None,
             dir: PathBuf::new(),
         }
     }
@@ -332,7 +429,7 @@ mod tests {
         let t = array![[3.0f32, 4.0], [0.0, 2.0]];
         let o = array![[1.0f32, 0.0], [0.0, -5.0], [1.0, 1.0]];
         let h = head(Probabilities::Sigmoid, 2f32.ln(), Some(-1.0));
-        let l = h.logits(&t, &o).unwrap();
+        let l = h.logits(&t, &o, None).unwrap();
         // cos(t0, o0) = 0.6, cos(t0, o1) = -0.8, cos(t1, o2) = 1/sqrt 2.
         assert!((l[(0, 0)] - (2.0 * 0.6 - 1.0)).abs() < 1e-6);
         assert!((l[(0, 1)] - (2.0 * -0.8 - 1.0)).abs() < 1e-6);
@@ -375,7 +472,7 @@ mod tests {
     fn widths_must_match() {
         let h = head(Probabilities::Softmax, 0.0, None);
         let e = h
-            .logits(&Array2::zeros((1, 3)), &Array2::zeros((1, 4)))
+            .logits(&Array2::zeros((1, 3)), &Array2::zeros((1, 4)), None)
             .unwrap_err();
         assert!(e.to_string().contains("4 wide"), "{e}");
     }

@@ -10,7 +10,8 @@
 //! Text: token + position embeddings, pre-norm layers under a causal and a padding
 //! mask, `final_layer_norm`; pooled is the state at the end-of-text token (the first
 //! `eos_token_id`, or the largest id for configs with the legacy `eos_token_id = 2`),
-//! projected by `text_projection` when present.
+//! projected by `text_projection` when present. X-CLIP's text tower
+//! ([`crate::encoders::xclip`]) is this one, always pooled at the largest id.
 
 use candle_core::{Device, Tensor};
 
@@ -174,14 +175,26 @@ fn load_vision(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipVision> {
     })
 }
 
-fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipText> {
+/// Loads the text tower of a CLIP-layout checkpoint: `clip`, `clip_text_model`, or
+/// (with `legacy_eos`) `xclip`, whose text model always pools at the largest id.
+pub(crate) fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipText> {
+    load_text_tower(req, model_type, model_type == "xclip")
+}
+
+fn load_text_tower(req: &LoadRequest<'_>, model_type: &str, legacy_eos: bool) -> Result<ClipText> {
     let ckpt = req.checkpoint;
-    let dual = model_type == "clip";
+    let dual = matches!(model_type, "clip" | "xclip");
     let cfg = tower_cfg(ckpt.config(), dual, "text_config");
     let s = Sizes::read(cfg, (512, 12, 8, 2048, 1e-5, "quick_gelu"))?;
     let vocab = cfg.size("vocab_size", 49408)?;
     let max_positions = cfg.size("max_position_embeddings", 77)?;
-    let eos = cfg.id("eos_token_id")?.unwrap_or(49407);
+    // X-CLIP's text model sets its eos id to 2 whatever the config says (the legacy
+    // argmax pooling).
+    let eos = if legacy_eos {
+        2
+    } else {
+        cfg.id("eos_token_id")?.unwrap_or(49407)
+    };
     let place = req.placement();
     let prefix = ckpt
         .find_prefix("embeddings.token_embedding.weight")

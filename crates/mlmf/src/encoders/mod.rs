@@ -11,7 +11,7 @@
 //! `siglip_text_model`, `siglip2` (and its towers; NaFlex images), `qwen3` (a text
 //! embedder), `vit`, `videomae`, `whisper` (encoder
 //! only), `wav2vec2` and `hubert` (raw-waveform speech), `audio-spectrogram-transformer`,
-//! `clap` (audio and text towers), and video as an image encoder applied per frame
+//! `clap` (audio and text towers), `xclip` (video and text towers), and video as an image encoder applied per frame
 //! ([`video::FrameEncoder`]).
 
 pub mod ast;
@@ -35,6 +35,7 @@ pub mod videomae;
 pub mod vit;
 pub mod wav2vec2;
 pub mod whisper;
+pub mod xclip;
 
 use std::fmt;
 use std::str::FromStr;

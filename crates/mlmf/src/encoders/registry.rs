@@ -10,7 +10,7 @@ use candle_core::Device;
 
 use crate::encoders::checkpoint::Checkpoint;
 use crate::encoders::{
-    ast, bert, clap, clip, qwen3, siglip, siglip2, videomae, vit, wav2vec2, whisper,
+    ast, bert, clap, clip, qwen3, siglip, siglip2, videomae, vit, wav2vec2, whisper, xclip,
     ModalityEncoder, Precision,
 };
 use crate::error::{MlmfError, Result};
@@ -94,6 +94,7 @@ fn table() -> &'static RwLock<BTreeMap<String, EncoderFactory>> {
         add(&["wav2vec2", "hubert"], Arc::new(wav2vec2::load));
         add(&["audio-spectrogram-transformer"], Arc::new(ast::load));
         add(&["clap"], Arc::new(clap::load));
+        add(&["xclip"], Arc::new(xclip::load));
         RwLock::new(t)
     })
 }

@@ -37,7 +37,7 @@ use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
 
 /// The `model_type`s that encode a clip as a whole (the others run per frame).
-pub(crate) const NATIVE_VIDEO: &[&str] = &["videomae"];
+pub(crate) const NATIVE_VIDEO: &[&str] = &["videomae", "xclip"];
 
 /// `num_frames` of a native video checkpoint's `config.json` in `dir` (`None` for
 /// other checkpoints, or when there is no readable config).
@@ -45,6 +45,9 @@ pub(crate) fn native_frames(dir: &Path) -> Option<usize> {
     let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     let t = json.get("model_type")?.as_str()?;
+    if t == "xclip" {
+        return Some(crate::encoders::xclip::num_frames(&json));
+    }
     NATIVE_VIDEO.contains(&t).then(|| {
         json.get("num_frames")
             .and_then(|v| v.as_u64())

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 use ndarray::Array2;
 
-use super::encode::stack_pooled;
-use super::{keys, MultiModalModel};
+use super::encode::{stack_pooled, stack_tokens};
+use super::{keys, MultiModalModel, TokenStates};
 use crate::aligned::{self, AlignedHead, Similarity, ZeroShot};
 use crate::config::fusion::{FusionStrategy, LateMode};
 use crate::encoders::layers::ce;
@@ -56,7 +56,12 @@ impl MultiModalModel {
             "fusion.strategy",
             format!(
                 "late mode `similarity` needs a text modality and another modality loading the \
-                 two towers of one aligned checkpoint (clip, siglip){}",
+                 two towers of one aligned checkpoint ({}){}",
+                aligned::FAMILIES
+                    .iter()
+                    .map(|(f, _)| *f)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 if why.is_empty() {
                     String::new()
                 } else {
@@ -71,6 +76,7 @@ impl MultiModalModel {
     pub(super) fn late_similarity(
         &self,
         embeddings: &BTreeMap<Modality, Tensor>,
+        tokens: &BTreeMap<Modality, TokenStates>,
     ) -> Result<Option<Similarity>> {
         let Some(head) = self.inner.aligned.get() else {
             return Ok(None);
@@ -81,7 +87,11 @@ impl MultiModalModel {
         };
         Ok(Some(Similarity {
             other: head.other,
-            logits_per_text: head.logits(&rows_of(t)?, &rows_of(o)?)?,
+            logits_per_text: head.logits(
+                &rows_of(t)?,
+                &rows_of(o)?,
+                tokens.get(&head.other).map(|s| &s.hidden_states),
+            )?,
             head: head.clone(),
         }))
     }
@@ -96,7 +106,8 @@ impl MultiModalModel {
         if other == Modality::Text {
             return Err(MlmfError::input(
                 other,
-                "similarity compares texts with another modality (image for CLIP and SigLIP)",
+                "similarity compares texts with another modality (image for CLIP and SigLIP, \
+                 audio for CLAP, video for X-CLIP)",
             ));
         }
         if !self.modalities().contains(&Modality::Text) {
@@ -158,10 +169,16 @@ impl MultiModalModel {
         let t = rows_of(&stack_pooled(
             &self.encode_items(Modality::Text, RawInputs::Text(texts))?,
         )?)?;
-        let o = rows_of(&stack_pooled(&self.encode_items(m, others)?)?)?;
+        let items = self.encode_items(m, others)?;
+        let o = rows_of(&stack_pooled(&items)?)?;
+        let tokens = if head.needs_tokens() {
+            Some(stack_tokens(&items)?.hidden_states)
+        } else {
+            None
+        };
         Ok(Similarity {
             other: m,
-            logits_per_text: head.logits(&t, &o)?,
+            logits_per_text: head.logits(&t, &o, tokens.as_ref())?,
             head,
         })
     }

@@ -848,11 +848,13 @@ impl MultiModalModel {
 
         let mut stats = CallStats::default();
         let mut embeddings = BTreeMap::new();
-        let mut tokens = BTreeMap::new();
+        let mut tokens: BTreeMap<Modality, TokenStates> = BTreeMap::new();
         let mut row_keys: BTreeMap<Modality, Vec<ContentKey>> = BTreeMap::new();
-        let need_tokens = return_tokens
+        let keep_tokens = return_tokens
             || self.inner.level == FusionLevel::Tokens
             || (return_attention && !self.inner.pairs.is_empty());
+        // X-CLIP's scores read the video's token states too.
+        let need_tokens = keep_tokens || self.inner.aligned.get().is_some_and(|h| h.needs_tokens());
         for e in encoded {
             stats
                 .modalities
@@ -883,7 +885,10 @@ impl MultiModalModel {
             self.inner.attention_latency.record(took);
             stats.attention_ms = ms(took);
         }
-        let similarity = self.late_similarity(&embeddings)?;
+        let similarity = self.late_similarity(&embeddings, &tokens)?;
+        if !keep_tokens {
+            tokens.clear();
+        }
         let total = start.elapsed();
         self.inner.total_latency.record(total);
         stats.total_ms = ms(total);

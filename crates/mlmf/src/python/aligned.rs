@@ -64,6 +64,19 @@ impl PySimilarity {
         Ok(self.logits_per_other(py))
     }
 
+    /// `logits_per_other` when the other modality is video (X-CLIP's
+    /// `logits_per_video`).
+    #[getter]
+    fn logits_per_video<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        if self.inner.other != crate::modality::Modality::Video {
+            return Err(PyAttributeError::new_err(format!(
+                "these texts were compared with {}: use logits_per_other",
+                self.inner.other
+            )));
+        }
+        Ok(self.logits_per_other(py))
+    }
+
     /// CLAP's temperature for `logits_per_audio` (`logit_scale_a`); `None` for
     /// families with one temperature.
     #[getter]
