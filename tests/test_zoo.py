@@ -45,6 +45,19 @@ def test_qwen3_embeddings_equal_transformers(ref):
     np.testing.assert_allclose(np.linalg.norm(out.pooled, axis=1), 1.0, atol=1e-6)
 
 
+def test_qwen3_fast_path_equals_the_candle_path(ref, monkeypatch):
+    # Float32 on the CPU runs the fused decoder layers; the environment switch runs
+    # candle's ops instead. Both match transformers (above) and each other.
+    enc = mlmf.Encoder.from_pretrained(QWEN3_DIR)
+    fast = enc.encode(QWEN3["texts"])
+    monkeypatch.setenv("MLMF_QWEN3_CANDLE_PATH", "1")
+    slow = enc.encode(QWEN3["texts"])
+    real = ref["attention_mask"].astype(bool)
+    np.testing.assert_allclose(fast.hidden_states[real], slow.hidden_states[real], atol=1e-5)
+    np.testing.assert_allclose(fast.pooled, slow.pooled, atol=1e-6)
+    np.testing.assert_allclose(slow.pooled, ref["pooled"], atol=TOL)
+
+
 def test_qwen3_through_the_model_and_its_cache(ref):
     with pytest.warns(UserWarning, match="untrained"):
         model = mlmf.MultiModalModel.load({"modalities": {"text": {"model": str(QWEN3_DIR)}}})

@@ -30,6 +30,7 @@ use rayon::prelude::*;
 use crate::encoders::layers::{ce, Activation, AttnBias, EncoderLayer, LayerNorm, Linear, MASKED};
 use crate::error::{MlmfError, Result};
 
+pub(crate) mod decoder;
 pub(crate) mod packed;
 
 /// A destination shared by tasks that write disjoint parts of it.

@@ -16,6 +16,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::encoders::config::Cfg;
+use crate::encoders::cpu::{
+    self,
+    decoder::{DecoderLayer, DecoderShape},
+};
 use crate::encoders::inputs::{text_batch, text_mask};
 use crate::encoders::layers::{
     attention, causal_bias, ce, embed, l2_normalize, padding_bias, Linear, Weights,
@@ -24,6 +28,10 @@ use crate::encoders::registry::LoadRequest;
 use crate::encoders::{EncoderInfo, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind};
 use crate::error::Result;
 use crate::modality::Modality;
+
+/// Set (to anything) in the environment, Qwen3 runs on candle's ops even where the
+/// float32 CPU path could run it (for comparing the two).
+const CANDLE_PATH: &str = "MLMF_QWEN3_CANDLE_PATH";
 
 /// `x / sqrt(mean(x²) + eps) * w` over the last dimension, in float32 (as
 /// `Qwen3RMSNorm`), back in `x`'s dtype.
@@ -72,6 +80,7 @@ pub struct Qwen3 {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    eps: f64,
     rope_theta: f64,
     vocab: usize,
     max_positions: usize,
@@ -179,6 +188,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
         heads,
         kv_heads,
         head_dim,
+        eps,
         rope_theta,
         vocab,
         max_positions,
@@ -188,7 +198,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
 
 /// `cos` and `sin` `[T, head_dim / 2]` of positions `0..T`, computed as transformers
 /// does: float32 inverse frequencies and products.
-fn rope_tables(t: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_values(t: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
     let inv: Vec<f32> = (0..half)
         .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
@@ -202,6 +212,16 @@ fn rope_tables(t: usize, head_dim: usize, theta: f64, device: &Device) -> Result
             sin.push(a.sin());
         }
     }
+    (cos, sin)
+}
+
+/// [`rope_values`] as tensors on `device`.
+fn rope_tables(
+    (cos, sin): (Vec<f32>, Vec<f32>),
+    half: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let t = cos.len() / half.max(1);
     let f = ce("rotary tables");
     Ok((
         Tensor::from_vec(cos, (t, half), device).map_err(&f)?,
@@ -221,6 +241,42 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 impl Qwen3 {
+    /// The layers on the float32 CPU path ([`cpu::decoder`]); `None` elsewhere.
+    fn fast_layers(
+        &self,
+        x: &Tensor,
+        keys: &[u8],
+        (cos, sin): &(Vec<f32>, Vec<f32>),
+    ) -> Result<Option<Tensor>> {
+        if std::env::var_os(CANDLE_PATH).is_some() {
+            return Ok(None);
+        }
+        let layers: Vec<DecoderLayer<'_>> = self
+            .layers
+            .iter()
+            .map(|l| DecoderLayer {
+                input_norm: &l.input_norm.weight,
+                q: &l.q,
+                k: &l.k,
+                v: &l.v,
+                o: &l.o,
+                q_norm: &l.q_norm.weight,
+                k_norm: &l.k_norm.weight,
+                post_norm: &l.post_norm.weight,
+                gate: &l.gate,
+                up: &l.up,
+                down: &l.down,
+            })
+            .collect();
+        let shape = DecoderShape {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            eps: self.eps as f32,
+        };
+        cpu::decoder::run(x, &layers, shape, keys, (cos, sin))
+    }
+
     /// `[B, T, n*hd]` -> `[B, n, T, hd]` with RMSNorm over each head.
     fn heads_of(&self, x: &Tensor, n: usize, norm: &RmsNorm) -> Result<Tensor> {
         let f = ce("qwen3 heads");
@@ -306,9 +362,16 @@ impl ModalityEncoder for Qwen3 {
         let bias = padding_bias(&mask)?
             .broadcast_add(&causal_bias(t, dev)?)
             .map_err(&f)?;
-        let rope = rope_tables(t, self.head_dim, self.rope_theta, dev)?;
-        for l in &self.layers {
-            x = self.layer(l, &x, &bias, &rope)?;
+        let values = rope_values(t, self.head_dim, self.rope_theta);
+        let keys: Vec<u8> = mask.flatten_all().and_then(|m| m.to_vec1()).map_err(&f)?;
+        match self.fast_layers(&x, &keys, &values)? {
+            Some(y) => x = y,
+            None => {
+                let rope = rope_tables(values, self.head_dim / 2, dev)?;
+                for l in &self.layers {
+                    x = self.layer(l, &x, &bias, &rope)?;
+                }
+            }
         }
         let hidden = self.norm.forward(&x)?;
         // Each row's last real token (the last position under left padding).
