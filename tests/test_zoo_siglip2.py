@@ -82,6 +82,22 @@ def test_padding_patches_do_not_change_an_image(ref):
     np.testing.assert_array_equal(a, b)
 
 
+def test_tokens_equal_the_siglip2_tokenizer(ref):
+    # transformers tokenizes SigLIP 2 text with its Siglip2Tokenizer (lower-cased, left
+    # padding), not with the shipped tokenizer.json's own pipeline.
+    tp = mlmf.TextProcessor.from_pretrained(MODEL)
+    out = tp(CASE["texts"], padding="max_length", max_length=16)
+    np.testing.assert_array_equal(out["input_ids"], ref["input_ids"])
+    np.testing.assert_array_equal(out["attention_mask"], ref["attention_mask"])
+    assert ref["attention_mask"][:, 0].min() == 0, "left padding is exercised"
+    raw = CASE["raw_input_ids"]
+    assert any(
+        r != list(t[m.astype(bool)])
+        for r, t, m in zip(raw, out["input_ids"], out["attention_mask"])
+    )
+    assert tp("A CAT")["input_ids"].tolist() == tp("a cat")["input_ids"].tolist()
+
+
 def test_text_embeddings_equal_transformers(ref):
     enc = mlmf.Encoder.from_pretrained(MODEL, modality="text")
     assert (enc.model_type, enc.modality) == ("siglip2", "text")

@@ -15,6 +15,7 @@ mod from_config;
 pub mod image;
 mod share;
 pub mod text;
+mod text_family;
 mod text_limit;
 pub mod video;
 

@@ -7,7 +7,10 @@
 //! tokenizer.json are replaced by the call's, the pad token comes from
 //! tokenizer_config.json / special_tokens_map.json, and `truncation` without a
 //! `max_length` means the tokenizer's `model_max_length`. The ids are those of the HF
-//! `tokenizers` library itself, so they equal the Python package's exactly.
+//! `tokenizers` library itself, so they equal the Python package's exactly. Where a
+//! family's reference tokenizes differently from its shipped tokenizer.json (SigLIP 2
+//! lower-cases), the pipeline is rewritten as the reference builds it
+//! ([`super::text_family`]).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -22,6 +25,7 @@ use tokenizers::{
 
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
+use crate::preprocess::text_family::TextFamily;
 pub use crate::preprocess::text_limit::DEFAULT_MAX_INPUT_BYTES;
 use crate::preprocess::text_limit::{cut_point, splits_at_spaces};
 use crate::preprocess::Processor;
@@ -121,6 +125,8 @@ struct TokenizerMeta {
     pad_token: Option<String>,
     model_max_length: Option<usize>,
     padding_left: bool,
+    /// tokenizer_config.json names a padding side.
+    padding_side_given: bool,
     truncation_left: bool,
 }
 
@@ -185,9 +191,15 @@ impl TextProcessor {
         }
         let bytes = std::fs::read(&file)
             .map_err(|e| MlmfError::model_load("tokenizer", &file, e.to_string()))?;
+        // Some families' reference rebuilds the shipped pipeline (SigLIP 2).
+        let family = TextFamily::of(&dir);
+        let bytes = family.rewrite(&bytes, &file)?;
         let tokenizer = Tokenizer::from_bytes(&bytes)
             .map_err(|e| MlmfError::model_load("tokenizer", &file, e.to_string()))?;
-        let meta = read_meta(&dir)?;
+        let mut meta = read_meta(&dir)?;
+        if family.pads_left_by_default() && !meta.padding_side_given {
+            meta.padding_left = true;
+        }
         Self::from_tokenizer(tokenizer, meta, config, file)
     }
 
@@ -545,6 +557,7 @@ fn read_meta(dir: &Path) -> Result<TokenizerMeta> {
         }
         if let Some(side) = v.get("padding_side").and_then(serde_json::Value::as_str) {
             meta.padding_left = side == "left";
+            meta.padding_side_given = true;
         }
         if let Some(side) = v.get("truncation_side").and_then(serde_json::Value::as_str) {
             meta.truncation_left = side == "left";
