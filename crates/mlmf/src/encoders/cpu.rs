@@ -32,6 +32,7 @@ use crate::error::{MlmfError, Result};
 
 pub(crate) mod decoder;
 pub(crate) mod packed;
+pub(crate) mod window;
 
 /// A destination shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]

@@ -28,6 +28,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::encoders::config::Cfg;
+use crate::encoders::cpu::window::{self, WindowBlock};
 use crate::encoders::inputs::{full_mask, wrong_input};
 use crate::encoders::layers::{
     attention, ce, merge_heads, split_heads, Activation, LayerNorm, Linear, Placement, Weights,
@@ -54,6 +55,9 @@ struct Block {
     /// Token order of the rolled, window-partitioned grid, and its inverse.
     gather: Tensor,
     scatter: Tensor,
+    /// The same orders for the float32 CPU path.
+    gather_rows: Vec<u32>,
+    scatter_rows: Vec<u32>,
     window: usize,
     norm2: LayerNorm,
     fc1: Linear,
@@ -198,8 +202,10 @@ fn load_block(
         heads,
         cpu_bias: crate::encoders::cpu::Bias::per_window(bias.clone(), windows, heads, t),
         bias: Tensor::from_vec(bias, (windows, heads, t, t), dev).map_err(&f)?,
-        gather: index(src, dev)?,
-        scatter: index(inverse, dev)?,
+        gather: index(src.clone(), dev)?,
+        scatter: index(inverse.clone(), dev)?,
+        gather_rows: src,
+        scatter_rows: inverse,
         window,
         norm2: LayerNorm::load(w, &n("layernorm_after"), dim, eps)?,
         fc1: lin("intermediate.dense", dim, mlp)?,
@@ -209,6 +215,26 @@ fn load_block(
 }
 
 impl Block {
+    /// The block for the float32 CPU path ([`window::run_blocks`]).
+    fn view(&self) -> WindowBlock<'_> {
+        WindowBlock {
+            norm1: &self.norm1,
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            o: &self.o,
+            norm2: &self.norm2,
+            fc1: &self.fc1,
+            fc2: &self.fc2,
+            act: self.act,
+            heads: self.heads,
+            window_tokens: self.window * self.window,
+            gather: &self.gather_rows,
+            scatter: &self.scatter_rows,
+            bias: &self.cpu_bias,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let f = ce("htsat block");
         let (b, l, c) = x.dims3().map_err(&f)?;
@@ -527,8 +553,14 @@ impl Htsat {
             x = n.forward(&x)?;
         }
         for stage in &self.stages {
-            for block in &stage.blocks {
-                x = block.forward(&x)?;
+            let fast: Vec<WindowBlock<'_>> = stage.blocks.iter().map(Block::view).collect();
+            match window::run_blocks(&x, &fast)? {
+                Some(y) => x = y,
+                None => {
+                    for block in &stage.blocks {
+                        x = block.forward(&x)?;
+                    }
+                }
             }
             if let Some(m) = &stage.merge {
                 x = m.forward(&x)?;
@@ -568,6 +600,37 @@ mod tests {
         let (plain, zeros) = window_order(4, 2, 0);
         assert_eq!(&plain[..4], &[0, 1, 4, 5]);
         assert!(zeros.iter().all(|&l| l == 0));
+    }
+
+    #[test]
+    fn fused_stages_equal_the_block_by_block_path() {
+        use crate::encoders::checkpoint::Checkpoint;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/zoo/models/clap_tiny");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let place = Placement {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        };
+        let w = Weights {
+            ckpt: &ckpt,
+            place: &place,
+        };
+        let cfg = Cfg::new(ckpt.config(), "").sub("audio_config");
+        let h = load(cfg, w, "audio_model.audio_encoder.").unwrap();
+        for stage in &h.stages {
+            let b0 = &stage.blocks[0];
+            let (l, c) = (b0.gather_rows.len(), b0.norm1.weight.dim(0).unwrap());
+            let x = Tensor::randn(0f32, 1.0, (2, l, c), &Device::Cpu).unwrap();
+            let views: Vec<WindowBlock<'_>> = stage.blocks.iter().map(Block::view).collect();
+            let fused = window::run_blocks(&x, &views).unwrap().unwrap();
+            let mut slow = x.clone();
+            for block in &stage.blocks {
+                slow = block.forward(&slow).unwrap();
+            }
+            let diff = crate::encoders::layers::max_abs_diff(&fused, &slow);
+            assert!(diff < 1e-5, "stage of width {c}: {diff}");
+        }
     }
 
     #[test]
