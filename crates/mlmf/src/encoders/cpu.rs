@@ -30,6 +30,7 @@ use rayon::prelude::*;
 use crate::encoders::layers::{ce, Activation, AttnBias, EncoderLayer, LayerNorm, Linear, MASKED};
 use crate::error::{MlmfError, Result};
 
+pub(crate) mod channel_norm;
 pub(crate) mod decoder;
 pub(crate) mod packed;
 pub(crate) mod window;

@@ -140,6 +140,14 @@ impl Conv {
             .linear
             .forward(&windows(x, self.kernel, self.stride)?)?;
         if let Some(n) = &self.group_norm {
+            if self.layer_norm.is_none() {
+                let w = (&n.weight, &n.bias);
+                if let Some(out) =
+                    crate::encoders::cpu::channel_norm::channel_norm(&y, w, 1e-5, act)?
+                {
+                    return Ok(out);
+                }
+            }
             y = n.forward(&y)?;
         }
         if let Some(n) = &self.layer_norm {
