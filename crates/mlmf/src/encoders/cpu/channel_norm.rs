@@ -93,3 +93,41 @@ pub(crate) fn channel_norm(
         .map(Some)
         .map_err(f)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    #[test]
+    fn equals_the_candle_ops() {
+        let dev = Device::Cpu;
+        // More rows than one task takes, and an offset so the variance is not trivial.
+        let x = (Tensor::randn(0f32, 2.0, (700, 5), &dev).unwrap() + 3.0).unwrap();
+        let w = Tensor::new(&[1.0f32, 0.5, -2.0, 1.5, 0.1], &dev).unwrap();
+        let b = Tensor::new(&[0.0f32, 1.0, -1.0, 0.25, 2.0], &dev).unwrap();
+        let got = channel_norm(&x, (&w, &b), 1e-5, Activation::Gelu)
+            .unwrap()
+            .unwrap();
+        let mean = x.mean_keepdim(0).unwrap();
+        let c = x.broadcast_sub(&mean).unwrap();
+        let var = c.sqr().unwrap().mean_keepdim(0).unwrap();
+        let want = c
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .and_then(|y| y.broadcast_mul(&w))
+            .and_then(|y| y.broadcast_add(&b))
+            .and_then(|y| y.gelu_erf())
+            .unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+    }
+}
