@@ -137,7 +137,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fixtures_zoo import SEED, SRC, VIDEO_SHAPES, _clips, _redraw
+from fixtures_zoo import SEED, SRC, VIDEO_PROC_CFG, VIDEO_SHAPES, _clips, _redraw
 from make_fixtures import save_npz, write_json
 
 MODEL_SEED = SEED + 50
@@ -189,16 +189,9 @@ NUM_PATCHES = (VISION_SIZES["image_size"] // VISION_SIZES["patch_size"]) ** 2
 # VideoMAEImageProcessor settings as fixtures_zoo._videomae writes them, with CLIP's
 # mean/std and the processor class X-CLIP's hub checkpoints name.
 PROC_CFG = {
-    "image_processor_type": "VideoMAEImageProcessor",
+    "image_processor_type": VIDEO_PROC_CFG["image_processor_type"],
     "processor_class": "XCLIPProcessor",
-    "do_resize": True,
-    "size": {"shortest_edge": 34},
-    "resample": 2,
-    "do_center_crop": True,
-    "crop_size": {"height": 30, "width": 30},
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
+    **VIDEO_PROC_CFG,
     "image_mean": [0.48145466, 0.4578275, 0.40821073],
     "image_std": [0.26862954, 0.26130258, 0.27577711],
 }

@@ -142,6 +142,20 @@ def _qwen3(models: Path) -> dict:
 
 
 VIDEO_SHAPES = [(40, 52), (45, 37), (30, 30)]
+# The VideoMAEImageProcessor settings of the tiny video checkpoints (30x30 frames).
+VIDEO_PROC_CFG = {
+    "image_processor_type": "VideoMAEImageProcessor",
+    "do_resize": True,
+    "size": {"shortest_edge": 34},
+    "resample": 2,
+    "do_center_crop": True,
+    "crop_size": {"height": 30, "width": 30},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+}
 
 
 def _clips() -> list[np.ndarray]:
@@ -173,19 +187,7 @@ def _videomae(models: Path, clips: list[np.ndarray]) -> dict:
         ),
         "videomae_norm_tiny": (VideoMAEModel, {"qv_bias": True, "use_mean_pooling": False}),
     }
-    proc_cfg = {
-        "image_processor_type": "VideoMAEImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": 34},
-        "resample": 2,
-        "do_center_crop": True,
-        "crop_size": {"height": 30, "width": 30},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
-    }
+    proc_cfg = VIDEO_PROC_CFG
     proc = VideoMAEImageProcessorPil(
         **{k: v for k, v in proc_cfg.items() if k != "image_processor_type"}
     )

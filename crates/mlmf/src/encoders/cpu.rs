@@ -23,6 +23,11 @@
 //! Matrix products use the `gemm` crate's kernels (the ones candle's CPU backend calls)
 //! single-threaded inside each task. Buffers are allocated once per stack, not per op,
 //! and kept for the next stack run.
+//!
+//! Layers that are not a plain [`EncoderLayer`] have their own stacks on the same
+//! kernels: Qwen3's decoder layers ([`decoder`]), HTSAT's shifted-window blocks
+//! ([`window`]), wav2vec 2.0's per-channel norm ([`channel_norm`]), and the packed
+//! token-level fusion stacks ([`packed`]).
 
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
@@ -284,6 +289,20 @@ fn slice<'g>(storage: &'g Storage, layout: &Layout) -> Option<&'g [f32]> {
         }
         _ => None,
     }
+}
+
+/// Runs `f` on the float32 CPU data of `tensors` (`None` for a missing tensor or one
+/// that is not plain float32 CPU memory), borrowed for the call.
+fn with_slices<R>(tensors: &[Option<&Tensor>], f: impl FnOnce(&[Option<&[f32]>]) -> R) -> R {
+    let guards: Vec<Option<_>> = tensors
+        .iter()
+        .map(|t| t.map(|t| t.storage_and_layout()))
+        .collect();
+    let slices: Vec<Option<&[f32]>> = guards
+        .iter()
+        .map(|g| g.as_ref().and_then(|(s, l)| slice(s, l)))
+        .collect();
+    f(&slices)
 }
 
 fn is_plain_f32(t: &Tensor) -> bool {
@@ -951,45 +970,40 @@ pub(crate) fn run_layers(
     let mut x: Vec<f32> = x.flatten_all().and_then(|x| x.to_vec1()).map_err(&f)?;
     let [mut h, mut qkv, mut ctx, mut u] = stack_buffers([m * d, m * 3 * d, m * d, m * inter]);
     for layer in layers {
-        let tensors = layer.tensors();
-        let guards: Vec<Option<_>> = tensors
-            .iter()
-            .map(|t| t.map(|t| t.storage_and_layout()))
-            .collect();
-        let slices: Vec<Option<&[f32]>> = guards
-            .iter()
-            .map(|g| g.as_ref().and_then(|(s, l)| slice(s, l)))
-            .collect();
-        let w = view(&slices).ok_or_else(|| MlmfError::Internal("encoder layer weights".into()))?;
-        let li = layer.fc1.out_dim()?;
-        if li != inter {
-            u.resize(m * li, 0.0);
-        }
-        let heads = layer.attn.heads;
-        let scale = layer.attn.scale as f32;
-        let (eps1, eps2) = (layer.norm1.eps, layer.norm2.eps);
-        let qkv_parts = [w.q, w.k, w.v];
-        if layer.pre_norm {
-            // x += attn(ln1(x)); x += fc2(act(fc1(ln2(x))))
-            layer_norm(&x, d, w.norm1, eps1, &mut h);
-            linear(&h, m, d, &qkv_parts, &mut qkv, 3 * d, false, None);
-            attention(&qkv, b, t, d, heads, scale, bias.as_ref(), &mut ctx);
-            linear(&ctx, m, d, &[w.o], &mut x, d, true, None);
-            layer_norm(&x, d, w.norm2, eps2, &mut h);
-            linear(&h, m, d, &[w.fc1], &mut u, li, false, Some(layer.act));
-            linear(&u, m, li, &[w.fc2], &mut x, d, true, None);
-        } else {
-            // x = ln1(x + attn(x)); x = ln2(x + fc2(act(fc1(x))))
-            linear(&x, m, d, &qkv_parts, &mut qkv, 3 * d, false, None);
-            attention(&qkv, b, t, d, heads, scale, bias.as_ref(), &mut ctx);
-            h.copy_from_slice(&x);
-            linear(&ctx, m, d, &[w.o], &mut h, d, true, None);
-            layer_norm(&h, d, w.norm1, eps1, &mut x);
-            linear(&x, m, d, &[w.fc1], &mut u, li, false, Some(layer.act));
-            h.copy_from_slice(&x);
-            linear(&u, m, li, &[w.fc2], &mut h, d, true, None);
-            layer_norm(&h, d, w.norm2, eps2, &mut x);
-        }
+        with_slices(&layer.tensors(), |slices| -> Result<()> {
+            let w =
+                view(slices).ok_or_else(|| MlmfError::Internal("encoder layer weights".into()))?;
+            let li = layer.fc1.out_dim()?;
+            if li != inter {
+                u.resize(m * li, 0.0);
+            }
+            let heads = layer.attn.heads;
+            let scale = layer.attn.scale as f32;
+            let (eps1, eps2) = (layer.norm1.eps, layer.norm2.eps);
+            let qkv_parts = [w.q, w.k, w.v];
+            if layer.pre_norm {
+                // x += attn(ln1(x)); x += fc2(act(fc1(ln2(x))))
+                layer_norm(&x, d, w.norm1, eps1, &mut h);
+                linear(&h, m, d, &qkv_parts, &mut qkv, 3 * d, false, None);
+                attention(&qkv, b, t, d, heads, scale, bias.as_ref(), &mut ctx);
+                linear(&ctx, m, d, &[w.o], &mut x, d, true, None);
+                layer_norm(&x, d, w.norm2, eps2, &mut h);
+                linear(&h, m, d, &[w.fc1], &mut u, li, false, Some(layer.act));
+                linear(&u, m, li, &[w.fc2], &mut x, d, true, None);
+            } else {
+                // x = ln1(x + attn(x)); x = ln2(x + fc2(act(fc1(x))))
+                linear(&x, m, d, &qkv_parts, &mut qkv, 3 * d, false, None);
+                attention(&qkv, b, t, d, heads, scale, bias.as_ref(), &mut ctx);
+                h.copy_from_slice(&x);
+                linear(&ctx, m, d, &[w.o], &mut h, d, true, None);
+                layer_norm(&h, d, w.norm1, eps1, &mut x);
+                linear(&x, m, d, &[w.fc1], &mut u, li, false, Some(layer.act));
+                h.copy_from_slice(&x);
+                linear(&u, m, li, &[w.fc2], &mut h, d, true, None);
+                layer_norm(&h, d, w.norm2, eps2, &mut x);
+            }
+            Ok(())
+        })?;
     }
     keep_stack_buffers([h, qkv, ctx, u]);
     Tensor::from_vec(x, (b, t, d), &candle_core::Device::Cpu)

@@ -24,6 +24,31 @@ pub(crate) fn wrong_input(
     )
 }
 
+/// The frames of a native video model's input: `[B >= 1, frames, c, size, size]`
+/// (the checkpoint's clip length, channels and image size), or the error naming it.
+pub(crate) fn clip_frames(
+    input: &EncoderInput,
+    frames: usize,
+    c: usize,
+    size: usize,
+) -> Result<&ndarray::Array5<f32>> {
+    let expected = format!(
+        "video frames [B >= 1, {frames}, {c}, {size}, {size}] (the checkpoint's num_frames, \
+         num_channels and image_size)"
+    );
+    let EncoderInput::Video(px) = input else {
+        return Err(wrong_input(Modality::Video, &expected, input));
+    };
+    let shape = px.shape();
+    if shape[0] == 0 || shape[1..] != [frames, c, size, size] {
+        return Err(MlmfError::input(
+            Modality::Video,
+            format!("expected {expected}, got {shape:?}"),
+        ));
+    }
+    Ok(px)
+}
+
 /// A `[B, T]` u8 mask tensor from rows of 0/1 values.
 pub(crate) fn mask_tensor(
     rows: usize,

@@ -26,7 +26,7 @@ use ndarray::Array5;
 
 use crate::encoders::clip::first_token;
 use crate::encoders::config::Cfg;
-use crate::encoders::inputs::{full_mask, wrong_input};
+use crate::encoders::inputs::{clip_frames, full_mask};
 use crate::encoders::layers::{
     ce, run_layers, EncoderLayer, LayerNorm, Linear, Placement, SelfAttention, Sizes, Weights,
 };
@@ -213,22 +213,8 @@ impl VideoMae {
     fn tubelets(&self, input: &EncoderInput) -> Result<(usize, Tensor)> {
         let g = &self.geometry;
         let (c, size, pz, tub) = (g.channels, g.image_size, g.patch_size, self.tubelet);
-        let expected = format!(
-            "video frames [B >= 1, {}, {c}, {size}, {size}] (the checkpoint's num_frames, \
-             num_channels and image_size)",
-            self.frames
-        );
-        let EncoderInput::Video(px) = input else {
-            return Err(wrong_input(Modality::Video, &expected, input));
-        };
-        let shape = px.shape();
-        if shape[0] == 0 || shape[1..] != [self.frames, c, size, size] {
-            return Err(MlmfError::input(
-                Modality::Video,
-                format!("expected {expected}, got {shape:?}"),
-            ));
-        }
-        let b = shape[0];
+        let px = clip_frames(input, self.frames, c, size)?;
+        let b = px.shape()[0];
         let data = gather(px, tub, pz);
         let rows = data.len() / (c * tub * pz * pz);
         let t = Tensor::from_vec(data, (rows, c * tub * pz * pz), &self.place.device)

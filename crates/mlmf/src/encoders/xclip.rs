@@ -27,7 +27,7 @@ use ndarray::Array4;
 
 use crate::encoders::clip::{self, first_token, tower_cfg, CLIP_LAYER};
 use crate::encoders::config::Cfg;
-use crate::encoders::inputs::{full_mask, wrong_input};
+use crate::encoders::inputs::{clip_frames, full_mask};
 use crate::encoders::layers::{
     ce, load_layers, run_layers, AttentionNames, EncoderLayer, LayerNorm, Linear, Placement,
     SelfAttention, Sizes, Weights,
@@ -220,22 +220,8 @@ impl XClipVideo {
     fn frames(&self, input: &EncoderInput) -> Result<(usize, EncoderInput)> {
         let g = &self.geometry;
         let (c, size) = (g.channels, g.image_size);
-        let expected = format!(
-            "video frames [B >= 1, {}, {c}, {size}, {size}] (the checkpoint's num_frames, \
-             num_channels and image_size)",
-            self.frames
-        );
-        let EncoderInput::Video(px) = input else {
-            return Err(wrong_input(Modality::Video, &expected, input));
-        };
-        let shape = px.shape();
-        if shape[0] == 0 || shape[1..] != [self.frames, c, size, size] {
-            return Err(MlmfError::input(
-                Modality::Video,
-                format!("expected {expected}, got {shape:?}"),
-            ));
-        }
-        let b = shape[0];
+        let px = clip_frames(input, self.frames, c, size)?;
+        let b = px.shape()[0];
         let data = px.as_standard_layout().iter().copied().collect::<Vec<_>>();
         let images = Array4::from_shape_vec((b * self.frames, c, size, size), data)
             .map_err(|e| MlmfError::Internal(format!("xclip frames: {e}")))?;

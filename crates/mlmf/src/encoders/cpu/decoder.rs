@@ -16,7 +16,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::{attend_rows, is_plain_f32, linear, slice, sum_sq_dev, Dst, Lin, Rows, SCRATCH};
+use super::{attend_rows, is_plain_f32, linear, sum_sq_dev, with_slices, Dst, Lin, Rows, SCRATCH};
 use crate::encoders::layers::{ce, Activation, Linear, MASKED};
 use crate::error::{MlmfError, Result};
 
@@ -154,50 +154,46 @@ pub(crate) fn run(
             .flat_map(|l| l.tensors())
             .chain(layer.norms().into_iter().map(Some))
             .collect();
-        let guards: Vec<Option<_>> = tensors
-            .iter()
-            .map(|t| t.map(|t| t.storage_and_layout()))
-            .collect();
-        let slices: Vec<Option<&[f32]>> = guards
-            .iter()
-            .map(|g| g.as_ref().and_then(|(s, l)| slice(s, l)))
-            .collect();
-        let v = view(&slices).ok_or_else(|| MlmfError::Internal("qwen3 layer weights".into()))?;
-        let li = v.down.w.len() / d;
-        if li != inter {
-            return Err(MlmfError::Internal(
-                "qwen3 layers: intermediate sizes differ".into(),
-            ));
-        }
-        // h = rms(x); [q | k | v] = h [Wq | Wk | Wv]
-        rms_norm(&x, d, v.input_norm, s.eps, &mut h);
-        linear(&h, m, d, &v.qkv, &mut qkv, width, false, None);
-        // QK-norm and rotary positions, per row and head, in place.
-        qkv.par_chunks_mut(width).enumerate().for_each(|(row, r)| {
-            let pos = row % t;
-            let (c, sn) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
-            let (q, k) = r.split_at_mut(qw);
-            for head in q.chunks_exact_mut(hd) {
-                norm_rope(head, v.q_norm, s.eps, c, sn);
+        with_slices(&tensors, |slices| -> Result<()> {
+            let v =
+                view(slices).ok_or_else(|| MlmfError::Internal("qwen3 layer weights".into()))?;
+            let li = v.down.w.len() / d;
+            if li != inter {
+                return Err(MlmfError::Internal(
+                    "qwen3 layers: intermediate sizes differ".into(),
+                ));
             }
-            for head in k[..kw].chunks_exact_mut(hd) {
-                norm_rope(head, v.k_norm, s.eps, c, sn);
-            }
-        });
-        causal_attention(&qkv, (b, t), s, scale, &pad, &mut ctx);
-        // x += ctx Wo; h = rms(x); x += down(silu(h Wg) * (h Wu))
-        linear(&ctx, m, qw, &[v.o], &mut x, d, true, None);
-        rms_norm(&x, d, v.post_norm, s.eps, &mut h);
-        linear(&h, m, d, &v.gate_up, &mut gu, 2 * inter, false, None);
-        u.par_chunks_mut(inter)
-            .zip(gu.par_chunks(2 * inter))
-            .for_each(|(u, gu)| {
-                let (g, up) = gu.split_at(inter);
-                for ((u, g), up) in u.iter_mut().zip(g).zip(up) {
-                    *u = Activation::Silu.apply(*g) * up;
+            // h = rms(x); [q | k | v] = h [Wq | Wk | Wv]
+            rms_norm(&x, d, v.input_norm, s.eps, &mut h);
+            linear(&h, m, d, &v.qkv, &mut qkv, width, false, None);
+            // QK-norm and rotary positions, per row and head, in place.
+            qkv.par_chunks_mut(width).enumerate().for_each(|(row, r)| {
+                let pos = row % t;
+                let (c, sn) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                let (q, k) = r.split_at_mut(qw);
+                for head in q.chunks_exact_mut(hd) {
+                    norm_rope(head, v.q_norm, s.eps, c, sn);
+                }
+                for head in k[..kw].chunks_exact_mut(hd) {
+                    norm_rope(head, v.k_norm, s.eps, c, sn);
                 }
             });
-        linear(&u, m, inter, &[v.down], &mut x, d, true, None);
+            causal_attention(&qkv, (b, t), s, scale, &pad, &mut ctx);
+            // x += ctx Wo; h = rms(x); x += down(silu(h Wg) * (h Wu))
+            linear(&ctx, m, qw, &[v.o], &mut x, d, true, None);
+            rms_norm(&x, d, v.post_norm, s.eps, &mut h);
+            linear(&h, m, d, &v.gate_up, &mut gu, 2 * inter, false, None);
+            u.par_chunks_mut(inter)
+                .zip(gu.par_chunks(2 * inter))
+                .for_each(|(u, gu)| {
+                    let (g, up) = gu.split_at(inter);
+                    for ((u, g), up) in u.iter_mut().zip(g).zip(up) {
+                        *u = Activation::Silu.apply(*g) * up;
+                    }
+                });
+            linear(&u, m, inter, &[v.down], &mut x, d, true, None);
+            Ok(())
+        })?;
     }
     Tensor::from_vec(x, (b, t, d), &candle_core::Device::Cpu)
         .map(Some)

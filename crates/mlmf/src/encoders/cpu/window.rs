@@ -11,7 +11,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::{attention, is_plain_f32, layer_norm, linear, slice, Bias, Lin};
+use super::{attention, is_plain_f32, layer_norm, linear, with_slices, Bias, Lin};
 use crate::encoders::layers::{ce, Activation, LayerNorm, Linear};
 use crate::error::{MlmfError, Result};
 
@@ -99,56 +99,51 @@ pub(crate) fn run_blocks(x: &Tensor, blocks: &[WindowBlock<'_>]) -> Result<Optio
             .flat_map(|l| l.tensors())
             .chain(blk.norms().into_iter().map(Some))
             .collect();
-        let guards: Vec<Option<_>> = tensors
-            .iter()
-            .map(|t| t.map(|t| t.storage_and_layout()))
-            .collect();
-        let s: Vec<Option<&[f32]>> = guards
-            .iter()
-            .map(|g| g.as_ref().and_then(|(s, l)| slice(s, l)))
-            .collect();
-        let lin = |i: usize| -> Option<Lin<'_>> {
-            Some(Lin {
-                w: s[2 * i]?,
-                b: s[2 * i + 1],
-            })
-        };
-        let (Some(q), Some(k), Some(v), Some(o), Some(fc1), Some(fc2)) =
-            (lin(0), lin(1), lin(2), lin(3), lin(4), lin(5))
-        else {
-            return Ok(None);
-        };
-        let (Some(n1w), Some(n1b), Some(n2w), Some(n2b)) = (s[12], s[13], s[14], s[15]) else {
-            return Ok(None);
-        };
-        let mlp = fc1.w.len() / c;
-        u.resize(m * mlp, 0.0);
-        // Attention in window order, back into grid order with the residual.
-        gathered_norm(&x, c, l, blk.gather, (n1w, n1b, blk.norm1.eps), &mut h);
-        linear(&h, m, c, &[q, k, v], &mut qkv, 3 * c, false, None);
-        let scale = 1.0 / ((c / blk.heads) as f32).sqrt();
-        attention(
-            &qkv,
-            m / t,
-            t,
-            c,
-            blk.heads,
-            scale,
-            Some(blk.bias),
-            &mut ctx,
-        );
-        linear(&ctx, m, c, &[o], &mut h, c, false, None);
-        x.par_chunks_mut(c).enumerate().for_each(|(row, xr)| {
-            let (bi, j) = (row / l, row % l);
-            let src = (bi * l + blk.scatter[j] as usize) * c;
-            for (a, b) in xr.iter_mut().zip(&h[src..src + c]) {
-                *a += b;
-            }
-        });
-        // The MLP, per token.
-        layer_norm(&x, c, (n2w, n2b), blk.norm2.eps, &mut h);
-        linear(&h, m, c, &[fc1], &mut u, mlp, false, Some(blk.act));
-        linear(&u, m, mlp, &[fc2], &mut x, c, true, None);
+        with_slices(&tensors, |s| -> Result<()> {
+            let lin = |i: usize| -> Option<Lin<'_>> {
+                Some(Lin {
+                    w: s[2 * i]?,
+                    b: s[2 * i + 1],
+                })
+            };
+            let (Some(q), Some(k), Some(v), Some(o), Some(fc1), Some(fc2)) =
+                (lin(0), lin(1), lin(2), lin(3), lin(4), lin(5))
+            else {
+                return Err(MlmfError::Internal("window block weights".into()));
+            };
+            let (Some(n1w), Some(n1b), Some(n2w), Some(n2b)) = (s[12], s[13], s[14], s[15]) else {
+                return Err(MlmfError::Internal("window block norms".into()));
+            };
+            let mlp = fc1.w.len() / c;
+            u.resize(m * mlp, 0.0);
+            // Attention in window order, back into grid order with the residual.
+            gathered_norm(&x, c, l, blk.gather, (n1w, n1b, blk.norm1.eps), &mut h);
+            linear(&h, m, c, &[q, k, v], &mut qkv, 3 * c, false, None);
+            let scale = 1.0 / ((c / blk.heads) as f32).sqrt();
+            attention(
+                &qkv,
+                m / t,
+                t,
+                c,
+                blk.heads,
+                scale,
+                Some(blk.bias),
+                &mut ctx,
+            );
+            linear(&ctx, m, c, &[o], &mut h, c, false, None);
+            x.par_chunks_mut(c).enumerate().for_each(|(row, xr)| {
+                let (bi, j) = (row / l, row % l);
+                let src = (bi * l + blk.scatter[j] as usize) * c;
+                for (a, b) in xr.iter_mut().zip(&h[src..src + c]) {
+                    *a += b;
+                }
+            });
+            // The MLP, per token.
+            layer_norm(&x, c, (n2w, n2b), blk.norm2.eps, &mut h);
+            linear(&h, m, c, &[fc1], &mut u, mlp, false, Some(blk.act));
+            linear(&u, m, mlp, &[fc2], &mut x, c, true, None);
+            Ok(())
+        })?;
     }
     Tensor::from_vec(x, (b, l, c), &candle_core::Device::Cpu)
         .map(Some)
