@@ -91,6 +91,25 @@ fn load_projection(
     Linear::load(w, name, hidden, dim, false).map(Some)
 }
 
+/// CLIP's patch embedding under a vision tower's `prefix`: a convolution without bias,
+/// a class token, `[T, D]` learned positions (X-CLIP's too).
+pub(crate) fn patch_embedding(
+    w: Weights<'_>,
+    prefix: &str,
+    geometry: Geometry,
+    hidden: usize,
+) -> Result<PatchEmbedding> {
+    let p = |n: &str| format!("{prefix}{n}");
+    let names = PatchNames {
+        projection: &p("embeddings.patch_embedding"),
+        projection_bias: false,
+        class: Some(&p("embeddings.class_embedding")),
+        position: &p("embeddings.position_embedding.weight"),
+        position_batched: false,
+    };
+    PatchEmbedding::load(w, &names, geometry, hidden)
+}
+
 /// CLIP's image tower.
 pub struct ClipVision {
     embedding: PatchEmbedding,
@@ -151,15 +170,8 @@ fn load_vision(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipVision> {
         Some(l) => l.out_dim()?,
         None => s.hidden,
     };
-    let names = PatchNames {
-        projection: &p("embeddings.patch_embedding"),
-        projection_bias: false,
-        class: Some(&p("embeddings.class_embedding")),
-        position: &p("embeddings.position_embedding.weight"),
-        position_batched: false,
-    };
     Ok(ClipVision {
-        embedding: PatchEmbedding::load(w, &names, geometry, s.hidden)?,
+        embedding: patch_embedding(w, &prefix, geometry, s.hidden)?,
         pre_norm: LayerNorm::load(w, &p("pre_layrnorm"), s.hidden, s.eps)?,
         layers: load_layers(w, &p("encoder.layers."), &CLIP_LAYER, &s)?,
         post_norm: LayerNorm::load(w, &p("post_layernorm"), s.hidden, s.eps)?,

@@ -32,7 +32,7 @@ use crate::encoders::layers::{
     ce, load_layers, run_layers, AttentionNames, EncoderLayer, LayerNorm, Linear, Placement,
     SelfAttention, Sizes, Weights,
 };
-use crate::encoders::patch::{Geometry, PatchEmbedding, PatchNames};
+use crate::encoders::patch::{Geometry, PatchEmbedding};
 use crate::encoders::registry::LoadRequest;
 use crate::encoders::{EncoderInfo, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind};
 use crate::error::{MlmfError, Result};
@@ -129,14 +129,7 @@ fn load_video(req: &LoadRequest<'_>) -> Result<XClipVideo> {
         place: &place,
     };
     let p = |n: &str| format!("vision_model.{n}");
-    let names = PatchNames {
-        projection: &p("embeddings.patch_embedding"),
-        projection_bias: false,
-        class: Some(&p("embeddings.class_embedding")),
-        position: &p("embeddings.position_embedding.weight"),
-        position_batched: false,
-    };
-    let embedding = PatchEmbedding::load(w, &names, geometry, s.hidden)?;
+    let embedding = clip::patch_embedding(w, "vision_model.", geometry, s.hidden)?;
     let layers = load_layers(w, &p("encoder.layers."), &CLIP_LAYER, &s)?
         .into_iter()
         .enumerate()
