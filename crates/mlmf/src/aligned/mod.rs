@@ -204,12 +204,7 @@ impl AlignedHead {
         let mut out = Array2::<f32>::zeros((t.nrows(), o.nrows()));
         for (i, tr) in t.rows().into_iter().enumerate() {
             for (j, or) in o.rows().into_iter().enumerate() {
-                let dot: f64 = tr
-                    .iter()
-                    .zip(or.iter())
-                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                    .sum();
-                let v = dot as f32 * scale;
+                let v = dot(tr, or) as f32 * scale;
                 out[(i, j)] = match self.logit_bias {
                     Some(b) => v + b,
                     None => v,
@@ -247,23 +242,19 @@ impl AlignedHead {
         )
         .map_err(&f)?;
         // [No, Nt, D]: each video's own text vectors.
-        let per_video: Vec<Vec<Vec<f32>>> = gen.prompted(&t, tokens)?.to_vec3().map_err(&f)?;
+        let per_video: Vec<f32> = gen
+            .prompted(&t, tokens)?
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(&f)?;
         let o = normalized(other);
         let scale = self.logit_scale.exp();
         let mut out = Array2::<f32>::zeros((nt, o.nrows()));
-        for (j, (texts, v)) in per_video.iter().zip(o.rows()).enumerate() {
-            for (i, tv) in texts.iter().enumerate() {
-                let norm = tv
-                    .iter()
-                    .map(|&a| f64::from(a) * f64::from(a))
-                    .sum::<f64>()
-                    .sqrt();
-                let dot: f64 = tv
-                    .iter()
-                    .zip(v.iter())
-                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                    .sum();
-                out[(i, j)] = (dot / norm) as f32 * scale;
+        for (j, (texts, v)) in per_video.chunks_exact(nt * d).zip(o.rows()).enumerate() {
+            let texts = Array2::from_shape_vec((nt, d), texts.to_vec())
+                .map_err(|e| MlmfError::Internal(e.to_string()))?;
+            for (i, tv) in normalized(&texts).rows().into_iter().enumerate() {
+                out[(i, j)] = dot(tv, v) as f32 * scale;
             }
         }
         Ok(out)
@@ -291,6 +282,14 @@ impl AlignedHead {
         }
         p
     }
+}
+
+/// `a · b` accumulated in float64.
+fn dot(a: ndarray::ArrayView1<'_, f32>, b: ndarray::ArrayView1<'_, f32>) -> f64 {
+    a.iter()
+        .zip(b.iter())
+        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+        .sum()
 }
 
 /// Rows divided by their L2 norm (`x / sqrt(sum x²)`, as transformers; a zero row

@@ -188,12 +188,8 @@ fn load_vision(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipVision> {
 }
 
 /// Loads the text tower of a CLIP-layout checkpoint: `clip`, `clip_text_model`, or
-/// (with `legacy_eos`) `xclip`, whose text model always pools at the largest id.
+/// `xclip`, whose text model always pools at the largest id.
 pub(crate) fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipText> {
-    load_text_tower(req, model_type, model_type == "xclip")
-}
-
-fn load_text_tower(req: &LoadRequest<'_>, model_type: &str, legacy_eos: bool) -> Result<ClipText> {
     let ckpt = req.checkpoint;
     let dual = matches!(model_type, "clip" | "xclip");
     let cfg = tower_cfg(ckpt.config(), dual, "text_config");
@@ -202,7 +198,7 @@ fn load_text_tower(req: &LoadRequest<'_>, model_type: &str, legacy_eos: bool) ->
     let max_positions = cfg.size("max_position_embeddings", 77)?;
     // X-CLIP's text model sets its eos id to 2 whatever the config says (the legacy
     // argmax pooling).
-    let eos = if legacy_eos {
+    let eos = if model_type == "xclip" {
         2
     } else {
         cfg.id("eos_token_id")?.unwrap_or(49407)

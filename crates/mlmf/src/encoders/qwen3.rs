@@ -358,15 +358,15 @@ impl ModalityEncoder for Qwen3 {
         let f = ce("qwen3");
         let mask = text_mask(batch, dev)?;
         let mut x = embed(&self.embed_tokens, &batch.input_ids, dev)?;
-        // Padding and causal masks, [B, 1, T, T].
-        let bias = padding_bias(&mask)?
-            .broadcast_add(&causal_bias(t, dev)?)
-            .map_err(&f)?;
         let values = rope_values(t, self.head_dim, self.rope_theta);
         let keys: Vec<u8> = mask.flatten_all().and_then(|m| m.to_vec1()).map_err(&f)?;
         match self.fast_layers(&x, &keys, &values)? {
             Some(y) => x = y,
             None => {
+                // Padding and causal masks, [B, 1, T, T].
+                let bias = padding_bias(&mask)?
+                    .broadcast_add(&causal_bias(t, dev)?)
+                    .map_err(&f)?;
                 let rope = rope_tables(values, self.head_dim / 2, dev)?;
                 for l in &self.layers {
                     x = self.layer(l, &x, &bias, &rope)?;

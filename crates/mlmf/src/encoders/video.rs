@@ -11,6 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use candle_core::{DType, Tensor};
+use ndarray::{Array4, Array5};
 
 use crate::encoders::inputs::{full_mask, wrong_input};
 use crate::encoders::layers::ce;
@@ -57,6 +58,23 @@ impl fmt::Display for VideoPooling {
             Self::Window { size } => write!(f, "window:{size}"),
         }
     }
+}
+
+/// Clips `[B, T, C, H, W]` as one batch of images `[B * T, C, H, W]`, clip by clip.
+pub(crate) fn frames_as_images(frames: &Array5<f32>) -> Result<Array4<f32>> {
+    let s = frames.shape();
+    let shape = (s[0] * s[1], s[2], s[3], s[4]);
+    frames
+        .view()
+        .into_shape_with_order(shape)
+        .map(|v| v.to_owned())
+        .or_else(|_| {
+            frames
+                .as_standard_layout()
+                .into_owned()
+                .into_shape_with_order(shape)
+        })
+        .map_err(|e| MlmfError::Internal(format!("video frames: {e}")))
 }
 
 /// An image encoder run per frame.
@@ -137,17 +155,7 @@ impl ModalityEncoder for FrameEncoder {
                 format!("expected at least one video with at least one frame, got shape {s:?}"),
             ));
         }
-        let flat = frames
-            .view()
-            .into_shape_with_order((b * t, s[2], s[3], s[4]))
-            .map(|v| v.to_owned())
-            .or_else(|_| {
-                frames
-                    .as_standard_layout()
-                    .into_owned()
-                    .into_shape_with_order((b * t, s[2], s[3], s[4]))
-            })
-            .map_err(|e| MlmfError::Internal(format!("video frames: {e}")))?;
+        let flat = frames_as_images(frames)?;
         let out = self
             .image
             .encode(&EncoderInput::Image(flat))

@@ -40,6 +40,9 @@ struct ChannelNorm {
     bias: Tensor,
 }
 
+/// PyTorch's GroupNorm default eps, which the feature encoder's norm uses.
+const GROUP_NORM_EPS: f64 = 1e-5;
+
 /// One feature-encoder convolution (no padding) with its norm and activation.
 struct Conv {
     /// `[out, kernel * in]`, columns in (tap, channel) order.
@@ -124,9 +127,8 @@ impl ChannelNorm {
         let mean = x.mean_keepdim(0).map_err(&f)?;
         let centred = x.broadcast_sub(&mean).map_err(&f)?;
         let var = centred.sqr().and_then(|v| v.mean_keepdim(0)).map_err(&f)?;
-        // PyTorch's GroupNorm default eps.
         centred
-            .broadcast_div(&(var + 1e-5).and_then(|v| v.sqrt()).map_err(&f)?)
+            .broadcast_div(&(var + GROUP_NORM_EPS).and_then(|v| v.sqrt()).map_err(&f)?)
             .and_then(|y| y.broadcast_mul(&self.weight))
             .and_then(|y| y.broadcast_add(&self.bias))
             .and_then(|y| y.to_dtype(dtype))
@@ -143,7 +145,7 @@ impl Conv {
             if self.layer_norm.is_none() {
                 let w = (&n.weight, &n.bias);
                 if let Some(out) =
-                    crate::encoders::cpu::channel_norm::channel_norm(&y, w, 1e-5, act)?
+                    crate::encoders::cpu::channel_norm::channel_norm(&y, w, GROUP_NORM_EPS, act)?
                 {
                     return Ok(out);
                 }

@@ -23,7 +23,6 @@
 //! `XCLIPTextModel` does, projected by `text_projection`.
 
 use candle_core::{DType, Tensor};
-use ndarray::Array4;
 
 use crate::encoders::clip::{self, first_token, tower_cfg, CLIP_LAYER};
 use crate::encoders::config::Cfg;
@@ -34,6 +33,7 @@ use crate::encoders::layers::{
 };
 use crate::encoders::patch::{Geometry, PatchEmbedding};
 use crate::encoders::registry::LoadRequest;
+use crate::encoders::video::frames_as_images;
 use crate::encoders::{EncoderInfo, EncoderInput, EncoderOutput, ModalityEncoder, ProcessorKind};
 use crate::error::{MlmfError, Result};
 use crate::modality::Modality;
@@ -214,11 +214,7 @@ impl XClipVideo {
         let g = &self.geometry;
         let (c, size) = (g.channels, g.image_size);
         let px = clip_frames(input, self.frames, c, size)?;
-        let b = px.shape()[0];
-        let data = px.as_standard_layout().iter().copied().collect::<Vec<_>>();
-        let images = Array4::from_shape_vec((b * self.frames, c, size, size), data)
-            .map_err(|e| MlmfError::Internal(format!("xclip frames: {e}")))?;
-        Ok((b, EncoderInput::Image(images)))
+        Ok((px.shape()[0], EncoderInput::Image(frames_as_images(px)?)))
     }
 }
 
