@@ -103,6 +103,12 @@ bench: develop ## run benchmarks against the reference libraries; writes docs/be
 	$(PY) benchmarks/train.py --out docs/benchmarks.md
 	$(PY) benchmarks/model.py --out docs/benchmarks.md
 	$(PY) benchmarks/distributed.py --out docs/benchmarks.md
+	# benchmarks/serve.py compares with Infinity. infinity-emb 0.0.78 pins numpy<2 in its
+	# metadata yet runs on numpy 2, so it goes in without its pins, with its server's
+	# libraries.
+	$(PIP) install --quiet --no-deps infinity-emb==0.0.78
+	$(PIP) install --quiet fastapi uvicorn orjson prometheus-fastapi-instrumentator posthog rich httpx
+	$(PY) benchmarks/serve.py --out docs/benchmarks.md
 
 .PHONY: fixtures
 fixtures: ## regenerate tests/fixtures with the reference libraries (.venv-ref)

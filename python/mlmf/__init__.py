@@ -54,6 +54,7 @@ from mlmf._mlmf import (
     supported_model_types,
 )
 from mlmf.attention import BidirectionalCrossAttention, head_entropy, top_attended
+from mlmf.serving import Server, serve
 from mlmf.train import Classify, Contrastive, Regress, Trainer
 
 __all__ = [
@@ -62,6 +63,8 @@ __all__ = [
     "Contrastive",
     "DataError",
     "Regress",
+    "Server",
+    "serve",
     "TrainError",
     "Trainer",
     "CUDA_COMPILED",

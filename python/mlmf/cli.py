@@ -18,6 +18,10 @@
     the metrics of a trained model (or of a config's untrained one) on data.
 ``mlmf inspect DIR``
     what a checkpoint folder is, and which encoder and processor mlmf picks for it.
+``mlmf serve mlmf.toml [--port 8080] [--api-key KEY] [--allow-path DIR]``
+    an HTTP server over the model: OpenAI-compatible ``/v1/embeddings``, ``/v1/infer``,
+    ``/v1/similarity``, ``/v1/zero-shot``, ``/health``, ``/ready``, ``/metrics``, with
+    dynamic batching; SIGTERM or Ctrl-C drains it (docs/serving.md).
 ``mlmf bench``
     time the demo model: uncached and cached calls, per-modality stages.
 """
@@ -527,6 +531,145 @@ def zero_shot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_ray(args: argparse.Namespace, name: str, api_key: str | None) -> int:
+    import signal
+    import threading
+
+    from mlmf.serving.ray import APP_NAME, serve_ray
+
+    autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
+    url = serve_ray(
+        args.config,
+        host=args.host,
+        port=args.port or 8000,
+        address=args.ray_address,
+        block=False,
+        max_batch_size=args.max_batch_items,
+        batch_wait_timeout_s=args.max_wait_ms / 1000,
+        autoscaling=autoscaling,
+        model_name=name,
+        api_key=api_key,
+    )
+    print(f"mlmf: serving {name} on Ray Serve at {url}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    from ray import serve as ray_serve
+
+    ray_serve.delete(APP_NAME)
+    print("mlmf: stopped", flush=True)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from mlmf.serving import API_KEY_ENV
+    from mlmf.serving import serve as start
+
+    name = args.model_name or Path(args.config).stem
+    if args.ray:
+        return _serve_ray(args, name, args.api_key or os.environ.get(API_KEY_ENV) or None)
+    model = mlmf.MultiModalModel.load(args.config)
+    server = start(
+        model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        allow_path=args.allow_path or (),
+        max_body_mb=args.max_body_mb,
+        max_concurrent_requests=args.max_concurrent,
+        request_timeout=args.timeout,
+        batching=not args.no_batching,
+        max_batch_items=args.max_batch_items,
+        max_batch_tokens=args.max_batch_tokens,
+        max_wait_ms=args.max_wait_ms,
+        drain_timeout=args.drain_timeout,
+        model_name=name,
+        http_threads=args.http_threads,
+        block=False,
+        handle_signals=True,
+    )
+    modalities = ", ".join(m.name for m in model.modalities)
+    print(f"mlmf: serving {name} ({modalities}) on {server.url}", flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.shutdown()
+        server.wait()
+    print("mlmf: stopped", flush=True)
+    return 0
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    d = mlmf.serving.serve.__kwdefaults__ or {}
+    p = sub.add_parser("serve", help="an HTTP server over a model (OpenAI-compatible embeddings)")
+    p.add_argument("config", help="mlmf.toml / .yaml / .json")
+    p.add_argument("--host", default=d["host"], help="address to bind (default: %(default)s)")
+    p.add_argument(
+        "--port", type=int, default=d["port"], help="0 picks a free port (default: %(default)s)"
+    )
+    p.add_argument("--api-key", help="bearer token requests must carry (default: $MLMF_API_KEY)")
+    p.add_argument(
+        "--allow-path",
+        action="append",
+        metavar="DIR",
+        help="a directory whose files requests may name by path (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--max-body-mb", type=float, default=d["max_body_mb"], help="default: %(default)s"
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=d["max_concurrent_requests"],
+        help="requests in flight before 429 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=d["request_timeout"],
+        help="seconds per request (default: %(default)s)",
+    )
+    p.add_argument("--no-batching", action="store_true", help="encode each request on its own")
+    p.add_argument(
+        "--max-batch-items", type=int, default=d["max_batch_items"], help="default: %(default)s"
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=d["max_batch_tokens"],
+        help="text batches (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-wait-ms", type=float, default=d["max_wait_ms"], help="default: %(default)s"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d["drain_timeout"],
+        help="seconds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--model-name", help="the name /v1/models lists (default: the config's file name)"
+    )
+    p.add_argument(
+        "--http-threads", type=int, default=d["http_threads"], help="default: %(default)s"
+    )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on Ray Serve: a deployment per modality placed by the config's "
+        "modality_assignments, and an ingress that fuses (port 8000 unless --port)",
+    )
+    p.add_argument("--ray-address", help="with --ray: the cluster to join (default: auto)")
+    p.add_argument(
+        "--autoscaling",
+        help="with --ray: Serve's autoscaling_config for every modality, as JSON, e.g. "
+        '\'{"min_replicas": 1, "max_replicas": 4}\'',
+    )
+    p.set_defaults(func=serve)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlmf", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"mlmf {mlmf.__version__}")
@@ -604,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=5, help="labels shown per input (0: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=zero_shot)
+    _serve_parser(sub)
     p = sub.add_parser("bench", help="time the model pipeline (uncached vs cached calls)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iterations", type=int, default=200, help="cached calls to time")

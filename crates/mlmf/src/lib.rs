@@ -19,6 +19,8 @@ pub mod modality;
 pub mod model;
 mod pool;
 pub mod preprocess;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod train;
 
 #[cfg(feature = "python")]

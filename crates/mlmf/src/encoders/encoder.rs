@@ -191,6 +191,32 @@ impl Encoder {
         self.encode_preprocessed(&self.preprocess(inputs)?)
     }
 
+    /// Why raw inputs cannot be processed (no processor was found), or `None` when they
+    /// can.
+    pub fn processor_error(&self) -> Option<&str> {
+        self.prep.as_ref().as_ref().err().map(String::as_str)
+    }
+
+    /// Each text's token count after truncation, as the encoder sees it (padding left
+    /// out); `None` for an encoder that takes no text.
+    pub fn count_tokens<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<Option<Vec<usize>>> {
+        let Ok(Prep::Text(p)) = self.prep.as_ref() else {
+            return Ok(None);
+        };
+        if texts.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let batch = p.encode(texts)?;
+        Ok(Some(
+            batch
+                .attention_mask
+                .rows()
+                .into_iter()
+                .map(|r| r.iter().filter(|&&v| v != 0).count())
+                .collect(),
+        ))
+    }
+
     /// Runs only the processor on raw inputs.
     pub fn preprocess(&self, inputs: &RawInputs) -> Result<Preprocessed> {
         let plain = |input| Preprocessed {

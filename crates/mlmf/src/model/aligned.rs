@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use ndarray::Array2;
 
 use super::encode::{stack_pooled, stack_tokens};
-use super::{keys, MultiModalModel, TokenStates};
+use super::{keys, ItemEncoding, MultiModalModel, TokenStates};
 use crate::aligned::{self, AlignedHead, Similarity, ZeroShot};
 use crate::config::fusion::{FusionStrategy, LateMode};
 use crate::encoders::layers::ce;
@@ -153,7 +153,7 @@ impl MultiModalModel {
     /// the checkpoint's own model computes them.
     pub fn similarity(&self, texts: Vec<String>, others: RawInputs) -> Result<Similarity> {
         let m = keys::modality(&others);
-        let head = self.aligned_head(m)?;
+        self.aligned_head(m)?;
         if texts.is_empty() {
             return Err(MlmfError::input(
                 Modality::Text,
@@ -166,13 +166,29 @@ impl MultiModalModel {
                 format!("empty batch: expected at least one {m} input"),
             ));
         }
-        let t = rows_of(&stack_pooled(
-            &self.encode_items(Modality::Text, RawInputs::Text(texts))?,
-        )?)?;
-        let items = self.encode_items(m, others)?;
-        let o = rows_of(&stack_pooled(&items)?)?;
+        let texts = self.encode_items(Modality::Text, RawInputs::Text(texts))?;
+        let others = self.encode_items(m, others)?;
+        self.similarity_encoded(&texts, m, &others)
+    }
+
+    /// [`Self::similarity`] on items already encoded (texts, then `m`'s).
+    pub(crate) fn similarity_encoded(
+        &self,
+        texts: &[ItemEncoding],
+        m: Modality,
+        items: &[ItemEncoding],
+    ) -> Result<Similarity> {
+        let head = self.aligned_head(m)?;
+        if texts.is_empty() || items.is_empty() {
+            return Err(MlmfError::input(
+                if texts.is_empty() { Modality::Text } else { m },
+                "empty batch: expected at least one item",
+            ));
+        }
+        let t = rows_of(&stack_pooled(texts)?)?;
+        let o = rows_of(&stack_pooled(items)?)?;
         let tokens = if head.needs_tokens() {
-            Some(stack_tokens(&items)?.hidden_states)
+            Some(stack_tokens(items)?.hidden_states)
         } else {
             None
         };
@@ -193,20 +209,25 @@ impl MultiModalModel {
         template: &str,
     ) -> Result<ZeroShot> {
         let m = keys::modality(&inputs);
-        let head = self.aligned_head(m)?;
+        self.aligned_head(m)?;
         let prompts = aligned::prompts(labels, template, m)?;
         let sim = self.similarity(prompts.clone(), inputs)?;
-        let logits = sim.logits_per_other();
-        let probs = head.probabilities(&logits);
-        let best = aligned::argmax_rows(&probs);
-        Ok(ZeroShot {
-            other: m,
-            labels: labels.to_vec(),
-            prompts,
-            logits,
-            probs,
-            best,
-            head,
-        })
+        Ok(zero_shot_from(sim, labels, prompts))
+    }
+}
+
+/// The zero-shot answer from the similarity of the label prompts with the inputs.
+pub(crate) fn zero_shot_from(sim: Similarity, labels: &[String], prompts: Vec<String>) -> ZeroShot {
+    let logits = sim.logits_per_other();
+    let probs = sim.head.probabilities(&logits);
+    let best = aligned::argmax_rows(&probs);
+    ZeroShot {
+        other: sim.other,
+        labels: labels.to_vec(),
+        prompts,
+        logits,
+        probs,
+        best,
+        head: sim.head,
     }
 }

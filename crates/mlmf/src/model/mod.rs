@@ -12,7 +12,7 @@
 
 mod aligned;
 mod encode;
-mod keys;
+pub(crate) mod keys;
 mod stats;
 
 use std::collections::BTreeMap;
@@ -32,6 +32,7 @@ use crate::error::{MlmfError, Result};
 use crate::fusion::{Fusion, ModalityInput};
 use crate::modality::Modality;
 
+pub(crate) use aligned::zero_shot_from;
 pub use stats::{CallModality, CallStats, LatencySummary, ModalityStats, ModelStats};
 use stats::{Latency, ModalityCounters};
 
@@ -78,6 +79,15 @@ impl Weighted for ItemEncoding {
     fn bytes(&self) -> u64 {
         tensor_bytes(&self.pooled) + tensor_bytes(&self.hidden) + tensor_bytes(&self.mask)
     }
+}
+
+/// One modality's items encoded ahead of a call: content keys, encodings in item
+/// order, and what encoding them did.
+#[derive(Debug, Clone)]
+pub(crate) struct PreEncoded {
+    pub(crate) keys: Vec<ContentKey>,
+    pub(crate) items: Vec<ItemEncoding>,
+    pub(crate) stats: CallModality,
 }
 
 /// One cached fused row.
@@ -721,8 +731,38 @@ impl MultiModalModel {
         self.inner.disk.as_deref()
     }
 
+    /// Encodes `items` of one modality through its cache, as [`Self::encode_items`],
+    /// and returns their content keys (what [`Self::infer_encoded`] takes) and what the
+    /// call did.
+    pub(crate) fn encode_keyed(&self, modality: Modality, items: RawInputs) -> Result<PreEncoded> {
+        if keys::modality(&items) != modality {
+            return Err(MlmfError::input(
+                modality,
+                format!("given {} inputs", keys::modality(&items)),
+            ));
+        }
+        let slot = self.slot(modality)?;
+        let e = encode_modality(slot, items, None)?;
+        Ok(PreEncoded {
+            keys: e.keys,
+            items: e.items,
+            stats: e.stats,
+        })
+    }
+
     /// Runs the whole pipeline on `input`; see the module docs.
     pub fn infer(&self, input: MultiModalInput) -> Result<MultiModalOutput> {
+        self.infer_encoded(input, BTreeMap::new())
+    }
+
+    /// [`Self::infer`], with the modalities in `pre` already encoded (the server's
+    /// batchers encode many calls' items together): their raw inputs are checked as
+    /// usual but not encoded again.
+    pub(crate) fn infer_encoded(
+        &self,
+        input: MultiModalInput,
+        pre: BTreeMap<Modality, PreEncoded>,
+    ) -> Result<MultiModalOutput> {
         let start = Instant::now();
         let MultiModalInput {
             inputs,
@@ -734,6 +774,7 @@ impl MultiModalModel {
         // Check the call's shape before any work.
         let mut skipped = Vec::new();
         let mut work: Vec<(&Slot, RawInputs, Option<Vec<String>>)> = Vec::new();
+        let mut done: Vec<Encoded> = Vec::new();
         let mut batch: Option<(usize, Modality)> = None;
         for (m, items) in inputs {
             if keys::modality(&items) != m {
@@ -789,7 +830,33 @@ impl MultiModalModel {
                 "ids were given for a modality with no raw inputs",
             ));
         }
-        if work.is_empty() && given_work.is_empty() {
+        for (m, p) in pre {
+            let slot = self.slot(m)?;
+            let n = p.items.len();
+            if n == 0 || p.keys.len() != n {
+                return Err(MlmfError::input(
+                    m,
+                    "expected at least one item, got an empty batch",
+                ));
+            }
+            if work.iter().any(|(s, _, _)| s.modality == m)
+                || given_work.iter().any(|(s, _)| s.modality == m)
+            {
+                return Err(MlmfError::input(m, "given twice in one call: pass it once"));
+            }
+            same_batch(&mut batch, m, n)?;
+            if !slot.enabled.load(Ordering::Relaxed) {
+                skipped.push(m);
+                continue;
+            }
+            done.push(Encoded {
+                modality: m,
+                keys: p.keys,
+                items: p.items,
+                stats: p.stats,
+            });
+        }
+        if work.is_empty() && given_work.is_empty() && done.is_empty() {
             let modality = skipped
                 .first()
                 .copied()
@@ -842,6 +909,7 @@ impl MultiModalModel {
             })
         };
         let mut encoded: Vec<Encoded> = results.into_iter().collect::<Result<_>>()?;
+        encoded.append(&mut done);
         for (slot, emb) in given_work {
             encoded.push(given_items(slot, emb)?);
         }

@@ -14,6 +14,7 @@ mod fusion;
 mod model;
 mod patches;
 mod preprocess;
+mod serve;
 mod train;
 
 use pyo3::prelude::*;
@@ -100,6 +101,7 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     model::register(m)?;
     aligned::register(m)?;
     train::register(m)?;
+    serve::register(m)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())
 }

@@ -559,6 +559,15 @@ impl PyMultiModalModel {
         !self.untrained_parts().is_empty()
     }
 
+    /// Each text's token count after truncation, as the text encoder sees it.
+    fn count_tokens(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<usize>> {
+        let model = &self.inner;
+        detached(py, || {
+            let enc = model.encoder(crate::modality::Modality::Text)?;
+            Ok(enc.count_tokens(&texts)?.unwrap_or_default())
+        })
+    }
+
     /// Counters, latency percentiles (ms) and cache statistics, as a dict.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let v = serde_json::to_value(self.inner.stats())
