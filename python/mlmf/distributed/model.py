@@ -210,6 +210,86 @@ def _read_items(modality: str, items: Any, send_bytes: bool) -> list:
     return out
 
 
+@dataclass
+class Fuser:
+    """The fusion and attention layers a local ``MultiModalModel`` with a config builds
+    (``build_fusion``), run on per-modality encodings computed elsewhere: Ray actors,
+    Ray Serve deployments. Each result is a modality's ``{"pooled", "stats"}`` and,
+    when tokens were asked for, ``"hidden_states"`` and ``"mask"``."""
+
+    fusion: Any
+    pairs: list
+    order: list[str]
+    level: str
+
+    @classmethod
+    def build(cls, config: dict, infos: dict[str, dict]) -> Fuser:
+        return cls(*build_fusion(config, infos))
+
+    def wants_tokens(self, return_tokens: bool, return_attention: bool) -> bool:
+        """Whether the encoders must send token states back."""
+        return return_tokens or self.level == "tokens" or (return_attention and bool(self.pairs))
+
+    def fuse(
+        self,
+        results: dict[str, dict],
+        skipped: list[str],
+        return_attention: bool,
+        return_tokens: bool,
+        attempts: Optional[dict[str, int]] = None,
+    ) -> DistributedOutput:
+        t0 = time.perf_counter()
+        embeddings = {m: r["pooled"] for m, r in results.items()}
+        tokens = {
+            m: {"hidden_states": r["hidden_states"], "mask": r["mask"]}
+            for m, r in results.items()
+            if "hidden_states" in r
+        }
+        sizes = {m: len(e) for m, e in embeddings.items()}
+        if len(set(sizes.values())) > 1:
+            first = min(sizes)
+            other = next(m for m in sizes if sizes[m] != sizes[first])
+            raise mlmf.InputError(
+                f"{other} input: {sizes[other]} items, but {first} has {sizes[first]}: "
+                "every modality of a call needs one item per row"
+            )
+        if self.level == "tokens":
+            inputs = {m: (t["hidden_states"], t["mask"]) for m, t in tokens.items()}
+        else:
+            inputs = dict(embeddings)
+        out = self.fusion(inputs, return_attention=return_attention)
+        attention = {f"fusion/{k}": v for k, v in out.attention.items()}
+        if return_attention:
+            for q, k, layer in self.pairs:
+                if q in tokens and k in tokens:
+                    _, w = layer(
+                        tokens[q]["hidden_states"],
+                        tokens[k]["hidden_states"],
+                        query_mask=tokens[q]["mask"],
+                        kv_mask=tokens[k]["mask"],
+                        return_weights=True,
+                    )
+                    attention = {f"{q}->{k}": w, **attention}
+        gates = None
+        if out.gates is not None:
+            gates = {m: out.gates[:, j] for j, m in enumerate(self.order)}
+        per = {}
+        for m, r in results.items():
+            per[m] = dict(r.get("stats", {}))
+            if attempts is not None:
+                per[m]["attempts"] = attempts.get(m, 1)
+        stats = {"modalities": per, "fuse_ms": 1e3 * (time.perf_counter() - t0)}
+        return DistributedOutput(
+            embeddings=embeddings,
+            fused=out.fused,
+            gates=gates,
+            attention=attention,
+            tokens=tokens if return_tokens else {},
+            skipped=skipped,
+            stats=stats,
+        )
+
+
 class DistributedModel:
     """A ``MultiModalModel`` spread over a Ray cluster (docs/distributed.md).
 
@@ -232,7 +312,13 @@ class DistributedModel:
         dist = config.get("distributed") or {}
         self.max_retries = int(dist.get("max_retries", 3))
         self.send_file_bytes = bool(dist.get("send_file_bytes", True))
-        self.fusion, self.pairs, self.order, self.level = build_fusion(config, infos)
+        self.fuser = Fuser.build(config, infos)
+        self.fusion, self.pairs, self.order, self.level = (
+            self.fuser.fusion,
+            self.fuser.pairs,
+            self.fuser.order,
+            self.fuser.level,
+        )
 
     # ------------------------------------------------------------------ loading
 
@@ -346,9 +432,7 @@ class DistributedModel:
         request parts (one modality of one request) done so far."""
         ray = _ray()
         kwargs = {k: v for k, v in (("sampling_rate", sampling_rate), ("fps", fps)) if v}
-        want_tokens = (
-            return_tokens or self.level == "tokens" or (return_attention and bool(self.pairs))
-        )
+        want_tokens = self.fuser.wants_tokens(return_tokens, return_attention)
         parts: list[_Part] = []
         skipped: list[list[str]] = []
         for n, req in enumerate(requests):
@@ -458,56 +542,9 @@ class DistributedModel:
     def _fuse(
         self, parts: list[_Part], skipped: list[str], return_attention: bool, return_tokens: bool
     ) -> DistributedOutput:
-        t0 = time.perf_counter()
-        embeddings = {p.modality: p.result["pooled"] for p in parts if p.result}
-        tokens = {
-            p.modality: {"hidden_states": p.result["hidden_states"], "mask": p.result["mask"]}
-            for p in parts
-            if p.result and "hidden_states" in p.result
-        }
-        sizes = {m: len(e) for m, e in embeddings.items()}
-        if len(set(sizes.values())) > 1:
-            first = min(sizes)
-            other = next(m for m in sizes if sizes[m] != sizes[first])
-            raise mlmf.InputError(
-                f"{other} input: {sizes[other]} items, but {first} has {sizes[first]}: "
-                "every modality of a call needs one item per row"
-            )
-        if self.level == "tokens":
-            inputs = {m: (t["hidden_states"], t["mask"]) for m, t in tokens.items()}
-        else:
-            inputs = dict(embeddings)
-        out = self.fusion(inputs, return_attention=return_attention)
-        attention = {f"fusion/{k}": v for k, v in out.attention.items()}
-        if return_attention:
-            for q, k, layer in self.pairs:
-                if q in tokens and k in tokens:
-                    _, w = layer(
-                        tokens[q]["hidden_states"],
-                        tokens[k]["hidden_states"],
-                        query_mask=tokens[q]["mask"],
-                        kv_mask=tokens[k]["mask"],
-                        return_weights=True,
-                    )
-                    attention = {f"{q}->{k}": w, **attention}
-        gates = None
-        if out.gates is not None:
-            gates = {m: out.gates[:, j] for j, m in enumerate(self.order)}
-        stats = {
-            "modalities": {
-                p.modality: {**p.result["stats"], "attempts": p.attempts} for p in parts if p.result
-            },
-            "fuse_ms": 1e3 * (time.perf_counter() - t0),
-        }
-        return DistributedOutput(
-            embeddings=embeddings,
-            fused=out.fused,
-            gates=gates,
-            attention=attention,
-            tokens=tokens if return_tokens else {},
-            skipped=skipped,
-            stats=stats,
-        )
+        results = {p.modality: p.result for p in parts if p.result}
+        attempts = {p.modality: p.attempts for p in parts if p.result}
+        return self.fuser.fuse(results, skipped, return_attention, return_tokens, attempts)
 
     # ------------------------------------------------------------------ control
 

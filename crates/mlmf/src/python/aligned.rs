@@ -1,12 +1,16 @@
 //! `mlmf.Similarity` and `mlmf.ZeroShot`: what `MultiModalModel.similarity` and
 //! `MultiModalModel.zero_shot` return (the work is in `crate::model::aligned`).
 
-use numpy::{IntoPyArray, PyArray2};
+use std::path::PathBuf;
+
+use numpy::{IntoPyArray, PyArray2, PyReadonlyArray2, PyReadonlyArray3};
 use pyo3::exceptions::PyAttributeError;
 use pyo3::prelude::*;
 
 use super::config::PyModality;
+use super::detached;
 use crate::aligned::{AlignedHead, Similarity, ZeroShot};
+use crate::error::MlmfError;
 
 fn head_repr(h: &AlignedHead) -> String {
     match h.logit_bias {
@@ -191,8 +195,68 @@ impl PyZeroShot {
     }
 }
 
+/// The similarity of pooled text vectors with another tower's pooled vectors (and, for
+/// X-CLIP, its token states `[O, P, D]`), scored by the heads of the aligned checkpoint
+/// in `checkpoint`: what `MultiModalModel.similarity` computes after encoding. For
+/// front ends that encode elsewhere (the Ray Serve ingress).
+#[pyfunction]
+#[pyo3(signature = (checkpoint, text, other, other_tokens=None))]
+fn _aligned_similarity(
+    py: Python<'_>,
+    checkpoint: PathBuf,
+    text: PyReadonlyArray2<'_, f32>,
+    other: PyReadonlyArray2<'_, f32>,
+    other_tokens: Option<PyReadonlyArray3<'_, f32>>,
+) -> PyResult<PySimilarity> {
+    let (t, o) = (text.as_array().to_owned(), other.as_array().to_owned());
+    let tokens = other_tokens.map(|a| {
+        let a = a.as_array();
+        let dims = a.dim();
+        (a.iter().copied().collect::<Vec<f32>>(), dims)
+    });
+    let inner = detached(py, move || {
+        let head = AlignedHead::from_checkpoint(&checkpoint)?;
+        let tokens = tokens
+            .map(|(v, (b, p, d))| {
+                candle_core::Tensor::from_vec(v, (b, p, d), &candle_core::Device::Cpu)
+                    .map_err(|e| MlmfError::Internal(e.to_string()))
+            })
+            .transpose()?;
+        if head.needs_tokens() && tokens.is_none() {
+            return Err(MlmfError::input(
+                head.other,
+                format!(
+                    "{} similarity needs the {} token states",
+                    head.family, head.other
+                ),
+            ));
+        }
+        Ok(Similarity {
+            other: head.other,
+            logits_per_text: head.logits(&t, &o, tokens.as_ref())?,
+            head,
+        })
+    })?;
+    Ok(PySimilarity { inner })
+}
+
+/// The zero-shot answer from the similarity of `prompts` (each label put into the
+/// template) with the inputs.
+#[pyfunction]
+fn _zero_shot_from(
+    similarity: &PySimilarity,
+    labels: Vec<String>,
+    prompts: Vec<String>,
+) -> PyZeroShot {
+    PyZeroShot {
+        inner: crate::model::zero_shot_from(similarity.inner.clone(), &labels, prompts),
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySimilarity>()?;
     m.add_class::<PyZeroShot>()?;
+    m.add_function(wrap_pyfunction!(_aligned_similarity, m)?)?;
+    m.add_function(wrap_pyfunction!(_zero_shot_from, m)?)?;
     Ok(())
 }
