@@ -296,6 +296,24 @@ def cached_overhead(config: Path, text: str, n: int) -> tuple[float, float]:
     return float(np.median(remote)) * 1e3, float(np.median(local)) * 1e3
 
 
+def in_process_rates(config: Path, seconds: float) -> dict[int, float]:
+    """Texts per second of ``MultiModalModel.infer`` in this process on the same
+    requests' texts, in batches of 1 and of 32: what the encoder allows, the ceiling of
+    any batching gain."""
+    import mlmf
+
+    model = harness.quietly(mlmf.MultiModalModel.load, config)
+    make = text_bodies("minilm")
+    out, i = {}, 10**6
+    for size in (1, 32):
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            model.infer(text=[make(i + k)["input"][0] for k in range(size)])
+            i, n = i + size, n + size
+        out[size] = n / (time.perf_counter() - t)
+    return out
+
+
 def table(rows: list[tuple[str, str, list[Result]]]) -> str:
     head = ["Workload", "Server", "Concurrency", "Requests/s", "p50 ms", "p99 ms", "Errors"]
     cells = []
@@ -348,6 +366,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 inf.stop()
             for label, res in by.items():
                 rows.append(("short texts, all-MiniLM-L6-v2", label, res))
+            ceiling = in_process_rates(text_cfg, args.seconds)
+            summary.append(
+                f"In process (MultiModalModel.infer, no server), the same texts: "
+                f"{ceiling[1]:.0f} texts/s in batches of 1, {ceiling[32]:.0f} in batches of 32 "
+                f"({ceiling[32] / ceiling[1]:.2f}x): the most batching can add on this CPU, "
+                "where one short text already keeps both cores busy."
+            )
             at32 = {k: next(r for r in v if r.concurrency == 32) for k, v in by.items()}
             ratio = at32["mlmf, batching"].throughput / at32["mlmf, no batching"].throughput
             vs_inf = at32["mlmf, batching"].throughput / at32["Infinity"].throughput

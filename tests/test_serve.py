@@ -496,3 +496,14 @@ def test_cli_serve_drains_on_sigterm(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_checkpoint_that_cannot_take_raw_media_is_refused_at_start(tmp_path):
+    ckpt = tmp_path / "clip_no_processor"
+    ckpt.mkdir()
+    for f in (MODELS / "clip_tiny").iterdir():
+        if f.name != "preprocessor_config.json":
+            (ckpt / f.name).symlink_to(f)
+    model = load({"modalities": {"image": {"model": str(ckpt)}}})
+    with pytest.raises(mlmf.ConfigError, match="modalities.image.model.*raw image inputs"):
+        mlmf.serve(model, port=0, block=False)

@@ -156,3 +156,70 @@ def test_placement_that_matches_no_node_is_refused(app):
     cfg["distributed"]["sharding"]["modality_assignments"]["image"] = {"selectors": ["gpu=a100"]}
     with pytest.raises(mlmf.DistributedError, match="no alive node matches"):
         build_app(cfg)
+
+
+def test_deployment_options_follow_the_plan(app):
+    from mlmf.distributed.model import config_dict
+    from mlmf.distributed.placement import plans
+    from mlmf.serving.ray import deployment_options
+
+    cfg = config_dict(config())
+    cfg["distributed"]["sharding"]["modality_assignments"]["text"].update(
+        {"replicas": 2, "num_cpus": 0.5, "memory": "1 GiB"}
+    )
+    by = {p.modality: p for p in plans(cfg, ray)}
+    text = deployment_options(by["text"], 16, None)
+    assert text["name"] == "mlmf-text" and text["num_replicas"] == 2
+    assert text["max_ongoing_requests"] == 16
+    actor = text["ray_actor_options"]
+    assert actor["label_selector"] == {"modality": "text"}
+    assert (actor["num_cpus"], actor["memory"]) == (0.5, 2**30)
+    image = deployment_options(by["image"], 8, {"min_replicas": 1, "max_replicas": 3})
+    assert image["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3}
+    assert "num_replicas" not in image
+    assert image["ray_actor_options"]["resources"] == {"image-node": 0.01}
+
+
+def test_the_command_line_serves_on_ray(app, tmp_path):
+    """`mlmf serve --ray` joins the cluster, replaces the application, drains on SIGTERM
+    (last in this module: it deletes the application)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    url, _ = app
+    cfg = tmp_path / "ray.json"
+    cfg.write_text(json.dumps(config()))
+    address = ray.get_runtime_context().gcs_address
+    port = url.rsplit(":", 1)[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlmf.cli",
+            "serve",
+            str(cfg),
+            "--ray",
+            "--ray-address",
+            address,
+            "--port",
+            port,
+            "--model-name",
+            "from-cli",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("mlmf: serving from-cli on Ray Serve at http://127.0.0.1:"), line
+        names = [m["id"] for m in requests.get(url + "/v1/models", timeout=30).json()["data"]]
+        assert names[0] == "from-cli"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "mlmf: stopped" in proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()

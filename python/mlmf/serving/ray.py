@@ -387,6 +387,30 @@ def _unwrap(e: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
+def deployment_options(plan: Any, max_batch_size: int, autoscaling: Optional[dict]) -> dict:
+    """Serve options of one modality's deployment from its replica plan: CPUs, GPUs,
+    memory and placement (``label_selector`` or a custom resource) as
+    ``ray_actor_options``, the encoder's thread count, and ``autoscaling_config`` when
+    given, else the plan's fixed replica count."""
+    actor: dict[str, Any] = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus}
+    if plan.memory:
+        actor["memory"] = plan.memory
+    if plan.placements and plan.placements[0]:
+        actor.update(plan.placements[0])
+    threads = str(max(1, int(plan.num_cpus or 1)))
+    actor["runtime_env"] = {"env_vars": {"RAYON_NUM_THREADS": threads}}
+    opts: dict[str, Any] = {
+        "name": f"mlmf-{plan.modality}",
+        "ray_actor_options": actor,
+        "max_ongoing_requests": max(plan.max_in_flight, max_batch_size),
+    }
+    if autoscaling:
+        opts["autoscaling_config"] = dict(autoscaling)
+    else:
+        opts["num_replicas"] = plan.replicas
+    return opts
+
+
 def build_app(
     config: Union[mlmf.MultiModalConfig, str, os.PathLike, dict],
     *,
@@ -406,22 +430,8 @@ def build_app(
     cfg = config_dict(config)
     encoders = {}
     for plan in plans(cfg, ray):
-        opts: dict[str, Any] = {"num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus}
-        if plan.memory:
-            opts["memory"] = plan.memory
-        if plan.placements and plan.placements[0]:
-            opts.update(plan.placements[0])
-        threads = str(max(1, int(plan.num_cpus or 1)))
-        opts["runtime_env"] = {"env_vars": {"RAYON_NUM_THREADS": threads}}
         dep = serve.deployment(ModalityEncoder).options(
-            name=f"mlmf-{plan.modality}",
-            ray_actor_options=opts,
-            max_ongoing_requests=max(plan.max_in_flight, max_batch_size),
-            **(
-                {"autoscaling_config": autoscaling}
-                if autoscaling
-                else {"num_replicas": plan.replicas}
-            ),
+            **deployment_options(plan, max_batch_size, autoscaling)
         )
         encoders[plan.modality] = dep.bind(
             plan.modality, worker_config(cfg, plan), max_batch_size, batch_wait_timeout_s
