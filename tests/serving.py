@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -94,3 +97,16 @@ def metric(text: str, name: str, **labels: str) -> float:
         if got.startswith("{") and set(got[1:-1].split(",")) == set(want.split(",")):
             return float(value)
     return 0.0
+
+
+def start_cli(config: dict, path: Path, *args: str) -> subprocess.Popen:
+    """`mlmf serve` on `config` (written to `path`) in a child process; its stdout is
+    a pipe (the first line names the URL)."""
+    path.write_text(json.dumps(config))
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlmf.cli", "serve", str(path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )

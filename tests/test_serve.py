@@ -6,11 +6,8 @@ timeouts, SIGTERM). Servers bind 127.0.0.1 on free ports."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +31,7 @@ from serving import (
     metric,
     multimodal_config,
     post,
+    start_cli,
 )
 
 # Where a request's batch differs from the reference call's (other rows, padding).
@@ -128,14 +126,19 @@ def check_infer(j: dict, ref) -> None:
     assert set(j["stats"]["modalities"]) == {"text", "image", "audio"}
 
 
-def test_infer_equals_model_infer(server, reference):
-    ref = reference.infer(
+def full_infer(model: mlmf.MultiModalModel):
+    """The in-process call the /v1/infer tests compare with."""
+    return model.infer(
         text=TEXTS,
         image=[str(p) for p in IMAGES],
         audio=[str(p) for p in AUDIO],
         return_attention=True,
         return_tokens=True,
     )
+
+
+def test_infer_equals_model_infer(server, reference):
+    ref = full_infer(reference)
     for fmt in ("float", "base64"):
         r = post(server.url, "/v1/infer", infer_body(fmt))
         assert r.status_code == 200, r.text
@@ -149,14 +152,7 @@ def test_infer_multipart_equals_json(server, reference):
     files.append(("options", (None, json.dumps({"return_attention": True, "return_tokens": True}))))
     r = requests.post(server.url + "/v1/infer", files=files, timeout=60)
     assert r.status_code == 200, r.text
-    ref = reference.infer(
-        text=TEXTS,
-        image=[str(p) for p in IMAGES],
-        audio=[str(p) for p in AUDIO],
-        return_attention=True,
-        return_tokens=True,
-    )
-    check_infer(r.json(), ref)
+    check_infer(r.json(), full_infer(reference))
     bad = requests.post(server.url + "/v1/infer", files=[("smell", (None, "x"))], timeout=60)
     assert bad.status_code == 400 and "smell" in error_of(bad)["message"]
 
@@ -452,31 +448,12 @@ def test_settings_are_checked(tmp_path):
 
 
 def test_cli_serve_drains_on_sigterm(tmp_path):
-    cfg = tmp_path / "demo.json"
-    cfg.write_text(json.dumps(multimodal_config()))
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlmf.cli",
-            "serve",
-            str(cfg),
-            "--port",
-            "0",
-            "--max-wait-ms",
-            "1500",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+    proc = start_cli(
+        multimodal_config(), tmp_path / "demo.json", "--port", "0", "--max-wait-ms", "1500"
     )
     try:
         line = proc.stdout.readline()
-        assert "mlmf: serving demo (text, image, audio) on http://127.0.0.1:" in line, (
-            line + proc.stderr.read()
-        )
+        assert "mlmf: serving demo (text, image, audio) on http://127.0.0.1:" in line, line
         url = line.rsplit(" ", 1)[1].strip()
         out: dict = {}
         t = threading.Thread(

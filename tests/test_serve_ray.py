@@ -16,7 +16,7 @@ serve = pytest.importorskip("ray.serve")
 
 import mlmf  # noqa: E402
 from mlmf.distributed.local import simulated_cluster  # noqa: E402
-from serving import IMAGES, MODELS, TEXTS, arr, b64, error_of, load  # noqa: E402
+from serving import IMAGES, MODELS, TEXTS, arr, b64, error_of, load, start_cli  # noqa: E402
 
 TOL = 1e-6
 
@@ -183,35 +183,13 @@ def test_deployment_options_follow_the_plan(app):
 def test_the_command_line_serves_on_ray(app, tmp_path):
     """`mlmf serve --ray` joins the cluster, replaces the application, drains on SIGTERM
     (last in this module: it deletes the application)."""
-    import json
     import signal
-    import subprocess
-    import sys
 
     url, _ = app
-    cfg = tmp_path / "ray.json"
-    cfg.write_text(json.dumps(config()))
     address = ray.get_runtime_context().gcs_address
     port = url.rsplit(":", 1)[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlmf.cli",
-            "serve",
-            str(cfg),
-            "--ray",
-            "--ray-address",
-            address,
-            "--port",
-            port,
-            "--model-name",
-            "from-cli",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    args = ["--ray", "--ray-address", address, "--port", port, "--model-name", "from-cli"]
+    proc = start_cli(config(), tmp_path / "ray.json", *args)
     try:
         line = proc.stdout.readline()
         assert line.startswith("mlmf: serving from-cli on Ray Serve at http://127.0.0.1:"), line

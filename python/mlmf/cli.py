@@ -615,45 +615,22 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="a directory whose files requests may name by path (repeatable; default: none)",
     )
-    p.add_argument(
-        "--max-body-mb", type=float, default=d["max_body_mb"], help="default: %(default)s"
-    )
-    p.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=d["max_concurrent_requests"],
-        help="requests in flight before 429 (default: %(default)s)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=d["request_timeout"],
-        help="seconds per request (default: %(default)s)",
-    )
+    # (flag, type, mlmf.serve keyword, help); each default is mlmf.serve's.
+    numbers = [
+        ("--max-body-mb", float, "max_body_mb", "largest request body"),
+        ("--max-concurrent", int, "max_concurrent_requests", "requests in flight before 429"),
+        ("--timeout", float, "request_timeout", "seconds per request"),
+        ("--max-batch-items", int, "max_batch_items", "largest encoder batch"),
+        ("--max-batch-tokens", int, "max_batch_tokens", "largest text batch, in tokens"),
+        ("--max-wait-ms", float, "max_wait_ms", "how long a batch waits for more items"),
+        ("--drain-timeout", float, "drain_timeout", "seconds SIGTERM waits for requests"),
+        ("--http-threads", int, "http_threads", "threads for HTTP and JSON"),
+    ]
+    for flag, kind, key, text in numbers:
+        p.add_argument(flag, type=kind, default=d[key], help=f"{text} (default: %(default)s)")
     p.add_argument("--no-batching", action="store_true", help="encode each request on its own")
     p.add_argument(
-        "--max-batch-items", type=int, default=d["max_batch_items"], help="default: %(default)s"
-    )
-    p.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=d["max_batch_tokens"],
-        help="text batches (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-wait-ms", type=float, default=d["max_wait_ms"], help="default: %(default)s"
-    )
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=d["drain_timeout"],
-        help="seconds (default: %(default)s)",
-    )
-    p.add_argument(
         "--model-name", help="the name /v1/models lists (default: the config's file name)"
-    )
-    p.add_argument(
-        "--http-threads", type=int, default=d["http_threads"], help="default: %(default)s"
     )
     p.add_argument(
         "--ray",

@@ -151,18 +151,7 @@ pub(crate) async fn embeddings(
     State(st): Shared,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let obj = wire::json_object(body)?;
-    wire::only_keys(
-        &obj,
-        &[
-            "model",
-            "input",
-            "encoding_format",
-            "dimensions",
-            "user",
-            "modality",
-        ],
-    )?;
+    let obj = wire::request(body, &EMBEDDINGS_KEYS)?;
     let m = embeddings_modality(&st, &obj)?;
     let format = Format::parse(&obj)?;
     let input = obj
@@ -246,6 +235,23 @@ struct InferRequest {
     format: Format,
 }
 
+const EMBEDDINGS_KEYS: [&str; 6] = [
+    "model",
+    "input",
+    "encoding_format",
+    "dimensions",
+    "user",
+    "modality",
+];
+const SIMILARITY_KEYS: [&str; 5] = ["text", "image", "audio", "video", "encoding_format"];
+const ZERO_SHOT_KEYS: [&str; 6] = [
+    "image",
+    "audio",
+    "video",
+    "labels",
+    "template",
+    "encoding_format",
+];
 const INFER_KEYS: [&str; 7] = [
     "text",
     "image",
@@ -300,8 +306,7 @@ async fn multipart_request(mut mp: Multipart) -> Result<InferRequest, ApiError> 
             "text" => texts.push(field.text().await.map_err(bad)?),
             "options" => {
                 let raw = field.bytes().await.map_err(bad)?;
-                options = wire::json_object(Ok(raw))?;
-                wire::only_keys(&options, &INFER_KEYS[4..])?;
+                options = wire::request(Ok(raw), &INFER_KEYS[4..])?;
             }
             other => {
                 let m = other
@@ -380,8 +385,7 @@ pub(crate) async fn infer(State(st): Shared, req: Request) -> Result<Response, A
         multipart_request(mp).await?
     } else {
         let body = Bytes::from_request(req, &()).await;
-        let obj = wire::json_object(body)?;
-        wire::only_keys(&obj, &INFER_KEYS)?;
+        let obj = wire::request(body, &INFER_KEYS)?;
         let inputs = items_of(&st, &obj)?;
         infer_options(&obj, inputs)?
     };
@@ -525,11 +529,7 @@ pub(crate) async fn similarity(
     State(st): Shared,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let obj = wire::json_object(body)?;
-    wire::only_keys(
-        &obj,
-        &["text", "image", "audio", "video", "encoding_format"],
-    )?;
+    let obj = wire::request(body, &SIMILARITY_KEYS)?;
     let f = Format::parse(&obj)?;
     let texts = obj
         .get("text")
@@ -582,18 +582,7 @@ pub(crate) async fn zero_shot(
     State(st): Shared,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let obj = wire::json_object(body)?;
-    wire::only_keys(
-        &obj,
-        &[
-            "image",
-            "audio",
-            "video",
-            "labels",
-            "template",
-            "encoding_format",
-        ],
-    )?;
+    let obj = wire::request(body, &ZERO_SHOT_KEYS)?;
     let f = Format::parse(&obj)?;
     let labels: Vec<String> = match obj.get("labels") {
         Some(Value::Array(a)) => a

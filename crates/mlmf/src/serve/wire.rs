@@ -140,6 +140,16 @@ pub(crate) fn json_object(
     }
 }
 
+/// The body as a JSON object with no keys outside `allowed`.
+pub(crate) fn request(
+    body: Result<Bytes, BytesRejection>,
+    allowed: &[&str],
+) -> Result<Map<String, Value>, ApiError> {
+    let obj = json_object(body)?;
+    only_keys(&obj, allowed)?;
+    Ok(obj)
+}
+
 /// A body that could not be read: too large (413) or broken off (400).
 pub(crate) fn rejection(r: BytesRejection) -> ApiError {
     let status = r.status();
