@@ -51,7 +51,9 @@ async fn encode_all(
     let mut set = JoinSet::new();
     let mut tokens = 0;
     for items in inputs {
-        let (cost, t) = costs(st, &items)?;
+        // Tokenising a large request takes milliseconds: off the HTTP thread's other
+        // tasks while it runs.
+        let (cost, t) = tokio::task::block_in_place(|| costs(st, &items))?;
         tokens += t;
         let st = st.clone();
         set.spawn(async move {
