@@ -128,12 +128,18 @@ class ZeroShot:
     @property
     def family(self) -> str: ...
 
-def _aligned_similarity(
-    checkpoint: _Path,
-    text: npt.NDArray[np.float32],
-    other: npt.NDArray[np.float32],
-    other_tokens: Optional[npt.NDArray[np.float32]] = None,
-) -> Similarity: ...
+@final
+class _AlignedHead:
+    def __new__(cls, checkpoint: _Path) -> _AlignedHead: ...
+    @property
+    def needs_tokens(self) -> bool: ...
+    def similarity(
+        self,
+        text: npt.NDArray[np.float32],
+        other: npt.NDArray[np.float32],
+        other_tokens: Optional[npt.NDArray[np.float32]] = None,
+    ) -> Similarity: ...
+
 def _zero_shot_from(similarity: Similarity, labels: list[str], prompts: list[str]) -> ZeroShot: ...
 
 @final

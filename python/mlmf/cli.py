@@ -532,10 +532,7 @@ def zero_shot(args: argparse.Namespace) -> int:
 
 
 def _serve_ray(args: argparse.Namespace, name: str, api_key: str | None) -> int:
-    import signal
-    import threading
-
-    from mlmf.serving.ray import APP_NAME, serve_ray
+    from mlmf.serving.ray import serve_ray, wait_and_delete
 
     autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
     url = serve_ray(
@@ -551,30 +548,25 @@ def _serve_ray(args: argparse.Namespace, name: str, api_key: str | None) -> int:
         api_key=api_key,
     )
     print(f"mlmf: serving {name} on Ray Serve at {url}", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    from ray import serve as ray_serve
-
-    ray_serve.delete(APP_NAME)
+    wait_and_delete()
     print("mlmf: stopped", flush=True)
     return 0
 
 
 def serve(args: argparse.Namespace) -> int:
-    from mlmf.serving import API_KEY_ENV
+    from mlmf.serving import API_KEY_ENV, wait_until_stopped
     from mlmf.serving import serve as start
 
     name = args.model_name or Path(args.config).stem
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.ray:
-        return _serve_ray(args, name, args.api_key or os.environ.get(API_KEY_ENV) or None)
+        return _serve_ray(args, name, api_key)
     model = mlmf.MultiModalModel.load(args.config)
     server = start(
         model,
         host=args.host,
         port=args.port,
-        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        api_key=api_key,
         allow_path=args.allow_path or (),
         max_body_mb=args.max_body_mb,
         max_concurrent_requests=args.max_concurrent,
@@ -591,11 +583,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     modalities = ", ".join(m.name for m in model.modalities)
     print(f"mlmf: serving {name} ({modalities}) on {server.url}", flush=True)
-    try:
-        server.wait()
-    except KeyboardInterrupt:
-        server.shutdown()
-        server.wait()
+    wait_until_stopped(server)
     print("mlmf: stopped", flush=True)
     return 0
 

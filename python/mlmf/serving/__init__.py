@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlmf._mlmf import MultiModalModel, Server, _start_server
 
-__all__ = ["Server", "serve", "API_KEY_ENV"]
+__all__ = ["Server", "serve", "wait_until_stopped", "API_KEY_ENV"]
 
 #: The environment variable read for the bearer token when ``api_key`` is not given.
 API_KEY_ENV = "MLMF_API_KEY"
@@ -85,9 +85,14 @@ def serve(
         handle_signals=block if handle_signals is None else handle_signals,
     )
     if block:
-        try:
-            server.wait()
-        except KeyboardInterrupt:
-            server.shutdown()
-            server.wait()
+        wait_until_stopped(server)
     return server
+
+
+def wait_until_stopped(server: Server) -> None:
+    """Waits until `server` has stopped; a KeyboardInterrupt on the way drains it."""
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.shutdown()
+        server.wait()

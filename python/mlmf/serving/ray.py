@@ -114,6 +114,7 @@ class Ingress:
         self.encoders = dict(sorted(encoders.items(), key=lambda kv: order.get(kv[0], 99)))
         # Built on the first request: the encoders' widths come from their replicas.
         self._fuser: Optional[Fuser] = None
+        self._aligned: Any = None
         self._lock = asyncio.Lock()
         self.model_name = model_name
         self.api_key = api_key
@@ -185,11 +186,14 @@ class Ingress:
                 names.append(self.dirs[m].name)
         return list(dict.fromkeys(names))
 
-    async def _encode(self, m: str, items: list, tokens: bool) -> dict:
+    def _check_has(self, m: str) -> None:
         if m not in self.encoders:
             raise rq.bad(
                 f"{m} input: this model has no {m} modality (it has: {', '.join(self.encoders)})"
             )
+
+    async def _encode(self, m: str, items: list, tokens: bool) -> dict:
+        self._check_has(m)
         res = await self.encoders[m].encode.remote(items, tokens)
         if "error" in res:
             raise res["error"]
@@ -270,11 +274,7 @@ class Ingress:
                 f"(this model takes {', '.join(self.encoders)})"
             )
         for m in parts:
-            if m not in self.encoders:
-                raise rq.bad(
-                    f"{m} input: this model has no {m} modality "
-                    f"(it has: {', '.join(self.encoders)})"
-                )
+            self._check_has(m)
         sizes = {m: len(v) for m, v in parts.items()}
         first = next(iter(sizes))
         for m, n in sizes.items():
@@ -323,8 +323,7 @@ class Ingress:
                 f"similarity and zero-shot compare {m} with texts, "
                 "and this model has no text modality"
             )
-        if m not in self.encoders:
-            raise rq.bad(f"{m} input: this model has no {m} modality")
+        self._check_has(m)
         if self.dirs.get("text") != self.dirs.get(m):
             raise rq.bad(
                 f"similarity needs the text and {m} towers of one aligned checkpoint: text "
@@ -332,12 +331,18 @@ class Ingress:
             )
         return m
 
+    async def _head(self) -> Any:
+        """The aligned checkpoint's heads, read on first use."""
+        if self._aligned is None:
+            self._aligned = await asyncio.to_thread(mlmf._mlmf._AlignedHead, self.dirs["text"])
+        return self._aligned
+
     async def _similarity(self, texts: list[str], m: str, items: list) -> Any:
-        res = await self._encode_all({"text": texts, m: items}, {m: m == "video"})
-        tokens = res[m].get("hidden_states") if m == "video" else None
+        head = await self._head()
+        res = await self._encode_all({"text": texts, m: items}, {m: head.needs_tokens})
+        tokens = res[m].get("hidden_states") if head.needs_tokens else None
         return await asyncio.to_thread(
-            mlmf._mlmf._aligned_similarity,
-            self.dirs["text"],
+            head.similarity,
             np.ascontiguousarray(res["text"]["pooled"], dtype=np.float32),
             np.ascontiguousarray(res[m]["pooled"], dtype=np.float32),
             None if tokens is None else np.ascontiguousarray(tokens, dtype=np.float32),
@@ -463,9 +468,14 @@ def serve_ray(
     serve.run(build_app(config, **app_options), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     if block:
-        stop = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        serve.delete(APP_NAME)
+        wait_and_delete()
     return url
+
+
+def wait_and_delete() -> None:
+    """Waits for SIGTERM or Ctrl-C, then deletes the application."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.delete(APP_NAME)

@@ -553,17 +553,10 @@ impl MultiModalModel {
     /// Encodes `items` of one modality through its cache (and the disk tier): items
     /// seen before are not encoded again. One [`ItemEncoding`] per item, in order.
     pub fn encode_items(&self, modality: Modality, items: RawInputs) -> Result<Vec<ItemEncoding>> {
-        if keys::modality(&items) != modality {
-            return Err(MlmfError::input(
-                modality,
-                format!("given {} inputs", keys::modality(&items)),
-            ));
-        }
-        if keys::len(&items) == 0 {
+        if keys::len(&items) == 0 && keys::modality(&items) == modality {
             return Ok(Vec::new());
         }
-        let slot = self.slot(modality)?;
-        Ok(encode_modality(slot, items, None)?.items)
+        Ok(self.encode_keyed(modality, items)?.items)
     }
 
     /// Which encoder output the fusion takes.
@@ -729,6 +722,22 @@ impl MultiModalModel {
     /// The on-disk tier, when configured.
     pub fn disk_cache(&self) -> Option<&DiskTier> {
         self.inner.disk.as_deref()
+    }
+
+    /// `gates` `[B, M]` of an output as one column per modality, in the fusion's
+    /// modality order.
+    pub fn gate_columns(&self, gates: &Tensor) -> Result<Vec<(Modality, Vec<f32>)>> {
+        let rows = gates
+            .to_dtype(DType::F32)
+            .and_then(|g| g.to_vec2::<f32>())
+            .map_err(ce("gates"))?;
+        Ok(self
+            .fusion()
+            .modalities()
+            .iter()
+            .enumerate()
+            .map(|(j, (m, _))| (*m, rows.iter().map(|row| row[j]).collect()))
+            .collect())
     }
 
     /// Encodes `items` of one modality through its cache, as [`Self::encode_items`],

@@ -195,49 +195,67 @@ impl PyZeroShot {
     }
 }
 
-/// The similarity of pooled text vectors with another tower's pooled vectors (and, for
-/// X-CLIP, its token states `[O, P, D]`), scored by the heads of the aligned checkpoint
-/// in `checkpoint`: what `MultiModalModel.similarity` computes after encoding. For
-/// front ends that encode elsewhere (the Ray Serve ingress).
-#[pyfunction]
-#[pyo3(signature = (checkpoint, text, other, other_tokens=None))]
-fn _aligned_similarity(
-    py: Python<'_>,
-    checkpoint: PathBuf,
-    text: PyReadonlyArray2<'_, f32>,
-    other: PyReadonlyArray2<'_, f32>,
-    other_tokens: Option<PyReadonlyArray3<'_, f32>>,
-) -> PyResult<PySimilarity> {
-    let (t, o) = (text.as_array().to_owned(), other.as_array().to_owned());
-    let tokens = other_tokens.map(|a| {
-        let a = a.as_array();
-        let dims = a.dim();
-        (a.iter().copied().collect::<Vec<f32>>(), dims)
-    });
-    let inner = detached(py, move || {
-        let head = AlignedHead::from_checkpoint(&checkpoint)?;
-        let tokens = tokens
-            .map(|(v, (b, p, d))| {
-                candle_core::Tensor::from_vec(v, (b, p, d), &candle_core::Device::Cpu)
-                    .map_err(|e| MlmfError::Internal(e.to_string()))
+/// The heads of an aligned checkpoint, read once, scoring vectors computed elsewhere
+/// (the Ray Serve ingress): what `MultiModalModel.similarity` does after encoding.
+#[pyclass(module = "mlmf._mlmf", name = "_AlignedHead", frozen)]
+pub(crate) struct PyAlignedHead {
+    inner: AlignedHead,
+}
+
+#[pymethods]
+impl PyAlignedHead {
+    #[new]
+    fn new(py: Python<'_>, checkpoint: PathBuf) -> PyResult<Self> {
+        let inner = detached(py, move || AlignedHead::from_checkpoint(&checkpoint))?;
+        Ok(Self { inner })
+    }
+
+    /// Whether scoring needs the other tower's token states (X-CLIP's prompts).
+    #[getter]
+    fn needs_tokens(&self) -> bool {
+        self.inner.needs_tokens()
+    }
+
+    /// The similarity of pooled text vectors `[T, D]` with the other tower's pooled
+    /// vectors `[O, D]` (and its token states `[O, P, D]` when `needs_tokens`).
+    #[pyo3(signature = (text, other, other_tokens=None))]
+    fn similarity(
+        &self,
+        py: Python<'_>,
+        text: PyReadonlyArray2<'_, f32>,
+        other: PyReadonlyArray2<'_, f32>,
+        other_tokens: Option<PyReadonlyArray3<'_, f32>>,
+    ) -> PyResult<PySimilarity> {
+        let (t, o) = (text.as_array().to_owned(), other.as_array().to_owned());
+        let tokens = other_tokens.map(|a| {
+            let a = a.as_array();
+            (a.iter().copied().collect::<Vec<f32>>(), a.dim())
+        });
+        let head = &self.inner;
+        let inner = detached(py, move || {
+            let tokens = tokens
+                .map(|(v, dims)| {
+                    candle_core::Tensor::from_vec(v, dims, &candle_core::Device::Cpu)
+                        .map_err(|e| MlmfError::Internal(e.to_string()))
+                })
+                .transpose()?;
+            if head.needs_tokens() && tokens.is_none() {
+                return Err(MlmfError::input(
+                    head.other,
+                    format!(
+                        "{} similarity needs the {} token states",
+                        head.family, head.other
+                    ),
+                ));
+            }
+            Ok(Similarity {
+                other: head.other,
+                logits_per_text: head.logits(&t, &o, tokens.as_ref())?,
+                head: head.clone(),
             })
-            .transpose()?;
-        if head.needs_tokens() && tokens.is_none() {
-            return Err(MlmfError::input(
-                head.other,
-                format!(
-                    "{} similarity needs the {} token states",
-                    head.family, head.other
-                ),
-            ));
-        }
-        Ok(Similarity {
-            other: head.other,
-            logits_per_text: head.logits(&t, &o, tokens.as_ref())?,
-            head,
-        })
-    })?;
-    Ok(PySimilarity { inner })
+        })?;
+        Ok(PySimilarity { inner })
+    }
 }
 
 /// The zero-shot answer from the similarity of `prompts` (each label put into the
@@ -256,7 +274,7 @@ fn _zero_shot_from(
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySimilarity>()?;
     m.add_class::<PyZeroShot>()?;
-    m.add_function(wrap_pyfunction!(_aligned_similarity, m)?)?;
+    m.add_class::<PyAlignedHead>()?;
     m.add_function(wrap_pyfunction!(_zero_shot_from, m)?)?;
     Ok(())
 }

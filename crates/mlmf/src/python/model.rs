@@ -730,12 +730,7 @@ impl PyMultiModalOutput {
         let gates = match &out.gates {
             Some(g) => {
                 let d = PyDict::new(py);
-                let g = g
-                    .to_dtype(candle_core::DType::F32)
-                    .and_then(|g| g.to_vec2::<f32>())
-                    .map_err(|e| MlmfError::Internal(e.to_string()))?;
-                for (j, (m, _)) in model.fusion().modalities().iter().enumerate() {
-                    let col: Vec<f32> = g.iter().map(|row| row[j]).collect();
+                for (m, col) in model.gate_columns(g)? {
                     d.set_item(
                         m.to_string(),
                         numpy::IntoPyArray::into_pyarray(ndarray::Array1::from(col), py),

@@ -433,22 +433,13 @@ pub(crate) async fn infer(State(st): Shared, req: Request) -> Result<Response, A
         ts.iter().map(|(m, t)| Ok((m.to_string(), Array::of(t, f)?))).collect()
     };
     let gates = match &out.gates {
-        Some(g) => {
-            let g = Array::of(g, Format::Float)?;
-            let cols = g.shape.get(1).copied().unwrap_or(0);
-            let rows = g.shape.first().copied().unwrap_or(0);
-            let names = st.model.fusion().modalities();
-            Some(
-                names
-                    .iter()
-                    .enumerate()
-                    .map(|(j, (m, _))| {
-                        let col = (0..rows).map(|i| g.data[i * cols + j]).collect();
-                        (m.to_string(), Array::new(vec![rows], col, f))
-                    })
-                    .collect(),
-            )
-        }
+        Some(g) => Some(
+            st.model
+                .gate_columns(g)?
+                .into_iter()
+                .map(|(m, col)| (m.to_string(), Array::new(vec![col.len()], col, f)))
+                .collect(),
+        ),
         None => None,
     };
     let tokens = out
