@@ -304,6 +304,12 @@ pub(crate) fn read_file(modality: Modality, path: &std::path::Path) -> Result<Ve
     })
 }
 
+/// candle errors inside a forward pass are bugs or resource failures, not bad input
+/// (inputs are validated before): they surface as internal errors naming the op.
+pub(crate) fn ce(context: &'static str) -> impl Fn(candle_core::Error) -> MlmfError {
+    move |e| MlmfError::Internal(format!("{context}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

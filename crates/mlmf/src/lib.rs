@@ -14,6 +14,7 @@ pub mod device;
 pub mod encoders;
 pub mod error;
 pub mod fusion;
+pub(crate) mod kernels;
 pub mod loader;
 pub mod modality;
 pub mod model;

@@ -500,7 +500,7 @@ impl CrossModalAttention {
 }
 
 impl CrossModalAttention {
-    /// The float32 CPU path ([`cpu::cross_attention`]): one task per
+    /// The float32 CPU path ([`crate::kernels::cross_attention`]): one task per
     /// (batch row, head, block of queries), heads read in place, no logits tensor.
     /// Taken on the CPU when no variant beyond grouped-query heads and key masks is on;
     /// `None` otherwise.
@@ -530,7 +530,7 @@ impl CrossModalAttention {
         let width = self.heads * self.head_dim;
         let mut ctx = vec![0f32; b * tq * width];
         let mut w = return_weights.then(|| vec![0f32; b * self.heads * tq * tk]);
-        cpu::cross_attention(
+        crate::kernels::cross_attention(
             &q,
             &kv,
             (b, tq, tk),

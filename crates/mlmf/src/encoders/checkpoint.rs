@@ -176,7 +176,7 @@ impl Checkpoint {
         if bytes.len() != r * c * 4 {
             return Err(err(format!("weight `{name}`: truncated data")));
         }
-        let out = crate::encoders::cpu::transpose_le_bytes(bytes, r, c);
+        let out = crate::kernels::transpose_le_bytes(bytes, r, c);
         Tensor::from_vec(out, (c, r), &Device::Cpu)
             .map(Some)
             .map_err(|e| err(format!("weight `{name}`: {e}")))

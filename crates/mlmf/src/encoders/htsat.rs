@@ -51,7 +51,7 @@ struct Block {
     /// `[windows, heads, T, T]`: relative-position bias plus the shift mask.
     bias: Tensor,
     /// The same, for the float32 CPU attention kernel.
-    cpu_bias: crate::encoders::cpu::Bias,
+    cpu_bias: crate::kernels::Bias,
     /// Token order of the rolled, window-partitioned grid, and its inverse.
     gather: Tensor,
     scatter: Tensor,
@@ -200,7 +200,7 @@ fn load_block(
         v: lin("attention.self.value", dim, dim)?,
         o: lin("attention.output.dense", dim, dim)?,
         heads,
-        cpu_bias: crate::encoders::cpu::Bias::per_window(bias.clone(), windows, heads, t),
+        cpu_bias: crate::kernels::Bias::per_window(bias.clone(), windows, heads, t),
         bias: Tensor::from_vec(bias, (windows, heads, t, t), dev).map_err(&f)?,
         gather: index(src.clone(), dev)?,
         scatter: index(inverse.clone(), dev)?,

@@ -12,11 +12,7 @@ use crate::encoders::checkpoint::Checkpoint;
 use crate::encoders::config::Cfg;
 use crate::error::{MlmfError, Result};
 
-/// candle errors inside a forward pass are bugs or resource failures, not bad input
-/// (inputs are validated before): they surface as internal errors naming the op.
-pub(crate) fn ce(context: &'static str) -> impl Fn(candle_core::Error) -> MlmfError {
-    move |e| MlmfError::Internal(format!("{context}: {e}"))
-}
+pub(crate) use crate::error::ce;
 
 /// Where and in which precision a model's tensors live.
 #[derive(Debug, Clone)]
@@ -118,7 +114,7 @@ impl Linear {
 
     /// A linear map from an already loaded `[out, in]` weight.
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        if let Some(weight) = crate::encoders::cpu::transpose(&weight)? {
+        if let Some(weight) = crate::kernels::transpose(&weight)? {
             return Ok(Self {
                 weight,
                 bias,
@@ -249,20 +245,6 @@ impl LayerNorm {
     }
 }
 
-/// The activations transformers' `ACT2FN` names, as the supported configs use them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
-    /// Exact GELU, `x * Φ(x)` (`gelu`).
-    Gelu,
-    /// GELU's tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
-    GeluTanh,
-    /// `x * sigmoid(1.702 x)` (CLIP).
-    QuickGelu,
-    Relu,
-    /// `x * sigmoid(x)` (`silu`, `swish`).
-    Silu,
-}
-
 impl Activation {
     /// Parses a config's `hidden_act`; `field` names it in the error.
     pub fn parse(name: &str, field: &str) -> Result<Self> {
@@ -305,9 +287,7 @@ impl Activation {
     }
 }
 
-/// Added to the attention logits of masked keys: far below any real logit, yet finite
-/// so that a row with every key masked stays a number.
-pub(crate) const MASKED: f32 = -1e30;
+pub(crate) use crate::kernels::{Activation, MASKED};
 
 /// An additive float32 attention bias broadcastable to `[B, H, Tq, Tk]`.
 pub(crate) type AttnBias = Option<Tensor>;

@@ -459,7 +459,7 @@ impl Fusion {
                 .map(|(_, _, p)| p.tokens.elem_count())
                 .sum::<usize>()
                 .saturating_mul(self.out_dim)
-                < crate::encoders::cpu::PARALLEL_MIN_MACS;
+                < crate::kernels::PARALLEL_MIN_MACS;
         let out = if inline {
             self.component.fuse(&prepared, return_attention)?
         } else {

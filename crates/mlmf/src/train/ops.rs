@@ -9,7 +9,7 @@
 use super::par;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use crate::encoders::cpu::{dot, erf, exp, gemm_into, max, sum, sum_sq_dev};
+use crate::kernels::{dot, erf, exp, gemm_into, max, sum, sum_sq_dev};
 
 /// Rows per parallel task: enough work to amortise a task.
 fn rows_per_task(width: usize) -> usize {

@@ -18,7 +18,7 @@ use super::par;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::ops::{slice, with_slice};
-use crate::encoders::cpu::{dot, exp, gemm_into, max, sum};
+use crate::kernels::{dot, exp, gemm_into, max, sum};
 
 /// Shapes, scale and masks of one attention call.
 #[derive(Clone)]

@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::ops::{serves, slice};
 use super::par;
-use crate::encoders::cpu::exp;
+use crate::kernels::exp;
 
 /// `ln(sum_j exp(row_j))`, stable, accumulated in float64.
 fn log_sum_exp(row: impl Iterator<Item = f32> + Clone) -> f32 {

@@ -16,9 +16,11 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::{attend_rows, is_plain_f32, linear, sum_sq_dev, with_slices, Dst, Lin, Rows, SCRATCH};
 use crate::encoders::layers::{ce, Activation, Linear, MASKED};
 use crate::error::{MlmfError, Result};
+use crate::kernels::{
+    attend_rows, is_plain_f32, linear, sum_sq_dev, with_slices, Dst, Lin, Rows, SCRATCH,
+};
 
 /// One decoder layer's tensors: the three RMSNorm weights, QK-norm weights and the
 /// linear maps.

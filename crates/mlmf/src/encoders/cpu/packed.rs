@@ -13,9 +13,12 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::{attend_rows, is_plain_f32, layer_norm, linear, slice, view, Dst, Lin, Rows, SCRATCH};
+use super::view;
 use crate::encoders::layers::{ce, Activation, EncoderLayer, LayerNorm, Linear};
 use crate::error::{MlmfError, Result};
+use crate::kernels::{
+    attend_rows, is_plain_f32, layer_norm, linear, slice, Dst, Lin, Rows, SCRATCH,
+};
 
 /// The real rows of a batch, packed: `data` is `[offsets[B], width]`.
 #[derive(Debug, Clone)]

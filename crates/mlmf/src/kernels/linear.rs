@@ -1,0 +1,350 @@
+//! `x W^T + b` on the CPU, with the bias, activation or residual fused into the
+//! product's output blocks.
+//!
+//! Every product is split into one block of output columns per thread, and its bias,
+//! activation or residual is applied to that block right after it is computed, while
+//! it is still in cache (one pass over the output instead of three); residual
+//! connections accumulate straight into the hidden state (`x += h W^T + b`); a
+//! product of a few long rows is split along its inner dimension instead. Weights are
+//! `W^T` (`[k, n]`, row-major), so the kernels read them in memory order.
+
+use rayon::prelude::*;
+
+use super::{gemm_into, Activation, Dst};
+
+/// One linear map's transposed weight `W^T` (`[k, n]`, row-major) and bias `[n]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Lin<'a> {
+    pub(crate) w: &'a [f32],
+    pub(crate) b: Option<&'a [f32]>,
+}
+
+// ---------------------------------------------------------------------------------
+// Kernels.
+
+/// `dst[:, col..col + n] (+)= act(x W^T + b)` for `x` `[m, k]` and each part's `W^T`
+/// `[k, n_i]`; the parts' outputs lie side by side from column 0 of `dst` (row stride
+/// `dst_rs`). With `accumulate` the product is added to `dst` (no activation then).
+/// No rows (a packed modality with no real token) is nothing to do.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    parts: &[Lin<'_>],
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    act: Option<Activation>,
+) {
+    debug_assert!(!(accumulate && act.is_some()));
+    if m == 0 {
+        return;
+    }
+    let widths: Vec<usize> = parts.iter().map(|p| p.w.len() / k).collect();
+    let total: usize = widths.iter().sum();
+    debug_assert!(x.len() >= m * k && dst.len() >= (m.max(1) - 1) * dst_rs + total);
+    // One column block per thread (at least 64 columns each); a product with few
+    // columns and many rows is split by rows as well.
+    let threads = if m * k * total < PARALLEL_MIN_MACS {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    };
+    if threads > 1 && m <= SPLIT_K_MAX_ROWS && k >= total {
+        let split = SplitK {
+            widths: &widths,
+            threads,
+        };
+        linear_split_k(x, m, k, parts, dst, dst_rs, accumulate, act, split);
+        return;
+    }
+    let col_blocks = threads.min(total.div_ceil(64)).max(1);
+    let width = total.div_ceil(col_blocks).next_multiple_of(16);
+    let row_blocks = if col_blocks < threads && m >= 64 {
+        (threads / col_blocks).min(m / 32).max(1)
+    } else {
+        1
+    };
+    let height = m.div_ceil(row_blocks);
+    // Tasks: (rows, part, columns within the part, destination column).
+    let mut tasks = Vec::new();
+    for r0 in (0..m).step_by(height.max(1)) {
+        let rows = r0..(r0 + height).min(m);
+        let mut start = 0;
+        while start < total {
+            let end = (start + width).min(total);
+            // Cut [start, end) at part boundaries.
+            let mut col0 = 0;
+            for (p, &w) in widths.iter().enumerate() {
+                let (a, b) = (start.max(col0), end.min(col0 + w));
+                if a < b {
+                    tasks.push((rows.clone(), p, (a - col0)..(b - col0), a));
+                }
+                col0 += w;
+            }
+            start = end;
+        }
+    }
+    let out = Dst(dst.as_mut_ptr());
+    let run =
+        |(rows, p, cols, at): &(std::ops::Range<usize>, usize, std::ops::Range<usize>, usize)| {
+            let part = parts[*p];
+            let (mr, nc) = (rows.len(), cols.len());
+            // SAFETY: tasks cover disjoint (row, column) rectangles of `dst`, inside it by
+            // the debug assertion above; `x` and the weights are read only.
+            unsafe {
+                let d = out.ptr().add(rows.start * dst_rs + at);
+                gemm_into(
+                    mr,
+                    nc,
+                    k,
+                    d,
+                    dst_rs,
+                    accumulate,
+                    x.as_ptr().add(rows.start * k),
+                    k,
+                    1,
+                    part.w.as_ptr().add(cols.start),
+                    widths[*p],
+                    1,
+                    1.0,
+                );
+                for i in 0..mr {
+                    let row = std::slice::from_raw_parts_mut(d.add(i * dst_rs), nc);
+                    if let Some(b) = part.b {
+                        for (v, b) in row.iter_mut().zip(&b[cols.clone()]) {
+                            *v += b;
+                        }
+                    }
+                    if let Some(act) = act {
+                        act.apply_slice(row);
+                    }
+                }
+            }
+        };
+    if tasks.len() == 1 {
+        run(&tasks[0]);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+}
+
+/// Below about a million multiply-adds, waking the pool costs more than it saves: a
+/// matrix product this small runs on the calling thread.
+pub(crate) const PARALLEL_MIN_MACS: usize = 1 << 20;
+
+/// At most this many rows take [`linear_split_k`] (when the inner dimension is at
+/// least the output width): pooled embeddings through a wide projection.
+const SPLIT_K_MAX_ROWS: usize = 128;
+
+/// What [`linear`] has worked out for [`linear_split_k`]: each part's output width and
+/// the number of tasks.
+struct SplitK<'a> {
+    widths: &'a [usize],
+    threads: usize,
+}
+
+/// [`linear`] with the inner dimension split between `split.threads` tasks. A column split
+/// makes every task pack the whole of `x`, which for a few long rows (64 x 1664 into
+/// 512 columns) costs more than adding up the partial products: here each task packs
+/// only its share of `x` and reads only its rows of the weights. The first task
+/// writes (or accumulates) into `dst`, the others into zeroed buffers that are then
+/// added, followed by the bias and activation.
+#[allow(clippy::too_many_arguments)]
+fn linear_split_k(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    parts: &[Lin<'_>],
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    act: Option<Activation>,
+    SplitK { widths, threads }: SplitK<'_>,
+) {
+    let total: usize = widths.iter().sum();
+    let chunk = k.div_ceil(threads.max(1));
+    let spans: Vec<std::ops::Range<usize>> = (0..k)
+        .step_by(chunk.max(1))
+        .map(|k0| k0..(k0 + chunk).min(k))
+        .collect();
+    let mut partial = vec![0f32; spans.len().saturating_sub(1) * m * total];
+    let out = Dst(dst.as_mut_ptr());
+    let mut bufs = partial.chunks_exact_mut(m * total);
+    // (inner span, destination, its row stride, accumulate).
+    let jobs: Vec<(std::ops::Range<usize>, Dst, usize, bool)> = spans
+        .iter()
+        .enumerate()
+        .filter_map(|(i, span)| match i {
+            0 => Some((span.clone(), out, dst_rs, accumulate)),
+            _ => bufs
+                .next()
+                .map(|b| (span.clone(), Dst(b.as_mut_ptr()), total, false)),
+        })
+        .collect();
+    jobs.par_iter().for_each(|(span, d, rs, acc)| {
+        let mut col = 0;
+        for (part, &w) in parts.iter().zip(widths) {
+            // SAFETY: each job writes its own matrix (`dst` or one `partial` slice),
+            // `m x total` with row stride `rs`, in bounds by `linear`'s assertion and
+            // the size of `partial`; `x` and the weights are read only, at rows and
+            // columns `span` of `x` and rows `span` of `W^T`.
+            unsafe {
+                gemm_into(
+                    m,
+                    w,
+                    span.len(),
+                    d.ptr().add(col),
+                    *rs,
+                    *acc,
+                    x.as_ptr().add(span.start),
+                    k,
+                    1,
+                    part.w.as_ptr().add(span.start * w),
+                    w,
+                    1,
+                    1.0,
+                );
+            }
+            col += w;
+        }
+    });
+    for i in 0..m {
+        let row = &mut dst[i * dst_rs..i * dst_rs + total];
+        for p in partial.chunks_exact(m * total) {
+            for (v, q) in row.iter_mut().zip(&p[i * total..(i + 1) * total]) {
+                *v += q;
+            }
+        }
+        let mut col = 0;
+        for (part, &w) in parts.iter().zip(widths) {
+            if let Some(b) = part.b {
+                for (v, b) in row[col..col + w].iter_mut().zip(b) {
+                    *v += b;
+                }
+            }
+            col += w;
+        }
+        if let Some(act) = act {
+            act.apply_slice(row);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_splits_cover_every_column_and_row() {
+        // Parts of widths 5 and 70, m = 100 (row split kicks in with few columns).
+        let (m, k) = (100, 7);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1)
+            .collect();
+        let w1: Vec<f32> = (0..5 * k).map(|i| (i % 5) as f32 * 0.2 - 0.3).collect();
+        let w2: Vec<f32> = (0..70 * k).map(|i| ((i * 7) % 13) as f32 * 0.05).collect();
+        let b2: Vec<f32> = (0..70).map(|i| i as f32 * 0.01).collect();
+        // The kernels take W^T ([k, n]).
+        let transpose = |w: &[f32], n: usize| -> Vec<f32> {
+            (0..k * n).map(|i| w[(i % n) * k + i / n]).collect()
+        };
+        let (w1t, w2t) = (transpose(&w1, 5), transpose(&w2, 70));
+        let parts = [
+            Lin { w: &w1t, b: None },
+            Lin {
+                w: &w2t,
+                b: Some(&b2),
+            },
+        ];
+        let rs = 80;
+        let mut dst = vec![1f32; m * rs];
+        linear(&x, m, k, &parts, &mut dst, rs, true, None);
+        for i in 0..m {
+            for j in 0..75 {
+                let (w, b, jj) = if j < 5 {
+                    (&w1, 0.0, j)
+                } else {
+                    (&w2, b2[j - 5], j - 5)
+                };
+                let want: f32 =
+                    1.0 + b + (0..k).map(|kk| x[i * k + kk] * w[jj * k + kk]).sum::<f32>();
+                assert!((dst[i * rs + j] - want).abs() < 1e-5, "({i}, {j})");
+            }
+            // Columns past the parts are untouched.
+            assert!(dst[i * rs + 75..(i + 1) * rs].iter().all(|&v| v == 1.0));
+        }
+    }
+
+    /// Few rows and a long inner dimension take the inner-dimension split: the partial
+    /// products, bias, activation and accumulation must add up as in one product.
+    #[test]
+    fn linear_split_k_equals_the_direct_product() {
+        let (m, k, widths) = (16, 515, [100usize, 157]);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1)
+            .collect();
+        let ws: Vec<Vec<f32>> = widths
+            .iter()
+            .enumerate()
+            .map(|(p, &n)| {
+                (0..k * n)
+                    .map(|i| (((i + p) * 7 % 13) as f32 - 6.0) * 0.01)
+                    .collect()
+            })
+            .collect();
+        let bs: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|&n| (0..n).map(|j| j as f32 * 0.01 - 0.5).collect())
+            .collect();
+        let parts: Vec<Lin<'_>> = ws
+            .iter()
+            .zip(&bs)
+            .map(|(w, b)| Lin { w, b: Some(b) })
+            .collect();
+        let total: usize = widths.iter().sum();
+        assert!(m <= SPLIT_K_MAX_ROWS && k >= total && m * k * total >= 1 << 20);
+        // W^T is [k, n]: element (kk, j) at kk * n + j.
+        let want = |i: usize, col: usize| -> f32 {
+            let (p, j) = if col < widths[0] {
+                (0, col)
+            } else {
+                (1, col - widths[0])
+            };
+            let n = widths[p];
+            bs[p][j]
+                + (0..k)
+                    .map(|kk| x[i * k + kk] * ws[p][kk * n + j])
+                    .sum::<f32>()
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let rs = total + 3;
+            let mut dst = vec![2f32; m * rs];
+            linear(&x, m, k, &parts, &mut dst, rs, true, None);
+            let mut act = vec![0f32; m * total];
+            linear(
+                &x,
+                m,
+                k,
+                &parts,
+                &mut act,
+                total,
+                false,
+                Some(Activation::Relu),
+            );
+            for i in 0..m {
+                for c in 0..total {
+                    let y = want(i, c);
+                    assert!((dst[i * rs + c] - (2.0 + y)).abs() < 1e-4, "({i}, {c})");
+                    assert!((act[i * total + c] - y.max(0.0)).abs() < 1e-4, "({i}, {c})");
+                }
+                assert!(dst[i * rs + total..(i + 1) * rs].iter().all(|&v| v == 2.0));
+            }
+        });
+    }
+}
