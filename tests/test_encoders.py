@@ -330,7 +330,7 @@ def test_cuda_without_a_cuda_build() -> None:
 
 def test_unknown_dtype() -> None:
     with pytest.raises(mlmf.ConfigError, match="dtype"):
-        mlmf.Encoder.from_pretrained(ENC / "models" / "bert_tiny", dtype="int8")
+        mlmf.Encoder.from_pretrained(ENC / "models" / "bert_tiny", dtype="int3")
 
 
 # --- extension, pickling ---------------------------------------------------------------

@@ -279,7 +279,7 @@ def _aligned_heads(path: Path, weights: list[str]) -> list[str]:
     return [h for h in ALIGNED_HEADS if h in names]
 
 
-def _checkpoint_summary(path: Path) -> dict:
+def _checkpoint_summary(path: Path, dtype: str = "float32") -> dict:
     """What a checkpoint folder is and what mlmf makes of it."""
     info: dict = {"path": str(path)}
     cfg_file = path / "config.json"
@@ -314,7 +314,7 @@ def _checkpoint_summary(path: Path) -> dict:
     encoders = {}
     for modality in (None, *MODALITIES[:3]):
         try:
-            enc = mlmf.Encoder.from_pretrained(path, modality=modality)
+            enc = mlmf.Encoder.from_pretrained(path, modality=modality, dtype=dtype)
         except mlmf.MlmfError as e:
             if modality is None:
                 info["error"] = str(e)
@@ -323,6 +323,8 @@ def _checkpoint_summary(path: Path) -> dict:
             "model_type": enc.model_type,
             "hidden_size": enc.hidden_size,
             "output_dim": enc.output_dim,
+            "dtype": enc.dtype,
+            "weight_bytes": enc.weight_bytes,
         }
     info["encoders"] = encoders
     processors = {}
@@ -379,7 +381,7 @@ def _checkpoint_summary(path: Path) -> dict:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    info = _checkpoint_summary(Path(args.path))
+    info = _checkpoint_summary(Path(args.path), args.dtype)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0 if info["encoders"] else 1
@@ -399,7 +401,8 @@ def inspect(args: argparse.Namespace) -> int:
     for m, e in info["encoders"].items():
         print(
             f"  encoder        {m}: {e['model_type']}, hidden size {e['hidden_size']}, "
-            f"embedding width {e['output_dim']}"
+            f"embedding width {e['output_dim']}, "
+            f"{e['weight_bytes'] / 2**20:.1f} MiB of weights in {e['dtype']}"
         )
     for m, p in info["processors"].items():
         extra = {k: v for k, v in p.items() if k not in ("processor",)}
@@ -687,6 +690,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="what a checkpoint folder is and how mlmf loads it")
     p.add_argument("path", help="checkpoint folder (config.json, *.safetensors, ...)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="load the encoders in this precision to report their weight memory "
+        "(float32, bfloat16, float16, int8)",
+    )
     p.set_defaults(func=inspect)
     p = sub.add_parser(
         "zero-shot", help="classify images among text labels with an aligned checkpoint"

@@ -98,7 +98,7 @@ impl MultiModalLoader {
             let options = EncoderOptions {
                 modality: Some(*m),
                 device: config.device,
-                precision: config.dtype,
+                precision: mc.dtype.unwrap_or(config.dtype),
                 video_pooling: self.video_pooling,
                 video: None,
                 preprocessing: mc.preprocessing.clone(),

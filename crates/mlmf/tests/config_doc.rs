@@ -30,6 +30,7 @@ fn every_config_field_is_documented() {
             enabled: true,
             preprocessing: PreprocessingConfig::default(),
             dim: Some(8),
+            dtype: Some(mlmf::encoders::Precision::Int8),
         },
     );
     cfg.distributed = Some(Default::default());

@@ -60,10 +60,7 @@ impl PromptGenerator {
             root.string("prompt_hidden_act", "quick_gelu")?,
             &root.name("prompt_hidden_act"),
         )?;
-        let place = Placement {
-            device: Device::Cpu,
-            dtype: DType::F32,
-        };
+        let place = Placement::cpu_f32();
         let w = Weights {
             ckpt,
             place: &place,

@@ -28,6 +28,10 @@ pub struct ModalityConfig {
     /// passes to `infer` directly (`[B, dim]` or `[B, T, dim]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dim: Option<usize>,
+    /// The precision of this modality's weights (`float32`, `bfloat16`, `float16`,
+    /// `int8`), overriding the config's `dtype`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<crate::encoders::Precision>,
 }
 
 impl Default for ModalityConfig {
@@ -37,6 +41,7 @@ impl Default for ModalityConfig {
             enabled: true,
             preprocessing: PreprocessingConfig::default(),
             dim: None,
+            dtype: None,
         }
     }
 }

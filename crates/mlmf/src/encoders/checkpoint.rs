@@ -182,6 +182,45 @@ impl Checkpoint {
             .map_err(|e| err(format!("weight `{name}`: {e}")))
     }
 
+    /// The dtype `name` is stored in, when it exists.
+    pub(crate) fn stored_dtype(&self, name: &str) -> Option<safetensors::Dtype> {
+        self.weights.get(name).ok().map(|v| v.dtype())
+    }
+
+    /// The int8 codes of a pre-quantised linear weight `name` stored `[out, in]` =
+    /// `shape`, transposed to `[in, out]`.
+    pub(crate) fn int8_transposed(&self, name: &str, shape: [usize; 2]) -> Result<Vec<i8>> {
+        let err = |m: String| MlmfError::model_load(WHAT, &self.dir, m);
+        let view = self
+            .weights
+            .get(name)
+            .map_err(|_| err(format!("weight `{name}` is missing")))?;
+        if view.dtype() != safetensors::Dtype::I8 {
+            return Err(err(format!(
+                "weight `{name}` is {:?}, expected int8 codes",
+                view.dtype()
+            )));
+        }
+        if view.shape() != shape {
+            return Err(err(format!(
+                "weight `{name}` has shape {:?}, expected {shape:?} from config.json",
+                view.shape()
+            )));
+        }
+        let [r, c] = shape;
+        let bytes = view.data();
+        if bytes.len() != r * c {
+            return Err(err(format!("weight `{name}`: truncated data")));
+        }
+        let mut out = vec![0i8; r * c];
+        for (i, row) in bytes.chunks_exact(c).enumerate() {
+            for (j, &b) in row.iter().enumerate() {
+                out[j * r + i] = b as i8;
+            }
+        }
+        Ok(out)
+    }
+
     /// A [`ModelLoad`](MlmfError::ModelLoad) error about this checkpoint.
     pub fn error(&self, message: impl Into<String>) -> MlmfError {
         MlmfError::model_load(WHAT, &self.dir, message)

@@ -16,10 +16,13 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use crate::encoders::layers::LinearWeight;
 use crate::encoders::layers::{ce, AttnBias, EncoderLayer, LayerNorm, Linear};
 use crate::error::{MlmfError, Result};
+use crate::kernels::int8::Int8Matrix;
 use crate::kernels::{
-    attention, is_plain_f32, layer_norm, linear, slice, tanh, with_slices, Activation, Bias, Lin,
+    attention, is_plain_f32, is_plain_weight, layer_norm, linear, slice, tanh, weight_data,
+    with_slices, Activation, Bias, Lin, WeightRef,
 };
 
 pub(crate) mod channel_norm;
@@ -28,15 +31,67 @@ pub(crate) mod packed;
 pub(crate) mod window;
 
 impl Linear {
+    /// The dense weight (`None` for int8) and the bias.
     fn tensors(&self) -> [Option<&Tensor>; 2] {
-        [Some(&self.weight), self.bias.as_ref()]
+        [self.dense(), self.bias.as_ref()]
     }
 
-    /// Whether this map runs here: `W^T` stored, float32 CPU tensors.
+    /// The int8 weight, when the map is int8.
+    fn int8(&self) -> Option<&Int8Matrix> {
+        match &self.weight {
+            LinearWeight::Int8(m) => Some(m),
+            LinearWeight::Dense(_) => None,
+        }
+    }
+
+    /// Whether this map runs here: `W^T` stored as a float32, 16-bit or int8 CPU
+    /// weight, a float32 CPU bias.
     fn runs_here(&self) -> bool {
-        self.transposed && self.tensors().iter().flatten().all(|t| is_plain_f32(t))
+        let weight = match &self.weight {
+            LinearWeight::Dense(w) => self.transposed && is_plain_weight(w),
+            LinearWeight::Int8(_) => true,
+        };
+        weight && self.bias.as_ref().is_none_or(is_plain_f32)
+    }
+
+    /// The map's weight and bias from the slots [`with_slices`] gave for
+    /// [`Linear::tensors`] (an int8 weight has no slot).
+    fn lin<'g>(&'g self, w: Option<WeightRef<'g>>, b: Option<WeightRef<'g>>) -> Option<Lin<'g>> {
+        let w = match self.int8() {
+            Some(m) => WeightRef::Int8(m),
+            None => w?,
+        };
+        let b = match (&self.bias, b) {
+            (None, _) => None,
+            (Some(_), b) => Some(b?.f32()?),
+        };
+        Some(Lin { w, b })
+    }
+
+    /// The map as kernel operands, borrowed from `guards` (from [`Linear::guards`]).
+    fn lin_from<'g, G: std::ops::Deref<Target = candle_core::Storage>>(
+        &'g self,
+        guards: &'g LinGuards<'g, G>,
+    ) -> Option<Lin<'g>> {
+        let w = guards.0.as_ref().and_then(|(s, l)| weight_data(s, l));
+        let b = guards.1.as_ref().and_then(|(s, l)| weight_data(s, l));
+        self.lin(w, b)
+    }
+
+    /// Read guards on the weight and bias storage.
+    fn guards(&self) -> LinGuards<'_, impl std::ops::Deref<Target = candle_core::Storage> + '_> {
+        (
+            self.dense().map(|t| t.storage_and_layout()),
+            self.bias.as_ref().map(|t| t.storage_and_layout()),
+        )
     }
 }
+
+/// Read guards on a linear map's dense weight and bias.
+type LinGuards<'a, G> = (
+    Option<(G, &'a candle_core::Layout)>,
+    Option<(G, &'a candle_core::Layout)>,
+);
 
 impl LayerNorm {
     fn tensors(&self) -> [Option<&Tensor>; 2] {
@@ -75,22 +130,18 @@ struct LayerView<'a> {
     fc2: Lin<'a>,
 }
 
-fn view<'g>(s: &[Option<&'g [f32]>]) -> Option<LayerView<'g>> {
-    let lin = |i: usize| {
-        Some(Lin {
-            w: s[i]?,
-            b: s[i + 1],
-        })
-    };
+fn view<'g>(layer: &'g EncoderLayer, s: &[Option<WeightRef<'g>>]) -> Option<LayerView<'g>> {
+    let a = &layer.attn;
+    let f = |i: usize| s[i]?.f32();
     Some(LayerView {
-        q: lin(0)?,
-        k: lin(2)?,
-        v: lin(4)?,
-        o: lin(6)?,
-        norm1: (s[8]?, s[9]?),
-        norm2: (s[10]?, s[11]?),
-        fc1: lin(12)?,
-        fc2: lin(14)?,
+        q: a.q.lin(s[0], s[1])?,
+        k: a.k.lin(s[2], s[3])?,
+        v: a.v.lin(s[4], s[5])?,
+        o: a.o.lin(s[6], s[7])?,
+        norm1: (f(8)?, f(9)?),
+        norm2: (f(10)?, f(11)?),
+        fc1: layer.fc1.lin(s[12], s[13])?,
+        fc2: layer.fc2.lin(s[14], s[15])?,
     })
 }
 
@@ -125,8 +176,8 @@ pub(crate) fn run_layers(
     let [mut h, mut qkv, mut ctx, mut u] = stack_buffers([m * d, m * 3 * d, m * d, m * inter]);
     for layer in layers {
         with_slices(&layer.tensors(), |slices| -> Result<()> {
-            let w =
-                view(slices).ok_or_else(|| MlmfError::Internal("encoder layer weights".into()))?;
+            let w = view(layer, slices)
+                .ok_or_else(|| MlmfError::Internal("encoder layer weights".into()))?;
             let li = layer.fc1.out_dim()?;
             if li != inter {
                 u.resize(m * li, 0.0);
@@ -276,24 +327,13 @@ pub(crate) fn mlp_residual(
         };
         layer_norm(&y, d, (w, b), eps, &mut h);
         let lins = [fc1, fc2];
-        let lg: Vec<_> = lins
-            .iter()
-            .map(|l| {
-                (
-                    l.weight.storage_and_layout(),
-                    l.bias.as_ref().map(|b| b.storage_and_layout()),
-                )
-            })
-            .collect();
+        let lg: Vec<_> = lins.iter().map(|l| l.guards()).collect();
         let mut parts = Vec::with_capacity(2);
-        for (wg, bg) in &lg {
-            let Some(w) = slice(&wg.0, wg.1) else {
+        for (l, g) in lins.iter().zip(&lg) {
+            let Some(p) = l.lin_from(g) else {
                 return Ok(None);
             };
-            parts.push(Lin {
-                w,
-                b: bg.as_ref().and_then(|(s, l)| slice(s, l)),
-            });
+            parts.push(p);
         }
         linear(&h, m, d, &parts[..1], &mut u, hidden, false, Some(act));
         linear(&u, m, hidden, &parts[1..], &mut y, d, true, None);
@@ -357,24 +397,13 @@ pub(crate) fn project(x: &Tensor, lins: &[&Linear]) -> Result<Option<(Vec<f32>, 
     };
     let m = x.elem_count() / k.max(1);
     let n: usize = lins.iter().map(|l| l.out_dim()).sum::<Result<usize>>()?;
-    let guards: Vec<_> = lins
-        .iter()
-        .map(|l| {
-            (
-                l.weight.storage_and_layout(),
-                l.bias.as_ref().map(|b| b.storage_and_layout()),
-            )
-        })
-        .collect();
+    let guards: Vec<_> = lins.iter().map(|l| l.guards()).collect();
     let mut parts = Vec::with_capacity(lins.len());
-    for (wg, bg) in &guards {
-        let Some(w) = slice(&wg.0, wg.1) else {
+    for (l, g) in lins.iter().zip(&guards) {
+        let Some(p) = l.lin_from(g) else {
             return Ok(None);
         };
-        parts.push(Lin {
-            w,
-            b: bg.as_ref().and_then(|(s, l)| slice(s, l)),
-        });
+        parts.push(p);
     }
     let xg = x.storage_and_layout();
     let Some(xs) = slice(&xg.0, xg.1) else {
@@ -463,9 +492,12 @@ pub(crate) fn stacked_linear(
         }
     }
     {
-        let g = lin.weight.storage_and_layout();
-        let w = slice(&g.0, g.1).ok_or_else(|| MlmfError::Internal("stacked weight".into()))?;
-        linear(&z, batch, k, &[Lin { w, b: None }], &mut y, n, true, None);
+        let g = lin.guards();
+        let w = lin
+            .lin_from(&g)
+            .ok_or_else(|| MlmfError::Internal("stacked weight".into()))?;
+        let w = Lin { w: w.w, b: None };
+        linear(&z, batch, k, &[w], &mut y, n, true, None);
     }
     Tensor::from_vec(y, (batch, n), &candle_core::Device::Cpu)
         .map(Some)

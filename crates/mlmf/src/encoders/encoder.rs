@@ -72,6 +72,8 @@ pub struct Encoder {
     model: Arc<dyn ModalityEncoder>,
     prep: Arc<std::result::Result<Prep, String>>,
     dir: PathBuf,
+    precision: Precision,
+    weight_bytes: u64,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -90,6 +92,7 @@ impl Encoder {
         let dir = dir.as_ref();
         let ckpt = Checkpoint::open(dir)?;
         let device = options.device.open()?;
+        options.precision.check_device(&device)?;
         // A native video model (VideoMAE) encodes clips itself; any other checkpoint
         // asked for video loads its image tower, run per frame.
         let native = ckpt
@@ -105,6 +108,7 @@ impl Encoder {
             },
             device,
             precision: options.precision,
+            bytes: Default::default(),
         };
         let model = registry::load(&request).map_err(|e| match e {
             // A video request loads the image tower: say so when that fails.
@@ -135,6 +139,8 @@ impl Encoder {
             model,
             prep,
             dir: dir.to_path_buf(),
+            precision: options.precision,
+            weight_bytes: request.bytes.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -144,7 +150,20 @@ impl Encoder {
             model,
             prep: Arc::new(Err("this encoder was built without a processor".into())),
             dir: PathBuf::new(),
+            precision: Precision::F32,
+            weight_bytes: 0,
         }
+    }
+
+    /// The precision its weights are kept in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Bytes its weights occupy in memory, in the format they are kept in (0 for an
+    /// encoder built in code).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// The underlying model.

@@ -608,10 +608,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/zoo/models/clap_tiny");
         let ckpt = Checkpoint::open(&dir).unwrap();
-        let place = Placement {
-            device: Device::Cpu,
-            dtype: DType::F32,
-        };
+        let place = Placement::cpu_f32();
         let w = Weights {
             ckpt: &ckpt,
             place: &place,

@@ -18,10 +18,27 @@ pub(crate) use crate::error::ce;
 #[derive(Debug, Clone)]
 pub(crate) struct Placement {
     pub device: Device,
+    /// The dtype activations (and every weight that is not a linear map's) are in.
     pub dtype: DType,
+    /// The format linear weights are kept in: on the CPU, 16-bit and int8 weights run
+    /// on the float32 kernels with float32 activations.
+    pub precision: crate::encoders::Precision,
+    /// Bytes of the weights loaded so far (every tensor read through [`Weights`] and
+    /// every linear map, in the format it is kept in).
+    pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Placement {
+    /// The CPU in float32.
+    pub fn cpu_f32() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            precision: crate::encoders::Precision::F32,
+            bytes: Default::default(),
+        }
+    }
+
     /// An [`EncoderInfo`](crate::encoders::EncoderInfo) for a model placed here.
     pub fn info(
         &self,
@@ -53,15 +70,29 @@ pub(crate) struct Weights<'a> {
 impl<'a> Weights<'a> {
     /// The tensor `name` with `shape`, in the model dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.ckpt
-            .tensor(name, shape, self.place.dtype, &self.place.device)
+        let t = self
+            .ckpt
+            .tensor(name, shape, self.place.dtype, &self.place.device)?;
+        self.count(&t);
+        Ok(t)
+    }
+
+    /// Adds `t`'s bytes to the placement's total.
+    pub fn count(&self, t: &Tensor) {
+        self.place.bytes.fetch_add(
+            (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// The tensor `name` with `shape`, always float32 (norm parameters, biases added in
     /// float32).
     pub fn get_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.ckpt
-            .tensor(name, shape, DType::F32, &self.place.device)
+        let t = self
+            .ckpt
+            .tensor(name, shape, DType::F32, &self.place.device)?;
+        self.count(&t);
+        Ok(t)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -73,17 +104,28 @@ impl<'a> Weights<'a> {
 ///
 /// Float32 CPU maps keep `W^T` (`[in, out]`, contiguous) instead: the matrix kernels
 /// then read the weight in the order they consume it, without repacking it on every
-/// call (see [`crate::encoders::cpu`]).
+/// call (see [`crate::kernels::linear`]). 16-bit CPU maps keep `W^T` in 16 bits, and
+/// int8 maps their packed codes and scales ([`crate::kernels::int8`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    /// `[out, in]`, or `[in, out]` when `transposed`.
-    pub(crate) weight: Tensor,
+    pub(crate) weight: LinearWeight,
     pub(crate) bias: Option<Tensor>,
+    /// Whether a dense weight is stored `[in, out]`.
     pub(crate) transposed: bool,
 }
 
+/// A linear map's weight.
+#[derive(Debug, Clone)]
+pub(crate) enum LinearWeight {
+    /// `[out, in]`, or `[in, out]` when the map is `transposed`.
+    Dense(Tensor),
+    /// Per-channel int8 codes of `W^T`, packed, with their scales.
+    Int8(std::sync::Arc<crate::kernels::int8::Int8Matrix>),
+}
+
 impl Linear {
-    /// Loads `{name}.weight` (and `{name}.bias` when `bias`).
+    /// Loads `{name}.weight` (and `{name}.bias` when `bias`), in the placement's
+    /// precision.
     pub fn load(
         w: Weights<'_>,
         name: &str,
@@ -91,48 +133,172 @@ impl Linear {
         out_dim: usize,
         bias: bool,
     ) -> Result<Self> {
+        use crate::encoders::Precision;
         let wname = format!("{name}.weight");
+        let place = w.place;
+        let on_cpu = place.device.is_cpu();
+        let fast = on_cpu && place.dtype == DType::F32;
+        // The bias loads after the weight, so that a wrong shape names the weight.
         let load_bias = || -> Result<Option<Tensor>> {
-            if bias {
-                Ok(Some(w.get(&format!("{name}.bias"), &[out_dim])?))
+            if !bias {
+                return Ok(None);
+            }
+            let bname = format!("{name}.bias");
+            Ok(Some(if fast {
+                w.get_f32(&bname, &[out_dim])?
             } else {
-                Ok(None)
+                w.get(&bname, &[out_dim])?
+            }))
+        };
+        let dense = |weight: Tensor, bias: Option<Tensor>| Self {
+            weight: LinearWeight::Dense(weight),
+            bias,
+            transposed: true,
+        };
+        let stored = w.ckpt.stored_dtype(&wname);
+        if stored == Some(safetensors::Dtype::I8) {
+            return Self::load_int8(w, name, [out_dim, in_dim], load_bias);
+        }
+        let counted = |lin: Self| {
+            let bias_bytes = lin
+                .bias
+                .as_ref()
+                .map_or(0, |b| (b.elem_count() * b.dtype().size_in_bytes()) as u64);
+            place.bytes.fetch_add(
+                lin.bytes() - bias_bytes,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            lin
+        };
+        if !fast || !w.contains(&wname) {
+            let weight = w
+                .ckpt
+                .tensor(&wname, &[out_dim, in_dim], place.dtype, &place.device)?;
+            return Self::from_parts(weight, load_bias()?).map(counted);
+        }
+        // W^T in float32, straight from the mapped file when it is stored so.
+        let wt = match w.ckpt.tensor_transposed(&wname, [out_dim, in_dim])? {
+            Some(wt) => wt,
+            None => {
+                let weight =
+                    w.ckpt
+                        .tensor(&wname, &[out_dim, in_dim], DType::F32, &place.device)?;
+                crate::kernels::transpose(&weight)?
+                    .ok_or_else(|| MlmfError::Internal("linear: transpose".into()))?
             }
         };
-        if w.place.device.is_cpu() && w.place.dtype == DType::F32 && w.contains(&wname) {
-            if let Some(weight) = w.ckpt.tensor_transposed(&wname, [out_dim, in_dim])? {
-                return Ok(Self {
-                    weight,
-                    bias: load_bias()?,
+        let f = ce("linear weight");
+        let bias = load_bias()?;
+        let lin = match place.precision {
+            Precision::F32 => dense(wt, bias),
+            Precision::BF16 => dense(wt.to_dtype(DType::BF16).map_err(f)?, bias),
+            Precision::F16 => dense(wt.to_dtype(DType::F16).map_err(f)?, bias),
+            Precision::Int8 => {
+                let data: Vec<f32> = wt.flatten_all().and_then(|t| t.to_vec1()).map_err(f)?;
+                let (codes, scales) =
+                    crate::kernels::int8::quantize_columns(&data, in_dim, out_dim);
+                let m =
+                    crate::kernels::int8::Int8Matrix::from_codes(&codes, scales, in_dim, out_dim)
+                        .map_err(|e| w.ckpt.error(format!("weight `{wname}`: {e}")))?;
+                Self {
+                    weight: LinearWeight::Int8(std::sync::Arc::new(m)),
+                    bias,
                     transposed: true,
-                });
+                }
             }
+        };
+        Ok(counted(lin))
+    }
+
+    /// A pre-quantised map: `{name}.weight` int8 codes `[out, in]` and
+    /// `{name}.weight_scale` `[out]`.
+    fn load_int8(
+        w: Weights<'_>,
+        name: &str,
+        [out_dim, in_dim]: [usize; 2],
+        load_bias: impl FnOnce() -> Result<Option<Tensor>>,
+    ) -> Result<Self> {
+        let wname = format!("{name}.weight");
+        if !(w.place.device.is_cpu() && w.place.dtype == DType::F32) {
+            return Err(w.ckpt.error(format!(
+                "weight `{wname}` is pre-quantised int8, which runs on the CPU in float32                  activations only: load it with device=\"cpu\" and dtype=\"int8\""
+            )));
         }
-        let weight = w.get(&wname, &[out_dim, in_dim])?;
-        Self::from_parts(weight, load_bias()?)
+        let sname = format!("{name}.weight_scale");
+        if !w.contains(&sname) {
+            return Err(w.ckpt.error(format!(
+                "weight `{wname}` is int8 but `{sname}` is missing: a pre-quantised \
+                 checkpoint stores one float32 scale per output channel"
+            )));
+        }
+        let scale_t = w.ckpt.any_tensor(&sname)?;
+        if scale_t.dims() != [out_dim] {
+            return Err(w.ckpt.error(format!(
+                "`{sname}` has shape {:?}, expected [{out_dim}] (one scale per output \
+                 channel of `{wname}`)",
+                scale_t.dims()
+            )));
+        }
+        let scales: Vec<f32> = scale_t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.to_vec1())
+            .map_err(ce("weight scale"))?;
+        let codes = w.ckpt.int8_transposed(&wname, [out_dim, in_dim])?;
+        let m = crate::kernels::int8::Int8Matrix::from_codes(&codes, scales, in_dim, out_dim)
+            .map_err(|e| w.ckpt.error(format!("weight `{wname}`: {e}")))?;
+        let bias = load_bias()?;
+        w.place
+            .bytes
+            .fetch_add(m.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self {
+            weight: LinearWeight::Int8(std::sync::Arc::new(m)),
+            bias,
+            transposed: true,
+        })
     }
 
     /// A linear map from an already loaded `[out, in]` weight.
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         if let Some(weight) = crate::kernels::transpose(&weight)? {
             return Ok(Self {
-                weight,
+                weight: LinearWeight::Dense(weight),
                 bias,
                 transposed: true,
             });
         }
         Ok(Self {
-            weight,
+            weight: LinearWeight::Dense(weight),
             bias,
             transposed: false,
         })
+    }
+
+    /// The dense weight tensor (`None` for int8).
+    pub fn dense(&self) -> Option<&Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(t) => Some(t),
+            LinearWeight::Int8(_) => None,
+        }
+    }
+
+    /// Bytes the weight and bias occupy.
+    pub fn bytes(&self) -> u64 {
+        let t = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let w = match &self.weight {
+            LinearWeight::Dense(d) => t(d),
+            LinearWeight::Int8(m) => m.bytes() as u64,
+        };
+        w + self.bias.as_ref().map_or(0, t)
     }
 
     /// `s * (x W^T + b)` as one map: the weight and bias multiplied by `s`.
     pub fn scaled(&self, s: f32) -> Result<Self> {
         let f = ce("linear");
         Ok(Self {
-            weight: (&self.weight * f64::from(s)).map_err(&f)?,
+            weight: match &self.weight {
+                LinearWeight::Dense(w) => LinearWeight::Dense((w * f64::from(s)).map_err(&f)?),
+                LinearWeight::Int8(m) => LinearWeight::Int8(std::sync::Arc::new(m.scaled(s))),
+            },
             bias: self
                 .bias
                 .as_ref()
@@ -145,21 +311,24 @@ impl Linear {
 
     /// The weight as PyTorch stores it, `[out, in]`.
     pub fn weight_out_in(&self) -> Result<Tensor> {
-        if self.transposed {
-            self.weight
+        match &self.weight {
+            LinearWeight::Dense(w) if self.transposed => w
                 .t()
                 .and_then(|w| w.contiguous())
-                .map_err(ce("linear weight"))
-        } else {
-            Ok(self.weight.clone())
+                .map_err(ce("linear weight")),
+            LinearWeight::Dense(w) => Ok(w.clone()),
+            LinearWeight::Int8(_) => Err(MlmfError::Internal(
+                "an int8 linear map keeps packed codes only; its float weight is not kept".into(),
+            )),
         }
     }
 
     /// Output width.
     pub fn out_dim(&self) -> Result<usize> {
-        self.weight
-            .dim(usize::from(self.transposed))
-            .map_err(ce("linear"))
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dim(usize::from(self.transposed)).map_err(ce("linear")),
+            LinearWeight::Int8(m) => Ok(m.cols()),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -167,6 +336,19 @@ impl Linear {
             return Ok(y);
         }
         let f = ce("linear");
+        let weight = match &self.weight {
+            LinearWeight::Dense(w) => w,
+            LinearWeight::Int8(_) => {
+                // The int8 kernel reads contiguous float32 CPU rows.
+                let x32 = x
+                    .to_device(&Device::Cpu)
+                    .and_then(|x| x.to_dtype(DType::F32))
+                    .and_then(|x| x.contiguous())
+                    .map_err(&f)?;
+                return crate::encoders::cpu::linear_forward(self, &x32)?
+                    .ok_or_else(|| MlmfError::Internal("int8 linear: input".into()));
+            }
+        };
         let dims = x.dims().to_vec();
         let (rows, in_dim) = match dims.as_slice() {
             [.., last] => (x.elem_count() / last.max(&1), *last),
@@ -174,15 +356,18 @@ impl Linear {
         };
         let x2 = x.reshape((rows, in_dim)).map_err(&f)?;
         let wt = if self.transposed {
-            self.weight.clone()
+            weight.clone()
         } else {
-            self.weight.t().map_err(&f)?
+            weight.t().map_err(&f)?
         };
-        let y = matmul(&x2, &wt)?;
+        let y = matmul(&x2.to_dtype(wt.dtype()).map_err(&f)?, &wt)?;
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b).map_err(&f)?,
+            Some(b) => y
+                .broadcast_add(&b.to_dtype(y.dtype()).map_err(&f)?)
+                .map_err(&f)?,
             None => y,
         };
+        let y = y.to_dtype(x.dtype()).map_err(&f)?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = self.out_dim()?;

@@ -53,22 +53,56 @@ pub use encoder::{Encoder, EncoderOptions, RawInputs};
 pub use registry::{register_encoder, supported_model_types, EncoderFactory, LoadRequest};
 pub use video::{FrameEncoder, VideoPooling};
 
-/// The numeric precision a model runs in.
+/// The numeric precision a model's weights are kept in.
+///
+/// On the CPU, 16-bit and int8 weights run on the float32 kernels: activations,
+/// norms, softmax and accumulation stay float32, and only the linear maps' weights
+/// (and the token embedding tables) change format. On a GPU, `float16` and
+/// `bfloat16` run natively in that dtype; `int8` runs on the CPU only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Precision {
     #[default]
     F32,
     F16,
     BF16,
+    /// Linear maps in int8 per output channel, activations quantised per row at run
+    /// time (dynamic quantisation).
+    Int8,
 }
 
+/// What the `dtype` settings accept.
+const PRECISIONS: &str = "float32, bfloat16, float16 or int8";
+
 impl Precision {
+    /// The dtype of the weights' storage (int8 maps keep their own format; their
+    /// other weights are float32).
     pub fn dtype(self) -> DType {
         match self {
-            Self::F32 => DType::F32,
+            Self::F32 | Self::Int8 => DType::F32,
             Self::F16 => DType::F16,
             Self::BF16 => DType::BF16,
         }
+    }
+
+    /// The dtype activations run in on `device`: float32 on the CPU (16-bit weights are
+    /// widened as they are read), the weights' dtype elsewhere.
+    pub fn compute_dtype(self, device: &Device) -> DType {
+        if device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype()
+        }
+    }
+
+    /// An error when this precision cannot run on `device`.
+    pub fn check_device(self, device: &Device) -> Result<()> {
+        if self == Self::Int8 && !device.is_cpu() {
+            return Err(MlmfError::config(
+                "dtype",
+                "int8 runs on the CPU only: use bfloat16 or float16 on a GPU, or device \"cpu\"",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -80,9 +114,10 @@ impl FromStr for Precision {
             "float32" | "f32" | "fp32" => Ok(Self::F32),
             "float16" | "f16" | "fp16" | "half" => Ok(Self::F16),
             "bfloat16" | "bf16" => Ok(Self::BF16),
+            "int8" | "i8" | "qint8" => Ok(Self::Int8),
             _ => Err(MlmfError::config(
                 "dtype",
-                format!("unknown dtype {s:?}: expected float32, float16 or bfloat16"),
+                format!("unknown dtype {s:?}: expected {PRECISIONS}"),
             )),
         }
     }
@@ -98,9 +133,7 @@ impl<'de> Deserialize<'de> for Precision {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(|_| {
-            serde::de::Error::custom(format!(
-                "unknown dtype {s:?}: expected float32, float16 or bfloat16"
-            ))
+            serde::de::Error::custom(format!("unknown dtype {s:?}: expected {PRECISIONS}"))
         })
     }
 }
@@ -111,6 +144,7 @@ impl fmt::Display for Precision {
             Self::F32 => "float32",
             Self::F16 => "float16",
             Self::BF16 => "bfloat16",
+            Self::Int8 => "int8",
         })
     }
 }

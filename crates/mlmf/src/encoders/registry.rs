@@ -24,6 +24,8 @@ pub struct LoadRequest<'a> {
     pub modality: Option<Modality>,
     pub device: Device,
     pub precision: Precision,
+    /// Weight bytes loaded (see [`crate::encoders::layers::Placement::bytes`]).
+    pub(crate) bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LoadRequest<'_> {
@@ -31,7 +33,9 @@ impl LoadRequest<'_> {
     pub(crate) fn placement(&self) -> crate::encoders::layers::Placement {
         crate::encoders::layers::Placement {
             device: self.device.clone(),
-            dtype: self.precision.dtype(),
+            dtype: self.precision.compute_dtype(&self.device),
+            precision: self.precision,
+            bytes: self.bytes.clone(),
         }
     }
 

@@ -7,16 +7,124 @@
 //! connections accumulate straight into the hidden state (`x += h W^T + b`); a
 //! product of a few long rows is split along its inner dimension instead. Weights are
 //! `W^T` (`[k, n]`, row-major), so the kernels read them in memory order.
+//!
+//! A weight is float32, 16-bit ([`super::half`]: widened block by block inside each
+//! task) or int8 ([`super::int8`]: its own product, with the same epilogue).
 
+use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::half::gemm_half;
+use super::int8::Int8Matrix;
 use super::{gemm_into, Activation, Dst};
 
-/// One linear map's transposed weight `W^T` (`[k, n]`, row-major) and bias `[n]`.
+/// A linear map's transposed weight `W^T` (`[k, n]`, row-major) in one of the formats
+/// the kernels read.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum WeightRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+    Int8(&'a Int8Matrix),
+}
+
+impl<'a> WeightRef<'a> {
+    /// The float32 data, when it is float32 (norm weights, biases).
+    pub(crate) fn f32(self) -> Option<&'a [f32]> {
+        match self {
+            Self::F32(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Number of weights (`k * n`).
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::F32(w) => w.len(),
+            Self::Bf16(w) => w.len(),
+            Self::F16(w) => w.len(),
+            Self::Int8(w) => w.rows() * w.cols(),
+        }
+    }
+
+    /// `dst (+)= lhs · W^T[k0..k0 + kn, cols]` for `m` rows of `lhs` (row stride
+    /// `lhs_rs`, starting at inner index `k0`), `W^T` `ld` wide. Not for int8.
+    ///
+    /// # Safety
+    /// As [`gemm_into`], for these extents.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product(
+        self,
+        m: usize,
+        (k0, kn): (usize, usize),
+        cols: std::ops::Range<usize>,
+        ld: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        accumulate: bool,
+        lhs: *const f32,
+        lhs_rs: usize,
+    ) {
+        match self {
+            Self::F32(w) => gemm_into(
+                m,
+                cols.len(),
+                kn,
+                dst,
+                dst_rs,
+                accumulate,
+                lhs,
+                lhs_rs,
+                1,
+                w.as_ptr().add(k0 * ld + cols.start),
+                ld,
+                1,
+                1.0,
+            ),
+            Self::Bf16(w) => gemm_half(
+                m,
+                kn,
+                cols,
+                &w[k0 * ld..],
+                ld,
+                dst,
+                dst_rs,
+                accumulate,
+                lhs,
+                lhs_rs,
+            ),
+            Self::F16(w) => gemm_half(
+                m,
+                kn,
+                cols,
+                &w[k0 * ld..],
+                ld,
+                dst,
+                dst_rs,
+                accumulate,
+                lhs,
+                lhs_rs,
+            ),
+            Self::Int8(_) => unreachable!("int8 maps run in kernels::int8"),
+        }
+    }
+}
+
+/// One linear map's transposed weight `W^T` (`[k, n]`) and bias `[n]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Lin<'a> {
-    pub(crate) w: &'a [f32],
+    pub(crate) w: WeightRef<'a>,
     pub(crate) b: Option<&'a [f32]>,
+}
+
+impl<'a> Lin<'a> {
+    /// A float32 map.
+    pub(crate) fn f32(w: &'a [f32], b: Option<&'a [f32]>) -> Self {
+        Self {
+            w: WeightRef::F32(w),
+            b,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -39,6 +147,10 @@ pub(crate) fn linear(
 ) {
     debug_assert!(!(accumulate && act.is_some()));
     if m == 0 {
+        return;
+    }
+    if parts.iter().any(|p| matches!(p.w, WeightRef::Int8(_))) {
+        linear_int8(x, m, k, parts, dst, dst_rs, accumulate, act);
         return;
     }
     let widths: Vec<usize> = parts.iter().map(|p| p.w.len() / k).collect();
@@ -95,20 +207,16 @@ pub(crate) fn linear(
             // the debug assertion above; `x` and the weights are read only.
             unsafe {
                 let d = out.ptr().add(rows.start * dst_rs + at);
-                gemm_into(
+                part.w.product(
                     mr,
-                    nc,
-                    k,
+                    (0, k),
+                    cols.clone(),
+                    widths[*p],
                     d,
                     dst_rs,
                     accumulate,
                     x.as_ptr().add(rows.start * k),
                     k,
-                    1,
-                    part.w.as_ptr().add(cols.start),
-                    widths[*p],
-                    1,
-                    1.0,
                 );
                 for i in 0..mr {
                     let row = std::slice::from_raw_parts_mut(d.add(i * dst_rs), nc);
@@ -127,6 +235,52 @@ pub(crate) fn linear(
         run(&tasks[0]);
     } else {
         tasks.par_iter().for_each(run);
+    }
+}
+
+/// [`linear`] for parts of which at least one is int8: runs of int8 parts go through
+/// [`super::int8::linear`] (which quantises `x` once for the run), other parts one by
+/// one through [`linear`], each into its columns of `dst`.
+#[allow(clippy::too_many_arguments)]
+fn linear_int8(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    parts: &[Lin<'_>],
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    act: Option<Activation>,
+) {
+    let mut col = 0;
+    let mut i = 0;
+    while i < parts.len() {
+        let run: Vec<(&Int8Matrix, Option<&[f32]>)> = parts[i..]
+            .iter()
+            .map_while(|p| match p.w {
+                WeightRef::Int8(w) => Some((w, p.b)),
+                _ => None,
+            })
+            .collect();
+        if run.is_empty() {
+            let n = parts[i].w.len() / k;
+            linear(
+                x,
+                m,
+                k,
+                &parts[i..=i],
+                &mut dst[col..],
+                dst_rs,
+                accumulate,
+                act,
+            );
+            col += n;
+            i += 1;
+        } else {
+            super::int8::linear(x, m, k, &run, &mut dst[col..], dst_rs, accumulate, act);
+            col += run.iter().map(|(w, _)| w.cols()).sum::<usize>();
+            i += run.len();
+        }
     }
 }
 
@@ -191,20 +345,16 @@ fn linear_split_k(
             // the size of `partial`; `x` and the weights are read only, at rows and
             // columns `span` of `x` and rows `span` of `W^T`.
             unsafe {
-                gemm_into(
+                part.w.product(
                     m,
+                    (span.start, span.len()),
+                    0..w,
                     w,
-                    span.len(),
                     d.ptr().add(col),
                     *rs,
                     *acc,
                     x.as_ptr().add(span.start),
                     k,
-                    1,
-                    part.w.as_ptr().add(span.start * w),
-                    w,
-                    1,
-                    1.0,
                 );
             }
             col += w;
@@ -251,13 +401,7 @@ mod tests {
             (0..k * n).map(|i| w[(i % n) * k + i / n]).collect()
         };
         let (w1t, w2t) = (transpose(&w1, 5), transpose(&w2, 70));
-        let parts = [
-            Lin { w: &w1t, b: None },
-            Lin {
-                w: &w2t,
-                b: Some(&b2),
-            },
-        ];
+        let parts = [Lin::f32(&w1t, None), Lin::f32(&w2t, Some(&b2))];
         let rs = 80;
         let mut dst = vec![1f32; m * rs];
         linear(&x, m, k, &parts, &mut dst, rs, true, None);
@@ -301,7 +445,7 @@ mod tests {
         let parts: Vec<Lin<'_>> = ws
             .iter()
             .zip(&bs)
-            .map(|(w, b)| Lin { w, b: Some(b) })
+            .map(|(w, b)| Lin::f32(w, Some(b)))
             .collect();
         let total: usize = widths.iter().sum();
         assert!(m <= SPLIT_K_MAX_ROWS && k >= total && m * k * total >= 1 << 20);

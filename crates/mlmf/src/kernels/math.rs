@@ -166,6 +166,20 @@ pub(crate) fn max(xs: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
+/// The largest `|x|`, with eight independent accumulators.
+#[inline]
+pub(crate) fn max_abs(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(0f32, |m, &v| m.max(v.abs()));
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.max(v.abs());
+        }
+    }
+    acc.iter().fold(tail, |m, &v| m.max(v))
+}
+
 /// `row = exp(row - max(row))` in place; returns the sum of the new values. (Separate
 /// passes: each vectorises, a fused loop with eight accumulators did not.)
 #[inline]

@@ -21,16 +21,20 @@
 //! backend calls) single-threaded inside each task.
 
 pub(crate) mod attention;
+pub(crate) mod half;
+pub(crate) mod int8;
 pub(crate) mod linear;
 pub(crate) mod math;
 pub(crate) mod norm;
 pub(crate) mod tensor;
 
 pub(crate) use attention::{attend_rows, attention, cross_attention, Bias, Rows, SCRATCH};
-pub(crate) use linear::{linear, Lin, PARALLEL_MIN_MACS};
-pub(crate) use math::{dot, erf, exp, exp_sum, max, sum, sum_sq_dev, tanh, Activation};
+pub(crate) use linear::{linear, Lin, WeightRef, PARALLEL_MIN_MACS};
+pub(crate) use math::{dot, erf, exp, exp_sum, max, max_abs, sum, sum_sq_dev, tanh, Activation};
 pub(crate) use norm::layer_norm;
-pub(crate) use tensor::{is_plain_f32, slice, transpose, transpose_le_bytes, with_slices};
+pub(crate) use tensor::{
+    is_plain_f32, is_plain_weight, slice, transpose, transpose_le_bytes, weight_data, with_slices,
+};
 
 /// Added to the attention logits of masked keys: far below any real logit, yet finite
 /// so that a row with every key masked stays a number.

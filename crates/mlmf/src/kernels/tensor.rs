@@ -3,6 +3,7 @@
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::WeightRef;
 use crate::error::{ce, Result};
 
 /// The float32 CPU slice of a tensor's storage, when it is one, contiguous.
@@ -19,21 +20,42 @@ pub(crate) fn slice<'g>(storage: &'g Storage, layout: &Layout) -> Option<&'g [f3
     }
 }
 
-/// Runs `f` on the float32 CPU data of `tensors` (`None` for a missing tensor or one
-/// that is not plain float32 CPU memory), borrowed for the call.
+/// The float32, bfloat16 or float16 CPU slice of a tensor's storage, when it is one,
+/// contiguous.
+pub(crate) fn weight_data<'g>(storage: &'g Storage, layout: &Layout) -> Option<WeightRef<'g>> {
+    if !layout.is_contiguous() {
+        return None;
+    }
+    let range = layout.start_offset()..layout.start_offset() + layout.shape().elem_count();
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => v.get(range).map(WeightRef::F32),
+        Storage::Cpu(CpuStorage::BF16(v)) => v.get(range).map(WeightRef::Bf16),
+        Storage::Cpu(CpuStorage::F16(v)) => v.get(range).map(WeightRef::F16),
+        _ => None,
+    }
+}
+
+/// Runs `f` on the CPU data of `tensors` (`None` for a missing tensor or one that is
+/// not plain float32 or 16-bit CPU memory), borrowed for the call.
 pub(crate) fn with_slices<R>(
     tensors: &[Option<&Tensor>],
-    f: impl FnOnce(&[Option<&[f32]>]) -> R,
+    f: impl FnOnce(&[Option<WeightRef<'_>>]) -> R,
 ) -> R {
     let guards: Vec<Option<_>> = tensors
         .iter()
         .map(|t| t.map(|t| t.storage_and_layout()))
         .collect();
-    let slices: Vec<Option<&[f32]>> = guards
+    let slices: Vec<Option<WeightRef<'_>>> = guards
         .iter()
-        .map(|g| g.as_ref().and_then(|(s, l)| slice(s, l)))
+        .map(|g| g.as_ref().and_then(|(s, l)| weight_data(s, l)))
         .collect();
     f(&slices)
+}
+
+/// Whether `t` is contiguous float32, bfloat16 or float16 CPU memory.
+pub(crate) fn is_plain_weight(t: &Tensor) -> bool {
+    let (storage, layout) = t.storage_and_layout();
+    weight_data(&storage, layout).is_some()
 }
 
 pub(crate) fn is_plain_f32(t: &Tensor) -> bool {

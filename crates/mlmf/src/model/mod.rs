@@ -407,11 +407,17 @@ impl MultiModalModel {
                         let m = encoder.model();
                         let dir = std::fs::canonicalize(encoder.dir())
                             .unwrap_or_else(|_| encoder.dir().to_path_buf());
+                        // Weights in another precision give other numbers: the
+                        // precision is part of the id (float32 keeps its old form).
+                        let dtype = match encoder.precision() {
+                            crate::encoders::Precision::F32 => format!("{:?}", m.dtype()),
+                            p => p.to_string(),
+                        };
                         let id = format!(
-                            "{}:{}:{:?}:{}",
+                            "{}:{}:{}:{}",
                             m.model_type(),
                             dir.display(),
-                            m.dtype(),
+                            dtype,
                             config.device
                         );
                         let fp = Fingerprint::of(&(
@@ -602,6 +608,8 @@ impl MultiModalModel {
                 (
                     s.modality.to_string(),
                     ModalityStats {
+                        dtype: s.encoder.as_ref().map(|e| e.precision().to_string()),
+                        weight_bytes: s.encoder.as_ref().map_or(0, Encoder::weight_bytes),
                         enabled: s.enabled.load(Ordering::Relaxed),
                         calls: c.calls.load(Ordering::Relaxed),
                         items: c.items.load(Ordering::Relaxed),

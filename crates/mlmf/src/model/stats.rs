@@ -107,6 +107,10 @@ impl ModalityCounters {
 /// Statistics of one modality.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ModalityStats {
+    /// The precision of the encoder's weights (`None` for given embeddings).
+    pub dtype: Option<String>,
+    /// Bytes the encoder's weights occupy in memory.
+    pub weight_bytes: u64,
     pub enabled: bool,
     /// Calls that carried this modality.
     pub calls: u64,

@@ -254,7 +254,8 @@ impl PyEncoder {
     /// Loads a checkpoint directory (config.json + safetensors). `modality` picks the
     /// tower of a dual checkpoint ("text" or "image" for CLIP/SigLIP) or "video" to run
     /// an image checkpoint per frame; `device` is "cpu" or "cuda[:N]"; `dtype` is
-    /// "float32", "float16" or "bfloat16"; `video_pooling` is "mean" or "window:N";
+    /// "float32", "bfloat16", "float16" or "int8" (16-bit and int8 weights run on the
+    /// float32 CPU kernels; int8 is CPU-only); `video_pooling` is "mean" or "window:N";
     /// `num_frames` is how many frames raw videos are sampled to (default: a native
     /// video model's own clip length, else 8).
     #[staticmethod]
@@ -287,6 +288,7 @@ impl PyEncoder {
         };
         let dir = path.clone();
         let inner = detached(py, move || Encoder::from_pretrained(&dir, &options))?;
+        let precision = inner.precision().to_string();
         // The clip length the encoder's own processor settled on (a native video
         // model's num_frames, else the sampler's default).
         let num_frames = num_frames
@@ -300,7 +302,7 @@ impl PyEncoder {
             path,
             modality: parsed.map(|m| m.to_string()),
             device: device.to_string(),
-            dtype: dtype.to_string(),
+            dtype: precision,
             video_pooling: video_pooling.to_string(),
             num_frames,
             video: OnceLock::new(),
@@ -468,6 +470,12 @@ impl PyEncoder {
     #[getter]
     fn dtype(&self) -> String {
         self.dtype.clone()
+    }
+
+    /// Bytes the weights occupy in memory, in the format they are kept in.
+    #[getter]
+    fn weight_bytes(&self) -> u64 {
+        self.inner.weight_bytes()
     }
 
     #[getter]

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use crate::encoders::layers::{ce, Activation, Linear, MASKED};
 use crate::error::{MlmfError, Result};
 use crate::kernels::{
-    attend_rows, is_plain_f32, linear, sum_sq_dev, with_slices, Dst, Lin, Rows, SCRATCH,
+    attend_rows, is_plain_f32, linear, sum_sq_dev, with_slices, Dst, Lin, Rows, WeightRef, SCRATCH,
 };
 
 /// One decoder layer's tensors: the three RMSNorm weights, QK-norm weights and the
@@ -157,8 +157,8 @@ pub(crate) fn run(
             .chain(layer.norms().into_iter().map(Some))
             .collect();
         with_slices(&tensors, |slices| -> Result<()> {
-            let v =
-                view(slices).ok_or_else(|| MlmfError::Internal("qwen3 layer weights".into()))?;
+            let v = view(layer.linears(), slices)
+                .ok_or_else(|| MlmfError::Internal("qwen3 layer weights".into()))?;
             let li = v.down.w.len() / d;
             if li != inter {
                 return Err(MlmfError::Internal(
@@ -204,22 +204,17 @@ pub(crate) fn run(
 
 /// The slices of [`run`]'s per-layer tensor list: q, k, v, o, gate, up, down (weight,
 /// bias each), then the input, q, k and post norms.
-fn view<'g>(s: &[Option<&'g [f32]>]) -> Option<View<'g>> {
-    let lin = |i: usize| {
-        Some(Lin {
-            w: s[2 * i]?,
-            b: s[2 * i + 1],
-        })
-    };
+fn view<'g>(lins: [&'g Linear; 7], s: &[Option<WeightRef<'g>>]) -> Option<View<'g>> {
+    let lin = |i: usize| lins[i].lin(s[2 * i], s[2 * i + 1]);
     Some(View {
         qkv: [lin(0)?, lin(1)?, lin(2)?],
         o: lin(3)?,
         gate_up: [lin(4)?, lin(5)?],
         down: lin(6)?,
-        input_norm: s[14]?,
-        q_norm: s[15]?,
-        k_norm: s[16]?,
-        post_norm: s[17]?,
+        input_norm: s[14]?.f32()?,
+        q_norm: s[15]?.f32()?,
+        k_norm: s[16]?.f32()?,
+        post_norm: s[17]?.f32()?,
     })
 }
 

@@ -17,7 +17,7 @@ use super::view;
 use crate::encoders::layers::{ce, Activation, EncoderLayer, LayerNorm, Linear};
 use crate::error::{MlmfError, Result};
 use crate::kernels::{
-    attend_rows, is_plain_f32, layer_norm, linear, slice, Dst, Lin, Rows, SCRATCH,
+    attend_rows, is_plain_f32, layer_norm, linear, slice, Dst, Lin, Rows, WeightRef, SCRATCH,
 };
 
 /// The real rows of a batch, packed: `data` is `[offsets[B], width]`.
@@ -131,7 +131,7 @@ fn push_linear<'t>(lin: &'t Linear, out: &mut Vec<&'t Tensor>) -> Option<()> {
     if !lin.runs_here() {
         return None;
     }
-    out.push(&lin.weight);
+    out.push(lin.dense()?);
     out.extend(lin.bias.as_ref());
     Some(())
 }
@@ -143,7 +143,7 @@ fn take_linear<'a>(lin: &Linear, s: &mut impl Iterator<Item = &'a [f32]>) -> Opt
         Some(_) => Some(s.next()?),
         None => None,
     };
-    Some(Lin { w, b })
+    Some(Lin::f32(w, b))
 }
 
 fn push_norm<'t>(n: &'t LayerNorm, out: &mut Vec<&'t Tensor>) {
@@ -483,11 +483,11 @@ pub(crate) fn early_stack(
                 .tensors()
                 .iter()
                 .map(|t| match t {
-                    Some(_) => rest.next().map(Some),
+                    Some(_) => rest.next().map(|s| Some(WeightRef::F32(s))),
                     None => Some(None),
                 })
                 .collect::<Option<Vec<_>>>()?;
-            let w = view(&slots)?;
+            let w = view(l, &slots)?;
             let inter = w.fc1.w.len() / d;
             layer_norm(&x.data, d, w.norm1, l.norm1.eps, &mut h);
             linear(&h, n, d, &[w.q, w.k, w.v], &mut qkv, 3 * d, false, None);

@@ -100,18 +100,15 @@ pub(crate) fn run_blocks(x: &Tensor, blocks: &[WindowBlock<'_>]) -> Result<Optio
             .chain(blk.norms().into_iter().map(Some))
             .collect();
         with_slices(&tensors, |s| -> Result<()> {
-            let lin = |i: usize| -> Option<Lin<'_>> {
-                Some(Lin {
-                    w: s[2 * i]?,
-                    b: s[2 * i + 1],
-                })
-            };
+            let lins = blk.linears();
+            let lin = |i: usize| -> Option<Lin<'_>> { lins[i].lin(s[2 * i], s[2 * i + 1]) };
             let (Some(q), Some(k), Some(v), Some(o), Some(fc1), Some(fc2)) =
                 (lin(0), lin(1), lin(2), lin(3), lin(4), lin(5))
             else {
                 return Err(MlmfError::Internal("window block weights".into()));
             };
-            let (Some(n1w), Some(n1b), Some(n2w), Some(n2b)) = (s[12], s[13], s[14], s[15]) else {
+            let f = |i: usize| s[i].and_then(|w| w.f32());
+            let (Some(n1w), Some(n1b), Some(n2w), Some(n2b)) = (f(12), f(13), f(14), f(15)) else {
                 return Err(MlmfError::Internal("window block norms".into()));
             };
             let mlp = fc1.w.len() / c;
