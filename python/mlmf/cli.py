@@ -380,6 +380,19 @@ def _checkpoint_summary(path: Path, dtype: str = "float32") -> dict:
     return info
 
 
+def quantize(args: argparse.Namespace) -> int:
+    """Writes a pre-quantised int8 copy of a checkpoint folder."""
+    report = mlmf.quantize(args.src, args.dst)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    n = len(report["quantized"])
+    before, after = report["bytes_before"] / 2**20, report["bytes_after"] / 2**20
+    print(f"{report['path']}: {n} linear weights in int8, {before:.1f} MiB -> {after:.1f} MiB")
+    print(f'  load it with dtype="int8": mlmf inspect {report["path"]} --dtype int8')
+    return 0
+
+
 def inspect(args: argparse.Namespace) -> int:
     info = _checkpoint_summary(Path(args.path), args.dtype)
     if args.json:
@@ -687,6 +700,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-o", "--output", help="also write the metrics to this JSON file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=evaluate)
+    p = sub.add_parser(
+        "quantize",
+        help="write a copy of a checkpoint with int8 linear weights (loads with no "
+        "quantisation work)",
+    )
+    p.add_argument("src", help="checkpoint folder (float32, bfloat16 or float16 safetensors)")
+    p.add_argument("dst", help="new folder to write")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=quantize)
     p = sub.add_parser("inspect", help="what a checkpoint folder is and how mlmf loads it")
     p.add_argument("path", help="checkpoint folder (config.json, *.safetensors, ...)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

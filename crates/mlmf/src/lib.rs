@@ -20,6 +20,7 @@ pub mod modality;
 pub mod model;
 mod pool;
 pub mod preprocess;
+pub mod quant;
 #[cfg(feature = "serve")]
 pub mod serve;
 pub mod train;

@@ -418,7 +418,7 @@ pub(crate) fn load_tower(
     };
     Ok(Bert {
         family,
-        word: w.get(&p("embeddings.word_embeddings.weight"), &[vocab, hidden])?,
+        word: w.get_table(&p("embeddings.word_embeddings.weight"), &[vocab, hidden])?,
         position: w.get(
             &p("embeddings.position_embeddings.weight"),
             &[max_positions, hidden],

@@ -182,6 +182,11 @@ impl Checkpoint {
             .map_err(|e| err(format!("weight `{name}`: {e}")))
     }
 
+    /// Every stored tensor, as views of the mapped files.
+    pub(crate) fn tensor_views(&self) -> Vec<(String, safetensors::tensor::TensorView<'_>)> {
+        self.weights.tensors()
+    }
+
     /// The dtype `name` is stored in, when it exists.
     pub(crate) fn stored_dtype(&self, name: &str) -> Option<safetensors::Dtype> {
         self.weights.get(name).ok().map(|v| v.dtype())

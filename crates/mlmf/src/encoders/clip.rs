@@ -228,7 +228,7 @@ pub(crate) fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<ClipT
         None => s.hidden,
     };
     Ok(ClipText {
-        token: w.get(&p("embeddings.token_embedding.weight"), &[vocab, s.hidden])?,
+        token: w.get_table(&p("embeddings.token_embedding.weight"), &[vocab, s.hidden])?,
         position: w.get(
             &p("embeddings.position_embedding.weight"),
             &[max_positions, s.hidden],

@@ -162,7 +162,11 @@ pub(crate) fn run_layers(
             [&a.q, &a.k, &a.v, &a.o, &l.fc1, &l.fc2]
                 .iter()
                 .all(|lin| lin.runs_here())
-                && l.tensors().iter().flatten().all(|t| is_plain_f32(t))
+                && [&l.norm1, &l.norm2]
+                    .iter()
+                    .flat_map(|n| n.tensors())
+                    .flatten()
+                    .all(is_plain_f32)
         })
     {
         return Ok(None);
@@ -535,6 +539,7 @@ pub(crate) fn activation_forward(act: Activation, x: &Tensor) -> Result<Option<T
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     /// A layer of seeded pseudo-random weights (`d` wide, `inter` hidden units).
     fn random_layer(
@@ -626,6 +631,84 @@ mod tests {
                 .unwrap();
             let diff = crate::encoders::layers::max_abs_diff(&fast, &slow);
             assert!(diff < 2e-5, "pre_norm={pre_norm}: max difference {diff}");
+        }
+    }
+
+    /// `layer` with every linear map's weight in another format.
+    fn converted(layer: &EncoderLayer, to: impl Fn(&Linear) -> Linear) -> EncoderLayer {
+        let mut l = layer.clone();
+        for lin in [
+            &mut l.attn.q,
+            &mut l.attn.k,
+            &mut l.attn.v,
+            &mut l.attn.o,
+            &mut l.fc1,
+            &mut l.fc2,
+        ] {
+            *lin = to(lin);
+        }
+        l
+    }
+
+    #[test]
+    fn sixteen_bit_and_int8_weights_run_the_fused_stack() {
+        use crate::kernels::int8::Int8Matrix;
+        use candle_core::Device;
+        // 64-wide maps (whole 16-column panels) at 5 rows take the small-product tile,
+        // at 300 rows the widened blocks and the general kernel.
+        let (d, heads, inter) = (64, 4, 96);
+        let layer = random_layer(11, d, heads, inter, true);
+        let sixteen = |dt: DType| {
+            converted(&layer, |l| Linear {
+                weight: LinearWeight::Dense(l.dense().unwrap().to_dtype(dt).unwrap()),
+                bias: l.bias.clone(),
+                transposed: true,
+            })
+        };
+        let int8 = converted(&layer, |l| {
+            let wt = l.dense().unwrap();
+            let (k, n) = wt.dims2().unwrap();
+            let data: Vec<f32> = wt.flatten_all().unwrap().to_vec1().unwrap();
+            Linear {
+                weight: LinearWeight::Int8(std::sync::Arc::new(Int8Matrix::quantize(&data, k, n))),
+                bias: l.bias.clone(),
+                transposed: true,
+            }
+        });
+        for rows in [5, 300] {
+            let x = Tensor::from_vec(
+                (0..rows * d)
+                    .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+                    .collect::<Vec<_>>(),
+                (1, rows, d),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let want = run_layers(std::slice::from_ref(&layer), &x, &None)
+                .unwrap()
+                .unwrap();
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            for (name, l, tol) in [
+                ("bf16", sixteen(DType::BF16), 2e-2),
+                ("f16", sixteen(DType::F16), 5e-3),
+                ("int8", int8.clone(), 5e-2),
+            ] {
+                let got = run_layers(std::slice::from_ref(&l), &x, &None)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{name} left the fused stack"));
+                let diff = crate::encoders::layers::max_abs_diff(&got, &want);
+                assert!(
+                    diff < tol * scale,
+                    "{name} at {rows} rows: {diff} (scale {scale})"
+                );
+                assert!(diff > 0.0, "{name}: the weights were not converted");
+            }
         }
     }
 

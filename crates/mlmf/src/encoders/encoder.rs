@@ -91,8 +91,18 @@ impl Encoder {
     pub fn from_pretrained(dir: impl AsRef<Path>, options: &EncoderOptions) -> Result<Self> {
         let dir = dir.as_ref();
         let ckpt = Checkpoint::open(dir)?;
+        // int8 on a GPU is refused before the device is opened (on any build).
+        if options.device != DeviceSpec::Cpu && options.precision == Precision::Int8 {
+            return Err(MlmfError::config(
+                "dtype",
+                format!(
+                    "int8 runs on the CPU only, not on {}: use bfloat16 or float16 on a GPU, \
+                     or device \"cpu\"",
+                    options.device
+                ),
+            ));
+        }
         let device = options.device.open()?;
-        options.precision.check_device(&device)?;
         // A native video model (VideoMAE) encodes clips itself; any other checkpoint
         // asked for video loads its image tower, run per frame.
         let native = ckpt
@@ -109,6 +119,7 @@ impl Encoder {
             device,
             precision: options.precision,
             bytes: Default::default(),
+            record: None,
         };
         let model = registry::load(&request).map_err(|e| match e {
             // A video request loads the image tower: say so when that fails.

@@ -26,7 +26,12 @@ pub(crate) struct Placement {
     /// Bytes of the weights loaded so far (every tensor read through [`Weights`] and
     /// every linear map, in the format it is kept in).
     pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Receives the name of every linear weight quantised at load.
+    pub record: Option<Record>,
 }
+
+/// Where the names of linear weights quantised at load are recorded.
+pub(crate) type Record = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 impl Placement {
     /// The CPU in float32.
@@ -36,6 +41,7 @@ impl Placement {
             dtype: DType::F32,
             precision: crate::encoders::Precision::F32,
             bytes: Default::default(),
+            record: None,
         }
     }
 
@@ -91,6 +97,25 @@ impl<'a> Weights<'a> {
         let t = self
             .ckpt
             .tensor(name, shape, DType::F32, &self.place.device)?;
+        self.count(&t);
+        Ok(t)
+    }
+
+    /// A token embedding table `name` with `shape`: on the CPU in 16 bits when the
+    /// weights are (rows are widened to float32 as they are gathered), else in the
+    /// model dtype.
+    pub fn get_table(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        use crate::encoders::Precision;
+        let half = matches!(self.place.precision, Precision::BF16 | Precision::F16);
+        if !(self.place.device.is_cpu() && half) {
+            return self.get(name, shape);
+        }
+        let t = self.ckpt.tensor(
+            name,
+            shape,
+            self.place.precision.dtype(),
+            &self.place.device,
+        )?;
         self.count(&t);
         Ok(t)
     }
@@ -197,6 +222,9 @@ impl Linear {
                 let data: Vec<f32> = wt.flatten_all().and_then(|t| t.to_vec1()).map_err(f)?;
                 let (codes, scales) =
                     crate::kernels::int8::quantize_columns(&data, in_dim, out_dim);
+                if let Some(Ok(mut r)) = place.record.as_ref().map(|r| r.lock()) {
+                    r.push(wname.clone());
+                }
                 let m =
                     crate::kernels::int8::Int8Matrix::from_codes(&codes, scales, in_dim, out_dim)
                         .map_err(|e| w.ckpt.error(format!("weight `{wname}`: {e}")))?;
@@ -726,10 +754,15 @@ pub(crate) fn embed(table: &Tensor, ids: &ndarray::Array2<i64>, device: &Device)
     let flat: Vec<u32> = ids.iter().map(|&v| v as u32).collect();
     let idx = Tensor::from_vec(flat, b * t, device).map_err(&f)?;
     let d = table.dim(1).map_err(&f)?;
-    table
+    let rows = table
         .index_select(&idx, 0)
         .and_then(|x| x.reshape((b, t, d)))
-        .map_err(f)
+        .map_err(&f)?;
+    // On the CPU activations are float32 whatever the weights' format.
+    if table.device().is_cpu() && table.dtype() != DType::F32 {
+        return rows.to_dtype(DType::F32).map_err(f);
+    }
+    Ok(rows)
 }
 
 /// Runs `layers` in order (float32 CPU models through [`crate::encoders::cpu`]).

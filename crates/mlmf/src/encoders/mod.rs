@@ -93,17 +93,6 @@ impl Precision {
             self.dtype()
         }
     }
-
-    /// An error when this precision cannot run on `device`.
-    pub fn check_device(self, device: &Device) -> Result<()> {
-        if self == Self::Int8 && !device.is_cpu() {
-            return Err(MlmfError::config(
-                "dtype",
-                "int8 runs on the CPU only: use bfloat16 or float16 on a GPU, or device \"cpu\"",
-            ));
-        }
-        Ok(())
-    }
 }
 
 impl FromStr for Precision {

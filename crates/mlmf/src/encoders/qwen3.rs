@@ -182,7 +182,7 @@ pub fn load(req: &LoadRequest<'_>) -> Result<Box<dyn ModalityEncoder>> {
         max_tokens: Some(max_positions),
     };
     Ok(Box::new(Qwen3 {
-        embed_tokens: w.get(&p("embed_tokens.weight"), &[vocab, hidden])?,
+        embed_tokens: w.get_table(&p("embed_tokens.weight"), &[vocab, hidden])?,
         layers,
         norm: RmsNorm::load(w, &p("norm"), hidden, eps)?,
         heads,

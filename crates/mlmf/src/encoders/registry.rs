@@ -26,6 +26,9 @@ pub struct LoadRequest<'a> {
     pub precision: Precision,
     /// Weight bytes loaded (see [`crate::encoders::layers::Placement::bytes`]).
     pub(crate) bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Receives the names of the linear weights quantised at load
+    /// ([`crate::quant`] asks which weights are linear maps).
+    pub(crate) record: Option<crate::encoders::layers::Record>,
 }
 
 impl LoadRequest<'_> {
@@ -36,6 +39,7 @@ impl LoadRequest<'_> {
             dtype: self.precision.compute_dtype(&self.device),
             precision: self.precision,
             bytes: self.bytes.clone(),
+            record: self.record.clone(),
         }
     }
 

@@ -170,7 +170,7 @@ pub(crate) fn load_text(req: &LoadRequest<'_>, model_type: &str) -> Result<Sigli
     };
     let p = |n: &str| format!("{prefix}{n}");
     Ok(SiglipText {
-        token: w.get(&p("embeddings.token_embedding.weight"), &[vocab, s.hidden])?,
+        token: w.get_table(&p("embeddings.token_embedding.weight"), &[vocab, s.hidden])?,
         position: w.get(
             &p("embeddings.position_embedding.weight"),
             &[max_positions, s.hidden],

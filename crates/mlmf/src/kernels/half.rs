@@ -11,9 +11,9 @@ use half::{bf16, f16};
 
 use super::gemm_into;
 
-/// The most float32 values one widened block holds (256 KB: inside the L2 cache of the
-/// CPUs this targets, beside the activation rows being multiplied).
-const CHUNK: usize = 64 * 1024;
+/// The most float32 values one widened block holds (1 MB: in the last-level cache; the
+/// product then packs it into its own L2-sized panels as it does a float32 weight).
+const CHUNK: usize = 256 * 1024;
 
 /// A 16-bit float that widens to float32.
 pub(crate) trait Half: Copy + Send + Sync {
@@ -63,48 +63,39 @@ pub(crate) unsafe fn gemm_half<T: Half>(
     if nc == 0 || m == 0 {
         return;
     }
-    let rows_per_chunk = (CHUNK / nc).clamp(1, kn.max(1));
+    // Blocks of whole columns (every row of `W^T`), so that each output element is
+    // written once; at least 16 columns, a multiple of 16 when there are more.
+    let width = if nc <= 16 {
+        nc
+    } else {
+        ((CHUNK / kn.max(1)) / 16 * 16).clamp(16, nc)
+    };
     WIDE.with(|cell| {
         let mut wide = cell.borrow_mut();
-        if wide.len() < rows_per_chunk * nc {
-            wide.resize(rows_per_chunk * nc, 0.0);
+        if wide.len() < kn * width {
+            wide.resize(kn * width, 0.0);
         }
-        if kn == 0 {
+        for c0 in (0..nc).step_by(width) {
+            let wc = width.min(nc - c0);
+            let from = cols.start + c0;
+            for r in 0..kn {
+                T::widen(
+                    &w[r * ld + from..r * ld + from + wc],
+                    &mut wide[r * wc..(r + 1) * wc],
+                );
+            }
             gemm_into(
                 m,
-                nc,
-                0,
-                dst,
+                wc,
+                kn,
+                dst.add(c0),
                 dst_rs,
                 accumulate,
                 lhs,
                 lhs_rs,
                 1,
                 wide.as_ptr(),
-                nc,
-                1,
-                1.0,
-            );
-            return;
-        }
-        for k0 in (0..kn).step_by(rows_per_chunk) {
-            let rows = rows_per_chunk.min(kn - k0);
-            for r in 0..rows {
-                let src = &w[(k0 + r) * ld + cols.start..(k0 + r) * ld + cols.end];
-                T::widen(src, &mut wide[r * nc..(r + 1) * nc]);
-            }
-            gemm_into(
-                m,
-                nc,
-                rows,
-                dst,
-                dst_rs,
-                accumulate || k0 > 0,
-                lhs.add(k0),
-                lhs_rs,
-                1,
-                wide.as_ptr(),
-                nc,
+                wc,
                 1,
                 1.0,
             );
@@ -118,9 +109,9 @@ mod tests {
 
     #[test]
     fn widened_products_equal_the_float32_product_of_the_rounded_weights() {
-        // More rows than one chunk holds, so the product runs in several passes.
-        let (m, kn, ld) = (3, 700, 130);
-        let cols = 5..125;
+        // More columns than one block holds, so the product runs in several passes.
+        let (m, kn, ld) = (3, 2100, 300);
+        let cols = 5..290;
         let x: Vec<f32> = (0..m * kn)
             .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.1)
             .collect();

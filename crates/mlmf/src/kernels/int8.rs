@@ -91,6 +91,31 @@ pub(crate) fn quantize_columns(wt: &[f32], k: usize, n: usize) -> (Vec<i8>, Vec<
     (codes, scales)
 }
 
+/// Per-row symmetric codes of a PyTorch-layout weight `W` `[out, in]` and their
+/// scales, by the rule of [`quantize_columns`] (the codes are its transpose).
+pub(crate) fn quantize_out_in(w: &[f32], out: usize, inn: usize) -> (Vec<i8>, Vec<f32>) {
+    assert_eq!(w.len(), out * inn);
+    let mut codes = vec![0i8; out * inn];
+    let mut scales = vec![1f32; out];
+    for ((row, c), s) in w
+        .chunks_exact(inn.max(1))
+        .zip(codes.chunks_exact_mut(inn.max(1)))
+        .zip(scales.iter_mut())
+    {
+        let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if m > 0.0 && m.is_finite() {
+            *s = m / f32::from(MAX_CODE);
+        }
+        let inv = 1.0 / *s;
+        for (q, v) in c.iter_mut().zip(row) {
+            *q = (v * inv)
+                .round()
+                .clamp(-f32::from(MAX_CODE), f32::from(MAX_CODE)) as i8;
+        }
+    }
+    (codes, scales)
+}
+
 impl Int8Matrix {
     /// Packs codes `[k, n]` (row-major `W^T`, each in `-63..=63`) with their `n` scales.
     /// `Err` names what does not fit.
@@ -439,6 +464,21 @@ mod tests {
                     (got[i * n + j] - want).abs() <= 1e-5 * want.abs().max(1.0),
                     "({i}, {j})"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn both_layouts_quantise_alike() {
+        let (k, n) = (19, 11);
+        let wt = pseudo(k * n, 9, 0.3);
+        let w: Vec<f32> = (0..n * k).map(|i| wt[(i % k) * n + i / k]).collect();
+        let (ct, st) = quantize_columns(&wt, k, n);
+        let (c, s) = quantize_out_in(&w, n, k);
+        assert_eq!(st, s);
+        for j in 0..n {
+            for i in 0..k {
+                assert_eq!(c[j * k + i], ct[i * n + j]);
             }
         }
     }

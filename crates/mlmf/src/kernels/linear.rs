@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::half::gemm_half;
 use super::int8::Int8Matrix;
+use super::small;
 use super::{gemm_into, Activation, Dst};
 
 /// A linear map's transposed weight `W^T` (`[k, n]`, row-major) in one of the formats
@@ -65,6 +66,57 @@ impl<'a> WeightRef<'a> {
         lhs: *const f32,
         lhs_rs: usize,
     ) {
+        // A few rows over whole 16-column panels: the tile reads the weight in place.
+        let nc = cols.len();
+        let rows = match self {
+            Self::F32(_) => small::MAX_ROWS_F32,
+            Self::Bf16(_) | Self::F16(_) => small::MAX_ROWS_HALF,
+            Self::Int8(_) => 0,
+        };
+        let small = small::available() && m <= rows && nc.is_multiple_of(16) && nc > 0;
+        if small {
+            let at = k0 * ld + cols.start;
+            match self {
+                Self::F32(w) => small::product(
+                    m,
+                    kn,
+                    nc,
+                    w[at..].as_ptr(),
+                    ld,
+                    dst,
+                    dst_rs,
+                    accumulate,
+                    lhs,
+                    lhs_rs,
+                ),
+                Self::Bf16(w) => small::product(
+                    m,
+                    kn,
+                    nc,
+                    w[at..].as_ptr(),
+                    ld,
+                    dst,
+                    dst_rs,
+                    accumulate,
+                    lhs,
+                    lhs_rs,
+                ),
+                Self::F16(w) => small::product(
+                    m,
+                    kn,
+                    nc,
+                    w[at..].as_ptr(),
+                    ld,
+                    dst,
+                    dst_rs,
+                    accumulate,
+                    lhs,
+                    lhs_rs,
+                ),
+                Self::Int8(_) => unreachable!(),
+            }
+            return;
+        }
         match self {
             Self::F32(w) => gemm_into(
                 m,

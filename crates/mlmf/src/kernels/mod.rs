@@ -26,6 +26,7 @@ pub(crate) mod int8;
 pub(crate) mod linear;
 pub(crate) mod math;
 pub(crate) mod norm;
+pub(crate) mod small;
 pub(crate) mod tensor;
 
 pub(crate) use attention::{attend_rows, attention, cross_attention, Bias, Rows, SCRATCH};

@@ -14,6 +14,7 @@ mod fusion;
 mod model;
 mod patches;
 mod preprocess;
+mod quant;
 mod serve;
 mod train;
 
@@ -102,6 +103,7 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     aligned::register(m)?;
     train::register(m)?;
     serve::register(m)?;
+    quant::register(m)?;
     m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
     Ok(())
 }
