@@ -165,17 +165,8 @@ impl Checkpoint {
         if view.dtype() != safetensors::Dtype::F32 {
             return Ok(None);
         }
-        if view.shape() != shape {
-            return Err(err(format!(
-                "weight `{name}` has shape {:?}, expected {shape:?} from config.json",
-                view.shape()
-            )));
-        }
+        let bytes = self.matrix_bytes(name, &view, shape, 4)?;
         let [r, c] = shape;
-        let bytes = view.data();
-        if bytes.len() != r * c * 4 {
-            return Err(err(format!("weight `{name}`: truncated data")));
-        }
         let out = crate::kernels::transpose_le_bytes(bytes, r, c);
         Tensor::from_vec(out, (c, r), &Device::Cpu)
             .map(Some)
@@ -206,17 +197,8 @@ impl Checkpoint {
                 view.dtype()
             )));
         }
-        if view.shape() != shape {
-            return Err(err(format!(
-                "weight `{name}` has shape {:?}, expected {shape:?} from config.json",
-                view.shape()
-            )));
-        }
+        let bytes = self.matrix_bytes(name, &view, shape, 1)?;
         let [r, c] = shape;
-        let bytes = view.data();
-        if bytes.len() != r * c {
-            return Err(err(format!("weight `{name}`: truncated data")));
-        }
         let mut out = vec![0i8; r * c];
         for (i, row) in bytes.chunks_exact(c).enumerate() {
             for (j, &b) in row.iter().enumerate() {
@@ -224,6 +206,28 @@ impl Checkpoint {
             }
         }
         Ok(out)
+    }
+
+    /// The data of the matrix `view` (`name`), checked to be `shape` with `elem` bytes
+    /// per value.
+    fn matrix_bytes<'v>(
+        &self,
+        name: &str,
+        view: &'v safetensors::tensor::TensorView<'_>,
+        shape: [usize; 2],
+        elem: usize,
+    ) -> Result<&'v [u8]> {
+        if view.shape() != shape {
+            return Err(self.error(format!(
+                "weight `{name}` has shape {:?}, expected {shape:?} from config.json",
+                view.shape()
+            )));
+        }
+        let bytes = view.data();
+        if bytes.len() != shape[0] * shape[1] * elem {
+            return Err(self.error(format!("weight `{name}`: truncated data")));
+        }
+        Ok(bytes)
     }
 
     /// A [`ModelLoad`](MlmfError::ModelLoad) error about this checkpoint.

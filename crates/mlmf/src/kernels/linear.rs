@@ -76,43 +76,26 @@ impl<'a> WeightRef<'a> {
         let small = small::available() && m <= rows && nc.is_multiple_of(16) && nc > 0;
         if small {
             let at = k0 * ld + cols.start;
+            macro_rules! tile {
+                ($w:expr) => {
+                    small::product(
+                        m,
+                        kn,
+                        nc,
+                        $w[at..].as_ptr(),
+                        ld,
+                        dst,
+                        dst_rs,
+                        accumulate,
+                        lhs,
+                        lhs_rs,
+                    )
+                };
+            }
             match self {
-                Self::F32(w) => small::product(
-                    m,
-                    kn,
-                    nc,
-                    w[at..].as_ptr(),
-                    ld,
-                    dst,
-                    dst_rs,
-                    accumulate,
-                    lhs,
-                    lhs_rs,
-                ),
-                Self::Bf16(w) => small::product(
-                    m,
-                    kn,
-                    nc,
-                    w[at..].as_ptr(),
-                    ld,
-                    dst,
-                    dst_rs,
-                    accumulate,
-                    lhs,
-                    lhs_rs,
-                ),
-                Self::F16(w) => small::product(
-                    m,
-                    kn,
-                    nc,
-                    w[at..].as_ptr(),
-                    ld,
-                    dst,
-                    dst_rs,
-                    accumulate,
-                    lhs,
-                    lhs_rs,
-                ),
+                Self::F32(w) => tile!(w),
+                Self::Bf16(w) => tile!(w),
+                Self::F16(w) => tile!(w),
                 Self::Int8(_) => unreachable!(),
             }
             return;
