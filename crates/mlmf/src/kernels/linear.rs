@@ -100,6 +100,22 @@ impl<'a> WeightRef<'a> {
             }
             return;
         }
+        macro_rules! widened {
+            ($w:expr) => {
+                gemm_half(
+                    m,
+                    kn,
+                    cols,
+                    &$w[k0 * ld..],
+                    ld,
+                    dst,
+                    dst_rs,
+                    accumulate,
+                    lhs,
+                    lhs_rs,
+                )
+            };
+        }
         match self {
             Self::F32(w) => gemm_into(
                 m,
@@ -116,30 +132,8 @@ impl<'a> WeightRef<'a> {
                 1,
                 1.0,
             ),
-            Self::Bf16(w) => gemm_half(
-                m,
-                kn,
-                cols,
-                &w[k0 * ld..],
-                ld,
-                dst,
-                dst_rs,
-                accumulate,
-                lhs,
-                lhs_rs,
-            ),
-            Self::F16(w) => gemm_half(
-                m,
-                kn,
-                cols,
-                &w[k0 * ld..],
-                ld,
-                dst,
-                dst_rs,
-                accumulate,
-                lhs,
-                lhs_rs,
-            ),
+            Self::Bf16(w) => widened!(w),
+            Self::F16(w) => widened!(w),
             Self::Int8(_) => unreachable!("int8 maps run in kernels::int8"),
         }
     }
