@@ -26,7 +26,7 @@ pub(crate) struct Placement {
     /// Bytes of the weights loaded so far (every tensor read through [`Weights`] and
     /// every linear map, in the format it is kept in).
     pub bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Receives the name of every linear weight quantised at load.
+    /// Receives the name of every linear weight an int8 load quantises.
     pub record: Option<Record>,
 }
 
@@ -201,6 +201,10 @@ impl Linear {
                 .tensor(&wname, &[out_dim, in_dim], place.dtype, &place.device)?;
             return Self::from_parts(weight, load_bias()?).map(counted);
         }
+        // A map int8 quantises (whatever this load's precision).
+        if let Some(Ok(mut r)) = place.record.as_ref().map(|r| r.lock()) {
+            r.push(wname.clone());
+        }
         // W^T in float32, straight from the mapped file when it is stored so.
         let wt = match w.ckpt.tensor_transposed(&wname, [out_dim, in_dim])? {
             Some(wt) => wt,
@@ -222,9 +226,6 @@ impl Linear {
                 let data: Vec<f32> = wt.flatten_all().and_then(|t| t.to_vec1()).map_err(f)?;
                 let (codes, scales) =
                     crate::kernels::int8::quantize_columns(&data, in_dim, out_dim);
-                if let Some(Ok(mut r)) = place.record.as_ref().map(|r| r.lock()) {
-                    r.push(wname.clone());
-                }
                 let m =
                     crate::kernels::int8::Int8Matrix::from_codes(&codes, scales, in_dim, out_dim)
                         .map_err(|e| w.ckpt.error(format!("weight `{wname}`: {e}")))?;

@@ -26,7 +26,7 @@ pub struct LoadRequest<'a> {
     pub precision: Precision,
     /// Weight bytes loaded (see [`crate::encoders::layers::Placement::bytes`]).
     pub(crate) bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Receives the names of the linear weights quantised at load
+    /// Receives the names of the linear weights an int8 load quantises
     /// ([`crate::quant`] asks which weights are linear maps).
     pub(crate) record: Option<crate::encoders::layers::Record>,
 }

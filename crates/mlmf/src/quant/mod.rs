@@ -41,7 +41,8 @@ fn err(path: &Path, message: impl Into<String>) -> MlmfError {
     MlmfError::model_load(WHAT, path, message)
 }
 
-/// The linear weights the encoders of `ckpt` quantise when loaded in int8 (every
+/// The linear weights the encoders of `ckpt` quantise when loaded in int8, learnt from
+/// a float32 load (every
 /// tower: the natural one, then text, image and audio where the checkpoint has them).
 fn linear_weights(ckpt: &Checkpoint) -> Result<BTreeSet<String>> {
     let mut names = BTreeSet::new();
@@ -57,7 +58,8 @@ fn linear_weights(ckpt: &Checkpoint) -> Result<BTreeSet<String>> {
             checkpoint: ckpt,
             modality,
             device: Device::Cpu,
-            precision: Precision::Int8,
+            // float32: the names are the same, without quantising every weight.
+            precision: Precision::F32,
             bytes: Default::default(),
             record: Some(record.clone()),
         };
