@@ -19,7 +19,6 @@ use rayon::prelude::*;
 use crate::encoders::layers::LinearWeight;
 use crate::encoders::layers::{ce, AttnBias, EncoderLayer, LayerNorm, Linear};
 use crate::error::{MlmfError, Result};
-use crate::kernels::int8::Int8Matrix;
 use crate::kernels::{
     attention, is_plain_f32, is_plain_weight, layer_norm, linear, slice, tanh, weight_data,
     with_slices, Activation, Bias, Lin, WeightRef,
@@ -36,29 +35,30 @@ impl Linear {
         [self.dense(), self.bias.as_ref()]
     }
 
-    /// The int8 weight, when the map is int8.
-    fn int8(&self) -> Option<&Int8Matrix> {
+    /// The weight when it is not a tensor (panels, int8).
+    pub(crate) fn owned(&self) -> Option<WeightRef<'_>> {
         match &self.weight {
-            LinearWeight::Int8(m) => Some(m),
+            LinearWeight::Panels(p) => Some(WeightRef::Panel(p)),
+            LinearWeight::Int8(m) => Some(WeightRef::Int8(m)),
             LinearWeight::Dense(_) => None,
         }
     }
 
-    /// Whether this map runs here: `W^T` stored as a float32, 16-bit or int8 CPU
-    /// weight, a float32 CPU bias.
+    /// Whether this map runs here: `W^T` stored as panels, int8, or a float32 or
+    /// 16-bit CPU tensor, and a float32 CPU bias.
     fn runs_here(&self) -> bool {
         let weight = match &self.weight {
             LinearWeight::Dense(w) => self.transposed && is_plain_weight(w),
-            LinearWeight::Int8(_) => true,
+            LinearWeight::Panels(_) | LinearWeight::Int8(_) => true,
         };
         weight && self.bias.as_ref().is_none_or(is_plain_f32)
     }
 
     /// The map's weight and bias from the slots [`with_slices`] gave for
-    /// [`Linear::tensors`] (an int8 weight has no slot).
+    /// [`Linear::tensors`] (panels and int8 have no slot).
     fn lin<'g>(&'g self, w: Option<WeightRef<'g>>, b: Option<WeightRef<'g>>) -> Option<Lin<'g>> {
-        let w = match self.int8() {
-            Some(m) => WeightRef::Int8(m),
+        let w = match self.owned() {
+            Some(w) => w,
             None => w?,
         };
         let b = match (&self.bias, b) {
@@ -658,17 +658,44 @@ mod tests {
         // at 300 rows the widened blocks and the general kernel.
         let (d, heads, inter) = (64, 4, 96);
         let layer = random_layer(11, d, heads, inter, true);
+        // W^T as float32 `[k, n]`.
+        let wt = |l: &Linear| -> (Vec<f32>, usize, usize) {
+            let w = l.weight_out_in().unwrap();
+            let (n, k) = w.dims2().unwrap();
+            let data = w.t().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            (data, k, n)
+        };
+        // 16-bit W^T held contiguous (maps whose width is not a multiple of 16) ...
         let sixteen = |dt: DType| {
-            converted(&layer, |l| Linear {
-                weight: LinearWeight::Dense(l.dense().unwrap().to_dtype(dt).unwrap()),
-                bias: l.bias.clone(),
-                transposed: true,
+            converted(&layer, |l| {
+                let (data, k, n) = wt(l);
+                let t = Tensor::from_vec(data, (k, n), &Device::Cpu).unwrap();
+                Linear {
+                    weight: LinearWeight::Dense(t.to_dtype(dt).unwrap()),
+                    bias: l.bias.clone(),
+                    transposed: true,
+                }
             })
         };
+        // ... and as panels.
+        let panels = |dt: DType| {
+            converted(&layer, |l| {
+                use crate::kernels::panel::Panels;
+                let (data, k, n) = wt(l);
+                let p = match dt {
+                    DType::BF16 => Panels::bf16(&data, k, n),
+                    _ => Panels::f16(&data, k, n),
+                };
+                Linear {
+                    weight: LinearWeight::Panels(std::sync::Arc::new(p)),
+                    bias: l.bias.clone(),
+                    transposed: true,
+                }
+            })
+        };
+        assert!(matches!(layer.fc1.weight, LinearWeight::Panels(_)));
         let int8 = converted(&layer, |l| {
-            let wt = l.dense().unwrap();
-            let (k, n) = wt.dims2().unwrap();
-            let data: Vec<f32> = wt.flatten_all().unwrap().to_vec1().unwrap();
+            let (data, k, n) = wt(l);
             Linear {
                 weight: LinearWeight::Int8(std::sync::Arc::new(Int8Matrix::quantize(&data, k, n))),
                 bias: l.bias.clone(),
@@ -697,6 +724,8 @@ mod tests {
             for (name, l, tol) in [
                 ("bf16", sixteen(DType::BF16), 2e-2),
                 ("f16", sixteen(DType::F16), 5e-3),
+                ("bf16 panels", panels(DType::BF16), 2e-2),
+                ("f16 panels", panels(DType::F16), 5e-3),
                 ("int8", int8.clone(), 5e-2),
             ] {
                 let got = run_layers(std::slice::from_ref(&l), &x, &None)

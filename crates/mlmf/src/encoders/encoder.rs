@@ -211,6 +211,11 @@ impl Encoder {
                 "expected at least one item, got an empty batch",
             ));
         }
+        if self.model.device().is_cpu() {
+            // A layer stack is dozens of short parallel regions: keep the pool's
+            // workers polling between them rather than waking them for each.
+            return crate::pool::with_awake_pool(|| self.model.encode(input));
+        }
         self.model.encode(input)
     }
 

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::encoders::checkpoint::Checkpoint;
 use crate::encoders::config::Cfg;
 use crate::error::{MlmfError, Result};
+use crate::kernels::panel::Panels;
 
 pub(crate) use crate::error::ce;
 
@@ -127,10 +128,11 @@ impl<'a> Weights<'a> {
 
 /// `y = x W^T + b`, `W` given `[out, in]` as in PyTorch.
 ///
-/// Float32 CPU maps keep `W^T` (`[in, out]`, contiguous) instead: the matrix kernels
-/// then read the weight in the order they consume it, without repacking it on every
-/// call (see [`crate::kernels::linear`]). 16-bit CPU maps keep `W^T` in 16 bits, and
-/// int8 maps their packed codes and scales ([`crate::kernels::int8`]).
+/// CPU maps loaded from a checkpoint keep `W^T` instead, in float32 or 16 bits: as
+/// 16-column panels when the output width is a multiple of 16 (the layout the tile
+/// reads, packed once here rather than on every call; [`crate::kernels::panel`]), else
+/// contiguous `[in, out]`. Int8 maps keep their packed codes and scales
+/// ([`crate::kernels::int8`]).
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
     pub(crate) weight: LinearWeight,
@@ -144,6 +146,9 @@ pub(crate) struct Linear {
 pub(crate) enum LinearWeight {
     /// `[out, in]`, or `[in, out]` when the map is `transposed`.
     Dense(Tensor),
+    /// `W^T` in float32 or 16 bits, as 16-column panels (CPU maps whose output width is
+    /// a multiple of 16).
+    Panels(std::sync::Arc<crate::kernels::panel::Panels>),
     /// Per-channel int8 codes of `W^T`, packed, with their scales.
     Int8(std::sync::Arc<crate::kernels::int8::Int8Matrix>),
 }
@@ -218,6 +223,20 @@ impl Linear {
         };
         let f = ce("linear weight");
         let bias = load_bias()?;
+        if place.precision != Precision::Int8 && Panels::fits(out_dim) {
+            let data: Vec<f32> = wt.flatten_all().and_then(|t| t.to_vec1()).map_err(f)?;
+            let (k, n) = (in_dim, out_dim);
+            let p = match place.precision {
+                Precision::BF16 => Panels::bf16(&data, k, n),
+                Precision::F16 => Panels::f16(&data, k, n),
+                _ => Panels::f32(&data, k, n),
+            };
+            return Ok(counted(Self {
+                weight: LinearWeight::Panels(std::sync::Arc::new(p)),
+                bias,
+                transposed: true,
+            }));
+        }
         let lin = match place.precision {
             Precision::F32 => dense(wt, bias),
             Precision::BF16 => dense(wt.to_dtype(DType::BF16).map_err(f)?, bias),
@@ -286,9 +305,22 @@ impl Linear {
         })
     }
 
-    /// A linear map from an already loaded `[out, in]` weight.
+    /// A linear map from an already loaded `[out, in]` weight: on the CPU in float32,
+    /// `W^T` as panels (or contiguous when the output width is not a multiple of 16).
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         if let Some(weight) = crate::kernels::transpose(&weight)? {
+            let (k, n) = weight.dims2().map_err(ce("linear weight"))?;
+            if weight.dtype() == DType::F32 && Panels::fits(n) {
+                let data: Vec<f32> = weight
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1())
+                    .map_err(ce("linear weight"))?;
+                return Ok(Self {
+                    weight: LinearWeight::Panels(std::sync::Arc::new(Panels::f32(&data, k, n))),
+                    bias,
+                    transposed: true,
+                });
+            }
             return Ok(Self {
                 weight: LinearWeight::Dense(weight),
                 bias,
@@ -302,11 +334,11 @@ impl Linear {
         })
     }
 
-    /// The dense weight tensor (`None` for int8).
+    /// The dense weight tensor (`None` for panels and int8).
     pub fn dense(&self) -> Option<&Tensor> {
         match &self.weight {
             LinearWeight::Dense(t) => Some(t),
-            LinearWeight::Int8(_) => None,
+            LinearWeight::Panels(_) | LinearWeight::Int8(_) => None,
         }
     }
 
@@ -315,6 +347,7 @@ impl Linear {
         let t = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
         let w = match &self.weight {
             LinearWeight::Dense(d) => t(d),
+            LinearWeight::Panels(p) => p.bytes() as u64,
             LinearWeight::Int8(m) => m.bytes() as u64,
         };
         w + self.bias.as_ref().map_or(0, t)
@@ -326,6 +359,7 @@ impl Linear {
         Ok(Self {
             weight: match &self.weight {
                 LinearWeight::Dense(w) => LinearWeight::Dense((w * f64::from(s)).map_err(&f)?),
+                LinearWeight::Panels(p) => LinearWeight::Panels(std::sync::Arc::new(p.scaled(s))),
                 LinearWeight::Int8(m) => LinearWeight::Int8(std::sync::Arc::new(m.scaled(s))),
             },
             bias: self
@@ -346,6 +380,12 @@ impl Linear {
                 .and_then(|w| w.contiguous())
                 .map_err(ce("linear weight")),
             LinearWeight::Dense(w) => Ok(w.clone()),
+            LinearWeight::Panels(p) => {
+                let wt = Tensor::from_vec(p.to_f32(), (p.rows(), p.cols()), &Device::Cpu)
+                    .and_then(|w| w.to_dtype(p.dtype()));
+                wt.and_then(|w| w.t()?.contiguous())
+                    .map_err(ce("linear weight"))
+            }
             LinearWeight::Int8(_) => Err(MlmfError::Internal(
                 "an int8 linear map keeps packed codes only; its float weight is not kept".into(),
             )),
@@ -356,6 +396,7 @@ impl Linear {
     pub fn out_dim(&self) -> Result<usize> {
         match &self.weight {
             LinearWeight::Dense(w) => w.dim(usize::from(self.transposed)).map_err(ce("linear")),
+            LinearWeight::Panels(p) => Ok(p.cols()),
             LinearWeight::Int8(m) => Ok(m.cols()),
         }
     }
@@ -367,15 +408,19 @@ impl Linear {
         let f = ce("linear");
         let weight = match &self.weight {
             LinearWeight::Dense(w) => w,
-            LinearWeight::Int8(_) => {
-                // The int8 kernel reads contiguous float32 CPU rows.
+            LinearWeight::Panels(_) | LinearWeight::Int8(_) => {
+                // The CPU kernels read contiguous float32 CPU rows.
                 let x32 = x
                     .to_device(&Device::Cpu)
                     .and_then(|x| x.to_dtype(DType::F32))
                     .and_then(|x| x.contiguous())
                     .map_err(&f)?;
-                return crate::encoders::cpu::linear_forward(self, &x32)?
-                    .ok_or_else(|| MlmfError::Internal("int8 linear: input".into()));
+                let y = crate::encoders::cpu::linear_forward(self, &x32)?
+                    .ok_or_else(|| MlmfError::Internal("linear: input".into()))?;
+                return y
+                    .to_device(x.device())
+                    .and_then(|y| y.to_dtype(x.dtype()))
+                    .map_err(f);
             }
         };
         let dims = x.dims().to_vec();

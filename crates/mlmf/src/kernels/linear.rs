@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::half::gemm_half;
 use super::int8::Int8Matrix;
+use super::panel::{self, Panels};
 use super::small;
 use super::{gemm_into, Activation, Dst};
 
@@ -26,6 +27,8 @@ pub(crate) enum WeightRef<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
     F16(&'a [f16]),
+    /// Stored as 16-column panels ([`super::panel`]).
+    Panel(&'a Panels),
     Int8(&'a Int8Matrix),
 }
 
@@ -44,6 +47,7 @@ impl<'a> WeightRef<'a> {
             Self::F32(w) => w.len(),
             Self::Bf16(w) => w.len(),
             Self::F16(w) => w.len(),
+            Self::Panel(w) => w.rows() * w.cols(),
             Self::Int8(w) => w.rows() * w.cols(),
         }
     }
@@ -66,12 +70,16 @@ impl<'a> WeightRef<'a> {
         lhs: *const f32,
         lhs_rs: usize,
     ) {
+        if let Self::Panel(p) = self {
+            panel_product(p, m, (k0, kn), cols, dst, dst_rs, accumulate, lhs, lhs_rs);
+            return;
+        }
         // A few rows over whole 16-column panels: the tile reads the weight in place.
         let nc = cols.len();
         let rows = match self {
             Self::F32(_) => small::MAX_ROWS_F32,
             Self::Bf16(_) | Self::F16(_) => small::MAX_ROWS_HALF,
-            Self::Int8(_) => 0,
+            Self::Int8(_) | Self::Panel(_) => 0,
         };
         let small = small::available() && m <= rows && nc.is_multiple_of(16) && nc > 0;
         if small {
@@ -96,7 +104,7 @@ impl<'a> WeightRef<'a> {
                 Self::F32(w) => tile!(w),
                 Self::Bf16(w) => tile!(w),
                 Self::F16(w) => tile!(w),
-                Self::Int8(_) => unreachable!(),
+                Self::Int8(_) | Self::Panel(_) => unreachable!(),
             }
             return;
         }
@@ -135,6 +143,44 @@ impl<'a> WeightRef<'a> {
             Self::Bf16(w) => widened!(w),
             Self::F16(w) => widened!(w),
             Self::Int8(_) => unreachable!("int8 maps run in kernels::int8"),
+            Self::Panel(_) => unreachable!("panels return above"),
+        }
+    }
+}
+
+/// [`Panels::product`] for any column range: one that does not start and end on panel
+/// boundaries (a part after one whose width is not a multiple of 16) is computed over
+/// the panels covering it and copied.
+///
+/// # Safety
+/// As [`WeightRef::product`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_product(
+    p: &Panels,
+    m: usize,
+    span: (usize, usize),
+    cols: std::ops::Range<usize>,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+) {
+    let w = panel::WIDTH;
+    if cols.start.is_multiple_of(w) && cols.end.is_multiple_of(w) {
+        p.product(m, span, cols, dst, dst_rs, accumulate, lhs, lhs_rs);
+        return;
+    }
+    let (a, b) = (cols.start / w * w, cols.end.next_multiple_of(w));
+    let mut tmp = vec![0f32; m * (b - a)];
+    p.product(m, span, a..b, tmp.as_mut_ptr(), b - a, false, lhs, lhs_rs);
+    for (i, t) in tmp.chunks_exact(b - a).enumerate() {
+        let row = std::slice::from_raw_parts_mut(dst.add(i * dst_rs), cols.len());
+        let t = &t[cols.start - a..cols.end - a];
+        if accumulate {
+            row.iter_mut().zip(t).for_each(|(d, v)| *d += v);
+        } else {
+            row.copy_from_slice(t);
         }
     }
 }
@@ -148,6 +194,7 @@ pub(crate) struct Lin<'a> {
 
 impl<'a> Lin<'a> {
     /// A float32 map.
+    #[cfg(test)]
     pub(crate) fn f32(w: &'a [f32], b: Option<&'a [f32]>) -> Self {
         Self {
             w: WeightRef::F32(w),
@@ -519,5 +566,86 @@ mod tests {
                 assert!(dst[i * rs + total..(i + 1) * rs].iter().all(|&v| v == 2.0));
             }
         });
+    }
+
+    /// Panel weights beside a dense part whose width is not a multiple of 16 (so the
+    /// next panel part starts off a panel boundary), at row counts that take one tile,
+    /// several, and the column, row and inner-dimension splits, on three threads.
+    #[test]
+    fn panel_parts_equal_the_direct_product() {
+        let k = 530;
+        let widths = [48usize, 20, 32];
+        let ws: Vec<Vec<f32>> = widths
+            .iter()
+            .enumerate()
+            .map(|(p, &n)| {
+                (0..k * n)
+                    .map(|i| (((i + 3 * p) * 7 % 13) as f32 - 6.0) * 0.01)
+                    .collect()
+            })
+            .collect();
+        let bs: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|&n| (0..n).map(|j| j as f32 * 0.01 - 0.2).collect())
+            .collect();
+        let panels = [
+            Panels::f32(&ws[0], k, widths[0]),
+            Panels::bf16(&ws[2], k, widths[2]),
+        ];
+        let parts = [
+            Lin {
+                w: WeightRef::Panel(&panels[0]),
+                b: Some(&bs[0]),
+            },
+            Lin::f32(&ws[1], Some(&bs[1])),
+            Lin {
+                w: WeightRef::Panel(&panels[1]),
+                b: Some(&bs[2]),
+            },
+        ];
+        // The bfloat16 part's weights as the kernel sees them.
+        let w2: Vec<f32> = ws[2]
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let total: usize = widths.iter().sum();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for m in [1, 5, 50, 130] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1)
+                .collect();
+            let want = |i: usize, col: usize| -> f32 {
+                let (p, j) = match col {
+                    c if c < 48 => (0, c),
+                    c if c < 68 => (1, c - 48),
+                    c => (2, c - 68),
+                };
+                let w = if p == 2 { &w2 } else { &ws[p] };
+                bs[p][j]
+                    + (0..k)
+                        .map(|kk| x[i * k + kk] * w[kk * widths[p] + j])
+                        .sum::<f32>()
+            };
+            pool.install(|| {
+                let rs = total + 5;
+                let mut dst = vec![1f32; m * rs];
+                linear(&x, m, k, &parts, &mut dst, rs, true, None);
+                let mut act = vec![0f32; m * total];
+                let relu = Some(Activation::Relu);
+                linear(&x, m, k, &parts, &mut act, total, false, relu);
+                for i in 0..m {
+                    for c in 0..total {
+                        let y = want(i, c);
+                        let got = dst[i * rs + c];
+                        assert!((got - 1.0 - y).abs() < 1e-4, "m {m} ({i}, {c})");
+                        assert!((act[i * total + c] - y.max(0.0)).abs() < 1e-4);
+                    }
+                    assert!(dst[i * rs + total..(i + 1) * rs].iter().all(|&v| v == 1.0));
+                }
+            });
+        }
     }
 }

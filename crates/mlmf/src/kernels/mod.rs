@@ -14,11 +14,14 @@
 //! - [`norm`]: layer norm over rows;
 //! - [`math`]: exp, erf, tanh and the activations as branch-free polynomials the
 //!   compiler vectorises, and sums with independent accumulators;
+//! - [`panel`]: weights stored as 16-column panels, the layout the tile reads;
 //! - [`tensor`]: borrowing the CPU storage of candle tensors, and transposing weights
 //!   at load so that the kernels read them in memory order.
 //!
-//! Float32 matrix products use the `gemm` crate's kernels (the ones candle's CPU
-//! backend calls) single-threaded inside each task.
+//! Linear maps loaded for the CPU keep `W^T` as panels and run on the 6 x 16 AVX2 tile
+//! of [`small`] at every row count; other float32 products (attention, weights built
+//! at run time) use the `gemm` crate's kernels (the ones candle's CPU backend calls)
+//! single-threaded inside each task.
 
 pub(crate) mod attention;
 pub(crate) mod half;
@@ -26,6 +29,7 @@ pub(crate) mod int8;
 pub(crate) mod linear;
 pub(crate) mod math;
 pub(crate) mod norm;
+pub(crate) mod panel;
 pub(crate) mod small;
 pub(crate) mod tensor;
 

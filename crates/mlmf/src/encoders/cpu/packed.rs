@@ -126,24 +126,30 @@ fn with_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option
     slices.map(|s| f(&s))
 }
 
-/// The tensors of a linear map that runs here: `W^T`, then the bias when it has one.
+/// The tensors of a linear map that runs here: `W^T` (unless it is held as panels or
+/// int8), then the bias when it has one.
 fn push_linear<'t>(lin: &'t Linear, out: &mut Vec<&'t Tensor>) -> Option<()> {
     if !lin.runs_here() {
         return None;
     }
-    out.push(lin.dense()?);
+    if lin.owned().is_none() {
+        out.push(lin.dense()?);
+    }
     out.extend(lin.bias.as_ref());
     Some(())
 }
 
 /// Reads back what [`push_linear`] pushed.
-fn take_linear<'a>(lin: &Linear, s: &mut impl Iterator<Item = &'a [f32]>) -> Option<Lin<'a>> {
-    let w = s.next()?;
+fn take_linear<'a>(lin: &'a Linear, s: &mut impl Iterator<Item = &'a [f32]>) -> Option<Lin<'a>> {
+    let w = match lin.owned() {
+        Some(w) => w,
+        None => WeightRef::F32(s.next()?),
+    };
     let b = match lin.bias {
         Some(_) => Some(s.next()?),
         None => None,
     };
-    Some(Lin::f32(w, b))
+    Some(Lin { w, b })
 }
 
 fn push_norm<'t>(n: &'t LayerNorm, out: &mut Vec<&'t Tensor>) {
