@@ -189,6 +189,42 @@ def cosines(a: Any, b: Any) -> tuple[float, float]:
     return float(cos.mean()), float(cos.min())
 
 
+# Run in a fresh interpreter by `resident`: the resident memory (VmRSS, MiB) that
+# loading an encoder in one dtype and one call on the row's inputs add to the process.
+_RESIDENT = """
+import pickle, sys
+def rss():
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+import mlmf
+path, modality, dtype, feed = sys.argv[1:5]
+base = rss()
+enc = mlmf.Encoder.from_pretrained(path, modality=modality, dtype=dtype)
+with open(feed, "rb") as f:
+    enc.encode(pickle.load(f))
+print(rss() - base)
+"""
+
+
+def resident(path: Any, modality: str, dtype: str, inputs: Any, workdir: Path) -> str:
+    """`_RESIDENT` in a subprocess: "123.4 MiB", or why it could not be measured."""
+    import pickle
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        return "not measured (no /proc)"
+    feed = workdir / "resident_inputs.pkl"
+    with open(feed, "wb") as f:
+        pickle.dump(inputs, f)
+    args = [sys.executable, "-c", _RESIDENT, str(path), modality, dtype, str(feed)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return f"not measured ({out.stderr.strip().splitlines()[-1][:120]})"
+    return f"{float(out.stdout.split()[-1]):.0f} MiB"
+
+
 def _ort_int8(src: Path, dst: Path) -> None:
     """ONNX Runtime's dynamic int8 quantisation of an exported model: int8 weights per
     output channel, 7-bit (`reduce_range`, as on CPUs without VNNI), activations
@@ -402,13 +438,15 @@ class Encoders(harness.Suite):
             d: e.weight_bytes / 2**20
             for d, e in (("float32", f32), ("bfloat16", bf16), ("int8", i8))
         }
+        rss = {d: resident(f32.path, str(f32.modality), d, mlmf_in, self.dir) for d in mib}
         short = workload.split(",")[0]
         self.notes.append(
             f"{short} ({key}): pooled cosine to float32 over the row's {items} input(s), "
             f"mean / worst: int8 {cos['int8'][0]:.5f} / {cos['int8'][1]:.5f}, bfloat16 "
             f"{cos['bfloat16'][0]:.6f} / {cos['bfloat16'][1]:.6f}; weights in memory: "
             + ", ".join(f"{d} {v:.1f} MiB" for d, v in mib.items())
-            + "."
+            + "; process memory added by the load and one call (VmRSS, a fresh process "
+            "each): " + ", ".join(f"{d} {v}" for d, v in rss.items()) + "."
         )
         # int8 at least as fast as float32 where the product is compute-bound, 1.3x at
         # batch 1 (weights stream from memory), and faster than ONNX Runtime int8.

@@ -1,7 +1,9 @@
 //! 16-bit weights (bfloat16, float16) on the float32 kernels.
 //!
-//! A 16-bit weight stays 16-bit in memory (half the resident bytes of float32). Each
-//! matrix product widens the block of `W^T` it is about to read into a float32 scratch
+//! A 16-bit weight stays 16-bit in memory (half the resident bytes of float32). Maps
+//! stored as panels widen in the tile's registers ([`super::small`]); for a map kept as
+//! a contiguous `W^T` (its width not a multiple of 16), each matrix product with many
+//! rows widens the block of `W^T` it is about to read into a float32 scratch
 //! of at most [`CHUNK`] values, a few hundred rows at a time, and runs the float32
 //! kernel on it; activations, accumulation and the output stay float32. The widening
 //! is a shift (bfloat16) or the F16C conversion (float16) over data that the product

@@ -211,8 +211,9 @@ fn quantize_rows(
             1.0
         };
         let inv = 1.0 / scale;
+        // Ties to even (`vroundps`, vectorised; `round` is not).
         for (d, &v) in qr.iter_mut().zip(xr) {
-            *d = (v.mul_add(inv, 128.0)).round().clamp(1.0, 255.0) as u8;
+            *d = (v.mul_add(inv, 128.0)).round_ties_even().clamp(1.0, 255.0) as u8;
         }
         *s = scale;
         *z = 128;

@@ -1,15 +1,17 @@
-//! Matrix products of a few rows (batch-1 inputs: 12 to 64 tokens) that read the
-//! weight where it lies.
+//! The 6 x 16 AVX2 register tile under the CPU linear maps.
 //!
-//! A general kernel (the `gemm` crate's) first copies the block of `W^T` it is about to
-//! use into a packed buffer. With many rows that copy is paid back many times; with a
-//! few rows it is a large share of the work (at 50 rows, about a third of a CLIP
-//! ViT-B/32 MLP product). Here a 6 x 16 register tile reads its 16 columns of `W^T`
-//! straight from the weight, one 64-byte line per row of `W^T` (32 bytes for 16-bit
-//! weights, widened in registers: a shift for bfloat16, `vcvtph2ps` for float16), and
-//! the six rows of `x` as broadcasts: nothing is copied, and 16-bit weights cost no
-//! extra pass. The inner dimension goes in passes of 256 rows of `W^T`, so that a
-//! tile's block of the weight is read from memory once and from L1 by every row tile.
+//! The tile reads 16 columns of `W^T` per inner index (one 64-byte line in float32, 32
+//! bytes in 16 bits, widened in registers: a shift for bfloat16, `vcvtph2ps` for
+//! float16) and six rows of `x` as broadcasts, accumulating in twelve registers; the
+//! inner dimension goes in passes, so that the block of the weight a pass reads stays
+//! in cache while every row tile uses it. It reads `W^T` in one of two layouts:
+//!
+//! - [`product_panels`]: panels ([`super::panel`]), the layout CPU linear maps are
+//!   loaded in, at any row count (rows in blocks that stay in L2), prefetching the next
+//!   panel as it goes;
+//! - [`product`]: a row-major `W^T` read in place, for 16-bit maps kept contiguous (a
+//!   width that is not a multiple of 16 cut to its whole panels) and float32 products
+//!   of a few rows.
 //!
 //! The AVX2 + FMA tile is compiled in when the build targets those instructions (the
 //! default, x86-64-v3); elsewhere [`available`] is false and callers use the general
@@ -17,8 +19,9 @@
 
 use half::{bf16, f16};
 
-/// At most this many rows take the small-product kernel with 16-bit weights (which it
-/// widens in registers, where the general path widens a block first) ...
+/// At most this many rows take the tile with 16-bit weights widened in its registers;
+/// more rows widen a block of the weight first (panels: [`super::panel`]; contiguous
+/// `W^T`: [`super::half`]) ...
 pub(crate) const MAX_ROWS_HALF: usize = 64;
 /// ... and with float32 weights, where it gains only while the general kernel's copy
 /// of the block is a large share (measured single-threaded on this machine's Zen 2
