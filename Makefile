@@ -71,6 +71,42 @@ wheel-smoke: wheel ## install only the wheel into a fresh venv: import, one infe
 	cd $(SMOKE_VENV) && bin/python $(CURDIR)/scripts/smoke_wheel.py
 	cd $(SMOKE_VENV) && bin/mlmf demo --heatmap $(SMOKE_VENV)/demo-attention.png
 
+# --- CUDA -------------------------------------------------------------------------
+# The CUDA build compiles here without a GPU: nvcc, the runtime headers and CCCL come
+# from NVIDIA's PyPI wheels, installed into a cache folder. Pinned to CUDA 13.0, the
+# version of the GPU machine's toolkit and driver (580): PTX written by a newer nvcc
+# names a newer ISA version, which an older driver refuses to load. cudarc is told the
+# version (13000) instead of asking a driver, and candle's kernels are compiled for
+# compute capability 9.0 (H100/H200) instead of asking a GPU.
+# (CUDA 13 splits the toolkit: nvcc's headers under include/crt come in nvidia-cuda-crt,
+# its device compiler cicc in nvidia-nvvm; installed without dependencies, so each is pinned.)
+CUDA_WHEELS ?= nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
+	nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+CUDA_CACHE ?= $(CURDIR)/target/cuda-toolkit
+CUDA_ROOT_DIR := $(CUDA_CACHE)/nvidia/cu13
+CUDA_ENV = CUDA_ROOT=$(CUDA_ROOT_DIR) CUDA_PATH=$(CUDA_ROOT_DIR) CUDA_HOME=$(CUDA_ROOT_DIR) \
+	PATH=$(CUDA_ROOT_DIR)/bin:$$PATH CUDARC_CUDA_VERSION=13000 CUDA_COMPUTE_CAP=90 \
+	CARGO_TARGET_DIR=$(CURDIR)/target/cuda
+
+.PHONY: cuda-toolkit
+cuda-toolkit: $(PY) ## install the pinned CUDA 13.0 compiler wheels into target/cuda-toolkit
+	@test -x $(CUDA_ROOT_DIR)/nvvm/bin/cicc || { rm -rf $(CUDA_CACHE) && \
+	  $(PIP) install --quiet --no-deps --target $(CUDA_CACHE) $(CUDA_WHEELS); }
+	@$(CUDA_ENV) nvcc --version | tail -2
+
+.PHONY: check-cuda
+check-cuda: sysdeps cuda-toolkit ## clippy on the CUDA build: the core, its tests (tests/cuda.rs) and the Python extension
+	$(CUDA_ENV) cargo clippy --release -p mlmf --all-targets --features python,cuda -- -D warnings
+
+.PHONY: device-wheels
+device-wheels: $(PY) ## pytest's wheels for the GPU machine's Python 3.12 (no network there), into target/device-wheels
+	$(PIP) download --quiet --only-binary=:all: --no-deps --python-version 3.12 \
+	  -d target/device-wheels pytest pluggy iniconfig packaging
+
+.PHONY: device-check
+device-check: develop ## scripts/device_check.sh --device cpu: the GPU machine's check, run here on the CPU
+	scripts/device_check.sh --device cpu --quick --out $(CURDIR)/target/device-check
+
 .PHONY: test-torch
 test-torch: develop ## the mlmf.torch tests that need PyTorch, run with the reference venv's torch
 	test -x $(REFVENV)/bin/python || ($(PYTHON) -m venv $(REFVENV) && $(REFVENV)/bin/pip install -r scripts/requirements-ref.txt)

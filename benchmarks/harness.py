@@ -749,6 +749,8 @@ class Suite:
     plot_name: ClassVar[str] = ""  # file name of the plot next to --out, if any
     columns: ClassVar[Sequence[Column]] = ()  # the table (see line_table)
     closing: ClassVar[dict[str, Any]] = {}  # keyword arguments of closing_notes
+    # Options beyond the common ones: called with the argparse parser.
+    add_args: ClassVar[Optional[Callable[[argparse.ArgumentParser], None]]] = None
 
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
@@ -808,6 +810,7 @@ class Suite:
             cls.rounds_help,
             cls.quick_help,
             cls.min_times,
+            cls.add_args,
         )
         setup_torch(cls.torch_interop)
         start = Start()

@@ -39,13 +39,39 @@ impl DeviceSpec {
                             .into(),
                     });
                 }
-                candle_core::Device::new_cuda(*ordinal).map_err(|e| MlmfError::Device {
-                    device: self.to_string(),
-                    message: e.to_string(),
-                })
+                // cudarc loads the driver and runtime libraries when the first device
+                // opens, and panics when one is missing: that becomes a typed error.
+                let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(*ordinal));
+                match opened {
+                    Ok(device) => device.map_err(|e| MlmfError::Device {
+                        device: self.to_string(),
+                        message: e.to_string(),
+                    }),
+                    Err(panic) => Err(MlmfError::Device {
+                        device: self.to_string(),
+                        message: format!(
+                            "the CUDA driver or libraries could not be loaded ({}): this \
+                             needs the NVIDIA driver (libcuda.so.1) and the CUDA 13 runtime, \
+                             cuBLAS and cuRAND libraries on the library path, e.g. the \
+                             `lib` folders of the nvidia-cuda-runtime, nvidia-cublas and \
+                             nvidia-curand wheels in LD_LIBRARY_PATH (docs/encoders.md, \
+                             \"GPU\")",
+                            panic_message(&panic)
+                        ),
+                    }),
+                }
             }
         }
     }
+}
+
+/// The text of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "no message".into())
 }
 
 impl fmt::Display for DeviceSpec {
