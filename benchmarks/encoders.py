@@ -516,16 +516,7 @@ class Encoders(harness.Suite):
         model = synthetic.build_clip_vit_b32(path)
         enc = mlmf.Encoder.from_pretrained(path, modality="image")
 
-        class Tower(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.m = model
-
-            def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                out = self.m(pixel_values=pixel_values)
-                return out.image_embeds, out.last_hidden_state
-
-        tower = Tower().eval()
+        tower = synthetic.clip_image_tower(model)
         ip = mlmf.ImageProcessor()
         images = [synthetic.photo(480, 640, seed=i) for i in range(8)]
         rows = []
@@ -553,24 +544,13 @@ class Encoders(harness.Suite):
         encoder = model.get_encoder()
         del model
 
-        class AudioTower(torch.nn.Module):
-            """WhisperEncoder, and mlmf's pooled: the mean over the (all real) positions."""
-
-            def __init__(self) -> None:
-                super().__init__()
-                self.m = encoder
-
-            def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                hidden = self.m(input_features).last_hidden_state
-                return hidden.mean(dim=1), hidden
-
         ap = mlmf.AudioProcessor()
         feats = ap([synthetic.speech_like(30.0, 16000, seed=0)], sampling_rate=16000)[
             "input_features"
         ]
         feats = np.ascontiguousarray(feats, dtype=np.float32)
         workload = "Whisper-base encoder, 30 s (80x3000 log-mel), batch 1"
-        tower = AudioTower().eval()
+        tower = synthetic.whisper_audio_tower(encoder)
         parts = (enc, feats, tower, (torch.from_numpy(feats),), ["input_features"])
         return self._row("whisper", workload, 1, 7, *parts)
 

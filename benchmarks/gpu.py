@@ -164,22 +164,13 @@ class Gpu(harness.Suite):
         path = self.dir / "clip_vit_b32"
         model = synthetic.build_clip_vit_b32(path)
 
-        class Tower(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.m = model
-
-            def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                out = self.m(pixel_values=pixel_values)
-                return out.image_embeds, out.last_hidden_state
-
         def inputs(b: int) -> tuple[Any, tuple]:
             rng = np.random.default_rng(SEED)
             px = rng.standard_normal((b, 3, 224, 224)).astype(np.float32)
             return px, (torch.from_numpy(px),)
 
         label = "CLIP ViT-B/32 image tower 224x224"
-        return self._rows("clip", label, path, "image", Tower(), inputs)
+        return self._rows("clip", label, path, "image", synthetic.clip_image_tower(model), inputs)
 
     def whisper(self) -> list[Row]:
         import torch
@@ -189,22 +180,14 @@ class Gpu(harness.Suite):
         model = synthetic.random_checkpoint(WhisperModel, WhisperConfig(**WHISPER_BASE), path)
         encoder = model.get_encoder()
 
-        class Tower(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.m = encoder
-
-            def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                hidden = self.m(input_features).last_hidden_state
-                return hidden.mean(dim=1), hidden
-
         def inputs(b: int) -> tuple[Any, tuple]:
             rng = np.random.default_rng(SEED)
             feats = rng.standard_normal((b, 80, 3000)).astype(np.float32) * 0.5
             return feats, (torch.from_numpy(feats),)
 
         label = "Whisper-base encoder, 30 s"
-        return self._rows("whisper", label, path, "audio", Tower(), inputs)
+        tower = synthetic.whisper_audio_tower(encoder)
+        return self._rows("whisper", label, path, "audio", tower, inputs)
 
     def minilm(self) -> list[Row]:
         import torch

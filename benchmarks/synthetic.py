@@ -105,3 +105,37 @@ def build_clip_vit_b32(path: Path) -> Any:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     return random_checkpoint(CLIPVisionModelWithProjection, CLIPVisionConfig(), path)
+
+
+def clip_image_tower(model: Any) -> Any:
+    """A torch module over a `CLIPVisionModelWithProjection` that returns what mlmf's
+    `encode` does: (image_embeds, last_hidden_state)."""
+    import torch
+
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.m(pixel_values=pixel_values)
+            return out.image_embeds, out.last_hidden_state
+
+    return Tower().eval()
+
+
+def whisper_audio_tower(encoder: Any) -> Any:
+    """A torch module over a Whisper encoder that returns what mlmf's `encode` does: the
+    mean of the last hidden state over the (all real) positions, and the state."""
+    import torch
+
+    class AudioTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = encoder
+
+        def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = self.m(input_features).last_hidden_state
+            return hidden.mean(dim=1), hidden
+
+    return AudioTower().eval()
