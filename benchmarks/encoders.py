@@ -207,17 +207,23 @@ print(rss() - base)
 """
 
 
-def resident(path: Any, modality: str, dtype: str, inputs: Any, workdir: Path) -> str:
-    """`_RESIDENT` in a subprocess: "123.4 MiB", or why it could not be measured."""
+def resident(path: Any, modality: str, dtypes: list[str], inputs: Any, workdir: Path) -> dict:
+    """`_RESIDENT` in a subprocess per dtype: dtype -> "123 MiB", or why it could not
+    be measured."""
     import pickle
-    import subprocess
-    import sys
 
     if not Path("/proc/self/status").exists():
-        return "not measured (no /proc)"
+        return {d: "not measured (no /proc)" for d in dtypes}
     feed = workdir / "resident_inputs.pkl"
     with open(feed, "wb") as f:
         pickle.dump(inputs, f)
+    return {d: _resident_one(path, modality, d, feed) for d in dtypes}
+
+
+def _resident_one(path: Any, modality: str, dtype: str, feed: Path) -> str:
+    import subprocess
+    import sys
+
     args = [sys.executable, "-c", _RESIDENT, str(path), modality, dtype, str(feed)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
@@ -438,7 +444,7 @@ class Encoders(harness.Suite):
             d: e.weight_bytes / 2**20
             for d, e in (("float32", f32), ("bfloat16", bf16), ("int8", i8))
         }
-        rss = {d: resident(f32.path, str(f32.modality), d, mlmf_in, self.dir) for d in mib}
+        rss = resident(f32.path, str(f32.modality), list(mib), mlmf_in, self.dir)
         short = workload.split(",")[0]
         self.notes.append(
             f"{short} ({key}): pooled cosine to float32 over the row's {items} input(s), "

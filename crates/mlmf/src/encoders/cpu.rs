@@ -682,10 +682,7 @@ mod tests {
             converted(&layer, |l| {
                 use crate::kernels::panel::Panels;
                 let (data, k, n) = wt(l);
-                let p = match dt {
-                    DType::BF16 => Panels::bf16(&data, k, n),
-                    _ => Panels::f16(&data, k, n),
-                };
+                let p = Panels::from_wt(&data, k, n, dt);
                 Linear {
                     weight: LinearWeight::Panels(std::sync::Arc::new(p)),
                     bias: l.bias.clone(),

@@ -210,6 +210,19 @@ impl Linear {
         if let Some(Ok(mut r)) = place.record.as_ref().map(|r| r.lock()) {
             r.push(wname.clone());
         }
+        // Float32 and 16-bit maps: panels, packed straight from `[out, in]`.
+        if place.precision != Precision::Int8 && Panels::fits(out_dim) {
+            let weight = w
+                .ckpt
+                .tensor(&wname, &[out_dim, in_dim], DType::F32, &place.device)?;
+            if let Some(p) = panels_of(&weight, place.precision.dtype()) {
+                return Ok(counted(Self {
+                    weight: LinearWeight::Panels(std::sync::Arc::new(p)),
+                    bias: load_bias()?,
+                    transposed: true,
+                }));
+            }
+        }
         // W^T in float32, straight from the mapped file when it is stored so.
         let wt = match w.ckpt.tensor_transposed(&wname, [out_dim, in_dim])? {
             Some(wt) => wt,
@@ -223,20 +236,6 @@ impl Linear {
         };
         let f = ce("linear weight");
         let bias = load_bias()?;
-        if place.precision != Precision::Int8 && Panels::fits(out_dim) {
-            let data: Vec<f32> = wt.flatten_all().and_then(|t| t.to_vec1()).map_err(f)?;
-            let (k, n) = (in_dim, out_dim);
-            let p = match place.precision {
-                Precision::BF16 => Panels::bf16(&data, k, n),
-                Precision::F16 => Panels::f16(&data, k, n),
-                _ => Panels::f32(&data, k, n),
-            };
-            return Ok(counted(Self {
-                weight: LinearWeight::Panels(std::sync::Arc::new(p)),
-                bias,
-                transposed: true,
-            }));
-        }
         let lin = match place.precision {
             Precision::F32 => dense(wt, bias),
             Precision::BF16 => dense(wt.to_dtype(DType::BF16).map_err(f)?, bias),
@@ -308,19 +307,14 @@ impl Linear {
     /// A linear map from an already loaded `[out, in]` weight: on the CPU in float32,
     /// `W^T` as panels (or contiguous when the output width is not a multiple of 16).
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        if let Some(p) = panels_of(&weight, DType::F32) {
+            return Ok(Self {
+                weight: LinearWeight::Panels(std::sync::Arc::new(p)),
+                bias,
+                transposed: true,
+            });
+        }
         if let Some(weight) = crate::kernels::transpose(&weight)? {
-            let (k, n) = weight.dims2().map_err(ce("linear weight"))?;
-            if weight.dtype() == DType::F32 && Panels::fits(n) {
-                let data: Vec<f32> = weight
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1())
-                    .map_err(ce("linear weight"))?;
-                return Ok(Self {
-                    weight: LinearWeight::Panels(std::sync::Arc::new(Panels::f32(&data, k, n))),
-                    bias,
-                    transposed: true,
-                });
-            }
             return Ok(Self {
                 weight: LinearWeight::Dense(weight),
                 bias,
@@ -448,6 +442,18 @@ impl Linear {
         }
         y.reshape(out_dims).map_err(f)
     }
+}
+
+/// Panels in `dtype` of a float32 CPU weight `[out, in]` whose output width is a
+/// multiple of 16; `None` for any other tensor.
+fn panels_of(weight: &Tensor, dtype: DType) -> Option<Panels> {
+    let (n, k) = weight.dims2().ok()?;
+    if !Panels::fits(n) || !crate::kernels::is_plain_f32(weight) {
+        return None;
+    }
+    let (storage, layout) = weight.storage_and_layout();
+    let w = crate::kernels::slice(&storage, layout)?;
+    Some(Panels::from_out_in(w, k, n, dtype))
 }
 
 /// A matrix product in the operands' dtype; bfloat16 on the CPU goes through float32.

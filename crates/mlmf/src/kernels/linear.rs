@@ -589,8 +589,8 @@ mod tests {
             .map(|&n| (0..n).map(|j| j as f32 * 0.01 - 0.2).collect())
             .collect();
         let panels = [
-            Panels::f32(&ws[0], k, widths[0]),
-            Panels::bf16(&ws[2], k, widths[2]),
+            Panels::from_wt(&ws[0], k, widths[0], candle_core::DType::F32),
+            Panels::from_wt(&ws[2], k, widths[2], candle_core::DType::BF16),
         ];
         let parts = [
             Lin {

@@ -49,13 +49,19 @@ pub(crate) struct Panels {
     n: usize,
 }
 
-/// Reorders a row-major `[k, n]` matrix into panels.
-fn pack<T: Copy>(wt: &[T], k: usize, n: usize) -> Vec<T> {
-    debug_assert!(wt.len() == k * n && n.is_multiple_of(WIDTH));
+/// Panels of `W^T` (`[k, n]`) whose element `(kk, c)` is `conv(at(kk, c))`, in
+/// panel order: one pass, whatever layout `at` reads.
+fn pack<T>(
+    k: usize,
+    n: usize,
+    at: impl Fn(usize, usize) -> f32,
+    conv: impl Fn(f32) -> T,
+) -> Vec<T> {
+    debug_assert!(n.is_multiple_of(WIDTH));
     let mut out = Vec::with_capacity(k * n);
     for c0 in (0..n).step_by(WIDTH) {
-        for row in wt.chunks_exact(n) {
-            out.extend_from_slice(&row[c0..c0 + WIDTH]);
+        for kk in 0..k {
+            out.extend((c0..c0 + WIDTH).map(|c| conv(at(kk, c))));
         }
     }
     out
@@ -80,33 +86,33 @@ impl Panels {
         n > 0 && n.is_multiple_of(WIDTH)
     }
 
-    /// Packs a float32 `W^T` (`[k, n]`, row-major), kept in float32.
-    pub(crate) fn f32(wt: &[f32], k: usize, n: usize) -> Self {
-        Self {
-            data: PanelData::F32(pack(wt, k, n)),
-            k,
-            n,
-        }
+    /// Panels of `W^T` from `W` as PyTorch stores it (`[n, k]`, row-major), in `dtype`
+    /// (float32, bfloat16 or float16): read once, without a transposed copy first.
+    pub(crate) fn from_out_in(w: &[f32], k: usize, n: usize, dtype: candle_core::DType) -> Self {
+        debug_assert_eq!(w.len(), k * n);
+        let at = |kk: usize, c: usize| w[c * k + kk];
+        Self::build(k, n, dtype, at)
     }
 
-    /// Packs a float32 `W^T`, rounded to bfloat16.
-    pub(crate) fn bf16(wt: &[f32], k: usize, n: usize) -> Self {
-        let h: Vec<bf16> = wt.iter().map(|&v| bf16::from_f32(v)).collect();
-        Self {
-            data: PanelData::Bf16(pack(&h, k, n)),
-            k,
-            n,
-        }
+    /// Panels of a row-major `W^T` (`[k, n]`) in `dtype`.
+    #[cfg(test)]
+    pub(crate) fn from_wt(wt: &[f32], k: usize, n: usize, dtype: candle_core::DType) -> Self {
+        Self::build(k, n, dtype, |kk, c| wt[kk * n + c])
     }
 
-    /// Packs a float32 `W^T`, rounded to float16.
-    pub(crate) fn f16(wt: &[f32], k: usize, n: usize) -> Self {
-        let h: Vec<f16> = wt.iter().map(|&v| f16::from_f32(v)).collect();
-        Self {
-            data: PanelData::F16(pack(&h, k, n)),
-            k,
-            n,
-        }
+    fn build(
+        k: usize,
+        n: usize,
+        dtype: candle_core::DType,
+        at: impl Fn(usize, usize) -> f32,
+    ) -> Self {
+        use candle_core::DType;
+        let data = match dtype {
+            DType::BF16 => PanelData::Bf16(pack(k, n, at, bf16::from_f32)),
+            DType::F16 => PanelData::F16(pack(k, n, at, f16::from_f32)),
+            _ => PanelData::F32(pack(k, n, at, |v| v)),
+        };
+        Self { data, k, n }
     }
 
     /// Inner dimension.
@@ -323,6 +329,7 @@ impl Panels {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
 
     #[test]
     fn packing_round_trips_and_products_equal_the_row_major_weight() {
@@ -330,7 +337,7 @@ mod tests {
         let wt: Vec<f32> = (0..k * n)
             .map(|i| ((i * 13 % 29) as f32 - 14.0) * 0.01)
             .collect();
-        let p = Panels::f32(&wt, k, n);
+        let p = Panels::from_wt(&wt, k, n, DType::F32);
         assert_eq!(p.to_f32(), wt);
         assert_eq!(p.bytes(), k * n * 4);
         // Rows across two row blocks (MC = 120), a tail tile, a column range that is
@@ -368,11 +375,11 @@ mod tests {
             }
         }
         // 16-bit panels hold the rounded weights.
-        let b = Panels::bf16(&wt, k, n);
+        let b = Panels::from_wt(&wt, k, n, DType::BF16);
         let want: Vec<f32> = wt.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
         assert_eq!(b.to_f32(), want);
         assert_eq!(b.bytes(), k * n * 2);
-        let h = Panels::f16(&wt, k, n).scaled(2.0);
+        let h = Panels::from_wt(&wt, k, n, DType::F16).scaled(2.0);
         let want: Vec<f32> = wt
             .iter()
             .map(|&v| f16::from_f32(f16::from_f32(v).to_f32() * 2.0).to_f32())

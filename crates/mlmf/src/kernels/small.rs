@@ -70,9 +70,7 @@ pub(crate) trait Elem: Copy {
 mod x86 {
     use std::arch::x86_64::*;
 
-    #[allow(unused_imports)]
-    use super::NR;
-    use super::{bf16, f16, Elem, MR};
+    use super::{bf16, f16, Elem, MR, NR};
 
     impl Elem for f32 {
         #[inline(always)]
@@ -116,7 +114,7 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for kk in 0..k {
             if PF {
-                _mm_prefetch::<_MM_HINT_T1>(pf.add(kk * super::NR).cast());
+                _mm_prefetch::<_MM_HINT_T1>(pf.add(kk * NR).cast());
             }
             let bp = b.add(kk * ldb);
             let b0 = T::load8(bp);
