@@ -6,12 +6,14 @@
 //! 32-bit integers and turns back into float32 with the two scales in the same pass
 //! that adds the bias, applies the activation or accumulates the residual.
 //!
-//! The products are `rten-gemm`'s `u8 x i8 -> i32` kernels on weights packed once at
-//! load. The kernel is chosen at run time: AVX-512 VNNI (`vpdpbusd`), AVX-512, AVX2
-//! (`vpmaddubsw` + `vpmaddwd`), Arm dot-product or i8mm, or a generic one. The AVX2
-//! instruction adds two `u8 x i8` products in 16 bits and saturates past 32767, which
-//! is why weights use 7 bits (`63 * 255 * 2 = 32130`): the same codes then give the
-//! same results on every kernel, and a pre-quantised file travels between machines.
+//! On x86-64 the products are the register tiles of [`super::qtile`] (AVX-512 VNNI or
+//! AVX2, chosen at run time), which read the quantised activations in place and apply
+//! the scales, bias, activation or residual as they store; elsewhere they are
+//! `rten-gemm`'s `u8 x i8 -> i32` kernels (Arm dot-product or i8mm, or a generic one)
+//! followed by a float32 pass. The AVX2 instruction adds two `u8 x i8` products in 16
+//! bits and saturates past 32767, which is why weights use 7 bits
+//! (`63 * 255 * 2 = 32130`): the same codes then give the same results on every
+//! kernel, and a pre-quantised file travels between machines.
 
 use std::sync::{Arc, OnceLock};
 
@@ -19,7 +21,8 @@ use rayon::prelude::*;
 use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, PackedBMatrix, QuantParams};
 use rten_tensor::NdTensorView;
 
-use super::Activation;
+use super::qtile::{self, Epilogue, Isa, QPanels};
+use super::{Activation, Dst};
 
 /// The largest weight code: 7 bits, so that the AVX2 kernel's 16-bit pair sums cannot
 /// saturate (see the module docs).
@@ -42,9 +45,19 @@ fn executor() -> &'static GemmExecutor<u8, i8, i32> {
 pub(crate) struct Int8Matrix {
     k: usize,
     n: usize,
+    /// One per column, then 1.0 to the end of the last panel (the tiles read whole
+    /// panels).
     scales: Vec<f32>,
-    zeros: Vec<i8>,
-    packed: Arc<PackedBMatrix<i8>>,
+    packed: Packed,
+}
+
+/// The codes, packed for the kernel this CPU runs.
+#[derive(Clone)]
+enum Packed {
+    /// Panels for [`super::qtile`].
+    Tiles(Arc<QPanels>),
+    /// `rten-gemm`'s layout, with its per-column zero points (all zero).
+    Rten(Arc<PackedBMatrix<i8>>, Vec<i8>),
 }
 
 impl std::fmt::Debug for Int8Matrix {
@@ -146,14 +159,31 @@ impl Int8Matrix {
                 "code {q} outside -{MAX_CODE}..={MAX_CODE} (7-bit weights)"
             ));
         }
-        let packed = Arc::new(executor().prepack_b(NdTensorView::from_data([k, n], codes)));
-        Ok(Self {
+        Ok(Self::pack(codes, scales, k, n, qtile::isa().is_some()))
+    }
+
+    /// Packs checked codes for the tiles or for `rten-gemm`.
+    fn pack(codes: &[i8], mut scales: Vec<f32>, k: usize, n: usize, tiles: bool) -> Self {
+        let packed = if tiles {
+            scales.resize(n.next_multiple_of(qtile::NR), 1.0);
+            Packed::Tiles(Arc::new(QPanels::pack(codes, k, n)))
+        } else {
+            let b = executor().prepack_b(NdTensorView::from_data([k, n], codes));
+            Packed::Rten(Arc::new(b), vec![0; n])
+        };
+        Self {
             k,
             n,
             scales,
-            zeros: vec![0; n],
             packed,
-        })
+        }
+    }
+
+    /// [`Self::quantize`] packed for `rten-gemm` (the path of CPUs without a tile).
+    #[cfg(test)]
+    pub(crate) fn quantize_rten(wt: &[f32], k: usize, n: usize) -> Self {
+        let (codes, scales) = quantize_columns(wt, k, n);
+        Self::pack(&codes, scales, k, n, false)
     }
 
     /// Quantises and packs a float32 `W^T` `[k, n]`.
@@ -177,67 +207,124 @@ impl Int8Matrix {
             k: self.k,
             n: self.n,
             scales: self.scales.iter().map(|v| v * s).collect(),
-            zeros: self.zeros.clone(),
             packed: self.packed.clone(),
         }
     }
 
-    /// Bytes the weight occupies (packed codes and scales).
+    /// Bytes the weight occupies (packed codes, column sums and scales).
     pub(crate) fn bytes(&self) -> usize {
-        self.k * self.n + 4 * self.n
+        4 * self.scales.len()
+            + match &self.packed {
+                Packed::Tiles(p) => p.bytes(),
+                Packed::Rten(..) => self.k * self.n,
+            }
     }
 }
 
-/// Quantises each `k`-wide row of `x` (`m` rows) to `u8` with its scale, symmetric
-/// around the zero point 128: `x ≈ scale_i * (q - 128)`, `scale_i = max |x_i| / 127`.
+/// Quantises each `k`-wide row of `x` (`m` rows) to `u8` (row stride `q_rs >= k`) with
+/// its scale, symmetric around the zero point 128: `x ≈ scale_i * (q - 128)`,
+/// `scale_i = max |x_i| / 127`.
 ///
 /// The zero point is the same for every row: rten-gemm 0.27 applies per-row zero
 /// points correctly only to the first tile of six rows (measured against an exact
-/// integer product), and a shared one sidesteps that.
-fn quantize_rows(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    q: &mut [u8],
-    scales: &mut [f32],
-    zeros: &mut [u8],
-) {
-    type Row<'a> = (((&'a [f32], &'a mut [u8]), &'a mut f32), &'a mut u8);
-    let one = |(((xr, qr), s), z): Row<'_>| {
+/// integer product), and a shared one sidesteps that (the tiles of [`super::qtile`]
+/// fold it into each column's code sum).
+fn quantize_rows(x: &[f32], m: usize, k: usize, q: &mut [u8], q_rs: usize, scales: &mut [f32]) {
+    debug_assert!(q_rs >= k && q.len() >= m * q_rs);
+    let one = |((xr, qr), s): ((&[f32], &mut [u8]), &mut f32)| {
         let amax = super::max_abs(xr);
         let scale = if amax > 0.0 && amax.is_finite() {
             amax / 127.0
         } else {
             1.0
         };
-        let inv = 1.0 / scale;
-        // Ties to even (`vroundps`, vectorised; `round` is not).
-        for (d, &v) in qr.iter_mut().zip(xr) {
-            *d = (v.mul_add(inv, 128.0)).round_ties_even().clamp(1.0, 255.0) as u8;
-        }
+        quantize_row(xr, 1.0 / scale, qr);
         *s = scale;
-        *z = 128;
     };
-    let it = x[..m * k]
-        .chunks_exact(k)
-        .zip(q[..m * k].chunks_exact_mut(k))
-        .zip(scales.iter_mut())
-        .zip(zeros.iter_mut());
     if m * k >= 1 << 16 {
         x[..m * k]
             .par_chunks_exact(k)
-            .zip(q[..m * k].par_chunks_exact_mut(k))
-            .zip(scales.par_iter_mut())
-            .zip(zeros.par_iter_mut())
+            .zip(q[..m * q_rs].par_chunks_exact_mut(q_rs))
+            .zip(scales[..m].par_iter_mut())
             .for_each(one);
     } else {
-        it.for_each(one);
+        x[..m * k]
+            .chunks_exact(k)
+            .zip(q[..m * q_rs].chunks_exact_mut(q_rs))
+            .zip(scales[..m].iter_mut())
+            .for_each(one);
     }
+}
+
+/// `q = clamp(round(x * inv + 128), 1, 255)`, rounding ties to even (NaN: 1).
+#[inline]
+fn quantize_row(x: &[f32], inv: f32, q: &mut [u8]) {
+    let one = |d: &mut u8, v: f32| *d = scalar_code(v, inv);
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        // The float-to-u8 cast does not vectorise (Rust's saturating cast is scalar):
+        // 32 values at a time, converted with the current rounding mode (ties to
+        // even, as above) and narrowed with unsigned saturation.
+        use std::arch::x86_64::*;
+        let whole = x.len().min(q.len()) / 32 * 32;
+        // SAFETY: AVX2 and FMA are compiled in; every load and store is inside
+        // `x[..whole]` and `q[..whole]`.
+        unsafe {
+            let (vinv, zp) = (_mm256_set1_ps(inv), _mm256_set1_ps(128.0));
+            let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+            let ones = _mm256_set1_epi8(1);
+            for i in (0..whole).step_by(32) {
+                let p = x.as_ptr().add(i);
+                let v = |o: usize| {
+                    _mm256_cvtps_epi32(_mm256_fmadd_ps(_mm256_loadu_ps(p.add(o)), vinv, zp))
+                };
+                let ab = _mm256_packus_epi32(v(0), v(8));
+                let cd = _mm256_packus_epi32(v(16), v(24));
+                let bytes = _mm256_packus_epi16(ab, cd);
+                let bytes = _mm256_max_epu8(_mm256_permutevar8x32_epi32(bytes, order), ones);
+                _mm256_storeu_si256(q.as_mut_ptr().add(i).cast(), bytes);
+            }
+        }
+        q[whole..]
+            .iter_mut()
+            .zip(&x[whole..])
+            .for_each(|(d, &v)| one(d, v));
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    q.iter_mut().zip(x).for_each(|(d, &v)| one(d, v));
+}
+
+/// One activation's code (`max` before `min`, so that NaN gives 1, as the vector
+/// loop does; `clamp` would keep NaN).
+#[inline(always)]
+#[allow(clippy::manual_clamp)]
+fn scalar_code(v: f32, inv: f32) -> u8 {
+    (v.mul_add(inv, 128.0))
+        .round_ties_even()
+        .max(1.0)
+        .min(255.0) as u8
 }
 
 thread_local! {
     static BUFS: std::cell::RefCell<(Vec<u8>, Vec<i32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with this thread's scratch buffers, or fresh ones when they are in use (a
+/// thread waiting in a parallel region may pick up another product).
+fn with_bufs<R>(f: impl FnOnce(&mut (Vec<u8>, Vec<i32>)) -> R) -> R {
+    BUFS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut bufs) => f(&mut bufs),
+        Err(_) => f(&mut (Vec::new(), Vec::new())),
+    })
 }
 
 /// `dst[:, col..] (+)= act(x W^T + b)` for int8 parts side by side from column 0 of
@@ -257,31 +344,158 @@ pub(crate) fn linear(
     if m == 0 {
         return;
     }
+    let tiles = qtile::isa().filter(|_| {
+        parts
+            .iter()
+            .all(|(w, _)| matches!(w.packed, Packed::Tiles(_)))
+    });
+    match tiles {
+        Some(isa) => linear_tiles(isa, x, m, k, parts, dst, dst_rs, accumulate, act),
+        None => linear_rten(x, m, k, parts, dst, dst_rs, accumulate, act),
+    }
+}
+
+/// [`linear`] on the tiles of [`super::qtile`]: the rows quantised once, then one
+/// parallel region in which each task multiplies a block of rows by a block of one
+/// part's columns and finishes its outputs. Tasks are cut as [`super::linear`] cuts
+/// them (a column block per thread; rows too when there are few columns).
+#[allow(clippy::too_many_arguments)]
+fn linear_tiles(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    parts: &[(&Int8Matrix, Option<&[f32]>)],
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    act: Option<Activation>,
+) {
+    let panels: Vec<&QPanels> = parts
+        .iter()
+        .map(|(w, _)| match &w.packed {
+            Packed::Tiles(p) => &**p,
+            Packed::Rten(..) => unreachable!("checked by the caller"),
+        })
+        .collect();
+    let kp = k.next_multiple_of(qtile::GROUP);
+    debug_assert!(panels.iter().all(|p| p.padded_k() == kp));
+    let widths: Vec<usize> = parts.iter().map(|(w, _)| w.n).collect();
+    let total: usize = widths.iter().sum();
+    assert!(x.len() >= m * k && dst.len() >= (m - 1) * dst_rs + total);
+    let threads = if m * k * total < super::PARALLEL_MIN_MACS {
+        1
+    } else {
+        rayon::current_num_threads().max(1)
+    };
+    let col_blocks = threads.min(total.div_ceil(64)).max(1);
+    let width = total.div_ceil(col_blocks).next_multiple_of(2 * qtile::NR);
+    let row_blocks = if col_blocks < threads && m >= 64 {
+        (threads / col_blocks).min(m / 32).max(1)
+    } else {
+        1
+    };
+    let height = m.div_ceil(row_blocks);
+    // Tasks: (rows, part, columns within the part, destination column).
+    let mut tasks = Vec::new();
+    for r0 in (0..m).step_by(height) {
+        let rows = r0..(r0 + height).min(m);
+        let mut start = 0;
+        while start < total {
+            let end = (start + width).min(total);
+            let mut col0 = 0;
+            for (p, &w) in widths.iter().enumerate() {
+                let (a, b) = (start.max(col0), end.min(col0 + w));
+                if a < b {
+                    tasks.push((rows.clone(), p, (a - col0)..(b - col0), a));
+                }
+                col0 += w;
+            }
+            start = end;
+        }
+    }
+    let mut scales = vec![0f32; m];
+    with_bufs(|(xq, _)| {
+        xq.resize(m * kp, 128);
+        quantize_rows(x, m, k, xq, kp, &mut scales);
+        let (xq, scales) = (&xq[..], &scales[..]);
+        let out = Dst(dst.as_mut_ptr());
+        let run = |(rows, p, cols, at): &(
+            std::ops::Range<usize>,
+            usize,
+            std::ops::Range<usize>,
+            usize,
+        )| {
+            let (w, bias) = parts[*p];
+            let epi = Epilogue {
+                row_scales: &scales[rows.start..],
+                col_scales: &w.scales,
+                bias,
+                accumulate,
+                act,
+            };
+            // SAFETY: tasks cover disjoint (row, column) rectangles of `dst`,
+            // inside it by the assertion above; `qtile::isa` checked the CPU.
+            unsafe {
+                qtile::product(
+                    isa,
+                    panels[*p],
+                    cols.clone(),
+                    &xq[rows.start * kp..],
+                    kp,
+                    rows.len(),
+                    epi,
+                    out.ptr().add(rows.start * dst_rs + at),
+                    dst_rs,
+                );
+            }
+        };
+        if tasks.len() == 1 {
+            run(&tasks[0]);
+        } else {
+            tasks.par_iter().for_each(run);
+        }
+    });
+}
+
+/// [`linear`] on `rten-gemm`: each part's product into a 32-bit buffer, then a float32
+/// pass that applies the scales, bias, activation or residual.
+#[allow(clippy::too_many_arguments)]
+fn linear_rten(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    parts: &[(&Int8Matrix, Option<&[f32]>)],
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    act: Option<Activation>,
+) {
     let mut xs = vec![0f32; m];
-    let mut xz = vec![0u8; m];
-    BUFS.with(|cell| {
-        let mut bufs = cell.borrow_mut();
-        let (xq, acc) = &mut *bufs;
+    let xz = vec![qtile::ZERO_POINT as u8; m];
+    with_bufs(|(xq, acc)| {
         xq.resize(m * k, 0);
-        quantize_rows(x, m, k, xq, &mut xs, &mut xz);
+        quantize_rows(x, m, k, xq, k, &mut xs);
         let a = NdTensorView::from_data([m, k], &xq[..]);
         let mut col = 0;
         for (w, bias) in parts {
             debug_assert_eq!(w.k, k);
             let n = w.n;
+            let (packed, zeros) = match &w.packed {
+                Packed::Rten(p, z) => (p, z),
+                Packed::Tiles(_) => unreachable!("a tile-packed weight with no tile"),
+            };
             acc.resize(m * n, 0);
             let opts = GemmOptions {
                 a_quant: Some(QuantParams { zero_point: &xz }),
-                b_quant: Some(QuantParams {
-                    zero_point: &w.zeros,
-                }),
+                b_quant: Some(QuantParams { zero_point: zeros }),
                 ..Default::default()
             };
             executor()
                 .gemm(
                     &mut acc[..m * n],
                     GemmInputA::Unpacked(a),
-                    GemmInputB::Packed(&w.packed),
+                    GemmInputB::Packed(packed),
                     opts,
                 )
                 .expect("int8 product shapes checked at load");
@@ -338,6 +552,29 @@ mod tests {
         (0..n)
             .map(|i| ((((i + seed) * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0) * scale)
             .collect()
+    }
+
+    #[test]
+    fn rows_quantise_like_the_scalar_rule() {
+        // Long enough for the vector loop and its tail; ties, the extremes, NaN.
+        let mut x = pseudo(103, 8, 2.0);
+        x[0] = 2.0;
+        x[1] = -2.0;
+        x[2] = 0.5 * 2.0 / 127.0; // a tie: 128.5 rounds to 128
+        x[3] = 1.5 * 2.0 / 127.0; // 129.5 rounds to 130
+        x[40] = f32::NAN;
+        let inv = 127.0 / 2.0;
+        let mut q = vec![0u8; x.len()];
+        quantize_row(&x, inv, &mut q);
+        for (i, (&v, &got)) in x.iter().zip(&q).enumerate() {
+            let want = if v.is_nan() {
+                1
+            } else {
+                (v.mul_add(inv, 128.0)).round_ties_even().clamp(1.0, 255.0) as u8
+            };
+            assert_eq!(got, want, "{i}: {v}");
+        }
+        assert_eq!(&q[..4], &[255, 1, 128, 130]);
     }
 
     #[test]
@@ -451,20 +688,25 @@ mod tests {
         let w = Int8Matrix::from_codes(&codes, scales.clone(), k, n).unwrap();
         let mut got = vec![0f32; m * n];
         linear(&x, m, k, &[(&w, None)], &mut got, n, false, None);
-        let (mut xq, mut xs, mut xz) = (vec![0u8; m * k], vec![0f32; m], vec![0u8; m]);
-        quantize_rows(&x, m, k, &mut xq, &mut xs, &mut xz);
+        let (mut xq, mut xs) = (vec![0u8; m * k], vec![0f32; m]);
+        quantize_rows(&x, m, k, &mut xq, k, &mut xs);
+        let rten = Int8Matrix::quantize_rten(&wt, k, n);
+        let mut via_rten = vec![0f32; m * n];
+        linear(&x, m, k, &[(&rten, None)], &mut via_rten, n, false, None);
         for i in 0..m {
             for j in 0..n {
                 let acc: i32 = (0..k)
                     .map(|l| {
-                        (i32::from(xq[i * k + l]) - i32::from(xz[i])) * i32::from(codes[l * n + j])
+                        (i32::from(xq[i * k + l]) - qtile::ZERO_POINT) * i32::from(codes[l * n + j])
                     })
                     .sum();
                 let want = acc as f32 * xs[i] * scales[j];
-                assert!(
-                    (got[i * n + j] - want).abs() <= 1e-5 * want.abs().max(1.0),
-                    "({i}, {j})"
-                );
+                for (path, got) in [("tiles", &got), ("rten", &via_rten)] {
+                    assert!(
+                        (got[i * n + j] - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{path} ({i}, {j})"
+                    );
+                }
             }
         }
     }

@@ -15,6 +15,8 @@
 //! - [`math`]: exp, erf, tanh and the activations as branch-free polynomials the
 //!   compiler vectorises, and sums with independent accumulators;
 //! - [`panel`]: weights stored as 16-column panels, the layout the tile reads;
+//! - [`int8`] and [`qtile`]: dynamically quantised int8 linear maps and their
+//!   AVX-512 VNNI and AVX2 register tiles;
 //! - [`tensor`]: borrowing the CPU storage of candle tensors, and transposing weights
 //!   at load so that the kernels read them in memory order.
 //!
@@ -30,6 +32,7 @@ pub(crate) mod linear;
 pub(crate) mod math;
 pub(crate) mod norm;
 pub(crate) mod panel;
+pub(crate) mod qtile;
 pub(crate) mod small;
 pub(crate) mod tensor;
 
