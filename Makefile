@@ -94,6 +94,33 @@ cuda-toolkit: $(PY) ## install the pinned CUDA 13.0 compiler wheels into target/
 	  $(PIP) install --quiet --no-deps --target $(CUDA_CACHE) $(CUDA_WHEELS); }
 	@$(CUDA_ENV) nvcc --version | tail -2
 
+# The CUDA build links against empty stand-ins for the driver and the CUDA libraries
+# (each an empty shared library with the real one's soname, in the toolkit cache's
+# lib folder, which cudarc's and candle's build scripts put on the link path; the
+# cache holds no unversioned copy of these names): linking a Python extension leaves
+# their symbols to be resolved when it loads, and the extension records no dependency
+# on them. `import mlmf` loads the real ones first (python/mlmf/_cuda_libs.py, from
+# the list in crates/mlmf/src/python/mod.rs). candle 0.11 links these libraries
+# rather than loading them at run time (its cuda feature fixes cudarc's linking mode),
+# and no stub of libcuda.so comes from PyPI. (cudarc also asks for NVRTC, which the
+# extension never calls: the list mod.rs records leaves it out.)
+CUDA_STUBS := $(CUDA_ROOT_DIR)/lib
+CUDA_LINKED := cuda:libcuda.so.1 cudart:libcudart.so.13 nvrtc:libnvrtc.so.13 \
+	cublasLt:libcublasLt.so.13 cublas:libcublas.so.13 curand:libcurand.so.10
+
+.PHONY: cuda-stubs
+cuda-stubs: cuda-toolkit
+	@: > $(CUDA_CACHE)/empty.c && for l in $(CUDA_LINKED); do \
+	  cc -shared -nostdlib -Wl,-soname,$${l#*:} -o $(CUDA_STUBS)/lib$${l%%:*}.so \
+	    $(CUDA_CACHE)/empty.c || exit 1; done
+
+.PHONY: wheel-cuda
+wheel-cuda: sysdeps cuda-stubs ## build the abi3 CUDA wheel (sm_90 kernels; CUDA libraries loaded at import) into dist-cuda/
+	rm -rf dist-cuda
+	$(CUDA_ENV) $(VENV)/bin/maturin build --release --strip --features python,cuda \
+	  --compatibility $(WHEEL_POLICY) --out dist-cuda
+	$(PY) scripts/check_cuda_wheel.py dist-cuda/*.whl
+
 .PHONY: check-cuda
 check-cuda: sysdeps cuda-toolkit ## clippy on the CUDA build: the core, its tests (tests/cuda.rs) and the Python extension
 	$(CUDA_ENV) cargo clippy --release -p mlmf --all-targets --features python,cuda -- -D warnings

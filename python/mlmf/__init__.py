@@ -4,10 +4,12 @@ Raw text, images, audio and video go in; model-ready arrays (and, with encoders,
 embeddings) come out. See the README for a tour.
 """
 
-# Before the extension loads: refuse a CPU without the instructions it was built for.
-from mlmf import _cpu  # noqa: F401  (checks on import)
+# Before the extension loads: refuse a CPU without the instructions it was built for,
+# then load the CUDA build's libraries (nothing on the CPU build).
+from mlmf import _cpu, _cuda_libs  # noqa: F401  (each acts on import, in this order)
 from mlmf._mlmf import (
     CUDA_COMPILED,
+    CUDA_LIBRARIES,
     JPEG_DECODER,
     JPEG_SIMD,
     TARGET_FEATURES,
@@ -69,6 +71,7 @@ __all__ = [
     "TrainError",
     "Trainer",
     "CUDA_COMPILED",
+    "CUDA_LIBRARIES",
     "JPEG_DECODER",
     "JPEG_SIMD",
     "TARGET_FEATURES",

@@ -9,6 +9,7 @@ import numpy.typing as npt
 
 __version__: str
 CUDA_COMPILED: bool
+CUDA_LIBRARIES: list[str]
 JPEG_DECODER: str
 JPEG_SIMD: bool
 TARGET_FEATURES: list[str]

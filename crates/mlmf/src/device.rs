@@ -45,7 +45,7 @@ impl DeviceSpec {
                 match opened {
                     Ok(device) => device.map_err(|e| MlmfError::Device {
                         device: self.to_string(),
-                        message: e.to_string(),
+                        message: without_backtrace(e.to_string()),
                     }),
                     Err(panic) => Err(MlmfError::Device {
                         device: self.to_string(),
@@ -63,6 +63,14 @@ impl DeviceSpec {
             }
         }
     }
+}
+
+/// candle's message without the backtrace it appends when `RUST_BACKTRACE` is set.
+fn without_backtrace(mut message: String) -> String {
+    if let Some(at) = message.find("\n   0: ") {
+        message.truncate(at);
+    }
+    message
 }
 
 /// The text of a caught panic.
@@ -135,6 +143,16 @@ mod tests {
     #[test]
     fn cpu_opens() {
         assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+    }
+
+    #[test]
+    fn candle_backtraces_are_left_out_of_messages() {
+        let with = "DriverError(CUDA_ERROR_NO_DEVICE, \"no device\")\n   0: <unknown>\n   1: x";
+        assert_eq!(
+            without_backtrace(with.into()),
+            "DriverError(CUDA_ERROR_NO_DEVICE, \"no device\")"
+        );
+        assert_eq!(without_backtrace("two\nlines".into()), "two\nlines");
     }
 
     #[cfg(not(feature = "cuda"))]

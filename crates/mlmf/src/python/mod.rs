@@ -56,6 +56,26 @@ fn set_purge_delay() {
 static TARGET_FEATURES_MARK: &str =
     concat!("mlmf-target-features:", env!("MLMF_TARGET_FEATURES"), ";");
 
+/// The shared libraries the CUDA build calls into, behind a marker that
+/// `python/mlmf/_cuda_libs.py` finds in the library file and loads before the
+/// extension: the build links against empty stand-ins (`make wheel-cuda`), so the
+/// extension names none of them as a dependency (`scripts/check_cuda_wheel.py` checks
+/// that it calls into no other: cuBLAS needs cuBLASLt, loaded first). Empty on other
+/// builds.
+#[cfg(feature = "cuda")]
+static CUDA_LIBRARIES_MARK: &str = "mlmf-cuda-libraries:libcuda.so.1,libcudart.so.13,\
+libcublasLt.so.13,libcublas.so.13,libcurand.so.10;";
+#[cfg(not(feature = "cuda"))]
+static CUDA_LIBRARIES_MARK: &str = "mlmf-cuda-libraries:;";
+
+fn cuda_libraries() -> Vec<&'static str> {
+    let (_, list) = CUDA_LIBRARIES_MARK.split_once(':').unwrap_or_default();
+    list.trim_end_matches(';')
+        .split(',')
+        .filter(|f| !f.is_empty())
+        .collect()
+}
+
 fn target_features() -> Vec<&'static str> {
     let (_, list) = TARGET_FEATURES_MARK.split_once(':').unwrap_or_default();
     list.trim_end_matches(';')
@@ -89,6 +109,7 @@ fn _mlmf(m: &Bound<'_, PyModule>) -> PyResult<()> {
     set_purge_delay();
     m.add("__version__", crate::VERSION)?;
     m.add("CUDA_COMPILED", crate::device::DeviceSpec::cuda_compiled())?;
+    m.add("CUDA_LIBRARIES", cuda_libraries())?;
     m.add("JPEG_DECODER", crate::preprocess::image::JPEG_DECODER)?;
     m.add("JPEG_SIMD", crate::preprocess::image::JPEG_SIMD)?;
     m.add("TARGET_FEATURES", target_features())?;
