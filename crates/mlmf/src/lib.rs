@@ -8,6 +8,8 @@
 pub mod adapters;
 pub mod aligned;
 pub mod attention;
+#[doc(hidden)]
+pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod device;

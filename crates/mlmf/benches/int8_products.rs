@@ -1,0 +1,98 @@
+//! int8 linear maps: mlmf's int8 kernel against candle's quantized matmul (`Q8_0`, which
+//! candle 0.11 runs on AVX-512 VNNI tiles of repacked weights where the CPU has them)
+//! and mlmf's float32 panels, on the linear-map shapes of the CLIP ViT-B/32 image tower
+//! at batch 1 (50 tokens) and of the Whisper-base encoder (1500 positions).
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo bench -p mlmf --bench int8_products
+//! ```
+//!
+//! Prints a markdown table: the median time of each product, GOP/s (two per
+//! multiply-add), the ratios to mlmf's int8, and each int8 product's largest error
+//! against float32 relative to the largest output. `MLMF_INT8_KERNEL` picks mlmf's int8
+//! kernel (docs/encoders.md, "Precision").
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use mlmf::bench::{F32Linear, Int8Linear};
+
+/// Median seconds of `f` over enough calls to fill about half a second.
+fn median_s(mut f: impl FnMut()) -> f64 {
+    f();
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64().max(1e-6);
+    let reps = ((0.5 / once) as usize).clamp(5, 200);
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[reps / 2]
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    worst / scale
+}
+
+fn main() -> candle_core::Result<()> {
+    let shapes = [
+        ("CLIP b1 qkv", 50, 768, 2304),
+        ("CLIP b1 out", 50, 768, 768),
+        ("CLIP b1 fc1", 50, 768, 3072),
+        ("CLIP b1 fc2", 50, 3072, 768),
+        ("Whisper qkv", 1500, 512, 1536),
+        ("Whisper fc1", 1500, 512, 2048),
+        ("Whisper fc2", 1500, 2048, 512),
+    ];
+    println!("threads: {}", rayon::current_num_threads());
+    println!(
+        "| product | m x k x n | mlmf float32 GFLOP/s | mlmf int8 GOP/s | candle Q8_0 GOP/s \
+         | mlmf int8 vs candle Q8_0 | mlmf int8 vs float32 | error int8 / Q8_0 |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---|");
+    for (name, m, k, n) in shapes {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+        let (wv, xv) = (
+            w.flatten_all()?.to_vec1::<f32>()?,
+            x.flatten_all()?.to_vec1::<f32>()?,
+        );
+
+        let f32_map = F32Linear::new(&wv, n, k);
+        let int8_map = Int8Linear::new(&wv, n, k);
+        let q8 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+
+        let mut want = vec![0f32; m * n];
+        let mut got = vec![0f32; m * n];
+        let t_f32 = median_s(|| f32_map.forward(&xv, m, &mut want));
+        let t_int8 = median_s(|| int8_map.forward(&xv, m, &mut got));
+        let mut q8_out = Tensor::zeros((m, n), candle_core::DType::F32, &dev)?;
+        let t_q8 = median_s(|| q8_out = q8.forward(&x).expect("quantized matmul"));
+        let q8v = q8_out.flatten_all()?.to_vec1::<f32>()?;
+
+        let ops = 2.0 * (m * k * n) as f64 / 1e9;
+        println!(
+            "| {name} | {m} x {k} x {n} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.1e} / {:.1e} |",
+            ops / t_f32,
+            ops / t_int8,
+            ops / t_q8,
+            t_q8 / t_int8,
+            t_f32 / t_int8,
+            rel_err(&got, &want),
+            rel_err(&q8v, &want),
+        );
+    }
+    Ok(())
+}

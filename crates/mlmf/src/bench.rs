@@ -1,0 +1,64 @@
+//! Entry points into the CPU kernels for `benches/` (hidden from the documentation; not
+//! part of the API): one linear map `x W^T` in int8 or float32, as the encoders run it.
+
+use crate::kernels::{self, int8::Int8Matrix, panel::Panels, Lin, WeightRef};
+
+/// A linear map quantised to int8 as an int8 load does it (7-bit codes per output
+/// channel), run by the int8 kernel this CPU has.
+pub struct Int8Linear {
+    w: Int8Matrix,
+    k: usize,
+    n: usize,
+}
+
+impl Int8Linear {
+    /// From a PyTorch-layout weight `[out, in]`.
+    pub fn new(w: &[f32], out: usize, inn: usize) -> Self {
+        let (codes, scales) = kernels::int8::quantize_out_in(w, out, inn);
+        let mut wt = vec![0i8; out * inn];
+        for (o, row) in codes.chunks_exact(inn).enumerate() {
+            for (i, &c) in row.iter().enumerate() {
+                wt[i * out + o] = c;
+            }
+        }
+        let w = Int8Matrix::from_codes(&wt, scales, inn, out).expect("codes from the rule fit");
+        Self { w, k: inn, n: out }
+    }
+
+    /// `dst = x W^T` for `m` rows.
+    pub fn forward(&self, x: &[f32], m: usize, dst: &mut [f32]) {
+        let part = [Lin {
+            w: WeightRef::Int8(&self.w),
+            b: None,
+        }];
+        kernels::linear(x, m, self.k, &part, dst, self.n, false, None);
+    }
+}
+
+/// A float32 linear map kept as panels, as a float32 load keeps it.
+pub struct F32Linear {
+    w: Panels,
+    k: usize,
+    n: usize,
+}
+
+impl F32Linear {
+    /// From a PyTorch-layout weight `[out, in]` (`out` a multiple of 16).
+    pub fn new(w: &[f32], out: usize, inn: usize) -> Self {
+        assert!(
+            Panels::fits(out),
+            "{out} outputs: expected a multiple of 16"
+        );
+        let w = Panels::from_out_in(w, inn, out, candle_core::DType::F32);
+        Self { w, k: inn, n: out }
+    }
+
+    /// `dst = x W^T` for `m` rows.
+    pub fn forward(&self, x: &[f32], m: usize, dst: &mut [f32]) {
+        let part = [Lin {
+            w: WeightRef::Panel(&self.w),
+            b: None,
+        }];
+        kernels::linear(x, m, self.k, &part, dst, self.n, false, None);
+    }
+}
