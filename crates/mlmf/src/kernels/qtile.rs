@@ -192,7 +192,7 @@ pub(crate) unsafe fn product(
     debug_assert!(cols.start.is_multiple_of(NR) && cols.end <= w.n);
     debug_assert!(xq_rs >= w.padded_k() && xq.len() >= (m.max(1) - 1) * xq_rs + w.padded_k());
     debug_assert!(epi.row_scales.len() >= m && epi.col_scales.len() >= cols.end);
-    let _ = w.k;
+    debug_assert!(w.k <= w.padded_k());
     #[cfg(target_arch = "x86_64")]
     for r0 in (0..m).step_by(MC) {
         let rows = MC.min(m - r0);
@@ -269,6 +269,7 @@ impl Block<'_> {
         cols: std::ops::Range<usize>,
         tile: Tile,
     ) {
+        const { assert!(MR <= 8, "the temporary for a ragged panel holds 8 rows") };
         let w = self.w;
         let tiles = self.rows.div_ceil(MR);
         let (base, extra) = (self.rows / tiles, self.rows % tiles);
@@ -285,6 +286,7 @@ impl Block<'_> {
             steps.push((whole_end, 1));
         }
         let zero_bias = [0f32; NR];
+        let mut tmp = [0f32; NR * 8];
         for (s, &(c0, panels)) in steps.iter().enumerate() {
             let ragged = c0 + NR > cols.end;
             let next = steps.get(s + 1).map_or(std::ptr::null(), |&(c, _)| {
@@ -293,7 +295,6 @@ impl Block<'_> {
             let mut r0 = 0;
             for t in 0..tiles {
                 let rows = base + usize::from(t < extra);
-                let mut tmp = [0f32; NR * 8];
                 let mut args = TileArgs {
                     a: self.xq.add(r0 * self.xq_rs),
                     a_rs: self.xq_rs,
