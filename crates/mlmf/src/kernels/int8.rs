@@ -388,32 +388,8 @@ fn linear_tiles(
     } else {
         rayon::current_num_threads().max(1)
     };
-    let col_blocks = threads.min(total.div_ceil(64)).max(1);
-    let width = total.div_ceil(col_blocks).next_multiple_of(2 * qtile::NR);
-    let row_blocks = if col_blocks < threads && m >= 64 {
-        (threads / col_blocks).min(m / 32).max(1)
-    } else {
-        1
-    };
-    let height = m.div_ceil(row_blocks);
-    // Tasks: (rows, part, columns within the part, destination column).
-    let mut tasks = Vec::new();
-    for r0 in (0..m).step_by(height) {
-        let rows = r0..(r0 + height).min(m);
-        let mut start = 0;
-        while start < total {
-            let end = (start + width).min(total);
-            let mut col0 = 0;
-            for (p, &w) in widths.iter().enumerate() {
-                let (a, b) = (start.max(col0), end.min(col0 + w));
-                if a < b {
-                    tasks.push((rows.clone(), p, (a - col0)..(b - col0), a));
-                }
-                col0 += w;
-            }
-            start = end;
-        }
-    }
+    // Tasks start on whole pairs of panels (the VNNI tile's width) within each part.
+    let tasks = super::linear::cut_tasks(m, &widths, threads, 2 * qtile::NR);
     let mut scales = vec![0f32; m];
     with_bufs(|(xq, _)| {
         xq.resize(m * kp, 128);
@@ -708,6 +684,41 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn parts_whose_widths_are_not_whole_panels_split_between_threads() {
+        // Enough work to split between the pool's threads (two: 240 columns in blocks
+        // of 128), and the second part's columns cut 88 columns in, inside a panel.
+        let (m, k, na, nb) = (70, 129, 40, 200);
+        assert!(m * k * (na + nb) >= super::super::PARALLEL_MIN_MACS);
+        let x = pseudo(m * k, 10, 1.0);
+        let (wa, wb) = (pseudo(k * na, 11, 0.2), pseudo(k * nb, 12, 0.2));
+        let (a, b) = (
+            Int8Matrix::quantize(&wa, k, na),
+            Int8Matrix::quantize(&wb, k, nb),
+        );
+        let bias = pseudo(na, 13, 0.5);
+        let rs = na + nb + 7;
+        let mut both = vec![0f32; m * rs];
+        linear(
+            &x,
+            m,
+            k,
+            &[(&a, Some(&bias)), (&b, None)],
+            &mut both,
+            rs,
+            false,
+            None,
+        );
+        let (mut one_a, mut one_b) = (vec![0f32; m * na], vec![0f32; m * nb]);
+        linear(&x, m, k, &[(&a, Some(&bias))], &mut one_a, na, false, None);
+        linear(&x, m, k, &[(&b, None)], &mut one_b, nb, false, None);
+        for i in 0..m {
+            let row = &both[i * rs..];
+            assert_eq!(&row[..na], &one_a[i * na..(i + 1) * na], "row {i}");
+            assert_eq!(&row[na..na + nb], &one_b[i * nb..(i + 1) * nb], "row {i}");
         }
     }
 

@@ -12,6 +12,8 @@
 //! task) or int8 ([`super::int8`]: its own product, with the same epilogue).
 
 use half::{bf16, f16};
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::half::gemm_half;
@@ -247,71 +249,93 @@ pub(crate) fn linear(
         linear_split_k(x, m, k, parts, dst, dst_rs, accumulate, act, split);
         return;
     }
-    let col_blocks = threads.min(total.div_ceil(64)).max(1);
-    let width = total.div_ceil(col_blocks).next_multiple_of(16);
-    let row_blocks = if col_blocks < threads && m >= 64 {
-        (threads / col_blocks).min(m / 32).max(1)
-    } else {
-        1
-    };
-    let height = m.div_ceil(row_blocks);
-    // Tasks: (rows, part, columns within the part, destination column).
-    let mut tasks = Vec::new();
-    for r0 in (0..m).step_by(height.max(1)) {
-        let rows = r0..(r0 + height).min(m);
-        let mut start = 0;
-        while start < total {
-            let end = (start + width).min(total);
-            // Cut [start, end) at part boundaries.
-            let mut col0 = 0;
-            for (p, &w) in widths.iter().enumerate() {
-                let (a, b) = (start.max(col0), end.min(col0 + w));
-                if a < b {
-                    tasks.push((rows.clone(), p, (a - col0)..(b - col0), a));
-                }
-                col0 += w;
-            }
-            start = end;
-        }
-    }
+    let tasks = cut_tasks(m, &widths, threads, 16);
     let out = Dst(dst.as_mut_ptr());
-    let run =
-        |(rows, p, cols, at): &(std::ops::Range<usize>, usize, std::ops::Range<usize>, usize)| {
-            let part = parts[*p];
-            let (mr, nc) = (rows.len(), cols.len());
-            // SAFETY: tasks cover disjoint (row, column) rectangles of `dst`, inside it by
-            // the debug assertion above; `x` and the weights are read only.
-            unsafe {
-                let d = out.ptr().add(rows.start * dst_rs + at);
-                part.w.product(
-                    mr,
-                    (0, k),
-                    cols.clone(),
-                    widths[*p],
-                    d,
-                    dst_rs,
-                    accumulate,
-                    x.as_ptr().add(rows.start * k),
-                    k,
-                );
-                for i in 0..mr {
-                    let row = std::slice::from_raw_parts_mut(d.add(i * dst_rs), nc);
-                    if let Some(b) = part.b {
-                        for (v, b) in row.iter_mut().zip(&b[cols.clone()]) {
-                            *v += b;
-                        }
-                    }
-                    if let Some(act) = act {
-                        act.apply_slice(row);
+    let run = |(rows, p, cols, at): &Task| {
+        let part = parts[*p];
+        let (mr, nc) = (rows.len(), cols.len());
+        // SAFETY: tasks cover disjoint (row, column) rectangles of `dst`, inside it by
+        // the debug assertion above; `x` and the weights are read only.
+        unsafe {
+            let d = out.ptr().add(rows.start * dst_rs + at);
+            part.w.product(
+                mr,
+                (0, k),
+                cols.clone(),
+                widths[*p],
+                d,
+                dst_rs,
+                accumulate,
+                x.as_ptr().add(rows.start * k),
+                k,
+            );
+            for i in 0..mr {
+                let row = std::slice::from_raw_parts_mut(d.add(i * dst_rs), nc);
+                if let Some(b) = part.b {
+                    for (v, b) in row.iter_mut().zip(&b[cols.clone()]) {
+                        *v += b;
                     }
                 }
+                if let Some(act) = act {
+                    act.apply_slice(row);
+                }
             }
-        };
+        }
+    };
     if tasks.len() == 1 {
         run(&tasks[0]);
     } else {
         tasks.par_iter().for_each(run);
     }
+}
+
+/// One task of a split product: its rows, its part, the part's columns it computes,
+/// and the destination column of the first of them.
+pub(crate) type Task = (Range<usize>, usize, Range<usize>, usize);
+
+/// Cuts a product of `m` rows by parts `widths` columns wide (side by side) into tasks
+/// for `threads` threads: one block of columns per thread (at least 64 columns, a
+/// multiple of `align` wide), split at part boundaries, and rows as well when there
+/// are fewer column blocks than threads and many rows. Inside a part, every task
+/// starts a multiple of `align` columns from the part's first (a block boundary that
+/// falls elsewhere moves to the nearest such column below it, or above when that
+/// would leave the task empty), so that tasks start on whole panels.
+pub(crate) fn cut_tasks(m: usize, widths: &[usize], threads: usize, align: usize) -> Vec<Task> {
+    let total: usize = widths.iter().sum();
+    let col_blocks = threads.min(total.div_ceil(64)).max(1);
+    let width = total
+        .div_ceil(col_blocks)
+        .next_multiple_of(align)
+        .max(align);
+    let row_blocks = if col_blocks < threads && m >= 64 {
+        (threads / col_blocks).min(m / 32).max(1)
+    } else {
+        1
+    };
+    let height = m.div_ceil(row_blocks).max(1);
+    let mut tasks = Vec::new();
+    for r0 in (0..m).step_by(height) {
+        let rows = r0..(r0 + height).min(m);
+        let mut col0 = 0;
+        for (p, &w) in widths.iter().enumerate() {
+            let mut a = 0;
+            while a < w {
+                // The next block boundary after column `col0 + a`, in the part.
+                let cut = ((col0 + a) / width + 1) * width - col0;
+                let b = if cut >= w {
+                    w
+                } else if cut / align * align > a {
+                    cut / align * align
+                } else {
+                    (a + align).min(w)
+                };
+                tasks.push((rows.clone(), p, a..b, col0 + a));
+                a = b;
+            }
+            col0 += w;
+        }
+    }
+    tasks
 }
 
 /// [`linear`] for parts of which at least one is int8: runs of int8 parts go through
@@ -461,6 +485,43 @@ fn linear_split_k(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tasks_cover_every_output_once_and_start_on_whole_panels() {
+        for widths in [
+            &[768usize, 768, 768][..],
+            &[40, 200],
+            &[100, 45, 9],
+            &[3072],
+            &[16],
+        ] {
+            for threads in 1..=5 {
+                for m in [1usize, 70, 300] {
+                    for align in [16, 32] {
+                        let tasks = cut_tasks(m, widths, threads, align);
+                        let total: usize = widths.iter().sum();
+                        let mut seen = vec![0u8; m * total];
+                        for (rows, p, cols, at) in &tasks {
+                            let col0: usize = widths[..*p].iter().sum();
+                            assert!(!rows.is_empty() && !cols.is_empty());
+                            assert_eq!(cols.start % align, 0, "{widths:?} {threads} {m}");
+                            assert_eq!(*at, col0 + cols.start);
+                            assert!(cols.end <= widths[*p]);
+                            for r in rows.clone() {
+                                for c in cols.clone() {
+                                    seen[r * total + col0 + c] += 1;
+                                }
+                            }
+                        }
+                        assert!(seen.iter().all(|&v| v == 1), "{widths:?} {threads} {m}");
+                        if threads == 1 {
+                            assert_eq!(tasks.len(), widths.len());
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn linear_splits_cover_every_column_and_row() {
