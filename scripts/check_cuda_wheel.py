@@ -22,12 +22,13 @@ Exit status 0 when every check passes; each failure is printed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
+import runpy
 import shutil
 import subprocess
 import sys
 import tempfile
+import types
 import zipfile
 from pathlib import Path
 
@@ -108,13 +109,14 @@ def main() -> int:
     if size > CARRY_LIMIT:
         failures.append(f"the wheel is {size / 2**20:.1f} MiB, over the 64 MiB carried")
 
-    spec = importlib.util.spec_from_file_location(
-        "_cuda_libs_check", ROOT / "python/mlmf/_cuda_libs.py"
+    # The loader's functions, without importing mlmf (or running its preload) here.
+    cuda_libs = types.ModuleType("_cuda_libs_check")
+    marker = runpy.run_path(str(ROOT / "python/mlmf/_marker.py"))
+    cuda_libs.__dict__["read_list"] = marker["read_list"]
+    source = (ROOT / "python/mlmf/_cuda_libs.py").read_text()
+    source = source.replace("\npreload()\n", "\n").replace(
+        "from mlmf._marker import read_list\n", ""
     )
-    assert spec and spec.loader
-    cuda_libs = importlib.util.module_from_spec(spec)
-    # Load the module's functions without running its preload on this interpreter.
-    source = (ROOT / "python/mlmf/_cuda_libs.py").read_text().replace("\npreload()\n", "\n")
     exec(compile(source, str(ROOT / "python/mlmf/_cuda_libs.py"), "exec"), cuda_libs.__dict__)
 
     with tempfile.TemporaryDirectory(prefix="mlmf-cuda-wheel-") as tmp:

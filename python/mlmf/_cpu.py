@@ -15,12 +15,13 @@ separated by spaces or commas) replaces the CPU's flags, to try the check;
 from __future__ import annotations
 
 import importlib.util
-import mmap
 import os
 import platform
 import re
 import sys
 from typing import Optional
+
+from mlmf._marker import read_list
 
 _MARK = b"mlmf-target-features:"
 #: What follows the marker: comma-separated feature names, up to a semicolon.
@@ -56,15 +57,7 @@ BUILD_HINT = (
 def build_features(library: str) -> Optional[list[str]]:
     """The target features recorded in the extension file ``library`` (None without
     a marker)."""
-    with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        start = m.find(_MARK)
-        while start >= 0:
-            end = m.find(b";", start, start + 4096)
-            raw = m[start + len(_MARK) : end] if end > 0 else b""
-            if raw and _FEATURE_LIST.fullmatch(raw):
-                return raw.decode("ascii").split(",")
-            start = m.find(_MARK, start + 1)
-    return None
+    return read_list(library, _MARK, _FEATURE_LIST)
 
 
 def cpu_flags() -> Optional[set[str]]:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import ctypes
 import glob
 import importlib.util
-import mmap
 import os
 import re
 import sys
 from collections.abc import Iterable
 from typing import Optional
+
+from mlmf._marker import read_list
 
 _MARK = b"mlmf-cuda-libraries:"
 _LIST = re.compile(rb"[A-Za-z0-9._+-]+(,[A-Za-z0-9._+-]+)*")
@@ -56,15 +57,7 @@ _WHEEL_DIRS = (
 
 def recorded(library: str) -> list[str]:
     """The libraries the extension file ``library`` records (empty without any)."""
-    with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        start = m.find(_MARK)
-        while start >= 0:
-            end = m.find(b";", start, start + 4096)
-            raw = m[start + len(_MARK) : end] if end > 0 else None
-            if raw is not None and (raw == b"" or _LIST.fullmatch(raw)):
-                return [n for n in raw.decode("ascii").split(",") if n]
-            start = m.find(_MARK, start + 1)
-    return []
+    return read_list(library, _MARK, _LIST, empty=True) or []
 
 
 def stem(soname: str) -> str:
