@@ -52,8 +52,9 @@ test-rust: sysdeps ## Rust unit and integration tests
 	cargo test --release --workspace
 
 .PHONY: test-python
-test-python: ## pytest suites
+test-python: ## pytest suites, then the `cuda` tests with the CPU standing in for the GPU
 	$(PY) -m pytest -q tests
+	MLMF_TEST_GPU=cpu $(PY) -m pytest -q -m cuda tests/test_cuda.py
 
 .PHONY: wheel
 wheel: sysdeps $(PY) ## build the abi3 manylinux wheel and the sdist into dist/ (maturin checks the policy)

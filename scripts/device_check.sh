@@ -92,6 +92,8 @@ fi
 "$PY" -c "import mlmf; print('mlmf', mlmf.__version__, 'from', mlmf.__file__, '; CUDA build:', mlmf.CUDA_COMPILED)" || exit 1
 
 step "tests marked cuda"
+# On the CPU the tests run with the CPU standing in for the GPU (tests/test_cuda.py).
+if [ "$DEVICE" = cpu ]; then export MLMF_TEST_GPU=cpu; fi
 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider -rs \
   --junitxml="$OUT_DIR/cuda-tests.xml"
 TESTS=$?

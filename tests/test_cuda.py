@@ -4,11 +4,17 @@ Marked `cuda` (`pytest -m cuda` runs only these). They need a build with the `cu
 feature (`maturin develop --release --features python,cuda`) and a GPU whose driver and
 CUDA libraries load; elsewhere each is skipped with the reason.
 `scripts/device_check.sh` runs them on the GPU machine.
+
+`MLMF_TEST_GPU=cpu` runs them with the CPU standing in for the GPU (the comparisons
+then hold trivially; what it checks is that every test's own steps work, before they
+run on a GPU); `scripts/device_check.sh --device cpu` does so. Tests of what only a GPU
+refuses are skipped then.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -19,6 +25,10 @@ import mlmf
 from test_encoders import CASES, TINY, cosines, encoder_inputs, model_dir, stored
 
 pytestmark = pytest.mark.cuda
+
+# The device under test: "cuda", or "cpu" standing in for it (see the module docs).
+GPU = os.environ.get("MLMF_TEST_GPU", "cuda")
+DRY_RUN = GPU == "cpu"
 
 FIX = Path(__file__).parent / "fixtures"
 MODELS = FIX / "encoders" / "models"
@@ -35,6 +45,8 @@ HALF_ATOL = {"float16": 2e-2, "bfloat16": 1e-1}
 @functools.cache
 def gpu_missing() -> str | None:
     """Why the CUDA tests cannot run here, or None when they can."""
+    if DRY_RUN:
+        return None
     if not mlmf.CUDA_COMPILED:
         return "this build of mlmf has no CUDA support (build it with `--features python,cuda`)"
     try:
@@ -69,8 +81,8 @@ def close(name: str, got: np.ndarray, want: np.ndarray, atol: float) -> float:
 def test_each_family_on_cuda_equals_the_cpu(cid: str) -> None:
     x = encoder_inputs(CASES[cid])
     cpu = on(cid, "cpu").encode(x)
-    gpu_enc = on(cid, "cuda")
-    assert gpu_enc.device.startswith("cuda")
+    gpu_enc = on(cid, GPU)
+    assert gpu_enc.device.startswith(GPU)
     gpu = gpu_enc.encode(x)
     close(f"{cid} pooled", gpu.pooled, cpu.pooled, ATOL)
     close(f"{cid} hidden states", gpu.hidden_states, cpu.hidden_states, ATOL)
@@ -84,7 +96,7 @@ def test_each_family_on_cuda_equals_the_cpu(cid: str) -> None:
 def test_sixteen_bit_weights_on_cuda_stay_close_to_cpu_float32(cid: str, dtype: str) -> None:
     x = encoder_inputs(CASES[cid])
     want = on(cid, "cpu").encode(x).pooled
-    enc = on(cid, "cuda", dtype)
+    enc = on(cid, GPU, dtype)
     assert enc.dtype == dtype
     got = enc.encode(x).pooled
     assert got.dtype == np.float32
@@ -93,6 +105,8 @@ def test_sixteen_bit_weights_on_cuda_stay_close_to_cpu_float32(cid: str, dtype: 
 
 
 def test_int8_is_refused_on_cuda() -> None:
+    if DRY_RUN:
+        pytest.skip("int8 runs on the CPU")
     with pytest.raises(mlmf.ConfigError, match="int8 runs on the CPU only"):
         mlmf.Encoder.from_pretrained(MODELS / "bert_tiny", device="cuda", dtype="int8")
 
@@ -111,8 +125,8 @@ FUSIONS = [
 ]
 
 
-def model(device: str, strategy: str, opts: dict, cache: dict | None = None):
-    cfg = {
+def model_config(device: str, strategy: str, opts: dict, cache: dict | None = None) -> dict:
+    return {
         "device": device,
         "modalities": {
             "text": {"model": str(MODELS / "st_mean_norm")},
@@ -123,6 +137,10 @@ def model(device: str, strategy: str, opts: dict, cache: dict | None = None):
         "cross_modal_attention": {"num_heads": 2, "pairs": ["text->image"], "seed": 4},
         "cache": cache or {"enabled": False},
     }
+
+
+def model(device: str, strategy: str, opts: dict, cache: dict | None = None):
+    cfg = model_config(device, strategy, opts, cache)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # untrained fusion / attention
         return mlmf.MultiModalModel.load(cfg)
@@ -133,7 +151,7 @@ def test_the_whole_model_on_cuda_equals_the_cpu(strategy: str, opts: dict) -> No
     """Encoders, cross-modal attention and every fusion strategy, end to end."""
     inputs = {"text": TEXTS, "image": IMAGES, "audio": AUDIO}
     cpu = model("cpu", strategy, opts).infer(**inputs)
-    gpu = model("cuda", strategy, opts).infer(**inputs)
+    gpu = model(GPU, strategy, opts).infer(**inputs)
     for m in ("text", "image", "audio"):
         close(f"{strategy} {m} embedding", gpu.embeddings[m], cpu.embeddings[m], ATOL)
     close(f"{strategy} fused", gpu.fused, cpu.fused, ATOL)
@@ -145,7 +163,97 @@ def test_cache_keys_are_the_same_on_every_device(tmp_path: Path) -> None:
     """What the CPU wrote to the disk cache, the GPU model reads back."""
     disk = {"disk": {"path": str(tmp_path / "cache")}}
     first = model("cpu", "late", {"mode": "concat"}, cache=disk).infer(text=TEXTS)
-    again = model("cuda", "late", {"mode": "concat"}, cache=disk).infer(text=TEXTS)
+    again = model(GPU, "late", {"mode": "concat"}, cache=disk).infer(text=TEXTS)
     assert again.stats["modalities"]["text"]["disk_hits"] == len(TEXTS)
     assert again.stats["modalities"]["text"]["encoded"] == 0
     np.testing.assert_array_equal(again.embeddings["text"], first.embeddings["text"])
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    num = (a * b).sum(-1)
+    return float((num / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
+
+
+def test_a_bfloat16_model_with_adapters_and_token_fusion_on_cuda() -> None:
+    """16-bit encoders' states through the adapters, the attention and an early fusion
+    (the model reads them as float32 and returns float32 arrays)."""
+    inputs = {"text": TEXTS, "image": IMAGES, "audio": AUDIO}
+    cfgs = {}
+    for device, dtype in (("cpu", "float32"), (GPU, "bfloat16")):
+        cfg = model_config(device, "early", {"num_heads": 2, "num_layers": 1})
+        cfg["dtype"] = dtype
+        cfg["adapters"] = {"dim": 16, "seed": 5}
+        cfgs[dtype] = cfg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cpu = mlmf.MultiModalModel.load(cfgs["float32"]).infer(**inputs)
+        gpu = mlmf.MultiModalModel.load(cfgs["bfloat16"]).infer(**inputs)
+    for m in ("text", "image", "audio"):
+        assert gpu.embeddings[m].dtype == np.float32
+        assert cosine_rows(gpu.embeddings[m], cpu.embeddings[m]) > 0.99, m
+        assert cosine_rows(gpu.projected[m], cpu.projected[m]) > 0.99, m
+    assert gpu.fused.shape == cpu.fused.shape and np.isfinite(gpu.fused).all()
+    assert cosine_rows(gpu.fused, cpu.fused) > 0.98
+
+
+def test_given_token_states_and_their_mask_on_cuda() -> None:
+    """A host mask beside token states that the model moves to the GPU."""
+    rng = np.random.default_rng(2)
+    tokens = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    outs = []
+    for device in ("cpu", GPU):
+        cfg = model_config(device, "attention", {"attention_dim": 16})
+        cfg["modalities"]["custom:3"] = {"dim": 6}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = mlmf.MultiModalModel.load(cfg)
+        outs.append(m.infer(text=TEXTS, embeddings={"custom:3": (tokens, mask)}))
+    cpu, gpu = outs
+    close("given tokens", gpu.embeddings["custom:3"], cpu.embeddings["custom:3"], ATOL)
+    close("fused", gpu.fused, cpu.fused, ATOL)
+
+
+def test_a_python_encoder_inside_a_cuda_model(tmp_path: Path) -> None:
+    """An encoder registered from Python returns host arrays; the model moves them."""
+    d = tmp_path / "toy"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "toy_mean_pixels_cuda"}')
+    vit = MODELS / "vit_tiny"
+    (d / "model.safetensors").write_bytes((vit / "model.safetensors").read_bytes())
+    (d / "preprocessor_config.json").write_bytes((vit / "preprocessor_config.json").read_bytes())
+    mlmf.register_encoder(
+        "toy_mean_pixels_cuda",
+        lambda path, config: lambda px: px.mean(axis=(2, 3)),
+        modality="image",
+        dim=3,
+    )
+    outs = {}
+    for name, device in (("cpu", "cpu"), ("gpu", GPU)):
+        cfg = model_config(device, "late", {"mode": "concat"})
+        cfg["modalities"]["image"] = {"model": str(d)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            outs[name] = mlmf.MultiModalModel.load(cfg).infer(text=TEXTS, image=IMAGES)
+    close("python encoder", outs["gpu"].embeddings["image"], outs["cpu"].embeddings["image"], ATOL)
+    close("fused", outs["gpu"].fused, outs["cpu"].fused, ATOL)
+
+
+def test_training_is_refused_on_cuda() -> None:
+    if DRY_RUN:
+        pytest.skip("training runs on the CPU")
+    config = {
+        "device": "cuda",
+        "modalities": {"text": {"dim": 12}, "image": {"dim": 10}},
+        "fusion": {"strategy": "late", "out_dim": 16},
+    }
+    rng = np.random.default_rng(0)
+    data = {
+        "text": rng.standard_normal((8, 12)).astype(np.float32),
+        "image": rng.standard_normal((8, 10)).astype(np.float32),
+        "label": np.arange(8) % 2,
+    }
+    with pytest.raises(mlmf.ConfigError, match="training runs on the CPU only"):
+        objectives = [mlmf.Classify(num_classes=2)]
+        mlmf.Trainer(config, objectives=objectives, epochs=1, progress=False).fit(data)

@@ -532,14 +532,17 @@ impl ModalityEncoder for Bert {
         let dev = &self.info.device;
         let mask = text_mask(batch, dev)?;
         let f = ce("bert embeddings");
-        let lengths: Vec<usize> = mask
-            .to_dtype(DType::U32)
-            .and_then(|m| m.sum(1))
-            .and_then(|m| m.to_vec1::<u32>())
-            .map_err(&f)?
-            .into_iter()
-            .map(|n| n as usize)
-            .collect();
+        // Real tokens per row, counted on the host (as `text_mask` reads the mask).
+        let lengths: Vec<usize> = if batch.attention_mask.dim() == (b, t) {
+            batch
+                .attention_mask
+                .rows()
+                .into_iter()
+                .map(|r| r.iter().filter(|&&v| v != 0).count())
+                .collect()
+        } else {
+            vec![t; b]
+        };
         let mut x = embed(&self.word, &batch.input_ids, dev)?;
         x = if self.family.offset_positions() {
             // transformers' create_position_ids_from_input_ids: padding tokens sit at

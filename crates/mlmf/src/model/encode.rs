@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::{keys, ms, CallModality, ItemEncoding, Slot, TokenStates};
 use crate::cache::ContentKey;
@@ -75,7 +75,10 @@ pub(super) fn given_items(slot: &Slot, emb: ModalityInput) -> Result<Encoded> {
         }
     } else {
         let mask = match &emb.mask {
-            Some(mk) => crate::attention::check_mask(mk, b, t, "mask: ", m)?,
+            // The mask comes from the host; the states are on the model's device.
+            Some(mk) => crate::attention::check_mask(mk, b, t, "mask: ", m)?
+                .to_device(&slot.device)
+                .map_err(&f)?,
             None => Tensor::ones((b, t), DType::F32, &slot.device).map_err(&f)?,
         };
         EncoderOutput {
@@ -313,12 +316,26 @@ pub(super) fn run_encoder(
     let t_pre = t.elapsed();
     c.preprocess.record(t_pre);
     let t = Instant::now();
-    let out = encoder.encode_preprocessed(&pre).map_err(at)?;
+    let out = on_device(encoder.encode_preprocessed(&pre).map_err(at)?, &slot.device)?;
     let encs = split_items(&out)?;
     let t_enc = t.elapsed();
     c.encode.record(t_enc);
     c.encoded.fetch_add(encs.len() as u64, Ordering::Relaxed);
     Ok((encs, t_pre, t_enc))
+}
+
+/// `out` on the model's device: an encoder registered from Python returns host
+/// tensors, and the fusion, attention and cached items live on the model's device.
+fn on_device(out: EncoderOutput, device: &Device) -> Result<EncoderOutput> {
+    if out.pooled.device().same_device(device) {
+        return Ok(out);
+    }
+    let f = ce("encoder output to the model's device");
+    Ok(EncoderOutput {
+        pooled: out.pooled.to_device(device).map_err(&f)?,
+        hidden_states: out.hidden_states.to_device(device).map_err(&f)?,
+        mask: out.mask.to_device(device).map_err(&f)?,
+    })
 }
 
 /// Per row: the position after the last real one (at least 1).

@@ -1030,15 +1030,20 @@ impl MultiModalModel {
             .iter()
             .filter(|(m, _)| a.covers(*m))
             .map(|(m, x)| {
+                // Float32 as the fusion reads them (16-bit encoders' states are not).
+                let states = x
+                    .states
+                    .to_dtype(DType::F32)
+                    .map_err(ce("projected embeddings"))?;
                 let v = match &x.mask {
-                    None if x.states.rank() == 2 => x.states.clone(),
+                    None if states.rank() == 2 => states,
                     mask => {
                         let mask = mask
                             .as_ref()
                             .map(|k| k.to_dtype(DType::F32))
                             .transpose()
                             .map_err(ce("projected embeddings"))?;
-                        crate::fusion::masked_mean(&x.states, mask.as_ref())?
+                        crate::fusion::masked_mean(&states, mask.as_ref())?
                     }
                 };
                 Ok((*m, v))

@@ -67,7 +67,12 @@ pub(crate) fn float_tensor(
 pub(crate) fn host_array(py: Python<'_>, t: &Tensor) -> Result<Py<PyAny>> {
     let f = ce("copy to host");
     let dims = t.dims().to_vec();
-    let v: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(f)?;
+    // States of a 16-bit model (on a GPU) come back as float32 arrays.
+    let v: Vec<f32> = t
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .map_err(f)?;
     let a = ndarray::ArrayD::from_shape_vec(dims, v)
         .map_err(|e| MlmfError::Internal(format!("output shape: {e}")))?;
     Ok(a.into_pyarray(py).into_any().unbind())

@@ -141,6 +141,15 @@ impl Nets {
             .first()
             .map(|(_, t)| t.device().clone())
             .unwrap_or(Device::Cpu);
+        // The optimiser's update and the loss kernels are CPU custom ops: refuse before
+        // a forward and backward pass are spent.
+        if !device.is_cpu() {
+            return Err(MlmfError::config(
+                "device",
+                "training runs on the CPU only, not on a GPU: load the model with device \
+                 \"cpu\" to train; the trained weights then load on any device",
+            ));
+        }
         let mut vs = VarStore::default();
         for (n, t) in fusion.named_tensors() {
             vs.add(&format!("fusion.{n}"), t, true)?;
