@@ -29,6 +29,7 @@ report) is harness.py.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import time
 import traceback
@@ -435,10 +436,17 @@ class Encoders(harness.Suite):
             return mlmf.Encoder.from_pretrained(f32.path, modality=f32.modality, dtype=dtype)
 
         i8, bf16 = load("int8"), load("bfloat16")
+        # The bfloat16 weights packed for the widening kernels (the only ones on CPUs
+        # without BF16 dot products), to time both on this CPU.
+        os.environ["MLMF_BF16_KERNEL"] = "widen"
+        try:
+            bf16_wide = load("bfloat16")
+        finally:
+            del os.environ["MLMF_BF16_KERNEL"]
         ref = f32.encode(mlmf_in)
         cos = {
             d: cosines(e.encode(mlmf_in).pooled, ref.pooled)
-            for d, e in (("int8", i8), ("bfloat16", bf16))
+            for d, e in (("int8", i8), ("bfloat16", bf16), ("bfloat16 widened", bf16_wide))
         }
         mib = {
             d: e.weight_bytes / 2**20
@@ -449,7 +457,9 @@ class Encoders(harness.Suite):
         self.notes.append(
             f"{short} ({key}): pooled cosine to float32 over the row's {items} input(s), "
             f"mean / worst: int8 {cos['int8'][0]:.5f} / {cos['int8'][1]:.5f}, bfloat16 "
-            f"{cos['bfloat16'][0]:.6f} / {cos['bfloat16'][1]:.6f}; weights in memory: "
+            f"{cos['bfloat16'][0]:.6f} / {cos['bfloat16'][1]:.6f} (widened: "
+            f"{cos['bfloat16 widened'][0]:.6f} / {cos['bfloat16 widened'][1]:.6f}); "
+            "weights in memory: "
             + ", ".join(f"{d} {v:.1f} MiB" for d, v in mib.items())
             + "; process memory added by the load and one call (VmRSS, a fresh process "
             "each): " + ", ".join(f"{d} {v}" for d, v in rss.items()) + "."
@@ -496,7 +506,10 @@ class Encoders(harness.Suite):
                 rounds=self.rounds_for(rounds),
                 mlmf=harness.Contender("mlmf bfloat16", lambda: bf16.encode(mlmf_in)),
                 competitors=[
-                    harness.Contender("mlmf float32", lambda: f32.encode(mlmf_in), target=1.0)
+                    harness.Contender("mlmf float32", lambda: f32.encode(mlmf_in), target=1.0),
+                    harness.Contender(
+                        "mlmf bfloat16, widened to float32", lambda: bf16_wide.encode(mlmf_in)
+                    ),
                 ],
                 compare=compare,
                 gflop_per_item=GFLOP[key.split("_")[0]],

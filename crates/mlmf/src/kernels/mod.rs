@@ -26,6 +26,7 @@
 //! single-threaded inside each task.
 
 pub(crate) mod attention;
+pub(crate) mod btile;
 pub(crate) mod half;
 pub(crate) mod int8;
 pub(crate) mod linear;

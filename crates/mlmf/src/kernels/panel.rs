@@ -17,6 +17,7 @@
 
 use half::{bf16, f16};
 
+use super::btile::{self, BPanels};
 use super::gemm_into;
 use super::half::Half as Widen;
 use super::small;
@@ -39,6 +40,9 @@ pub(crate) enum PanelData {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
+    /// bfloat16 in pairs, for the BF16 dot-product tile ([`super::btile`]), on CPUs
+    /// that have it.
+    Bf16Pairs(BPanels),
 }
 
 /// A linear map's `W^T` (`[k, n]`, `n` a multiple of [`WIDTH`]) as panels.
@@ -108,6 +112,9 @@ impl Panels {
     ) -> Self {
         use candle_core::DType;
         let data = match dtype {
+            DType::BF16 if btile::chosen() => {
+                PanelData::Bf16Pairs(BPanels::pack(k, n, |kk, c| bf16::from_f32(at(kk, c))))
+            }
             DType::BF16 => PanelData::Bf16(pack(k, n, at, bf16::from_f32)),
             DType::F16 => PanelData::F16(pack(k, n, at, f16::from_f32)),
             _ => PanelData::F32(pack(k, n, at, |v| v)),
@@ -129,14 +136,17 @@ impl Panels {
     pub(crate) fn dtype(&self) -> candle_core::DType {
         match self.data {
             PanelData::F32(_) => candle_core::DType::F32,
-            PanelData::Bf16(_) => candle_core::DType::BF16,
+            PanelData::Bf16(_) | PanelData::Bf16Pairs(_) => candle_core::DType::BF16,
             PanelData::F16(_) => candle_core::DType::F16,
         }
     }
 
     /// Resident bytes.
     pub(crate) fn bytes(&self) -> usize {
-        self.k * self.n * self.dtype().size_in_bytes()
+        match &self.data {
+            PanelData::Bf16Pairs(p) => p.bytes(),
+            _ => self.k * self.n * self.dtype().size_in_bytes(),
+        }
     }
 
     /// `W^T` as row-major float32 `[k, n]`.
@@ -146,6 +156,7 @@ impl Panels {
             PanelData::F32(p) => unpack(p, k, n, |v| v),
             PanelData::Bf16(p) => unpack(p, k, n, bf16::to_f32),
             PanelData::F16(p) => unpack(p, k, n, f16::to_f32),
+            PanelData::Bf16Pairs(p) => (0..k * n).map(|i| p.get(i / n, i % n).to_f32()).collect(),
         }
     }
 
@@ -158,6 +169,9 @@ impl Panels {
             }
             PanelData::F16(p) => {
                 PanelData::F16(p.iter().map(|v| f16::from_f32(v.to_f32() * s)).collect())
+            }
+            PanelData::Bf16Pairs(p) => {
+                PanelData::Bf16Pairs(p.map(|v| bf16::from_f32(v.to_f32() * s)))
             }
         };
         Self { data, ..*self }
@@ -184,6 +198,11 @@ impl Panels {
     ) {
         debug_assert!(k0 + kn <= self.k && cols.end <= self.n);
         debug_assert!(cols.start.is_multiple_of(WIDTH) && cols.end.is_multiple_of(WIDTH));
+        if let PanelData::Bf16Pairs(p) = &self.data {
+            // Packed so only where the CPU has the tile.
+            btile::product(p, m, (k0, kn), cols, dst, dst_rs, accumulate, lhs, lhs_rs);
+            return;
+        }
         let span = (cols.start, cols.len());
         if small::available() && m > small::MAX_ROWS_HALF {
             match &self.data {
@@ -193,7 +212,7 @@ impl Panels {
                 PanelData::F16(p) => {
                     return self.widened(p, m, (k0, kn), cols, dst, dst_rs, accumulate, lhs, lhs_rs)
                 }
-                PanelData::F32(_) => {}
+                PanelData::F32(_) | PanelData::Bf16Pairs(_) => {}
             }
         }
         if small::available() {
@@ -217,6 +236,7 @@ impl Panels {
                 PanelData::F32(p) => tile!(p),
                 PanelData::Bf16(p) => tile!(p),
                 PanelData::F16(p) => tile!(p),
+                PanelData::Bf16Pairs(_) => unreachable!("multiplied by the BF16 tile"),
             }
             return;
         }
@@ -306,6 +326,7 @@ impl Panels {
                     wide.extend(p[at..at + kn * WIDTH].iter().map(|v| v.to_f32()));
                     &wide
                 }
+                PanelData::Bf16Pairs(_) => unreachable!("multiplied by the BF16 tile"),
             };
             gemm_into(
                 m,
