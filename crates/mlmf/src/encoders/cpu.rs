@@ -190,11 +190,12 @@ pub(crate) fn run_layers(
             let scale = layer.attn.scale as f32;
             let (eps1, eps2) = (layer.norm1.eps, layer.norm2.eps);
             let qkv_parts = [w.q, w.k, w.v];
+            let bf16 = crate::kernels::attention::bf16_products(w.q.w);
             if layer.pre_norm {
                 // x += attn(ln1(x)); x += fc2(act(fc1(ln2(x))))
                 layer_norm(&x, d, w.norm1, eps1, &mut h);
                 linear(&h, m, d, &qkv_parts, &mut qkv, 3 * d, false, None);
-                attention(&qkv, b, t, d, heads, scale, bias.as_ref(), &mut ctx);
+                attention(&qkv, b, t, d, heads, scale, bias.as_ref(), &mut ctx, bf16);
                 linear(&ctx, m, d, &[w.o], &mut x, d, true, None);
                 layer_norm(&x, d, w.norm2, eps2, &mut h);
                 linear(&h, m, d, &[w.fc1], &mut u, li, false, Some(layer.act));
@@ -202,7 +203,7 @@ pub(crate) fn run_layers(
             } else {
                 // x = ln1(x + attn(x)); x = ln2(x + fc2(act(fc1(x))))
                 linear(&x, m, d, &qkv_parts, &mut qkv, 3 * d, false, None);
-                attention(&qkv, b, t, d, heads, scale, bias.as_ref(), &mut ctx);
+                attention(&qkv, b, t, d, heads, scale, bias.as_ref(), &mut ctx, bf16);
                 h.copy_from_slice(&x);
                 linear(&ctx, m, d, &[w.o], &mut h, d, true, None);
                 layer_norm(&h, d, w.norm1, eps1, &mut x);
@@ -383,7 +384,8 @@ pub(crate) fn self_attention(
         return Ok(None);
     }
     let mut ctx = vec![0f32; b * t * d];
-    attention(&qkv, b, t, d, heads, scale as f32, bias, &mut ctx);
+    let bf16 = matches!(&q.weight, LinearWeight::Panels(p) if p.bf16_products());
+    attention(&qkv, b, t, d, heads, scale as f32, bias, &mut ctx, bf16);
     Tensor::from_vec(ctx, (b, t, d), &candle_core::Device::Cpu)
         .map(Some)
         .map_err(ce("attention"))

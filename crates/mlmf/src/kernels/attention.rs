@@ -8,8 +8,10 @@
 //! copies.
 
 use candle_core::DType;
+use half::bf16;
 use rayon::prelude::*;
 
+use super::btile::{self, BPanels};
 use super::{exp_sum, gemm_into, sum, Dst, MASKED};
 use crate::error::{ce, MlmfError, Result};
 
@@ -102,13 +104,62 @@ pub(crate) struct Rows {
     pub(crate) dh: usize,
 }
 
+/// One head's keys and values packed for the BF16 tile ([`super::btile`]): `K^T`
+/// (`[dh, tk]`, its columns padded to whole panels) and `V` (`[tk, dh]`). Packed once
+/// per head and call, then read by every block of queries.
+pub(crate) struct KvPanels {
+    kt: BPanels,
+    v: BPanels,
+    /// `tk` rounded up to whole panels: the score rows' stride.
+    ld: usize,
+}
+
+impl KvPanels {
+    /// Packs `tk` keys and values (`dh` wide, row stride `kv_rs`); `None` when `dh`
+    /// is not whole panels.
+    ///
+    /// # Safety
+    /// `k` and `v` must address `tk` rows of `dh` values with row stride `kv_rs`.
+    pub(crate) unsafe fn pack(
+        k: *const f32,
+        v: *const f32,
+        kv_rs: usize,
+        tk: usize,
+        dh: usize,
+    ) -> Option<Self> {
+        if !dh.is_multiple_of(btile::NR) || dh == 0 || tk == 0 {
+            return None;
+        }
+        let ld = tk.next_multiple_of(btile::NR);
+        let kt = BPanels::pack(dh, ld, |kk, c| {
+            if c < tk {
+                bf16::from_f32(*k.add(c * kv_rs + kk))
+            } else {
+                bf16::ZERO
+            }
+        });
+        let v = BPanels::pack(tk, dh, |kk, c| bf16::from_f32(*v.add(kk * kv_rs + c)));
+        Some(Self { kt, v, ld })
+    }
+}
+
+/// Whether attention next to bfloat16 weights packed for the BF16 tile multiplies in
+/// bfloat16 too (queries, keys, values and probabilities rounded; sums, softmax and
+/// output float32), as the linear maps around it do.
+pub(crate) fn bf16_products(w: super::WeightRef<'_>) -> bool {
+    matches!(w, super::WeightRef::Panel(p) if p.bf16_products())
+}
+
 /// `out = softmax(scale * q k^T + bias) v` for one task. `bias(i)` is query row `i`'s
 /// additive bias; with `keys` (0/1 per key) masked keys get exactly 0 and a row with
 /// no key gets 0. With `weights`, the probabilities are written there (`nq x tk`).
+/// With `kv`, the two products run on the BF16 tile from the head's packed keys and
+/// values (and `scores` holds rows `kv.ld` long).
 ///
 /// # Safety
 /// The views in `r` must be valid for their extents; `out` (and `weights`) must not be
-/// written by another task at the same time.
+/// written by another task at the same time; `kv` must be packed from `r`'s keys and
+/// values on a CPU with the BF16 tile.
 pub(crate) unsafe fn attend_rows<'b>(
     r: Rows,
     scale: f32,
@@ -116,27 +167,47 @@ pub(crate) unsafe fn attend_rows<'b>(
     keys: Option<&[f32]>,
     scores: &mut [f32],
     weights: Option<*mut f32>,
+    kv: Option<&KvPanels>,
 ) {
     let Rows { nq, tk, dh, .. } = r;
     let mut inv = [0f32; 128];
-    // scores = scale * q k^T: rhs(kk, j) = k[j, kk].
-    gemm_into(
-        nq,
-        tk,
-        dh,
-        scores.as_mut_ptr(),
-        tk,
-        false,
-        r.q,
-        r.q_rs,
-        1,
-        r.k,
-        1,
-        r.kv_rs,
-        scale,
-    );
+    let ld = kv.map_or(tk, |p| p.ld);
+    match kv {
+        // scores = q k^T, then scaled row by row below.
+        Some(p) => btile::product(
+            &p.kt,
+            nq,
+            (0, dh),
+            0..ld,
+            scores.as_mut_ptr(),
+            ld,
+            false,
+            r.q,
+            r.q_rs,
+        ),
+        // scores = scale * q k^T: rhs(kk, j) = k[j, kk].
+        None => gemm_into(
+            nq,
+            tk,
+            dh,
+            scores.as_mut_ptr(),
+            tk,
+            false,
+            r.q,
+            r.q_rs,
+            1,
+            r.k,
+            1,
+            r.kv_rs,
+            scale,
+        ),
+    }
     // Unnormalised softmax numerators; each row's 1 / sum scales its output row.
-    for (i, row) in scores[..nq * tk].chunks_exact_mut(tk).enumerate() {
+    for (i, row) in scores[..nq * ld].chunks_exact_mut(ld).enumerate() {
+        let row = &mut row[..tk];
+        if kv.is_some() {
+            row.iter_mut().for_each(|s| *s *= scale);
+        }
         if let Some(b) = bias(i) {
             for (s, b) in row.iter_mut().zip(b) {
                 *s += b;
@@ -160,21 +231,34 @@ pub(crate) unsafe fn attend_rows<'b>(
             }
         }
     }
-    gemm_into(
-        nq,
-        dh,
-        tk,
-        r.out,
-        r.out_rs,
-        false,
-        scores.as_ptr(),
-        tk,
-        1,
-        r.v,
-        r.kv_rs,
-        1,
-        1.0,
-    );
+    match kv {
+        Some(p) => btile::product(
+            &p.v,
+            nq,
+            (0, tk),
+            0..dh,
+            r.out,
+            r.out_rs,
+            false,
+            scores.as_ptr(),
+            ld,
+        ),
+        None => gemm_into(
+            nq,
+            dh,
+            tk,
+            r.out,
+            r.out_rs,
+            false,
+            scores.as_ptr(),
+            tk,
+            1,
+            r.v,
+            r.kv_rs,
+            1,
+            1.0,
+        ),
+    }
     for (i, &f) in inv[..nq].iter().enumerate() {
         std::slice::from_raw_parts_mut(r.out.add(i * r.out_rs), dh)
             .iter_mut()
@@ -197,6 +281,7 @@ fn attend_block(
     bias: Option<&Bias>,
     out: Dst,
     scores: &mut [f32],
+    kv: Option<&KvPanels>,
 ) {
     let rs = 3 * d;
     // SAFETY: q/k/v are read inside `qkv` ([B*T, 3D]); the task writes the rows
@@ -216,7 +301,7 @@ fn attend_block(
             dh,
         };
         let row_bias = |i: usize| bias.map(|b| b.row(bi, h, q0 + i, t));
-        attend_rows(rows, scale, row_bias, None, scores, None);
+        attend_rows(rows, scale, row_bias, None, scores, None, kv);
     }
 }
 
@@ -282,14 +367,16 @@ pub(crate) fn cross_attention(
                 let row_bias = |_: usize| bias.as_deref().map(|m| &m[bi * tk..(bi + 1) * tk]);
                 let key_row = keys.map(|m| &m[bi * tk..(bi + 1) * tk]);
                 let w = wout.map(|w| w.ptr().add(((bi * heads + h) * tq + q0) * tk));
-                attend_rows(rows, scale, row_bias, key_row, &mut scores, w);
+                attend_rows(rows, scale, row_bias, key_row, &mut scores, w, None);
             }
         });
     });
 }
 
 /// Multi-head attention over the `[B*T, 3D]` projections `qkv` (queries, keys, values
-/// side by side, heads contiguous inside each) into `ctx` `[B*T, D]`.
+/// side by side, heads contiguous inside each) into `ctx` `[B*T, D]`. With `bf16`
+/// (the layer's weights multiply on the BF16 tile: [`bf16_products`]) each head's keys
+/// and values are packed for that tile once, and both products run on it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     qkv: &[f32],
@@ -300,8 +387,28 @@ pub(crate) fn attention(
     scale: f32,
     bias: Option<&Bias>,
     ctx: &mut [f32],
+    bf16: bool,
 ) {
     let dh = d / heads;
+    let rs = 3 * d;
+    assert!(qkv.len() >= b * t * rs && ctx.len() >= b * t * d);
+    let packed: Option<Vec<KvPanels>> = (bf16 && btile::supported() && b * heads > 0)
+        .then(|| {
+            (0..b * heads)
+                .into_par_iter()
+                .map(|bh| {
+                    let (bi, h) = (bh / heads, bh % heads);
+                    // SAFETY: batch row bi's keys and values, head h, inside `qkv`
+                    // (asserted above).
+                    unsafe {
+                        let base = qkv.as_ptr().add(bi * t * rs + h * dh);
+                        KvPanels::pack(base.add(d), base.add(2 * d), rs, t, dh)
+                    }
+                })
+                .collect::<Option<Vec<_>>>()
+        })
+        .flatten();
+    let ld = packed.as_ref().map_or(t, |p| p[0].ld);
     // Queries per task: at most 128 (Whisper's 1500 frames: 12 blocks per head). Each
     // block repacks the head's keys and values, so smaller blocks cost more packing;
     // 32 and 64 measured slower than 128 on Whisper-base.
@@ -315,8 +422,8 @@ pub(crate) fn attention(
         let nq = block.min(t - q0);
         SCRATCH.with(|cell| {
             let mut scores = cell.borrow_mut();
-            if scores.len() < nq * t {
-                scores.resize(nq * t, 0.0);
+            if scores.len() < nq * ld {
+                scores.resize(nq * ld, 0.0);
             }
             attend_block(
                 qkv,
@@ -330,8 +437,89 @@ pub(crate) fn attention(
                 scale,
                 bias,
                 out,
-                &mut scores[..nq * t],
+                &mut scores[..nq * ld],
+                packed.as_ref().map(|p| &p[bh]),
             );
         });
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: usize, amp: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((((i + seed) * 2_654_435_761) % 2001) as f32 / 1000.0 - 1.0) * amp)
+            .collect()
+    }
+
+    /// The BF16 path against the attention of the rounded queries, keys, values and
+    /// probabilities worked out in float64 (softmax sums of the unrounded
+    /// probabilities, as the kernel normalises); and against float32 within bfloat16's
+    /// precision. Ragged key counts (padded score rows), two blocks of queries, a bias.
+    #[test]
+    fn bf16_attention_equals_the_attention_of_the_rounded_values() {
+        if !btile::supported() {
+            return;
+        }
+        let r = |v: f32| f64::from(bf16::from_f32(v).to_f32());
+        for &(b, t, heads, dh) in &[(2, 37, 2, 16), (1, 150, 2, 32), (1, 16, 1, 64)] {
+            let d = heads * dh;
+            let qkv = values(b * t * 3 * d, t, 1.5);
+            let bias_data = values(heads * t * t, 7, 0.5);
+            let bias = Bias::per_window(bias_data.clone(), 1, heads, t);
+            let scale = 1.0 / (dh as f32).sqrt();
+            let mut got = vec![0f32; b * t * d];
+            attention(&qkv, b, t, d, heads, scale, Some(&bias), &mut got, true);
+            let mut f32_out = vec![0f32; b * t * d];
+            attention(
+                &qkv,
+                b,
+                t,
+                d,
+                heads,
+                scale,
+                Some(&bias),
+                &mut f32_out,
+                false,
+            );
+            let at = |bi: usize, row: usize, col: usize| qkv[(bi * t + row) * 3 * d + col];
+            let mut worst_vs_f32 = 0f32;
+            for bi in 0..b {
+                for h in 0..heads {
+                    for i in 0..t {
+                        let s: Vec<f64> = (0..t)
+                            .map(|j| {
+                                let dot: f64 = (0..dh)
+                                    .map(|c| {
+                                        r(at(bi, i, h * dh + c)) * r(at(bi, j, d + h * dh + c))
+                                    })
+                                    .sum();
+                                dot * f64::from(scale) + f64::from(bias_data[(h * t + i) * t + j])
+                            })
+                            .collect();
+                        let m = s.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+                        let p: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+                        let total: f64 = p.iter().sum();
+                        for c in 0..dh {
+                            let num: f64 = (0..t)
+                                .map(|j| r(p[j] as f32) * r(at(bi, j, 2 * d + h * dh + c)))
+                                .sum();
+                            let want = num / total;
+                            let k = (bi * t + i) * d + h * dh + c;
+                            let g = f64::from(got[k]);
+                            assert!(
+                                (g - want).abs() <= 2e-3,
+                                "b{b} t{t} h{heads} dh{dh} ({bi}, {h}, {i}, {c}): {g} vs {want}"
+                            );
+                            worst_vs_f32 = worst_vs_f32.max((got[k] - f32_out[k]).abs());
+                        }
+                    }
+                }
+            }
+            // Bfloat16 moves the outputs, by about its precision and no more.
+            assert!(worst_vs_f32 > 1e-5 && worst_vs_f32 < 5e-2, "{worst_vs_f32}");
+        }
+    }
 }

@@ -132,6 +132,11 @@ impl Panels {
         self.n
     }
 
+    /// Whether the products run on the BF16 tile (bfloat16 activations).
+    pub(crate) fn bf16_products(&self) -> bool {
+        matches!(self.data, PanelData::Bf16Pairs(_))
+    }
+
     /// The dtype the values are stored in.
     pub(crate) fn dtype(&self) -> candle_core::DType {
         match self.data {

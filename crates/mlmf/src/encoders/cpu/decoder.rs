@@ -274,7 +274,7 @@ fn causal_attention(
                     dh: hd,
                 };
                 let row_bias = |i: usize| Some(&bias[i * tk..(i + 1) * tk]);
-                attend_rows(rows, scale, row_bias, None, &mut scores, None);
+                attend_rows(rows, scale, row_bias, None, &mut scores, None, None);
             }
         });
     });

@@ -223,7 +223,7 @@ fn packed_attention(
                     tk,
                     dh,
                 };
-                attend_rows(rows, scale, |_| None, None, &mut scores, None);
+                attend_rows(rows, scale, |_| None, None, &mut scores, None, None);
             });
         }
     });

@@ -126,6 +126,7 @@ pub(crate) fn run_blocks(x: &Tensor, blocks: &[WindowBlock<'_>]) -> Result<Optio
                 scale,
                 Some(blk.bias),
                 &mut ctx,
+                crate::kernels::attention::bf16_products(q.w),
             );
             linear(&ctx, m, c, &[o], &mut h, c, false, None);
             x.par_chunks_mut(c).enumerate().for_each(|(row, xr)| {
