@@ -143,11 +143,17 @@ impl KvPanels {
     }
 }
 
-/// Whether attention next to bfloat16 weights packed for the BF16 tile multiplies in
-/// bfloat16 too (queries, keys, values and probabilities rounded; sums, softmax and
-/// output float32), as the linear maps around it do.
+/// Whether attention next to the weight `w` multiplies in bfloat16 (queries, keys,
+/// values and probabilities rounded; sums, softmax and output float32): next to
+/// bfloat16 weights packed for the BF16 tile, as the linear maps around it do, and next
+/// to int8 weights loaded where the tile was [`btile::chosen`] (their own products are
+/// coarser than bfloat16's).
 pub(crate) fn bf16_products(w: super::WeightRef<'_>) -> bool {
-    matches!(w, super::WeightRef::Panel(p) if p.bf16_products())
+    match w {
+        super::WeightRef::Panel(p) => p.bf16_products(),
+        super::WeightRef::Int8(m) => m.bf16_attention(),
+        _ => false,
+    }
 }
 
 /// `out = softmax(scale * q k^T + bias) v` for one task. `bias(i)` is query row `i`'s

@@ -49,6 +49,9 @@ pub(crate) struct Int8Matrix {
     /// panels).
     scales: Vec<f32>,
     packed: Packed,
+    /// Whether the attention next to this map multiplies on the BF16 tile (decided at
+    /// load: [`super::btile::chosen`]).
+    bf16_attention: bool,
 }
 
 /// The codes, packed for the kernel this CPU runs.
@@ -176,6 +179,7 @@ impl Int8Matrix {
             n,
             scales,
             packed,
+            bf16_attention: super::btile::chosen(),
         }
     }
 
@@ -197,6 +201,11 @@ impl Int8Matrix {
         self.k
     }
 
+    /// Whether the attention next to this map multiplies on the BF16 tile.
+    pub(crate) fn bf16_attention(&self) -> bool {
+        self.bf16_attention
+    }
+
     pub(crate) fn cols(&self) -> usize {
         self.n
     }
@@ -208,6 +217,7 @@ impl Int8Matrix {
             n: self.n,
             scales: self.scales.iter().map(|v| v * s).collect(),
             packed: self.packed.clone(),
+            bf16_attention: self.bf16_attention,
         }
     }
 
