@@ -9,8 +9,10 @@
 //!
 //! Prints a markdown table: the median time of each product, GOP/s (two per
 //! multiply-add), the ratios to mlmf's int8, and each int8 product's largest error
-//! against float32 relative to the largest output. `MLMF_INT8_KERNEL` picks mlmf's int8
-//! kernel (docs/encoders.md, "Precision").
+//! against float32 relative to the largest output; then mlmf's bfloat16 product (on the
+//! BF16 tile where the CPU has one) against float32. `MLMF_INT8_KERNEL` picks mlmf's
+//! int8 kernel, `MLMF_BF16_KERNEL=widen` the widening bfloat16 one (docs/encoders.md,
+//! "Precision").
 
 use std::time::Instant;
 
@@ -56,6 +58,7 @@ fn main() -> candle_core::Result<()> {
         ("Whisper fc2", 1500, 2048, 512),
     ];
     println!("threads: {}", rayon::current_num_threads());
+    let mut bf16_rows = Vec::new();
     println!(
         "| product | m x k x n | mlmf float32 GFLOP/s | mlmf int8 GOP/s | candle Q8_0 GOP/s \
          | mlmf int8 vs candle Q8_0 | mlmf int8 vs float32 | error int8 / Q8_0 |"
@@ -82,7 +85,25 @@ fn main() -> candle_core::Result<()> {
         let t_q8 = median_s(|| q8_out = q8.forward(&x).expect("quantized matmul"));
         let q8v = q8_out.flatten_all()?.to_vec1::<f32>()?;
 
+        let bf16_map = F32Linear::bf16(&wv, n, k);
+        let mut bf16_out = vec![0f32; m * n];
+        let t_bf16 = median_s(|| bf16_map.forward(&xv, m, &mut bf16_out));
         let ops = 2.0 * (m * k * n) as f64 / 1e9;
+        bf16_rows.push(format!(
+            "| {name} | {m} x {k} x {n} | {:.0} | {:.0} | {:.2}x | {:.1e} |",
+            ops / t_f32,
+            ops / t_bf16,
+            t_f32 / t_bf16,
+            rel_err(&bf16_out, &want),
+        ));
+        let tile = if bf16_map.on_bf16_tile() {
+            "the BF16 tile"
+        } else {
+            "widened to float32"
+        };
+        if bf16_rows.len() == 1 {
+            bf16_rows.insert(0, format!("\nbfloat16 products: {tile}\n"));
+        }
         println!(
             "| {name} | {m} x {k} x {n} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.1e} / {:.1e} |",
             ops / t_f32,
@@ -93,6 +114,15 @@ fn main() -> candle_core::Result<()> {
             rel_err(&got, &want),
             rel_err(&q8v, &want),
         );
+    }
+    println!("{}", bf16_rows[0]);
+    println!(
+        "| product | m x k x n | mlmf float32 GFLOP/s | mlmf bfloat16 GFLOP/s \
+         | bfloat16 vs float32 | error bfloat16 |"
+    );
+    println!("|---|---|---:|---:|---:|---|");
+    for row in &bf16_rows[1..] {
+        println!("{row}");
     }
     Ok(())
 }

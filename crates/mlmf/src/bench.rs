@@ -1,5 +1,6 @@
 //! Entry points into the CPU kernels for `benches/` (hidden from the documentation; not
-//! part of the API): one linear map `x W^T` in int8 or float32, as the encoders run it.
+//! part of the API): one linear map `x W^T` in int8, float32 or bfloat16, as the encoders
+//! run it.
 
 use crate::kernels::{self, int8::Int8Matrix, panel::Panels, Lin, WeightRef};
 
@@ -35,7 +36,7 @@ impl Int8Linear {
     }
 }
 
-/// A float32 linear map kept as panels, as a float32 load keeps it.
+/// A float32 (or bfloat16) linear map kept as panels, as a load in that dtype keeps it.
 pub struct F32Linear {
     w: Panels,
     k: usize,
@@ -45,12 +46,27 @@ pub struct F32Linear {
 impl F32Linear {
     /// From a PyTorch-layout weight `[out, in]` (`out` a multiple of 16).
     pub fn new(w: &[f32], out: usize, inn: usize) -> Self {
+        Self::in_dtype(w, out, inn, candle_core::DType::F32)
+    }
+
+    /// The same in bfloat16: on the BF16 tile where this CPU has it (and
+    /// `MLMF_BF16_KERNEL` does not say `widen`), else widened to float32.
+    pub fn bf16(w: &[f32], out: usize, inn: usize) -> Self {
+        Self::in_dtype(w, out, inn, candle_core::DType::BF16)
+    }
+
+    fn in_dtype(w: &[f32], out: usize, inn: usize, dtype: candle_core::DType) -> Self {
         assert!(
             Panels::fits(out),
             "{out} outputs: expected a multiple of 16"
         );
-        let w = Panels::from_out_in(w, inn, out, candle_core::DType::F32);
+        let w = Panels::from_out_in(w, inn, out, dtype);
         Self { w, k: inn, n: out }
+    }
+
+    /// Whether the products run on the BF16 tile.
+    pub fn on_bf16_tile(&self) -> bool {
+        self.w.bf16_products()
     }
 
     /// `dst = x W^T` for `m` rows.
