@@ -574,6 +574,18 @@ impl CrossModalAttention {
         }
         let f = ce("attention mask");
         let h = self.heads;
+        if let (Some(m), None, false) = (km, cfg.sliding_window, sparse) {
+            // The key padding mask alone: built where the logits are, with no round
+            // trip through the host (on a GPU, B x H x Tq x Tk floats per call).
+            return m
+                .ne(0f32)
+                .and_then(|m| m.to_dtype(DType::F32))
+                .and_then(|m| m.reshape((b, 1, 1, tk)))
+                .and_then(|m| m.broadcast_as((b, h, tq, tk)))
+                .and_then(|m| m.contiguous())
+                .map(Some)
+                .map_err(f);
+        }
         let keys: Option<Vec<f32>> = km
             .map(|m| m.flatten_all().and_then(|m| m.to_vec1()))
             .transpose()
@@ -814,6 +826,38 @@ mod tests {
             CrossModalAttention::load(&path, 16, 12, &cfg(4, None), &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("k_proj.weight"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The key padding mask built with tensor ops equals the host construction (which
+    /// a window too wide to exclude anything takes).
+    #[test]
+    fn the_key_mask_built_on_the_device_equals_the_host_one() {
+        let (b, tq, tk) = (2, 3, 5);
+        let km = Tensor::from_vec(
+            vec![1f32, 1., 0., 1., 0., 0., 1., 0., 0., 1.],
+            (b, tk),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let logits = input(b * 4, tq, tk, 3).reshape((b, 4, tq, tk)).unwrap();
+        let plain = CrossModalAttention::new(16, 12, &cfg(4, None), 1, &Device::Cpu).unwrap();
+        let wide = CrossModalAttentionConfig {
+            sliding_window: Some(1000),
+            ..cfg(4, None)
+        };
+        let host = CrossModalAttention::new(16, 12, &wide, 1, &Device::Cpu).unwrap();
+        let a = plain
+            .allowed(&logits, Some(&km), (b, tq, tk))
+            .unwrap()
+            .unwrap();
+        let want = host
+            .allowed(&logits, Some(&km), (b, tq, tk))
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.dims(), &[b, 4, tq, tk]);
+        assert_eq!(max_diff(&a, &want), 0.0);
+        let row = a.get(1).unwrap().get(2).unwrap().get(0).unwrap();
+        assert_eq!(row.to_vec1::<f32>().unwrap(), vec![0., 1., 0., 0., 1.]);
     }
 
     #[test]

@@ -109,14 +109,25 @@ fn windows(x: &Tensor, k: usize, s: usize) -> Result<Tensor> {
         }
         return Tensor::from_vec(rows, (out, k * c), x.device()).map_err(f);
     }
+    windows_by_ops(x, k, s, out).map_err(f)
+}
+
+/// [`windows`] as tensor ops on the tensor's device (no index uploaded per tap): tap
+/// `j` is rows `j, j + s, ..`: `out * s` rows from `j` (zeros padded past the end) seen
+/// as `[out, s, c]`, first of each `s`.
+fn windows_by_ops(x: &Tensor, k: usize, s: usize, out: usize) -> candle_core::Result<Tensor> {
+    let c = x.dim(1)?;
+    let padded = x.contiguous()?.pad_with_zeros(0, 0, s)?;
     let taps = (0..k)
         .map(|j| {
-            let idx: Vec<u32> = (0..out).map(|i| (i * s + j) as u32).collect();
-            Tensor::from_vec(idx, out, x.device()).and_then(|idx| x.index_select(&idx, 0))
+            padded
+                .narrow(0, j, out * s)?
+                .reshape((out, s, c))?
+                .narrow(1, 0, 1)?
+                .squeeze(1)
         })
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(&f)?;
-    Tensor::cat(&taps, 1).map_err(f)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&taps, 1)
 }
 
 impl ChannelNorm {
@@ -575,11 +586,29 @@ mod tests {
             w.to_vec2::<f32>().unwrap(),
             vec![vec![0.0, 1.0, 10.0, 11.0], vec![20.0, 21.0, 30.0, 31.0]]
         );
-        // The generic path (another dtype) reads the same windows.
-        let w64 = windows(&x.to_dtype(DType::F64).unwrap(), 2, 2).unwrap();
-        assert_eq!(
-            w64.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
-            w.to_vec2::<f32>().unwrap()
-        );
+        // The generic path (another dtype, or a GPU) reads the same windows, for the
+        // feature encoder's kernels and strides and the positional convolution's.
+        for (t, k, s) in [
+            (5, 2, 2),
+            (17, 3, 2),
+            (41, 10, 5),
+            (12, 2, 2),
+            (130, 128, 1),
+        ] {
+            let x = Tensor::from_vec(
+                (0..t * 3).map(|i| i as f32).collect::<Vec<_>>(),
+                (t, 3),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let w = windows(&x, k, s).unwrap();
+            let w64 = windows(&x.to_dtype(DType::F64).unwrap(), k, s).unwrap();
+            assert_eq!(w.dims(), &[(t - k) / s + 1, 3 * k]);
+            assert_eq!(
+                w64.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
+                w.to_vec2::<f32>().unwrap(),
+                "t {t}, kernel {k}, stride {s}"
+            );
+        }
     }
 }

@@ -452,8 +452,13 @@ impl Fusion {
         // Built-in strategies run with the pool kept awake (see `pool`); a custom
         // component may call back into Python, so it runs on the caller's thread. So
         // does a call too small for any of its products to go parallel (a few pooled
-        // rows): entering the pool would cost more than the call.
-        let inline = matches!(self.strategy, FusionStrategy::Custom(_))
+        // rows): entering the pool would cost more than the call; and one on a GPU,
+        // where no CPU kernel runs (the helpers would only spin).
+        let on_gpu = prepared
+            .present()
+            .any(|(_, _, p)| !p.tokens.device().is_cpu());
+        let inline = on_gpu
+            || matches!(self.strategy, FusionStrategy::Custom(_))
             || prepared
                 .present()
                 .map(|(_, _, p)| p.tokens.elem_count())
