@@ -10,9 +10,10 @@ configs (fixed seed) into a temporary folder at start; the ONNX models are expor
 from the same torch modules with `torch.onnx.export`. Contenders alternate within one
 process for several rounds; the table reports medians, competitor_time / mlmf_time and
 effective GFLOP/s. The `precision` rows run mlmf's int8 and bfloat16 encoders of the
-CLIP, Whisper and MiniLM workloads against mlmf float32 and ONNX Runtime int8
-(`quantize_dynamic` of the exported model: per-channel 7-bit int8 weights), and note
-each one's cosine to float32 and weight memory.
+CLIP, Whisper and MiniLM workloads against mlmf float32, ONNX Runtime int8
+(`quantize_dynamic` of the exported model: per-channel 7-bit int8 weights), PyTorch
+eager in bfloat16, and mlmf with the BF16 tile off (`MLMF_BF16_KERNEL=widen` at load),
+and note each one's cosine to float32 and weight memory.
 
 Usage (from the repository root, with torch, transformers and onnxruntime installed
 into the same environment as mlmf)::
@@ -28,6 +29,7 @@ report) is harness.py.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
@@ -315,7 +317,8 @@ class Encoders(harness.Suite):
         *harness.gflops_columns(lambda ln: ln.row.gflop_per_item, per_item=True),
         harness.met_column(
             "Target (≥ 1x vs PyTorch eager; [int8]: ≥ 1x vs ONNX Runtime int8, ≥ 1x vs mlmf "
-            "float32 (1.3x at CLIP batch 1); [bfloat16]: ≥ 1x vs mlmf float32)"
+            "float32 (1.3x at CLIP batch 1); [bfloat16]: ≥ 1x vs mlmf float32 and PyTorch "
+            "eager bfloat16)"
         ),
         harness.diff_column("max abs diff (hidden / pooled)"),
     )
@@ -329,8 +332,9 @@ class Encoders(harness.Suite):
         super().__init__(args, workdir)
         self.exporters: dict[str, str] = {}
         # What the precision rows reuse: per key, the float32 row's (workload, items,
-        # rounds, encoder, inputs), and its ONNX file when the export worked.
-        self.prepared: dict[str, tuple[str, int, int, Any, Any]] = {}
+        # rounds, encoder, inputs, torch module, torch inputs), and its ONNX file when
+        # the export worked.
+        self.prepared: dict[str, tuple[str, int, int, Any, Any, Any, tuple]] = {}
         self.onnx: dict[str, Path] = {}
 
     def _row(
@@ -352,7 +356,7 @@ class Encoders(harness.Suite):
         """
         import torch
 
-        self.prepared[key] = (workload, items, rounds, enc, mlmf_in)
+        self.prepared[key] = (workload, items, rounds, enc, mlmf_in, module, torch_in)
 
         def run_torch() -> tuple[Any, Any]:
             with torch.inference_mode():
@@ -428,9 +432,30 @@ class Encoders(harness.Suite):
         return rows
 
     def _precision(
-        self, key: str, workload: str, items: int, rounds: int, f32: Any, mlmf_in: Any
+        self,
+        key: str,
+        workload: str,
+        items: int,
+        rounds: int,
+        f32: Any,
+        mlmf_in: Any,
+        module: Any,
+        torch_in: tuple,
     ) -> list[Row]:
+        import torch
+
         import mlmf
+
+        # PyTorch eager in bfloat16 (oneDNN's BF16 kernels where the CPU has them).
+        module_bf16 = copy.deepcopy(module).to(torch.bfloat16).eval()
+        torch_in_bf16 = tuple(
+            t.to(torch.bfloat16) if t.is_floating_point() else t for t in torch_in
+        )
+
+        def run_torch_bf16() -> tuple[Any, Any]:
+            with torch.inference_mode():
+                pooled, hidden = module_bf16(*torch_in_bf16)
+                return pooled.float(), hidden.float()
 
         def load(dtype: str) -> Any:
             return mlmf.Encoder.from_pretrained(f32.path, modality=f32.modality, dtype=dtype)
@@ -520,6 +545,7 @@ class Encoders(harness.Suite):
                     harness.Contender(
                         "mlmf bfloat16, widened to float32", lambda: bf16_wide.encode(mlmf_in)
                     ),
+                    harness.Contender(f"{TORCH} bfloat16", run_torch_bf16, target=1.0),
                 ],
                 compare=compare,
                 gflop_per_item=GFLOP[key.split("_")[0]],
