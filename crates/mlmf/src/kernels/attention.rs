@@ -5,7 +5,9 @@
 //! stays in cache; softmax normalisation is applied to the small output block instead
 //! of the score rows. Heads are read from side-by-side projections with strides, and
 //! results written where the output projection reads them: no head split or merge
-//! copies.
+//! copies. Next to weights that multiply on the BF16 tile ([`bf16_products`]), each
+//! head's keys and values are packed for that tile once per call ([`KvPanels`]) and
+//! both products run on it; elsewhere they are the `gemm` crate's float32 kernels.
 
 use candle_core::DType;
 use half::bf16;

@@ -17,6 +17,9 @@
 //! - [`panel`]: weights stored as 16-column panels, the layout the tile reads;
 //! - [`int8`] and [`qtile`]: dynamically quantised int8 linear maps and their
 //!   AVX-512 VNNI and AVX2 register tiles;
+//! - [`btile`]: bfloat16 products on the AVX-512 BF16 dot-product instruction, for
+//!   bfloat16 weights and the attention next to bfloat16 and int8 weights, on CPUs
+//!   that have it;
 //! - [`tensor`]: borrowing the CPU storage of candle tensors, and transposing weights
 //!   at load so that the kernels read them in memory order.
 //!
