@@ -454,13 +454,8 @@ pub(crate) fn attention(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values as values;
     use super::*;
-
-    fn values(len: usize, seed: usize, amp: f32) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((((i + seed) * 2_654_435_761) % 2001) as f32 / 1000.0 - 1.0) * amp)
-            .collect()
-    }
 
     /// The BF16 path against the attention of the rounded queries, keys, values and
     /// probabilities worked out in float64 (softmax sums of the unrounded

@@ -374,9 +374,7 @@ mod tests {
     use half::bf16;
 
     fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((((i + seed) * 2_654_435_761) % 2001) as f32 - 1000.0) * 1.3e-3)
-            .collect()
+        super::super::test_values(len, seed, 1.3)
     }
 
     #[test]

@@ -48,6 +48,14 @@ pub(crate) use tensor::{
     is_plain_f32, is_plain_weight, slice, transpose, transpose_le_bytes, weight_data, with_slices,
 };
 
+/// Deterministic values spread over `[-amp, amp]`, for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: usize, amp: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((((i + seed) * 2_654_435_761) % 2001) as f32 / 1000.0 - 1.0) * amp)
+        .collect()
+}
+
 /// Added to the attention logits of masked keys: far below any real logit, yet finite
 /// so that a row with every key masked stays a number.
 pub(crate) const MASKED: f32 = -1e30;
