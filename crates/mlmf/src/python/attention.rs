@@ -68,9 +68,8 @@ pub(crate) fn host_array(py: Python<'_>, t: &Tensor) -> Result<Py<PyAny>> {
     let f = ce("copy to host");
     let dims = t.dims().to_vec();
     // States of a 16-bit model (on a GPU) come back as float32 arrays.
-    let v: Vec<f32> = t
-        .to_dtype(candle_core::DType::F32)
-        .and_then(|t| t.flatten_all())
+    let v: Vec<f32> = super::encoders::to_host_f32(t)?
+        .flatten_all()
         .and_then(|t| t.to_vec1())
         .map_err(f)?;
     let a = ndarray::ArrayD::from_shape_vec(dims, v)

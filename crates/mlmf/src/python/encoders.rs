@@ -73,7 +73,7 @@ struct HostOutput {
 }
 
 /// An output tensor as float32 on the CPU.
-fn to_host_f32(t: &Tensor) -> Result<Tensor> {
+pub(super) fn to_host_f32(t: &Tensor) -> Result<Tensor> {
     t.to_device(&Device::Cpu)
         .and_then(|t| t.to_dtype(DType::F32))
         .map_err(ce("copy to host"))
