@@ -554,71 +554,10 @@ impl Activation {
 
 pub(crate) use crate::kernels::{Activation, MASKED};
 
-/// An additive float32 attention bias broadcastable to `[B, H, Tq, Tk]`.
-pub(crate) type AttnBias = Option<Tensor>;
-
-/// Key-padding bias `[B, 1, 1, T]` from a `[B, T]` mask of 0/1 (u8 or integer).
-pub(crate) fn padding_bias(mask: &Tensor) -> Result<Tensor> {
-    let f = ce("attention mask");
-    let (b, t) = mask.dims2().map_err(&f)?;
-    let m = mask.to_dtype(DType::F32).map_err(&f)?;
-    // (1 - m) * MASKED
-    let bias = m
-        .affine(-f64::from(MASKED), f64::from(MASKED))
-        .map_err(&f)?;
-    bias.reshape((b, 1, 1, t)).map_err(f)
-}
-
-/// Causal bias `[1, 1, T, T]`: key `j > i` masked for query `i`.
-pub(crate) fn causal_bias(t: usize, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { MASKED } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(v, (1, 1, t, t), device).map_err(ce("causal mask"))
-}
-
-/// Multi-head attention core: `softmax(q k^T * scale + bias) v` for `q` `[B, H, Tq, Dh]`,
-/// `k`, `v` `[B, H, Tk, Dh]`; softmax in float32.
-pub(crate) fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    bias: &AttnBias,
-) -> Result<Tensor> {
-    let f = ce("attention");
-    let dtype = q.dtype();
-    let scores = matmul(q, &k.t().map_err(&f)?)?;
-    let scores = scores.to_dtype(DType::F32).map_err(&f)?;
-    let scores = (scores * scale).map_err(&f)?;
-    let scores = match bias {
-        Some(b) => scores.broadcast_add(b).map_err(&f)?,
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous().map_err(&f)?).map_err(&f)?;
-    let probs = probs.to_dtype(dtype).map_err(&f)?;
-    matmul(&probs, v)
-}
-
-/// `[B, T, H*Dh]` -> `[B, H, T, Dh]`, contiguous.
-pub(crate) fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let f = ce("split heads");
-    let (b, t, d) = x.dims3().map_err(&f)?;
-    x.reshape((b, t, heads, d / heads))
-        .and_then(|x| x.transpose(1, 2))
-        .and_then(|x| x.contiguous())
-        .map_err(f)
-}
-
-/// `[B, H, T, Dh]` -> `[B, T, H*Dh]`.
-pub(crate) fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let f = ce("merge heads");
-    let (b, h, t, dh) = x.dims4().map_err(&f)?;
-    x.transpose(1, 2)
-        .and_then(|x| x.contiguous())
-        .and_then(|x| x.reshape((b, t, h * dh)))
-        .map_err(f)
-}
+mod attention;
+pub(crate) use attention::{
+    attention, causal_bias, merge_heads, padding_bias, split_heads, AttnBias,
+};
 
 /// Self-attention with separate q/k/v projections and an output projection.
 #[derive(Debug, Clone)]
@@ -946,37 +885,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn masked_rows_get_no_attention() {
-        let q = Tensor::ones((1, 1, 2, 4), DType::F32, &Device::Cpu).unwrap();
-        let k = Tensor::from_vec(
-            (0..12).map(|i| i as f32 * 0.1).collect::<Vec<_>>(),
-            (1, 1, 3, 4),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let v = Tensor::from_vec(
-            vec![1f32, 0., 0., 0., 0., 1., 0., 0., 0., 0., 1., 0.],
-            (1, 1, 3, 4),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let mask = Tensor::from_vec(vec![1u8, 1, 0], (1, 3), &Device::Cpu).unwrap();
-        let y = attention(&q, &k, &v, 0.5, &Some(padding_bias(&mask).unwrap())).unwrap();
-        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        // The third key is masked: no weight on the third value's coordinate.
-        assert_eq!(y[2], 0.0);
-        assert!((y[0] + y[1] - 1.0).abs() < 1e-6);
-        let causal = causal_bias(3, &Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(causal[1], MASKED);
-        assert_eq!(causal[3], 0.0);
     }
 
     #[test]
