@@ -34,6 +34,8 @@ pub struct Siglip2Vision {
     /// The position table `[G, G, D]`, float32 on the CPU (resized per grid).
     table: Vec<f32>,
     grid: usize,
+    /// The tables resized for the grids seen lately, on the model's device.
+    resized: GridTables,
     layers: Vec<EncoderLayer>,
     post_norm: LayerNorm,
     head: Option<PoolingHead>,
@@ -103,6 +105,7 @@ fn load_vision(req: &LoadRequest<'_>, model_type: &str) -> Result<Siglip2Vision>
         )?,
         table,
         grid,
+        resized: GridTables::default(),
         layers: load_layers(w, &p("encoder.layers."), &CLIP_LAYER, &s)?,
         post_norm: LayerNorm::load(w, &p("post_layernorm"), d, s.eps)?,
         head: if use_head {
@@ -192,30 +195,71 @@ fn resize_table(table: &[f32], g: usize, d: usize, (h, w): (usize, usize)) -> Ve
     out
 }
 
+/// How many grids keep their resized position table (a 16 x 16 grid of 768 wide rows:
+/// 0.8 MB in float32).
+const GRIDS: usize = 16;
+
+/// Position tables resized per grid, kept on the model's device so that a call uploads
+/// nothing for a grid seen lately: at most [`GRIDS`], the least recently used dropped
+/// first.
+#[derive(Default)]
+struct GridTables(std::sync::Mutex<Vec<((usize, usize), Tensor)>>);
+
+impl GridTables {
+    /// The table for `grid`, made by `make` when not held.
+    fn get(&self, grid: (usize, usize), make: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        let mut held = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = match held.iter().position(|(g, _)| *g == grid) {
+            Some(i) => held.remove(i),
+            None => {
+                if held.len() == GRIDS {
+                    held.remove(0);
+                }
+                (grid, make()?)
+            }
+        };
+        let table = entry.1.clone();
+        held.push(entry);
+        Ok(table)
+    }
+}
+
+/// `table` `[h*w, D]` extended to `n` rows by repeating its first row (padded patches
+/// get the grid's first position, as the reference does).
+fn pad_rows(table: &Tensor, n: usize) -> candle_core::Result<Tensor> {
+    let (hw, d) = table.dims2()?;
+    if hw >= n {
+        return Ok(table.clone());
+    }
+    let first = table
+        .narrow(0, 0, 1)?
+        .broadcast_as((n - hw, d))?
+        .contiguous()?;
+    Tensor::cat(&[table, &first], 0)
+}
+
 impl Siglip2Vision {
-    /// Position rows `[B, N, D]` for the batch's grids: each grid's resized table, its
-    /// padded rows given the first position.
+    /// Position rows `[B, N, D]` for the batch's grids: each grid's resized table (kept
+    /// on the device per grid), its padded rows given the first position.
     fn positions(&self, shapes: &[(usize, usize)], n: usize) -> Result<Tensor> {
         let d = self.info.hidden_size;
-        let mut rows = Vec::with_capacity(shapes.len() * n * d);
-        let mut seen: Vec<((usize, usize), Vec<f32>)> = Vec::new();
-        for &shape in shapes {
-            let at = match seen.iter().position(|(s, _)| *s == shape) {
-                Some(i) => i,
-                None => {
-                    seen.push((shape, resize_table(&self.table, self.grid, d, shape)));
-                    seen.len() - 1
-                }
-            };
-            let resized = &seen[at].1;
-            rows.extend_from_slice(resized);
-            for _ in shape.0 * shape.1..n {
-                rows.extend_from_slice(&resized[..d]);
-            }
-        }
-        Tensor::from_vec(rows, (shapes.len(), n, d), &self.place.device)
-            .and_then(|t| t.to_dtype(self.place.dtype))
-            .map_err(ce("siglip2 positions"))
+        let f = ce("siglip2 positions");
+        let rows = shapes
+            .iter()
+            .map(|&(h, w)| {
+                let table = self.resized.get((h, w), || {
+                    let host = resize_table(&self.table, self.grid, d, (h, w));
+                    Tensor::from_vec(host, (h * w, d), &self.place.device)
+                        .and_then(|t| t.to_dtype(self.place.dtype))
+                        .map_err(&f)
+                })?;
+                pad_rows(&table, n).map_err(&f)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&rows, 0).map_err(&f)
     }
 }
 
@@ -299,5 +343,40 @@ mod tests {
     fn an_unchanged_grid_keeps_the_table() {
         let table: Vec<f32> = (0..4 * 4 * 2).map(|v| v as f32).collect();
         assert_eq!(resize_table(&table, 4, 2, (4, 4)), table);
+    }
+
+    /// A grid's table is made once while held, the least recently used goes first,
+    /// and padding repeats the first position.
+    #[test]
+    fn grid_tables_are_kept_per_grid_and_padded_with_the_first_position() {
+        let dev = candle_core::Device::Cpu;
+        let tables = GridTables::default();
+        let made = std::cell::Cell::new(0);
+        let table = |g: (usize, usize)| {
+            let v: Vec<f32> = (0..g.0 * g.1 * 2).map(|i| (i + 100 * g.0) as f32).collect();
+            made.set(made.get() + 1);
+            Tensor::from_vec(v, (g.0 * g.1, 2), &dev).map_err(ce("test"))
+        };
+        let get = |g| tables.get(g, || table(g)).unwrap();
+        let first = get((2, 3)).to_vec2::<f32>().unwrap();
+        assert_eq!(get((2, 3)).to_vec2::<f32>().unwrap(), first);
+        assert_eq!(made.get(), 1);
+        for h in 3..3 + GRIDS {
+            get((h, 1));
+        }
+        // (2, 3) was the least recently used when the 17th grid came.
+        assert_eq!(made.get(), 1 + GRIDS);
+        get((GRIDS + 2, 1));
+        assert_eq!(made.get(), 1 + GRIDS);
+        get((2, 3));
+        assert_eq!(made.get(), 2 + GRIDS);
+
+        let padded = pad_rows(&get((2, 3)), 9).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(padded[..6], first[..]);
+        assert!(padded[6..].iter().all(|r| *r == first[0]));
+        assert_eq!(
+            pad_rows(&get((2, 3)), 6).unwrap().to_vec2::<f32>().unwrap(),
+            first
+        );
     }
 }
