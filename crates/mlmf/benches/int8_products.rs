@@ -14,38 +14,9 @@
 //! int8 kernel, `MLMF_BF16_KERNEL=widen` the widening bfloat16 one (docs/encoders.md,
 //! "Precision").
 
-use std::time::Instant;
-
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use mlmf::bench::{F32Linear, Int8Linear};
-
-/// Median seconds of `f` over enough calls to fill about half a second.
-fn median_s(mut f: impl FnMut()) -> f64 {
-    f();
-    let t = Instant::now();
-    f();
-    let once = t.elapsed().as_secs_f64().max(1e-6);
-    let reps = ((0.5 / once) as usize).clamp(5, 200);
-    let mut times: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[reps / 2]
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = got
-        .iter()
-        .zip(want)
-        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
-    worst / scale
-}
+use mlmf::bench::{median_s, rel_err, F32Linear, Int8Linear};
 
 fn main() -> candle_core::Result<()> {
     let shapes = [

@@ -78,3 +78,49 @@ impl F32Linear {
         kernels::linear(x, m, self.k, &part, dst, self.n, false, None);
     }
 }
+
+/// Whether this CPU multiplies bfloat16 on the BF16 tile.
+pub fn bf16_tile() -> bool {
+    kernels::btile::supported()
+}
+
+/// Multi-head self-attention over the projections `qkv` `[b*t, 3d]` (queries, keys,
+/// values side by side) into `ctx` `[b*t, d]`, scaled by `1/sqrt(d/heads)`, as an
+/// encoder layer runs it: with `bf16` both products run on the BF16 tile (where the CPU
+/// has it), as next to bfloat16 weights, at any key count (layers keep float32 below
+/// the count the tile pays off at).
+pub fn attention(qkv: &[f32], shape: (usize, usize, usize, usize), bf16: bool, ctx: &mut [f32]) {
+    let scale = ((shape.2 / shape.3) as f32).powf(-0.5);
+    kernels::attention::attention_on(qkv, shape, scale, None, ctx, bf16);
+}
+
+/// The fewest keys for which a bfloat16 layer's attention runs on the BF16 tile.
+pub const MIN_TILE_KEYS: usize = kernels::attention::MIN_TILE_KEYS;
+
+/// Median seconds of `f` over enough calls to fill about half a second.
+pub fn median_s(mut f: impl FnMut()) -> f64 {
+    f();
+    let t = std::time::Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64().max(1e-6);
+    let reps = ((0.5 / once) as usize).clamp(5, 200);
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[reps / 2]
+}
+
+/// The largest difference between `got` and `want`, relative to `want`'s largest value.
+pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    worst / scale
+}

@@ -10,7 +10,6 @@
 //! both products run on it; elsewhere they are the `gemm` crate's float32 kernels.
 
 use candle_core::DType;
-use half::bf16;
 use rayon::prelude::*;
 
 use super::btile::{self, BPanels};
@@ -133,14 +132,8 @@ impl KvPanels {
             return None;
         }
         let ld = tk.next_multiple_of(btile::NR);
-        let kt = BPanels::pack(dh, ld, |kk, c| {
-            if c < tk {
-                bf16::from_f32(*k.add(c * kv_rs + kk))
-            } else {
-                bf16::ZERO
-            }
-        });
-        let v = BPanels::pack(tk, dh, |kk, c| bf16::from_f32(*v.add(kk * kv_rs + c)));
+        let kt = BPanels::pack_rows_as_columns(k, kv_rs, tk, dh, ld);
+        let v = BPanels::pack_rows(v, kv_rs, tk, dh);
         Some(Self { kt, v, ld })
     }
 }
@@ -381,10 +374,26 @@ pub(crate) fn cross_attention(
     });
 }
 
+/// The fewest keys for which attention runs on the BF16 tile. Below, packing each
+/// head's keys and values, padding the keys to whole panels and the separate scaling
+/// pass cost about what the faster products save: `cargo bench --bench attention`
+/// measured 0.8-1.1x float32's speed at CLIP's 50 tokens, about 1x at 77, and
+/// 1.1-1.7x from 100 keys up (docs/encoders.md, "Precision"); float32 is also the more
+/// accurate there.
+pub(crate) const MIN_TILE_KEYS: usize = 96;
+
+/// The most packed keys and values one call of [`attention`] holds at once (in tests,
+/// little enough that a batch row or two fills it, so the passes are tested).
+#[cfg(not(test))]
+const PACKED_BYTES: usize = 32 << 20;
+#[cfg(test)]
+const PACKED_BYTES: usize = 8 << 10;
+
 /// Multi-head attention over the `[B*T, 3D]` projections `qkv` (queries, keys, values
 /// side by side, heads contiguous inside each) into `ctx` `[B*T, D]`. With `bf16`
-/// (the layer's weights multiply on the BF16 tile: [`bf16_products`]) each head's keys
-/// and values are packed for that tile once, and both products run on it.
+/// (the layer's weights multiply on the BF16 tile: [`bf16_products`]) and at least
+/// [`MIN_TILE_KEYS`] keys, each head's keys and values are packed for that tile once,
+/// and both products run on it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     qkv: &[f32],
@@ -397,65 +406,92 @@ pub(crate) fn attention(
     ctx: &mut [f32],
     bf16: bool,
 ) {
+    let tile = bf16 && t >= MIN_TILE_KEYS;
+    attention_on(qkv, (b, t, d, heads), scale, bias, ctx, tile);
+}
+
+/// [`attention`], both products on the BF16 tile when `tile` (and the CPU has it),
+/// whatever the key count.
+pub(crate) fn attention_on(
+    qkv: &[f32],
+    (b, t, d, heads): (usize, usize, usize, usize),
+    scale: f32,
+    bias: Option<&Bias>,
+    ctx: &mut [f32],
+    tile: bool,
+) {
     let dh = d / heads;
     let rs = 3 * d;
     assert!(qkv.len() >= b * t * rs && ctx.len() >= b * t * d);
-    let packed: Option<Vec<KvPanels>> = (bf16 && btile::supported() && b * heads > 0)
-        .then(|| {
-            (0..b * heads)
-                .into_par_iter()
-                .map(|bh| {
-                    let (bi, h) = (bh / heads, bh % heads);
-                    // SAFETY: batch row bi's keys and values, head h, inside `qkv`
-                    // (asserted above).
-                    unsafe {
-                        let base = qkv.as_ptr().add(bi * t * rs + h * dh);
-                        KvPanels::pack(base.add(d), base.add(2 * d), rs, t, dh)
-                    }
-                })
-                .collect::<Option<Vec<_>>>()
-        })
-        .flatten();
-    let ld = packed.as_ref().map_or(t, |p| p[0].ld);
+    let tile = tile && btile::supported();
+    // On the tile, batch rows go in passes that each pack their keys and values first,
+    // holding at most PACKED_BYTES of them (Whisper at batch 256 would hold 0.8 GB).
+    let packed_row = heads * (dh * t.next_multiple_of(btile::NR) + t.next_multiple_of(2) * dh) * 2;
+    let pass = if tile {
+        (PACKED_BYTES / packed_row.max(1)).max(1)
+    } else {
+        b.max(1)
+    };
     // Queries per task: at most 128 (Whisper's 1500 frames: 12 blocks per head). Each
     // block repacks the head's keys and values, so smaller blocks cost more packing;
     // 32 and 64 measured slower than 128 on Whisper-base.
     let block = t.min(128);
     let blocks = t.div_ceil(block);
     let out = Dst(ctx.as_mut_ptr());
-    (0..b * heads * blocks).into_par_iter().for_each(|task| {
-        let (bh, qblk) = (task / blocks, task % blocks);
-        let (bi, h) = (bh / heads, bh % heads);
-        let q0 = qblk * block;
-        let nq = block.min(t - q0);
-        SCRATCH.with(|cell| {
-            let mut scores = cell.borrow_mut();
-            if scores.len() < nq * ld {
-                scores.resize(nq * ld, 0.0);
-            }
-            attend_block(
-                qkv,
-                bi,
-                h,
-                q0,
-                nq,
-                t,
-                d,
-                dh,
-                scale,
-                bias,
-                out,
-                &mut scores[..nq * ld],
-                packed.as_ref().map(|p| &p[bh]),
-            );
+    for b0 in (0..b).step_by(pass) {
+        let rows = pass.min(b - b0);
+        let packed: Option<Vec<KvPanels>> = tile
+            .then(|| {
+                (0..rows * heads)
+                    .into_par_iter()
+                    .map(|bh| {
+                        let (bi, h) = (b0 + bh / heads, bh % heads);
+                        // SAFETY: batch row bi's keys and values, head h, inside `qkv`
+                        // (asserted above).
+                        unsafe {
+                            let base = qkv.as_ptr().add(bi * t * rs + h * dh);
+                            KvPanels::pack(base.add(d), base.add(2 * d), rs, t, dh)
+                        }
+                    })
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten();
+        let ld = packed.as_ref().map_or(t, |p| p[0].ld);
+        (0..rows * heads * blocks).into_par_iter().for_each(|task| {
+            let (bh, qblk) = (task / blocks, task % blocks);
+            let (bi, h) = (b0 + bh / heads, bh % heads);
+            let q0 = qblk * block;
+            let nq = block.min(t - q0);
+            SCRATCH.with(|cell| {
+                let mut scores = cell.borrow_mut();
+                if scores.len() < nq * ld {
+                    scores.resize(nq * ld, 0.0);
+                }
+                attend_block(
+                    qkv,
+                    bi,
+                    h,
+                    q0,
+                    nq,
+                    t,
+                    d,
+                    dh,
+                    scale,
+                    bias,
+                    out,
+                    &mut scores[..nq * ld],
+                    packed.as_ref().map(|p| &p[bh]),
+                );
+            });
         });
-    });
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::test_values as values;
     use super::*;
+    use half::bf16;
 
     /// The BF16 path against the attention of the rounded queries, keys, values and
     /// probabilities worked out in float64 (softmax sums of the unrounded
@@ -467,14 +503,19 @@ mod tests {
             return;
         }
         let r = |v: f32| f64::from(bf16::from_f32(v).to_f32());
-        for &(b, t, heads, dh) in &[(2, 37, 2, 16), (1, 150, 2, 32), (1, 16, 1, 64)] {
+        for &(b, t, heads, dh) in &[
+            (2, 37, 2, 16),
+            (1, 150, 2, 32),
+            (1, 16, 1, 64),
+            (3, 100, 2, 16),
+        ] {
             let d = heads * dh;
             let qkv = values(b * t * 3 * d, t, 1.5);
             let bias_data = values(heads * t * t, 7, 0.5);
             let bias = Bias::per_window(bias_data.clone(), 1, heads, t);
             let scale = 1.0 / (dh as f32).sqrt();
             let mut got = vec![0f32; b * t * d];
-            attention(&qkv, b, t, d, heads, scale, Some(&bias), &mut got, true);
+            attention_on(&qkv, (b, t, d, heads), scale, Some(&bias), &mut got, true);
             let mut f32_out = vec![0f32; b * t * d];
             attention(
                 &qkv,
@@ -487,6 +528,10 @@ mod tests {
                 &mut f32_out,
                 false,
             );
+            // Below the key count the tile pays off at, bfloat16 layers run float32.
+            let mut below = vec![0f32; b * t * d];
+            attention(&qkv, b, t, d, heads, scale, Some(&bias), &mut below, true);
+            assert_eq!(below == f32_out, t < MIN_TILE_KEYS, "{t} keys");
             let at = |bi: usize, row: usize, col: usize| qkv[(bi * t + row) * 3 * d + col];
             let mut worst_vs_f32 = 0f32;
             for bi in 0..b {

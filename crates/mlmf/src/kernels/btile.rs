@@ -97,6 +97,73 @@ impl BPanels {
         Self { k, n, pairs, lines }
     }
 
+    /// Packs `W^T = X^T` for `rows` rows of `k` values at `x` (row stride `rs`):
+    /// column `c` is row `c`, columns `rows..n` are zero. A row's consecutive values
+    /// are a pair, so each row is rounded in one pass ([`to_pairs`]) and its pairs are
+    /// spread over the panel's lines: an attention's keys as `K^T`.
+    ///
+    /// # Safety
+    /// `x` must address `rows` rows of `k` values with row stride `rs`.
+    pub(crate) unsafe fn pack_rows_as_columns(
+        x: *const f32,
+        rs: usize,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Self {
+        assert!(n.is_multiple_of(NR) && rows <= n, "{rows} of {n} columns");
+        let pairs = k.div_ceil(2);
+        let mut lines = vec![Line([0; NR * 2]); n / NR * pairs];
+        let mut row = vec![0u32; pairs];
+        for c in 0..rows {
+            to_pairs(std::slice::from_raw_parts(x.add(c * rs), k), 0, &mut row);
+            let (p, j) = (c / NR, c % NR);
+            for (line, &v) in lines[p * pairs..(p + 1) * pairs].iter_mut().zip(&row) {
+                line.0[2 * j] = v as u16;
+                line.0[2 * j + 1] = (v >> 16) as u16;
+            }
+        }
+        Self { k, n, pairs, lines }
+    }
+
+    /// Packs `W^T = X` for `k` rows of `n` values at `x` (row stride `rs`): each two
+    /// rows are rounded in one pass and interleaved into their lines. An attention's
+    /// values.
+    ///
+    /// # Safety
+    /// `x` must address `k` rows of `n` values with row stride `rs`.
+    pub(crate) unsafe fn pack_rows(x: *const f32, rs: usize, k: usize, n: usize) -> Self {
+        assert!(n.is_multiple_of(NR), "{n} columns: not whole panels");
+        let pairs = k.div_ceil(2);
+        let mut lines = vec![Line([0; NR * 2]); n / NR * pairs];
+        let (mut r0, mut r1) = (vec![0u32; n / 2], vec![0u32; n / 2]);
+        for g in 0..pairs {
+            to_pairs(std::slice::from_raw_parts(x.add(2 * g * rs), n), 0, &mut r0);
+            if 2 * g + 1 < k {
+                to_pairs(
+                    std::slice::from_raw_parts(x.add((2 * g + 1) * rs), n),
+                    0,
+                    &mut r1,
+                );
+            } else {
+                r1.fill(0);
+            }
+            // r0[j] holds row 2g's columns 2j and 2j + 1; a line wants column c's two
+            // rows side by side.
+            for p in 0..n / NR {
+                let line = &mut lines[p * pairs + g].0;
+                let (a, b) = (&r0[p * NR / 2..][..NR / 2], &r1[p * NR / 2..][..NR / 2]);
+                for j in 0..NR / 2 {
+                    line[4 * j] = a[j] as u16;
+                    line[4 * j + 1] = b[j] as u16;
+                    line[4 * j + 2] = (a[j] >> 16) as u16;
+                    line[4 * j + 3] = (b[j] >> 16) as u16;
+                }
+            }
+        }
+        Self { k, n, pairs, lines }
+    }
+
     /// Element `(kk, c)` of `W^T`.
     pub(crate) fn get(&self, kk: usize, c: usize) -> half::bf16 {
         let line = &self.lines[c / NR * self.pairs + kk / 2];
@@ -396,6 +463,40 @@ mod tests {
         let doubled = p.map(|v| bf16::from_f32(v.to_f32() * 2.0));
         assert_eq!(doubled.get(3, 17).to_f32(), 2.0 * p.get(3, 17).to_f32());
         assert_eq!(doubled.get(7, 5), bf16::ZERO);
+    }
+
+    /// The row packers place what the element-wise packer places: keys as columns
+    /// (ragged last panel, odd width) and rows (odd count), from strided rows.
+    #[test]
+    fn row_packers_equal_the_element_packer() {
+        let rs = 70;
+        let x = values(40 * rs, 4);
+        for &(rows, k, n) in &[(37, 64, 48), (16, 17, 16), (1, 2, 16)] {
+            // SAFETY: `rows` rows of `k <= rs` values fit in `x`.
+            let got = unsafe { BPanels::pack_rows_as_columns(x.as_ptr(), rs, rows, k, n) };
+            let want = BPanels::pack(k, n, |kk, c| {
+                if c < rows {
+                    bf16::from_f32(x[c * rs + kk])
+                } else {
+                    bf16::ZERO
+                }
+            });
+            assert_eq!((got.k, got.n, got.pairs), (want.k, want.n, want.pairs));
+            assert!(
+                got.lines.iter().zip(&want.lines).all(|(a, b)| a.0 == b.0),
+                "{rows}x{k}"
+            );
+        }
+        for &(k, n) in &[(37, 64), (40, 16), (1, 32)] {
+            // SAFETY: `k` rows of `n <= rs` values fit in `x`.
+            let got = unsafe { BPanels::pack_rows(x.as_ptr().add(3), rs, k, n) };
+            let want = BPanels::pack(k, n, |kk, c| bf16::from_f32(x[kk * rs + 3 + c]));
+            assert_eq!((got.k, got.n, got.pairs), (want.k, want.n, want.pairs));
+            assert!(
+                got.lines.iter().zip(&want.lines).all(|(a, b)| a.0 == b.0),
+                "{k}x{n}"
+            );
+        }
     }
 
     /// The CPU's conversion rounds as `half` does (to nearest, ties to even), and the
