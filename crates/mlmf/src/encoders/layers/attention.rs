@@ -65,7 +65,18 @@ fn attention_in_steps(
     let tk = k.dim(2).map_err(&f)?;
     let per_head = tq * tk;
     if b * h * per_head <= limit || b * h == 1 {
-        return attention_step(q, k, v, scale, bias);
+        // One step: all the scores at once.
+        let dtype = q.dtype();
+        let scores = matmul(q, &k.t().map_err(&f)?)?;
+        let scores = scores.to_dtype(DType::F32).map_err(&f)?;
+        let scores = (scores * scale).map_err(&f)?;
+        let scores = match bias {
+            Some(b) => scores.broadcast_add(b).map_err(&f)?,
+            None => scores,
+        };
+        let scores = scores.contiguous().map_err(&f)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores).map_err(&f)?;
+        return matmul(&probs.to_dtype(dtype).map_err(&f)?, v);
     }
     // Slice dimension 0 (batch rows) while one row is within the limit, else dimension
     // 1 (heads) of each row; a bias of size 1 there is shared by every slice.
@@ -98,28 +109,6 @@ fn attention_in_steps(
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&parts, dim).map_err(f)
-}
-
-/// One step of [`attention`], all its scores at once.
-fn attention_step(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    bias: &AttnBias,
-) -> Result<Tensor> {
-    let f = ce("attention");
-    let dtype = q.dtype();
-    let scores = matmul(q, &k.t().map_err(&f)?)?;
-    let scores = scores.to_dtype(DType::F32).map_err(&f)?;
-    let scores = (scores * scale).map_err(&f)?;
-    let scores = match bias {
-        Some(b) => scores.broadcast_add(b).map_err(&f)?,
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous().map_err(&f)?).map_err(&f)?;
-    let probs = probs.to_dtype(dtype).map_err(&f)?;
-    matmul(&probs, v)
 }
 
 /// `[B, T, H*Dh]` -> `[B, H, T, Dh]`, contiguous.
@@ -203,7 +192,7 @@ mod tests {
             Some(Tensor::from_vec(x(b * h * tq * tk, 5), (b, h, tq, tk), &dev).unwrap()),
         ];
         for bias in &biases {
-            let whole = attention_step(&q, &k, &v, 0.3, bias).unwrap();
+            let whole = attention_in_steps(&q, &k, &v, 0.3, bias, usize::MAX).unwrap();
             for limit in [2 * h * tq * tk, 2 * tq * tk, 1] {
                 let got = attention_in_steps(&q, &k, &v, 0.3, bias, limit).unwrap();
                 assert_eq!(got.dims(), whole.dims());
