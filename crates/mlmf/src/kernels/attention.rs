@@ -116,6 +116,13 @@ pub(crate) struct KvPanels {
 }
 
 impl KvPanels {
+    /// Bytes that [`KvPanels::pack`] holds for `tk` keys and values `dh` wide: `K^T`
+    /// with its columns padded to whole panels, and `V` in pairs of rows, two bytes a
+    /// value.
+    fn bytes(tk: usize, dh: usize) -> usize {
+        (dh * tk.next_multiple_of(btile::NR) + tk.next_multiple_of(2) * dh) * 2
+    }
+
     /// Packs `tk` keys and values (`dh` wide, row stride `kv_rs`); `None` when `dh`
     /// is not whole panels.
     ///
@@ -426,7 +433,7 @@ pub(crate) fn attention_on(
     let tile = tile && btile::supported();
     // On the tile, batch rows go in passes that each pack their keys and values first,
     // holding at most PACKED_BYTES of them (Whisper at batch 256 would hold 0.8 GB).
-    let packed_row = heads * (dh * t.next_multiple_of(btile::NR) + t.next_multiple_of(2) * dh) * 2;
+    let packed_row = heads * KvPanels::bytes(t, dh);
     let pass = if tile {
         (PACKED_BYTES / packed_row.max(1)).max(1)
     } else {

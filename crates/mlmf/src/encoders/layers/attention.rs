@@ -35,7 +35,7 @@ pub(crate) fn causal_bias(t: usize, device: &Device) -> Result<Tensor> {
 /// 256 would be 4.6 billion scores, 18 GB), and keeps every slice inside the 32-bit
 /// element indices of candle's CUDA softmax (`int i = row * ncols + col`), which such
 /// a call would overflow.
-pub(crate) const SCORES_PER_STEP: usize = 1 << 28;
+const SCORES_PER_STEP: usize = 1 << 28;
 
 /// Multi-head attention core: `softmax(q k^T * scale + bias) v` for `q` `[B, H, Tq, Dh]`,
 /// `k`, `v` `[B, H, Tk, Dh]`, `bias` broadcast to `[B, H, Tq, Tk]`; softmax in float32;
@@ -174,12 +174,7 @@ mod tests {
     fn attention_in_steps_equals_the_whole() {
         let dev = Device::Cpu;
         let (b, h, tq, tk, dh) = (5, 3, 4, 6, 8);
-        let x = |n: usize, seed: u64| {
-            let v: Vec<f32> = (0..n as u64)
-                .map(|i| ((i * 2654435761 + seed * 97) % 1000) as f32 / 500.0 - 1.0)
-                .collect();
-            v
-        };
+        let x = |n: usize, seed: usize| crate::kernels::test_values(n, seed, 1.0);
         let q = Tensor::from_vec(x(b * h * tq * dh, 1), (b, h, tq, dh), &dev).unwrap();
         let k = Tensor::from_vec(x(b * h * tk * dh, 2), (b, h, tk, dh), &dev).unwrap();
         let v = Tensor::from_vec(x(b * h * tk * dh, 3), (b, h, tk, dh), &dev).unwrap();
